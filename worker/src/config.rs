@@ -1,0 +1,273 @@
+//! The resolved configuration, shared by the master (which loads and validates it) and the
+//! workers (which receive it serialized). This module only defines the shape and the defaults;
+//! reading files, environment and command line lives in the binary's `config` module.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration. Every field has a default, so an empty file is a valid config.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub worker: WorkerConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+}
+
+/// `[server]`: sockets and the process tree.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Addresses to listen on: `HOST:PORT`, `[V6]:PORT` or `unix:/path`.
+    pub bind: Vec<String>,
+    /// Number of worker processes; `None` means 2 x CPU + 1.
+    pub workers: Option<u32>,
+    /// How workers share the listening sockets.
+    pub accept: AcceptMode,
+    /// Listen backlog of every socket.
+    pub backlog: u32,
+    /// How long a graceful stop waits for in-flight requests before killing workers.
+    #[serde(with = "humantime_serde")]
+    pub graceful_timeout: Duration,
+    /// Permission bits of `unix:` sockets, as an octal string like `"660"`.
+    pub unix_mode: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: vec!["0.0.0.0:8000".to_string()],
+            workers: None,
+            accept: AcceptMode::Reuseport,
+            backlog: 2048,
+            graceful_timeout: Duration::from_secs(30),
+            unix_mode: "660".to_string(),
+        }
+    }
+}
+
+/// `server.accept`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptMode {
+    /// One SO_REUSEPORT socket per worker slot, kept open by the master across respawns.
+    Reuseport,
+    /// One socket shared by every worker.
+    Shared,
+}
+
+/// `[worker]`: limits each worker enforces on its own connections and requests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Open connections per worker; past it the worker stops accepting until one closes.
+    pub max_connections: u32,
+    /// Requests in flight per worker; past it -> 503.
+    pub max_concurrent: u32,
+    /// A client must send a complete request head within this time.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// An idle keep-alive connection is closed after this time.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// A request (head to end of response head) taking longer gets 504.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Size of the request line plus headers; past it -> 431.
+    pub max_header_bytes: ByteSize,
+    /// Number of request headers; past it -> 431.
+    pub max_headers: u32,
+    /// Request body size; past it -> 413.
+    pub max_body_bytes: ByteSize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            max_connections: 1000,
+            max_concurrent: 100,
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(120),
+            max_header_bytes: ByteSize(16 * 1024),
+            max_headers: 100,
+            max_body_bytes: ByteSize(10 * 1024 * 1024),
+        }
+    }
+}
+
+/// `[limits]`: limits that span workers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Host-wide cap on requests in flight across all workers (env `MAX_CONCURRENT_REQUESTS`).
+    pub max_concurrent_requests: u32,
+    /// Most clients whose state is tracked at once (env `MAX_ACTIVE_INSTANCES`).
+    pub max_active_instances: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_concurrent_requests: 50,
+            max_active_instances: 1000,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace` (env `LOG_LEVEL`).
+    pub level: LogLevel,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: LogLevel::Info,
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A size in bytes, written in config as an integer or a string like `"512MiB"`, `"16KiB"`, `"10MB"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    /// Exact binary units where they fit (`16KiB`), plain bytes otherwise, so that the printed
+    /// value parses back to the same number.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [(u64, &str); 4] = [
+            (1 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
+        for (factor, unit) in UNITS {
+            if self.0 >= factor && self.0 % factor == 0 {
+                return write!(f, "{}{unit}", self.0 / factor);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let valid = s.starts_with(|c: char| c.is_ascii_digit());
+        match s.parse::<bytesize::ByteSize>() {
+            Ok(b) if valid => Ok(ByteSize(b.as_u64())),
+            _ => Err(format!(
+                "invalid size {s:?}: expected bytes as an integer or a number with a unit \
+                 (B, KiB, MiB, GiB, KB, MB, GB), like \"512MiB\""
+            )),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size in bytes, like 1048576 or \"512MiB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("invalid size {v}: must not be negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// Number of worker processes when `server.workers` is not set: 2 x CPU + 1, where CPU is the
+/// available parallelism (the standard library already honours cgroup CPU quotas and affinity).
+pub fn default_workers() -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (2 * cpus + 1) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_and_print_back() {
+        assert_eq!("512MiB".parse::<ByteSize>().unwrap(), ByteSize(512 << 20));
+        assert_eq!("16 KiB".parse::<ByteSize>().unwrap(), ByteSize(16 << 10));
+        assert_eq!("10MB".parse::<ByteSize>().unwrap(), ByteSize(10_000_000));
+        assert_eq!("123".parse::<ByteSize>().unwrap(), ByteSize(123));
+        assert!("lots".parse::<ByteSize>().is_err());
+        assert!("-5MiB".parse::<ByteSize>().is_err());
+        for b in [ByteSize(16 << 10), ByteSize(1000), ByteSize(3 << 30)] {
+            assert_eq!(b.to_string().parse::<ByteSize>().unwrap(), b);
+        }
+    }
+
+    #[test]
+    fn config_round_trips_through_json() {
+        let c = Config::default();
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), c);
+    }
+}

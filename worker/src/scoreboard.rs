@@ -1,0 +1,329 @@
+//! The scoreboard: one shared-memory region (a memfd mapped by the master and every worker) with
+//! host-wide counters and one record per worker process.
+//!
+//! It owns the layout and the atomic operations on it, nothing else: no locks are shared across
+//! processes (a process killed while holding a lock would wedge everyone), only atomics. The
+//! master creates it, hands the fd to each worker, reads it for health and status, and zeroes a
+//! record when it reaps that record's process, first returning what the process held to the
+//! host-wide counters so a `kill -9` never shrinks capacity.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+
+const MAGIC: u64 = 0x5355_5056_5342_0001; // "SUPVSB" + layout version 1
+
+/// Name of the memfd, visible in `/proc/PID/fd` as `/memfd:supervisor-scoreboard (deleted)`;
+/// `supervisor status` finds the master's scoreboard by it.
+pub const MEMFD_NAME: &str = "supervisor-scoreboard";
+
+/// Host-wide counters, at the start of the region.
+#[repr(C, align(64))]
+pub struct Header {
+    magic: AtomicU64,
+    capacity: AtomicU32,
+    /// Pid of the master that created the region.
+    pub master_pid: AtomicU32,
+    /// Host-wide permits held right now (the sum of every record's `held_global`).
+    pub global_inflight: AtomicU32,
+    /// Host-wide cap (`limits.max_concurrent_requests`); written by the master.
+    pub global_cap: AtomicU32,
+    /// Requests answered 503 because the host-wide cap was reached.
+    pub global_rejected: AtomicU64,
+}
+
+/// What a worker record's process is doing, in lifecycle order.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    Free = 0,
+    Booting = 1,
+    Serving = 2,
+    Draining = 3,
+}
+
+impl SlotState {
+    pub fn from_u32(v: u32) -> SlotState {
+        match v {
+            1 => SlotState::Booting,
+            2 => SlotState::Serving,
+            3 => SlotState::Draining,
+            _ => SlotState::Free,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotState::Free => "free",
+            SlotState::Booting => "booting",
+            SlotState::Serving => "serving",
+            SlotState::Draining => "draining",
+        }
+    }
+}
+
+/// One worker process's record. A record is owned by one process at a time: the master fills
+/// the identity fields before the worker starts and clears the record after reaping it; the
+/// worker updates the counters while it runs.
+#[repr(C, align(128))]
+#[derive(Default)]
+pub struct Slot {
+    pub pid: AtomicU32,
+    /// Logical worker number (1..=workers), which survives respawns.
+    pub worker_id: AtomicU32,
+    /// How many processes have held this worker number before this one.
+    pub generation: AtomicU32,
+    pub state: AtomicU32,
+    /// Last time the worker's event loop ran, in ms of CLOCK_MONOTONIC (comparable across
+    /// processes on one host).
+    pub heartbeat_ms: AtomicU64,
+    /// When the master started the process, in ms of CLOCK_MONOTONIC.
+    pub started_ms: AtomicU64,
+    /// Requests completed (any status).
+    pub requests: AtomicU64,
+    /// Requests in flight in this worker.
+    pub inflight: AtomicU32,
+    /// Host-wide permits this worker holds; the master returns them if the worker dies.
+    pub held_global: AtomicU32,
+    /// Open client connections.
+    pub connections: AtomicU32,
+    /// Requests answered 503 because this worker's `max_concurrent` was reached.
+    pub rejected_local: AtomicU64,
+    /// Requests answered 504 because they exceeded `request_timeout`.
+    pub timeouts: AtomicU64,
+}
+
+impl Slot {
+    pub fn state(&self) -> SlotState {
+        SlotState::from_u32(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn set_state(&self, state: SlotState) {
+        self.state.store(state as u32, Ordering::Release);
+    }
+}
+
+/// A mapped scoreboard. Cheap to share: every method takes `&self`.
+pub struct Scoreboard {
+    base: NonNull<u8>,
+    len: usize,
+    capacity: usize,
+}
+
+// SAFETY: the mapping is only ever accessed through atomics, and it stays mapped until drop.
+unsafe impl Send for Scoreboard {}
+// SAFETY: as above; all shared access goes through `&AtomicXX`.
+unsafe impl Sync for Scoreboard {}
+
+fn region_len(capacity: usize) -> usize {
+    slot_offset(capacity)
+}
+
+impl Scoreboard {
+    /// Creates a zeroed region with room for `capacity` worker records (master side). The fd is
+    /// close-on-exec; the spawner passes it to each worker explicitly.
+    pub fn create(capacity: usize, global_cap: u32) -> io::Result<(Scoreboard, OwnedFd)> {
+        let fd = memfd_create(MEMFD_NAME, MFdFlags::MFD_CLOEXEC).map_err(io::Error::from)?;
+        let len = region_len(capacity);
+        nix::unistd::ftruncate(&fd, len as i64).map_err(io::Error::from)?;
+        let board = Self::map(&fd, len, capacity, true)?;
+        let h = board.header();
+        h.capacity.store(capacity as u32, Ordering::Relaxed);
+        h.master_pid.store(std::process::id(), Ordering::Relaxed);
+        h.global_cap.store(global_cap, Ordering::Relaxed);
+        h.magic.store(MAGIC, Ordering::Release);
+        Ok((board, fd))
+    }
+
+    /// Maps an existing region (worker side, or `supervisor status` read-only).
+    pub fn open(fd: impl AsFd, writable: bool) -> io::Result<Scoreboard> {
+        let meta = std::fs::File::from(fd.as_fd().try_clone_to_owned()?).metadata()?;
+        let len = meta.len() as usize;
+        if len < slot_offset(0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "scoreboard too small",
+            ));
+        }
+        let capacity = (len - slot_offset(0)) / std::mem::size_of::<Slot>();
+        let board = Self::map(&fd, len, capacity, writable)?;
+        let h = board.header();
+        if h.magic.load(Ordering::Acquire) != MAGIC
+            || h.capacity.load(Ordering::Relaxed) as usize != capacity
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a scoreboard of this supervisor version",
+            ));
+        }
+        Ok(board)
+    }
+
+    fn map(fd: impl AsFd, len: usize, capacity: usize, writable: bool) -> io::Result<Scoreboard> {
+        let prot = if writable {
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
+        } else {
+            ProtFlags::PROT_READ
+        };
+        let size = NonZeroUsize::new(len).expect("scoreboard length is never zero");
+        // SAFETY: a fresh shared mapping of a memfd we hold; no existing memory is aliased. The
+        // region is only accessed through atomics (see `header`/`slot`).
+        let ptr = unsafe { mmap(None, size, prot, MapFlags::MAP_SHARED, fd, 0) }
+            .map_err(io::Error::from)?;
+        Ok(Scoreboard {
+            base: ptr.cast(),
+            len,
+            capacity,
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn header(&self) -> &Header {
+        // SAFETY: the mapping is at least `size_of::<Header>()` bytes, page-aligned (so aligned
+        // for `Header`), zero-initialised by the kernel (a valid bit pattern for atomics), and
+        // lives as long as `self`.
+        unsafe { &*(self.base.as_ptr() as *const Header) }
+    }
+
+    /// Record `index`; panics if `index >= capacity` (a programming error).
+    pub fn slot(&self, index: usize) -> &Slot {
+        assert!(
+            index < self.capacity,
+            "scoreboard slot {index} out of range"
+        );
+        // SAFETY: `index < capacity`, so the record lies inside the mapping; `Header`'s size is a
+        // multiple of 64 and `Slot`'s alignment is 128, so we check the offset is aligned.
+        unsafe {
+            let p = self.base.as_ptr().add(slot_offset(index)).cast::<Slot>();
+            &*p
+        }
+    }
+
+    pub fn slots(&self) -> impl Iterator<Item = (usize, &Slot)> {
+        (0..self.capacity).map(move |i| (i, self.slot(i)))
+    }
+
+    /// Takes one host-wide permit for the worker in record `index`, unless the cap is reached.
+    ///
+    /// The host counter is bumped first and the record second (and the reverse on release): a
+    /// process killed between the two steps leaves the host counter one too high, which errs
+    /// towards refusing a request, never towards exceeding the cap.
+    pub fn try_acquire_global(&self, index: usize) -> bool {
+        let h = self.header();
+        let cap = h.global_cap.load(Ordering::Relaxed);
+        let taken = h
+            .global_inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_ok();
+        if taken {
+            self.slot(index).held_global.fetch_add(1, Ordering::AcqRel);
+        } else {
+            h.global_rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// Returns one host-wide permit taken by `try_acquire_global(index)`.
+    pub fn release_global(&self, index: usize) {
+        self.slot(index).held_global.fetch_sub(1, Ordering::AcqRel);
+        self.header().global_inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Master side, after reaping the process of record `index`: returns the host-wide permits
+    /// it still held and frees the record. Returns how many permits were returned.
+    pub fn reclaim(&self, index: usize) -> u32 {
+        let slot = self.slot(index);
+        let held = slot.held_global.swap(0, Ordering::AcqRel);
+        if held > 0 {
+            let _ = self.header().global_inflight.fetch_update(
+                Ordering::AcqRel,
+                Ordering::Acquire,
+                |n| Some(n.saturating_sub(held)),
+            );
+        }
+        slot.pid.store(0, Ordering::Relaxed);
+        slot.worker_id.store(0, Ordering::Relaxed);
+        slot.generation.store(0, Ordering::Relaxed);
+        slot.heartbeat_ms.store(0, Ordering::Relaxed);
+        slot.started_ms.store(0, Ordering::Relaxed);
+        slot.requests.store(0, Ordering::Relaxed);
+        slot.inflight.store(0, Ordering::Relaxed);
+        slot.connections.store(0, Ordering::Relaxed);
+        slot.rejected_local.store(0, Ordering::Relaxed);
+        slot.timeouts.store(0, Ordering::Relaxed);
+        slot.set_state(SlotState::Free);
+        held
+    }
+}
+
+fn slot_offset(index: usize) -> usize {
+    let header = std::mem::size_of::<Header>().next_multiple_of(std::mem::align_of::<Slot>());
+    header + index * std::mem::size_of::<Slot>()
+}
+
+impl Drop for Scoreboard {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly what mmap returned; no reference into the region
+        // outlives `self` because every accessor borrows `self`.
+        unsafe {
+            let _ = munmap(self.base.cast(), self.len);
+        }
+    }
+}
+
+/// Milliseconds of CLOCK_MONOTONIC: the same clock in every process on the host.
+pub fn monotonic_ms() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available on Linux");
+    ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_cap_is_exact_and_reclaim_returns_permits() {
+        let (board, fd) = Scoreboard::create(4, 3).unwrap();
+        assert!(board.try_acquire_global(0));
+        assert!(board.try_acquire_global(1));
+        assert!(board.try_acquire_global(1));
+        assert!(
+            !board.try_acquire_global(0),
+            "fourth permit over a cap of 3"
+        );
+        assert_eq!(board.header().global_rejected.load(Ordering::Relaxed), 1);
+
+        // A second mapping (as a worker has) sees the same counters.
+        let other = Scoreboard::open(&fd, true).unwrap();
+        assert_eq!(other.header().global_inflight.load(Ordering::Relaxed), 3);
+
+        // Worker 1 dies holding two permits: the master gives them back.
+        assert_eq!(board.reclaim(1), 2);
+        assert_eq!(other.header().global_inflight.load(Ordering::Relaxed), 1);
+        board.release_global(0);
+        assert_eq!(board.header().global_inflight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn slots_do_not_overlap_the_header() {
+        assert!(slot_offset(0) >= std::mem::size_of::<Header>());
+        assert_eq!(slot_offset(0) % std::mem::align_of::<Slot>(), 0);
+        let (board, _fd) = Scoreboard::create(2, 1).unwrap();
+        board.slot(0).requests.store(7, Ordering::Relaxed);
+        assert_eq!(board.header().global_cap.load(Ordering::Relaxed), 1);
+        assert_eq!(board.slot(1).requests.load(Ordering::Relaxed), 0);
+    }
+}
