@@ -1,1 +1,5 @@
+//! supervisor: pre-fork process supervisor and HTTP worker manager.
+
+mod config;
+
 fn main() {}

@@ -1,0 +1,1 @@
+//! Loading the configuration: file, environment, command line. (Being written.)
