@@ -20,9 +20,13 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Addresses to listen on: `HOST:PORT`, `[V6]:PORT` or `unix:/path`.
+    /// Addresses to listen on: `HOST:PORT`, `[V6]:PORT` or `unix:/path`. A config file may write
+    /// a single string for a one-element list.
+    #[serde(deserialize_with = "one_or_many")]
     pub bind: Vec<String>,
-    /// Number of worker processes; `None` means 2 x CPU + 1.
+    /// Number of worker processes; `None` means 2 x CPU + 1 ([`default_workers`]), written
+    /// `"auto"` in a config file.
+    #[serde(with = "workers_serde")]
     pub workers: Option<u32>,
     /// How workers share the listening sockets.
     pub accept: AcceptMode,
@@ -186,7 +190,7 @@ impl std::fmt::Display for ByteSize {
             (1 << 10, "KiB"),
         ];
         for (factor, unit) in UNITS {
-            if self.0 >= factor && self.0 % factor == 0 {
+            if self.0 >= factor && self.0.is_multiple_of(factor) {
                 return write!(f, "{}{unit}", self.0 / factor);
             }
         }
@@ -240,6 +244,59 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// `server.bind` written as `"a"` is read as `["a"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// `server.workers`: `"auto"` is `None`, so that the serialized form (also what workers receive)
+/// says the same as the config file.
+mod workers_serde {
+    pub fn serialize<S: serde::Serializer>(v: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_str("auto"),
+            Some(n) => s.serialize_u32(*n),
+        }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Option<u32>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"auto\" or a number of workers")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Option<u32>, E> {
+                u32::try_from(v)
+                    .map(Some)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Option<u32>, E> {
+                u32::try_from(v)
+                    .map(Some)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<u32>, E> {
+                if v == "auto" {
+                    Ok(None)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// Number of worker processes when `server.workers` is not set: 2 x CPU + 1, where CPU is the
 /// available parallelism (the standard library already honours cgroup CPU quotas and affinity).
 pub fn default_workers() -> u32 {
@@ -266,8 +323,21 @@ mod tests {
 
     #[test]
     fn config_round_trips_through_json() {
-        let c = Config::default();
+        let mut c = Config::default();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains(r#""workers":"auto""#), "{json}");
+        assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), c);
+        c.server.workers = Some(7);
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn bind_accepts_one_string_or_a_list() {
+        let one: ServerConfig = serde_json::from_str(r#"{"bind": "unix:/a"}"#).unwrap();
+        assert_eq!(one.bind, ["unix:/a"]);
+        let many: ServerConfig = serde_json::from_str(r#"{"bind": ["a:1", "b:2"]}"#).unwrap();
+        assert_eq!(many.bind, ["a:1", "b:2"]);
+        assert!(serde_json::from_str::<ServerConfig>(r#"{"bind": 5}"#).is_err());
     }
 }
