@@ -1,5 +1,144 @@
 //! supervisor: pre-fork process supervisor and HTTP worker manager.
+//!
+//! `main` does four things in order: parse the command line, resolve the configuration (exit 2
+//! on any error, before anything starts), initialise logging, and hand over to the master (or,
+//! in the hidden worker mode, to the worker library).
 
+#![deny(unsafe_code)]
+
+mod cli;
 mod config;
+mod listeners;
+mod logging;
+mod master;
+mod spawn;
+mod status;
+mod sys;
 
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Command, ConfigArgs};
+
+/// Exit codes, documented in man/supervisor.1.
+const EXIT_FAILURE: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Start(args) => start(args),
+        Command::Check(args) => check(args),
+        Command::Status(args) => match status::read(args.pid) {
+            Ok(s) => {
+                status::print(&s, args.json);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_FAILURE, &e),
+        },
+        Command::Worker(args) => run_worker(args),
+    }
+}
+
+fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
+    // A config error may list several problems, one per line: each gets the prefix.
+    for line in format!("{e:#}").lines() {
+        eprintln!("supervisor: error: {line}");
+    }
+    ExitCode::from(code)
+}
+
+fn load_config(args: &ConfigArgs) -> Result<config::Loaded, config::ConfigError> {
+    let overrides = config::Overrides {
+        bind: args.bind.clone(),
+        workers: args.workers.clone(),
+        log_level: args.log_level.clone(),
+        set: args.set.clone(),
+    };
+    config::load(args.config.as_deref(), &overrides, &|name| {
+        std::env::var(name).ok()
+    })
+}
+
+fn check(args: ConfigArgs) -> ExitCode {
+    match load_config(&args) {
+        Ok(loaded) => {
+            match &loaded.source {
+                Some(p) => eprintln!("supervisor: {} is valid", p.display()),
+                None => eprintln!("supervisor: no config file; defaults and overrides are valid"),
+            }
+            print!("{}", config::to_toml(&loaded.config));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_CONFIG, &e),
+    }
+}
+
+fn start(args: cli::StartArgs) -> ExitCode {
+    let loaded = match load_config(&args.config) {
+        Ok(l) => l,
+        Err(e) => return fail(EXIT_CONFIG, &e),
+    };
+    if !args.command.is_empty() {
+        return fail(
+            EXIT_CONFIG,
+            &format!(
+                "running an app command (`-- {}`) is not supported yet; start without it to serve the built-in app",
+                args.command.join(" ")
+            ),
+        );
+    }
+    logging::init(&loaded.config.log);
+    if let Some(p) = &loaded.source {
+        tracing::info!(config = %p.display(), "configuration loaded");
+    }
+    match master::setup(loaded.config) {
+        Ok(m) => ExitCode::from(m.run() as u8),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            fail(EXIT_FAILURE, &e)
+        }
+    }
+}
+
+fn run_worker(args: cli::WorkerArgs) -> ExitCode {
+    let json = match std::env::var(spawn::CONFIG_ENV) {
+        Ok(j) => j,
+        Err(_) => {
+            return fail(
+                EXIT_CONFIG,
+                &"the worker mode is started by `supervisor start` only",
+            )
+        }
+    };
+    // Not for the worker's own children (the app, later) to see.
+    std::env::remove_var(spawn::CONFIG_ENV);
+    let config: worker::config::Config = match serde_json::from_str(&json) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_CONFIG, &format!("bad worker config: {e}")),
+    };
+    logging::init(&config.log);
+    let fds = (|| -> std::io::Result<_> {
+        let listeners = args
+            .listen_fds
+            .iter()
+            .map(|&fd| sys::inherited_fd(fd, "listener"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ready = sys::inherited_fd(args.ready_fd, "readiness pipe")?;
+        let scoreboard = sys::inherited_fd(args.scoreboard_fd, "scoreboard")?;
+        Ok((listeners, ready, scoreboard))
+    })();
+    let (listeners, ready, scoreboard) = match fds {
+        Ok(f) => f,
+        Err(e) => return fail(EXIT_FAILURE, &e),
+    };
+    worker::run(worker::WorkerArgs {
+        id: args.id,
+        slot: args.slot,
+        master_pid: args.master_pid,
+        listeners,
+        ready,
+        scoreboard,
+        config,
+    })
+}

@@ -1,0 +1,137 @@
+//! The command line: what each subcommand accepts. Parsing only; `main` dispatches.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Pre-fork process supervisor and HTTP worker manager.
+#[derive(Debug, Parser)]
+#[command(name = "supervisor", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Bind the listeners, start the workers and serve until stopped by a signal.
+    Start(StartArgs),
+    /// Validate the configuration and print it fully resolved; exit 0 if valid, 2 if not.
+    Check(ConfigArgs),
+    /// Show the scoreboard of a running master: workers, their state and counters.
+    Status(StatusArgs),
+    /// Internal: run one worker process. Started by the master only.
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+/// Options that resolve the configuration (shared by `start` and `check`).
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Configuration file [default: ./supervisor.toml if it exists]
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on: HOST:PORT, [V6]:PORT or unix:PATH; repeatable; replaces server.bind
+    #[arg(short = 'b', long = "bind", value_name = "ADDR")]
+    pub bind: Vec<String>,
+    /// Number of worker processes, or "auto" for 2 x CPU + 1
+    #[arg(short = 'w', long = "workers", value_name = "N")]
+    pub workers: Option<String>,
+    /// Log level: error, warn, info, debug or trace
+    #[arg(long = "log-level", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Set any configuration key, e.g. --set worker.max_connections=500; repeatable
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The app to run in each worker (not supported yet: the built-in app serves)
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Pid of the master [default: the only master running on this host]
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How the master hands a worker its resources: file descriptors it inherits and its identity.
+/// The resolved configuration travels in the environment (`SUPERVISOR_WORKER_CONFIG`), not in
+/// argv, because argv is readable by every user on the host.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub id: u32,
+    #[arg(long)]
+    pub slot: usize,
+    #[arg(long)]
+    pub master_pid: u32,
+    #[arg(long = "listen-fd")]
+    pub listen_fds: Vec<i32>,
+    #[arg(long)]
+    pub ready_fd: i32,
+    #[arg(long)]
+    pub scoreboard_fd: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn start_takes_the_app_command_after_double_dash() {
+        let cli = Cli::try_parse_from([
+            "supervisor",
+            "start",
+            "-b",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--",
+            "uvicorn",
+            "--uds",
+            "x",
+        ])
+        .unwrap();
+        let Command::Start(s) = cli.command else {
+            panic!("not start")
+        };
+        assert_eq!(s.config.bind, ["127.0.0.1:0"]);
+        assert_eq!(s.command, ["uvicorn", "--uds", "x"]);
+    }
+
+    /// The man page is written by hand; this keeps it from drifting from the flags.
+    #[test]
+    fn man_page_documents_every_visible_subcommand_and_flag() {
+        let man = include_str!("../man/supervisor.1");
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            assert!(
+                man.contains(&format!(".B supervisor {}", sub.get_name())),
+                "man/supervisor.1 lacks the `{}` command",
+                sub.get_name()
+            );
+            for arg in sub.get_arguments() {
+                if let Some(long) = arg.get_long() {
+                    let escaped = format!("\\-\\-{}", long.replace('-', "\\-"));
+                    assert!(man.contains(&escaped), "man/supervisor.1 lacks --{long}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The listening sockets: parsed from `server.bind`, checked free, bound and kept by the master
+//! for its whole life, so a respawned worker inherits the same socket (and the connections
+//! queued on it) instead of a new one.
+//!
+//! It must not accept connections: only workers do.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use socket2::{Domain, SockAddr, Socket, Type};
+use worker::config::AcceptMode;
+
+/// One entry of `server.bind`, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BindAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for BindAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindAddr::Tcp(a) => write!(f, "{a}"),
+            BindAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl BindAddr {
+    pub fn parse(s: &str) -> Result<BindAddr> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                bail!("bind address {s:?}: empty unix socket path");
+            }
+            return Ok(BindAddr::Unix(PathBuf::from(path)));
+        }
+        let addr = s
+            .to_socket_addrs()
+            .with_context(|| format!("bind address {s:?}: cannot resolve"))?
+            .next()
+            .with_context(|| format!("bind address {s:?}: resolves to no address"))?;
+        Ok(BindAddr::Tcp(addr))
+    }
+}
+
+/// The sockets of one bind address.
+struct Group {
+    addr: BindAddr,
+    /// `reuseport` TCP: one socket per worker number (index = id - 1), all on the same port;
+    /// `None` where the master released it (see `release`).
+    /// `shared` TCP and every Unix socket: one socket for all workers.
+    sockets: Vec<Option<Socket>>,
+    per_worker: bool,
+    /// A Unix socket file we created and must remove when we stop.
+    unix_path: Option<PathBuf>,
+}
+
+pub struct Listeners {
+    groups: Vec<Group>,
+    backlog: i32,
+}
+
+impl Listeners {
+    /// Checks every address is free, then binds and listens. With `reuseport`, sockets for
+    /// worker numbers `1..=workers` are created now; more are created on demand.
+    pub fn bind(
+        binds: &[String],
+        mode: AcceptMode,
+        workers: u32,
+        backlog: u32,
+        unix_mode: u32,
+    ) -> Result<Listeners> {
+        let mut addrs = Vec::new();
+        for b in binds {
+            let a = BindAddr::parse(b)?;
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
+        // All probes before any bind: a half-bound set would be harder to explain.
+        for a in &addrs {
+            probe_free(a)?;
+        }
+        let mut listeners = Listeners {
+            groups: Vec::new(),
+            backlog: backlog.min(i32::MAX as u32) as i32,
+        };
+        for a in addrs {
+            let group = match &a {
+                BindAddr::Tcp(sa) => {
+                    let per_worker = mode == AcceptMode::Reuseport;
+                    let first = bind_tcp(*sa, listeners.backlog)?;
+                    let actual = local_tcp_addr(&first)?;
+                    let mut g = Group {
+                        addr: BindAddr::Tcp(actual),
+                        sockets: vec![Some(first)],
+                        per_worker,
+                        unix_path: None,
+                    };
+                    if per_worker {
+                        for _ in 1..workers {
+                            g.sockets.push(Some(bind_tcp(actual, listeners.backlog)?));
+                        }
+                    }
+                    g
+                }
+                BindAddr::Unix(path) => Group {
+                    sockets: vec![Some(bind_unix(path, listeners.backlog, unix_mode)?)],
+                    addr: a.clone(),
+                    per_worker: false,
+                    unix_path: Some(path.clone()),
+                },
+            };
+            listeners.groups.push(group);
+        }
+        Ok(listeners)
+    }
+
+    /// The addresses actually bound (port 0 resolved), for the log.
+    pub fn addresses(&self) -> impl Iterator<Item = (&BindAddr, usize)> {
+        self.groups
+            .iter()
+            .map(|g| (&g.addr, g.sockets.iter().flatten().count()))
+    }
+
+    /// The fds worker number `id` (1-based) serves; creates its reuseport sockets if it has
+    /// none (a new worker number, or one whose sockets were released).
+    pub fn fds_for(&mut self, id: u32) -> Result<Vec<RawFd>> {
+        let backlog = self.backlog;
+        let index = id as usize - 1;
+        let mut fds = Vec::with_capacity(self.groups.len());
+        for g in &mut self.groups {
+            let socket = if g.per_worker {
+                let BindAddr::Tcp(addr) = g.addr else {
+                    unreachable!("only TCP groups are per-worker")
+                };
+                if g.sockets.len() <= index {
+                    g.sockets.resize_with(index + 1, || None);
+                }
+                if g.sockets[index].is_none() {
+                    g.sockets[index] = Some(bind_tcp(addr, backlog)?);
+                }
+                &g.sockets[index]
+            } else {
+                &g.sockets[0]
+            };
+            fds.push(socket.as_ref().expect("present").as_raw_fd());
+        }
+        Ok(fds)
+    }
+
+    /// Closes the master's copy of worker `id`'s own (reuseport) sockets. A reuseport socket
+    /// that nobody accepts on still gets its share of new connections, which would then wait
+    /// forever; so when a worker number goes away (TTOU) or will stay empty for a while (respawn
+    /// backoff), its sockets leave the group. A worker still holding its copy drains the queue
+    /// before it closes it. Shared sockets are never released.
+    pub fn release(&mut self, id: u32) {
+        for g in self.groups.iter_mut().filter(|g| g.per_worker) {
+            if let Some(s) = g.sockets.get_mut(id as usize - 1) {
+                *s = None;
+            }
+        }
+    }
+
+    /// Closes every socket and removes the Unix socket files we created.
+    pub fn close(self) {
+        for g in self.groups {
+            drop(g.sockets);
+            if let Some(p) = g.unix_path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+fn local_tcp_addr(s: &Socket) -> Result<SocketAddr> {
+    s.local_addr()?
+        .as_socket()
+        .context("listening socket has no TCP address")
+}
+
+/// SO_REUSEPORT lets a second process bind a port that is already served and silently take half
+/// its traffic. So before binding, probe each address *without* SO_REUSEPORT: the probe fails
+/// if anything (another program, another supervisor) listens there.
+fn probe_free(addr: &BindAddr) -> Result<()> {
+    match addr {
+        BindAddr::Tcp(sa) => {
+            if sa.port() == 0 {
+                return Ok(()); // the kernel picks a free port
+            }
+            let probe = Socket::new(Domain::for_address(*sa), Type::STREAM, None)?;
+            // SO_REUSEADDR only so that our own connections in TIME_WAIT from a previous run do
+            // not count as "in use"; it never allows binding over a listening socket.
+            probe.set_reuse_address(true)?;
+            if sa.is_ipv6() {
+                probe.set_only_v6(true)?;
+            }
+            match probe.bind(&SockAddr::from(*sa)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                    bail!("address {sa} is already in use: another program (or another supervisor) is listening there")
+                }
+                Err(e) => Err(e).with_context(|| format!("cannot bind {sa}")),
+            }
+        }
+        BindAddr::Unix(path) => {
+            let meta = match std::fs::symlink_metadata(path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot inspect {}", path.display()))
+                }
+            };
+            if !meta.file_type().is_socket() {
+                bail!(
+                    "cannot bind unix:{}: the path exists and is not a socket",
+                    path.display()
+                );
+            }
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => bail!(
+                    "address unix:{} is already in use: another program (or another supervisor) is listening there",
+                    path.display()
+                ),
+                // Nobody listens: a stale file left by a process that did not clean up.
+                Err(_) => std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove stale socket {}", path.display())),
+            }
+        }
+    }
+}
+
+fn bind_tcp(sa: SocketAddr, backlog: i32) -> Result<Socket> {
+    let s = Socket::new(Domain::for_address(sa), Type::STREAM.cloexec(), None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    if sa.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&SockAddr::from(sa)).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            anyhow::anyhow!("address {sa} is already in use")
+        } else {
+            anyhow::Error::new(e).context(format!("cannot bind {sa}"))
+        }
+    })?;
+    s.listen(backlog)
+        .with_context(|| format!("cannot listen on {sa}"))?;
+    Ok(s)
+}
+
+fn bind_unix(path: &Path, backlog: i32, mode: u32) -> Result<Socket> {
+    let s = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    let addr = SockAddr::unix(path)?;
+    // The socket file gets its permissions at bind time from the umask; setting the umask around
+    // the bind (the master is single-threaded) avoids a window where the file is more open than
+    // `server.unix_mode` says.
+    let mask = nix::sys::stat::Mode::from_bits_truncate(!mode & 0o777);
+    let old = nix::sys::stat::umask(mask);
+    let bound = s.bind(&addr);
+    nix::sys::stat::umask(old);
+    bound.with_context(|| format!("cannot bind unix:{}", path.display()))?;
+    s.listen(backlog)
+        .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
+    Ok(s)
+}

@@ -1,0 +1,76 @@
+//! Starting one worker process: fork + exec of this same binary in its hidden `worker` mode,
+//! with exactly the fds it needs.
+//!
+//! Why exec and not just fork: a forked copy of a running Rust process inherits its allocator,
+//! its logging state and any lock another thread happened to hold; exec gives the worker a clean
+//! process image, so the worker is an ordinary single-purpose program.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result};
+use nix::unistd::Pid;
+use worker::config::Config;
+
+use crate::sys;
+
+/// Environment variable carrying the resolved config (JSON) from master to worker.
+pub const CONFIG_ENV: &str = "SUPERVISOR_WORKER_CONFIG";
+
+pub struct Spawned {
+    pub pid: Pid,
+    /// Read end of the readiness pipe: the worker writes one byte when it accepts connections;
+    /// EOF without that byte means it died while booting.
+    pub ready: OwnedFd,
+}
+
+pub struct SpawnRequest<'a> {
+    pub id: u32,
+    pub slot: usize,
+    pub listen_fds: &'a [i32],
+    pub scoreboard: &'a OwnedFd,
+    pub config_json: &'a str,
+}
+
+pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
+    let exe = std::env::current_exe().context("cannot find the supervisor executable")?;
+    // Both ends close-on-exec; only the write end is made inheritable, in the child.
+    let (ready_read, ready_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
+    let master_pid = std::process::id();
+
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker")
+        .arg("--id")
+        .arg(req.id.to_string())
+        .arg("--slot")
+        .arg(req.slot.to_string())
+        .arg("--master-pid")
+        .arg(master_pid.to_string())
+        .arg("--ready-fd")
+        .arg(ready_write.as_raw_fd().to_string())
+        .arg("--scoreboard-fd")
+        .arg(req.scoreboard.as_raw_fd().to_string());
+    for fd in req.listen_fds {
+        cmd.arg("--listen-fd").arg(fd.to_string());
+    }
+    cmd.env(CONFIG_ENV, req.config_json).stdin(Stdio::null());
+
+    let mut inherit = req.listen_fds.to_vec();
+    inherit.push(ready_write.as_raw_fd());
+    inherit.push(req.scoreboard.as_raw_fd());
+    sys::prepare_worker_exec(&mut cmd, inherit, master_pid);
+
+    let child = cmd.spawn().context("cannot start a worker process")?;
+    // The master's copy of the write end must go, or EOF would never be seen.
+    drop(ready_write);
+    Ok(Spawned {
+        pid: Pid::from_raw(child.id() as i32),
+        ready: ready_read,
+    })
+}
+
+/// Serializes the config for `SpawnRequest::config_json`.
+pub fn config_json(config: &Config) -> String {
+    serde_json::to_string(config).expect("the config always serializes")
+}

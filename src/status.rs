@@ -1,0 +1,161 @@
+//! `supervisor status`: reads a running master's scoreboard and prints it. No request goes to
+//! any worker: the scoreboard already holds every worker's state and counters.
+//!
+//! The scoreboard is a memfd with no name on disk; it is found through `/proc/PID/fd`, which
+//! needs the same user as the master (or root).
+
+use std::fs;
+use std::sync::atomic::Ordering;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use worker::scoreboard::{monotonic_ms, Scoreboard, SlotState, MEMFD_NAME};
+
+#[derive(Serialize)]
+pub struct Status {
+    pub master_pid: u32,
+    pub global_inflight: u32,
+    pub global_cap: u32,
+    pub global_rejected: u64,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Serialize)]
+pub struct WorkerStatus {
+    pub record: usize,
+    pub worker_id: u32,
+    pub generation: u32,
+    pub pid: u32,
+    pub state: &'static str,
+    pub requests: u64,
+    pub inflight: u32,
+    pub held_global: u32,
+    pub connections: u32,
+    pub rejected_local: u64,
+    pub timeouts: u64,
+    pub uptime_ms: u64,
+    pub heartbeat_age_ms: u64,
+}
+
+/// Opens the scoreboard of master `pid` (read-only).
+fn open_board(pid: u32) -> Result<Option<Scoreboard>> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {dir}")),
+    };
+    let wanted = format!("/memfd:{MEMFD_NAME}");
+    for entry in entries.flatten() {
+        let Ok(target) = fs::read_link(entry.path()) else {
+            continue;
+        };
+        if !target.to_string_lossy().starts_with(&wanted) {
+            continue;
+        }
+        let file = fs::File::open(entry.path())
+            .with_context(|| format!("cannot open {}", entry.path().display()))?;
+        let board = Scoreboard::open(&file, false)?;
+        // Workers hold the same memfd; only the process that created it is the master.
+        if board.header().master_pid.load(Ordering::Relaxed) == pid {
+            return Ok(Some(board));
+        }
+    }
+    Ok(None)
+}
+
+/// Every master on this host that we can see.
+fn find_masters() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&pid| matches!(open_board(pid), Ok(Some(_))))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+pub fn read(pid: Option<u32>) -> Result<Status> {
+    let pid = match pid {
+        Some(p) => p,
+        None => match find_masters().as_slice() {
+            [] => bail!("no running supervisor master found (is it running as another user?)"),
+            [one] => *one,
+            many => bail!("several masters are running ({many:?}); choose one with --pid"),
+        },
+    };
+    let board =
+        open_board(pid)?.with_context(|| format!("process {pid} is not a supervisor master"))?;
+    let h = board.header();
+    let now = monotonic_ms();
+    let workers = board
+        .slots()
+        .filter(|(_, s)| s.state() != SlotState::Free)
+        .map(|(record, s)| WorkerStatus {
+            record,
+            worker_id: s.worker_id.load(Ordering::Relaxed),
+            generation: s.generation.load(Ordering::Relaxed),
+            pid: s.pid.load(Ordering::Relaxed),
+            state: s.state().as_str(),
+            requests: s.requests.load(Ordering::Relaxed),
+            inflight: s.inflight.load(Ordering::Relaxed),
+            held_global: s.held_global.load(Ordering::Relaxed),
+            connections: s.connections.load(Ordering::Relaxed),
+            rejected_local: s.rejected_local.load(Ordering::Relaxed),
+            timeouts: s.timeouts.load(Ordering::Relaxed),
+            uptime_ms: now.saturating_sub(s.started_ms.load(Ordering::Relaxed)),
+            heartbeat_age_ms: now.saturating_sub(s.heartbeat_ms.load(Ordering::Relaxed)),
+        })
+        .collect();
+    Ok(Status {
+        master_pid: pid,
+        global_inflight: h.global_inflight.load(Ordering::Relaxed),
+        global_cap: h.global_cap.load(Ordering::Relaxed),
+        global_rejected: h.global_rejected.load(Ordering::Relaxed),
+        workers,
+    })
+}
+
+pub fn print(status: &Status, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(status).expect("status serializes")
+        );
+        return;
+    }
+    println!(
+        "master {}  in flight {}/{} host-wide  rejected at the host-wide cap {}",
+        status.master_pid, status.global_inflight, status.global_cap, status.global_rejected
+    );
+    println!(
+        "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>9} {:>9}",
+        "worker",
+        "gen",
+        "pid",
+        "state",
+        "requests",
+        "inflight",
+        "held",
+        "conns",
+        "rejected",
+        "uptime"
+    );
+    for w in &status.workers {
+        println!(
+            "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>9} {:>8}s",
+            w.worker_id,
+            w.generation,
+            w.pid,
+            w.state,
+            w.requests,
+            w.inflight,
+            w.held_global,
+            w.connections,
+            w.rejected_local,
+            w.uptime_ms / 1000
+        );
+    }
+}
