@@ -1,0 +1,92 @@
+use std::net::TcpListener;
+
+use crate::util::*;
+
+#[test]
+fn check_prints_the_resolved_config_with_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    write_file(
+        dir.path(),
+        "supervisor.toml",
+        "[server]\nworkers = 3\nbacklog = 100\n[limits]\nmax_concurrent_requests = 7\n",
+    );
+    let (code, out, _) = run(
+        dir.path(),
+        &["check", "--set", "server.backlog=200"],
+        &[("MAX_CONCURRENT_REQUESTS", "9"), ("WORKERS", "5")],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("backlog = 200"), "--set beats the file: {out}");
+    assert!(
+        out.contains("max_concurrent_requests = 9"),
+        "env beats the file: {out}"
+    );
+    assert!(out.contains("workers = 5"), "env beats the file: {out}");
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "bad.toml", "[server]\nwokers = 3\n");
+    let (code, _, err) = run(dir.path(), &["start", "-c", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("wokers") && err.contains("server.workers"),
+        "{err}"
+    );
+    assert!(err.contains("bad.toml:2:"), "{err}");
+
+    let (code, _, err) = run(
+        dir.path(),
+        &["check", "--set", "worker.max_connections=lots"],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("worker.max_connections"), "{err}");
+
+    let (code, _, err) = run(
+        dir.path(),
+        &["start", "-b", "127.0.0.1:0"],
+        &[("WORKERS", "many")],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("WORKERS"), "{err}");
+}
+
+#[test]
+fn address_in_use_by_another_program_exits_1() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(dir.path(), &["start", "-b", &addr, "-w", "1"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&addr) && err.contains("already in use"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_second_supervisor_on_the_same_port_is_refused() {
+    let first = Server::start(&["-w", "1"]);
+    let addr = first.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(dir.path(), &["start", "-b", &addr, "-w", "1"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already in use"), "{err}");
+    // The first one still has all the traffic.
+    assert_eq!(first.get("/").status, 200);
+    assert_eq!(first.workers_in("serving").len(), 1);
+}
+
+#[test]
+fn an_app_command_is_refused_for_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(
+        dir.path(),
+        &["start", "-b", "127.0.0.1:0", "--", "python3", "app.py"],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("not supported yet"), "{err}");
+}

@@ -1,0 +1,114 @@
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::util::*;
+
+fn worker_pids(server: &Server) -> Vec<u32> {
+    server
+        .workers_in("serving")
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn term_lets_in_flight_requests_finish_then_exits_0() {
+    let mut server = Server::start(&["-w", "2"]);
+    let addr = server.addr;
+    let req = std::thread::spawn(move || get(addr, "/sleep?ms=1500"));
+    eventually(Duration::from_secs(10), "the request in flight", || {
+        (server.status()["global_inflight"] == 1).then_some(())
+    });
+    let workers = worker_pids(&server);
+    server.signal(Signal::SIGTERM);
+    let resp = req.join().unwrap();
+    assert_eq!(resp.status, 200, "in-flight request cut by a graceful stop");
+    let status = server.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    for pid in workers {
+        assert!(!alive(pid), "worker {pid} outlived the master");
+    }
+    // New connections are refused once stopped.
+    assert!(try_get(addr, "/").is_err());
+}
+
+#[test]
+fn quit_stops_fast_even_with_requests_in_flight() {
+    let mut server = Server::start(&["-w", "1"]);
+    let addr = server.addr;
+    let req = std::thread::spawn(move || try_get(addr, "/sleep?ms=60000"));
+    eventually(Duration::from_secs(10), "the request in flight", || {
+        (server.status()["global_inflight"] == 1).then_some(())
+    });
+    server.signal(Signal::SIGQUIT);
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert!(req.join().unwrap().is_err());
+}
+
+#[test]
+fn a_killed_worker_is_respawned_and_service_goes_on() {
+    let server = Server::start(&["-w", "2"]);
+    let before = server.workers_in("serving");
+    let victim = before[0]["pid"].as_u64().unwrap() as u32;
+    let victim_id = before[0]["worker_id"].clone();
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    let replacement = eventually(Duration::from_secs(20), "a replacement worker", || {
+        server
+            .workers_in("serving")
+            .into_iter()
+            .find(|w| w["worker_id"] == victim_id && w["pid"].as_u64().unwrap() as u32 != victim)
+    });
+    assert_eq!(replacement["generation"], 1);
+    assert_eq!(server.workers_in("serving").len(), 2);
+    let line = server
+        .log
+        .wait_for(Duration::from_secs(5), |l| l.contains("worker died"))
+        .expect("the death is logged");
+    assert!(line.contains("not sent by supervisor"), "{line}");
+    for _ in 0..20 {
+        assert_eq!(server.get("/").status, 200);
+    }
+}
+
+#[test]
+fn killing_the_master_takes_every_worker_down_within_2s() {
+    let mut server = Server::start(&["-w", "3"]);
+    let workers = worker_pids(&server);
+    assert_eq!(workers.len(), 3);
+    server.child.kill().unwrap(); // SIGKILL: no chance to clean up
+    server.wait_exit(Duration::from_secs(5));
+    eventually(Duration::from_secs(2), "every worker gone", || {
+        workers.iter().all(|&p| !alive(p)).then_some(())
+    });
+}
+
+#[test]
+fn ttin_and_ttou_change_the_worker_count() {
+    let server = Server::start(&["-w", "2"]);
+    server.signal(Signal::SIGTTIN);
+    eventually(Duration::from_secs(20), "3 serving workers", || {
+        (worker_pids(&server).len() == 3).then_some(())
+    });
+    // One at a time: the kernel merges a standard signal sent twice before it is handled.
+    server.signal(Signal::SIGTTOU);
+    eventually(Duration::from_secs(20), "2 workers left", || {
+        (server.status()["workers"].as_array().unwrap().len() == 2).then_some(())
+    });
+    server.signal(Signal::SIGTTOU);
+    eventually(Duration::from_secs(20), "1 worker left", || {
+        (server.status()["workers"].as_array().unwrap().len() == 1).then_some(())
+    });
+    server.signal(Signal::SIGTTOU); // never below one
+    assert!(server
+        .log
+        .wait_for(Duration::from_secs(10), |l| l
+            .contains("already at one worker"))
+        .is_some());
+    // The removed workers' sockets left the reuseport group: no connection lands on a socket
+    // nobody accepts on (each would hang until the client gives up).
+    for _ in 0..30 {
+        assert_eq!(server.get("/").status, 200);
+    }
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: the real `supervisor` binary, real sockets, real worker processes.
+
+mod cli;
+mod lifecycle;
+mod limits;
+mod serving;
+mod util;

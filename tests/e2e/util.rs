@@ -1,0 +1,357 @@
+//! Test harness: runs the real `supervisor` binary in a temp dir, watches its log, and talks
+//! HTTP/1.1 to it over real sockets. Every wait is bounded (`eventually`); nothing sleeps to
+//! synchronise.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_supervisor");
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        // Back-off between polls, not synchronisation: the condition is re-checked each time.
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Lines a child wrote to stderr, shared with the thread that reads them.
+#[derive(Clone, Default)]
+pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Log {
+    fn capture(stream: impl Read + Send + 'static) -> Log {
+        let log = Log::default();
+        let inner = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("  | {line}");
+                let (lines, cv) = &*inner.0;
+                lines.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        log
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0 .0.lock().unwrap().clone()
+    }
+
+    pub fn text(&self) -> String {
+        self.lines().join("\n")
+    }
+
+    /// Waits for a line matching `pred`, bounded by `timeout`.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let (lines, cv) = &*self.0;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            if let Some(l) = guard.iter().find(|l| pred(l)) {
+                return Some(l.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            guard = cv.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+}
+
+/// The value of `key=` in a text log line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    Some(rest.split_whitespace().next().unwrap_or(rest))
+}
+
+pub struct Server {
+    pub child: Child,
+    pub log: Log,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    exited: Option<ExitStatus>,
+}
+
+impl Server {
+    /// `supervisor start -b 127.0.0.1:0 ARGS...`, waiting until it logs "ready".
+    pub fn start(args: &[&str]) -> Server {
+        let mut s = Server::spawn(&[&["-b", "127.0.0.1:0"], args].concat());
+        let ready = s
+            .log
+            .wait_for(Duration::from_secs(20), |l| l.contains(" ready workers="));
+        if ready.is_none() {
+            let status = s.child.try_wait().ok().flatten();
+            panic!("supervisor did not become ready (exit: {status:?})");
+        }
+        s.addr = s.tcp_addr().expect("a TCP listener");
+        s
+    }
+
+    /// Starts `supervisor start ARGS...` without waiting for anything.
+    pub fn spawn(args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        Server::spawn_in(dir, args)
+    }
+
+    pub fn spawn_in(dir: tempfile::TempDir, args: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .arg("start")
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("PORT")
+            .env_remove("WORKERS")
+            .env_remove("LOG_LEVEL")
+            .env_remove("MAX_CONCURRENT_REQUESTS")
+            .env_remove("MAX_ACTIVE_INSTANCES")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run supervisor");
+        let log = Log::capture(child.stderr.take().unwrap());
+        Server {
+            child,
+            log,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            dir,
+            exited: None,
+        }
+    }
+
+    /// The first TCP address from the "listening" log line.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        let line = self.log.wait_for(Duration::from_secs(10), |l| {
+            l.contains("listening") && !l.contains("addr=unix:")
+        })?;
+        field(&line, "addr")?.parse().ok()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), sig).expect("signal the master");
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(s) = self.exited {
+            return s;
+        }
+        let child = &mut self.child;
+        let s = eventually(timeout, "the master to exit", || child.try_wait().unwrap());
+        self.exited = Some(s);
+        s
+    }
+
+    /// `supervisor status --pid PID --json`.
+    pub fn status(&self) -> Value {
+        let out = Command::new(BIN)
+            .args(["status", "--json", "--pid", &self.pid().to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Records of workers in a given state.
+    pub fn workers_in(&self, state: &str) -> Vec<Value> {
+        self.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == state)
+            .cloned()
+            .collect()
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        get(self.addr, path)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.exited.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            // SIGKILL to the master; its workers follow through PR_SET_PDEATHSIG.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `raw` on a new connection and reads one response (the server closes or the length
+/// says where it ends). Errors (reset, EOF before a response) come back as `Err`.
+pub fn exchange(addr: SocketAddr, raw: &[u8]) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(raw)?;
+    read_response(&mut BufReader::new(s))
+}
+
+pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    try_get(addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// Reads one HTTP/1.1 response: head, then a Content-Length or chunked body.
+pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed before a response",
+        ));
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(&format!("bad status line {line:?}")))?;
+    let mut headers = HashMap::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').ok_or_else(|| bad("bad header"))?;
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    let mut body = Vec::new();
+    if let Some(len) = headers.get("content-length") {
+        let len: usize = len.parse().map_err(|_| bad("bad length"))?;
+        body.resize(len, 0);
+        r.read_exact(&mut body)?;
+    } else if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.contains("chunked"))
+    {
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let n = usize::from_str_radix(line.trim(), 16).map_err(|_| bad("bad chunk"))?;
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        r.read_to_end(&mut body)?;
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// `supervisor ARGS...` to completion (for `check` and failing starts), with a bound.
+pub fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .current_dir(dir)
+        .env_remove("PORT")
+        .env_remove("WORKERS")
+        .env_remove("LOG_LEVEL")
+        .env_remove("MAX_CONCURRENT_REQUESTS")
+        .env_remove("MAX_ACTIVE_INSTANCES")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).ok();
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).ok();
+        s
+    });
+    let status = eventually(Duration::from_secs(30), "supervisor to exit", || {
+        child.try_wait().unwrap()
+    });
+    let (o, e) = (out_t.join().unwrap(), err_t.join().unwrap());
+    eprintln!("stdout:\n{o}\nstderr:\n{e}");
+    (status.code().unwrap_or(-1), o, e)
+}
+
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X"))
+        }
+        Err(_) => false,
+    }
+}
