@@ -180,6 +180,9 @@ impl Master {
                 self.enforce_stop_deadline();
             } else {
                 self.spawn_due();
+                if self.phase != Phase::Running {
+                    continue; // spawning gave up: go straight to stopping
+                }
             }
             self.wait_for_events();
         }

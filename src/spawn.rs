@@ -6,6 +6,7 @@
 //! process image, so the worker is an ordinary single-purpose program.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
@@ -33,13 +34,18 @@ pub struct SpawnRequest<'a> {
 }
 
 pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
-    let exe = std::env::current_exe().context("cannot find the supervisor executable")?;
+    // The running image, not the path it was started from: if the file on disk is replaced
+    // (a package upgrade) or deleted, respawned workers still run the master's own version,
+    // whose scoreboard layout and config format they share.
+    let exe = "/proc/self/exe";
     // Both ends close-on-exec; only the write end is made inheritable, in the child.
     let (ready_read, ready_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
     let master_pid = std::process::id();
 
     let mut cmd = Command::new(exe);
+    // argv[0] as the master's, so `ps` shows `supervisor worker --id N`, not /proc/self/exe.
+    cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "supervisor".into()));
     cmd.arg("worker")
         .arg("--id")
         .arg(req.id.to_string())

@@ -112,3 +112,25 @@ fn ttin_and_ttou_change_the_worker_count() {
         assert_eq!(server.get("/").status, 200);
     }
 }
+
+#[test]
+fn workers_that_cannot_start_stop_the_master_with_one_clear_error() {
+    let mut server = Server::start(&["-w", "1"]);
+    // Exhaust the master's file descriptors: every respawn then fails to create its pipe.
+    let master = server.pid() as libc::pid_t;
+    let open_fds = std::fs::read_dir(format!("/proc/{master}/fd")).unwrap().count() as u64;
+    let limit = libc::rlimit {
+        rlim_cur: open_fds,
+        rlim_max: open_fds,
+    };
+    // SAFETY: prlimit with a valid pid and a pointer to a live rlimit; old value not requested.
+    let rc = unsafe { libc::prlimit(master, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let worker = worker_pids(&server)[0];
+    kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1));
+    let log = server.log.text();
+    assert!(log.contains("giving up"), "{log}");
+    assert!(log.contains("cannot start worker"), "{log}");
+}

@@ -87,7 +87,8 @@ pub struct Server {
     pub child: Child,
     pub log: Log,
     pub addr: SocketAddr,
-    pub dir: tempfile::TempDir,
+    /// The master's working directory, removed when the test ends.
+    _dir: tempfile::TempDir,
     exited: Option<ExitStatus>,
 }
 
@@ -132,7 +133,7 @@ impl Server {
             child,
             log,
             addr: "0.0.0.0:0".parse().unwrap(),
-            dir,
+            _dir: dir,
             exited: None,
         }
     }
