@@ -1,8 +1,61 @@
 //! supervisor's worker library: everything that runs inside a worker process (HTTP serving,
 //! admission, the built-in app) plus the pieces the master shares with it (the configuration
 //! shape and the scoreboard). Request code here never sees a pid; lifecycle lives in the binary.
+//!
+//! The master forks and execs its own binary in worker mode, which calls [`run`]. Inside:
+//! `process` (runtime, readiness, heartbeat, signals) runs `server` (accept loops, drain), which
+//! runs one `connection` task per client (hyper, keep-alive), which runs `request` for every
+//! request (limits via `admission`, timeout, panics), which calls the built-in `app`.
 
 #![deny(unsafe_code)]
 
 pub mod config;
 pub mod scoreboard;
+
+mod admission;
+mod app;
+mod connection;
+mod listener;
+mod process;
+mod request;
+mod response;
+mod server;
+
+#[cfg(test)]
+mod tests;
+
+use std::os::fd::OwnedFd;
+use std::process::ExitCode;
+
+pub use process::{HEARTBEAT_INTERVAL, PARENT_CHECK_INTERVAL};
+
+/// Exit status when the worker could not start (scoreboard, event loop, signals, listeners,
+/// readiness pipe); the reason is logged.
+pub const EXIT_STARTUP: u8 = 70;
+/// Exit status when the worker found that its master is gone (it was re-parented).
+pub const EXIT_MASTER_GONE: u8 = 71;
+
+/// What the master hands a worker process.
+pub struct WorkerArgs {
+    /// Worker number 1..=N (survives respawns); sent as `X-Worker-Id`.
+    pub id: u32,
+    /// Index of this process's record in the scoreboard.
+    pub slot: usize,
+    /// The worker exits when its parent is no longer this process.
+    pub master_pid: u32,
+    /// Already bound and listening sockets (TCP v4/v6 or Unix stream); blocking mode unknown.
+    pub listeners: Vec<OwnedFd>,
+    /// Write end of the readiness pipe: gets the single byte `b'R'` once the worker accepts.
+    pub ready: OwnedFd,
+    /// The scoreboard memfd (see [`scoreboard`]), mapped writable.
+    pub scoreboard: OwnedFd,
+    pub config: config::Config,
+}
+
+/// Runs a worker process to the end: serves until SIGTERM (graceful drain, bounded by
+/// `server.graceful_timeout`, then 0), SIGINT or SIGQUIT (exit at once, 0), or until the master
+/// disappears ([`EXIT_MASTER_GONE`]). [`EXIT_STARTUP`] if it cannot start. Tracing must already
+/// be initialised; this installs a panic hook that logs through it.
+pub fn run(args: WorkerArgs) -> ExitCode {
+    process::run(args)
+}

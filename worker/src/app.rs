@@ -1,0 +1,125 @@
+//! The built-in app, served when no app is configured: a demo that makes a fresh install
+//! useful, and the load and failure helpers that tests and benchmarks need.
+//!
+//! Routes: `GET /` (hello world), `POST /echo` (streams the body back), `GET /sleep?ms=N` (waits
+//! without blocking), `GET /work?ms=N` (burns CPU on the event loop), `GET /healthz`, and the
+//! failure helpers `GET /panic` and `GET /error`. It owns only routing and the handlers; limits,
+//! timeouts, panics and the `X-Worker-Id` header are the request pipeline's job.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Limited;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::http::request::Parts;
+use hyper::{Method, Response, StatusCode};
+
+use crate::response::{text, Body};
+use crate::server::Worker;
+
+const HELLO: Bytes = Bytes::from_static(b"Hello, World!");
+const OK: Bytes = Bytes::from_static(b"ok\n");
+const ALLOW_GET: HeaderValue = HeaderValue::from_static("GET, HEAD");
+const ALLOW_POST: HeaderValue = HeaderValue::from_static("POST");
+const OCTET_STREAM: HeaderValue = HeaderValue::from_static("application/octet-stream");
+
+/// Longest `/sleep` or `/work` accepted: long enough for any timeout or hang test, short enough
+/// that a typo cannot park a request (and its permits) for days.
+pub(crate) const MAX_MS: u64 = 10 * 60 * 1000;
+
+/// A handler that failed without panicking (`/error`).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AppError {
+    #[error("failure requested by GET /error")]
+    Requested,
+}
+
+/// Routes one request. `head` is borrowed so that the pipeline can still name the request in
+/// its logs if this future panics or times out.
+pub(crate) async fn call(
+    worker: &'static Worker,
+    head: &Parts,
+    body: Incoming,
+) -> Result<Response<Body>, AppError> {
+    let is_get = head.method == Method::GET || head.method == Method::HEAD;
+    let res = match head.uri.path() {
+        "/" if is_get => text(StatusCode::OK, HELLO),
+        "/healthz" if is_get => text(StatusCode::OK, OK),
+        "/echo" if head.method == Method::POST => {
+            let content_type = head
+                .headers
+                .get(CONTENT_TYPE)
+                .cloned()
+                .unwrap_or(OCTET_STREAM);
+            let limit = usize::try_from(worker.limits.max_body_bytes).unwrap_or(usize::MAX);
+            let mut res = Response::new(Body::stream(Limited::new(body, limit)));
+            res.headers_mut().insert(CONTENT_TYPE, content_type);
+            res
+        }
+        "/sleep" if is_get => match millis(head) {
+            Ok(d) => {
+                tokio::time::sleep(d).await;
+                text(StatusCode::OK, Bytes::from_static(b"slept\n"))
+            }
+            Err(reason) => bad_request(reason),
+        },
+        "/work" if is_get => match millis(head) {
+            Ok(d) => {
+                // Deliberately blocks the event loop: this is the CPU-bound load for benchmarks
+                // and for the master's hung-worker detection (the heartbeat stops meanwhile).
+                let end = Instant::now() + d;
+                while Instant::now() < end {
+                    std::hint::spin_loop();
+                }
+                text(StatusCode::OK, Bytes::from_static(b"worked\n"))
+            }
+            Err(reason) => bad_request(reason),
+        },
+        "/panic" if is_get => panic!("panic requested by GET /panic"),
+        "/error" if is_get => return Err(AppError::Requested),
+        "/echo" => not_allowed(ALLOW_POST),
+        "/" | "/healthz" | "/sleep" | "/work" | "/panic" | "/error" => not_allowed(ALLOW_GET),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(
+                b"not found; routes: GET /, POST /echo, GET /sleep?ms=N, GET /work?ms=N, GET /healthz\n",
+            ),
+        ),
+    };
+    Ok(res)
+}
+
+fn not_allowed(allow: HeaderValue) -> Response<Body> {
+    let mut res = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Bytes::from_static(b"method not allowed\n"),
+    );
+    res.headers_mut().insert(ALLOW, allow);
+    res
+}
+
+/// The `ms` query parameter, or the one-line reason for a 400.
+fn millis(head: &Parts) -> Result<Duration, &'static str> {
+    let value = head
+        .uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("ms="));
+    let Some(value) = value else {
+        return Err("missing query parameter ms (milliseconds, 0 to 600000)\n");
+    };
+    match value.parse::<u64>() {
+        Ok(ms) if ms <= MAX_MS => Ok(Duration::from_millis(ms)),
+        Ok(_) => Err("query parameter ms must be at most 600000 (10 minutes)\n"),
+        Err(_) => Err("query parameter ms must be a whole number of milliseconds, 0 to 600000\n"),
+    }
+}
+
+fn bad_request(reason: &'static str) -> Response<Body> {
+    text(
+        StatusCode::BAD_REQUEST,
+        Bytes::from_static(reason.as_bytes()),
+    )
+}

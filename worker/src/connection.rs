@@ -1,0 +1,359 @@
+//! One client connection: HTTP/1.1 or h2c served by hyper, its idle keep-alive timeout and its
+//! part in a graceful drain.
+//!
+//! Owns the per-connection task and the bookkeeping it needs (requests in flight on this
+//! connection, when it went idle, whether the client sent bytes since). It must not make
+//! per-request decisions (that is `request`) nor accept sockets (that is `server`).
+//!
+//! # How hyper's timeouts behave, and how `worker.keepalive_timeout` fits in
+//!
+//! Read in hyper 1.12 (`proto/h1/conn.rs`, `poll_read_head` and `State::idle`) and hyper-util
+//! 0.1.21 (`server/conn/auto`):
+//!
+//! - HTTP/1 `header_read_timeout` is armed when hyper *starts waiting* for a request head and
+//!   disarmed once a complete head is parsed. It starts waiting when the connection opens and
+//!   again right after each response is fully written (`State::idle` sets `notify_read` exactly
+//!   so that the timer starts for the next head). So between keep-alive requests it is not a
+//!   "first byte to end of head" timer: it also bounds the idle time. When it fires with nothing
+//!   buffered, hyper closes the connection quietly; with part of a head buffered, the connection
+//!   fails with a header-timeout error (no response is written). Either way an idle keep-alive
+//!   connection never lives longer than `header_timeout`.
+//! - hyper has no idle timeout for HTTP/1 server connections, and none for HTTP/2 ones.
+//! - The `auto` builder first reads up to 24 bytes to tell HTTP/2's preface from HTTP/1; hyper's
+//!   header timer is not running during that phase, so a client that connects and sends nothing
+//!   is bounded by nothing in hyper at all. `graceful_shutdown` in that phase cancels the
+//!   connection outright (it cannot know what the client wanted yet).
+//!
+//! So this module runs its own idle timer per connection, measured from the end of the last
+//! request (or from accept): with no request in flight and no byte received for
+//! `keepalive_timeout`, the connection is shut down gracefully (an idle HTTP/1 connection closes
+//! at once, HTTP/2 gets GOAWAY). Once bytes arrive the client is sending a request and the limit
+//! becomes `header_timeout`, the same instant at which hyper's own timer cuts a slow HTTP/1 head;
+//! ours is the backstop for the protocol-detection phase and for HTTP/2. The two therefore never
+//! fight: the keep-alive timer stands down while a head is arriving, and the effective idle limit
+//! of a keep-alive connection is `min(keepalive_timeout, header_timeout)` (with the defaults, 5 s
+//! and 10 s, `keepalive_timeout` governs).
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::listener::Stream;
+use crate::request;
+use crate::server::{ConnectionGuard, Worker};
+
+/// What this connection has been doing, shared between its task, its socket wrapper and the
+/// guards of its requests. Everything runs on one thread; atomics only make it `Sync`.
+pub(crate) struct Activity {
+    opened: Instant,
+    started: AtomicU32,
+    finished: AtomicU32,
+    /// Milliseconds after `opened` at which the last request in flight ended.
+    idle_since_ms: AtomicU64,
+    /// The client sent bytes since the connection went idle: a request head is on its way.
+    read_since_idle: AtomicBool,
+}
+
+/// Connection-level timeouts, in milliseconds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IdleLimits {
+    pub(crate) keepalive_ms: u64,
+    pub(crate) header_ms: u64,
+}
+
+/// What the idle timer should do when it fires.
+#[derive(Debug, PartialEq, Eq)]
+enum IdleCheck {
+    /// A request is in flight: not idle.
+    Busy,
+    /// Idle, but not long enough: fire again at this many ms after `opened`.
+    Wait(u64),
+    /// Idle too long: shut the connection down.
+    Close,
+}
+
+impl Activity {
+    fn new(opened: Instant) -> Activity {
+        Activity {
+            opened,
+            started: AtomicU32::new(0),
+            finished: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            read_since_idle: AtomicBool::new(false),
+        }
+    }
+
+    /// A request starts on this connection; it ends when the guard drops.
+    pub(crate) fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        ActivityGuard(Arc::clone(self))
+    }
+
+    fn inflight(&self) -> u32 {
+        self.started
+            .load(Ordering::Relaxed)
+            .wrapping_sub(self.finished.load(Ordering::Relaxed))
+    }
+
+    /// Whether the client has shown any sign of life (a request, or bytes of one).
+    fn has_activity(&self) -> bool {
+        self.started.load(Ordering::Relaxed) > 0 || self.read_since_idle.load(Ordering::Relaxed)
+    }
+
+    fn ms_since_open(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.opened + Duration::from_millis(ms)
+    }
+
+    /// When the connection stops being allowed to idle, if it is idle now.
+    fn deadline(&self, limits: IdleLimits) -> Option<u64> {
+        if self.inflight() > 0 {
+            return None;
+        }
+        let since = self.idle_since_ms.load(Ordering::Relaxed);
+        let limit = if self.read_since_idle.load(Ordering::Relaxed) {
+            limits.header_ms
+        } else {
+            limits.keepalive_ms
+        };
+        Some(since.saturating_add(limit))
+    }
+
+    fn check(&self, now_ms: u64, limits: IdleLimits) -> IdleCheck {
+        match self.deadline(limits) {
+            None => IdleCheck::Busy,
+            Some(deadline) if now_ms >= deadline => IdleCheck::Close,
+            Some(deadline) => IdleCheck::Wait(deadline),
+        }
+    }
+}
+
+/// One request in flight on a connection.
+pub(crate) struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let finished = a.finished.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        if finished == a.started.load(Ordering::Relaxed) {
+            a.idle_since_ms.store(a.ms_since_open(), Ordering::Relaxed);
+            a.read_since_idle.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The client socket as hyper sees it: it notes when the client sends bytes.
+struct TrackedIo {
+    stream: Stream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for TrackedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.read_since_idle.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl AsyncWrite for TrackedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// Why a connection was asked to shut down.
+#[derive(Clone, Copy, Debug)]
+enum Shutdown {
+    Idle,
+    Drain,
+}
+
+/// Serves one connection until it closes. `drain` flips to `true` when the worker drains; the
+/// task holds it (and `guard`) until the very end, which is how the server knows that every
+/// connection is gone.
+pub(crate) async fn serve(
+    worker: &'static Worker,
+    stream: Stream,
+    guard: ConnectionGuard,
+    mut drain: watch::Receiver<bool>,
+) {
+    let limits = worker.limits.idle;
+    let activity = Arc::new(Activity::new(Instant::now()));
+    let io = TokioIo::new(TrackedIo {
+        stream,
+        activity: Arc::clone(&activity),
+    });
+    let service = {
+        let activity = Arc::clone(&activity);
+        service_fn(move |req| request::handle(worker, activity.begin(), req))
+    };
+    let mut conn = pin!(worker.http.serve_connection(io, service));
+
+    // A connection accepted while draining came out of the kernel's queue: its client has most
+    // likely sent a request already. Shutting it down before hyper has read anything would
+    // cancel it unserved, so it is shut down as soon as it has shown activity instead (its
+    // first request is then answered with `Connection: close`).
+    let accepted_while_draining = *drain.borrow();
+    let mut drain_signal = pin!(drain.wait_for(|draining| *draining));
+    let mut draining = false;
+    let mut shutdown: Option<Shutdown> = None;
+
+    let first = activity.deadline(limits).expect("no request in flight yet");
+    let mut timer = pin!(tokio::time::sleep_until(activity.at(first)));
+    // The timer is not re-armed on every request: when it fires, `check` computes the real
+    // deadline from when the connection went idle. Only when it fires mid-request is the next
+    // deadline unknown; then it is re-armed as soon as the request ends (`busy`).
+    let mut busy = false;
+
+    let result = poll_fn(|cx: &mut Context<'_>| 'poll: loop {
+        if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+            return Poll::Ready(res);
+        }
+        if shutdown.is_some() {
+            return Poll::Pending;
+        }
+        if !draining && drain_signal.as_mut().poll(cx).is_ready() {
+            // Changed to `true`, or the server is gone: drain either way.
+            draining = true;
+        }
+        if draining && (!accepted_while_draining || activity.has_activity()) {
+            conn.as_mut().graceful_shutdown();
+            shutdown = Some(Shutdown::Drain);
+            continue 'poll;
+        }
+        if busy {
+            if let Some(deadline) = activity.deadline(limits) {
+                busy = false;
+                timer.as_mut().reset(activity.at(deadline));
+            }
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = activity.ms_since_open();
+            match activity.check(now, limits) {
+                IdleCheck::Wait(deadline) => timer.as_mut().reset(activity.at(deadline)),
+                IdleCheck::Busy => {
+                    // Normally re-armed above when the request ends (that happens inside
+                    // `conn.poll`, or wakes it); this later check is only a backstop.
+                    busy = true;
+                    timer
+                        .as_mut()
+                        .reset(activity.at(now.saturating_add(limits.keepalive_ms)));
+                }
+                IdleCheck::Close => {
+                    conn.as_mut().graceful_shutdown();
+                    shutdown = Some(Shutdown::Idle);
+                    continue 'poll;
+                }
+            }
+        }
+        return Poll::Pending;
+    })
+    .await;
+
+    match result {
+        Ok(()) => debug!(shutdown = ?shutdown, "connection closed"),
+        // Client resets, slow or abandoned heads, cancelled protocol detection: expected noise.
+        Err(e) => debug!(shutdown = ?shutdown, error = %e, "connection ended with an error"),
+    }
+    drop(guard);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: IdleLimits = IdleLimits {
+        keepalive_ms: 5_000,
+        header_ms: 10_000,
+    };
+
+    #[test]
+    fn idle_deadline_follows_requests_and_incoming_bytes() {
+        let a = Arc::new(Activity::new(Instant::now()));
+        // Fresh connection, nothing received: keep-alive limit from accept.
+        assert_eq!(a.check(4_999, LIMITS), IdleCheck::Wait(5_000));
+        assert_eq!(a.check(5_000, LIMITS), IdleCheck::Close);
+
+        // Bytes arrived: a head is on its way; the header limit applies instead.
+        a.read_since_idle.store(true, Ordering::Relaxed);
+        assert_eq!(a.check(5_000, LIMITS), IdleCheck::Wait(10_000));
+
+        // A request in flight is never idle.
+        let g1 = a.begin();
+        let g2 = a.begin();
+        assert_eq!(a.check(60_000, LIMITS), IdleCheck::Busy);
+        drop(g1);
+        assert_eq!(a.check(60_000, LIMITS), IdleCheck::Busy);
+        assert!(a.has_activity());
+
+        // The last one ends: idle from then, and the byte flag is reset.
+        a.idle_since_ms.store(1, Ordering::Relaxed);
+        drop(g2);
+        let since = a.idle_since_ms.load(Ordering::Relaxed);
+        assert!(!a.read_since_idle.load(Ordering::Relaxed));
+        assert_eq!(
+            a.check(since + 4_999, LIMITS),
+            IdleCheck::Wait(since + 5_000)
+        );
+        assert_eq!(a.check(since + 5_000, LIMITS), IdleCheck::Close);
+    }
+
+    #[test]
+    fn header_limit_shorter_than_keepalive_is_respected() {
+        let limits = IdleLimits {
+            keepalive_ms: 10_000,
+            header_ms: 300,
+        };
+        let a = Activity::new(Instant::now());
+        assert_eq!(a.check(300, limits), IdleCheck::Wait(10_000));
+        a.read_since_idle.store(true, Ordering::Relaxed);
+        assert_eq!(a.check(300, limits), IdleCheck::Close);
+    }
+}

@@ -1,0 +1,245 @@
+//! Listening sockets and the client streams they yield.
+//!
+//! Owns turning an inherited, already-bound fd into a tokio listener (TCP over IPv4/IPv6, or a
+//! Unix stream socket: the family is read from the socket itself), accepting from it (with the
+//! readiness-driven `accept` of the event loop, and a raw non-blocking `accept_now` that really
+//! asks the kernel, used to empty the accept queue on drain), and classifying accept errors.
+//! It must not bind, listen or change socket options of the listener: the master owns those.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// A listening socket handed over by the master.
+#[derive(Debug)]
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Wraps an inherited listening socket. Must run inside the tokio runtime (the socket is
+    /// registered with its reactor). The fd's blocking mode is unknown, so it is made
+    /// non-blocking here.
+    pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Listener> {
+        let socket = Socket::from(fd);
+        if socket.r#type()? != Type::STREAM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "listener fd is not a stream socket",
+            ));
+        }
+        if !socket.is_listener()? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "listener fd is not listening (listen() was not called)",
+            ));
+        }
+        let domain = socket.domain()?;
+        socket.set_nonblocking(true)?;
+        if domain == Domain::UNIX {
+            let std = std::os::unix::net::UnixListener::from(OwnedFd::from(socket));
+            Ok(Listener::Unix(UnixListener::from_std(std)?))
+        } else if domain == Domain::IPV4 || domain == Domain::IPV6 {
+            let std = std::net::TcpListener::from(OwnedFd::from(socket));
+            Ok(Listener::Tcp(TcpListener::from_std(std)?))
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("listener fd has unsupported address family {domain:?}"),
+            ))
+        }
+    }
+
+    /// Where this listener listens, for logs.
+    pub(crate) fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|e| format!("tcp (unknown: {e})"), |a| a.to_string()),
+            Listener::Unix(l) => match l.local_addr() {
+                Ok(a) => match a.as_pathname() {
+                    Some(p) => format!("unix:{}", p.display()),
+                    None => "unix:(unnamed)".to_string(),
+                },
+                Err(e) => format!("unix (unknown: {e})"),
+            },
+        }
+    }
+
+    /// Waits for the next connection. TCP connections get TCP_NODELAY: responses are written
+    /// whole, so Nagle's algorithm would only add latency.
+    pub(crate) async fn accept(&self) -> io::Result<(Stream, Peer)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, addr) = l.accept().await?;
+                Ok((Stream::tcp(s)?, Peer::Tcp(addr)))
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                Ok((Stream::Unix(s), Peer::Unix))
+            }
+        }
+    }
+
+    /// One `accept(2)` on the (non-blocking) listener: `WouldBlock` once the kernel's accept
+    /// queue is empty. Unlike `accept`, this does not trust the reactor's cached readiness, which
+    /// may not yet reflect connections that arrived since the event loop last polled; draining
+    /// must see every connection the kernel already completed.
+    pub(crate) fn accept_now(&self) -> io::Result<(Stream, Peer)> {
+        let sock = match self {
+            Listener::Tcp(l) => SockRef::from(l),
+            Listener::Unix(l) => SockRef::from(l),
+        };
+        let (socket, addr) = sock.accept()?;
+        socket.set_nonblocking(true)?;
+        match self {
+            Listener::Tcp(_) => {
+                let s = TcpStream::from_std(std::net::TcpStream::from(OwnedFd::from(socket)))?;
+                let peer = addr.as_socket().map_or(Peer::Unix, Peer::Tcp);
+                Ok((Stream::tcp(s)?, peer))
+            }
+            Listener::Unix(_) => {
+                let s = std::os::unix::net::UnixStream::from(OwnedFd::from(socket));
+                Ok((Stream::Unix(UnixStream::from_std(s)?), Peer::Unix))
+            }
+        }
+    }
+}
+
+/// Who is on the other end of a connection, for logs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Peer {
+    Tcp(SocketAddr),
+    Unix,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp(a) => a.fmt(f),
+            Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+/// What to do after `accept` failed.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AcceptError {
+    /// The failure belongs to one connection (it was reset or aborted while queued): go on.
+    Connection,
+    /// The process or host is out of a resource (fds, socket buffers, memory): retrying at once
+    /// would spin, so back off before the next accept.
+    Resources,
+    /// Anything else; treated like `Resources` (log and back off), never a tight loop.
+    Other,
+}
+
+impl AcceptError {
+    pub(crate) fn classify(e: &io::Error) -> AcceptError {
+        use nix::libc;
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                AcceptError::Resources
+            }
+            // accept(2) on Linux passes pending network errors of the new socket through; they
+            // concern that one client only.
+            Some(
+                libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::EINTR
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+                | libc::ETIMEDOUT,
+            ) => AcceptError::Connection,
+            _ => AcceptError::Other,
+        }
+    }
+}
+
+/// An accepted client connection.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn tcp(s: TcpStream) -> io::Result<Stream> {
+        s.set_nodelay(true)?;
+        Ok(Stream::Tcp(s))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        // Both are; hyper then writes head and body with one writev.
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

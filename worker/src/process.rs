@@ -1,0 +1,187 @@
+//! The worker process around the server: runtime, readiness, heartbeat, parent watch, signals.
+//!
+//! Owns what `run` does in order: map the scoreboard, build the current_thread runtime, wrap the
+//! inherited listeners, start serving, mark the record `Serving`, acknowledge on the readiness
+//! pipe, then wait for a signal (TERM: graceful drain; INT, QUIT: exit at once) or for the
+//! master to disappear. It must not look at requests or connections; `server` does that.
+
+use std::future::Future;
+use std::io::Write;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::MissedTickBehavior;
+use tracing::{error, info, info_span, warn};
+
+use crate::listener::Listener;
+use crate::scoreboard::{self, Scoreboard, SlotState};
+use crate::server::{DrainSummary, Server, Worker};
+use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
+
+/// How often the worker stamps `heartbeat_ms` in its record. The stamp is written by a task on
+/// the event loop, so a loop blocked by a handler stops it, which is what the master's hang
+/// detection looks for.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the worker checks that its master is still its parent.
+pub const PARENT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+pub(crate) fn run(args: WorkerArgs) -> ExitCode {
+    let span = info_span!("worker", worker.id = args.id);
+    // Entered for the whole run: with a current_thread runtime every task is polled on this
+    // thread, inside `block_on`, so every event of the worker carries `worker.id`.
+    let _entered = span.enter();
+
+    let board = match Scoreboard::open(&args.scoreboard, true) {
+        Ok(board) if args.slot < board.capacity() => board,
+        Ok(board) => {
+            error!(
+                slot = args.slot,
+                capacity = board.capacity(),
+                "scoreboard record out of range"
+            );
+            return ExitCode::from(EXIT_STARTUP);
+        }
+        Err(e) => {
+            error!(error = %e, "cannot map the scoreboard");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    // The mapping outlives the fd.
+    drop(args.scoreboard);
+
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the event loop");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    let worker = Worker::new(&args.config, args.id, board, args.slot);
+    install_panic_hook();
+    let code = runtime.block_on(serve(
+        worker,
+        args.listeners,
+        args.ready,
+        args.master_pid,
+        args.config.server.graceful_timeout,
+    ));
+    // Dropping the runtime drops every remaining task, and with them their permits.
+    drop(runtime);
+    code
+}
+
+async fn serve(
+    worker: &'static Worker,
+    fds: Vec<std::os::fd::OwnedFd>,
+    ready: std::os::fd::OwnedFd,
+    master_pid: u32,
+    graceful_timeout: Duration,
+) -> ExitCode {
+    let slot = worker.admission.slot();
+    // Signals first: from here on a TERM from the master drains instead of killing us.
+    let (mut term, mut int, mut quit) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::quit()),
+    ) {
+        (Ok(t), Ok(i), Ok(q)) => (t, i, q),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            error!(error = %e, "cannot install signal handlers");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+
+    let mut listeners = Vec::with_capacity(fds.len());
+    for fd in fds {
+        match Listener::from_fd(fd) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                error!(error = %e, "unusable listener");
+                return ExitCode::from(EXIT_STARTUP);
+            }
+        }
+    }
+
+    slot.heartbeat_ms
+        .store(scoreboard::monotonic_ms(), Ordering::Relaxed);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            slot.heartbeat_ms
+                .store(scoreboard::monotonic_ms(), Ordering::Relaxed);
+        }
+    });
+
+    let server = Server::start(worker, listeners);
+    slot.set_state(SlotState::Serving);
+    if let Err(e) = std::fs::File::from(ready).write_all(b"R") {
+        error!(error = %e, "cannot acknowledge readiness to the master");
+        return ExitCode::from(EXIT_STARTUP);
+    }
+    info!(pid = std::process::id(), "worker serving");
+
+    let mut parent_check = tokio::time::interval(PARENT_CHECK_INTERVAL);
+    parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut server = Some(server);
+    let mut draining: Option<Pin<Box<dyn Future<Output = DrainSummary> + Send>>> = None;
+    loop {
+        tokio::select! {
+            _ = term.recv() => match server.take() {
+                Some(s) => {
+                    info!("SIGTERM: draining");
+                    draining = Some(Box::pin(s.drain(graceful_timeout)));
+                }
+                None => info!("SIGTERM again: already draining"),
+            },
+            _ = int.recv() => {
+                info!("SIGINT: exiting now");
+                return ExitCode::SUCCESS;
+            }
+            _ = quit.recv() => {
+                info!("SIGQUIT: exiting now");
+                return ExitCode::SUCCESS;
+            }
+            _ = parent_check.tick() => {
+                let ppid = nix::unistd::getppid().as_raw() as u32;
+                if ppid != master_pid {
+                    error!(master.pid = master_pid, parent.pid = ppid, "master is gone; exiting");
+                    return ExitCode::from(EXIT_MASTER_GONE);
+                }
+            }
+            summary = async { draining.as_mut().expect("guarded").await }, if draining.is_some() => {
+                if summary.remaining > 0 {
+                    warn!(connections.remaining = summary.remaining, "exiting after drain timeout");
+                }
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
+}
+
+/// Routes panics into the log (as JSON when the log is JSON) instead of raw stderr. Panics in
+/// request handlers are also caught and answered with 500 by the request path, which logs them
+/// again with the request they belong to.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(non-string panic payload)");
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        error!(panic.location = %location, panic.message = message, "panicked");
+    }));
+}

@@ -1,0 +1,145 @@
+//! The path of one request through the worker, from hyper's service call to a response.
+//!
+//! Owns the order of the checks (body size by `Content-Length` -> worker limit -> host-wide
+//! limit, cheapest first), the request timeout, turning a handler error or panic into a 500, and
+//! the headers every one of our responses carries (`X-Worker-Id`). It must not know the app's
+//! routes (that is `app`) nor anything about connections beyond the guard it is handed.
+
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::pin;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+
+use hyper::body::{Body as _, Incoming};
+use hyper::{Request, Response};
+use tracing::{error, warn};
+
+use crate::admission::{Permits, Rejection};
+use crate::app;
+use crate::connection::ActivityGuard;
+use crate::response::{self, Body, X_WORKER_ID};
+use crate::server::Worker;
+
+/// Everything one request holds while it is served. It travels inside the response body, so it
+/// lives until hyper has finished sending the response or has given up on it (client gone); if
+/// no response is produced (the connection dropped mid-handler), it dies with the handler.
+pub(crate) struct RequestGuard {
+    worker: &'static Worker,
+    permits: Option<Permits<'static>>,
+    _activity: ActivityGuard,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        // `requests` counts every request that ended, whatever its status. The fields drop
+        // right after this, releasing the permits.
+        self.worker
+            .admission
+            .slot()
+            .requests
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// hyper's service function for every request of every connection.
+pub(crate) async fn handle(
+    worker: &'static Worker,
+    activity: ActivityGuard,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let mut guard = RequestGuard {
+        worker,
+        permits: None,
+        _activity: activity,
+    };
+
+    // A declared length (Content-Length, on HTTP/1 and HTTP/2 alike) shows up as the lower
+    // bound of the body's size hint; bodies without one are limited while they stream (`app`).
+    if req.body().size_hint().lower() > worker.limits.max_body_bytes {
+        return Ok(finish(worker.responses.too_large(), guard));
+    }
+
+    match worker.admission.admit() {
+        Ok(permits) => guard.permits = Some(permits),
+        Err(Rejection::Worker) => return Ok(finish(worker.responses.worker_limit(), guard)),
+        Err(Rejection::Host) => {
+            let cap = response::host_cap(worker.admission.board());
+            return Ok(finish(worker.responses.host_limit(cap), guard));
+        }
+    }
+
+    let (head, body) = req.into_parts();
+    let mut app = pin!(app::call(worker, &head, body));
+    let mut caught = pin!(poll_fn(|cx| {
+        match catch_unwind(AssertUnwindSafe(|| app.as_mut().poll(cx))) {
+            Ok(Poll::Ready(r)) => Poll::Ready(Ok(r)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }));
+
+    // Most handlers answer on their first poll: only arm the timer for those that do not.
+    let first = poll_fn(|cx| match caught.as_mut().poll(cx) {
+        Poll::Ready(outcome) => Poll::Ready(Some(outcome)),
+        Poll::Pending => Poll::Ready(None),
+    });
+    let outcome = match first.await {
+        Some(outcome) => outcome,
+        None => match tokio::time::timeout(worker.limits.request_timeout, caught.as_mut()).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                guard.permits = None;
+                worker
+                    .admission
+                    .slot()
+                    .timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    http.method = %head.method,
+                    url.path = head.uri.path(),
+                    "request exceeded worker.request_timeout; answered 504"
+                );
+                return Ok(finish(worker.responses.timeout(), guard));
+            }
+        },
+    };
+
+    match outcome {
+        Ok(Ok(res)) => Ok(finish(res, guard)),
+        Ok(Err(e)) => {
+            guard.permits = None;
+            error!(
+                http.method = %head.method,
+                url.path = head.uri.path(),
+                error = %e,
+                "request handler failed; answered 500"
+            );
+            Ok(finish(worker.responses.internal_error(), guard))
+        }
+        Err(panic) => {
+            guard.permits = None;
+            let message = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(non-string panic payload)");
+            error!(
+                http.method = %head.method,
+                url.path = head.uri.path(),
+                panic.message = message,
+                "request handler panicked; answered 500"
+            );
+            Ok(finish(worker.responses.internal_error(), guard))
+        }
+    }
+}
+
+/// Stamps the response with the worker id and hands it the request's guard.
+fn finish(mut res: Response<Body>, guard: RequestGuard) -> Response<Body> {
+    res.headers_mut()
+        .insert(X_WORKER_ID, guard.worker.responses.worker_id().clone());
+    res.body_mut().set_guard(guard);
+    res
+}

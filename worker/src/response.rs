@@ -1,0 +1,198 @@
+//! Response bodies and the worker's own responses.
+//!
+//! Owns the one body type every response uses (a static/full body or the streamed, size-limited
+//! request body of `/echo`), which also carries the request's guard so that permits live exactly
+//! as long as the response; and the precomputed pieces of the responses the worker writes itself
+//! (`X-Worker-Id`, 413/503/504 bodies). Nothing here allocates on the hot path: values are built
+//! once at start. It must not decide *when* to answer what; `request` does.
+
+use std::error::Error as StdError;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Limited;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+
+use crate::config::ByteSize;
+use crate::request::RequestGuard;
+
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+
+pub(crate) const X_WORKER_ID: HeaderName = HeaderName::from_static("x-worker-id");
+pub(crate) const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+const RETRY_AFTER_1S: HeaderValue = HeaderValue::from_static("1");
+
+/// The body of every response this worker sends.
+pub(crate) struct Body {
+    kind: Kind,
+    /// Dropped when hyper is done with the body (fully sent, or the client went away): that is
+    /// what releases the request's permits.
+    guard: Option<RequestGuard>,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Stream(Limited<Incoming>),
+}
+
+impl Body {
+    pub(crate) fn full(data: Bytes) -> Body {
+        Body {
+            kind: Kind::Full(Some(data)),
+            guard: None,
+        }
+    }
+
+    /// The request body streamed back, cut off with an error past `worker.max_body_bytes`.
+    pub(crate) fn stream(body: Limited<Incoming>) -> Body {
+        Body {
+            kind: Kind::Stream(body),
+            guard: None,
+        }
+    }
+
+    pub(crate) fn set_guard(&mut self, guard: RequestGuard) {
+        self.guard = Some(guard);
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Kind::Stream(body) => Pin::new(body).poll_frame(cx),
+        };
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            // Done (or failed): release the permits now rather than whenever hyper drops us.
+            this.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(data) => data.is_none(),
+            Kind::Stream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Stream(body) => body.size_hint(),
+        }
+    }
+}
+
+/// A `text/plain` response.
+pub(crate) fn text(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut res = Response::new(Body::full(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
+    res
+}
+
+/// The worker's own answers, built once.
+pub(crate) struct Responses {
+    worker_id: HeaderValue,
+    too_large: Bytes,
+    worker_limit: Bytes,
+    timeout: Bytes,
+    /// The host-wide cap is read from the scoreboard (the master writes it), so its message is
+    /// cached with the cap it names and rebuilt only if the cap changes.
+    host_limit: (u32, Bytes),
+}
+
+impl Responses {
+    pub(crate) fn new(
+        worker_id: u32,
+        max_body: ByteSize,
+        max_concurrent: u32,
+        request_timeout: Duration,
+        host_cap: u32,
+    ) -> Responses {
+        // Leaked once per worker so that every response gets the value without a refcount.
+        let id: &'static str = Box::leak(worker_id.to_string().into_boxed_str());
+        Responses {
+            worker_id: HeaderValue::from_static(id),
+            too_large: Bytes::from(format!(
+                "request body larger than the limit of {max_body} ({} bytes, worker.max_body_bytes)\n",
+                max_body.bytes()
+            )),
+            worker_limit: Bytes::from(format!(
+                "worker limit of {max_concurrent} concurrent requests reached (worker.max_concurrent)\n"
+            )),
+            timeout: Bytes::from(format!(
+                "request took longer than {} (worker.request_timeout)\n",
+                humantime_serde::re::humantime::format_duration(request_timeout)
+            )),
+            host_limit: (host_cap, host_limit_body(host_cap)),
+        }
+    }
+
+    pub(crate) fn worker_id(&self) -> &HeaderValue {
+        &self.worker_id
+    }
+
+    /// 413: `Content-Length` above `worker.max_body_bytes`.
+    pub(crate) fn too_large(&self) -> Response<Body> {
+        text(StatusCode::PAYLOAD_TOO_LARGE, self.too_large.clone())
+    }
+
+    /// 503: `worker.max_concurrent` reached.
+    pub(crate) fn worker_limit(&self) -> Response<Body> {
+        unavailable(self.worker_limit.clone())
+    }
+
+    /// 503: the host-wide cap (currently `cap`) reached.
+    pub(crate) fn host_limit(&self, cap: u32) -> Response<Body> {
+        let body = if cap == self.host_limit.0 {
+            self.host_limit.1.clone()
+        } else {
+            host_limit_body(cap)
+        };
+        unavailable(body)
+    }
+
+    /// 504: `worker.request_timeout` passed.
+    pub(crate) fn timeout(&self) -> Response<Body> {
+        text(StatusCode::GATEWAY_TIMEOUT, self.timeout.clone())
+    }
+
+    pub(crate) fn internal_error(&self) -> Response<Body> {
+        text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Bytes::from_static(b"internal server error\n"),
+        )
+    }
+}
+
+pub(crate) fn host_cap(board: &crate::scoreboard::Scoreboard) -> u32 {
+    board.header().global_cap.load(Ordering::Relaxed)
+}
+
+fn host_limit_body(cap: u32) -> Bytes {
+    Bytes::from(format!(
+        "host-wide limit of {cap} concurrent requests reached (limits.max_concurrent_requests)\n"
+    ))
+}
+
+fn unavailable(body: Bytes) -> Response<Body> {
+    let mut res = text(StatusCode::SERVICE_UNAVAILABLE, body);
+    // Overload is brief by nature; tell clients to retry soon rather than hammer or give up.
+    res.headers_mut().insert(RETRY_AFTER, RETRY_AFTER_1S);
+    res
+}

@@ -1,0 +1,281 @@
+//! The serving core of a worker: its shared state, the accept loops and the graceful drain.
+//!
+//! Owns `Worker` (everything the request path shares, built once per process), one accept loop
+//! per listener (a connection permit is taken *before* `accept`, so a full worker leaves new
+//! connections in the kernel's queue rather than accepting and dropping them), and the drain:
+//! stop accepting after emptying the accept queue, ask every connection to finish, and wait until
+//! all of them are gone. It does not install signals, touch the process or the readiness pipe
+//! (that is `process`), and can be driven from a test with a plain listener and scoreboard.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::sync::{watch, Semaphore, SemaphorePermit};
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::admission::Admission;
+use crate::config::Config;
+use crate::connection::{self, IdleLimits};
+use crate::listener::{AcceptError, Listener, Peer, Stream};
+use crate::response::{self, Responses};
+use crate::scoreboard::{Scoreboard, SlotState};
+
+/// How long an accept loop pauses after the process ran out of fds, buffers or memory.
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// hyper refuses a read buffer smaller than this (it must hold a minimal request head).
+const MIN_HEADER_BYTES: u64 = 8192;
+
+/// Per-request limits, in the units the hot path uses.
+pub(crate) struct Limits {
+    pub(crate) max_body_bytes: u64,
+    pub(crate) request_timeout: Duration,
+    pub(crate) idle: IdleLimits,
+}
+
+/// What every connection and request of this worker process shares. Built once and leaked:
+/// it lives as long as the process, and a `&'static` lets the request path hold it without
+/// reference counting.
+pub(crate) struct Worker {
+    pub(crate) admission: Admission,
+    pub(crate) responses: Responses,
+    pub(crate) limits: Limits,
+    pub(crate) http: auto::Builder<TokioExecutor>,
+    connections: Semaphore,
+}
+
+impl Worker {
+    /// Builds the worker's shared state around its (writable) scoreboard mapping and record.
+    pub(crate) fn new(config: &Config, id: u32, board: Scoreboard, slot: usize) -> &'static Worker {
+        let w = &config.worker;
+        let host_cap = response::host_cap(&board);
+
+        let mut header_bytes = w.max_header_bytes.bytes();
+        if header_bytes < MIN_HEADER_BYTES {
+            warn!(
+                worker.max_header_bytes = header_bytes,
+                "worker.max_header_bytes is below hyper's minimum; using {MIN_HEADER_BYTES}"
+            );
+            header_bytes = MIN_HEADER_BYTES;
+        }
+        let header_bytes = usize::try_from(header_bytes).unwrap_or(usize::MAX);
+
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(w.header_timeout)
+            .max_buf_size(header_bytes)
+            .max_headers(w.max_headers as usize);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
+
+        let worker = Worker {
+            admission: Admission::new(board, slot, w.max_concurrent),
+            responses: Responses::new(
+                id,
+                w.max_body_bytes,
+                w.max_concurrent,
+                w.request_timeout,
+                host_cap,
+            ),
+            limits: Limits {
+                max_body_bytes: w.max_body_bytes.bytes(),
+                request_timeout: w.request_timeout,
+                idle: IdleLimits {
+                    keepalive_ms: w.keepalive_timeout.as_millis() as u64,
+                    header_ms: w.header_timeout.as_millis() as u64,
+                },
+            },
+            http,
+            connections: Semaphore::new(w.max_connections.max(1) as usize),
+        };
+        Box::leak(Box::new(worker))
+    }
+
+    fn slot(&self) -> &crate::scoreboard::Slot {
+        self.admission.slot()
+    }
+}
+
+/// One open client connection: holds its place under `worker.max_connections` and keeps the
+/// record's `connections` count.
+pub(crate) struct ConnectionGuard {
+    worker: &'static Worker,
+    _permit: Option<SemaphorePermit<'static>>,
+}
+
+impl ConnectionGuard {
+    fn new(worker: &'static Worker, permit: Option<SemaphorePermit<'static>>) -> ConnectionGuard {
+        worker.slot().connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard {
+            worker,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.worker
+            .slot()
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A running server: accept loops plus their connections.
+pub(crate) struct Server {
+    worker: &'static Worker,
+    /// `true` once draining. Every accept loop and connection task holds a receiver, so
+    /// "all receivers dropped" means "every connection is done".
+    drain: watch::Sender<bool>,
+}
+
+/// What a drain achieved.
+#[derive(Debug)]
+pub(crate) struct DrainSummary {
+    /// Connections still open when it gave up; 0 when it completed.
+    pub(crate) remaining: u32,
+}
+
+impl Server {
+    /// Starts one accept loop per listener. Must run inside the worker's tokio runtime.
+    pub(crate) fn start(worker: &'static Worker, listeners: Vec<Listener>) -> Server {
+        let (drain, rx) = watch::channel(false);
+        for listener in listeners {
+            info!(listener = %listener.local_addr(), "accepting connections");
+            tokio::spawn(accept_loop(worker, listener, rx.clone()));
+        }
+        Server { worker, drain }
+    }
+
+    /// Graceful drain: marks the record `Draining`, accepts what is already queued, closes the
+    /// listeners, asks every connection to finish (idle ones close now, busy HTTP/1 ones answer
+    /// their request with `Connection: close`, HTTP/2 ones get GOAWAY) and waits until all are
+    /// gone, or `timeout` passes (the master kills the worker after that anyway).
+    pub(crate) async fn drain(self, timeout: Duration) -> DrainSummary {
+        let slot = self.worker.slot();
+        slot.set_state(SlotState::Draining);
+        let started = Instant::now();
+        let open = slot.connections.load(Ordering::Relaxed);
+        let inflight = slot.inflight.load(Ordering::Relaxed);
+        info!(
+            connections = open,
+            requests.inflight = inflight,
+            server.graceful_timeout = ?timeout,
+            "draining"
+        );
+        self.drain.send_replace(true);
+        let completed = tokio::time::timeout(timeout, self.drain.closed())
+            .await
+            .is_ok();
+        let remaining = if completed {
+            0
+        } else {
+            slot.connections.load(Ordering::Relaxed)
+        };
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let requests = slot.requests.load(Ordering::Relaxed);
+        if completed {
+            info!(
+                elapsed_ms,
+                requests.total = requests,
+                "drain complete: every connection finished"
+            );
+        } else {
+            warn!(
+                elapsed_ms,
+                connections.remaining = remaining,
+                requests.inflight = slot.inflight.load(Ordering::Relaxed),
+                requests.total = requests,
+                "drain timed out (server.graceful_timeout); exiting with connections open"
+            );
+        }
+        DrainSummary { remaining }
+    }
+}
+
+async fn accept_loop(
+    worker: &'static Worker,
+    listener: Listener,
+    mut drain: watch::Receiver<bool>,
+) {
+    loop {
+        // The permit comes first: at `max_connections` the loop waits here and new clients
+        // wait in the kernel's queue (where another worker may pick them up).
+        let permit = tokio::select! {
+            biased;
+            _ = drain.wait_for(|d| *d) => break,
+            permit = worker.connections.acquire() => {
+                permit.expect("the connection semaphore is never closed")
+            }
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = drain.wait_for(|d| *d) => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => spawn_connection(worker, stream, peer, Some(permit), &drain),
+            Err(e) => match AcceptError::classify(&e) {
+                AcceptError::Connection => debug!(error = %e, "accept: connection failed"),
+                kind => {
+                    warn!(
+                        error = %e,
+                        ?kind,
+                        "accept failed; pausing {}ms",
+                        ACCEPT_BACKOFF.as_millis()
+                    );
+                    drop(permit);
+                    tokio::select! {
+                        biased;
+                        _ = drain.wait_for(|d| *d) => break,
+                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    }
+                }
+            },
+        }
+    }
+
+    // Draining. Clients already in the accept queue completed their handshake and are waiting
+    // for an answer: serve them (even past `max_connections`; the queue is bounded by the
+    // backlog) instead of letting them be reset when the listener closes.
+    let mut queued = 0u32;
+    loop {
+        match listener.accept_now() {
+            Ok((stream, peer)) => {
+                queued += 1;
+                let permit = worker.connections.try_acquire().ok();
+                spawn_connection(worker, stream, peer, permit, &drain);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if AcceptError::classify(&e) == AcceptError::Connection => {}
+            Err(e) => {
+                warn!(error = %e, "accept failed while emptying the queue");
+                break;
+            }
+        }
+    }
+    info!(
+        listener = %listener.local_addr(),
+        connections.queued = queued,
+        "stopped accepting"
+    );
+}
+
+fn spawn_connection(
+    worker: &'static Worker,
+    stream: Stream,
+    peer: Peer,
+    permit: Option<SemaphorePermit<'static>>,
+    drain: &watch::Receiver<bool>,
+) {
+    let guard = ConnectionGuard::new(worker, permit);
+    let span = tracing::debug_span!("conn", client.addr = %peer);
+    tokio::spawn(connection::serve(worker, stream, guard, drain.clone()).instrument(span));
+}

@@ -1,0 +1,174 @@
+//! The built-in app's routes, the headers on every response, panics and errors, h2c, and a
+//! Unix listener.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+
+use super::client::{get, h2_get, H1, H2};
+use super::{build, eventually, start, ID, SLOT};
+
+fn worker_id() -> String {
+    ID.to_string()
+}
+
+#[tokio::test]
+async fn hello_world_is_exact_and_names_the_worker() {
+    let s = start(50, |_| {});
+    let r = get(s.addr, "/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"Hello, World!");
+    assert_eq!(r.header("content-length"), Some("13"));
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    assert_eq!(r.header("x-worker-id"), Some(worker_id().as_str()));
+    s.assert_settles_to_zero().await;
+    assert_eq!(s.slot().requests.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn routes_methods_and_bad_parameters() {
+    let s = start(50, |_| {});
+    let mut c = H1::connect(s.addr).await;
+
+    let r = c.get("/healthz").await;
+    assert_eq!((r.status, r.text()), (200, "ok\n"));
+
+    let r = c.get("/nope").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("x-worker-id"), Some(worker_id().as_str()));
+
+    c.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        .await;
+    let r = c.reply().await.unwrap();
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    assert_eq!(r.header("x-worker-id"), Some(worker_id().as_str()));
+
+    let r = c.get("/echo").await;
+    assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
+
+    for path in ["/sleep", "/sleep?ms=abc", "/work?ms=-1", "/sleep?ms=600001"] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 400, "{path}");
+        assert!(r.text().contains("ms"), "{path}: {}", r.text());
+        assert_eq!(r.text().lines().count(), 1, "one-line reason");
+        assert_eq!(r.header("x-worker-id"), Some(worker_id().as_str()));
+    }
+
+    let r = c.get("/sleep?x=1&ms=20").await;
+    assert_eq!(r.status, 200);
+    let r = c.get("/work?ms=5").await;
+    assert_eq!(r.status, 200);
+
+    // HEAD gets the headers of GET and no body (the connection stays usable afterwards).
+    c.send(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    let (status, headers) = c.head().await.unwrap();
+    assert_eq!(status, 200);
+    assert!(headers
+        .iter()
+        .any(|(n, v)| n == "content-length" && v == "13"));
+    assert_eq!(c.get("/").await.body, b"Hello, World!");
+}
+
+#[tokio::test]
+async fn echo_returns_the_body() {
+    let s = start(50, |_| {});
+    let mut c = H1::connect(s.addr).await;
+    c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Type: text/x-test\r\nContent-Length: 11\r\n\r\nhello there")
+        .await;
+    let r = c.reply().await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello there");
+    assert_eq!(r.header("content-type"), Some("text/x-test"));
+    assert_eq!(r.header("x-worker-id"), Some(worker_id().as_str()));
+}
+
+#[tokio::test]
+async fn echo_streams_instead_of_buffering() {
+    let s = start(50, |_| {});
+    let mut c = H1::connect(s.addr).await;
+    c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        .await;
+    // The first chunk comes back while the request body is still open: nothing is buffered
+    // until the end.
+    let (status, headers) = c.head().await.unwrap();
+    assert_eq!(status, 200);
+    assert!(headers.iter().any(|(n, _)| n == "x-worker-id"));
+    assert_eq!(c.chunk().await.unwrap(), b"first");
+    assert_eq!(s.inflight(), 1, "the permit is held while the body streams");
+
+    c.send(b"6\r\nsecond\r\n0\r\n\r\n").await;
+    assert_eq!(c.chunk().await.unwrap(), b"second");
+    assert_eq!(c.chunk().await.unwrap(), b"");
+    s.assert_settles_to_zero().await;
+}
+
+#[tokio::test]
+async fn panic_and_error_become_500_and_the_worker_keeps_serving() {
+    let s = start(50, |_| {});
+    let mut c = H1::connect(s.addr).await;
+    for path in ["/panic", "/error"] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 500, "{path}");
+        assert_eq!(r.header("x-worker-id"), Some(worker_id().as_str()));
+    }
+    // Same connection, same process: still serving.
+    assert_eq!(c.get("/").await.status, 200);
+    s.assert_settles_to_zero().await;
+    assert_eq!(s.slot().requests.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge() {
+    let s = start(50, |_| {});
+    let mut h2 = H2::connect(s.addr).await;
+    let (head, body) = h2.send(h2_get("/")).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.version, hyper::Version::HTTP_2);
+    assert_eq!(&body[..], b"Hello, World!");
+    assert_eq!(head.headers["x-worker-id"], worker_id().as_str());
+
+    let req = hyper::Request::post("http://test/echo")
+        .body(Full::new(Bytes::from_static(b"over h2")))
+        .unwrap();
+    let (head, body) = h2.send(req).await;
+    assert_eq!((head.status.as_u16(), &body[..]), (200, &b"over h2"[..]));
+    s.assert_settles_to_zero().await;
+}
+
+#[tokio::test]
+async fn serves_on_an_inherited_unix_socket() {
+    let dir = std::env::temp_dir().join(format!("worker-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("unix.sock");
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (view, _server) = build(OwnedFd::from(listener), 50, |_| {});
+
+    let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let mut c = H1::new(stream);
+    let r = c.get("/").await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"Hello, World!"[..]));
+    eventually(Duration::from_secs(1), "request counted", || {
+        view.slot(SLOT).requests.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn refuses_sockets_that_are_not_listening_streams() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert!(crate::listener::Listener::from_fd(OwnedFd::from(udp)).is_err());
+    let unbound = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let err = crate::listener::Listener::from_fd(OwnedFd::from(unbound)).unwrap_err();
+    assert!(err.to_string().contains("not listening"), "{err}");
+}

@@ -1,0 +1,147 @@
+//! Tests of the serving core over real sockets: a `Server` on `127.0.0.1:0` with a real
+//! scoreboard, driven by clients written here (raw HTTP/1.1 over TCP, and hyper's HTTP/2 client
+//! for h2c). Counters are read through a second, read-only mapping of the scoreboard, the way
+//! the master reads them. Waits are bounded polls (`eventually`), never bare sleeps.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::listener::Listener;
+use crate::scoreboard::{Scoreboard, Slot};
+use crate::server::{DrainSummary, Server, Worker};
+
+mod app;
+mod client;
+mod drain;
+mod limits;
+mod timeouts;
+
+/// The record the server under test writes (not 0, to catch index mix-ups).
+const SLOT: usize = 1;
+/// The worker id under test.
+const ID: u32 = 7;
+
+pub(crate) struct TestServer {
+    pub(crate) addr: SocketAddr,
+    /// The master's view of the scoreboard.
+    pub(crate) view: Scoreboard,
+    server: Option<Server>,
+}
+
+/// Starts a worker core on a fresh loopback port, with a host-wide cap of `host_cap` and the
+/// default config changed by `tweak`.
+pub(crate) fn start(host_cap: u32, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let (view, server) = build(OwnedFd::from(std_listener), host_cap, tweak);
+    TestServer {
+        addr,
+        view,
+        server: Some(server),
+    }
+}
+
+/// Starts a worker core on an inherited listening socket of any kind; returns the master's view
+/// of the scoreboard and the server.
+pub(crate) fn build(
+    listener: OwnedFd,
+    host_cap: u32,
+    tweak: impl FnOnce(&mut Config),
+) -> (Scoreboard, Server) {
+    let mut config = Config::default();
+    config.limits.max_concurrent_requests = host_cap;
+    tweak(&mut config);
+    let (board, memfd) = Scoreboard::create(2, host_cap).unwrap();
+    let view = Scoreboard::open(&memfd, false).unwrap();
+    let listener = Listener::from_fd(listener).unwrap();
+    let worker = Worker::new(&config, ID, board, SLOT);
+    (view, Server::start(worker, vec![listener]))
+}
+
+impl TestServer {
+    pub(crate) fn slot(&self) -> &Slot {
+        self.view.slot(SLOT)
+    }
+
+    pub(crate) fn global_inflight(&self) -> u32 {
+        self.view.header().global_inflight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn inflight(&self) -> u32 {
+        self.slot().inflight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn connections(&self) -> u32 {
+        self.slot().connections.load(Ordering::Relaxed)
+    }
+
+    /// Starts a graceful drain in the background.
+    pub(crate) fn drain(&mut self, timeout: Duration) -> JoinHandle<DrainSummary> {
+        let server = self.server.take().expect("drained once");
+        tokio::spawn(server.drain(timeout))
+    }
+
+    /// Waits until nothing is held any more: no request in flight here, no host-wide permit.
+    pub(crate) async fn assert_settles_to_zero(&self) {
+        eventually(
+            Duration::from_secs(3),
+            "permits and counters back to 0",
+            || {
+                self.inflight() == 0
+                    && self.global_inflight() == 0
+                    && self.slot().held_global.load(Ordering::Relaxed) == 0
+            },
+        )
+        .await;
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds; fails the test after `limit`.
+pub(crate) async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+mod process {
+    use std::os::fd::OwnedFd;
+    use std::process::ExitCode;
+
+    use crate::scoreboard::Scoreboard;
+    use crate::{run, WorkerArgs, EXIT_STARTUP};
+
+    fn args(scoreboard: OwnedFd, slot: usize) -> WorkerArgs {
+        let (_read, ready) = std::io::pipe().unwrap();
+        WorkerArgs {
+            id: 1,
+            slot,
+            master_pid: std::process::id(),
+            listeners: Vec::new(),
+            ready: OwnedFd::from(ready),
+            scoreboard,
+            config: Default::default(),
+        }
+    }
+
+    #[test]
+    fn run_refuses_a_bad_scoreboard_or_record() {
+        let (_read, not_a_board) = std::io::pipe().unwrap();
+        assert_eq!(
+            run(args(OwnedFd::from(not_a_board), 0)),
+            ExitCode::from(EXIT_STARTUP)
+        );
+        let (_board, fd) = Scoreboard::create(2, 5).unwrap();
+        assert_eq!(run(args(fd, 2)), ExitCode::from(EXIT_STARTUP));
+    }
+}

@@ -1,0 +1,133 @@
+//! Request timeout (504), slow request heads (slowloris) and idle keep-alive connections.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::client::{get, H1};
+use super::{start, ID};
+
+#[tokio::test]
+async fn request_timeout_answers_504_and_releases_the_permits() {
+    let s = start(50, |c| {
+        c.worker.request_timeout = Duration::from_millis(200)
+    });
+    let started = Instant::now();
+    let r = get(s.addr, "/sleep?ms=5000").await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 504);
+    assert!(r.text().contains("worker.request_timeout"), "{}", r.text());
+    assert!(r.text().contains("200ms"), "{}", r.text());
+    assert_eq!(r.text().lines().count(), 1);
+    assert_eq!(r.header("x-worker-id"), Some(ID.to_string().as_str()));
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(s.slot().timeouts.load(Ordering::Relaxed), 1);
+    s.assert_settles_to_zero().await;
+
+    // A fast request on the same worker is not affected.
+    assert_eq!(get(s.addr, "/sleep?ms=10").await.status, 200);
+    assert_eq!(s.slot().timeouts.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn slow_head_is_cut_after_header_timeout_while_others_are_served() {
+    let s = start(50, |c| {
+        c.worker.header_timeout = Duration::from_millis(300);
+        c.worker.keepalive_timeout = Duration::from_secs(30);
+    });
+    let mut slow = H1::connect(s.addr).await;
+    let started = Instant::now();
+    slow.send(b"GET / HTTP/1.1\r\nHost: t\r\n").await;
+
+    // Meanwhile another client is served normally, several times.
+    let mut other = H1::connect(s.addr).await;
+    for _ in 0..3 {
+        assert_eq!(other.get("/").await.status, 200);
+    }
+
+    // The slow client keeps trickling header bytes; that does not save it.
+    let mut cut = false;
+    for i in 0..30 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let line = format!("X-{i}: v\r\n");
+        if tokio::io::AsyncWriteExt::write_all(&mut slow.stream, line.as_bytes())
+            .await
+            .is_err()
+        {
+            cut = true;
+            break;
+        }
+        if started.elapsed() > Duration::from_millis(600) {
+            break;
+        }
+    }
+    if !cut {
+        slow.closed_within(Duration::from_secs(2)).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300),
+        "cut too early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // The worker still serves. (Not on `other`: it has been idle for longer than
+    // header_timeout by now, and hyper's header timer also bounds idle keep-alive time.)
+    assert_eq!(get(s.addr, "/").await.status, 200);
+}
+
+#[tokio::test]
+async fn idle_keepalive_connection_is_closed_after_keepalive_timeout() {
+    let s = start(50, |c| {
+        c.worker.keepalive_timeout = Duration::from_millis(300);
+        c.worker.header_timeout = Duration::from_secs(30);
+    });
+    let mut c = H1::connect(s.addr).await;
+
+    // Requests closer together than the timeout keep the connection open well past it.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(700) {
+        assert_eq!(c.get("/").await.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    assert_eq!(c.get("/").await.status, 200);
+    let idle = c.closed_within(Duration::from_secs(3)).await;
+    assert!(
+        idle >= Duration::from_millis(250),
+        "closed too early: {idle:?}"
+    );
+    assert!(idle < Duration::from_secs(2), "{idle:?}");
+    assert_eq!(s.connections(), 0);
+}
+
+#[tokio::test]
+async fn silent_connection_is_closed_after_keepalive_timeout() {
+    // hyper's header timer does not run before the first bytes (protocol detection): this
+    // client is bounded by the keep-alive timer alone.
+    let s = start(50, |c| {
+        c.worker.keepalive_timeout = Duration::from_millis(300);
+        c.worker.header_timeout = Duration::from_secs(30);
+    });
+    let mut c = H1::connect(s.addr).await;
+    let took = c.closed_within(Duration::from_secs(3)).await;
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+#[tokio::test]
+async fn long_request_is_not_cut_by_keepalive_timeout() {
+    let s = start(50, |c| {
+        c.worker.keepalive_timeout = Duration::from_millis(200);
+        c.worker.header_timeout = Duration::from_secs(30);
+    });
+    let mut c = H1::connect(s.addr).await;
+    // Busy for longer than the keep-alive timeout: not idle, not closed.
+    assert_eq!(c.get("/sleep?ms=500").await.status, 200);
+    // And idle from the end of that request.
+    let idle = c.closed_within(Duration::from_secs(3)).await;
+    assert!(idle >= Duration::from_millis(150), "{idle:?}");
+    assert!(idle < Duration::from_secs(2), "{idle:?}");
+    drop(s);
+}
