@@ -25,14 +25,21 @@
 //!   connection outright (it cannot know what the client wanted yet).
 //!
 //! So this module runs its own idle timer per connection, measured from the end of the last
-//! request (or from accept): with no request in flight and no byte received for
-//! `keepalive_timeout`, the connection is shut down gracefully (an idle HTTP/1 connection closes
-//! at once, HTTP/2 gets GOAWAY). Once bytes arrive the client is sending a request and the limit
-//! becomes `header_timeout`, the same instant at which hyper's own timer cuts a slow HTTP/1 head;
-//! ours is the backstop for the protocol-detection phase and for HTTP/2. The two therefore never
-//! fight: the keep-alive timer stands down while a head is arriving, and the effective idle limit
-//! of a keep-alive connection is `min(keepalive_timeout, header_timeout)` (with the defaults, 5 s
-//! and 10 s, `keepalive_timeout` governs).
+//! request (or from accept):
+//!
+//! - no request in flight and no byte received for `keepalive_timeout`: the connection is shut
+//!   down gracefully (an idle HTTP/1 connection closes at once, HTTP/2 gets GOAWAY);
+//! - bytes received but no request started `header_timeout` after the connection went idle: the
+//!   client is too slow with its head and the connection is dropped. For HTTP/1 this is the
+//!   very instant at which hyper's own timer fires (whichever runs first cuts it); it is what
+//!   bounds the protocol-detection phase and HTTP/2 (where frames other than requests, such as
+//!   PINGs, also count as bytes).
+//!
+//! The two timeouts therefore never fight: the keep-alive timer hands over to the header
+//! timeout as soon as a head starts arriving. What remains is hyper's: because its header timer
+//! also runs while an HTTP/1 connection is idle, the effective idle limit of a keep-alive
+//! connection is `min(keepalive_timeout, header_timeout)`; with the defaults (5 s and 10 s)
+//! `keepalive_timeout` governs. Configure `keepalive_timeout <= header_timeout`.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -77,10 +84,12 @@ pub(crate) struct IdleLimits {
 enum IdleCheck {
     /// A request is in flight: not idle.
     Busy,
-    /// Idle, but not long enough: fire again at this many ms after `opened`.
+    /// Not due yet: fire again at this many ms after `opened`.
     Wait(u64),
-    /// Idle too long: shut the connection down.
-    Close,
+    /// Nothing received for `keepalive_timeout`: shut the connection down gracefully.
+    Idle,
+    /// Bytes arrived but no request started within `header_timeout`: cut the connection.
+    SlowHead,
 }
 
 impl Activity {
@@ -119,25 +128,42 @@ impl Activity {
         self.opened + Duration::from_millis(ms)
     }
 
-    /// When the connection stops being allowed to idle, if it is idle now.
-    fn deadline(&self, limits: IdleLimits) -> Option<u64> {
+    /// The next instant (ms after `opened`) at which `check` may have something to do; `None`
+    /// while a request is in flight.
+    fn next_check(&self, limits: IdleLimits) -> Option<u64> {
         if self.inflight() > 0 {
             return None;
         }
         let since = self.idle_since_ms.load(Ordering::Relaxed);
-        let limit = if self.read_since_idle.load(Ordering::Relaxed) {
-            limits.header_ms
+        let header = since.saturating_add(limits.header_ms);
+        if self.read_since_idle.load(Ordering::Relaxed) {
+            Some(header)
         } else {
-            limits.keepalive_ms
-        };
-        Some(since.saturating_add(limit))
+            // Bytes may still arrive before the keep-alive deadline, and then the header
+            // deadline applies: wake for whichever comes first.
+            Some(header.min(since.saturating_add(limits.keepalive_ms)))
+        }
     }
 
     fn check(&self, now_ms: u64, limits: IdleLimits) -> IdleCheck {
-        match self.deadline(limits) {
-            None => IdleCheck::Busy,
-            Some(deadline) if now_ms >= deadline => IdleCheck::Close,
-            Some(deadline) => IdleCheck::Wait(deadline),
+        if self.inflight() > 0 {
+            return IdleCheck::Busy;
+        }
+        let since = self.idle_since_ms.load(Ordering::Relaxed);
+        let header = since.saturating_add(limits.header_ms);
+        let keepalive = since.saturating_add(limits.keepalive_ms);
+        if self.read_since_idle.load(Ordering::Relaxed) {
+            if now_ms >= header {
+                IdleCheck::SlowHead
+            } else {
+                IdleCheck::Wait(header)
+            }
+        } else if now_ms >= keepalive {
+            IdleCheck::Idle
+        } else if now_ms < header {
+            IdleCheck::Wait(header.min(keepalive))
+        } else {
+            IdleCheck::Wait(keepalive)
         }
     }
 }
@@ -245,7 +271,9 @@ pub(crate) async fn serve(
     let mut draining = false;
     let mut shutdown: Option<Shutdown> = None;
 
-    let first = activity.deadline(limits).expect("no request in flight yet");
+    let first = activity
+        .next_check(limits)
+        .expect("no request in flight yet");
     let mut timer = pin!(tokio::time::sleep_until(activity.at(first)));
     // The timer is not re-armed on every request: when it fires, `check` computes the real
     // deadline from when the connection went idle. Only when it fires mid-request is the next
@@ -254,7 +282,7 @@ pub(crate) async fn serve(
 
     let result = poll_fn(|cx: &mut Context<'_>| 'poll: loop {
         if let Poll::Ready(res) = conn.as_mut().poll(cx) {
-            return Poll::Ready(res);
+            return Poll::Ready(Some(res));
         }
         if shutdown.is_some() {
             return Poll::Pending;
@@ -269,7 +297,7 @@ pub(crate) async fn serve(
             continue 'poll;
         }
         if busy {
-            if let Some(deadline) = activity.deadline(limits) {
+            if let Some(deadline) = activity.next_check(limits) {
                 busy = false;
                 timer.as_mut().reset(activity.at(deadline));
             }
@@ -286,11 +314,14 @@ pub(crate) async fn serve(
                         .as_mut()
                         .reset(activity.at(now.saturating_add(limits.keepalive_ms)));
                 }
-                IdleCheck::Close => {
+                IdleCheck::Idle => {
                     conn.as_mut().graceful_shutdown();
                     shutdown = Some(Shutdown::Idle);
                     continue 'poll;
                 }
+                // A graceful shutdown would let a slow first head go on (HTTP/1 only turns
+                // keep-alive off); this client has had its time, so the connection is dropped.
+                IdleCheck::SlowHead => return Poll::Ready(None),
             }
         }
         return Poll::Pending;
@@ -298,9 +329,10 @@ pub(crate) async fn serve(
     .await;
 
     match result {
-        Ok(()) => debug!(shutdown = ?shutdown, "connection closed"),
+        Some(Ok(())) => debug!(shutdown = ?shutdown, "connection closed"),
         // Client resets, slow or abandoned heads, cancelled protocol detection: expected noise.
-        Err(e) => debug!(shutdown = ?shutdown, error = %e, "connection ended with an error"),
+        Some(Err(e)) => debug!(shutdown = ?shutdown, error = %e, "connection ended with an error"),
+        None => debug!("no complete request head within worker.header_timeout; connection cut"),
     }
     drop(guard);
 }
@@ -318,16 +350,20 @@ mod tests {
     fn idle_deadline_follows_requests_and_incoming_bytes() {
         let a = Arc::new(Activity::new(Instant::now()));
         // Fresh connection, nothing received: keep-alive limit from accept.
+        assert_eq!(a.next_check(LIMITS), Some(5_000));
         assert_eq!(a.check(4_999, LIMITS), IdleCheck::Wait(5_000));
-        assert_eq!(a.check(5_000, LIMITS), IdleCheck::Close);
+        assert_eq!(a.check(5_000, LIMITS), IdleCheck::Idle);
 
         // Bytes arrived: a head is on its way; the header limit applies instead.
         a.read_since_idle.store(true, Ordering::Relaxed);
+        assert_eq!(a.next_check(LIMITS), Some(10_000));
         assert_eq!(a.check(5_000, LIMITS), IdleCheck::Wait(10_000));
+        assert_eq!(a.check(10_000, LIMITS), IdleCheck::SlowHead);
 
         // A request in flight is never idle.
         let g1 = a.begin();
         let g2 = a.begin();
+        assert_eq!(a.next_check(LIMITS), None);
         assert_eq!(a.check(60_000, LIMITS), IdleCheck::Busy);
         drop(g1);
         assert_eq!(a.check(60_000, LIMITS), IdleCheck::Busy);
@@ -342,7 +378,7 @@ mod tests {
             a.check(since + 4_999, LIMITS),
             IdleCheck::Wait(since + 5_000)
         );
-        assert_eq!(a.check(since + 5_000, LIMITS), IdleCheck::Close);
+        assert_eq!(a.check(since + 5_000, LIMITS), IdleCheck::Idle);
     }
 
     #[test]
@@ -352,8 +388,14 @@ mod tests {
             header_ms: 300,
         };
         let a = Activity::new(Instant::now());
+        // Woken at the header deadline in case bytes arrived by then; none did: keep waiting.
+        assert_eq!(a.next_check(limits), Some(300));
+        assert_eq!(a.check(0, limits), IdleCheck::Wait(300));
         assert_eq!(a.check(300, limits), IdleCheck::Wait(10_000));
+        assert_eq!(a.check(10_000, limits), IdleCheck::Idle);
+        // Some bytes, but no complete head by the header deadline: cut.
         a.read_since_idle.store(true, Ordering::Relaxed);
-        assert_eq!(a.check(300, limits), IdleCheck::Close);
+        assert_eq!(a.check(299, limits), IdleCheck::Wait(300));
+        assert_eq!(a.check(300, limits), IdleCheck::SlowHead);
     }
 }

@@ -131,3 +131,37 @@ async fn long_request_is_not_cut_by_keepalive_timeout() {
     assert!(idle < Duration::from_secs(2), "{idle:?}");
     drop(s);
 }
+
+#[tokio::test]
+async fn slow_http2_preface_is_cut_after_header_timeout() {
+    // While the connection's protocol is still unknown (the first 24 bytes may be HTTP/2's
+    // preface), hyper's header timer is not running; the connection's own timer cuts it.
+    let s = start(50, |c| {
+        c.worker.header_timeout = Duration::from_millis(300);
+        c.worker.keepalive_timeout = Duration::from_secs(30);
+    });
+    let mut slow = H1::connect(s.addr).await;
+    let started = Instant::now();
+    let mut cut = false;
+    for b in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r".iter() {
+        let write = tokio::io::AsyncWriteExt::write_all(&mut slow.stream, &[*b]).await;
+        if write.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if started.elapsed() > Duration::from_millis(600) {
+            break;
+        }
+    }
+    if !cut {
+        slow.closed_within(Duration::from_secs(2)).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300),
+        "cut too early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(get(s.addr, "/").await.status, 200);
+}
