@@ -17,7 +17,7 @@ use tokio::time::MissedTickBehavior;
 use tracing::{error, info, info_span, warn};
 
 use crate::listener::Listener;
-use crate::scoreboard::{self, Scoreboard, SlotState};
+use crate::scoreboard::{self, Scoreboard, Slot, SlotState};
 use crate::server::{DrainSummary, Server, Worker};
 use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
 
@@ -109,17 +109,7 @@ async fn serve(
         }
     }
 
-    slot.heartbeat_ms
-        .store(scoreboard::monotonic_ms(), Ordering::Relaxed);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            slot.heartbeat_ms
-                .store(scoreboard::monotonic_ms(), Ordering::Relaxed);
-        }
-    });
+    spawn_heartbeat(slot);
 
     let server = Server::start(worker, listeners);
     slot.set_state(SlotState::Serving);
@@ -165,6 +155,23 @@ async fn serve(
             }
         }
     }
+}
+
+/// Stamps the record's heartbeat now and then every `HEARTBEAT_INTERVAL`, from a task on the
+/// event loop (so a blocked loop stops it).
+pub(crate) fn spawn_heartbeat(slot: &'static Slot) -> tokio::task::JoinHandle<()> {
+    slot.heartbeat_ms
+        .store(scoreboard::monotonic_ms(), Ordering::Relaxed);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        // After a stall, resume the beat; don't fire a burst that would hide the gap.
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            slot.heartbeat_ms
+                .store(scoreboard::monotonic_ms(), Ordering::Relaxed);
+        }
+    })
 }
 
 /// Routes panics into the log (as JSON when the log is JSON) instead of raw stderr. Panics in

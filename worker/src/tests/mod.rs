@@ -118,8 +118,12 @@ mod process {
     use std::os::fd::OwnedFd;
     use std::process::ExitCode;
 
-    use crate::scoreboard::Scoreboard;
-    use crate::{run, WorkerArgs, EXIT_STARTUP};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use crate::scoreboard::{monotonic_ms, Scoreboard};
+    use crate::server::Worker;
+    use crate::{run, WorkerArgs, EXIT_STARTUP, HEARTBEAT_INTERVAL};
 
     fn args(scoreboard: OwnedFd, slot: usize) -> WorkerArgs {
         let (_read, ready) = std::io::pipe().unwrap();
@@ -143,5 +147,28 @@ mod process {
         );
         let (_board, fd) = Scoreboard::create(2, 5).unwrap();
         assert_eq!(run(args(fd, 2)), ExitCode::from(EXIT_STARTUP));
+    }
+
+    #[tokio::test]
+    async fn heartbeat_beats_from_the_event_loop() {
+        let (board, fd) = Scoreboard::create(2, 5).unwrap();
+        let view = Scoreboard::open(&fd, false).unwrap();
+        let worker = Worker::new(&Default::default(), 1, board, 1);
+        let beat = || view.slot(1).heartbeat_ms.load(Ordering::Relaxed);
+
+        let before = monotonic_ms();
+        let task = crate::process::spawn_heartbeat(worker.admission.slot());
+        let first = beat();
+        assert!(first >= before, "stamped at once");
+        super::eventually(HEARTBEAT_INTERVAL * 3, "a second beat", || {
+            beat() >= first + 900
+        })
+        .await;
+
+        // A blocked event loop stops it: that is what the master's hang detection sees.
+        let stalled = beat();
+        std::thread::sleep(Duration::from_millis(1200));
+        assert_eq!(beat(), stalled);
+        task.abort();
     }
 }
