@@ -202,3 +202,27 @@ fn workers_killed_holding_permits_give_the_capacity_back() {
     }
     assert!(server.log.text().contains("returned host-wide permits"));
 }
+
+/// A request refused before its body is read (413 here; a 503 for a POST is the same) must
+/// still reach the client: closing a socket with unread input makes the kernel send a reset,
+/// which can destroy the response before the client reads it.
+#[test]
+fn a_refused_upload_still_gets_its_answer_while_the_body_is_arriving() {
+    let server = Server::start(&["-w", "1", "--set", "worker.max_body_bytes=1KiB"]);
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 262144\r\n\r\n")
+            .unwrap();
+        // The body keeps coming after the server has answered and closed.
+        let chunk = [b'x'; 16384];
+        for _ in 0..16 {
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let resp = read_response(&mut std::io::BufReader::new(s));
+        let resp = resp.expect("the 413 was lost to a connection reset");
+        assert_eq!(resp.status, 413);
+    }
+}
