@@ -45,7 +45,11 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
 
     let mut cmd = Command::new(exe);
     // argv[0] as the master's, so `ps` shows `supervisor worker --id N`, not /proc/self/exe.
-    cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "supervisor".into()));
+    cmd.arg0(
+        std::env::args_os()
+            .next()
+            .unwrap_or_else(|| "supervisor".into()),
+    );
     cmd.arg("worker")
         .arg("--id")
         .arg(req.id.to_string())

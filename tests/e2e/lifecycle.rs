@@ -118,7 +118,9 @@ fn workers_that_cannot_start_stop_the_master_with_one_clear_error() {
     let mut server = Server::start(&["-w", "1"]);
     // Exhaust the master's file descriptors: every respawn then fails to create its pipe.
     let master = server.pid() as libc::pid_t;
-    let open_fds = std::fs::read_dir(format!("/proc/{master}/fd")).unwrap().count() as u64;
+    let open_fds = std::fs::read_dir(format!("/proc/{master}/fd"))
+        .unwrap()
+        .count() as u64;
     let limit = libc::rlimit {
         rlim_cur: open_fds,
         rlim_max: open_fds,
