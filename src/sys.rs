@@ -11,9 +11,9 @@ use std::process::Command;
 
 /// Makes `cmd`, when spawned, a proper worker of this master:
 ///
-/// - the listed fds (all close-on-exec in the master) are made inheritable in the child only,
-///   so each worker gets exactly its listeners, its readiness pipe and the scoreboard, and
-///   nothing else leaks into it;
+/// - every fd above stderr is made close-on-exec, then the listed ones inheritable again, in
+///   the child only: each worker gets exactly its listeners, its readiness pipe and the
+///   scoreboard, and nothing else leaks into it;
 /// - `PR_SET_PDEATHSIG(SIGKILL)`: the kernel kills the worker when the thread that forked it
 ///   dies. That is the master's main thread, which is the only thread the master has, so it
 ///   means "when the master dies". A master that died before the `prctl` is caught by the
@@ -26,6 +26,18 @@ use std::process::Command;
 /// fresh process image.
 pub fn prepare_worker_exec(cmd: &mut Command, inherit: Vec<RawFd>, master_pid: u32) {
     let hook = move || -> io::Result<()> {
+        // Fds the master itself inherited without close-on-exec (from a shell, a wrapper)
+        // are not the worker's business: mark everything above stderr close-on-exec first.
+        // Linux >= 5.11; on older kernels the call fails and only our own fds are exact.
+        // SAFETY: close_range is a plain syscall; with CLOSE_RANGE_CLOEXEC it closes nothing.
+        unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+            );
+        }
         for &fd in &inherit {
             // SAFETY: fcntl on an fd number is async-signal-safe; the fd is open in the master,
             // so it is open in the child; clearing FD_CLOEXEC affects only the child's table.

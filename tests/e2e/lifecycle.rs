@@ -136,3 +136,35 @@ fn workers_that_cannot_start_stop_the_master_with_one_clear_error() {
     assert!(log.contains("giving up"), "{log}");
     assert!(log.contains("cannot start worker"), "{log}");
 }
+
+#[test]
+fn workers_inherit_only_their_own_fds() {
+    // An fd the master inherited without close-on-exec, as from a careless parent process.
+    let (stray_read, _stray_write) = nix::unistd::pipe().unwrap();
+    let inode = nix::sys::stat::fstat(&stray_read).unwrap().st_ino;
+    let server = Server::start(&["-w", "1"]);
+    let master_fds: Vec<String> = fd_links(server.pid());
+    assert!(
+        master_fds.contains(&format!("pipe:[{inode}]")),
+        "the test's stray fd should reach the master: {master_fds:?}"
+    );
+    let worker = worker_pids(&server)[0];
+    let fds = fd_links(worker);
+    assert!(
+        !fds.contains(&format!("pipe:[{inode}]")),
+        "a stray fd leaked into the worker: {fds:?}"
+    );
+    assert!(
+        !fds.iter().any(|l| l.contains("memfd:")),
+        "the scoreboard is mapped, its fd need not stay open: {fds:?}"
+    );
+}
+
+fn fd_links(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
+}
