@@ -194,6 +194,61 @@ const RULES: &[Rule] = &[
         check: |_| Ok(()),
     },
     Rule {
+        key: "worker.timeout",
+        allowed: DURATION_GT_0,
+        check: |c| positive(c.worker.timeout),
+    },
+    Rule {
+        key: "worker.max_requests",
+        allowed: "an integer >= 0 (0: never)",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "worker.max_requests_jitter",
+        allowed: "an integer >= 0",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "worker.max_rss",
+        allowed: "a size, like \"512MiB\" (0: no limit)",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "worker.rss_interval",
+        allowed: "a duration 100ms..=1h, like \"1s\"",
+        check: |c| {
+            within(
+                c.worker.rss_interval,
+                Duration::from_millis(100)..=Duration::from_secs(3600),
+            )
+        },
+    },
+    Rule {
+        key: "worker.rss_samples",
+        allowed: "an integer 1..=1000",
+        check: |c| within(c.worker.rss_samples, 1..=1000),
+    },
+    Rule {
+        key: "worker.max_lifetime",
+        allowed: "a duration, like \"6h\" (0s: never)",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "worker.max_lifetime_jitter",
+        allowed: "a duration, like \"10m\"",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "worker.min_lifetime",
+        allowed: "a duration, like \"10s\"",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "worker.max_recycling",
+        allowed: "an integer 1..=1024",
+        check: |c| within(c.worker.max_recycling, 1..=1024),
+    },
+    Rule {
         key: "limits.max_concurrent_requests",
         allowed: INTEGER_GE_1,
         check: |c| within(c.limits.max_concurrent_requests, 1..=u32::MAX),
@@ -211,6 +266,11 @@ const RULES: &[Rule] = &[
     Rule {
         key: "log.format",
         allowed: "\"text\" or \"json\"",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "log.file",
+        allowed: "a file path, or \"\" for standard error",
         check: |_| Ok(()),
     },
 ];
@@ -818,7 +878,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 18);
+        assert_eq!(known.len(), 29);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),

@@ -138,6 +138,7 @@ fn run_worker(args: cli::WorkerArgs) -> ExitCode {
         master_pid: args.master_pid,
         listeners,
         ready,
+        max_requests: args.max_requests,
         scoreboard,
         config,
     })

@@ -85,6 +85,31 @@ pub struct WorkerConfig {
     pub max_headers: u32,
     /// Request body size; past it -> 413.
     pub max_body_bytes: ByteSize,
+    /// A worker whose event loop has not stamped its heartbeat for this long is hung: logged
+    /// with what it was doing, killed and replaced.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Recycle a worker after this many requests (0: never), plus a per-worker random extra of
+    /// up to `max_requests_jitter`.
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    /// Recycle a worker whose memory (RSS of the worker and all its descendants) stays above
+    /// this for `rss_samples` consecutive samples taken every `rss_interval` (0: no limit).
+    pub max_rss: ByteSize,
+    #[serde(with = "humantime_serde")]
+    pub rss_interval: Duration,
+    pub rss_samples: u32,
+    /// Recycle a worker after this long (0: never), plus a per-worker random extra of up to
+    /// `max_lifetime_jitter`.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime_jitter: Duration,
+    /// No worker is recycled (by requests, memory or lifetime) before it is this old.
+    #[serde(with = "humantime_serde")]
+    pub min_lifetime: Duration,
+    /// Workers being replaced at once, by recycling or reload.
+    pub max_recycling: u32,
 }
 
 impl Default for WorkerConfig {
@@ -98,6 +123,16 @@ impl Default for WorkerConfig {
             max_header_bytes: ByteSize(16 * 1024),
             max_headers: 100,
             max_body_bytes: ByteSize(10 * 1024 * 1024),
+            timeout: Duration::from_secs(120),
+            max_requests: 0,
+            max_requests_jitter: 0,
+            max_rss: ByteSize(0),
+            rss_interval: Duration::from_secs(1),
+            rss_samples: 3,
+            max_lifetime: Duration::ZERO,
+            max_lifetime_jitter: Duration::ZERO,
+            min_lifetime: Duration::ZERO,
+            max_recycling: 1,
         }
     }
 }
@@ -129,6 +164,8 @@ pub struct LogConfig {
     pub level: LogLevel,
     /// `text` or `json`.
     pub format: LogFormat,
+    /// Append logs to this file instead of stderr (empty: stderr); reopened on USR1.
+    pub file: String,
 }
 
 impl Default for LogConfig {
@@ -136,6 +173,7 @@ impl Default for LogConfig {
         LogConfig {
             level: LogLevel::Info,
             format: LogFormat::Text,
+            file: String::new(),
         }
     }
 }

@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod logfile;
 pub mod scoreboard;
 
 mod admission;
@@ -45,8 +46,11 @@ pub struct WorkerArgs {
     pub master_pid: u32,
     /// Already bound and listening sockets (TCP v4/v6 or Unix stream); blocking mode unknown.
     pub listeners: Vec<OwnedFd>,
-    /// Write end of the readiness pipe: gets the single byte `b'R'` once the worker accepts.
+    /// Write end of the pipe to the master, open for the worker's whole life: `b'R'` once the
+    /// worker accepts connections, `b'M'` once it has served `max_requests`.
     pub ready: OwnedFd,
+    /// Requests after which the worker asks to be recycled (jitter already added); 0: never.
+    pub max_requests: u64,
     /// The scoreboard memfd (see [`scoreboard`]), mapped writable.
     pub scoreboard: OwnedFd,
     pub config: config::Config,

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
-const MAGIC: u64 = 0x5355_5056_5342_0001; // "SUPVSB" + layout version 1
+const MAGIC: u64 = 0x5355_5056_5342_0002; // "SUPVSB" + layout version 2
 
 /// Name of the memfd, visible in `/proc/PID/fd` as `/memfd:supervisor-scoreboard (deleted)`;
 /// `supervisor status` finds the master's scoreboard by it.
@@ -98,6 +98,61 @@ pub struct Slot {
     pub rejected_local: AtomicU64,
     /// Requests answered 504 because they exceeded `request_timeout`.
     pub timeouts: AtomicU64,
+    /// Memory of the worker and its descendants at the last sample, in bytes (master writes).
+    pub rss_bytes: AtomicU64,
+    /// Why the master is replacing this worker (`RecycleReason`), 0 while it is not.
+    pub recycle_reason: AtomicU32,
+    /// Some of the requests in flight, so that a hung worker can be reported with what it was
+    /// doing: the worker cannot answer any question once its event loop is stuck.
+    pub current: [RequestEntry; TRACKED_REQUESTS],
+}
+
+/// How many in-flight requests each record describes.
+pub const TRACKED_REQUESTS: usize = 4;
+const REQUEST_TEXT_WORDS: usize = 12;
+
+/// One in-flight request: when it started and `METHOD /path` (truncated to 96 bytes), packed
+/// into atomics so that reading it from another process is well defined.
+#[repr(C)]
+#[derive(Default)]
+pub struct RequestEntry {
+    /// CLOCK_MONOTONIC ms when the request started; 0 when the entry is free.
+    started_ms: AtomicU64,
+    text: [AtomicU64; REQUEST_TEXT_WORDS],
+}
+
+/// Why a worker is being replaced, as recorded in its scoreboard record.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecycleReason {
+    MaxRequests = 1,
+    MaxRss = 2,
+    MaxLifetime = 3,
+    Reload = 4,
+    Hung = 5,
+}
+
+impl RecycleReason {
+    pub fn from_u32(v: u32) -> Option<RecycleReason> {
+        Some(match v {
+            1 => RecycleReason::MaxRequests,
+            2 => RecycleReason::MaxRss,
+            3 => RecycleReason::MaxLifetime,
+            4 => RecycleReason::Reload,
+            5 => RecycleReason::Hung,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecycleReason::MaxRequests => "max_requests",
+            RecycleReason::MaxRss => "max_rss",
+            RecycleReason::MaxLifetime => "max_lifetime",
+            RecycleReason::Reload => "reload",
+            RecycleReason::Hung => "hung",
+        }
+    }
 }
 
 impl Slot {
@@ -107,6 +162,59 @@ impl Slot {
 
     pub fn set_state(&self, state: SlotState) {
         self.state.store(state as u32, Ordering::Release);
+    }
+
+    /// Worker side: notes a request that starts now. Returns the entry to pass to
+    /// `end_request`, or `None` when every entry is taken (the request is simply not described).
+    /// Only the worker's own thread writes its record's entries.
+    pub fn begin_request(&self, method: &str, path: &str) -> Option<usize> {
+        let index = self
+            .current
+            .iter()
+            .position(|e| e.started_ms.load(Ordering::Relaxed) == 0)?;
+        let entry = &self.current[index];
+        let mut bytes = [0u8; REQUEST_TEXT_WORDS * 8];
+        let text = method.bytes().chain(std::iter::once(b' ')).chain(path.bytes());
+        for (b, c) in bytes.iter_mut().zip(text) {
+            *b = c;
+        }
+        for (word, chunk) in entry.text.iter().zip(bytes.chunks_exact(8)) {
+            let v = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            word.store(v, Ordering::Relaxed);
+        }
+        // Published last: a reader that sees the start time sees the text.
+        entry
+            .started_ms
+            .store(monotonic_ms().max(1), Ordering::Release);
+        Some(index)
+    }
+
+    /// Worker side: the request noted by `begin_request` is over.
+    pub fn end_request(&self, index: usize) {
+        self.current[index].started_ms.store(0, Ordering::Release);
+    }
+
+    /// The described requests in flight: (start in CLOCK_MONOTONIC ms, `METHOD /path`).
+    pub fn requests_in_flight(&self) -> Vec<(u64, String)> {
+        self.current
+            .iter()
+            .filter_map(|e| {
+                let started = e.started_ms.load(Ordering::Acquire);
+                if started == 0 {
+                    return None;
+                }
+                let mut bytes = Vec::with_capacity(REQUEST_TEXT_WORDS * 8);
+                for w in &e.text {
+                    bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+                }
+                let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+                Some((started, String::from_utf8_lossy(&bytes[..end]).into_owned()))
+            })
+            .collect()
+    }
+
+    pub fn recycle_reason(&self) -> Option<RecycleReason> {
+        RecycleReason::from_u32(self.recycle_reason.load(Ordering::Relaxed))
     }
 }
 
@@ -263,6 +371,11 @@ impl Scoreboard {
         slot.connections.store(0, Ordering::Relaxed);
         slot.rejected_local.store(0, Ordering::Relaxed);
         slot.timeouts.store(0, Ordering::Relaxed);
+        slot.rss_bytes.store(0, Ordering::Relaxed);
+        slot.recycle_reason.store(0, Ordering::Relaxed);
+        for e in &slot.current {
+            e.started_ms.store(0, Ordering::Relaxed);
+        }
         slot.set_state(SlotState::Free);
         held
     }
@@ -315,6 +428,30 @@ mod tests {
         assert_eq!(other.header().global_inflight.load(Ordering::Relaxed), 1);
         board.release_global(0);
         assert_eq!(board.header().global_inflight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn in_flight_requests_are_described_for_another_process() {
+        let (board, fd) = Scoreboard::create(1, 1).unwrap();
+        let master = Scoreboard::open(&fd, false).unwrap();
+        let slot = board.slot(0);
+        let a = slot.begin_request("GET", "/block?ms=5000").unwrap();
+        let long = "/x".repeat(100);
+        let b = slot.begin_request("POST", &long).unwrap();
+        let seen = master.slot(0).requests_in_flight();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].1, "GET /block?ms=5000");
+        assert_eq!(seen[1].1.len(), 96, "truncated to the entry's size");
+        assert!(seen[1].1.starts_with("POST /x/x"));
+        for _ in 2..TRACKED_REQUESTS {
+            slot.begin_request("GET", "/").unwrap();
+        }
+        assert_eq!(slot.begin_request("GET", "/"), None, "all entries taken");
+        slot.end_request(a);
+        slot.end_request(b);
+        assert_eq!(master.slot(0).requests_in_flight().len(), TRACKED_REQUESTS - 2);
+        board.reclaim(0);
+        assert!(master.slot(0).requests_in_flight().is_empty());
     }
 
     #[test]
