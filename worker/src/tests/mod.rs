@@ -133,6 +133,7 @@ mod process {
             master_pid: std::process::id(),
             listeners: Vec::new(),
             ready: OwnedFd::from(ready),
+            max_requests: 0,
             scoreboard,
             config: Default::default(),
         }
