@@ -5,12 +5,14 @@
 //! The master forks and execs its own binary in worker mode, which calls [`run`]. Inside:
 //! `process` (runtime, readiness, heartbeat, signals) runs `server` (accept loops, drain), which
 //! runs one `connection` task per client (hyper, keep-alive), which runs `request` for every
-//! request (limits via `admission`, timeout, panics), which calls the built-in `app`.
+//! request (limits via `admission`, timeout, panics), which calls the built-in `app`. The worker
+//! talks to its master through the scoreboard and one byte at a time on a pipe ([`pipe`]).
 
 #![deny(unsafe_code)]
 
 pub mod config;
 pub mod logfile;
+pub mod pipe;
 pub mod scoreboard;
 
 mod admission;
@@ -47,7 +49,7 @@ pub struct WorkerArgs {
     /// Already bound and listening sockets (TCP v4/v6 or Unix stream); blocking mode unknown.
     pub listeners: Vec<OwnedFd>,
     /// Write end of the pipe to the master, open for the worker's whole life: `b'R'` once the
-    /// worker accepts connections, `b'M'` once it has served `max_requests`.
+    /// worker accepts connections, `b'M'` once it has served `max_requests` (see [`pipe`]).
     pub ready: OwnedFd,
     /// Requests after which the worker asks to be recycled (jitter already added); 0: never.
     pub max_requests: u64,

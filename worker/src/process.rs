@@ -1,12 +1,11 @@
 //! The worker process around the server: runtime, readiness, heartbeat, parent watch, signals.
 //!
 //! Owns what `run` does in order: map the scoreboard, build the current_thread runtime, wrap the
-//! inherited listeners, start serving, mark the record `Serving`, acknowledge on the readiness
-//! pipe, then wait for a signal (TERM: graceful drain; INT, QUIT: exit at once) or for the
+//! inherited listeners, start serving, mark the record `Serving`, acknowledge on the pipe to the
+//! master, then wait for a signal (TERM: graceful drain; INT, QUIT: exit at once) or for the
 //! master to disappear. It must not look at requests or connections; `server` does that.
 
 use std::future::Future;
-use std::io::Write;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -17,6 +16,7 @@ use tokio::time::MissedTickBehavior;
 use tracing::{error, info, info_span, warn};
 
 use crate::listener::Listener;
+use crate::pipe::{self, MasterPipe};
 use crate::scoreboard::{self, Scoreboard, Slot, SlotState};
 use crate::server::{DrainSummary, Server, Worker};
 use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
@@ -63,12 +63,25 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
             return ExitCode::from(EXIT_STARTUP);
         }
     };
-    let worker = Worker::new(&args.config, args.id, board, args.slot);
+    let master = match MasterPipe::new(args.ready) {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            error!(error = %e, "unusable pipe to the master");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    let worker = Worker::new(
+        &args.config,
+        args.id,
+        board,
+        args.slot,
+        master,
+        args.max_requests,
+    );
     install_panic_hook();
     let code = runtime.block_on(serve(
         worker,
         args.listeners,
-        args.ready,
         args.master_pid,
         args.config.server.graceful_timeout,
     ));
@@ -80,7 +93,6 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
 async fn serve(
     worker: &'static Worker,
     fds: Vec<std::os::fd::OwnedFd>,
-    ready: std::os::fd::OwnedFd,
     master_pid: u32,
     graceful_timeout: Duration,
 ) -> ExitCode {
@@ -113,7 +125,8 @@ async fn serve(
 
     let server = Server::start(worker, listeners);
     slot.set_state(SlotState::Serving);
-    if let Err(e) = std::fs::File::from(ready).write_all(b"R") {
+    // The pipe stays open after this: `request` sends `MAX_REQUESTS` on it later.
+    if let Err(e) = worker.master.send(pipe::READY) {
         error!(error = %e, "cannot acknowledge readiness to the master");
         return ExitCode::from(EXIT_STARTUP);
     }

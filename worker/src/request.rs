@@ -1,9 +1,10 @@
 //! The path of one request through the worker, from hyper's service call to a response.
 //!
 //! Owns the order of the checks (body size by `Content-Length` -> worker limit -> host-wide
-//! limit, cheapest first), the request timeout, turning a handler error or panic into a 500, and
-//! the headers every one of our responses carries (`X-Worker-Id`). It must not know the app's
-//! routes (that is `app`) nor anything about connections beyond the guard it is handed.
+//! limit, cheapest first), the request timeout, turning a handler error or panic into a 500, the
+//! headers every one of our responses carries (`X-Worker-Id`), and counting completed requests (asking the master for a replacement at
+//! `worker.max_requests`). It must not know the app's routes (that is `app`) nor anything about
+//! connections beyond the guard it is handed.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
@@ -14,12 +15,14 @@ use std::task::Poll;
 
 use hyper::body::{Body as _, Incoming};
 use hyper::{Request, Response};
-use tracing::{error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admission::{Permits, Rejection};
 use crate::app;
 use crate::connection::ActivityGuard;
+use crate::pipe;
 use crate::response::{self, Body, X_WORKER_ID};
+use crate::scoreboard::SlotState;
 use crate::server::Worker;
 
 /// Everything one request holds while it is served. It travels inside the response body, so it
@@ -35,11 +38,39 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         // `requests` counts every request that ended, whatever its status. The fields drop
         // right after this, releasing the permits.
-        self.worker
+        let done = self
+            .worker
             .admission
             .slot()
             .requests
-            .fetch_add(1, Ordering::Relaxed);
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        // Equality, not `>=`: the counter only grows, so this is true for exactly one request,
+        // and never when `max_requests` is 0.
+        if done == self.worker.max_requests {
+            ask_for_replacement(self.worker, done);
+        }
+    }
+}
+
+/// This worker has completed `worker.max_requests` requests: it asks the master for a
+/// replacement and keeps serving until the master drains it. A worker already draining is on
+/// its way out and asks nothing.
+#[cold]
+fn ask_for_replacement(worker: &'static Worker, done: u64) {
+    if worker.admission.slot().state() == SlotState::Draining {
+        debug!(
+            requests.total = done,
+            "reached worker.max_requests while draining; not asking for a replacement"
+        );
+        return;
+    }
+    info!(
+        requests.total = done,
+        "reached worker.max_requests; asking the master for a replacement"
+    );
+    if let Err(e) = worker.master.send(pipe::MAX_REQUESTS) {
+        debug!(error = %e, "cannot tell the master that worker.max_requests was reached");
     }
 }
 

@@ -4,8 +4,8 @@
 //! per listener (a connection permit is taken *before* `accept`, so a full worker leaves new
 //! connections in the kernel's queue rather than accepting and dropping them), and the drain:
 //! stop accepting after emptying the accept queue, ask every connection to finish, and wait until
-//! all of them are gone. It does not install signals, touch the process or the readiness pipe
-//! (that is `process`), and can be driven from a test with a plain listener and scoreboard.
+//! all of them are gone. It does not install signals or touch the process (that is `process`),
+//! and can be driven from a test with a plain listener, scoreboard and pipe.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,6 +20,7 @@ use crate::admission::Admission;
 use crate::config::Config;
 use crate::connection::{self, IdleLimits};
 use crate::listener::{AcceptError, Listener, Peer, Stream};
+use crate::pipe::MasterPipe;
 use crate::response::{self, Responses};
 use crate::scoreboard::{Scoreboard, SlotState};
 
@@ -44,12 +45,24 @@ pub(crate) struct Worker {
     pub(crate) responses: Responses,
     pub(crate) limits: Limits,
     pub(crate) http: auto::Builder<TokioExecutor>,
+    /// The pipe to the master (readiness, then the request to be recycled).
+    pub(crate) master: MasterPipe,
+    /// Completed requests after which the worker asks the master to replace it; 0: never.
+    pub(crate) max_requests: u64,
     connections: Semaphore,
 }
 
 impl Worker {
-    /// Builds the worker's shared state around its (writable) scoreboard mapping and record.
-    pub(crate) fn new(config: &Config, id: u32, board: Scoreboard, slot: usize) -> &'static Worker {
+    /// Builds the worker's shared state around its (writable) scoreboard mapping and record and
+    /// its pipe to the master. `max_requests` already includes this worker's jitter.
+    pub(crate) fn new(
+        config: &Config,
+        id: u32,
+        board: Scoreboard,
+        slot: usize,
+        master: MasterPipe,
+        max_requests: u64,
+    ) -> &'static Worker {
         let w = &config.worker;
         let host_cap = response::host_cap(&board);
 
@@ -92,6 +105,8 @@ impl Worker {
                 },
             },
             http,
+            master,
+            max_requests,
             connections: Semaphore::new(w.max_connections.max(1) as usize),
         };
         Box::leak(Box::new(worker))

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use super::client::{get, h2_get, H1, H2};
-use super::{build, eventually, start, ID, SLOT};
+use super::{build, eventually, start, Built, ID, SLOT};
 
 fn worker_id() -> String {
     ID.to_string()
@@ -146,7 +146,11 @@ async fn serves_on_an_inherited_unix_socket() {
     let path = dir.join("unix.sock");
     let _ = std::fs::remove_file(&path);
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let (view, _server) = build(OwnedFd::from(listener), 50, |_| {});
+    let Built {
+        view,
+        server: _server,
+        ..
+    } = build(OwnedFd::from(listener), 50, |_| {});
 
     let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
     let mut c = H1::new(stream);

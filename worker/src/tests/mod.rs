@@ -1,8 +1,10 @@
 //! Tests of the serving core over real sockets: a `Server` on `127.0.0.1:0` with a real
 //! scoreboard, driven by clients written here (raw HTTP/1.1 over TCP, and hyper's HTTP/2 client
 //! for h2c). Counters are read through a second, read-only mapping of the scoreboard, the way
-//! the master reads them. Waits are bounded polls (`eventually`), never bare sleeps.
+//! the master reads them, and the pipe to the master is read the way the master reads it. Waits
+//! are bounded polls (`eventually`), never bare sleeps.
 
+use std::io::{PipeReader, Read};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
@@ -13,12 +15,14 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::listener::Listener;
+use crate::pipe::MasterPipe;
 use crate::scoreboard::{Scoreboard, Slot};
 use crate::server::{DrainSummary, Server, Worker};
 
 mod app;
 mod client;
 mod drain;
+mod lifecycle;
 mod limits;
 mod timeouts;
 
@@ -31,7 +35,16 @@ pub(crate) struct TestServer {
     pub(crate) addr: SocketAddr,
     /// The master's view of the scoreboard.
     pub(crate) view: Scoreboard,
+    /// The master's end of the worker's pipe (non-blocking).
+    pub(crate) master: PipeReader,
     server: Option<Server>,
+}
+
+/// A worker core under test, however it listens.
+pub(crate) struct Built {
+    pub(crate) view: Scoreboard,
+    pub(crate) master: PipeReader,
+    pub(crate) server: Server,
 }
 
 /// Starts a worker core on a fresh loopback port, with a host-wide cap of `host_cap` and the
@@ -39,32 +52,69 @@ pub(crate) struct TestServer {
 pub(crate) fn start(host_cap: u32, tweak: impl FnOnce(&mut Config)) -> TestServer {
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = std_listener.local_addr().unwrap();
-    let (view, server) = build(OwnedFd::from(std_listener), host_cap, tweak);
+    let built = build(OwnedFd::from(std_listener), host_cap, tweak);
     TestServer {
         addr,
-        view,
-        server: Some(server),
+        view: built.view,
+        master: built.master,
+        server: Some(built.server),
     }
 }
 
-/// Starts a worker core on an inherited listening socket of any kind; returns the master's view
-/// of the scoreboard and the server.
-pub(crate) fn build(
-    listener: OwnedFd,
-    host_cap: u32,
-    tweak: impl FnOnce(&mut Config),
-) -> (Scoreboard, Server) {
+/// Starts a worker core on an inherited listening socket of any kind. The worker's
+/// `max_requests` is `worker.max_requests` of the config (as if its jitter were 0).
+pub(crate) fn build(listener: OwnedFd, host_cap: u32, tweak: impl FnOnce(&mut Config)) -> Built {
     let mut config = Config::default();
     config.limits.max_concurrent_requests = host_cap;
     tweak(&mut config);
     let (board, memfd) = Scoreboard::create(2, host_cap).unwrap();
     let view = Scoreboard::open(&memfd, false).unwrap();
     let listener = Listener::from_fd(listener).unwrap();
-    let worker = Worker::new(&config, ID, board, SLOT);
-    (view, Server::start(worker, vec![listener]))
+    let (master, pipe) = master_pipe();
+    let max_requests = config.worker.max_requests;
+    let worker = Worker::new(&config, ID, board, SLOT, pipe, max_requests);
+    Built {
+        view,
+        master,
+        server: Server::start(worker, vec![listener]),
+    }
+}
+
+/// A pipe as the master creates it: its (non-blocking) read end, and the worker's write end.
+pub(crate) fn master_pipe() -> (PipeReader, MasterPipe) {
+    let (read, write) = std::io::pipe().unwrap();
+    nix::fcntl::fcntl(
+        &read,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    (read, MasterPipe::new(OwnedFd::from(write)).unwrap())
+}
+
+/// Everything the worker has written to the pipe and the master has not read yet.
+pub(crate) fn read_pipe(mut master: &PipeReader) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    loop {
+        match master.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return got,
+            Err(e) => panic!("reading the pipe: {e}"),
+        }
+    }
 }
 
 impl TestServer {
+    /// Everything the worker has sent the master since the last call.
+    pub(crate) fn pipe(&self) -> Vec<u8> {
+        read_pipe(&self.master)
+    }
+
+    pub(crate) fn requests(&self) -> u64 {
+        self.slot().requests.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn slot(&self) -> &Slot {
         self.view.slot(SLOT)
     }
@@ -154,7 +204,8 @@ mod process {
     async fn heartbeat_beats_from_the_event_loop() {
         let (board, fd) = Scoreboard::create(2, 5).unwrap();
         let view = Scoreboard::open(&fd, false).unwrap();
-        let worker = Worker::new(&Default::default(), 1, board, 1);
+        let (_master, pipe) = super::master_pipe();
+        let worker = Worker::new(&Default::default(), 1, board, 1, pipe, 0);
         let beat = || view.slot(1).heartbeat_ms.load(Ordering::Relaxed);
 
         let before = monotonic_ms();
