@@ -5,8 +5,9 @@
 //! The master forks and execs its own binary in worker mode, which calls [`run`]. Inside:
 //! `process` (runtime, readiness, heartbeat, signals) runs `server` (accept loops, drain), which
 //! runs one `connection` task per client (hyper, keep-alive), which runs `request` for every
-//! request (limits via `admission`, timeout, panics), which calls the built-in `app`. The worker
-//! talks to its master through the scoreboard and one byte at a time on a pipe ([`pipe`]).
+//! request (limits via `admission`, timeout, panics, the in-flight description in the
+//! scoreboard), which calls the built-in `app`. The worker talks to its master through the
+//! scoreboard and one byte at a time on a pipe ([`pipe`]).
 
 #![deny(unsafe_code)]
 

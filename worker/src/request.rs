@@ -1,8 +1,10 @@
 //! The path of one request through the worker, from hyper's service call to a response.
 //!
 //! Owns the order of the checks (body size by `Content-Length` -> worker limit -> host-wide
-//! limit, cheapest first), the request timeout, turning a handler error or panic into a 500, the
-//! headers every one of our responses carries (`X-Worker-Id`), and counting completed requests (asking the master for a replacement at
+//! limit, cheapest first), the description of each admitted request in the scoreboard (so that
+//! the master can tell what a hung worker was doing), the request timeout, turning a handler
+//! error or panic into a 500, the headers every one of our responses carries (`X-Worker-Id`),
+//! and counting completed requests (asking the master for a replacement at
 //! `worker.max_requests`). It must not know the app's routes (that is `app`) nor anything about
 //! connections beyond the guard it is handed.
 
@@ -22,7 +24,7 @@ use crate::app;
 use crate::connection::ActivityGuard;
 use crate::pipe;
 use crate::response::{self, Body, X_WORKER_ID};
-use crate::scoreboard::SlotState;
+use crate::scoreboard::{Slot, SlotState};
 use crate::server::Worker;
 
 /// Everything one request holds while it is served. It travels inside the response body, so it
@@ -30,8 +32,28 @@ use crate::server::Worker;
 /// no response is produced (the connection dropped mid-handler), it dies with the handler.
 pub(crate) struct RequestGuard {
     worker: &'static Worker,
-    permits: Option<Permits<'static>>,
+    admitted: Option<Admitted>,
     _activity: ActivityGuard,
+}
+
+/// What an admitted request holds until it is answered, fails or is abandoned: its permits and
+/// its entry in the scoreboard's list of requests in flight.
+struct Admitted {
+    _described: Option<InFlight>,
+    _permits: Permits<'static>,
+}
+
+/// The request's `METHOD /path?query` entry in this worker's scoreboard record, cleared on drop.
+/// `None` in `Admitted` when every entry is taken: the request is served, just not described.
+struct InFlight {
+    slot: &'static Slot,
+    index: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.slot.end_request(self.index);
+    }
 }
 
 impl Drop for RequestGuard {
@@ -82,7 +104,7 @@ pub(crate) async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let mut guard = RequestGuard {
         worker,
-        permits: None,
+        admitted: None,
         _activity: activity,
     };
 
@@ -93,7 +115,21 @@ pub(crate) async fn handle(
     }
 
     match worker.admission.admit() {
-        Ok(permits) => guard.permits = Some(permits),
+        Ok(permits) => {
+            let slot = worker.admission.slot();
+            // Borrowed straight from the request: nothing is allocated to describe it.
+            let target = req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path(), |pq| pq.as_str());
+            let described = slot
+                .begin_request(req.method().as_str(), target)
+                .map(|index| InFlight { slot, index });
+            guard.admitted = Some(Admitted {
+                _described: described,
+                _permits: permits,
+            });
+        }
         Err(Rejection::Worker) => return Ok(finish(worker.responses.worker_limit(), guard)),
         Err(Rejection::Host) => {
             let cap = response::host_cap(worker.admission.board());
@@ -121,7 +157,7 @@ pub(crate) async fn handle(
         None => match tokio::time::timeout(worker.limits.request_timeout, caught.as_mut()).await {
             Ok(outcome) => outcome,
             Err(_) => {
-                guard.permits = None;
+                guard.admitted = None;
                 worker
                     .admission
                     .slot()
@@ -140,7 +176,7 @@ pub(crate) async fn handle(
     match outcome {
         Ok(Ok(res)) => Ok(finish(res, guard)),
         Ok(Err(e)) => {
-            guard.permits = None;
+            guard.admitted = None;
             error!(
                 http.method = %head.method,
                 url.path = head.uri.path(),
@@ -150,7 +186,7 @@ pub(crate) async fn handle(
             Ok(finish(worker.responses.internal_error(), guard))
         }
         Err(panic) => {
-            guard.permits = None;
+            guard.admitted = None;
             let message = panic
                 .downcast_ref::<&str>()
                 .copied()

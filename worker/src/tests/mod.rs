@@ -115,6 +115,18 @@ impl TestServer {
         self.slot().requests.load(Ordering::Relaxed)
     }
 
+    /// The described requests in flight, as the master reads them.
+    pub(crate) fn in_flight(&self) -> Vec<String> {
+        let mut seen: Vec<String> = self
+            .slot()
+            .requests_in_flight()
+            .into_iter()
+            .map(|(_, text)| text)
+            .collect();
+        seen.sort();
+        seen
+    }
+
     pub(crate) fn slot(&self) -> &Slot {
         self.view.slot(SLOT)
     }
