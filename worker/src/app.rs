@@ -3,9 +3,20 @@
 //!
 //! Routes: `GET /` (hello world), `POST /echo` (streams the body back), `GET /sleep?ms=N` (waits
 //! without blocking), `GET /work?ms=N` (burns CPU on the event loop), `GET /healthz`, and the
-//! failure helpers `GET /panic` and `GET /error`. It owns only routing and the handlers; limits,
-//! timeouts, panics and the `X-Worker-Id` header are the request pipeline's job.
+//! failure helpers:
+//!
+//! - `GET /panic` and `GET /error`: a handler that panics, and one that fails (both 500).
+//! - `GET /leak?kb=N`: allocates N KiB (at most 1 GiB per request, else 400), writes to every
+//!   page so that it is really resident, and keeps it for the rest of the process's life: the
+//!   memory growth that `worker.max_rss` recycles. Answers 200 with the total now held.
+//! - `GET /block?ms=N` (N at most 10 minutes): blocks the worker's only thread, event loop
+//!   included, for N ms, then answers 200. Nothing else in the worker runs meanwhile, the
+//!   heartbeat included: this is a hung worker, for the master's hang detection to find.
+//!
+//! It owns only routing, the handlers and what they keep (`State`); limits, timeouts, panics and
+//! the `X-Worker-Id` header are the request pipeline's job.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +38,17 @@ const OCTET_STREAM: HeaderValue = HeaderValue::from_static("application/octet-st
 /// Longest `/sleep` or `/work` accepted: long enough for any timeout or hang test, short enough
 /// that a typo cannot park a request (and its permits) for days.
 pub(crate) const MAX_MS: u64 = 10 * 60 * 1000;
+
+/// Largest `/leak` in one request, in KiB (1 GiB): enough to cross any sensible `max_rss` in a
+/// few requests, small enough that one typo does not take the host down.
+pub(crate) const MAX_LEAK_KIB: u64 = 1024 * 1024;
+
+/// What the app keeps for the life of the worker process.
+#[derive(Default)]
+pub(crate) struct State {
+    /// Bytes allocated by `/leak` so far.
+    leaked_bytes: AtomicU64,
+}
 
 /// A handler that failed without panicking (`/error`).
 #[derive(Debug, thiserror::Error)]
@@ -76,10 +98,24 @@ pub(crate) async fn call(
             }
             Err(reason) => bad_request(reason),
         },
+        "/block" if is_get => match millis(head) {
+            Ok(d) => {
+                // Deliberately blocks the thread, and with it the event loop: see the module doc.
+                std::thread::sleep(d);
+                text(StatusCode::OK, Bytes::from_static(b"blocked\n"))
+            }
+            Err(reason) => bad_request(reason),
+        },
+        "/leak" if is_get => match kibibytes(head) {
+            Ok(kib) => leak(&worker.app, kib),
+            Err(reason) => bad_request(reason),
+        },
         "/panic" if is_get => panic!("panic requested by GET /panic"),
         "/error" if is_get => return Err(AppError::Requested),
         "/echo" => not_allowed(ALLOW_POST),
-        "/" | "/healthz" | "/sleep" | "/work" | "/panic" | "/error" => not_allowed(ALLOW_GET),
+        "/" | "/healthz" | "/sleep" | "/work" | "/block" | "/leak" | "/panic" | "/error" => {
+            not_allowed(ALLOW_GET)
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             Bytes::from_static(
@@ -99,14 +135,57 @@ fn not_allowed(allow: HeaderValue) -> Response<Body> {
     res
 }
 
-/// The `ms` query parameter, or the one-line reason for a 400.
-fn millis(head: &Parts) -> Result<Duration, &'static str> {
-    let value = head
-        .uri
+/// Allocates `kib` KiB, makes it resident and keeps it until the process exits.
+fn leak(state: &State, kib: u64) -> Response<Body> {
+    let bytes = kib * 1024;
+    let mut block = Vec::<u8>::new();
+    // A refusal from the allocator is an answer, not an abort of the worker. (With overcommit
+    // it rarely refuses; touching the pages below is what may wake the OOM killer, which is the
+    // point of the exercise.)
+    if block.try_reserve_exact(bytes as usize).is_err() {
+        return text(
+            StatusCode::INSUFFICIENT_STORAGE,
+            Bytes::from_static(b"cannot allocate that much memory\n"),
+        );
+    }
+    // Every byte written, so every page is resident. Not zeros: zeroing fresh memory may be
+    // turned into an untouched `calloc`-style allocation that costs no RSS at all.
+    block.resize(bytes as usize, 0xa5);
+    block.leak();
+    let total = state.leaked_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    text(
+        StatusCode::OK,
+        Bytes::from(format!(
+            "leaked {kib} KiB; holding {} KiB in total\n",
+            total / 1024
+        )),
+    )
+}
+
+/// The `kb` query parameter of `/leak`, or the one-line reason for a 400.
+fn kibibytes(head: &Parts) -> Result<u64, &'static str> {
+    let Some(value) = query_param(head, "kb=") else {
+        return Err("missing query parameter kb (KiB, 0 to 1048576)\n");
+    };
+    match value.parse::<u64>() {
+        Ok(kib) if kib <= MAX_LEAK_KIB => Ok(kib),
+        Ok(_) => Err("query parameter kb must be at most 1048576 (1 GiB)\n"),
+        Err(_) => Err("query parameter kb must be a whole number of KiB, 0 to 1048576\n"),
+    }
+}
+
+/// The value of the first `name=value` pair of the query (`name` includes the `=`).
+fn query_param<'a>(head: &'a Parts, name: &str) -> Option<&'a str> {
+    head.uri
         .query()
         .into_iter()
         .flat_map(|q| q.split('&'))
-        .find_map(|pair| pair.strip_prefix("ms="));
+        .find_map(|pair| pair.strip_prefix(name))
+}
+
+/// The `ms` query parameter, or the one-line reason for a 400.
+fn millis(head: &Parts) -> Result<Duration, &'static str> {
+    let value = query_param(head, "ms=");
     let Some(value) = value else {
         return Err("missing query parameter ms (milliseconds, 0 to 600000)\n");
     };

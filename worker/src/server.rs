@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::admission::Admission;
+use crate::app;
 use crate::config::Config;
 use crate::connection::{self, IdleLimits};
 use crate::listener::{AcceptError, Listener, Peer, Stream};
@@ -49,6 +50,8 @@ pub(crate) struct Worker {
     pub(crate) master: MasterPipe,
     /// Completed requests after which the worker asks the master to replace it; 0: never.
     pub(crate) max_requests: u64,
+    /// What the built-in app keeps for the life of the process.
+    pub(crate) app: app::State,
     connections: Semaphore,
 }
 
@@ -107,6 +110,7 @@ impl Worker {
             http,
             master,
             max_requests,
+            app: app::State::default(),
             connections: Semaphore::new(w.max_connections.max(1) as usize),
         };
         Box::leak(Box::new(worker))

@@ -1,12 +1,15 @@
-//! What the master needs from a worker to manage its life: the `M` byte at `max_requests` and
-//! the description of the requests in flight.
+//! What the master needs from a worker to manage its life: the `M` byte at `max_requests`, the
+//! description of the requests in flight, and the app helpers that make a worker grow (`/leak`)
+//! or hang (`/block`).
 
+use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::client::{get, h2_get, H1, H2, IO_LIMIT};
-use super::{eventually, start};
+use super::{eventually, start, ID};
 use crate::pipe;
-use crate::scoreboard::{monotonic_ms, SlotState};
+use crate::scoreboard::{monotonic_ms, Slot, SlotState};
 
 const SETTLE: Duration = Duration::from_secs(2);
 
@@ -154,4 +157,144 @@ async fn a_timed_out_request_is_no_longer_described() {
     // The connection is still usable, and the next request gets an entry of its own.
     assert_eq!(c.get("/").await.status, 200);
     assert!(s.in_flight().is_empty());
+}
+
+/// This process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS in /proc/self/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn leak_keeps_resident_memory_for_the_life_of_the_process() {
+    let s = start(50, |_| {});
+    let mut c = H1::connect(s.addr).await;
+    for path in [
+        "/leak",
+        "/leak?kb=",
+        "/leak?kb=1x",
+        "/leak?kb=-1",
+        "/leak?kb=1048577",
+    ] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 400, "{path}");
+        assert!(r.text().contains("kb"), "{path}: {}", r.text());
+        assert_eq!(r.text().lines().count(), 1, "one-line reason");
+        assert_eq!(r.header("x-worker-id"), Some(ID.to_string().as_str()));
+    }
+
+    // Large enough that whatever the other tests of this process allocate or free meanwhile is
+    // noise.
+    const KIB: u64 = 128 * 1024;
+    let before = rss_kib();
+    let r = c.get(&format!("/leak?kb={KIB}")).await;
+    let after = rss_kib();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.text(),
+        format!("leaked {KIB} KiB; holding {KIB} KiB in total\n")
+    );
+    assert_eq!(r.header("x-worker-id"), Some(ID.to_string().as_str()));
+    let grown = after.saturating_sub(before);
+    assert!(
+        (KIB - 16 * 1024..=KIB + 64 * 1024).contains(&grown),
+        "RSS grew by {grown} KiB for a leak of {KIB} KiB ({before} -> {after})"
+    );
+
+    // Still held after the request is over, and the total adds up.
+    let r = c.get("/leak?kb=1024").await;
+    assert_eq!(
+        r.text(),
+        format!("leaked 1024 KiB; holding {} KiB in total\n", KIB + 1024)
+    );
+    let later = rss_kib();
+    assert!(
+        later >= before + KIB - 16 * 1024,
+        "RSS fell back to {later} KiB"
+    );
+}
+
+#[tokio::test]
+async fn block_stops_the_event_loop_and_the_heartbeat() {
+    const BLOCK_MS: u64 = 2000;
+    let s = start(50, |_| {});
+    let slot: &'static Slot = s.worker.admission.slot();
+    let beat = crate::process::spawn_heartbeat(slot);
+    let age = move || monotonic_ms().saturating_sub(slot.heartbeat_ms.load(Ordering::Relaxed));
+    assert!(age() < 1500, "beating before the block");
+
+    // The worker's thread is this test's thread: while it is blocked, only another thread can
+    // watch, the way the master does.
+    let addr = s.addr;
+    let watcher = std::thread::spawn(move || {
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        let request =
+            format!("GET /block?ms={BLOCK_MS} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).unwrap();
+        let started = std::time::Instant::now();
+        let (mut reply, mut buf) = (Vec::new(), [0u8; 1024]);
+        let (mut max_age, mut described) = (0, false);
+        loop {
+            max_age = max_age.max(age());
+            described |= slot
+                .requests_in_flight()
+                .iter()
+                .any(|(_, t)| *t == format!("GET /block?ms={BLOCK_MS}"));
+            match tcp.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("reading the reply: {e}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "no reply");
+        }
+        (
+            String::from_utf8(reply).unwrap(),
+            started.elapsed(),
+            max_age,
+            described,
+        )
+    });
+    eventually(Duration::from_secs(30), "the watcher is done", || {
+        watcher.is_finished()
+    })
+    .await;
+    let (reply, took, max_age, described) = watcher.join().unwrap();
+
+    assert!(reply.starts_with("HTTP/1.1 200 "), "{reply}");
+    assert!(
+        reply
+            .to_lowercase()
+            .contains(&format!("\r\nx-worker-id: {ID}\r\n")),
+        "{reply}"
+    );
+    assert!(reply.ends_with("\r\n\r\nblocked\n"), "{reply}");
+    assert!(took >= Duration::from_millis(BLOCK_MS), "{took:?}");
+    // The heartbeat is stamped every second; only a blocked loop lets it age this much.
+    assert!(
+        max_age >= BLOCK_MS - 200,
+        "heartbeat aged at most {max_age} ms during a {BLOCK_MS} ms block"
+    );
+    assert!(described, "the blocked request was described in the record");
+    // And it resumes once the loop is free again.
+    eventually(Duration::from_secs(3), "the heartbeat resumes", || {
+        age() < 1500
+    })
+    .await;
+    assert!(s.in_flight().is_empty());
+    beat.abort();
+
+    let r = get(s.addr, "/block?ms=600001").await;
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("ms"), "{}", r.text());
 }

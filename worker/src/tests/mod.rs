@@ -37,6 +37,8 @@ pub(crate) struct TestServer {
     pub(crate) view: Scoreboard,
     /// The master's end of the worker's pipe (non-blocking).
     pub(crate) master: PipeReader,
+    /// The worker's own state, for tests that run worker-side pieces (the heartbeat) beside it.
+    pub(crate) worker: &'static Worker,
     server: Option<Server>,
 }
 
@@ -44,6 +46,7 @@ pub(crate) struct TestServer {
 pub(crate) struct Built {
     pub(crate) view: Scoreboard,
     pub(crate) master: PipeReader,
+    pub(crate) worker: &'static Worker,
     pub(crate) server: Server,
 }
 
@@ -57,6 +60,7 @@ pub(crate) fn start(host_cap: u32, tweak: impl FnOnce(&mut Config)) -> TestServe
         addr,
         view: built.view,
         master: built.master,
+        worker: built.worker,
         server: Some(built.server),
     }
 }
@@ -76,6 +80,7 @@ pub(crate) fn build(listener: OwnedFd, host_cap: u32, tweak: impl FnOnce(&mut Co
     Built {
         view,
         master,
+        worker,
         server: Server::start(worker, vec![listener]),
     }
 }
