@@ -61,8 +61,9 @@ pub struct WorkerArgs {
 
 /// Runs a worker process to the end: serves until SIGTERM (graceful drain, bounded by
 /// `server.graceful_timeout`, then 0), SIGINT or SIGQUIT (exit at once, 0), or until the master
-/// disappears ([`EXIT_MASTER_GONE`]). [`EXIT_STARTUP`] if it cannot start. Tracing must already
-/// be initialised; this installs a panic hook that logs through it.
+/// disappears ([`EXIT_MASTER_GONE`]). [`EXIT_STARTUP`] if it cannot start. SIGUSR1 reopens
+/// `log.file` (when set) as stderr. Tracing must already be initialised, writing to stderr;
+/// this installs a panic hook that logs through it.
 pub fn run(args: WorkerArgs) -> ExitCode {
     process::run(args)
 }

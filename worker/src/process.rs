@@ -2,8 +2,9 @@
 //!
 //! Owns what `run` does in order: map the scoreboard, build the current_thread runtime, wrap the
 //! inherited listeners, start serving, mark the record `Serving`, acknowledge on the pipe to the
-//! master, then wait for a signal (TERM: graceful drain; INT, QUIT: exit at once) or for the
-//! master to disappear. It must not look at requests or connections; `server` does that.
+//! master, then wait for a signal (TERM: graceful drain; INT, QUIT: exit at once; USR1: reopen
+//! the log file) or for the master to disappear. It must not look at requests or connections;
+//! `server` does that.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::MissedTickBehavior;
-use tracing::{error, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 
 use crate::listener::Listener;
 use crate::pipe::{self, MasterPipe};
@@ -84,6 +85,7 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
         args.listeners,
         args.master_pid,
         args.config.server.graceful_timeout,
+        &args.config.log.file,
     ));
     // Dropping the runtime drops every remaining task, and with them their permits.
     drop(runtime);
@@ -95,16 +97,19 @@ async fn serve(
     fds: Vec<std::os::fd::OwnedFd>,
     master_pid: u32,
     graceful_timeout: Duration,
+    log_file: &str,
 ) -> ExitCode {
     let slot = worker.admission.slot();
-    // Signals first: from here on a TERM from the master drains instead of killing us.
-    let (mut term, mut int, mut quit) = match (
+    // Signals first: from here on a TERM from the master drains instead of killing us, and a
+    // USR1 (whose default action is to terminate) reopens the log instead.
+    let (mut term, mut int, mut quit, mut usr1) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::quit()),
+        signal(SignalKind::user_defined1()),
     ) {
-        (Ok(t), Ok(i), Ok(q)) => (t, i, q),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+        (Ok(t), Ok(i), Ok(q), Ok(u)) => (t, i, q, u),
+        (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
             error!(error = %e, "cannot install signal handlers");
             return ExitCode::from(EXIT_STARTUP);
         }
@@ -153,6 +158,7 @@ async fn serve(
                 info!("SIGQUIT: exiting now");
                 return ExitCode::SUCCESS;
             }
+            _ = usr1.recv() => reopen_log(log_file),
             _ = parent_check.tick() => {
                 let ppid = nix::unistd::getppid().as_raw() as u32;
                 if ppid != master_pid {
@@ -167,6 +173,23 @@ async fn serve(
                 return ExitCode::SUCCESS;
             }
         }
+    }
+}
+
+/// SIGUSR1: after a log rotation, points stderr (where the log goes) at a fresh open of
+/// `log.file`. A failure is logged to the old file and the worker keeps going.
+fn reopen_log(path: &str) {
+    if path.is_empty() {
+        debug!("SIGUSR1: logging to stderr, no log file to reopen; ignored");
+        return;
+    }
+    match crate::logfile::redirect_stderr(path) {
+        Ok(()) => info!(log.file = path, "SIGUSR1: log file reopened"),
+        Err(e) => error!(
+            log.file = path,
+            error = %e,
+            "SIGUSR1: cannot reopen the log file; still logging to the old one"
+        ),
     }
 }
 

@@ -24,6 +24,7 @@ mod client;
 mod drain;
 mod lifecycle;
 mod limits;
+mod log_reopen;
 mod timeouts;
 
 /// The record the server under test writes (not 0, to catch index mix-ups).
