@@ -1,0 +1,57 @@
+"""The ASGI app the Python peers (granian, gunicorn+UvicornWorker) serve in bench/.
+
+Plain ASGI, no framework, so the numbers measure the server and not a framework. It mirrors
+supervisor's built-in app: `GET /` answers the same 13-byte body, `GET /work?ms=N` busy-loops N ms
+on the CPU (as the built-in app does), `GET /healthz` answers 200.
+"""
+
+import time
+from urllib.parse import parse_qs
+
+HELLO = b"Hello, World!"
+HEADERS = [(b"content-type", b"text/plain; charset=utf-8")]
+
+
+def _busy(ms: float) -> None:
+    # The same CPU-bound loop as the built-in app: spin on the clock, never sleep.
+    end = time.perf_counter() + ms / 1000.0
+    x = 0
+    while time.perf_counter() < end:
+        x += 1
+
+
+async def _send(send, status: int, body: bytes) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": HEADERS + [(b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    if path == "/":
+        await _send(send, 200, HELLO)
+    elif path == "/work":
+        query = parse_qs(scope.get("query_string", b"").decode())
+        try:
+            ms = float(query.get("ms", ["0"])[0])
+        except ValueError:
+            ms = 0.0
+        _busy(min(max(ms, 0.0), 10_000.0))
+        await _send(send, 200, b"worked\n")
+    elif path == "/healthz":
+        await _send(send, 200, b"ok\n")
+    else:
+        await _send(send, 404, b"not found\n")

@@ -1,0 +1,852 @@
+"""bench/: side-by-side benchmarks of supervisor against nginx, granian and gunicorn+uvicorn.
+
+Run through `bench/run` (which installs everything first):
+
+    bench/run                 every scenario, full length (~20 minutes on 2 cores)
+    bench/run --quick         every scenario, one short round each (smoke check, < 2 minutes)
+    bench/run hello balance   only these scenarios
+
+Each scenario runs its systems interleaved (A B C, A B C, ...), keeps every raw measurement in
+results/<scenario>.json and writes results/<scenario>.md (tables, medians, supervisor/peer
+ratios) and results/<scenario>.png. All traffic goes to 127.0.0.1; every load run is bounded in
+time; every process started is stopped by pid, also on Ctrl-C and on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as h  # noqa: E402
+import report  # noqa: E402
+
+SCENARIOS = ["hello", "latency", "overload", "balance", "footprint"]
+
+# A load generator that used this much of its CPU(s) may have been the bottleneck.
+LOADGEN_BUSY_WARN = 0.90
+# A measurement during which other processes used this much CPU is repeated (see interleave).
+DISTURBED = 0.10
+
+
+class Ctx:
+    def __init__(self, args):
+        self.quick = args.quick
+        self.pin = h.Pinning.detect()
+        self.out = Path(args.out)
+        self.rounds = args.rounds or (1 if self.quick else 3)
+        self.scale = args.scale or (0.2 if self.quick else 1.0)
+        self.meta = machine_info(self.pin)
+        self.hello_nginx_rps: float | None = None
+        self.retries = 0 if self.quick else 2
+        self.quiet_wait = 0.0 if self.quick else 30.0
+
+    def secs(self, full: float, minimum: float = 1.0) -> float:
+        return max(minimum, round(full * self.scale, 1))
+
+    @property
+    def C(self) -> int:  # CPUs the servers may use
+        return self.pin.server_cpu_count
+
+    @property
+    def default_workers(self) -> int:  # supervisor's default: 2 x CPU + 1
+        return 2 * self.C + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and versions
+
+
+def _cmd_version(cmd: list[str], pattern: str = r"(\S*\d+\.\d+[\w.\-+]*)") -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "missing"
+    text = (out.stdout + out.stderr).strip()
+    m = re.search(pattern, text)
+    return m.group(1) if m else text.splitlines()[0] if text else "?"
+
+
+def machine_info(pin: h.Pinning) -> dict:
+    from importlib import metadata
+
+    cpu_model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu_model = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    debian = Path("/etc/debian_version").read_text().strip() if Path("/etc/debian_version").exists() else "?"
+    git = lambda *a: subprocess.run(["git", "-C", str(h.REPO), *a], capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--", "src", "worker", "Cargo.toml", "Cargo.lock"))
+    sup_version = _cmd_version([str(h.supervisor_bin()), "--version"], r"(\d+\.\d+\.\d+\S*)")
+    dirty_note = ""
+    if os.environ.get("SUPERVISOR_BIN"):
+        dirty_note = f", binary {os.environ['SUPERVISOR_BIN']}"
+    elif dirty:
+        dirty_note = ", with uncommitted changes in src/ or worker/"
+    pkgs = {}
+    for name in ["gunicorn", "uvicorn", "uvicorn-worker", "granian", "uvloop", "httptools",
+                 "matplotlib"]:
+        try:
+            pkgs[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pkgs[name] = "missing"
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model,
+        "cpus": h.cpu_count(),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "os": f"Debian {debian}",
+        "pinning": {"servers": pin.server_cpus, "load_generator": pin.load_cpus,
+                    "note": pin.note},
+        "versions": {
+            "supervisor": f"{sup_version} ({commit}{dirty_note})",
+            "nginx": _cmd_version([h.nginx_bin(), "-v"], r"nginx/(\S+)"),
+            "wrk": _cmd_version([h.wrk_bin(), "-v"], r"wrk (\S+)"),
+            "oha": _cmd_version([h.oha_bin(), "--version"], r"oha (\S+)"),
+            "python": platform.python_version(),
+            **pkgs,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by scenarios
+
+
+def run_one(ctx: Ctx, label: str, fn):
+    """Runs one measurement; a failure is recorded, logged and does not stop the scenario."""
+    try:
+        return fn()
+    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
+        h.log(f"  !! {label}: {e}")
+        return {"error": str(e)[:2000]}
+
+
+def loadgen_check(res: h.LoadResult, pin: h.Pinning) -> dict:
+    """How busy the load generator was: its own CPU time over wall time, per CPU it may use."""
+    own = res.cpu_s / res.wall_s / pin.load_cpu_count if res.wall_s else 0.0
+    return {
+        "loadgen_cpu_util": round(own, 3),
+        "loadgen_bound": own >= LOADGEN_BUSY_WARN,
+        "server_cpus_busy": None if res.server_cpus_busy is None else round(res.server_cpus_busy, 3),
+        "server_tree_cpu_s": round(res.server_cpu_s, 3),
+        "other_processes_cpu": res.others,
+    }
+
+
+def wrk_metrics(res: h.LoadResult, pin: h.Pinning) -> dict:
+    d = res.data
+    secs = d["duration_us"] / 1e6
+    lat = {k: v / 1000.0 for k, v in d["latency_us"].items()}  # -> ms
+    non2xx = d["errors"]["status"]
+    out = {
+        "requests": d["requests"], "duration_s": round(secs, 3),
+        "rps": round(d["requests"] / secs, 1),
+        "ok_rps": round((d["requests"] - non2xx) / secs, 1),
+        "p50_ms": lat["p50"], "p90_ms": lat["p90"], "p99_ms": lat["p99"],
+        "p99.9_ms": lat["p99.9"], "max_ms": lat["max"], "mean_ms": round(lat["mean"], 3),
+        "non_2xx": non2xx,
+        "socket_errors": {k: v for k, v in d["errors"].items() if k != "status"},
+        **loadgen_check(res, pin),
+    }
+    if out["server_tree_cpu_s"] and d["requests"]:
+        out["server_cpu_us_per_req"] = round(out["server_tree_cpu_s"] / d["requests"] * 1e6, 2)
+    return out
+
+
+def ms_pct(values: list[float], p: float):
+    v = h.percentile(values, p)
+    return None if v is None else round(v * 1000.0, 3)
+
+
+def oha_metrics(res: h.LoadResult, pin: h.Pinning, duration: float,
+                rate: float | None = None) -> dict:
+    """Figures from oha's per-request records, split by status and by path."""
+    recs = res.data["records"]
+    summary = res.data["summary"]
+    lat_all = [r[2] for r in recs]
+    ok = [r[2] for r in recs if 200 <= r[1] < 300]
+    rej = [r[2] for r in recs if r[1] == 503]
+    other = [r for r in recs if not (200 <= r[1] < 300 or r[1] == 503)]
+    # Throughput counts what finished inside the window: with -w, oha also waits for requests
+    # still in flight at the deadline, and those are in the latency figures but not in req/s.
+    in_window = [r for r in recs if r[3] <= duration]
+    ok_in_window = sum(1 for r in in_window if 200 <= r[1] < 300)
+    errors = summary.get("errorDistribution", {}) or {}
+    n_err = sum(errors.values())
+    n = len(recs)
+    out = {
+        "offered_rps": rate,
+        "responses": n, "ok": len(ok), "rejected_503": len(rej), "other_status": len(other),
+        "errors": n_err, "error_kinds": errors,
+        "rps": round(len(in_window) / duration, 1), "ok_rps": round(ok_in_window / duration, 1),
+        "share_503": round(len(rej) / n, 4) if n else None,
+        "p50_ms": ms_pct(lat_all, 50), "p99_ms": ms_pct(lat_all, 99),
+        "p99.9_ms": ms_pct(lat_all, 99.9),
+        "max_ms": round(max(lat_all) * 1000, 3) if lat_all else None,
+        "ok_p50_ms": ms_pct(ok, 50), "ok_p99_ms": ms_pct(ok, 99), "ok_p99.9_ms": ms_pct(ok, 99.9),
+        "ok_max_ms": round(max(ok) * 1000, 3) if ok else None,
+        "rej_p50_ms": ms_pct(rej, 50), "rej_p99_ms": ms_pct(rej, 99),
+        "rej_max_ms": round(max(rej) * 1000, 3) if rej else None,
+        **loadgen_check(res, pin),
+    }
+    if rate:
+        out["achieved_fraction"] = round(len(in_window) / duration / rate, 3)
+    by_path: dict[str, list[float]] = {}
+    for path, _, lat, _ in recs:
+        by_path.setdefault(path, []).append(lat)
+    out["by_path"] = {
+        p: {"n": len(v), "p50_ms": ms_pct(v, 50), "p99_ms": ms_pct(v, 99),
+            "max_ms": round(max(v) * 1000, 3)} for p, v in by_path.items()
+    }
+    return out
+
+
+def med(runs: list[dict], key: str):
+    vals = [r[key] for r in runs if isinstance(r, dict) and r.get(key) is not None]
+    m = h.median(vals)
+    return None if m is None else round(m, 3)
+
+
+def ratio(a, b):
+    if a is None or b in (None, 0):
+        return None
+    return round(a / b, 3)
+
+
+def header(ctx: Ctx, name: str, extra: dict) -> dict:
+    return {"scenario": name, "quick": ctx.quick, "rounds": ctx.rounds, "meta": ctx.meta,
+            "config": extra, "warnings": []}
+
+
+def collect_warnings(result: dict, runs: list[dict], what: str) -> None:
+    for r in runs:
+        m = r.get("metrics") or {}
+        tag = f"{what}: {r.get('system')} round {r.get('round')}"
+        if r.get("error"):
+            result["warnings"].append(f"{tag}: failed: {r['error'].splitlines()[0]}")
+        for phase, mm in ([("", m)] if "loadgen_cpu_util" in m else m.items()):
+            if not isinstance(mm, dict) or "loadgen_cpu_util" not in mm:
+                continue
+            others = [o for o in mm.get("other_processes_cpu") or [] if o["cpu"] >= 0.10]
+            if others:
+                result["warnings"].append(
+                    f"{tag}{' ' + phase if phase else ''}: other processes used CPU meanwhile: "
+                    + ", ".join(f"{o['comm']} (pid {o['pid']}) {o['cpu']:.0%}" for o in others))
+            if mm.get("loadgen_bound"):
+                result["warnings"].append(
+                    f"{tag}{' ' + phase if phase else ''}: load generator used "
+                    f"{mm['loadgen_cpu_util']:.0%} of its CPU: it may have been the bottleneck "
+                    f"(the server's figure is then a lower bound)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Systems
+
+
+def sup(key: str, label: str, **settings) -> h.System:
+    return h.System(key, label, "supervisor", settings)
+
+
+NGINX = h.System("nginx", "nginx", "nginx")
+GRANIAN = h.System("granian", "granian", "granian")
+GUNICORN = h.System("gunicorn", "gunicorn+uvicorn", "gunicorn")
+
+
+def disturbance(m) -> float:
+    """The most CPU that other processes used during any load run of a measurement."""
+    worst = 0.0
+    if isinstance(m, dict):
+        if "other_processes_cpu" in m:
+            worst = sum(o["cpu"] for o in m["other_processes_cpu"] or [])
+        for v in m.values():
+            if isinstance(v, dict):
+                worst = max(worst, disturbance(v))
+    return worst
+
+
+def interleave(ctx: Ctx, entries: list[tuple], measure, what: str) -> list[dict]:
+    """Runs `measure(key, system, workers, round)` for every entry, round after round: A B C,
+    A B C. The order inside a round rotates so no system always runs first. The machine may be
+    shared: each measurement starts when other processes are quiet (waiting a bounded time), and
+    one disturbed by them (>= DISTURBED of a CPU) is repeated, at most RETRIES times; every
+    attempt is kept in the results, the least disturbed one counts."""
+    runs = []
+    for rnd in range(1, ctx.rounds + 1):
+        order = entries[(rnd - 1) % len(entries):] + entries[:(rnd - 1) % len(entries)]
+        for key, system, workers in order:
+            attempts = []
+            for attempt in range(1 + ctx.retries):
+                quiet = h.wait_for_quiet(ctx.quiet_wait) if ctx.quiet_wait else 0.0
+                h.log(f"[{what}] round {rnd}/{ctx.rounds}: {key} (workers={workers})"
+                      + (f", attempt {attempt + 1}" if attempt else "")
+                      + (f" [others use {quiet:.0%} CPU]" if quiet >= 0.15 else ""))
+                m = run_one(ctx, key, lambda: measure(key, system, workers, rnd))
+                attempts.append(m)
+                if "error" in m or disturbance(m) < DISTURBED:
+                    break
+            best = min(attempts, key=lambda m: (1 if "error" in m else 0, disturbance(m)))
+            entry = {"system": key, "label": system.label, "workers": workers, "round": rnd,
+                     "attempts": len(attempts)}
+            if "error" in best:
+                entry["error"] = best["error"]
+            else:
+                entry["metrics"] = best
+                entry["disturbance"] = round(disturbance(best), 3)
+            if len(attempts) > 1:
+                entry["discarded_attempts"] = [a for a in attempts if a is not best]
+            runs.append(entry)
+    return runs
+
+
+def by_system(runs: list[dict], key: str) -> list[dict]:
+    return [r["metrics"] for r in runs if r["system"] == key and "metrics" in r]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenario 1: hello
+
+
+def scenario_hello(ctx: Ctx) -> dict:
+    C, D = ctx.C, ctx.default_workers
+    conns = 64
+    duration, warmup = ctx.secs(10, 2), ctx.secs(2, 1)
+    # The host-wide cap (default 50) is lifted above the client's 64 connections: this scenario
+    # measures serving, not admission (overload does that); every answer must be a 200.
+    cap = {"limits.max_concurrent_requests": 1024}
+    entries = [
+        (f"supervisor-w{C}", sup("supervisor", f"supervisor (workers={C})", **cap), C),
+        (f"supervisor-w{D}", sup("supervisor", f"supervisor (workers={D}, default)", **cap), D),
+        (f"nginx-w{C}", NGINX, C),
+        (f"granian-w{C}", GRANIAN, C),
+        (f"gunicorn-w{C}", GUNICORN, C),
+    ]
+    # On a small machine wrk needs about as much CPU per request as nginx or supervisor, so with
+    # one CPU each it is co-bottleneck (flagged). The "-quota" runs cap the servers at half their
+    # CPUs (cgroup CPU quota) so that the server is the bottleneck and req/s compares the servers.
+    quota = round(0.5 * C, 2)
+    why_not = h.cpu_quota_supported()
+    if why_not is None and not ctx.quick:
+        entries += [
+            (f"supervisor-w{C}-quota", sup("supervisor", f"supervisor (workers={C}), {quota} CPU",
+                                           **cap), C),
+            (f"supervisor-w{D}-quota", sup("supervisor",
+                                           f"supervisor (workers={D}, default), {quota} CPU",
+                                           **cap), D),
+            (f"nginx-w{C}-quota", h.System("nginx", f"nginx, {quota} CPU", "nginx"), C),
+        ]
+    result = header(ctx, "hello", {
+        "connections": conns, "duration_s": duration, "warmup_s": warmup, "path": "/",
+        "load_generator": "wrk -t1 (closed loop)", "supervisor_settings": cap,
+        "server_cpus": C,
+        "quota_runs": (f"servers limited to {quota} CPU by a cgroup CPU quota (period "
+                       f"{h.CFS_PERIOD_US} us) so that they, not wrk, are the bottleneck"
+                       if why_not is None else f"not run: {why_not}")})
+
+    def measure(key, system, workers, rnd):
+        run = system.start(workers, ctx.pin, cpu_quota=quota if key.endswith("-quota") else None)
+        try:
+            h.wrk(run, "/", conns, warmup, ctx.pin)
+            res = h.wrk(run, "/", conns, duration, ctx.pin)
+            m = wrk_metrics(res, ctx.pin)
+            m["cpu_quota"] = quota if run.cgroup else None
+            return m
+        finally:
+            run.stop()
+
+    runs = interleave(ctx, entries, measure, "hello")
+    result["runs"] = runs
+    rows = []
+    for key, system, workers in entries:
+        ms = by_system(runs, key)
+        rows.append({
+            "system": key, "label": system.label, "workers": workers, "n": len(ms),
+            "rps": med(ms, "rps"), "rps_min": min((m["rps"] for m in ms), default=None),
+            "rps_max": max((m["rps"] for m in ms), default=None),
+            "p50_ms": med(ms, "p50_ms"), "p99_ms": med(ms, "p99_ms"),
+            "p99.9_ms": med(ms, "p99.9_ms"), "max_ms": med(ms, "max_ms"),
+            "non_2xx": sum(m["non_2xx"] for m in ms),
+            "loadgen_cpu_util": med(ms, "loadgen_cpu_util"),
+            "server_cpus_busy": med(ms, "server_cpus_busy"),
+            "server_cpu_us_per_req": med(ms, "server_cpu_us_per_req"),
+        })
+    metrics = [("rps", "req/s"), ("p99_ms", "p99"), ("server_cpu_us_per_req", "CPU µs/req")]
+    result["summary"] = {"rows": rows, "ratios": ratios_table(
+        rows, [f"supervisor-w{C}", f"supervisor-w{D}"],
+        [f"nginx-w{C}", f"granian-w{C}", f"gunicorn-w{C}"], metrics) + ratios_table(
+        rows, [f"supervisor-w{C}-quota", f"supervisor-w{D}-quota"], [f"nginx-w{C}-quota"],
+        metrics)}
+    nginx = next(r for r in rows if r["system"] == f"nginx-w{C}")
+    ctx.hello_nginx_rps = nginx["rps"]
+    collect_warnings(result, runs, "hello")
+    for r in rows:
+        if r["non_2xx"]:
+            result["warnings"].append(f"hello: {r['system']} answered {r['non_2xx']} non-2xx")
+    return result
+
+
+def ratios_table(rows, ours, peers, metrics):
+    by = {r["system"]: r for r in rows}
+    out = []
+    for o in ours:
+        for p in peers:
+            if o in by and p in by:
+                out.append({"supervisor": o, "peer": p, **{
+                    label: ratio(by[o].get(k), by[p].get(k)) for k, label in metrics}})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenario 2: latency at a fixed rate
+
+
+def scenario_latency(ctx: Ctx) -> dict:
+    C, D = ctx.C, ctx.default_workers
+    duration, warmup = ctx.secs(10, 2), ctx.secs(2, 1)
+    cap = {"limits.max_concurrent_requests": 1024}
+    nginx_max = ctx.hello_nginx_rps
+    source = "hello scenario of this run (median)"
+    if not nginx_max:
+        h.log("[latency] measuring nginx's max req/s (wrk, c=64)")
+        run = NGINX.start(C, ctx.pin)
+        try:
+            h.wrk(run, "/", 64, warmup, ctx.pin)
+            nginx_max = wrk_metrics(h.wrk(run, "/", 64, ctx.secs(6, 2), ctx.pin), ctx.pin)["rps"]
+        finally:
+            run.stop()
+        source = "measured at the start of this scenario (wrk, c=64)"
+    rate = round(nginx_max * 0.5)
+    conns = 64
+    entries = [
+        (f"supervisor-w{C}", sup("supervisor", f"supervisor (workers={C})", **cap), C),
+        (f"supervisor-w{D}", sup("supervisor", f"supervisor (workers={D}, default)", **cap), D),
+        (f"nginx-w{C}", NGINX, C),
+        (f"granian-w{C}", GRANIAN, C),
+        (f"gunicorn-w{C}", GUNICORN, C),
+    ]
+    result = header(ctx, "latency", {
+        "rate_rps": rate, "nginx_max_rps": nginx_max, "nginx_max_source": source,
+        "connections": conns, "duration_s": duration, "warmup_s": warmup,
+        "load_generator": "oha -q RATE --latency-correction (open loop)",
+        "supervisor_settings": cap, "server_cpus": C})
+
+    def measure(key, system, workers, rnd):
+        run = system.start(workers, ctx.pin)
+        try:
+            h.wrk(run, "/", conns, warmup, ctx.pin)
+            res = h.oha(run, "/", duration, ctx.pin, rate=rate, connections=conns, timeout_s=10)
+            m = oha_metrics(res, ctx.pin, duration, rate)
+            m.pop("by_path", None)
+            return m
+        finally:
+            run.stop()
+
+    runs = interleave(ctx, entries, measure, "latency")
+    result["runs"] = runs
+    rows = []
+    for key, system, workers in entries:
+        ms = by_system(runs, key)
+        rows.append({
+            "system": key, "label": system.label, "workers": workers, "n": len(ms),
+            "offered_rps": rate, "achieved_rps": med(ms, "rps"),
+            "achieved_fraction": med(ms, "achieved_fraction"),
+            "p50_ms": med(ms, "p50_ms"), "p99_ms": med(ms, "p99_ms"),
+            "p99.9_ms": med(ms, "p99.9_ms"), "max_ms": med(ms, "max_ms"),
+            "errors": sum(m["errors"] for m in ms),
+            "non_2xx": sum(m["responses"] - m["ok"] for m in ms),
+            "loadgen_cpu_util": med(ms, "loadgen_cpu_util"),
+            "server_cpus_busy": med(ms, "server_cpus_busy"),
+        })
+    result["summary"] = {"rows": rows, "ratios": ratios_table(
+        rows, [f"supervisor-w{C}", f"supervisor-w{D}"],
+        [f"nginx-w{C}", f"granian-w{C}", f"gunicorn-w{C}"],
+        [("p50_ms", "p50"), ("p99_ms", "p99"), ("p99.9_ms", "p99.9")])}
+    collect_warnings(result, runs, "latency")
+    for r in rows:
+        if r["achieved_fraction"] is not None and r["achieved_fraction"] < 0.95:
+            result["warnings"].append(
+                f"latency: {r['system']} served {r['achieved_fraction']:.0%} of the offered "
+                f"{rate} req/s: the rate is above its capacity, so its latency is queueing time")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenario 3: overload
+
+
+def scenario_overload(ctx: Ctx) -> dict:
+    C, W = ctx.C, ctx.default_workers
+    work_ms = 10
+    path = f"/work?ms={work_ms}"
+    d_unloaded, d_capacity, d_over = ctx.secs(5, 2), ctx.secs(6, 2), ctx.secs(10, 3)
+    conns_capacity, conns_over = 8 * W, 256
+    uncapped = {"limits.max_concurrent_requests": 1024, "worker.max_concurrent": 1024}
+    entries = [
+        ("supervisor", sup("supervisor", f"supervisor (workers={W}, cap)"), W),
+        ("gunicorn", GUNICORN, W),
+        ("granian", GRANIAN, W),
+    ]
+    result = header(ctx, "overload", {
+        "path": path, "workers": W, "server_cpus": C,
+        "unloaded": f"wrk c=1 closed loop, {d_unloaded}s",
+        "capacity": f"wrk c={conns_capacity} closed loop, {d_capacity}s "
+                    f"(supervisor with the cap lifted: {uncapped})",
+        "overload": f"oha -q 3 x capacity --latency-correction -c {conns_over}, {d_over}s, "
+                    f"in-flight requests waited for at the end (-w), 20 s timeout",
+        "cap_rule": "limits.max_concurrent_requests = floor(capacity [req/s] x unloaded p50 "
+                    "[s]), at least 1 (Little's law: the number of requests in flight when the "
+                    "machine serves at capacity without queueing), from round 1",
+    })
+    caps: dict[str, int] = {}
+
+    def measure(key, system, workers, rnd):
+        out = {}
+        # Phase 1: unloaded latency and capacity (supervisor with the cap lifted).
+        first = (sup("supervisor", system.label, **uncapped) if system.kind == "supervisor"
+                 else system)
+        run = first.start(workers, ctx.pin)
+        try:
+            h.wrk(run, path, 1, 1, ctx.pin)
+            out["unloaded"] = wrk_metrics(h.wrk(run, path, 1, d_unloaded, ctx.pin), ctx.pin)
+            out["capacity"] = wrk_metrics(h.wrk(run, path, conns_capacity, d_capacity, ctx.pin),
+                                          ctx.pin)
+        finally:
+            run.stop()
+        capacity = out["capacity"]["ok_rps"]
+        if system.kind == "supervisor":
+            if "cap" not in caps:
+                caps["cap"] = max(1, math.floor(capacity * out["unloaded"]["p50_ms"] / 1000.0))
+            out["cap"] = caps["cap"]
+            system = sup("supervisor", system.label,
+                         **{"limits.max_concurrent_requests": caps["cap"]})
+        # Phase 2: open loop at 3x capacity, on a fresh instance.
+        rate = round(3 * capacity)
+        run = system.start(workers, ctx.pin)
+        try:
+            res = h.oha(run, path, d_over, ctx.pin, rate=rate, connections=conns_over,
+                        timeout_s=20, wait_ongoing=True)
+            m = oha_metrics(res, ctx.pin, d_over, rate)
+            m.pop("by_path", None)
+            out["overload"] = m
+        finally:
+            run.stop()
+        u = out["unloaded"]["p99_ms"]
+        out["ok_p99_over_unloaded_p99"] = ratio(out["overload"]["ok_p99_ms"], u)
+        return out
+
+    runs = interleave(ctx, entries, measure, "overload")
+    result["runs"] = runs
+    result["config"]["cap"] = caps.get("cap")
+    rows = []
+    for key, system, workers in entries:
+        ms = by_system(runs, key)
+        un = [m["unloaded"] for m in ms]
+        ca = [m["capacity"] for m in ms]
+        ov = [m["overload"] for m in ms]
+        rows.append({
+            "system": key, "label": system.label, "workers": workers, "n": len(ms),
+            "cap": caps.get("cap") if key == "supervisor" else None,
+            "unloaded_p50_ms": med(un, "p50_ms"), "unloaded_p99_ms": med(un, "p99_ms"),
+            "capacity_rps": med(ca, "ok_rps"), "offered_rps": med(ov, "offered_rps"),
+            "goodput_rps": med(ov, "ok_rps"),
+            "goodput_vs_capacity": ratio(med(ov, "ok_rps"), med(ca, "ok_rps")),
+            "share_503": med(ov, "share_503"),
+            "rej_p50_ms": med(ov, "rej_p50_ms"), "rej_p99_ms": med(ov, "rej_p99_ms"),
+            "ok_p50_ms": med(ov, "ok_p50_ms"), "ok_p99_ms": med(ov, "ok_p99_ms"),
+            "ok_max_ms": med(ov, "ok_max_ms"),
+            "ok_p99_over_unloaded_p99": med(ms, "ok_p99_over_unloaded_p99"),
+            "errors": sum(m["errors"] for m in ov),
+            "loadgen_cpu_util": med(ov, "loadgen_cpu_util"),
+        })
+    result["summary"] = {"rows": rows, "ratios": ratios_table(
+        rows, ["supervisor"], ["gunicorn", "granian"],
+        [("goodput_rps", "goodput"), ("ok_p99_ms", "admitted p99"),
+         ("ok_p99_over_unloaded_p99", "p99 growth")])}
+    collect_warnings(result, runs, "overload")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenario 4: balance (accept modes)
+
+
+def write_mix(path: Path, base: str, slow_ms: int) -> None:
+    # oha picks a line at random for every request: 19 fast + 1 slow = 5% slow.
+    lines = [f"{base}/"] * 19 + [f"{base}/work?ms={slow_ms}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def scenario_balance(ctx: Ctx) -> dict:
+    workers, slow_ms = 5, 20
+    d_closed, d_open, warmup = ctx.secs(6, 2), ctx.secs(6, 2), ctx.secs(1, 1)
+    conns = 64
+    base = {"limits.max_concurrent_requests": 1024}
+    variants = [(f"{mode}-{conn}", mode, conn) for conn in ("keepalive", "close")
+                for mode in ("reuseport", "shared")]
+    entries = [(key, sup("supervisor", f"{mode}, {conn}", **base, **{"server.accept": mode}),
+                workers) for key, mode, conn in variants]
+    conn_of = {key: conn for key, _, conn in variants}
+    result = header(ctx, "balance", {
+        "workers": workers, "mix": f"95% GET /, 5% GET /work?ms={slow_ms} (random per request)",
+        "closed": f"oha c={conns} closed loop, {d_closed}s",
+        "open": f"oha -q RATE --latency-correction c={conns}, {d_open}s; RATE = 50% of the "
+                f"closed-loop req/s of the first variant measured with the same connection "
+                f"handling (keep-alive or close), so both accept modes get the same rate",
+        "supervisor_settings": base, "server_cpus": ctx.C,
+        "spread": "requests per worker from `supervisor status --json` before/after each run"})
+    rates: dict[str, float] = {}
+
+    def spread(before, after):
+        b = {w["worker_id"]: w["requests"] for w in before["workers"]}
+        per = sorted(((w["worker_id"], w["requests"] - b.get(w["worker_id"], 0))
+                      for w in after["workers"]))
+        counts = [c for _, c in per]
+        mean = statistics.mean(counts) if counts else 0
+        return {"per_worker": counts,
+                "max_over_min": round(max(counts) / min(counts), 3) if counts and min(counts) else None,
+                "cv": round(statistics.pstdev(counts) / mean, 3) if mean else None}
+
+    def measure(key, system, w, rnd):
+        close = conn_of[key] == "close"
+        hdr = {"Connection": "close"} if close else None
+        run = system.start(w, ctx.pin)
+        mix = h.BUILD / f"mix-{run.port}.txt"
+        write_mix(mix, run.url, slow_ms)
+        out = {}
+        try:
+            h.oha(run, "/", warmup, ctx.pin, connections=conns, urls_file=mix, headers=hdr,
+                  disable_keepalive=close, timeout_s=10)
+            for phase in ("closed", "open"):
+                if phase == "open":
+                    rate = rates.setdefault(conn_of[key], round(out["closed"]["rps"] * 0.5))
+                else:
+                    rate = None
+                before = h.supervisor_status(run)
+                res = h.oha(run, "/", d_closed if phase == "closed" else d_open, ctx.pin,
+                            rate=rate, connections=conns, urls_file=mix, headers=hdr,
+                            disable_keepalive=close, timeout_s=10)
+                after = h.supervisor_status(run)
+                m = oha_metrics(res, ctx.pin, d_closed if phase == "closed" else d_open, rate)
+                fast = m["by_path"].get("/", {})
+                slow = m["by_path"].get("/work", {})
+                m["fast_p99_ms"], m["fast_max_ms"] = fast.get("p99_ms"), fast.get("max_ms")
+                m["slow_p99_ms"] = slow.get("p99_ms")
+                m["spread"] = spread(before, after)
+                out[phase] = m
+        finally:
+            run.stop()
+            mix.unlink(missing_ok=True)
+        return out
+
+    runs = interleave(ctx, entries, measure, "balance")
+    result["runs"] = runs
+    result["config"]["open_rates_rps"] = rates
+    rows = []
+    for key, system, w in entries:
+        ms = by_system(runs, key)
+        for phase in ("closed", "open"):
+            ph = [m[phase] for m in ms if phase in m]
+            rows.append({
+                "system": key, "label": system.label, "load": phase, "n": len(ph),
+                "rps": med(ph, "rps"),
+                "offered_rps": rates.get(conn_of[key]) if phase == "open" else None,
+                "p50_ms": med(ph, "p50_ms"), "p99_ms": med(ph, "p99_ms"),
+                "max_ms": med(ph, "max_ms"),
+                "fast_p99_ms": med(ph, "fast_p99_ms"), "fast_max_ms": med(ph, "fast_max_ms"),
+                "slow_p99_ms": med(ph, "slow_p99_ms"),
+                "spread_max_over_min": h.median([m["spread"]["max_over_min"] for m in ph
+                                                 if m["spread"]["max_over_min"]]),
+                "spread_cv": h.median([m["spread"]["cv"] for m in ph if m["spread"]["cv"] is not None]),
+                "per_worker_example": ph[len(ph) // 2]["spread"]["per_worker"] if ph else None,
+                "errors": sum(m["errors"] for m in ph),
+                "non_2xx": sum(m["responses"] - m["ok"] for m in ph),
+            })
+    result["summary"] = {"rows": rows, "decision": balance_decision(rows)}
+    collect_warnings(result, runs, "balance")
+    return result
+
+
+def balance_decision(rows: list[dict]) -> dict:
+    """reuseport / shared ratios per connection mode and load; the mode with the lower tail
+    (p99 of all requests and of the fast ones, and max) in most comparisons wins."""
+    by = {(r["system"], r["load"]): r for r in rows}
+    comparisons, votes = [], {"reuseport": 0, "shared": 0}
+    for conn in ("keepalive", "close"):
+        for load in ("closed", "open"):
+            a, b = by.get((f"reuseport-{conn}", load)), by.get((f"shared-{conn}", load))
+            if not a or not b:
+                continue
+            c = {"connections": conn, "load": load}
+            for k in ("p99_ms", "fast_p99_ms", "max_ms", "spread_cv"):
+                c[f"{k} reuseport/shared"] = ratio(a.get(k), b.get(k))
+                r = c[f"{k} reuseport/shared"]
+                if r is not None and k != "spread_cv" and abs(r - 1) > 0.05:
+                    votes["reuseport" if r < 1 else "shared"] += 1
+            comparisons.append(c)
+    winner = ("reuseport" if votes["reuseport"] > votes["shared"] else
+              "shared" if votes["shared"] > votes["reuseport"] else "tie")
+    return {"comparisons": comparisons, "votes": votes, "lower_tail": winner}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenario 5: footprint
+
+
+def scenario_footprint(ctx: Ctx) -> dict:
+    ns = [1, ctx.default_workers] if ctx.quick else [1, ctx.default_workers, 5 if ctx.default_workers != 5 else 7]
+    ns = sorted(set(ns))
+    systems = [("supervisor", sup("supervisor", "supervisor")), ("gunicorn", GUNICORN),
+               ("granian", GRANIAN), ("nginx", NGINX)]
+    entries = [(f"{k}-w{n}", s, n) for n in ns for k, s in systems]
+    result = header(ctx, "footprint", {
+        "workers": ns, "start": "spawn to the first 200 of GET / (polled every 2 ms)",
+        "memory": "after every worker is up and 20 requests were served, 1 s idle: sum of Pss "
+                  "over the whole process tree from /proc/PID/smaps_rollup",
+        "per_worker": "least-squares slope of tree PSS over the worker counts"})
+
+    def measure(key, system, workers, rnd):
+        run = system.start(workers, ctx.pin)
+        try:
+            for _ in range(20):
+                h.http_get(run.port, "/")
+            time.sleep(1.0)
+            mem = h.tree_memory(run.pid)
+            return {"first_200_ms": round((run.first_200 - run.started) * 1000, 1),
+                    "all_workers_ms": round((run.all_ready - run.started) * 1000, 1), **mem}
+        finally:
+            run.stop()
+
+    runs = interleave(ctx, entries, measure, "footprint")
+    result["runs"] = runs
+    rows = []
+    for key, system in systems:
+        per_n = {}
+        for n in ns:
+            ms = by_system(runs, f"{key}-w{n}")
+            per_n[n] = {"pss_kib": med(ms, "pss_kib"), "rss_kib": med(ms, "rss_kib"),
+                        "uss_kib": med(ms, "uss_kib"), "processes": med(ms, "processes"),
+                        "first_200_ms": med(ms, "first_200_ms"),
+                        "all_workers_ms": med(ms, "all_workers_ms")}
+        pts = [(n, v["pss_kib"]) for n, v in per_n.items() if v["pss_kib"] is not None]
+        slope = intercept = None
+        if len(pts) >= 2:
+            mx = statistics.mean(n for n, _ in pts)
+            my = statistics.mean(p for _, p in pts)
+            den = sum((n - mx) ** 2 for n, _ in pts)
+            slope = sum((n - mx) * (p - my) for n, p in pts) / den if den else None
+            intercept = my - slope * mx if slope is not None else None
+        rows.append({"system": key, "label": system.label, "by_workers": per_n,
+                     "pss_per_worker_kib": None if slope is None else round(slope, 1),
+                     "pss_base_kib": None if intercept is None else round(intercept, 1)})
+    by = {r["system"]: r for r in rows}
+    ratios = []
+    for peer in ("gunicorn", "granian", "nginx"):
+        if peer not in by:
+            continue
+        row = {"peer": peer,
+               "pss_per_worker": ratio(by["supervisor"]["pss_per_worker_kib"],
+                                       by[peer]["pss_per_worker_kib"])}
+        for n in ns:
+            row[f"pss_total_w{n}"] = ratio(by["supervisor"]["by_workers"][n]["pss_kib"],
+                                           by[peer]["by_workers"][n]["pss_kib"])
+            row[f"first_200_w{n}"] = ratio(by["supervisor"]["by_workers"][n]["first_200_ms"],
+                                           by[peer]["by_workers"][n]["first_200_ms"])
+        ratios.append(row)
+    result["summary"] = {"rows": rows, "ratios": ratios, "workers": ns}
+    collect_warnings(result, runs, "footprint")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+FUNCS = {"hello": scenario_hello, "latency": scenario_latency, "overload": scenario_overload,
+         "balance": scenario_balance, "footprint": scenario_footprint}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                    help=f"scenarios to run (default: all): {', '.join(SCENARIOS)}")
+    ap.add_argument("--quick", action="store_true",
+                    help="one short round per scenario (smoke check, < 2 minutes)")
+    ap.add_argument("--rounds", type=int, help="rounds per scenario (default 3, --quick 1)")
+    ap.add_argument("--scale", type=float, help="multiply every run's duration")
+    ap.add_argument("--out", default=str(h.BENCH / "results"),
+                    help="where results go (default bench/results)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="redraw the .md and .png files from the .json results already there")
+    args = ap.parse_args()
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    scenarios = args.scenarios or SCENARIOS
+    out = Path(args.out)
+    if args.report_only:
+        for name in scenarios:
+            path = out / f"{name}.json"
+            if path.exists():
+                report.write(json.loads(path.read_text()), out)
+        report.write_index(out)
+        return 0
+
+    # SIGTERM (and SIGHUP) unwind like Ctrl-C so that `finally` stops every server.
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, _raise)
+    signal.signal(signal.SIGHUP, _raise)
+
+    ctx = Ctx(args)
+    h.LOGS.mkdir(parents=True, exist_ok=True)
+    if ctx.pin.note:
+        h.log(f"note: {ctx.pin.note}")
+    h.log(f"servers on CPU {ctx.pin.server_cpus or 'any'}, load generator on CPU "
+          f"{ctx.pin.load_cpus or 'any'}; {ctx.rounds} round(s); results in {out}")
+    t0 = time.monotonic()
+    failed = []
+    try:
+        for name in scenarios:
+            ts = time.monotonic()
+            try:
+                result = FUNCS[name](ctx)
+            except (RuntimeError, OSError, subprocess.SubprocessError, StopIteration) as e:
+                h.log(f"[{name}] failed: {e}")
+                failed.append(name)
+                continue
+            finally:
+                h.cleanup()
+            result["elapsed_s"] = round(time.monotonic() - ts, 1)
+            out.mkdir(parents=True, exist_ok=True)
+            report.write(result, out)
+            h.log(report.console_summary(result))
+        report.write_index(out)
+    except KeyboardInterrupt:
+        h.log("interrupted: stopping every process started")
+        return 130
+    finally:
+        h.cleanup()
+        h.log(f"total {time.monotonic() - t0:.0f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

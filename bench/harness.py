@@ -1,0 +1,682 @@
+"""Process plumbing for bench/: the systems under test, the load generators, and what is
+measured around them (CPU time, per-CPU busy time, PSS of a process tree).
+
+Every process started here is registered in `PROCESSES` and stopped by pid (SIGTERM to the
+server's master, then SIGKILL to its own process group) by `cleanup()`, which bench.py runs on
+exit, on Ctrl-C and on errors. Nothing here touches a process it did not start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+BUILD = BENCH / ".build"
+VENV = BENCH / ".venv"
+LOGS = BUILD / "logs"
+
+HOST = "127.0.0.1"  # every load goes to loopback, never anywhere else
+
+# Every process we started and have not reaped yet: pid -> Popen.
+PROCESSES: dict[int, subprocess.Popen] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# CPUs and pinning
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass
+class Pinning:
+    """Servers on one set of CPUs, the load generator on another (taskset)."""
+
+    server_cpus: list[int]
+    load_cpus: list[int]
+    note: str = ""
+
+    @classmethod
+    def detect(cls) -> "Pinning":
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2 or not shutil.which("taskset"):
+            return cls([], [], "1 CPU (or no taskset): server and load generator share the CPU, "
+                       "no pinning; ratios still hold, absolute numbers are lower")
+        # The load generator gets the first CPU, the servers all the others.
+        return cls(cpus[1:], cpus[:1])
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.server_cpus)
+
+    def server_prefix(self) -> list[str]:
+        return ["taskset", "-c", ",".join(map(str, self.server_cpus))] if self.enabled else []
+
+    def load_prefix(self) -> list[str]:
+        return ["taskset", "-c", ",".join(map(str, self.load_cpus))] if self.enabled else []
+
+    @property
+    def server_cpu_count(self) -> int:
+        return len(self.server_cpus) if self.enabled else cpu_count()
+
+    @property
+    def load_cpu_count(self) -> int:
+        return len(self.load_cpus) if self.enabled else cpu_count()
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc readings
+
+
+def clk_tck() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'.
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is None:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if Path(f"/proc/{pid}").exists():
+            tree.append(pid)
+            todo.extend(children.get(pid, []))
+    return tree
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User+system CPU of a process tree so far, including its reaped children."""
+    ticks = 0
+    for pid in process_tree(root):
+        fields = _stat_fields(pid)
+        if fields:
+            # utime stime cutime cstime are fields 14..17 of stat (1-based); here offset by 3.
+            ticks += sum(int(x) for x in fields[11:15])
+    return ticks / clk_tck()
+
+
+def cpu_busy_ticks() -> dict[int, tuple[int, int]]:
+    """Per CPU: (busy, total) jiffies from /proc/stat."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        m = re.match(r"cpu(\d+) (.*)", line)
+        if m:
+            vals = [int(x) for x in m.group(2).split()]
+            idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+            total = sum(vals[:8])
+            out[int(m.group(1))] = (total - idle, total)
+    return out
+
+
+def cpu_busy_fraction(before, after, cpus) -> float | None:
+    busy = sum(after[c][0] - before[c][0] for c in cpus if c in after and c in before)
+    total = sum(after[c][1] - before[c][1] for c in cpus if c in after and c in before)
+    return busy / total * len(cpus) if total else None
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """kB figures of /proc/PID/smaps_rollup (Rss, Pss, Private_Dirty, ...)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            m = re.match(r"(\w+):\s+(\d+) kB", line)
+            if m:
+                out[m.group(1)] = int(m.group(2))
+    except OSError:
+        pass
+    return out
+
+
+def tree_memory(root: int) -> dict:
+    pids = process_tree(root)
+    pss = rss = uss = 0
+    for pid in pids:
+        r = smaps_rollup(pid)
+        pss += r.get("Pss", 0)
+        rss += r.get("Rss", 0)
+        uss += r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)
+    return {"processes": len(pids), "pss_kib": pss, "rss_kib": rss, "uss_kib": uss}
+
+
+def cpu_by_process() -> dict[int, tuple[str, int]]:
+    """pid -> (command name, utime+stime ticks) for every process."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        out[int(entry)] = (comm, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def top_other_cpu(before, after, exclude: set[int], wall: float, n: int = 3) -> list[dict]:
+    """The processes (not ours) that used the most CPU between two `cpu_by_process` snapshots:
+    other load on the machine that would disturb a measurement."""
+    rows = []
+    for pid, (comm, ticks) in after.items():
+        if pid in exclude:
+            continue
+        delta = ticks - before.get(pid, (comm, 0))[1]
+        if delta > 0:
+            rows.append({"pid": pid, "comm": comm, "cpu": round(delta / clk_tck() / wall, 3)})
+    rows.sort(key=lambda r: -r["cpu"])
+    return [r for r in rows[:n] if r["cpu"] >= 0.02]
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.15, sample: float = 0.5) -> float:
+    """Waits (at most `max_wait` s) until processes that are not ours use less than `threshold`
+    of a CPU in total over `sample` s. The machine may be shared (builds, test suites): better
+    to measure between their bursts. Returns the others' CPU use seen last."""
+    deadline = time.monotonic() + max_wait
+    ours = {os.getpid()} | {p for proc in PROCESSES.values() for p in process_tree(proc.pid)}
+    while True:
+        before = cpu_by_process()
+        time.sleep(sample)
+        busy = sum(r["cpu"] for r in top_other_cpu(before, cpu_by_process(), ours, sample, n=50))
+        if busy < threshold or time.monotonic() > deadline:
+            return busy
+        time.sleep(1.5)
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU quota (cgroup): makes the server the bottleneck when it and the load generator each have
+# one CPU and the server is as fast as the load generator (nginx, supervisor on `GET /`).
+
+CGROUPS: list[Path] = []  # the cgroups we made, removed by cleanup()
+CFS_PERIOD_US = 10_000  # short period: a throttled server stalls at most a few ms
+
+
+def cpu_quota_supported() -> str | None:
+    """None if a CPU quota can be set here, else why not."""
+    if os.geteuid() != 0:
+        return "not root"
+    if Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists():
+        return None
+    v2 = Path("/sys/fs/cgroup/cgroup.subtree_control")
+    if v2.exists() and "cpu" in v2.read_text().split():
+        return None
+    return "no writable cgroup cpu controller"
+
+
+def apply_cpu_quota(pids: list[int], cpus: float) -> Path:
+    """Moves `pids` into a new cgroup limited to `cpus` CPUs (e.g. 0.5)."""
+    name = f"supervisor-bench-{os.getpid()}-{len(CGROUPS)}"
+    quota = int(CFS_PERIOD_US * cpus)
+    v1 = Path("/sys/fs/cgroup/cpu")
+    if (v1 / "cpu.cfs_quota_us").exists():
+        cg = v1 / name
+        cg.mkdir()
+        CGROUPS.append(cg)
+        (cg / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+        (cg / "cpu.cfs_quota_us").write_text(str(quota))
+    else:
+        cg = Path("/sys/fs/cgroup") / name
+        cg.mkdir()
+        CGROUPS.append(cg)
+        (cg / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+    for pid in pids:
+        (cg / "cgroup.procs").write_text(str(pid))
+    return cg
+
+
+def remove_cgroup(cg: Path) -> None:
+    for _ in range(50):
+        try:
+            cg.rmdir()
+            break
+        except FileNotFoundError:
+            break
+        except OSError:
+            time.sleep(0.05)  # the last processes are still exiting
+    if cg in CGROUPS:
+        CGROUPS.remove(cg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def spawn(cmd: list[str], log: Path, cwd: Path | None = None, env: dict | None = None,
+          new_session: bool = True) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=cwd, env=env, start_new_session=new_session)
+    PROCESSES[proc.pid] = proc
+    return proc
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM to the process we started (a server's master), wait, then SIGKILL its group."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    # Its workers and helpers live in the process group we created for it (start_new_session),
+    # whose id is the pid we started: kill whatever is left of that group only.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+    PROCESSES.pop(proc.pid, None)
+
+
+def cleanup() -> None:
+    for proc in list(PROCESSES.values()):
+        stop(proc, timeout=3.0)
+    for cg in list(CGROUPS):
+        remove_cgroup(cg)
+
+
+def http_get(port: int, path: str = "/", timeout: float = 1.0) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(f"http://{HOST}:{port}{path}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as res:
+            return res.status, dict(res.headers), res.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def wait_http_200(port: int, deadline: float, proc: subprocess.Popen | None = None,
+                  poll: float = 0.002) -> float:
+    """Polls GET / until 200; returns the monotonic time of the first 200."""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering")
+        try:
+            status, _, _ = http_get(port, "/", timeout=0.5)
+            if status == 200:
+                return time.monotonic()
+        except OSError:
+            pass
+        time.sleep(poll)
+    raise RuntimeError(f"no 200 from {HOST}:{port} in time")
+
+
+# ---------------------------------------------------------------------------------------------
+# Systems under test
+
+
+@dataclass
+class Running:
+    system: "System"
+    proc: subprocess.Popen
+    port: int
+    workers: int
+    log: Path
+    started: float  # monotonic time just before spawn
+    first_200: float = 0.0
+    all_ready: float = 0.0
+    tmp: Path | None = None
+    cgroup: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def stop(self) -> None:
+        stop(self.proc)
+        if self.cgroup:
+            remove_cgroup(self.cgroup)
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass
+class System:
+    """One server configuration: how to start it with W workers and when it is ready."""
+
+    key: str  # short id used in results, e.g. "supervisor", "nginx"
+    label: str  # human name for tables
+    kind: str  # supervisor | nginx | granian | gunicorn
+    settings: dict = field(default_factory=dict)  # supervisor --set values
+
+    def command(self, port: int, workers: int, tmp: Path) -> tuple[list[str], Path | None]:
+        py = VENV / "bin"
+        if self.kind == "supervisor":
+            cmd = [str(supervisor_bin()), "start", "-b", f"{HOST}:{port}", "-w", str(workers)]
+            for k, v in self.settings.items():
+                cmd += ["--set", f"{k}={v}"]
+            # cwd is an empty temp dir: no supervisor.toml is picked up, defaults apply.
+            return cmd, tmp
+        if self.kind == "nginx":
+            conf = tmp / "nginx.conf"
+            conf.write_text(nginx_conf(port, workers, tmp))
+            return [nginx_bin(), "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")], tmp
+        if self.kind == "granian":
+            return [str(py / "granian"), "--interface", "asgi", "--host", HOST, "--port", str(port),
+                    "--workers", str(workers), "--log-level", "warning", "--no-ws",
+                    "--working-dir", str(BENCH), "app:app"], BENCH
+        if self.kind == "gunicorn":
+            return [str(py / "gunicorn"), "-w", str(workers), "-k", "uvicorn_worker.UvicornWorker",
+                    "-b", f"{HOST}:{port}", "--log-level", "warning", "--graceful-timeout", "5",
+                    "--chdir", str(BENCH), "app:app"], BENCH
+        raise ValueError(self.kind)
+
+    def expected_processes(self, workers: int) -> int | None:
+        # master + workers; granian's Python main process spawns its workers likewise.
+        return workers + 1
+
+    def start(self, workers: int, pin: Pinning, timeout: float = 30.0, name: str = "",
+              cpu_quota: float | None = None) -> Running:
+        port = free_port()
+        tmp = Path(tempfile.mkdtemp(prefix=f"bench-{self.key}-", dir=BUILD))
+        cmd, cwd = self.command(port, workers, tmp)
+        log = LOGS / f"{name or self.key}-w{workers}-{port}.log"
+        env = dict(os.environ)
+        env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+        started = time.monotonic()
+        proc = spawn(pin.server_prefix() + cmd, log, cwd=cwd, env=env)
+        run = Running(self, proc, port, workers, log, started, tmp=tmp)
+        deadline = started + timeout
+        try:
+            run.first_200 = wait_http_200(port, deadline, proc)
+            self._wait_all_workers(run, deadline)
+            if cpu_quota:
+                # Every process of the tree now exists; respawned ones would inherit the cgroup.
+                run.cgroup = apply_cpu_quota(process_tree(proc.pid), cpu_quota)
+        except Exception as e:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            run.stop()
+            raise RuntimeError(f"{self.label} (workers={workers}) did not start: {e}\n{tail}")
+        return run
+
+    def _wait_all_workers(self, run: Running, deadline: float) -> None:
+        want = self.expected_processes(run.workers)
+        while time.monotonic() < deadline:
+            if run.proc.poll() is not None:
+                raise RuntimeError(f"exited with {run.proc.returncode}")
+            if self.kind == "supervisor":
+                # The master logs ` ready workers=N` once every worker has said it accepts.
+                if re.search(rf" ready workers={run.workers}\b", run.log.read_text(errors="replace")):
+                    run.all_ready = time.monotonic()
+                    return
+            elif len(process_tree(run.pid)) >= want:
+                run.all_ready = time.monotonic()
+                return
+            time.sleep(0.002)
+        raise RuntimeError("not every worker came up in time")
+
+
+def nginx_conf(port: int, workers: int, tmp: Path) -> str:
+    return f"""# generated by bench/: nginx as a plain process of ours, never the system service
+daemon off;
+master_process on;
+worker_processes {workers};
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen {HOST}:{port} reuseport;
+        location / {{
+            default_type "text/plain; charset=utf-8";
+            return 200 "Hello, World!";
+        }}
+    }}
+}}
+"""
+
+
+def supervisor_bin() -> Path:
+    override = os.environ.get("SUPERVISOR_BIN")
+    return Path(override) if override else REPO / "target" / "release" / "supervisor"
+
+
+def nginx_bin() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def oha_bin() -> str:
+    local = BUILD / "cargo" / "bin" / "oha"
+    return str(local) if local.exists() else (shutil.which("oha") or "oha")
+
+
+def wrk_bin() -> str:
+    return shutil.which("wrk") or "wrk"
+
+
+# ---------------------------------------------------------------------------------------------
+# Load generators
+
+
+@dataclass
+class LoadResult:
+    tool: str
+    cmd: list[str]
+    wall_s: float
+    cpu_s: float  # load generator's own user+system CPU
+    server_cpu_s: float  # server process tree CPU during the run
+    server_cpus_busy: float | None  # busy fraction of the server CPUs (all processes), in CPUs
+    load_cpus_busy: float | None
+    data: dict
+    others: list = field(default_factory=list)  # other processes that used CPU meanwhile
+    stdout: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "tool": self.tool, "cmd": self.cmd, "wall_s": round(self.wall_s, 3),
+            "loadgen_cpu_s": round(self.cpu_s, 3), "server_cpu_s": round(self.server_cpu_s, 3),
+            "server_cpus_busy": self.server_cpus_busy, "load_cpus_busy": self.load_cpus_busy,
+            "other_processes_cpu": self.others, **self.data,
+        }
+
+
+def run_load(tool: str, cmd: list[str], pin: Pinning, server: Running | None,
+             timeout: float) -> tuple[str, float, float, float, float | None, float | None]:
+    """Runs one load generator to completion; returns (stdout, wall, own CPU, server CPU,
+    server CPUs busy, load CPUs busy)."""
+    full = pin.load_prefix() + cmd
+    srv_before = tree_cpu_seconds(server.pid) if server else 0.0
+    procs_before = cpu_by_process()
+    ticks_before = cpu_busy_ticks()
+    t0 = time.monotonic()
+    out_path = LOGS / f"{tool}-{os.getpid()}-{int(t0 * 1000)}.out"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    PROCESSES[proc.pid] = proc
+    deadline = t0 + timeout
+    rusage = None
+    try:
+        while True:
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                pid, status, rusage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                raise RuntimeError(f"{tool} did not finish within {timeout:.0f}s: {full}")
+            time.sleep(0.01)
+    finally:
+        PROCESSES.pop(proc.pid, None)
+    wall = time.monotonic() - t0
+    ticks_after = cpu_busy_ticks()
+    srv_after = tree_cpu_seconds(server.pid) if server else 0.0
+    ours = set(process_tree(server.pid)) if server else set()
+    ours |= {proc.pid, os.getpid()}
+    LAST_OTHERS[:] = top_other_cpu(procs_before, cpu_by_process(), ours, wall)
+    text = out_path.read_text(errors="replace")
+    out_path.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tool} exited {proc.returncode}: {' '.join(full)}\n{text[-2000:]}")
+    cpu = rusage.ru_utime + rusage.ru_stime
+    servers = pin.server_cpus if pin.enabled else sorted(os.sched_getaffinity(0))
+    loads = pin.load_cpus if pin.enabled else servers
+    return (text, wall, cpu, srv_after - srv_before,
+            cpu_busy_fraction(ticks_before, ticks_after, servers),
+            cpu_busy_fraction(ticks_before, ticks_after, loads))
+
+
+WRK_LUA = BENCH / "wrk_report.lua"
+LAST_OTHERS: list = []  # top_other_cpu() of the last run_load()
+
+
+def wrk(server: Running, path: str, connections: int, duration: float, pin: Pinning,
+        script: Path | None = None, headers: dict | None = None) -> LoadResult:
+    """Closed loop: `connections` connections each sending back-to-back requests."""
+    cmd = [wrk_bin(), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
+           "-s", str(script or WRK_LUA)]
+    for k, v in (headers or {}).items():
+        cmd += ["-H", f"{k}: {v}"]
+    cmd.append(server.url + path)
+    text, wall, cpu, srv, sbusy, lbusy = run_load("wrk", cmd, pin, server, duration + 30)
+    m = re.search(r"^BENCH_JSON (.*)$", text, re.M)
+    if not m:
+        raise RuntimeError(f"wrk printed no summary:\n{text[-2000:]}")
+    data = json.loads(m.group(1))
+    return LoadResult("wrk", cmd, wall, cpu, srv, sbusy, lbusy, data, stdout=text, others=list(LAST_OTHERS))
+
+
+def oha(server: Running, path: str, duration: float, pin: Pinning, rate: float | None = None,
+        connections: int = 64, urls_file: Path | None = None, headers: dict | None = None,
+        disable_keepalive: bool = False, timeout_s: float = 30.0,
+        wait_ongoing: bool = True) -> LoadResult:
+    """Open loop when `rate` is set (oha -q with latency correction: a request's latency counts
+    from when it was due, not when a free connection sent it). Returns per-request records."""
+    fd, name = tempfile.mkstemp(prefix="oha-", dir=BUILD)
+    os.close(fd)
+    db, out_json = Path(name + ".sqlite"), Path(name + ".json")
+    Path(name).unlink()
+    cmd = [oha_bin(), "--no-tui", "--output-format", "json", "-o", str(out_json),
+           "-z", f"{duration:g}s", "-c", str(connections), "-t", f"{timeout_s:g}s",
+           "--db-url", str(db)]
+    if rate:
+        cmd += ["-q", f"{rate:g}", "--latency-correction"]
+    if wait_ongoing:
+        cmd += ["-w"]
+    if disable_keepalive:
+        cmd += ["--disable-keepalive"]
+    for k, v in (headers or {}).items():
+        cmd += ["-H", f"{k}: {v}"]
+    if urls_file:
+        cmd += ["--urls-from-file", str(urls_file)]
+    else:
+        cmd.append(server.url + path)
+    try:
+        text, wall, cpu, srv, sbusy, lbusy = run_load("oha", cmd, pin, server,
+                                                      duration + timeout_s + 60)
+        summary = json.loads(out_json.read_text())
+        records = read_oha_db(db)
+    finally:
+        db.unlink(missing_ok=True)
+        out_json.unlink(missing_ok=True)
+    data = {"summary": summary, "records": records}
+    return LoadResult("oha", cmd, wall, cpu, srv, sbusy, lbusy, data, stdout=text, others=list(LAST_OTHERS))
+
+
+def read_oha_db(db: Path) -> list[tuple[str, int, float, float]]:
+    """(path, status, latency_s, end_s) for every request that got a response. With -q and
+    --latency-correction, latency counts from when the request was due (the schedule), so time
+    spent waiting for a free connection is included: no coordinated omission."""
+    import sqlite3
+
+    if not db.exists():
+        return []
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute(
+            "SELECT url, status, end - COALESCE(start_latency_correction, start), end FROM oha"
+        ).fetchall()
+    finally:
+        con.close()
+    return [(urllib.parse.urlsplit(u).path or u, int(st), float(lat), float(end))
+            for u, st, lat, end in rows]
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100) of unsorted values."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def median(values):
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    n = len(vals)
+    return vals[n // 2] if n % 2 else (vals[n // 2 - 1] + vals[n // 2]) / 2
+
+
+def supervisor_status(run: Running) -> dict:
+    out = subprocess.run([str(supervisor_bin()), "status", "--pid", str(run.pid), "--json"],
+                         capture_output=True, text=True, timeout=10)
+    if out.returncode != 0:
+        raise RuntimeError(f"supervisor status failed: {out.stderr}")
+    return json.loads(out.stdout)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

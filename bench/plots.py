@@ -1,0 +1,226 @@
+"""One PNG per scenario, drawn with matplotlib from the scenario's result dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"supervisor": "#c0392b", "nginx": "#27ae60", "granian": "#2980b9",
+          "gunicorn": "#8e44ad"}
+
+
+def color(key: str) -> str:
+    for k, c in COLORS.items():
+        if key.startswith(k):
+            return c
+    return "#7f8c8d"
+
+
+def _runs(result, key, field, phase=None):
+    vals = []
+    for r in result["runs"]:
+        if r["system"] != key or "metrics" not in r:
+            continue
+        m = r["metrics"][phase] if phase else r["metrics"]
+        if m.get(field) is not None:
+            vals.append(m[field])
+    return vals
+
+
+def _bars(ax, labels, values, colors, runs=None, log=False, fmt="{:.0f}"):
+    xs = range(len(labels))
+    ax.bar(xs, [v or 0 for v in values], color=colors, alpha=0.85)
+    if runs:
+        for x, rv in zip(xs, runs):
+            ax.scatter([x] * len(rv), rv, color="black", s=8, zorder=3)
+    for x, v in zip(xs, values):
+        if v is not None:
+            ax.annotate(fmt.format(v), (x, v), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    if log and any(v for v in values):
+        ax.set_yscale("log")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _title(fig, result, text):
+    m = result["meta"]
+    fig.suptitle(f"{text}\n{m['cpu']}, servers on CPU {m['pinning']['servers'] or 'any'}, "
+                 f"{m['date']}{' (quick)' if result['quick'] else ''}", fontsize=9)
+
+
+def draw_hello(result, path):
+    rows = result["summary"]["rows"]
+    labels = [r["label"] for r in rows]
+    cols = [color(r["system"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
+    _bars(axes[0], labels, [r["rps"] for r in rows], cols,
+          [_runs(result, r["system"], "rps") for r in rows])
+    axes[0].set_title("req/s (median; dots: rounds)", fontsize=9)
+    _bars(axes[1], labels, [r["p99_ms"] for r in rows], cols,
+          [_runs(result, r["system"], "p99_ms") for r in rows], log=True, fmt="{:.2f}")
+    axes[1].set_title("p99 latency, ms (log)", fontsize=9)
+    _bars(axes[2], labels, [r["server_cpu_us_per_req"] for r in rows], cols,
+          [_runs(result, r["system"], "server_cpu_us_per_req") for r in rows], fmt="{:.1f}")
+    axes[2].set_title("server CPU per request, µs", fontsize=9)
+    _title(fig, result, f"hello: closed loop c={result['config']['connections']}, GET /")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_latency(result, path):
+    rows = result["summary"]["rows"]
+    labels = [r["label"] for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    width = 0.27
+    for i, (k, name) in enumerate([("p50_ms", "p50"), ("p99_ms", "p99"), ("p99.9_ms", "p99.9")]):
+        xs = [x + (i - 1) * width for x in range(len(rows))]
+        vals = [r[k] or 0 for r in rows]
+        ax.bar(xs, vals, width, label=name, color=[color(r["system"]) for r in rows],
+               alpha=0.35 + 0.3 * i)
+        for x, v in zip(xs, vals):
+            ax.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=15, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log)")
+    ax.legend(title="bars per system: p50, p99, p99.9", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    _title(fig, result, f"latency at a fixed {result['config']['rate_rps']:,} req/s "
+           f"(50% of nginx's max), latency-corrected")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_overload(result, path):
+    rows = result["summary"]["rows"]
+    labels = [r["system"] for r in rows]
+    cols = [color(r["system"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
+    xs = range(len(rows))
+    axes[0].bar([x - 0.2 for x in xs], [r["capacity_rps"] or 0 for r in rows], 0.4,
+                color=cols, alpha=0.4, label="capacity (closed loop)")
+    axes[0].bar([x + 0.2 for x in xs], [r["goodput_rps"] or 0 for r in rows], 0.4,
+                color=cols, alpha=0.9, label="goodput at 3x (200s/s)")
+    axes[0].set_xticks(list(xs))
+    axes[0].set_xticklabels(labels, fontsize=8)
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("req/s", fontsize=9)
+    axes[0].grid(axis="y", alpha=0.3)
+    axes[1].bar([x - 0.2 for x in xs], [r["unloaded_p99_ms"] or 0 for r in rows], 0.4,
+                color=cols, alpha=0.4, label="unloaded p99")
+    axes[1].bar([x + 0.2 for x in xs], [r["ok_p99_ms"] or 0 for r in rows], 0.4,
+                color=cols, alpha=0.9, label="admitted p99 at 3x")
+    for x, r in zip(xs, rows):
+        if r["ok_p99_ms"]:
+            axes[1].annotate(f"{r['ok_p99_ms']:.0f} ms", (x + 0.2, r["ok_p99_ms"]),
+                             ha="center", va="bottom", fontsize=7)
+    axes[1].set_yscale("log")
+    axes[1].set_xticks(list(xs))
+    axes[1].set_xticklabels(labels, fontsize=8)
+    axes[1].legend(fontsize=7)
+    axes[1].set_title("latency of 200s, ms (log)", fontsize=9)
+    axes[1].grid(axis="y", alpha=0.3)
+    _bars(axes[2], labels, [(r["share_503"] or 0) * 100 for r in rows], cols, fmt="{:.1f}%")
+    axes[2].set_title("share of fast 503 rejections, %", fontsize=9)
+    _title(fig, result, f"overload: {result['config']['path']} at 3x capacity, "
+           f"supervisor cap={result['config'].get('cap')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_balance(result, path):
+    rows = result["summary"]["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    for ax, load in zip(axes[:2], ("closed", "open")):
+        sel = [r for r in rows if r["load"] == load]
+        width = 0.27
+        for i, (k, name) in enumerate([("fast_p99_ms", "fast p99"), ("p99_ms", "all p99"),
+                                       ("max_ms", "max")]):
+            xs = [x + (i - 1) * width for x in range(len(sel))]
+            vals = [r[k] or 0 for r in sel]
+            ax.bar(xs, vals, width, label=name, alpha=0.4 + 0.25 * i,
+                   color=["#c0392b" if "reuseport" in r["system"] else "#e67e22" for r in sel])
+            for x, v in zip(xs, vals):
+                ax.annotate(f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(range(len(sel)))
+        ax.set_xticklabels([r["label"] for r in sel], rotation=15, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(f"{load} loop: latency ms (log)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes[2]
+    sel = [r for r in rows if r["load"] == "open" and r["per_worker_example"]]
+    for i, r in enumerate(sel):
+        counts = r["per_worker_example"]
+        total = sum(counts) or 1
+        ax.bar([i + (j - len(counts) / 2) * 0.15 for j in range(len(counts))],
+               [c / total * 100 for c in counts], 0.15,
+               color="#c0392b" if "reuseport" in r["system"] else "#e67e22", alpha=0.8)
+    ax.axhline(100 / 5, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(sel)))
+    ax.set_xticklabels([r["label"] for r in sel], rotation=15, ha="right", fontsize=8)
+    ax.set_title("open loop: share of requests per worker, % (dashed: even)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    _title(fig, result, f"balance: {result['config']['workers']} workers, "
+           f"{result['config']['mix']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_footprint(result, path):
+    rows = result["summary"]["rows"]
+    ns = result["summary"]["workers"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+
+    def get(r, n):
+        return r["by_workers"].get(str(n)) or r["by_workers"].get(n)
+
+    for r in rows:
+        pts = [(n, get(r, n)["pss_kib"] / 1024) for n in ns if get(r, n)["pss_kib"]]
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                     color=color(r["system"]), label=r["label"])
+        for n, v in pts:
+            axes[0].annotate(f"{v:.1f}", (n, v), fontsize=7, xytext=(3, 3),
+                             textcoords="offset points")
+    axes[0].set_xlabel("workers")
+    axes[0].set_ylabel("PSS of the process tree, MiB")
+    axes[0].set_xticks(ns)
+    axes[0].legend(fontsize=8)
+    axes[0].grid(alpha=0.3)
+    axes[0].set_title("idle memory (PSS, whole tree)", fontsize=9)
+    width = 0.8 / max(1, len(ns))
+    for i, n in enumerate(ns):
+        xs = [x + (i - (len(ns) - 1) / 2) * width for x in range(len(rows))]
+        vals = [get(r, n)["first_200_ms"] or 0 for r in rows]
+        axes[1].bar(xs, vals, width, color=[color(r["system"]) for r in rows],
+                    alpha=0.4 + 0.5 * i / max(1, len(ns) - 1), label=f"{n} worker(s)")
+        for x, v in zip(xs, vals):
+            axes[1].annotate(f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize=6)
+    axes[1].set_xticks(range(len(rows)))
+    axes[1].set_xticklabels([r["label"] for r in rows], fontsize=8)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("ms (log)")
+    axes[1].legend(fontsize=7)
+    axes[1].grid(axis="y", alpha=0.3)
+    axes[1].set_title("start to first 200", fontsize=9)
+    _title(fig, result, "footprint")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+DRAW = {"hello": draw_hello, "latency": draw_latency, "overload": draw_overload,
+        "balance": draw_balance, "footprint": draw_footprint}
+
+
+def draw(result: dict, path: Path) -> None:
+    DRAW[result["scenario"]](result, path)

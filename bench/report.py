@@ -1,0 +1,205 @@
+"""Writes a scenario's results: <scenario>.json (everything, raw), <scenario>.md (tables with
+medians and supervisor/peer ratios) and <scenario>.png (matplotlib). The .md and .png are drawn
+from the .json alone, so `bench/run --report-only` can redraw them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ORDER = ["hello", "latency", "overload", "balance", "footprint"]
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def pct(v):
+    return "–" if v is None else f"{v * 100:.1f}%"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(x if isinstance(x, str) else fmt(x) for x in r) + " |")
+    return "\n".join(out)
+
+
+def meta_block(result: dict) -> str:
+    m = result["meta"]
+    v = m["versions"]
+    pin = m["pinning"]
+    pinning = (f"servers on CPU {','.join(map(str, pin['servers']))}, load generator on CPU "
+               f"{','.join(map(str, pin['load_generator']))}" if pin["servers"] else pin["note"])
+    lines = [
+        f"- Date: {m['date']}; {'quick run (smoke check)' if result['quick'] else 'full run'}, "
+        f"{result['rounds']} round(s), interleaved; {result.get('elapsed_s', '?')} s",
+        f"- Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, {m['os']}, "
+        f"Linux {m['kernel']}; {pinning}",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+    ]
+    return "\n".join(lines)
+
+
+def config_block(result: dict) -> str:
+    return "\n".join(f"- {k}: `{json.dumps(v) if not isinstance(v, str) else v}`"
+                     for k, v in result["config"].items())
+
+
+def warnings_block(result: dict) -> str:
+    w = result.get("warnings") or []
+    if not w:
+        return "No warnings: the load generator stayed below 90% of its CPU in every run."
+    return "**Warnings**\n\n" + "\n".join(f"- {x}" for x in w)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def md_hello(r: dict) -> str:
+    s = r["summary"]
+    rows = [[x["label"], x["workers"], x["rps"], f"{fmt(x['rps_min'])}–{fmt(x['rps_max'])}",
+             x["p50_ms"], x["p99_ms"], x["p99.9_ms"], x["server_cpu_us_per_req"],
+             pct(x["server_cpus_busy"]), pct(x["loadgen_cpu_util"]), x["non_2xx"]]
+            for x in s["rows"]]
+    t = table(["system", "workers", "req/s (median)", "req/s range", "p50 ms", "p99 ms",
+               "p99.9 ms", "server CPU µs/req", "server CPU busy", "load gen CPU", "non-2xx"],
+              rows)
+    rt = table(["supervisor", "peer", "req/s ratio", "p99 ratio", "CPU µs/req ratio"],
+               [[x["supervisor"], x["peer"], x["req/s"], x["p99"], x["CPU µs/req"]]
+                for x in s["ratios"]])
+    return (f"## hello: closed loop, c={r['config']['connections']}, GET / (13 bytes)\n\n{t}\n\n"
+            f"Ratios supervisor / peer (req/s: higher is better for supervisor; p99 and CPU per "
+            f"request: lower is better):\n\n{rt}\n")
+
+
+def md_latency(r: dict) -> str:
+    s, c = r["summary"], r["config"]
+    rows = [[x["label"], x["workers"], x["offered_rps"], x["achieved_rps"], x["p50_ms"],
+             x["p99_ms"], x["p99.9_ms"], x["max_ms"], x["errors"] + x["non_2xx"],
+             pct(x["loadgen_cpu_util"])] for x in s["rows"]]
+    t = table(["system", "workers", "offered req/s", "served req/s", "p50 ms", "p99 ms",
+               "p99.9 ms", "max ms", "errors+non-2xx", "load gen CPU"], rows)
+    rt = table(["supervisor", "peer", "p50 ratio", "p99 ratio", "p99.9 ratio"],
+               [[x["supervisor"], x["peer"], x["p50"], x["p99"], x["p99.9"]] for x in s["ratios"]])
+    return (f"## latency: open loop at {fmt(c['rate_rps'])} req/s = 50% of nginx's max "
+            f"({fmt(c['nginx_max_rps'])} req/s, {c['nginx_max_source']}), latency-corrected\n\n"
+            f"{t}\n\nRatios supervisor / peer (lower is better for supervisor):\n\n{rt}\n")
+
+
+def md_overload(r: dict) -> str:
+    s, c = r["summary"], r["config"]
+    rows = [[x["label"], x["workers"], x["cap"], x["unloaded_p50_ms"], x["unloaded_p99_ms"],
+             x["capacity_rps"], x["offered_rps"], x["goodput_rps"], pct(x["share_503"]),
+             x["rej_p50_ms"], x["rej_p99_ms"], x["ok_p50_ms"], x["ok_p99_ms"],
+             x["ok_p99_over_unloaded_p99"], x["errors"]] for x in s["rows"]]
+    t = table(["system", "workers", "cap", "unloaded p50 ms", "unloaded p99 ms",
+               "capacity req/s", "offered req/s", "goodput req/s", "503 share", "503 p50 ms",
+               "503 p99 ms", "admitted p50 ms", "admitted p99 ms",
+               "admitted p99 / unloaded p99", "errors"], rows)
+    rt = table(["supervisor", "peer", "goodput ratio", "admitted p99 ratio", "p99 growth ratio"],
+               [[x["supervisor"], x["peer"], x["goodput"], x["admitted p99"], x["p99 growth"]]
+                for x in s["ratios"]])
+    return (f"## overload: `{c['path']}` (CPU-bound), open loop at 3x each system's capacity\n\n"
+            f"Host-wide cap for supervisor: `limits.max_concurrent_requests = {c.get('cap')}`. "
+            f"Rule: {c['cap_rule']}.\n\n{t}\n\nRatios supervisor / peer:\n\n{rt}\n")
+
+
+def md_balance(r: dict) -> str:
+    s, c = r["summary"], r["config"]
+    rows = [[x["label"], x["load"], x["offered_rps"], x["rps"], x["p50_ms"], x["p99_ms"],
+             x["max_ms"], x["fast_p99_ms"], x["fast_max_ms"], x["slow_p99_ms"],
+             x["spread_max_over_min"], x["spread_cv"],
+             " / ".join(map(str, x["per_worker_example"] or [])), x["errors"] + x["non_2xx"]]
+            for x in s["rows"]]
+    t = table(["accept, connections", "load", "offered req/s", "served req/s", "p50 ms",
+               "p99 ms", "max ms", "fast p99 ms", "fast max ms", "slow p99 ms",
+               "per-worker max/min", "per-worker CV", "requests per worker (median round)",
+               "errors+non-2xx"], rows)
+    d = s["decision"]
+    ct = table(["connections", "load", "p99 reuseport/shared", "fast p99 reuseport/shared",
+                "max reuseport/shared", "spread CV reuseport/shared"],
+               [[x["connections"], x["load"], x["p99_ms reuseport/shared"],
+                 x["fast_p99_ms reuseport/shared"], x["max_ms reuseport/shared"],
+                 x["spread_cv reuseport/shared"]] for x in d["comparisons"]])
+    return (f"## balance: {c['workers']} workers, {c['mix']}\n\n"
+            f"closed = {c['closed']}; open = {c['open']}. Fast = `GET /`, slow = `/work`.\n\n"
+            f"{t}\n\nreuseport / shared (below 1: reuseport has the lower figure):\n\n{ct}\n\n"
+            f"Lower tail in more comparisons (>5% apart): **{d['lower_tail']}** "
+            f"(votes {d['votes']}).\n")
+
+
+def md_footprint(r: dict) -> str:
+    s = r["summary"]
+    ns = s["workers"]
+    rows = []
+    for x in s["rows"]:
+        row = [x["label"]]
+        for n in ns:
+            b = x["by_workers"][str(n)] if str(n) in x["by_workers"] else x["by_workers"][n]
+            row += [None if b["pss_kib"] is None else b["pss_kib"] / 1024, b["first_200_ms"]]
+        row += [None if x["pss_per_worker_kib"] is None else x["pss_per_worker_kib"] / 1024,
+                None if x["pss_base_kib"] is None else x["pss_base_kib"] / 1024]
+        rows.append(row)
+    hdr = ["system"]
+    for n in ns:
+        hdr += [f"PSS MiB, {n} worker(s)", f"start→200 ms, {n} worker(s)"]
+    hdr += ["PSS MiB per extra worker", "PSS MiB base (intercept)"]
+    t = table(hdr, rows)
+    rh = ["peer", "PSS per worker ratio"] + [f"PSS total ratio, {n}w" for n in ns] + \
+         [f"start→200 ratio, {n}w" for n in ns]
+    rt = table(rh, [[x["peer"], x["pss_per_worker"]] + [x[f"pss_total_w{n}"] for n in ns] +
+                    [x[f"first_200_w{n}"] for n in ns] for x in s["ratios"]])
+    return (f"## footprint: idle PSS of the whole process tree, and start to first 200\n\n{t}\n\n"
+            f"Ratios supervisor / peer (lower is better for supervisor):\n\n{rt}\n")
+
+
+MD = {"hello": md_hello, "latency": md_latency, "overload": md_overload,
+      "balance": md_balance, "footprint": md_footprint}
+
+
+def write(result: dict, out: Path) -> None:
+    name = result["scenario"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    body = MD[name](result)
+    text = (f"{body}\n![{name}]({name}.png)\n\n### Setup\n\n{meta_block(result)}\n\n"
+            f"{config_block(result)}\n\n{warnings_block(result)}\n\n"
+            f"Raw data, every round: [{name}.json]({name}.json). Produced by `bench/run"
+            f"{' --quick' if result['quick'] else ''} {name}`.\n")
+    (out / f"{name}.md").write_text(text)
+    try:
+        import plots
+
+        plots.draw(result, out / f"{name}.png")
+    except ImportError as e:  # matplotlib missing: tables still stand
+        print(f"no plot for {name}: {e}")
+
+
+def write_index(out: Path) -> None:
+    parts = ["# bench results\n", "One file per scenario; each starts with its table of medians "
+             "and supervisor/peer ratios.\n"]
+    for name in ORDER:
+        if (out / f"{name}.md").exists():
+            parts.append(f"- [{name}]({name}.md) ([json]({name}.json), [plot]({name}.png))")
+    (out / "README.md").write_text("\n".join(parts) + "\n")
+
+
+def console_summary(result: dict) -> str:
+    body = MD[result["scenario"]](result)
+    w = result.get("warnings") or []
+    return body + ("\n" + "\n".join(f"WARNING: {x}" for x in w) if w else "") + "\n"
