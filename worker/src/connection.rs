@@ -70,6 +70,8 @@ pub(crate) struct Activity {
     idle_since_ms: AtomicU64,
     /// The client sent bytes since the connection went idle: a request head is on its way.
     read_since_idle: AtomicBool,
+    /// The connection speaks HTTP/2 (seen on its first request).
+    http2: AtomicBool,
 }
 
 /// Connection-level timeouts, in milliseconds.
@@ -100,6 +102,7 @@ impl Activity {
             finished: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(0),
             read_since_idle: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
         }
     }
 
@@ -115,9 +118,9 @@ impl Activity {
             .wrapping_sub(self.finished.load(Ordering::Relaxed))
     }
 
-    /// Whether the client has shown any sign of life (a request, or bytes of one).
-    fn has_activity(&self) -> bool {
-        self.started.load(Ordering::Relaxed) > 0 || self.read_since_idle.load(Ordering::Relaxed)
+    /// Whether the connection is in use: a request in flight, or bytes of the next one.
+    fn in_use(&self) -> bool {
+        self.inflight() > 0 || self.read_since_idle.load(Ordering::Relaxed)
     }
 
     fn ms_since_open(&self) -> u64 {
@@ -170,6 +173,13 @@ impl Activity {
 
 /// One request in flight on a connection.
 pub(crate) struct ActivityGuard(Arc<Activity>);
+
+impl ActivityGuard {
+    /// Records that the connection speaks HTTP/2 (a drain can then send GOAWAY at once).
+    pub(crate) fn set_http2(&self) {
+        self.0.http2.store(true, Ordering::Relaxed);
+    }
+}
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
@@ -262,11 +272,14 @@ pub(crate) async fn serve(
     };
     let mut conn = pin!(worker.http.serve_connection(io, service));
 
-    // A connection accepted while draining came out of the kernel's queue: its client has most
-    // likely sent a request already. Shutting it down before hyper has read anything would
-    // cancel it unserved, so it is shut down as soon as it has shown activity instead (its
-    // first request is then answered with `Connection: close`).
-    let accepted_while_draining = *drain.borrow();
+    // When the worker drains, an HTTP/2 connection gets GOAWAY at once (the protocol makes
+    // that race-free). An HTTP/1 connection is shut down only while it is in use (a request
+    // in flight, whose response then carries `Connection: close`, or the bytes of one
+    // arriving); an idle one is left to its client's next request, which `request` answers
+    // with `Connection: close`, or to the idle timer. Closing it at once would race with a
+    // request already on its way, which the client would see as a connection closed before
+    // any response. The same holds for a connection accepted from the kernel's queue during
+    // the drain: its client has most likely sent a request that hyper has not read yet.
     let mut drain_signal = pin!(drain.wait_for(|draining| *draining));
     let mut draining = false;
     let mut shutdown: Option<Shutdown> = None;
@@ -291,7 +304,7 @@ pub(crate) async fn serve(
             // Changed to `true`, or the server is gone: drain either way.
             draining = true;
         }
-        if draining && (!accepted_while_draining || activity.has_activity()) {
+        if draining && (activity.in_use() || activity.http2.load(Ordering::Relaxed)) {
             conn.as_mut().graceful_shutdown();
             shutdown = Some(Shutdown::Drain);
             continue 'poll;
@@ -367,13 +380,17 @@ mod tests {
         assert_eq!(a.check(60_000, LIMITS), IdleCheck::Busy);
         drop(g1);
         assert_eq!(a.check(60_000, LIMITS), IdleCheck::Busy);
-        assert!(a.has_activity());
+        assert!(a.in_use());
 
         // The last one ends: idle from then, and the byte flag is reset.
         a.idle_since_ms.store(1, Ordering::Relaxed);
         drop(g2);
         let since = a.idle_since_ms.load(Ordering::Relaxed);
         assert!(!a.read_since_idle.load(Ordering::Relaxed));
+        assert!(
+            !a.in_use(),
+            "idle between requests: a drain leaves it to the client"
+        );
         assert_eq!(
             a.check(since + 4_999, LIMITS),
             IdleCheck::Wait(since + 5_000)

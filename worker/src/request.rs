@@ -16,7 +16,8 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use hyper::body::{Body as _, Incoming};
-use hyper::{Request, Response};
+use hyper::header::{HeaderValue, CONNECTION};
+use hyper::{Request, Response, Version};
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{Permits, Rejection};
@@ -32,6 +33,8 @@ use crate::server::Worker;
 /// no response is produced (the connection dropped mid-handler), it dies with the handler.
 pub(crate) struct RequestGuard {
     worker: &'static Worker,
+    /// HTTP/1.x: a draining worker ends the connection after this response.
+    http1: bool,
     admitted: Option<Admitted>,
     _activity: ActivityGuard,
 }
@@ -69,30 +72,40 @@ impl Drop for RequestGuard {
             + 1;
         // Equality, not `>=`: the counter only grows, so this is true for exactly one request,
         // and never when `max_requests` is 0.
+        if done == self.worker.prepare_at {
+            tell_master(self.worker, done, pipe::MAX_REQUESTS_SOON);
+        }
         if done == self.worker.max_requests {
-            ask_for_replacement(self.worker, done);
+            tell_master(self.worker, done, pipe::MAX_REQUESTS);
         }
     }
 }
 
-/// This worker has completed `worker.max_requests` requests: it asks the master for a
-/// replacement and keeps serving until the master drains it. A worker already draining is on
-/// its way out and asks nothing.
+/// This worker nears or has reached `worker.max_requests` completed requests: it tells the
+/// master (which prepares, then switches to, a replacement) and keeps serving until the master
+/// drains it. A worker already draining is on its way out and says nothing.
 #[cold]
-fn ask_for_replacement(worker: &'static Worker, done: u64) {
+fn tell_master(worker: &'static Worker, done: u64, message: u8) {
     if worker.admission.slot().state() == SlotState::Draining {
         debug!(
             requests.total = done,
-            "reached worker.max_requests while draining; not asking for a replacement"
+            "near or at worker.max_requests while draining; not asking for a replacement"
         );
         return;
     }
-    info!(
-        requests.total = done,
-        "reached worker.max_requests; asking the master for a replacement"
-    );
-    if let Err(e) = worker.master.send(pipe::MAX_REQUESTS) {
-        debug!(error = %e, "cannot tell the master that worker.max_requests was reached");
+    if message == pipe::MAX_REQUESTS {
+        info!(
+            requests.total = done,
+            "reached worker.max_requests; the replacement takes over once ready"
+        );
+    } else {
+        debug!(
+            requests.total = done,
+            "nearing worker.max_requests; asking the master to prepare a replacement"
+        );
+    }
+    if let Err(e) = worker.master.send(message) {
+        debug!(error = %e, "cannot tell the master about worker.max_requests");
     }
 }
 
@@ -102,8 +115,13 @@ pub(crate) async fn handle(
     activity: ActivityGuard,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let http1 = req.version() < Version::HTTP_2;
+    if !http1 {
+        activity.set_http2();
+    }
     let mut guard = RequestGuard {
         worker,
+        http1,
         admitted: None,
         _activity: activity,
     };
@@ -207,6 +225,12 @@ pub(crate) async fn handle(
 fn finish(mut res: Response<Body>, guard: RequestGuard) -> Response<Body> {
     res.headers_mut()
         .insert(X_WORKER_ID, guard.worker.responses.worker_id().clone());
+    // Draining: hyper closes an HTTP/1 connection after a response that says so, and the
+    // client knows not to send another request on it (see `connection`).
+    if guard.http1 && guard.worker.draining.load(Ordering::Relaxed) {
+        res.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     res.body_mut().set_guard(guard);
     res
 }

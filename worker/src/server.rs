@@ -7,7 +7,7 @@
 //! all of them are gone. It does not install signals or touch the process (that is `process`),
 //! and can be driven from a test with a plain listener, scoreboard and pipe.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -50,8 +50,12 @@ pub(crate) struct Worker {
     pub(crate) master: MasterPipe,
     /// Completed requests after which the worker asks the master to replace it; 0: never.
     pub(crate) max_requests: u64,
+    /// Completed requests after which the master is asked to prepare the replacement.
+    pub(crate) prepare_at: u64,
     /// What the built-in app keeps for the life of the process.
     pub(crate) app: app::State,
+    /// Set when the drain starts: HTTP/1 responses then close their connection.
+    pub(crate) draining: AtomicBool,
     connections: Semaphore,
 }
 
@@ -110,7 +114,9 @@ impl Worker {
             http,
             master,
             max_requests,
+            prepare_at: crate::pipe::prepare_at(max_requests),
             app: app::State::default(),
+            draining: AtomicBool::new(false),
             connections: Semaphore::new(w.max_connections.max(1) as usize),
         };
         Box::leak(Box::new(worker))
@@ -189,6 +195,7 @@ impl Server {
             server.graceful_timeout = ?timeout,
             "draining"
         );
+        self.worker.draining.store(true, Ordering::Relaxed);
         self.drain.send_replace(true);
         let completed = tokio::time::timeout(timeout, self.drain.closed())
             .await
