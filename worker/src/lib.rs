@@ -54,6 +54,9 @@ pub struct WorkerArgs {
     pub ready: OwnedFd,
     /// Requests after which the worker asks to be recycled (jitter already added); 0: never.
     pub max_requests: u64,
+    /// Boot and report ready, but accept nothing until SIGUSR2: a replacement prepared ahead
+    /// of its predecessor's `max_requests`.
+    pub hold: bool,
     /// The scoreboard memfd (see [`scoreboard`]), mapped writable.
     pub scoreboard: OwnedFd,
     pub config: config::Config,

@@ -86,6 +86,7 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
         args.master_pid,
         args.config.server.graceful_timeout,
         &args.config.log.file,
+        args.hold,
     ));
     // Dropping the runtime drops every remaining task, and with them their permits.
     drop(runtime);
@@ -98,18 +99,25 @@ async fn serve(
     master_pid: u32,
     graceful_timeout: Duration,
     log_file: &str,
+    hold: bool,
 ) -> ExitCode {
     let slot = worker.admission.slot();
     // Signals first: from here on a TERM from the master drains instead of killing us, and a
     // USR1 (whose default action is to terminate) reopens the log instead.
-    let (mut term, mut int, mut quit, mut usr1) = match (
+    // USR2 releases a held worker (see below); a worker that is not held ignores it.
+    let (mut term, mut int, mut quit, mut usr1, mut usr2) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::quit()),
         signal(SignalKind::user_defined1()),
+        signal(SignalKind::user_defined2()),
     ) {
-        (Ok(t), Ok(i), Ok(q), Ok(u)) => (t, i, q, u),
-        (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
+        (Ok(t), Ok(i), Ok(q), Ok(u), Ok(u2)) => (t, i, q, u, u2),
+        (Err(e), _, _, _, _)
+        | (_, Err(e), _, _, _)
+        | (_, _, Err(e), _, _)
+        | (_, _, _, Err(e), _)
+        | (_, _, _, _, Err(e)) => {
             error!(error = %e, "cannot install signal handlers");
             return ExitCode::from(EXIT_STARTUP);
         }
@@ -127,18 +135,51 @@ async fn serve(
     }
 
     spawn_heartbeat(slot);
+    let mut parent_check = tokio::time::interval(PARENT_CHECK_INTERVAL);
+    parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+    // A held worker is the replacement of one that nears `max_requests`: it boots and reports
+    // ready, but accepts nothing until the master releases it (USR2) when the old worker has
+    // served its limit. Sharing the sockets earlier would split the old worker's traffic and
+    // leave the count of either to chance.
+    if hold {
+        if let Err(e) = worker.master.send(pipe::READY) {
+            error!(error = %e, "cannot acknowledge readiness to the master");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+        debug!("worker ready; held until the master releases it");
+        loop {
+            tokio::select! {
+                _ = usr2.recv() => break,
+                _ = term.recv() => {
+                    info!("SIGTERM while held: exiting");
+                    return ExitCode::SUCCESS;
+                }
+                _ = int.recv() => return ExitCode::SUCCESS,
+                _ = quit.recv() => return ExitCode::SUCCESS,
+                _ = usr1.recv() => reopen_log(log_file),
+                _ = parent_check.tick() => {
+                    let ppid = nix::unistd::getppid().as_raw() as u32;
+                    if ppid != master_pid {
+                        error!(master.pid = master_pid, parent.pid = ppid, "master is gone; exiting");
+                        return ExitCode::from(EXIT_MASTER_GONE);
+                    }
+                }
+            }
+        }
+    }
 
     let server = Server::start(worker, listeners);
     slot.set_state(SlotState::Serving);
     // The pipe stays open after this: `request` sends `MAX_REQUESTS` on it later.
-    if let Err(e) = worker.master.send(pipe::READY) {
-        error!(error = %e, "cannot acknowledge readiness to the master");
-        return ExitCode::from(EXIT_STARTUP);
+    if !hold {
+        if let Err(e) = worker.master.send(pipe::READY) {
+            error!(error = %e, "cannot acknowledge readiness to the master");
+            return ExitCode::from(EXIT_STARTUP);
+        }
     }
     info!(pid = std::process::id(), "worker serving");
 
-    let mut parent_check = tokio::time::interval(PARENT_CHECK_INTERVAL);
-    parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut server = Some(server);
     let mut draining: Option<Pin<Box<dyn Future<Output = DrainSummary> + Send>>> = None;
     loop {
@@ -159,6 +200,7 @@ async fn serve(
                 return ExitCode::SUCCESS;
             }
             _ = usr1.recv() => reopen_log(log_file),
+            _ = usr2.recv() => debug!("SIGUSR2: not held; ignored"),
             _ = parent_check.tick() => {
                 let ppid = nix::unistd::getppid().as_raw() as u32;
                 if ppid != master_pid {

@@ -1,4 +1,5 @@
-//! What the master needs from a worker to manage its life: the `M` byte at `max_requests`, the
+//! What the master needs from a worker to manage its life: the `m` and `M` bytes near and at
+//! `max_requests`, the
 //! description of the requests in flight, and the app helpers that make a worker grow (`/leak`)
 //! or hang (`/block`).
 
@@ -23,7 +24,13 @@ async fn max_requests_sends_m_once_after_exactly_that_many_requests() {
     assert_eq!(c.get("/error").await.status, 500);
     assert_eq!(get(s.addr, "/healthz").await.status, 200);
     eventually(SETTLE, "4 requests completed", || s.requests() == 4).await;
-    assert_eq!(s.pipe(), b"", "nothing before max_requests");
+    // Well ahead of the limit (`pipe::prepare_at`), the master is asked to prepare.
+    assert_eq!(pipe::prepare_at(5), 1);
+    assert_eq!(
+        s.pipe(),
+        [pipe::MAX_REQUESTS_SOON],
+        "m, and only m, before max_requests"
+    );
 
     assert_eq!(c.get("/").await.status, 200);
     let mut got = Vec::new();
@@ -48,6 +55,12 @@ async fn max_requests_reached_while_draining_sends_nothing() {
     let mut s = start(50, |c| c.worker.max_requests = 3);
     assert_eq!(get(s.addr, "/").await.status, 200);
     assert_eq!(get(s.addr, "/").await.status, 200);
+    eventually(SETTLE, "2 requests completed", || s.requests() == 2).await;
+    assert_eq!(
+        s.pipe(),
+        [pipe::MAX_REQUESTS_SOON],
+        "prepared after the first"
+    );
     let mut busy = H1::connect(s.addr).await;
     busy.send(b"GET /sleep?ms=500 HTTP/1.1\r\nHost: t\r\n\r\n")
         .await;

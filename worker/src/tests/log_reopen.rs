@@ -48,6 +48,7 @@ fn child() {
         listeners: vec![listener.into()],
         ready: ready.into(),
         max_requests: 0,
+        hold: false,
         scoreboard,
         config,
     });

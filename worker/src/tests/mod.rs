@@ -202,6 +202,7 @@ mod process {
             listeners: Vec::new(),
             ready: OwnedFd::from(ready),
             max_requests: 0,
+            hold: false,
             scoreboard,
             config: Default::default(),
         }
