@@ -84,6 +84,9 @@ pub struct WorkerArgs {
     /// Requests after which the worker asks to be recycled, jitter included; 0: never.
     #[arg(long, default_value_t = 0)]
     pub max_requests: u64,
+    /// Accept nothing until SIGUSR2 (a replacement prepared ahead of time).
+    #[arg(long)]
+    pub hold: bool,
 }
 
 #[cfg(test)]

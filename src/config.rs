@@ -195,8 +195,9 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "worker.timeout",
-        allowed: DURATION_GT_0,
-        check: |c| positive(c.worker.timeout),
+        // Heartbeats come every second: anything shorter than two would kill healthy workers.
+        allowed: "a duration >= 2s, like \"2m\"",
+        check: |c| within(c.worker.timeout, Duration::from_secs(2)..=Duration::MAX),
     },
     Rule {
         key: "worker.max_requests",

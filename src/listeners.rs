@@ -74,6 +74,27 @@ impl Listeners {
         backlog: u32,
         unix_mode: u32,
     ) -> Result<Listeners> {
+        let mut listeners = Listeners {
+            groups: Vec::new(),
+            backlog: 0,
+        };
+        listeners.rebind(binds, mode, workers, backlog, unix_mode)?;
+        Ok(listeners)
+    }
+
+    /// Moves to a new set of addresses (a reload): addresses already bound in the same mode
+    /// keep their sockets (and the connections queued on them); new ones are probed and bound;
+    /// the master's copies of the others are closed (workers still holding them drain them).
+    /// All or nothing: on error nothing changed.
+    pub fn rebind(
+        &mut self,
+        binds: &[String],
+        mode: AcceptMode,
+        workers: u32,
+        backlog: u32,
+        unix_mode: u32,
+    ) -> Result<()> {
+        let backlog = backlog.min(i32::MAX as u32) as i32;
         let mut addrs = Vec::new();
         for b in binds {
             let a = BindAddr::parse(b)?;
@@ -81,19 +102,30 @@ impl Listeners {
                 addrs.push(a);
             }
         }
-        // All probes before any bind: a half-bound set would be harder to explain.
-        for a in &addrs {
+        let per_worker_for =
+            |a: &BindAddr| matches!(a, BindAddr::Tcp(_)) && mode == AcceptMode::Reuseport;
+        let held = |a: &BindAddr| self.groups.iter().position(|g| g.addr == *a);
+        let reusable =
+            |a: &BindAddr| held(a).filter(|&i| self.groups[i].per_worker == per_worker_for(a));
+        // All probes before any bind: a half-bound set would be harder to explain. Addresses
+        // we hold ourselves are not probed (the probe would find us).
+        for a in addrs.iter().filter(|a| held(a).is_none()) {
             probe_free(a)?;
         }
-        let mut listeners = Listeners {
-            groups: Vec::new(),
-            backlog: backlog.min(i32::MAX as u32) as i32,
-        };
-        for a in addrs {
-            let group = match &a {
+        enum Next {
+            Keep(usize),
+            New(Group),
+        }
+        let mut next = Vec::with_capacity(addrs.len());
+        for a in &addrs {
+            if let Some(i) = reusable(a) {
+                next.push(Next::Keep(i));
+                continue;
+            }
+            let group = match a {
                 BindAddr::Tcp(sa) => {
-                    let per_worker = mode == AcceptMode::Reuseport;
-                    let first = bind_tcp(*sa, listeners.backlog)?;
+                    let per_worker = per_worker_for(a);
+                    let first = bind_tcp(*sa, backlog)?;
                     let actual = local_tcp_addr(&first)?;
                     let mut g = Group {
                         addr: BindAddr::Tcp(actual),
@@ -103,21 +135,52 @@ impl Listeners {
                     };
                     if per_worker {
                         for _ in 1..workers {
-                            g.sockets.push(Some(bind_tcp(actual, listeners.backlog)?));
+                            g.sockets.push(Some(bind_tcp(actual, backlog)?));
                         }
                     }
                     g
                 }
                 BindAddr::Unix(path) => Group {
-                    sockets: vec![Some(bind_unix(path, listeners.backlog, unix_mode)?)],
+                    sockets: vec![Some(bind_unix(path, backlog, unix_mode)?)],
                     addr: a.clone(),
                     per_worker: false,
                     unix_path: Some(path.clone()),
                 },
             };
-            listeners.groups.push(group);
+            next.push(Next::New(group));
         }
-        Ok(listeners)
+        // Commit.
+        let mut old: Vec<Option<Group>> = std::mem::take(&mut self.groups)
+            .into_iter()
+            .map(Some)
+            .collect();
+        for n in next {
+            let g = match n {
+                Next::Keep(i) => {
+                    let g = old[i].take().expect("each old group is kept at most once");
+                    if backlog != self.backlog {
+                        for s in g.sockets.iter().flatten() {
+                            let _ = s.listen(backlog); // updates the queue length in place
+                        }
+                    }
+                    g
+                }
+                Next::New(g) => g,
+            };
+            self.groups.push(g);
+        }
+        for g in old.into_iter().flatten() {
+            let still_used = self
+                .groups
+                .iter()
+                .any(|n| n.unix_path.is_some() && n.unix_path == g.unix_path);
+            drop(g.sockets);
+            if let (Some(p), false) = (g.unix_path, still_used) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        self.backlog = backlog;
+        Ok(())
     }
 
     /// The addresses actually bound (port 0 resolved), for the log.

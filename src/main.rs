@@ -11,6 +11,8 @@ mod config;
 mod listeners;
 mod logging;
 mod master;
+mod recycle;
+mod rss;
 mod spawn;
 mod status;
 mod sys;
@@ -88,11 +90,23 @@ fn start(args: cli::StartArgs) -> ExitCode {
             ),
         );
     }
-    logging::init(&loaded.config.log);
+    if !loaded.config.log.file.is_empty() {
+        // Workers inherit stderr, so this sends every process's log to the file.
+        if let Err(e) = worker::logfile::redirect_stderr(&loaded.config.log.file) {
+            return fail(EXIT_FAILURE, &e);
+        }
+    }
+    let level = logging::init(&loaded.config.log);
     if let Some(p) = &loaded.source {
         tracing::info!(config = %p.display(), "configuration loaded");
     }
-    match master::setup(loaded.config) {
+    // HUP re-reads the same sources: the same file, environment and command line.
+    let reload: master::Reload = Box::new(move || {
+        load_config(&args.config)
+            .map(|l| l.config)
+            .map_err(|e| e.to_string())
+    });
+    match master::setup(loaded.config, reload, level) {
         Ok(m) => ExitCode::from(m.run() as u8),
         Err(e) => {
             tracing::error!("{e:#}");
@@ -117,7 +131,7 @@ fn run_worker(args: cli::WorkerArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, &format!("bad worker config: {e}")),
     };
-    logging::init(&config.log);
+    let _ = logging::init(&config.log);
     let fds = (|| -> std::io::Result<_> {
         let listeners = args
             .listen_fds
@@ -139,6 +153,7 @@ fn run_worker(args: cli::WorkerArgs) -> ExitCode {
         listeners,
         ready,
         max_requests: args.max_requests,
+        hold: args.hold,
         scoreboard,
         config,
     })

@@ -4,10 +4,14 @@
 //! Single-threaded on purpose: `PR_SET_PDEATHSIG` fires when the *thread* that forked a worker
 //! exits, so spawning from the only thread ties workers to the master's life; and forking a
 //! process with no other threads cannot inherit a lock held elsewhere. The loop waits in
-//! `poll(2)` on a signal self-pipe and the workers' readiness pipes, with a timeout for the next
-//! timer (a delayed respawn, a stop deadline).
+//! `poll(2)` on a signal self-pipe and the workers' pipes, with a timeout for the next timer (a
+//! delayed respawn, a memory sample, a stop deadline).
+//!
+//! Replacing a worker (recycling, reload) is always a surge: the replacement starts in the same
+//! worker number (so it shares that number's sockets), and only once it reports ready is the
+//! old process told to drain. At most `worker.max_recycling` replacements run at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,11 +28,14 @@ use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 use tracing::{debug, error, info, warn};
 use worker::config::{default_workers, AcceptMode, Config};
-use worker::scoreboard::{monotonic_ms, Scoreboard, SlotState};
+use worker::pipe;
+use worker::scoreboard::{monotonic_ms, RecycleReason, Scoreboard, SlotState};
 
 use crate::listeners::Listeners;
+use crate::logging::LevelHandle;
+use crate::recycle::{self, Observed, Plan};
 use crate::spawn::{self, SpawnRequest};
-use crate::sys;
+use crate::{rss, sys};
 
 /// Scoreboard records: room for the largest worker count plus as many replacements again.
 const SCOREBOARD_CAPACITY: usize = 2048;
@@ -41,28 +48,61 @@ const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(30);
 const STABLE_UPTIME: Duration = Duration::from_secs(10);
 /// How long a fast stop (INT, QUIT) waits for workers before SIGKILL.
 const FAST_STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Upper bound on one `poll` wait, so a missed wake-up can never stall the loop for long.
+/// Upper bound on one `poll` wait: hung-worker checks run at least this often.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
+
+/// Re-reads the configuration from the same sources as at start (for HUP).
+pub type Reload = Box<dyn Fn() -> Result<Config, String>>;
 
 /// One worker number (1..=workers) and its history across respawns.
 struct WorkerSlot {
     id: u32,
     generation: u32,
+    /// The process serving this number (or booting to).
     pid: Option<Pid>,
+    /// A replacement booting; it takes over from `pid` when it reports ready.
+    successor: Option<Pid>,
     /// Consecutive failures (boot failures and early crashes) for the backoff.
     failures: u32,
     respawn_at: Option<Instant>,
+    /// A replacement is wanted, for this reason, not before this time.
+    recycle: Option<(RecycleReason, Instant)>,
+}
+
+impl WorkerSlot {
+    fn new(id: u32) -> WorkerSlot {
+        WorkerSlot {
+            id,
+            generation: 0,
+            pid: None,
+            successor: None,
+            failures: 0,
+            respawn_at: None,
+            recycle: None,
+        }
+    }
 }
 
 /// A live worker process.
 struct Proc {
     id: u32,
     record: usize,
-    ready: Option<OwnedFd>,
+    /// Read end of the worker's pipe to the master (`R` ready, `M` max_requests reached).
+    pipe: Option<OwnedFd>,
     acked: bool,
     started: Instant,
+    /// Configuration generation it was started with (a reload replaces older ones).
+    config_gen: u64,
+    plan: Plan,
+    observed: Observed,
     /// We sent SIGKILL ourselves, so a SIGKILL death is ours and not the OOM killer's.
     killed_by_us: bool,
+    /// Killed because its heartbeat stopped.
+    hung: bool,
+    /// Started held (ready but not accepting until released with SIGUSR2).
+    held: bool,
+    /// Told to drain, and why; it is killed if still running at the deadline.
+    retiring: Option<(RecycleReason, Instant)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -78,6 +118,9 @@ enum Phase {
 pub struct Master {
     config: Config,
     config_json: String,
+    config_gen: u64,
+    reload: Reload,
+    log_level: LevelHandle,
     listeners: Option<Listeners>,
     board: Scoreboard,
     board_fd: OwnedFd,
@@ -87,35 +130,49 @@ pub struct Master {
     ttou: Arc<AtomicUsize>,
     slots: Vec<WorkerSlot>,
     procs: HashMap<Pid, Proc>,
+    /// Worker numbers waiting for a replacement, oldest request first.
+    recycle_queue: VecDeque<u32>,
+    next_rss_sample: Instant,
     phase: Phase,
     announced_ready: bool,
     exit_code: i32,
 }
 
-/// Builds the master: binds every listener, creates the scoreboard, installs signal handling.
-/// Nothing is spawned yet; errors here exit 1 with the message.
-pub fn setup(config: Config) -> Result<Master> {
-    let workers = config.server.workers.unwrap_or_else(default_workers);
-    let unix_mode = u32::from_str_radix(&config.server.unix_mode, 8).with_context(|| {
+fn unix_mode(config: &Config) -> Result<u32> {
+    u32::from_str_radix(&config.server.unix_mode, 8).with_context(|| {
         format!(
             "server.unix_mode {:?} is not octal",
             config.server.unix_mode
         )
-    })?;
+    })
+}
+
+fn workers_of(config: &Config) -> u32 {
+    config.server.workers.unwrap_or_else(default_workers)
+}
+
+fn log_listeners(listeners: &Listeners, mode: AcceptMode) {
+    let accept = match mode {
+        AcceptMode::Reuseport => "reuseport",
+        AcceptMode::Shared => "shared",
+    };
+    for (addr, sockets) in listeners.addresses() {
+        info!(addr = %addr, sockets, accept = %accept, "listening");
+    }
+}
+
+/// Builds the master: binds every listener, creates the scoreboard, installs signal handling.
+/// Nothing is spawned yet; errors here exit 1 with the message.
+pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<Master> {
+    let workers = workers_of(&config);
     let listeners = Listeners::bind(
         &config.server.bind,
         config.server.accept,
         workers,
         config.server.backlog,
-        unix_mode,
+        unix_mode(&config)?,
     )?;
-    for (addr, sockets) in listeners.addresses() {
-        let accept = match config.server.accept {
-            AcceptMode::Reuseport => "reuseport",
-            AcceptMode::Shared => "shared",
-        };
-        info!(addr = %addr, sockets, accept, "listening");
-    }
+    log_listeners(&listeners, config.server.accept);
     let (board, board_fd) =
         Scoreboard::create(SCOREBOARD_CAPACITY, config.limits.max_concurrent_requests)
             .context("cannot create the scoreboard")?;
@@ -137,26 +194,22 @@ pub fn setup(config: Config) -> Result<Master> {
     sys::count_signal(SIGTTIN, ttin.clone()).context("cannot install signal handlers")?;
     sys::count_signal(SIGTTOU, ttou.clone()).context("cannot install signal handlers")?;
 
-    let slots = (1..=workers)
-        .map(|id| WorkerSlot {
-            id,
-            generation: 0,
-            pid: None,
-            failures: 0,
-            respawn_at: None,
-        })
-        .collect();
     Ok(Master {
         config_json: spawn::config_json(&config),
         config,
+        config_gen: 0,
+        reload,
+        log_level,
         listeners: Some(listeners),
         board,
         board_fd,
         signals,
         ttin,
         ttou,
-        slots,
+        slots: (1..=workers).map(WorkerSlot::new).collect(),
         procs: HashMap::new(),
+        recycle_queue: VecDeque::new(),
+        next_rss_sample: Instant::now(),
         phase: Phase::Running,
         announced_ready: false,
         exit_code: 0,
@@ -180,6 +233,8 @@ impl Master {
                 self.enforce_stop_deadline();
             } else {
                 self.spawn_due();
+                self.check_workers();
+                self.start_replacements();
                 if self.phase != Phase::Running {
                     continue; // spawning gave up: go straight to stopping
                 }
@@ -193,7 +248,11 @@ impl Master {
         self.exit_code
     }
 
-    /// Starts every worker that has no process and whose backoff (if any) has passed.
+    fn slot_index(&self, id: u32) -> Option<usize> {
+        self.slots.iter().position(|s| s.id == id)
+    }
+
+    /// Starts every worker number that has no process and whose backoff (if any) has passed.
     fn spawn_due(&mut self) {
         let now = Instant::now();
         for i in 0..self.slots.len() {
@@ -201,29 +260,39 @@ impl Master {
             if slot.pid.is_some() || slot.respawn_at.is_some_and(|t| t > now) {
                 continue;
             }
-            if let Err(e) = self.spawn(i) {
-                self.slots[i].failures += 1;
-                let (id, failures) = (self.slots[i].id, self.slots[i].failures);
-                let delay = self.schedule_respawn(i, backoff(failures));
-                error!(worker.id = id, retry_in = ?delay, "cannot start worker: {e:#}");
-                if self.boot_failures_fatal(failures) {
-                    return;
+            match self.spawn(slot.id, false) {
+                Ok(pid) => {
+                    self.slots[i].pid = Some(pid);
+                    self.slots[i].respawn_at = None;
+                }
+                Err(e) => {
+                    self.slots[i].failures += 1;
+                    let (id, failures) = (self.slots[i].id, self.slots[i].failures);
+                    let delay = self.schedule_respawn(i, backoff(failures));
+                    error!(worker.id = id, retry_in = ?delay, "cannot start worker: {e:#}");
+                    if self.boot_failures_fatal(failures) {
+                        return;
+                    }
                 }
             }
         }
     }
 
-    fn spawn(&mut self, index: usize) -> Result<()> {
+    /// Starts a process for worker number `id` (its slot's generation advances). The caller
+    /// decides whether it is the slot's process or a successor.
+    fn spawn(&mut self, id: u32, hold: bool) -> Result<Pid> {
         let Some(record) = self.free_record() else {
             bail!("scoreboard full ({SCOREBOARD_CAPACITY} records)");
         };
-        let id = self.slots[index].id;
+        let index = self.slot_index(id).context("no such worker number")?;
         let generation = self.slots[index].generation;
         let listen_fds = self
             .listeners
             .as_mut()
             .context("listeners are closed")?
             .fds_for(id)?;
+        let started = Instant::now();
+        let plan = Plan::draw(&self.config.worker, started);
         // Identity first, pid after the fork: the worker only ever moves the state forward from
         // Booting, so the master must not write the state once the worker may be running.
         let rec = self.board.slot(record);
@@ -238,6 +307,8 @@ impl Master {
             listen_fds: &listen_fds,
             scoreboard: &self.board_fd,
             config_json: &self.config_json,
+            max_requests: plan.max_requests,
+            hold,
         });
         let spawned = match spawned {
             Ok(s) => s,
@@ -254,22 +325,25 @@ impl Master {
             generation,
             "worker spawned"
         );
-        let slot = &mut self.slots[index];
-        slot.pid = Some(spawned.pid);
-        slot.generation += 1;
-        slot.respawn_at = None;
+        self.slots[index].generation += 1;
         self.procs.insert(
             spawned.pid,
             Proc {
                 id,
                 record,
-                ready: Some(spawned.ready),
+                pipe: Some(spawned.pipe),
                 acked: false,
-                started: Instant::now(),
+                started,
+                config_gen: self.config_gen,
+                plan,
+                observed: Observed::default(),
                 killed_by_us: false,
+                hung: false,
+                held: hold,
+                retiring: None,
             },
         );
-        Ok(())
+        Ok(spawned.pid)
     }
 
     /// A scoreboard record that no live process uses.
@@ -278,6 +352,150 @@ impl Master {
             self.board.slot(r).state() == SlotState::Free
                 && !self.procs.values().any(|p| p.record == r)
         })
+    }
+
+    /// Hung workers, memory samples, recycle triggers and drain deadlines.
+    fn check_workers(&mut self) {
+        let now = Instant::now();
+        let now_ms = monotonic_ms();
+        let timeout_ms = self.config.worker.timeout.as_millis() as u64;
+        let sample = now >= self.next_rss_sample;
+        if sample {
+            self.next_rss_sample = now + self.config.worker.rss_interval;
+        }
+        let mut due = Vec::new();
+        for (pid, proc) in self.procs.iter_mut() {
+            let rec = self.board.slot(proc.record);
+            if proc.hung {
+                continue;
+            }
+            // Hung: no heartbeat for `timeout` (a booting worker is timed from its spawn).
+            let age = now_ms.saturating_sub(rec.heartbeat_ms.load(Ordering::Relaxed));
+            if age > timeout_ms {
+                let doing: Vec<String> = rec
+                    .requests_in_flight()
+                    .into_iter()
+                    .map(|(started, what)| format!("{what} ({}ms)", now_ms.saturating_sub(started)))
+                    .collect();
+                error!(
+                    worker.id = proc.id,
+                    pid = pid.as_raw(),
+                    heartbeat_age_ms = age,
+                    requests.inflight = rec.inflight.load(Ordering::Relaxed),
+                    requests = ?doing,
+                    "worker hung: no heartbeat for longer than worker.timeout; killing it"
+                );
+                proc.hung = true;
+                proc.killed_by_us = true;
+                rec.recycle_reason
+                    .store(RecycleReason::Hung as u32, Ordering::Relaxed);
+                let _ = kill(*pid, Signal::SIGKILL);
+                continue;
+            }
+            if let Some((reason, deadline)) = proc.retiring {
+                if now >= deadline && !proc.killed_by_us {
+                    warn!(
+                        worker.id = proc.id,
+                        pid = pid.as_raw(),
+                        reason = %reason.as_str(),
+                        "worker still draining after server.graceful_timeout; killing it"
+                    );
+                    proc.killed_by_us = true;
+                    let _ = kill(*pid, Signal::SIGKILL);
+                }
+                continue;
+            }
+            if sample {
+                let bytes = rss::tree_rss(pid.as_raw() as u32);
+                rec.rss_bytes.store(bytes, Ordering::Relaxed);
+                recycle::sample_rss(&self.config.worker, &mut proc.observed, bytes);
+            }
+            if proc.acked {
+                if let Some(reason) = recycle::due(
+                    &self.config.worker,
+                    &proc.plan,
+                    &proc.observed,
+                    proc.started,
+                    now,
+                ) {
+                    due.push((proc.id, *pid, reason));
+                }
+            }
+        }
+        for (id, pid, reason) in due {
+            self.request_recycle(id, pid, reason, now);
+        }
+    }
+
+    /// Asks for worker number `id`'s process `pid` to be replaced.
+    fn request_recycle(&mut self, id: u32, pid: Pid, reason: RecycleReason, not_before: Instant) {
+        let Some(i) = self.slot_index(id) else { return };
+        let slot = &mut self.slots[i];
+        if slot.pid != Some(pid) || slot.recycle.is_some() || slot.successor.is_some() {
+            return; // not its current process, or already being replaced
+        }
+        slot.recycle = Some((reason, not_before));
+        self.recycle_queue.push_back(id);
+        if let Some(p) = self.procs.get(&pid) {
+            self.board
+                .slot(p.record)
+                .recycle_reason
+                .store(reason as u32, Ordering::Relaxed);
+        }
+        debug!(worker.id = id, pid = pid.as_raw(), reason = %reason.as_str(), "recycle requested");
+    }
+
+    /// Starts replacements for queued recycles, at most `max_recycling` at a time.
+    fn start_replacements(&mut self) {
+        let now = Instant::now();
+        let limit = self.config.worker.max_recycling as usize;
+        let mut waiting = VecDeque::new();
+        while let Some(id) = self.recycle_queue.pop_front() {
+            // Replacements still booting: one that is ready (waiting for its worker to reach
+            // max_requests) no longer costs a boot.
+            let in_progress = self
+                .slots
+                .iter()
+                .filter_map(|s| s.successor)
+                .filter(|p| self.procs.get(p).is_some_and(|p| !p.acked))
+                .count();
+            let Some(i) = self.slot_index(id) else {
+                continue;
+            };
+            let Some((reason, not_before)) = self.slots[i].recycle else {
+                continue;
+            };
+            if self.slots[i].pid.is_none() {
+                self.slots[i].recycle = None; // died meanwhile: its respawn is the replacement
+                continue;
+            }
+            if in_progress >= limit || now < not_before {
+                waiting.push_back(id);
+                continue;
+            }
+            // A replacement for max_requests is prepared ahead and held until the old worker
+            // has served its limit; any other replacement takes over as soon as it is ready.
+            let hold = reason == RecycleReason::MaxRequests;
+            match self.spawn(id, hold) {
+                Ok(pid) => {
+                    info!(
+                        worker.id = id,
+                        pid = pid.as_raw(),
+                        reason = %reason.as_str(),
+                        "starting a replacement"
+                    );
+                    self.slots[i].successor = Some(pid);
+                }
+                Err(e) => {
+                    self.slots[i].failures += 1;
+                    let delay = backoff(self.slots[i].failures);
+                    self.slots[i].recycle = Some((reason, now + delay));
+                    error!(worker.id = id, retry_in = ?delay, "cannot start a replacement: {e:#}");
+                    waiting.push_back(id);
+                }
+            }
+        }
+        self.recycle_queue = waiting;
     }
 
     /// Reaps every exited child without blocking. The master is the only reaper.
@@ -304,11 +522,6 @@ impl Master {
     fn on_exit(&mut self, pid: Pid, proc: Proc, exit: Exit) {
         let returned = self.board.reclaim(proc.record);
         let uptime = proc.started.elapsed();
-        let stopping = matches!(self.phase, Phase::Stopping { .. });
-        let slot_index = self.slots.iter().position(|s| s.pid == Some(pid));
-        if let Some(i) = slot_index {
-            self.slots[i].pid = None;
-        }
         if returned > 0 {
             warn!(
                 worker.id = proc.id,
@@ -318,7 +531,19 @@ impl Master {
             );
         }
         let how = exit.describe(proc.killed_by_us);
-        if stopping || slot_index.is_none() {
+        let stopping = matches!(self.phase, Phase::Stopping { .. });
+        let current = self.slots.iter().position(|s| s.pid == Some(pid));
+        let successor_of = self.slots.iter().position(|s| s.successor == Some(pid));
+
+        if let Some((reason, _)) = proc.retiring {
+            if exit.is_clean() {
+                info!(worker.id = proc.id, pid = pid.as_raw(), reason = %reason.as_str(), uptime = ?uptime, "worker recycled");
+            } else {
+                warn!(worker.id = proc.id, pid = pid.as_raw(), reason = %reason.as_str(), "worker recycled: {how}");
+            }
+            return;
+        }
+        if stopping || (current.is_none() && successor_of.is_none()) {
             if exit.is_clean() {
                 info!(worker.id = proc.id, pid = pid.as_raw(), "worker stopped");
             } else {
@@ -330,8 +555,36 @@ impl Master {
             }
             return;
         }
-        let i = slot_index.expect("checked above");
-        if !proc.acked {
+        if let Some(i) = successor_of {
+            // A replacement died before taking over: the old process keeps serving, and the
+            // recycle is tried again after a backoff.
+            let slot = &mut self.slots[i];
+            slot.successor = None;
+            slot.failures += 1;
+            let delay = backoff(slot.failures);
+            if let Some((reason, _)) = slot.recycle {
+                slot.recycle = Some((reason, Instant::now() + delay));
+                self.recycle_queue.push_back(slot.id);
+            }
+            error!(worker.id = proc.id, pid = pid.as_raw(), retry_in = ?delay, "replacement worker failed to boot: {how}");
+            return;
+        }
+        let i = current.expect("checked above");
+        if let Some(next) = self.slots[i].successor.take() {
+            // The worker died while its replacement was prepared: the replacement takes over.
+            self.slots[i].pid = Some(next);
+            self.slots[i].recycle = None;
+            self.release(next);
+            error!(
+                worker.id = proc.id,
+                pid = pid.as_raw(),
+                "worker died while being replaced: {how}"
+            );
+            return;
+        }
+        self.slots[i].pid = None;
+        self.slots[i].recycle = None;
+        if !proc.acked && !proc.hung {
             self.slots[i].failures += 1;
             let failures = self.slots[i].failures;
             let delay = self.schedule_respawn(i, backoff(failures));
@@ -356,13 +609,17 @@ impl Master {
             n => backoff(n),
         };
         let delay = self.schedule_respawn(i, delay);
-        error!(
-            worker.id = proc.id,
-            pid = pid.as_raw(),
-            uptime = ?uptime,
-            respawn_in = ?delay,
-            "worker died: {how}"
-        );
+        if proc.hung {
+            error!(worker.id = proc.id, pid = pid.as_raw(), uptime = ?uptime, respawn_in = ?delay, "worker killed as hung");
+        } else {
+            error!(
+                worker.id = proc.id,
+                pid = pid.as_raw(),
+                uptime = ?uptime,
+                respawn_in = ?delay,
+                "worker died: {how}"
+            );
+        }
     }
 
     /// Sets when worker slot `index` is started again. A slot left empty for a while gives up
@@ -403,6 +660,10 @@ impl Master {
                 for t in self.slots.iter().filter_map(|s| s.respawn_at) {
                     wait = wait.min(t.saturating_duration_since(now));
                 }
+                for (_, t) in self.slots.iter().filter_map(|s| s.recycle) {
+                    wait = wait.min(t.saturating_duration_since(now));
+                }
+                wait = wait.min(self.next_rss_sample.saturating_duration_since(now));
             }
             Phase::Stopping {
                 deadline, killed, ..
@@ -415,7 +676,7 @@ impl Master {
         let pids: Vec<Pid> = self
             .procs
             .iter()
-            .filter(|(_, p)| p.ready.is_some())
+            .filter(|(_, p)| p.pipe.is_some())
             .map(|(pid, _)| *pid)
             .collect();
         let readable: Vec<bool> = {
@@ -425,7 +686,7 @@ impl Master {
                 PollFlags::POLLIN,
             ));
             for pid in &pids {
-                let fd = self.procs[pid].ready.as_ref().expect("filtered above");
+                let fd = self.procs[pid].pipe.as_ref().expect("filtered above");
                 fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
             }
             match poll(&mut fds, PollTimeout::from(ms)) {
@@ -441,36 +702,128 @@ impl Master {
             }
         };
         for (pid, _) in pids.iter().zip(&readable[1..]).filter(|(_, r)| **r) {
-            self.on_ready_pipe(*pid);
+            self.on_worker_pipe(*pid);
         }
         if readable[0] {
             self.on_signals();
         }
     }
 
-    fn on_ready_pipe(&mut self, pid: Pid) {
+    fn on_worker_pipe(&mut self, pid: Pid) {
         let Some(proc) = self.procs.get_mut(&pid) else {
             return;
         };
-        let mut buf = [0u8; 16];
-        let n = match proc.ready.as_ref() {
+        let mut buf = [0u8; 64];
+        let n = match proc.pipe.as_ref() {
             Some(fd) => nix::unistd::read(fd, &mut buf).unwrap_or(0),
             None => return,
         };
         if n == 0 {
-            proc.ready = None; // EOF: the worker closed it (after the ACK, or by dying)
+            proc.pipe = None; // EOF: the worker is exiting
             return;
         }
-        if buf[..n].contains(&b'R') && !proc.acked {
-            proc.acked = true;
-            info!(
-                worker.id = proc.id,
-                pid = pid.as_raw(),
-                boot = ?proc.started.elapsed(),
-                "worker ready"
-            );
-            self.maybe_announce_ready();
+        let bytes = &buf[..n];
+        if bytes.contains(&pipe::MAX_REQUESTS_SOON) {
+            proc.observed.max_requests_soon = true;
         }
+        let reached = bytes.contains(&pipe::MAX_REQUESTS);
+        if reached {
+            proc.observed.max_requests_reached = true;
+        }
+        let id = proc.id;
+        if bytes.contains(&pipe::READY) && !proc.acked {
+            proc.acked = true;
+            let boot = proc.started.elapsed();
+            info!(worker.id = id, pid = pid.as_raw(), boot = ?boot, "worker ready");
+            self.on_ready(id, pid);
+        }
+        if reached {
+            // Its replacement may be ready and waiting for exactly this.
+            if let Some(i) = self.slot_index(id) {
+                let waiting = self.slots[i]
+                    .successor
+                    .and_then(|s| self.procs.get(&s))
+                    .is_some_and(|s| s.acked);
+                if self.slots[i].pid == Some(pid) && waiting {
+                    self.promote(i);
+                }
+            }
+        }
+    }
+
+    /// A worker reported ready: a successor takes over (and the old process drains), and the
+    /// master announces readiness once every worker number has a ready process.
+    fn on_ready(&mut self, id: u32, pid: Pid) {
+        let Some(i) = self.slot_index(id) else { return };
+        if self.slots[i].successor == Some(pid) {
+            // Replacing a worker for max_requests: the old one serves up to its limit, sharing
+            // its sockets with the ready replacement, and is drained when it reports the limit.
+            let early = self.slots[i]
+                .recycle
+                .is_some_and(|(r, _)| r == RecycleReason::MaxRequests)
+                && self.slots[i]
+                    .pid
+                    .and_then(|old| self.procs.get(&old))
+                    .is_some_and(|old| !old.observed.max_requests_reached);
+            if !early {
+                self.promote(i);
+            }
+        }
+        self.maybe_announce_ready();
+    }
+
+    /// The ready successor of slot `i` takes over; the process it replaces drains.
+    fn promote(&mut self, i: usize) {
+        let Some(next) = self.slots[i].successor.take() else {
+            return;
+        };
+        let old = self.slots[i].pid.replace(next);
+        let reason = self.slots[i]
+            .recycle
+            .take()
+            .map_or(RecycleReason::Reload, |(r, _)| r);
+        self.slots[i].failures = 0;
+        self.release(next);
+        if let Some(old) = old {
+            self.retire(old, reason);
+        }
+        // Started before a reload that came while it booted: replace it in turn.
+        if self
+            .procs
+            .get(&next)
+            .is_some_and(|p| p.config_gen < self.config_gen)
+        {
+            let id = self.slots[i].id;
+            self.request_recycle(id, next, RecycleReason::Reload, Instant::now());
+        }
+    }
+
+    /// Lets a held process start accepting. Its record says `serving` from this moment (the
+    /// process starts its accept loops within a tick of the signal), so that the scoreboard
+    /// never shows a gap between it and the worker it replaces, which drains from now on.
+    fn release(&mut self, pid: Pid) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            if p.held {
+                p.held = false;
+                self.board.slot(p.record).set_state(SlotState::Serving);
+                let _ = kill(pid, Signal::SIGUSR2);
+            }
+        }
+    }
+
+    /// Tells a replaced process to drain; it is killed if still running after
+    /// `server.graceful_timeout`.
+    fn retire(&mut self, pid: Pid, reason: RecycleReason) {
+        let deadline = Instant::now() + self.config.server.graceful_timeout;
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.retiring = Some((reason, deadline));
+            self.board
+                .slot(p.record)
+                .recycle_reason
+                .store(reason as u32, Ordering::Relaxed);
+            debug!(worker.id = p.id, pid = pid.as_raw(), reason = %reason.as_str(), "draining the replaced worker");
+        }
+        let _ = kill(pid, Signal::SIGTERM);
     }
 
     fn maybe_announce_ready(&mut self) {
@@ -516,8 +869,8 @@ impl Master {
                         self.remove_worker();
                     }
                 }
-                SIGHUP => warn!("HUP: configuration reload is not implemented yet; ignored"),
-                SIGUSR1 => info!("USR1: logs go to stderr; nothing to reopen"),
+                SIGHUP => self.reload(),
+                SIGUSR1 => self.reopen_logs(),
                 SIGUSR2 => warn!("USR2: binary upgrade is not implemented yet; ignored"),
                 other => debug!(signal = other, "ignored signal"),
             }
@@ -529,13 +882,7 @@ impl Master {
             return;
         }
         let id = self.slots.iter().map(|s| s.id).max().unwrap_or(0) + 1;
-        self.slots.push(WorkerSlot {
-            id,
-            generation: 0,
-            pid: None,
-            failures: 0,
-            respawn_at: None,
-        });
+        self.slots.push(WorkerSlot::new(id));
         info!(workers = self.slots.len(), "TTIN: one worker more");
     }
 
@@ -546,14 +893,136 @@ impl Master {
             }
             return;
         }
-        let slot = self.slots.pop().expect("more than one slot");
+        self.drop_last_slot();
+        info!(workers = self.slots.len(), "TTOU: one worker fewer");
+    }
+
+    /// Removes the highest worker number: its processes drain, its sockets leave the group.
+    fn drop_last_slot(&mut self) {
+        let slot = self.slots.pop().expect("a slot to remove");
         if let Some(l) = self.listeners.as_mut() {
             l.release(slot.id);
         }
-        if let Some(pid) = slot.pid {
+        for pid in [slot.pid, slot.successor].into_iter().flatten() {
             let _ = kill(pid, Signal::SIGTERM);
         }
-        info!(workers = self.slots.len(), "TTOU: one worker fewer");
+    }
+
+    /// HUP: re-read and validate the configuration. Invalid: log why and change nothing.
+    /// Valid: apply it, then replace every worker by a rolling surge.
+    fn reload(&mut self) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        info!("HUP: reloading the configuration");
+        let new = match (self.reload)() {
+            Ok(c) => c,
+            Err(e) => {
+                for line in e.lines() {
+                    error!("reload failed, keeping the current configuration: {line}");
+                }
+                return;
+            }
+        };
+        let workers = workers_of(&new);
+        let sockets_changed = new.server.bind != self.config.server.bind
+            || new.server.accept != self.config.server.accept
+            || new.server.backlog != self.config.server.backlog
+            || new.server.unix_mode != self.config.server.unix_mode;
+        if sockets_changed {
+            let rebound = unix_mode(&new).and_then(|mode| {
+                let l = self.listeners.as_mut().context("listeners are closed")?;
+                l.rebind(
+                    &new.server.bind,
+                    new.server.accept,
+                    workers,
+                    new.server.backlog,
+                    mode,
+                )
+            });
+            if let Err(e) = rebound {
+                error!("reload failed, keeping the current configuration: {e:#}");
+                return;
+            }
+            if let Some(l) = &self.listeners {
+                log_listeners(l, new.server.accept);
+            }
+        }
+        if new.log.file != self.config.log.file && !new.log.file.is_empty() {
+            if let Err(e) = worker::logfile::redirect_stderr(&new.log.file) {
+                error!("reload: {e}; logging stays where it was");
+            }
+        }
+        if new.log.format != self.config.log.format {
+            warn!("reload: log.format applies to new workers; the master keeps its format until restarted");
+        }
+        self.log_level.set(new.log.level);
+        self.board
+            .header()
+            .global_cap
+            .store(new.limits.max_concurrent_requests, Ordering::Relaxed);
+        self.config_json = spawn::config_json(&new);
+        self.config = new;
+        self.config_gen += 1;
+
+        // Worker count: new numbers start as usual; extra numbers drain away.
+        while (self.slots.len() as u32) < workers {
+            let id = self.slots.iter().map(|s| s.id).max().unwrap_or(0) + 1;
+            self.slots.push(WorkerSlot::new(id));
+        }
+        while (self.slots.len() as u32) > workers {
+            self.drop_last_slot();
+        }
+        // Every process from an older configuration is replaced, a few at a time.
+        let now = Instant::now();
+        let old: Vec<(u32, Pid)> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.pid.map(|p| (s.id, p)))
+            .filter(|(_, p)| {
+                self.procs
+                    .get(p)
+                    .is_some_and(|p| p.config_gen < self.config_gen)
+            })
+            .collect();
+        // A replacement prepared and held for max_requests takes over now (it is replaced in
+        // turn below, being of the old configuration).
+        let held: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| {
+                self.slots[i]
+                    .successor
+                    .and_then(|p| self.procs.get(&p))
+                    .is_some_and(|p| p.held && p.acked)
+            })
+            .collect();
+        for i in held {
+            self.promote(i);
+        }
+        // A recycle already queued becomes part of the reload. (One already booting finishes;
+        // its process is then replaced in turn, see `promote`.)
+        for slot in self.slots.iter_mut().filter(|s| s.successor.is_none()) {
+            slot.recycle = None;
+        }
+        self.recycle_queue.clear();
+        for (id, pid) in old {
+            self.request_recycle(id, pid, RecycleReason::Reload, now);
+        }
+        info!(workers, "configuration reloaded; replacing workers");
+    }
+
+    /// USR1: reopen the log file (after rotation), in the master and every worker.
+    fn reopen_logs(&mut self) {
+        if self.config.log.file.is_empty() {
+            info!("USR1: logging to stderr; nothing to reopen");
+            return;
+        }
+        match worker::logfile::redirect_stderr(&self.config.log.file) {
+            Ok(()) => info!(file = %self.config.log.file, "USR1: log file reopened"),
+            Err(e) => error!("USR1: {e}"),
+        }
+        for pid in self.procs.keys() {
+            let _ = kill(*pid, Signal::SIGUSR1);
+        }
     }
 
     /// Starts a stop: graceful (TERM to workers, wait `graceful_timeout`) or fast (QUIT, wait a

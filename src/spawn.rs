@@ -20,9 +20,9 @@ pub const CONFIG_ENV: &str = "SUPERVISOR_WORKER_CONFIG";
 
 pub struct Spawned {
     pub pid: Pid,
-    /// Read end of the readiness pipe: the worker writes one byte when it accepts connections;
-    /// EOF without that byte means it died while booting.
-    pub ready: OwnedFd,
+    /// Read end of the worker's pipe to the master: `R` when it accepts connections, `M` when
+    /// it has served its `max_requests`; EOF when it exits.
+    pub pipe: OwnedFd,
 }
 
 pub struct SpawnRequest<'a> {
@@ -31,6 +31,10 @@ pub struct SpawnRequest<'a> {
     pub listen_fds: &'a [i32],
     pub scoreboard: &'a OwnedFd,
     pub config_json: &'a str,
+    /// Requests after which the worker asks to be recycled (0: never).
+    pub max_requests: u64,
+    /// Start held: ready but not accepting until SIGUSR2.
+    pub hold: bool,
 }
 
 pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
@@ -60,7 +64,12 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
         .arg("--ready-fd")
         .arg(ready_write.as_raw_fd().to_string())
         .arg("--scoreboard-fd")
-        .arg(req.scoreboard.as_raw_fd().to_string());
+        .arg(req.scoreboard.as_raw_fd().to_string())
+        .arg("--max-requests")
+        .arg(req.max_requests.to_string());
+    if req.hold {
+        cmd.arg("--hold");
+    }
     for fd in req.listen_fds {
         cmd.arg("--listen-fd").arg(fd.to_string());
     }
@@ -76,7 +85,7 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
     drop(ready_write);
     Ok(Spawned {
         pid: Pid::from_raw(child.id() as i32),
-        ready: ready_read,
+        pipe: ready_read,
     })
 }
 

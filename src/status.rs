@@ -33,6 +33,10 @@ pub struct WorkerStatus {
     pub connections: u32,
     pub rejected_local: u64,
     pub timeouts: u64,
+    /// Memory of the worker and its descendants at the last sample.
+    pub rss_bytes: u64,
+    /// Why it is being replaced, if it is.
+    pub recycle_reason: Option<&'static str>,
     pub uptime_ms: u64,
     pub heartbeat_age_ms: u64,
 }
@@ -105,6 +109,8 @@ pub fn read(pid: Option<u32>) -> Result<Status> {
             connections: s.connections.load(Ordering::Relaxed),
             rejected_local: s.rejected_local.load(Ordering::Relaxed),
             timeouts: s.timeouts.load(Ordering::Relaxed),
+            rss_bytes: s.rss_bytes.load(Ordering::Relaxed),
+            recycle_reason: s.recycle_reason().map(|r| r.as_str()),
             uptime_ms: now.saturating_sub(s.started_ms.load(Ordering::Relaxed)),
             heartbeat_age_ms: now.saturating_sub(s.heartbeat_ms.load(Ordering::Relaxed)),
         })
@@ -145,7 +151,7 @@ pub fn print(status: &Status, json: bool) {
     );
     for w in &status.workers {
         println!(
-            "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>9} {:>8}s",
+            "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>9} {:>9} {:>8}s  {}",
             w.worker_id,
             w.generation,
             w.pid,
@@ -155,7 +161,9 @@ pub fn print(status: &Status, json: bool) {
             w.held_global,
             w.connections,
             w.rejected_local,
-            w.uptime_ms / 1000
+            worker::config::ByteSize(w.rss_bytes / 1024 * 1024).to_string(),
+            w.uptime_ms / 1000,
+            w.recycle_reason.unwrap_or("")
         );
     }
 }

@@ -3,5 +3,6 @@
 mod cli;
 mod lifecycle;
 mod limits;
+mod recycling;
 mod serving;
 mod util;

@@ -174,7 +174,10 @@ impl Slot {
             .position(|e| e.started_ms.load(Ordering::Relaxed) == 0)?;
         let entry = &self.current[index];
         let mut bytes = [0u8; REQUEST_TEXT_WORDS * 8];
-        let text = method.bytes().chain(std::iter::once(b' ')).chain(path.bytes());
+        let text = method
+            .bytes()
+            .chain(std::iter::once(b' '))
+            .chain(path.bytes());
         for (b, c) in bytes.iter_mut().zip(text) {
             *b = c;
         }
@@ -449,7 +452,10 @@ mod tests {
         assert_eq!(slot.begin_request("GET", "/"), None, "all entries taken");
         slot.end_request(a);
         slot.end_request(b);
-        assert_eq!(master.slot(0).requests_in_flight().len(), TRACKED_REQUESTS - 2);
+        assert_eq!(
+            master.slot(0).requests_in_flight().len(),
+            TRACKED_REQUESTS - 2
+        );
         board.reclaim(0);
         assert!(master.slot(0).requests_in_flight().is_empty());
     }

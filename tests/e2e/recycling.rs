@@ -1,0 +1,308 @@
+//! Recycling, hung workers and reload, under a client that keeps sending requests.
+
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::util::*;
+
+/// Requests sent and failed by a background client.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// A client that keeps requests going until told to stop (or `max` requests, or 60 s): one
+/// keep-alive connection (reconnecting when the server says `Connection: close`), or a new
+/// connection per request; at most one request per `pace`.
+fn client(
+    addr: SocketAddr,
+    keep_alive: bool,
+    max: u64,
+    pace: Duration,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+        let mut sent = 0;
+        while sent < max && !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            sent += 1;
+            // Pacing, not synchronisation: a steady load rather than a flood of two cores.
+            let next = Instant::now() + pace;
+            let result = if keep_alive {
+                let (s, r) = match conn.as_mut() {
+                    Some(c) => c,
+                    None => {
+                        let s = TcpStream::connect(addr).expect("connect");
+                        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                        let r = BufReader::new(s.try_clone().unwrap());
+                        conn.insert((s, r))
+                    }
+                };
+                s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    .and_then(|_| read_response(r))
+            } else {
+                try_get(addr, "/")
+            };
+            match result {
+                Ok(resp) if resp.status == 200 => {
+                    tally.ok.fetch_add(1, Ordering::Relaxed);
+                    if resp.header("connection") == Some("close") {
+                        conn = None;
+                    }
+                }
+                Ok(resp) => {
+                    eprintln!("client: status {}", resp.status);
+                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                    conn = None;
+                }
+                Err(e) => {
+                    eprintln!("client: {e}");
+                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                    conn = None;
+                }
+            }
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+    })
+}
+
+/// Two clients at this pace send ~1000 requests/s: a worker with max_requests=20 is replaced
+/// about every 40 ms, several times its boot time on a loaded two-core machine.
+const PACE: Duration = Duration::from_millis(2);
+
+fn serving(server: &Server) -> usize {
+    server.workers_in("serving").len()
+}
+
+fn count(server: &Server, needle: &str) -> usize {
+    server
+        .log
+        .lines()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+#[test]
+fn max_requests_recycles_without_a_failed_request_or_a_capacity_dip() {
+    let server = Server::start(&[
+        "-w",
+        "2",
+        "--set",
+        "worker.max_requests=20",
+        "--set",
+        "worker.min_lifetime=0s",
+    ]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let clients = [
+        client(server.addr, true, 1000, PACE, stop.clone(), tally.clone()),
+        client(server.addr, false, 1000, PACE, stop.clone(), tally.clone()),
+    ];
+    let mut fewest = usize::MAX;
+    while clients.iter().any(|c| !c.is_finished()) {
+        fewest = fewest.min(serving(&server));
+        // A sampling interval, not synchronisation: the machine has two cores to share.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(tally.failed.load(Ordering::Relaxed), 0, "failed requests");
+    assert_eq!(tally.ok.load(Ordering::Relaxed), 2000);
+    assert!(fewest >= 2, "only {fewest} serving workers at some point");
+    let recycled = count(&server, "worker recycled");
+    assert!(recycled >= 80, "only {recycled} recycles for 2000 requests");
+    assert!(server.log.text().contains("reason=max_requests"));
+}
+
+#[test]
+fn a_worker_past_max_rss_is_recycled_after_the_configured_samples() {
+    let server = Server::start(&[
+        "-w",
+        "1",
+        "--set",
+        "worker.max_rss=64MiB",
+        "--set",
+        "worker.rss_interval=200ms",
+        "--set",
+        "worker.rss_samples=3",
+    ]);
+    let before = server.workers_in("serving")[0]["pid"].as_u64().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let c = client(
+        server.addr,
+        true,
+        u64::MAX,
+        PACE,
+        stop.clone(),
+        tally.clone(),
+    );
+    let r = server.get("/leak?kb=81920"); // 80 MiB, resident
+    assert_eq!(r.status, 200);
+    let replaced = eventually(Duration::from_secs(20), "a replacement", || {
+        let w = server.workers_in("serving");
+        (w.len() == 1 && w[0]["pid"].as_u64().unwrap() != before).then(|| w[0].clone())
+    });
+    let line = server
+        .log
+        .wait_for(Duration::from_secs(10), |l| l.contains("worker recycled"))
+        .unwrap();
+    assert!(line.contains("reason=max_rss"), "{line}");
+    // Sampled and counted: at least 3 samples over the limit, so not before ~600 ms.
+    assert!(!alive(before as u32));
+    // Memory of the tree is back under the limit.
+    let fresh = eventually(Duration::from_secs(10), "a memory sample", || {
+        let w = server.workers_in("serving");
+        let rss = w.first()?["rss_bytes"].as_u64()?;
+        (rss > 0).then_some(rss)
+    });
+    assert!(fresh < 64 << 20, "replacement uses {fresh} bytes");
+    assert_eq!(replaced["generation"], 1);
+    stop.store(true, Ordering::Relaxed);
+    c.join().unwrap();
+    assert_eq!(tally.failed.load(Ordering::Relaxed), 0, "failed requests");
+    assert!(tally.ok.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn a_hung_worker_is_reported_with_its_request_killed_and_replaced() {
+    let server = Server::start(&["-w", "2", "--set", "worker.timeout=2s"]);
+    let addr = server.addr;
+    // Find the worker that gets the blocking request by its id in the report.
+    let blocked = std::thread::spawn(move || try_get(addr, "/block?ms=30000"));
+    let line = server
+        .log
+        .wait_for(Duration::from_secs(20), |l| l.contains("worker hung"))
+        .expect("the hang is reported");
+    assert!(line.contains("GET /block?ms=30000"), "{line}");
+    assert!(line.contains("heartbeat_age_ms="), "{line}");
+    let killed = server
+        .log
+        .wait_for(Duration::from_secs(10), |l| {
+            l.contains("worker killed as hung")
+        })
+        .expect("the kill is classified");
+    assert!(!killed.contains("OOM"), "{killed}");
+    assert!(
+        blocked.join().unwrap().is_err(),
+        "the blocked request dies with its worker"
+    );
+    eventually(Duration::from_secs(20), "2 serving workers again", || {
+        (serving(&server) == 2).then_some(())
+    });
+    assert_eq!(server.get("/").status, 200);
+}
+
+#[test]
+fn hup_under_load_replaces_every_worker_and_applies_the_new_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = write_file(dir.path(), "s.toml", "[server]\nworkers = 2\n");
+    let mut server = Server::spawn_in(dir, &["-c", conf.to_str().unwrap(), "-b", "127.0.0.1:0"]);
+    server
+        .log
+        .wait_for(Duration::from_secs(20), |l| l.contains(" ready workers="))
+        .expect("ready");
+    server.addr = server.tcp_addr().unwrap();
+    let old: Vec<u64> = server
+        .workers_in("serving")
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(old.len(), 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let clients = [
+        client(
+            server.addr,
+            true,
+            u64::MAX,
+            PACE,
+            stop.clone(),
+            tally.clone(),
+        ),
+        client(
+            server.addr,
+            false,
+            u64::MAX,
+            PACE,
+            stop.clone(),
+            tally.clone(),
+        ),
+    ];
+    std::fs::write(&conf, "[server]\nworkers = 4\n").unwrap();
+    server.signal(Signal::SIGHUP);
+    eventually(Duration::from_secs(30), "4 new workers serving", || {
+        let w = server.workers_in("serving");
+        let fresh = w.iter().all(|w| !old.contains(&w["pid"].as_u64().unwrap()));
+        (w.len() == 4 && fresh && old.iter().all(|&p| !alive(p as u32))).then_some(())
+    });
+    // A broken file: logged, nothing changes, still serving.
+    let now: Vec<u64> = server
+        .workers_in("serving")
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+    std::fs::write(&conf, "[server]\nworkers = 4\nwokers = 5\n").unwrap();
+    server.signal(Signal::SIGHUP);
+    let line = server
+        .log
+        .wait_for(Duration::from_secs(10), |l| l.contains("reload failed"))
+        .expect("the failed reload is logged");
+    assert!(line.contains("wokers"), "{line}");
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let after: Vec<u64> = server
+        .workers_in("serving")
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(now.len(), after.len());
+    assert!(
+        now.iter().all(|p| after.contains(p)),
+        "a bad reload changed workers"
+    );
+    assert_eq!(tally.failed.load(Ordering::Relaxed), 0, "failed requests");
+    assert!(tally.ok.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn usr1_reopens_the_log_file_in_master_and_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("supervisor.log");
+    let set = format!("log.file={}", log.display());
+    let mut server = Server::spawn_in(dir, &["-b", "127.0.0.1:0", "-w", "1", "--set", &set]);
+    let text = eventually(Duration::from_secs(20), "ready in the log file", || {
+        let t = std::fs::read_to_string(&log).ok()?;
+        t.contains(" ready workers=").then_some(t)
+    });
+    assert!(
+        text.contains("worker{worker.id=1}"),
+        "workers log to the file too"
+    );
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    server.signal(Signal::SIGUSR1);
+    let fresh = eventually(Duration::from_secs(20), "a reopened log file", || {
+        let t = std::fs::read_to_string(&log).ok()?;
+        (t.contains("log file reopened") && t.contains("worker{worker.id=1}")).then_some(t)
+    });
+    assert!(
+        !fresh.contains(" ready workers="),
+        "old lines stay in the rotated file"
+    );
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(20)).success());
+}
