@@ -5,14 +5,6 @@ use nix::unistd::Pid;
 
 use crate::util::*;
 
-fn worker_pids(server: &Server) -> Vec<u32> {
-    server
-        .workers_in("serving")
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
-        .collect()
-}
-
 #[test]
 fn term_lets_in_flight_requests_finish_then_exits_0() {
     let mut server = Server::start(&["-w", "2"]);
@@ -21,7 +13,7 @@ fn term_lets_in_flight_requests_finish_then_exits_0() {
     eventually(Duration::from_secs(10), "the request in flight", || {
         (server.status()["global_inflight"] == 1).then_some(())
     });
-    let workers = worker_pids(&server);
+    let workers = server.serving_pids();
     server.signal(Signal::SIGTERM);
     let resp = req.join().unwrap();
     assert_eq!(resp.status, 200, "in-flight request cut by a graceful stop");
@@ -75,7 +67,7 @@ fn a_killed_worker_is_respawned_and_service_goes_on() {
 #[test]
 fn killing_the_master_takes_every_worker_down_within_2s() {
     let mut server = Server::start(&["-w", "3"]);
-    let workers = worker_pids(&server);
+    let workers = server.serving_pids();
     assert_eq!(workers.len(), 3);
     server.child.kill().unwrap(); // SIGKILL: no chance to clean up
     server.wait_exit(Duration::from_secs(5));
@@ -89,7 +81,7 @@ fn ttin_and_ttou_change_the_worker_count() {
     let server = Server::start(&["-w", "2"]);
     server.signal(Signal::SIGTTIN);
     eventually(Duration::from_secs(20), "3 serving workers", || {
-        (worker_pids(&server).len() == 3).then_some(())
+        (server.serving_pids().len() == 3).then_some(())
     });
     // One at a time: the kernel merges a standard signal sent twice before it is handled.
     server.signal(Signal::SIGTTOU);
@@ -128,7 +120,7 @@ fn workers_that_cannot_start_stop_the_master_with_one_clear_error() {
     // SAFETY: prlimit with a valid pid and a pointer to a live rlimit; old value not requested.
     let rc = unsafe { libc::prlimit(master, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-    let worker = worker_pids(&server)[0];
+    let worker = server.serving_pids()[0];
     kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
     let status = server.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1));
@@ -148,7 +140,7 @@ fn workers_inherit_only_their_own_fds() {
         master_fds.contains(&format!("pipe:[{inode}]")),
         "the test's stray fd should reach the master: {master_fds:?}"
     );
-    let worker = worker_pids(&server)[0];
+    let worker = server.serving_pids()[0];
     let fds = fd_links(worker);
     assert!(
         !fds.contains(&format!("pipe:[{inode}]")),

@@ -214,11 +214,7 @@ fn hup_under_load_replaces_every_worker_and_applies_the_new_count() {
         .wait_for(Duration::from_secs(20), |l| l.contains(" ready workers="))
         .expect("ready");
     server.addr = server.tcp_addr().unwrap();
-    let old: Vec<u64> = server
-        .workers_in("serving")
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap())
-        .collect();
+    let old = server.serving_pids();
     assert_eq!(old.len(), 2);
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
@@ -243,16 +239,12 @@ fn hup_under_load_replaces_every_worker_and_applies_the_new_count() {
     std::fs::write(&conf, "[server]\nworkers = 4\n").unwrap();
     server.signal(Signal::SIGHUP);
     eventually(Duration::from_secs(30), "4 new workers serving", || {
-        let w = server.workers_in("serving");
-        let fresh = w.iter().all(|w| !old.contains(&w["pid"].as_u64().unwrap()));
-        (w.len() == 4 && fresh && old.iter().all(|&p| !alive(p as u32))).then_some(())
+        let now = server.serving_pids();
+        let fresh = now.iter().all(|p| !old.contains(p));
+        (now.len() == 4 && fresh && old.iter().all(|&p| !alive(p))).then_some(())
     });
     // A broken file: logged, nothing changes, still serving.
-    let now: Vec<u64> = server
-        .workers_in("serving")
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap())
-        .collect();
+    let now = server.serving_pids();
     std::fs::write(&conf, "[server]\nworkers = 4\nwokers = 5\n").unwrap();
     server.signal(Signal::SIGHUP);
     let line = server
@@ -264,11 +256,7 @@ fn hup_under_load_replaces_every_worker_and_applies_the_new_count() {
     for c in clients {
         c.join().unwrap();
     }
-    let after: Vec<u64> = server
-        .workers_in("serving")
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap())
-        .collect();
+    let after = server.serving_pids();
     assert_eq!(now.len(), after.len());
     assert!(
         now.iter().all(|p| after.contains(p)),

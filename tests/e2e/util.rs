@@ -114,15 +114,9 @@ impl Server {
     }
 
     pub fn spawn_in(dir: tempfile::TempDir, args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
+        let mut child = supervisor(dir.path())
             .arg("start")
             .args(args)
-            .current_dir(dir.path())
-            .env_remove("PORT")
-            .env_remove("WORKERS")
-            .env_remove("LOG_LEVEL")
-            .env_remove("MAX_CONCURRENT_REQUESTS")
-            .env_remove("MAX_ACTIVE_INSTANCES")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -176,6 +170,14 @@ impl Server {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Pids of the serving workers.
+    pub fn serving_pids(&self) -> Vec<u32> {
+        self.workers_in("serving")
+            .iter()
+            .map(|w| w["pid"].as_u64().unwrap() as u32)
+            .collect()
     }
 
     /// Records of workers in a given state.
@@ -299,16 +301,27 @@ pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
     })
 }
 
+/// The binary, run in `dir`, without the environment variables it reads (the test runner's
+/// own environment must not leak into a test's configuration).
+fn supervisor(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir);
+    for var in [
+        "PORT",
+        "WORKERS",
+        "LOG_LEVEL",
+        "MAX_CONCURRENT_REQUESTS",
+        "MAX_ACTIVE_INSTANCES",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// `supervisor ARGS...` to completion (for `check` and failing starts), with a bound.
 pub fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = supervisor(dir);
     cmd.args(args)
-        .current_dir(dir)
-        .env_remove("PORT")
-        .env_remove("WORKERS")
-        .env_remove("LOG_LEVEL")
-        .env_remove("MAX_CONCURRENT_REQUESTS")
-        .env_remove("MAX_ACTIVE_INSTANCES")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
