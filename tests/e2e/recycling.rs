@@ -294,3 +294,25 @@ fn usr1_reopens_the_log_file_in_master_and_workers() {
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(20)).success());
 }
+
+#[test]
+fn max_lifetime_recycles_a_worker_by_age() {
+    let server = Server::start(&[
+        "-w",
+        "1",
+        "--set",
+        "worker.max_lifetime=1s",
+        "--set",
+        "worker.max_lifetime_jitter=500ms",
+    ]);
+    let first = server.serving_pids();
+    let line = server
+        .log
+        .wait_for(Duration::from_secs(20), |l| l.contains("worker recycled"))
+        .expect("a recycle by age");
+    assert!(line.contains("reason=max_lifetime"), "{line}");
+    let now = server.serving_pids();
+    assert_eq!(now.len(), 1);
+    assert_ne!(now, first);
+    assert_eq!(server.get("/").status, 200);
+}
