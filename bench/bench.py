@@ -96,7 +96,9 @@ def machine_info(pin: h.Pinning) -> dict:
     dirty = bool(git("status", "--porcelain", "--", "src", "worker", "Cargo.toml", "Cargo.lock"))
     sup_version = _cmd_version([str(h.supervisor_bin()), "--version"], r"(\d+\.\d+\.\d+\S*)")
     dirty_note = ""
-    if os.environ.get("SUPERVISOR_BIN"):
+    if os.environ.get("SUPERVISOR_REV"):  # bench/run --rev: built from that commit alone
+        commit, dirty_note = os.environ["SUPERVISOR_REV"], ", built from that commit"
+    elif os.environ.get("SUPERVISOR_BIN"):
         dirty_note = f", binary {os.environ['SUPERVISOR_BIN']}"
     elif dirty:
         dirty_note = ", with uncommitted changes in src/ or worker/"
@@ -149,6 +151,7 @@ def loadgen_check(res: h.LoadResult, pin: h.Pinning) -> dict:
         "server_cpus_busy": None if res.server_cpus_busy is None else round(res.server_cpus_busy, 3),
         "server_tree_cpu_s": round(res.server_cpu_s, 3),
         "other_processes_cpu": res.others,
+        "tcp_retransmits": res.retransmits,
     }
 
 
@@ -251,6 +254,11 @@ def collect_warnings(result: dict, runs: list[dict], what: str) -> None:
                 result["warnings"].append(
                     f"{tag}{' ' + phase if phase else ''}: other processes used CPU meanwhile: "
                     + ", ".join(f"{o['comm']} (pid {o['pid']}) {o['cpu']:.0%}" for o in others))
+            if mm.get("tcp_retransmits"):
+                result["warnings"].append(
+                    f"{tag}{' ' + phase if phase else ''}: the kernel retransmitted "
+                    f"{mm['tcp_retransmits']} TCP segments meanwhile (a lost loopback segment "
+                    f"waits >= 200 ms: tail spikes then are the kernel's, not the server's)")
             if mm.get("loadgen_bound"):
                 result["warnings"].append(
                     f"{tag}{' ' + phase if phase else ''}: load generator used "

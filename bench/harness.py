@@ -214,6 +214,13 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.15, sample: float = 0.5
         time.sleep(1.5)
 
 
+def tcp_retransmits() -> int:
+    """RetransSegs from /proc/net/snmp: a lost segment on loopback costs a 200 ms+ timeout, so a
+    tail spike during a run with retransmits is the kernel's, not the server's."""
+    lines = [l.split() for l in Path("/proc/net/snmp").read_text().splitlines() if l.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("RetransSegs")]) if len(lines) >= 2 else 0
+
+
 def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
@@ -517,6 +524,7 @@ class LoadResult:
     load_cpus_busy: float | None
     data: dict
     others: list = field(default_factory=list)  # other processes that used CPU meanwhile
+    retransmits: int = 0  # TCP segments the kernel retransmitted meanwhile (machine-wide)
     stdout: str = ""
 
     def to_json(self) -> dict:
@@ -524,7 +532,8 @@ class LoadResult:
             "tool": self.tool, "cmd": self.cmd, "wall_s": round(self.wall_s, 3),
             "loadgen_cpu_s": round(self.cpu_s, 3), "server_cpu_s": round(self.server_cpu_s, 3),
             "server_cpus_busy": self.server_cpus_busy, "load_cpus_busy": self.load_cpus_busy,
-            "other_processes_cpu": self.others, **self.data,
+            "other_processes_cpu": self.others, "tcp_retransmits": self.retransmits,
+            **self.data,
         }
 
 
@@ -535,6 +544,7 @@ def run_load(tool: str, cmd: list[str], pin: Pinning, server: Running | None,
     full = pin.load_prefix() + cmd
     srv_before = tree_cpu_seconds(server.pid) if server else 0.0
     procs_before = cpu_by_process()
+    retrans_before = tcp_retransmits()
     ticks_before = cpu_busy_ticks()
     t0 = time.monotonic()
     out_path = LOGS / f"{tool}-{os.getpid()}-{int(t0 * 1000)}.out"
@@ -565,6 +575,7 @@ def run_load(tool: str, cmd: list[str], pin: Pinning, server: Running | None,
     ours = set(process_tree(server.pid)) if server else set()
     ours |= {proc.pid, os.getpid()}
     LAST_OTHERS[:] = top_other_cpu(procs_before, cpu_by_process(), ours, wall)
+    LAST_RETRANS[0] = tcp_retransmits() - retrans_before
     text = out_path.read_text(errors="replace")
     out_path.unlink(missing_ok=True)
     if proc.returncode != 0:
@@ -579,6 +590,7 @@ def run_load(tool: str, cmd: list[str], pin: Pinning, server: Running | None,
 
 WRK_LUA = BENCH / "wrk_report.lua"
 LAST_OTHERS: list = []  # top_other_cpu() of the last run_load()
+LAST_RETRANS: list = [0]  # TCP segments retransmitted during the last run_load()
 
 
 def wrk(server: Running, path: str, connections: int, duration: float, pin: Pinning,
@@ -594,7 +606,8 @@ def wrk(server: Running, path: str, connections: int, duration: float, pin: Pinn
     if not m:
         raise RuntimeError(f"wrk printed no summary:\n{text[-2000:]}")
     data = json.loads(m.group(1))
-    return LoadResult("wrk", cmd, wall, cpu, srv, sbusy, lbusy, data, stdout=text, others=list(LAST_OTHERS))
+    return LoadResult("wrk", cmd, wall, cpu, srv, sbusy, lbusy, data, stdout=text, others=list(LAST_OTHERS),
+                      retransmits=LAST_RETRANS[0])
 
 
 def oha(server: Running, path: str, duration: float, pin: Pinning, rate: float | None = None,
@@ -631,7 +644,8 @@ def oha(server: Running, path: str, duration: float, pin: Pinning, rate: float |
         db.unlink(missing_ok=True)
         out_json.unlink(missing_ok=True)
     data = {"summary": summary, "records": records}
-    return LoadResult("oha", cmd, wall, cpu, srv, sbusy, lbusy, data, stdout=text, others=list(LAST_OTHERS))
+    return LoadResult("oha", cmd, wall, cpu, srv, sbusy, lbusy, data, stdout=text, others=list(LAST_OTHERS),
+                      retransmits=LAST_RETRANS[0])
 
 
 def read_oha_db(db: Path) -> list[tuple[str, int, float, float]]:
