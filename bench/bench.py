@@ -52,6 +52,7 @@ class Ctx:
         self.meta = machine_info(self.pin)
         self.hello_nginx_rps: float | None = None
         self.retries = 0 if self.quick else 2
+        self.only = set(args.only.split(",")) if args.only else None
         self.quiet_wait = 0.0 if self.quick else 30.0
 
     def secs(self, full: float, minimum: float = 1.0) -> float:
@@ -236,8 +237,10 @@ def ratio(a, b):
 
 
 def header(ctx: Ctx, name: str, extra: dict) -> dict:
+    rev = os.environ.get("SUPERVISOR_REV")
+    command = "bench/run" + (f" --rev {rev}" if rev else "") + "".join(f" {a}" for a in sys.argv[1:])
     return {"scenario": name, "quick": ctx.quick, "rounds": ctx.rounds, "meta": ctx.meta,
-            "config": extra, "warnings": []}
+            "command": command, "config": extra, "warnings": []}
 
 
 def collect_warnings(result: dict, runs: list[dict], what: str) -> None:
@@ -297,6 +300,8 @@ def interleave(ctx: Ctx, entries: list[tuple], measure, what: str) -> list[dict]
     shared: each measurement starts when other processes are quiet (waiting a bounded time), and
     one disturbed by them (>= DISTURBED of a CPU) is repeated, at most RETRIES times; every
     attempt is kept in the results, the least disturbed one counts."""
+    if ctx.only:
+        entries = [e for e in entries if e[0] in ctx.only]
     runs = []
     for rnd in range(1, ctx.rounds + 1):
         order = entries[(rnd - 1) % len(entries):] + entries[:(rnd - 1) % len(entries)]
@@ -399,9 +404,9 @@ def scenario_hello(ctx: Ctx) -> dict:
     metrics = [("rps", "req/s"), ("p99_ms", "p99"), ("server_cpu_us_per_req", "CPU µs/req")]
     result["summary"] = {"rows": rows, "ratios": ratios_table(
         rows, [f"supervisor-w{C}", f"supervisor-w{D}"],
-        [f"nginx-w{C}", f"granian-w{C}", f"gunicorn-w{C}"], metrics) + ratios_table(
+        [f"nginx-w{C}", f"granian-w{C}", f"gunicorn-w{C}"], metrics, runs) + ratios_table(
         rows, [f"supervisor-w{C}-quota", f"supervisor-w{D}-quota"], [f"nginx-w{C}-quota"],
-        metrics)}
+        metrics, runs)}
     nginx = next(r for r in rows if r["system"] == f"nginx-w{C}")
     ctx.hello_nginx_rps = nginx["rps"]
     collect_warnings(result, runs, "hello")
@@ -411,14 +416,29 @@ def scenario_hello(ctx: Ctx) -> dict:
     return result
 
 
-def ratios_table(rows, ours, peers, metrics):
+def ratios_table(rows, ours, peers, metrics, runs=None):
+    """supervisor / peer for each metric: the ratio of the medians, and with `runs` also the
+    median of the ratios within each round ("paired"): the machine's speed drifts between
+    rounds, and systems measured back to back in one round share that drift."""
     by = {r["system"]: r for r in rows}
     out = []
     for o in ours:
         for p in peers:
             if o in by and p in by:
-                out.append({"supervisor": o, "peer": p, **{
-                    label: ratio(by[o].get(k), by[p].get(k)) for k, label in metrics}})
+                row = {"supervisor": o, "peer": p, **{
+                    label: ratio(by[o].get(k), by[p].get(k)) for k, label in metrics}}
+                if runs:
+                    for k, label in metrics:
+                        per_round = []
+                        for rnd in sorted({r["round"] for r in runs}):
+                            a = [r["metrics"].get(k) for r in runs if r["system"] == o
+                                 and r["round"] == rnd and "metrics" in r]
+                            b = [r["metrics"].get(k) for r in runs if r["system"] == p
+                                 and r["round"] == rnd and "metrics" in r]
+                            if a and b and ratio(a[0], b[0]) is not None:
+                                per_round.append(ratio(a[0], b[0]))
+                        row[f"{label} paired"] = h.median(per_round)
+                out.append(row)
     return out
 
 
@@ -799,6 +819,9 @@ def main() -> int:
                     help="one short round per scenario (smoke check, < 2 minutes)")
     ap.add_argument("--rounds", type=int, help="rounds per scenario (default 3, --quick 1)")
     ap.add_argument("--scale", type=float, help="multiply every run's duration")
+    ap.add_argument("--only", metavar="KEY[,KEY...]",
+                    help="run only these systems of a scenario (keys as in the results, e.g. "
+                         "supervisor-w1-quota,nginx-w1-quota)")
     ap.add_argument("--out", default=str(h.BENCH / "results"),
                     help="where results go (default bench/results)")
     ap.add_argument("--report-only", action="store_true",

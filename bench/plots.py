@@ -54,7 +54,7 @@ def _title(fig, result, text):
 
 
 def draw_hello(result, path):
-    rows = result["summary"]["rows"]
+    rows = [r for r in result["summary"]["rows"] if r.get("n", 1)]
     labels = [r["label"] for r in rows]
     cols = [color(r["system"]) for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
@@ -74,7 +74,7 @@ def draw_hello(result, path):
 
 
 def draw_latency(result, path):
-    rows = result["summary"]["rows"]
+    rows = [r for r in result["summary"]["rows"] if r.get("n", 1)]
     labels = [r["label"] for r in rows]
     fig, ax = plt.subplots(figsize=(11, 4.8))
     width = 0.27
@@ -99,7 +99,7 @@ def draw_latency(result, path):
 
 
 def draw_overload(result, path):
-    rows = result["summary"]["rows"]
+    rows = [r for r in result["summary"]["rows"] if r.get("n", 1)]
     labels = [r["system"] for r in rows]
     cols = [color(r["system"]) for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))

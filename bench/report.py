@@ -70,8 +70,19 @@ def warnings_block(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def measured(rows: list[dict]) -> list[dict]:
+    """Rows of systems that ran (a run with --only leaves the others empty)."""
+    return [x for x in rows if x.get("n", 1)]
+
+
+def some_ratio(rows: list[dict]) -> list[dict]:
+    return [x for x in rows
+            if any(isinstance(v, (int, float)) for k, v in x.items() if k not in ("supervisor", "peer"))]
+
+
 def md_hello(r: dict) -> str:
-    s = r["summary"]
+    s = dict(r["summary"], rows=measured(r["summary"]["rows"]),
+             ratios=some_ratio(r["summary"]["ratios"]))
     rows = [[x["label"], x["workers"], x["rps"], f"{fmt(x['rps_min'])}–{fmt(x['rps_max'])}",
              x["p50_ms"], x["p99_ms"], x["p99.9_ms"], x["server_cpu_us_per_req"],
              pct(x["server_cpus_busy"]), pct(x["loadgen_cpu_util"]), x["non_2xx"]]
@@ -79,16 +90,21 @@ def md_hello(r: dict) -> str:
     t = table(["system", "workers", "req/s (median)", "req/s range", "p50 ms", "p99 ms",
                "p99.9 ms", "server CPU µs/req", "server CPU busy", "load gen CPU", "non-2xx"],
               rows)
-    rt = table(["supervisor", "peer", "req/s ratio", "p99 ratio", "CPU µs/req ratio"],
-               [[x["supervisor"], x["peer"], x["req/s"], x["p99"], x["CPU µs/req"]]
-                for x in s["ratios"]])
+    rt = table(["supervisor", "peer", "req/s ratio", "req/s ratio, paired", "p99 ratio",
+                "CPU µs/req ratio", "CPU µs/req ratio, paired"],
+               [[x["supervisor"], x["peer"], x["req/s"], x.get("req/s paired"), x["p99"],
+                 x["CPU µs/req"], x.get("CPU µs/req paired")] for x in s["ratios"]])
     return (f"## hello: closed loop, c={r['config']['connections']}, GET / (13 bytes)\n\n{t}\n\n"
             f"Ratios supervisor / peer (req/s: higher is better for supervisor; p99 and CPU per "
-            f"request: lower is better):\n\n{rt}\n")
+            f"request: lower is better). \"ratio\" divides the medians; \"paired\" is the median "
+            f"of the ratios within each round (systems measured back to back share the "
+            f"machine's drift). Rows with \"-quota\" ran with the servers limited to half a CPU "
+            f"so that they, not wrk, are the bottleneck.\n\n{rt}\n")
 
 
 def md_latency(r: dict) -> str:
-    s, c = r["summary"], r["config"]
+    s, c = dict(r["summary"], rows=measured(r["summary"]["rows"]),
+                ratios=some_ratio(r["summary"]["ratios"])), r["config"]
     rows = [[x["label"], x["workers"], x["offered_rps"], x["achieved_rps"], x["p50_ms"],
              x["p99_ms"], x["p99.9_ms"], x["max_ms"], x["errors"] + x["non_2xx"],
              pct(x["loadgen_cpu_util"])] for x in s["rows"]]
@@ -102,7 +118,8 @@ def md_latency(r: dict) -> str:
 
 
 def md_overload(r: dict) -> str:
-    s, c = r["summary"], r["config"]
+    s, c = dict(r["summary"], rows=measured(r["summary"]["rows"]),
+                ratios=some_ratio(r["summary"]["ratios"])), r["config"]
     rows = [[x["label"], x["workers"], x["cap"], x["unloaded_p50_ms"], x["unloaded_p99_ms"],
              x["capacity_rps"], x["offered_rps"], x["goodput_rps"], pct(x["share_503"]),
              x["rej_p50_ms"], x["rej_p99_ms"], x["ok_p50_ms"], x["ok_p99_ms"],
@@ -179,8 +196,8 @@ def write(result: dict, out: Path) -> None:
     body = MD[name](result)
     text = (f"{body}\n![{name}]({name}.png)\n\n### Setup\n\n{meta_block(result)}\n\n"
             f"{config_block(result)}\n\n{warnings_block(result)}\n\n"
-            f"Raw data, every round: [{name}.json]({name}.json). Produced by `bench/run"
-            f"{' --quick' if result['quick'] else ''} {name}`.\n")
+            f"Raw data, every round: [{name}.json]({name}.json). Produced by `"
+            f"{result.get('command') or 'bench/run ' + name}`.\n")
     (out / f"{name}.md").write_text(text)
     try:
         import plots
@@ -196,6 +213,12 @@ def write_index(out: Path) -> None:
     for name in ORDER:
         if (out / f"{name}.md").exists():
             parts.append(f"- [{name}]({name}.md) ([json]({name}.json), [plot]({name}.png))")
+    for sub in sorted(p for p in out.iterdir() if p.is_dir() and (p / "README.md").exists()):
+        parts.append(f"- [{sub.name}/]({sub.name}/README.md): a narrower run "
+                     f"(its command is at the end of each file)")
+    if (out / "profile.txt").exists():
+        parts.append("- [profile.txt](profile.txt): `bench/profile` output, a supervisor worker "
+                     "next to an nginx worker under `perf` and `strace`")
     (out / "README.md").write_text("\n".join(parts) + "\n")
 
 
