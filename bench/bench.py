@@ -866,6 +866,10 @@ def main() -> int:
             finally:
                 h.cleanup()
             result["elapsed_s"] = round(time.monotonic() - ts, 1)
+            errors = [r for r in result.get("runs", []) if "error" in r]
+            if errors:
+                h.log(f"[{name}] {len(errors)} measurement(s) failed (see the warnings)")
+                failed.append(name)
             out.mkdir(parents=True, exist_ok=True)
             report.write(result, out)
             h.log(report.console_summary(result))

@@ -444,7 +444,7 @@ class System:
         except Exception as e:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             run.stop()
-            raise RuntimeError(f"{self.label} (workers={workers}) did not start: {e}\n{tail}")
+            raise RuntimeError(f"{self.key} with {workers} worker(s) did not start: {e}\n{tail}")
         return run
 
     def _wait_all_workers(self, run: Running, deadline: float) -> None:
@@ -493,7 +493,11 @@ http {{
 
 def supervisor_bin() -> Path:
     override = os.environ.get("SUPERVISOR_BIN")
-    return Path(override) if override else REPO / "target" / "release" / "supervisor"
+    if override:
+        return Path(override)
+    # where `cargo build --release` put it (bench/run builds from the repository root)
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or "target")
+    return (target if target.is_absolute() else REPO / target) / "release" / "supervisor"
 
 
 def nginx_bin() -> str:
