@@ -104,7 +104,15 @@ impl Listeners {
         }
         let per_worker_for =
             |a: &BindAddr| matches!(a, BindAddr::Tcp(_)) && mode == AcceptMode::Reuseport;
-        let held = |a: &BindAddr| self.groups.iter().position(|g| g.addr == *a);
+        // An address we already listen on. "Port 0" means any port: the one we got stays.
+        let held = |a: &BindAddr| {
+            self.groups.iter().position(|g| match (&g.addr, a) {
+                (BindAddr::Tcp(have), BindAddr::Tcp(want)) if want.port() == 0 => {
+                    have.ip() == want.ip()
+                }
+                (have, want) => have == want,
+            })
+        };
         let reusable =
             |a: &BindAddr| held(a).filter(|&i| self.groups[i].per_worker == per_worker_for(a));
         // All probes before any bind: a half-bound set would be harder to explain. Addresses

@@ -316,3 +316,59 @@ fn max_lifetime_recycles_a_worker_by_age() {
     assert_ne!(now, first);
     assert_eq!(server.get("/").status, 200);
 }
+
+#[test]
+fn hup_applies_new_listen_addresses_and_keeps_the_unchanged_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let conf = write_file(
+        dir.path(),
+        "s.toml",
+        "[server]\nworkers = 1\nbind = [\"127.0.0.1:0\"]\n",
+    );
+    let mut server = Server::spawn_in(dir, &["-c", conf.to_str().unwrap()]);
+    server
+        .log
+        .wait_for(Duration::from_secs(20), |l| l.contains(" ready workers="))
+        .expect("ready");
+    server.addr = server.tcp_addr().unwrap();
+    let tcp = server.addr;
+
+    // Add a Unix socket: it serves after the reload, and the TCP port is the same one.
+    std::fs::write(
+        &conf,
+        format!(
+            "[server]\nworkers = 1\nbind = [\"127.0.0.1:0\", \"unix:{}\"]\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    server.signal(Signal::SIGHUP);
+    eventually(Duration::from_secs(20), "the new socket serving", || {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let r = read_response(&mut BufReader::new(s)).ok()?;
+        (r.status == 200).then_some(())
+    });
+    assert_eq!(
+        get(tcp, "/").status,
+        200,
+        "the unchanged address still serves"
+    );
+
+    // Drop the TCP address: once the old worker has drained, nobody listens there.
+    std::fs::write(
+        &conf,
+        format!(
+            "[server]\nworkers = 1\nbind = [\"unix:{}\"]\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    server.signal(Signal::SIGHUP);
+    eventually(Duration::from_secs(20), "the TCP address closed", || {
+        try_get(tcp, "/").is_err().then_some(())
+    });
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+}
