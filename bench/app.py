@@ -2,9 +2,11 @@
 
 Plain ASGI, no framework, so the numbers measure the server and not a framework. It mirrors
 supervisor's built-in app: `GET /` answers the same 13-byte body, `GET /work?ms=N` busy-loops N ms
-on the CPU (as the built-in app does), `GET /healthz` answers 200.
+on the CPU (as the built-in app does), `GET /sleep?ms=N` waits N ms without blocking the event
+loop (asyncio.sleep, as the built-in app's tokio sleep), `GET /healthz` answers 200.
 """
 
+import asyncio
 import time
 from urllib.parse import parse_qs
 
@@ -53,5 +55,13 @@ async def app(scope, receive, send):
         await _send(send, 200, b"worked\n")
     elif path == "/healthz":
         await _send(send, 200, b"ok\n")
+    elif path == "/sleep":
+        query = parse_qs(scope.get("query_string", b"").decode())
+        try:
+            ms = float(query.get("ms", ["0"])[0])
+        except ValueError:
+            ms = 0.0
+        await asyncio.sleep(min(max(ms, 0.0), 600_000.0) / 1000.0)
+        await _send(send, 200, b"slept\n")
     else:
         await _send(send, 404, b"not found\n")

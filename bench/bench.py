@@ -32,9 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h  # noqa: E402
+import lifecycle  # noqa: E402
 import report  # noqa: E402
 
-SCENARIOS = ["hello", "latency", "overload", "balance", "footprint"]
+SCENARIOS = ["hello", "latency", "overload", "balance", "footprint", "lifecycle"]
 
 # A load generator that used this much of its CPU(s) may have been the bottleneck.
 LOADGEN_BUSY_WARN = 0.90
@@ -807,7 +808,8 @@ def scenario_footprint(ctx: Ctx) -> dict:
 
 
 FUNCS = {"hello": scenario_hello, "latency": scenario_latency, "overload": scenario_overload,
-         "balance": scenario_balance, "footprint": scenario_footprint}
+         "balance": scenario_balance, "footprint": scenario_footprint,
+         "lifecycle": lifecycle.scenario_lifecycle}
 
 
 def main() -> int:

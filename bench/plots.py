@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import lifecycle  # noqa: E402
+
 COLORS = {"supervisor": "#c0392b", "nginx": "#27ae60", "granian": "#2980b9",
           "gunicorn": "#8e44ad"}
 
@@ -219,7 +221,8 @@ def draw_footprint(result, path):
 
 
 DRAW = {"hello": draw_hello, "latency": draw_latency, "overload": draw_overload,
-        "balance": draw_balance, "footprint": draw_footprint}
+        "balance": draw_balance, "footprint": draw_footprint,
+        "lifecycle": lifecycle.draw_lifecycle}
 
 
 def draw(result: dict, path: Path) -> None:

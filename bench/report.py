@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ORDER = ["hello", "latency", "overload", "balance", "footprint"]
+import lifecycle  # the lifecycle scenario keeps its own table and plot
+
+ORDER = ["hello", "latency", "overload", "balance", "footprint", "lifecycle"]
 
 
 def fmt(v, digits=2):
@@ -186,7 +188,7 @@ def md_footprint(r: dict) -> str:
 
 
 MD = {"hello": md_hello, "latency": md_latency, "overload": md_overload,
-      "balance": md_balance, "footprint": md_footprint}
+      "balance": md_balance, "footprint": md_footprint, "lifecycle": lifecycle.md_lifecycle}
 
 
 def write(result: dict, out: Path) -> None:
