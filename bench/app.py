@@ -1,8 +1,8 @@
 """The ASGI app the Python peers (granian, gunicorn+UvicornWorker) serve in bench/.
 
 Plain ASGI, no framework, so the numbers measure the server and not a framework. It mirrors
-supervisor's built-in app: `GET /` answers the same 13-byte body, `GET /work?ms=N` busy-loops N ms
-on the CPU (as the built-in app does), `GET /sleep?ms=N` waits N ms without blocking the event
+supervisor's built-in app: `GET /` answers the same 13-byte body, `GET /work?ms=N` busy-loops for N ms
+of CPU time (as the built-in app does), `GET /sleep?ms=N` waits N ms without blocking the event
 loop (asyncio.sleep, as the built-in app's tokio sleep), `GET /healthz` answers 200.
 """
 
@@ -15,10 +15,11 @@ HEADERS = [(b"content-type", b"text/plain; charset=utf-8")]
 
 
 def _busy(ms: float) -> None:
-    # The same CPU-bound loop as the built-in app: spin on the clock, never sleep.
-    end = time.perf_counter() + ms / 1000.0
+    # The same CPU-bound loop as the built-in app: spin until this thread has used `ms` of CPU
+    # time (a fixed amount of work, whatever else shares the CPU), never sleep.
+    end = time.thread_time() + ms / 1000.0
     x = 0
-    while time.perf_counter() < end:
+    while time.thread_time() < end:
         x += 1
 
 

@@ -17,7 +17,7 @@
 //! the `X-Worker-Id` header are the request pipeline's job.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Limited;
@@ -88,10 +88,12 @@ pub(crate) async fn call(
         },
         "/work" if is_get => match millis(head) {
             Ok(d) => {
-                // Deliberately blocks the event loop: this is the CPU-bound load for benchmarks
-                // and for the master's hung-worker detection (the heartbeat stops meanwhile).
-                let end = Instant::now() + d;
-                while Instant::now() < end {
+                // Deliberately blocks the event loop: this is the CPU-bound load for benchmarks.
+                // It spins until this thread has used `d` of CPU time, not until `d` has passed
+                // on the wall clock: a fixed amount of work, so that workers sharing a CPU do
+                // not each finish "10 ms of work" in 10 ms.
+                let start = thread_cpu_time();
+                while thread_cpu_time().saturating_sub(start) < d {
                     std::hint::spin_loop();
                 }
                 text(StatusCode::OK, Bytes::from_static(b"worked\n"))
@@ -201,4 +203,11 @@ fn bad_request(reason: &'static str) -> Response<Body> {
         StatusCode::BAD_REQUEST,
         Bytes::from_static(reason.as_bytes()),
     )
+}
+
+/// CPU time this thread has used so far.
+fn thread_cpu_time() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
