@@ -2,8 +2,8 @@
 //! useful, and the load and failure helpers that tests and benchmarks need.
 //!
 //! Routes: `GET /` (hello world), `POST /echo` (streams the body back), `GET /sleep?ms=N` (waits
-//! without blocking), `GET /work?ms=N` (burns CPU on the event loop), `GET /healthz`, and the
-//! failure helpers:
+//! without blocking), `GET /work?ms=N` (burns N ms of CPU time on the event loop), `GET /healthz`,
+//! and the failure helpers:
 //!
 //! - `GET /panic` and `GET /error`: a handler that panics, and one that fails (both 500).
 //! - `GET /leak?kb=N`: allocates N KiB (at most 1 GiB per request, else 400), writes to every
