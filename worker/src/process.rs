@@ -159,9 +159,7 @@ async fn serve(
                 _ = quit.recv() => return ExitCode::SUCCESS,
                 _ = usr1.recv() => reopen_log(log_file),
                 _ = parent_check.tick() => {
-                    let ppid = nix::unistd::getppid().as_raw() as u32;
-                    if ppid != master_pid {
-                        error!(master.pid = master_pid, parent.pid = ppid, "master is gone; exiting");
+                    if master_gone(master_pid) {
                         return ExitCode::from(EXIT_MASTER_GONE);
                     }
                 }
@@ -202,9 +200,7 @@ async fn serve(
             _ = usr1.recv() => reopen_log(log_file),
             _ = usr2.recv() => debug!("SIGUSR2: not held; ignored"),
             _ = parent_check.tick() => {
-                let ppid = nix::unistd::getppid().as_raw() as u32;
-                if ppid != master_pid {
-                    error!(master.pid = master_pid, parent.pid = ppid, "master is gone; exiting");
+                if master_gone(master_pid) {
                     return ExitCode::from(EXIT_MASTER_GONE);
                 }
             }
@@ -216,6 +212,20 @@ async fn serve(
             }
         }
     }
+}
+
+/// Whether this worker was re-parented, i.e. its master is gone (logged once, here).
+fn master_gone(master_pid: u32) -> bool {
+    let ppid = nix::unistd::getppid().as_raw() as u32;
+    if ppid == master_pid {
+        return false;
+    }
+    error!(
+        master.pid = master_pid,
+        parent.pid = ppid,
+        "master is gone; exiting"
+    );
+    true
 }
 
 /// SIGUSR1: after a log rotation, points stderr (where the log goes) at a fresh open of
