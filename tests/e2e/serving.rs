@@ -1,6 +1,5 @@
 use std::collections::HashSet;
 use std::io::{BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use crate::util::*;
@@ -67,10 +66,7 @@ fn serves_on_a_unix_socket_and_removes_it_on_stop() {
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o660
     );
-    let mut s = UnixStream::connect(&path).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let resp = read_response(&mut BufReader::new(s)).unwrap();
+    let resp = try_get_unix(&path, "/").unwrap();
     assert_eq!(resp.text(), "Hello, World!");
     server.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(20)).success());

@@ -241,6 +241,16 @@ pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     )
 }
 
+/// `GET path` over a Unix socket, closing the connection after the response.
+pub fn try_get_unix(path: &Path, target: &str) -> std::io::Result<Response> {
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(
+        format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    read_response(&mut BufReader::new(s))
+}
+
 pub fn get(addr: SocketAddr, path: &str) -> Response {
     try_get(addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
