@@ -90,16 +90,17 @@ def systems() -> list[tuple[str, str, LSystem | None, str]]:
 
 
 def children(pid: int) -> set[int]:
+    # The kernel lists each thread's children: no need to scan every process on the host.
     out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
         try:
-            raw = Path(f"/proc/{entry}/stat").read_text()
+            out.update(int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
         except OSError:
             continue
-        if int(raw[raw.rindex(")") + 2:].split()[1]) == pid:
-            out.add(int(entry))
     return out
 
 
