@@ -618,8 +618,10 @@ def scenario_overload(ctx: Ctx) -> dict:
 
 
 def write_mix(path: Path, base: str, slow_ms: int) -> None:
-    # oha picks a line at random for every request: 19 fast + 1 slow = 5% slow.
-    lines = [f"{base}/"] * 19 + [f"{base}/work?ms={slow_ms}"]
+    # oha picks a line at random for every request: 19 fast + 1 slow = 5% slow. The slow one
+    # runs on the worker's event loop (`inline=1`), as a synchronous app holds its worker: the
+    # case where the accept mode decides which requests wait behind it.
+    lines = [f"{base}/"] * 19 + [f"{base}/work?ms={slow_ms}&inline=1"]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -634,7 +636,7 @@ def scenario_balance(ctx: Ctx) -> dict:
                 workers) for key, mode, conn in variants]
     conn_of = {key: conn for key, _, conn in variants}
     result = header(ctx, "balance", {
-        "workers": workers, "mix": f"95% GET /, 5% GET /work?ms={slow_ms} (random per request)",
+        "workers": workers, "mix": f"95% GET /, 5% GET /work?ms={slow_ms}&inline=1 (random per request)",
         "closed": f"oha c={conns} closed loop, {d_closed}s",
         "open": f"oha -q RATE --latency-correction c={conns}, {d_open}s; RATE = 50% of the "
                 f"closed-loop req/s of the first variant measured with the same connection "

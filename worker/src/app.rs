@@ -2,8 +2,8 @@
 //! useful, and the load and failure helpers that tests and benchmarks need.
 //!
 //! Routes: `GET /` (hello world), `POST /echo` (streams the body back), `GET /sleep?ms=N` (waits
-//! without blocking), `GET /work?ms=N` (burns N ms of CPU time on the event loop), `GET /healthz`,
-//! and the failure helpers:
+//! without blocking), `GET /work?ms=N` (burns N ms of CPU time), `GET /healthz`, and the failure
+//! helpers:
 //!
 //! - `GET /panic` and `GET /error`: a handler that panics, and one that fails (both 500).
 //! - `GET /leak?kb=N`: allocates N KiB (at most 1 GiB per request, else 400), writes to every
@@ -16,7 +16,8 @@
 //! It owns only routing, the handlers and what they keep (`State`); limits, timeouts, panics and
 //! the `X-Worker-Id` header are the request pipeline's job.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +32,7 @@ use crate::server::Worker;
 
 const HELLO: Bytes = Bytes::from_static(b"Hello, World!");
 const OK: Bytes = Bytes::from_static(b"ok\n");
+const WORKED: Bytes = Bytes::from_static(b"worked\n");
 const ALLOW_GET: HeaderValue = HeaderValue::from_static("GET, HEAD");
 const ALLOW_POST: HeaderValue = HeaderValue::from_static("POST");
 const OCTET_STREAM: HeaderValue = HeaderValue::from_static("application/octet-stream");
@@ -48,6 +50,8 @@ pub(crate) const MAX_LEAK_KIB: u64 = 1024 * 1024;
 pub(crate) struct State {
     /// Bytes allocated by `/leak` so far.
     leaked_bytes: AtomicU64,
+    /// `/work` spins running on the blocking pool now.
+    pub(crate) spinning: AtomicU64,
 }
 
 /// A handler that failed without panicking (`/error`).
@@ -87,17 +91,13 @@ pub(crate) async fn call(
             Err(reason) => bad_request(reason),
         },
         "/work" if is_get => match millis(head) {
-            Ok(d) => {
-                // Deliberately blocks the event loop: this is the CPU-bound load for benchmarks.
-                // It spins until this thread has used `d` of CPU time, not until `d` has passed
-                // on the wall clock: a fixed amount of work, so that workers sharing a CPU do
-                // not each finish "10 ms of work" in 10 ms.
-                let start = thread_cpu_time();
-                while thread_cpu_time().saturating_sub(start) < d {
-                    std::hint::spin_loop();
-                }
-                text(StatusCode::OK, Bytes::from_static(b"worked\n"))
+            // `inline=1`: on the event loop, which it blocks meanwhile, as a synchronous app
+            // holds its only thread (the balance benchmark's slow request).
+            Ok(d) if query_param(head, "inline=").is_some_and(|v| v == "1") => {
+                spin(d, &AtomicBool::new(false));
+                text(StatusCode::OK, WORKED)
             }
+            Ok(d) => work_off_loop(&worker.app, d).await,
             Err(reason) => bad_request(reason),
         },
         "/block" if is_get => match millis(head) {
@@ -203,6 +203,45 @@ fn bad_request(reason: &'static str) -> Response<Body> {
         StatusCode::BAD_REQUEST,
         Bytes::from_static(reason.as_bytes()),
     )
+}
+
+/// `/work` without `inline=1`: the spin runs on the runtime's blocking pool, so that the event
+/// loop keeps accepting, answering and rejecting meanwhile, as it does in front of an app
+/// process. If the request is dropped (timed out with 504, client gone, worker stopping), the
+/// spin stops at its next check instead of burning the rest of its time for nobody.
+async fn work_off_loop(state: &'static State, d: Duration) -> Response<Body> {
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let flag = Arc::clone(&stop.0);
+    let spinning: &'static AtomicU64 = &state.spinning;
+    let task = tokio::task::spawn_blocking(move || {
+        spinning.fetch_add(1, Ordering::Relaxed);
+        spin(d, &flag);
+        spinning.fetch_sub(1, Ordering::Relaxed);
+    });
+    match task.await {
+        Ok(()) => text(StatusCode::OK, WORKED),
+        // The spin cannot panic; the pool refuses work only while the runtime shuts down.
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from_static(b"worker is stopping\n"),
+        ),
+    }
+}
+
+/// Spins until this thread has used `d` of CPU time, not until `d` has passed on the wall
+/// clock: a fixed amount of work, so that workers sharing a CPU do not each finish "10 ms of
+/// work" in 10 ms. Returns early once `stop` is set.
+fn spin(d: Duration, stop: &AtomicBool) {
+    let start = thread_cpu_time();
+    while thread_cpu_time().saturating_sub(start) < d && !stop.load(Ordering::Relaxed) {
+        std::hint::spin_loop();
+    }
 }
 
 /// CPU time this thread has used so far.

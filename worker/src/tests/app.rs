@@ -176,3 +176,35 @@ fn refuses_sockets_that_are_not_listening_streams() {
     let err = crate::listener::Listener::from_fd(OwnedFd::from(unbound)).unwrap_err();
     assert!(err.to_string().contains("not listening"), "{err}");
 }
+
+#[tokio::test]
+async fn work_spins_off_the_event_loop_and_stops_with_its_request() {
+    let s = start(50, |c| {
+        c.worker.request_timeout = Duration::from_millis(300)
+    });
+    let mut slow = H1::connect(s.addr).await;
+    slow.send(b"GET /work?ms=60000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await;
+    let spinning = || s.worker.app.spinning.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(5), "the spin to start", || {
+        spinning() == 1
+    })
+    .await;
+    // The loop is free while the spin runs: another request is answered meanwhile.
+    let r = get(s.addr, "/").await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"Hello, World!"[..]));
+    assert_eq!(spinning(), 1, "the spin outlived the fast request");
+    // Past request_timeout the request gets 504, and its spin stops rather than burning
+    // the remaining minute for nobody.
+    let r = slow.reply().await.unwrap();
+    assert_eq!(r.status, 504);
+    eventually(Duration::from_secs(5), "the spin to stop", || {
+        spinning() == 0
+    })
+    .await;
+    s.assert_settles_to_zero().await;
+
+    // `inline=1` spins on the event loop itself, and answers all the same.
+    let r = get(s.addr, "/work?ms=5&inline=1").await;
+    assert_eq!((r.status, r.text()), (200, "worked\n"));
+}
