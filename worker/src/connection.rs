@@ -5,41 +5,30 @@
 //! connection, when it went idle, whether the client sent bytes since). It must not make
 //! per-request decisions (that is `request`) nor accept sockets (that is `server`).
 //!
-//! # How hyper's timeouts behave, and how `worker.keepalive_timeout` fits in
+//! # Timeouts: why this module runs its own, and hyper's are off
 //!
-//! Read in hyper 1.12 (`proto/h1/conn.rs`, `poll_read_head` and `State::idle`) and hyper-util
-//! 0.1.21 (`server/conn/auto`):
+//! Read in hyper 1.12 (`proto/h1/conn.rs`) and hyper-util 0.1.21 (`server/conn/auto`):
 //!
-//! - HTTP/1 `header_read_timeout` is armed when hyper *starts waiting* for a request head and
-//!   disarmed once a complete head is parsed. It starts waiting when the connection opens and
-//!   again right after each response is fully written (`State::idle` sets `notify_read` exactly
-//!   so that the timer starts for the next head). So between keep-alive requests it is not a
-//!   "first byte to end of head" timer: it also bounds the idle time. When it fires with nothing
-//!   buffered, hyper closes the connection quietly; with part of a head buffered, the connection
-//!   fails with a header-timeout error (no response is written). Either way an idle keep-alive
-//!   connection never lives longer than `header_timeout`.
-//! - hyper has no idle timeout for HTTP/1 server connections, and none for HTTP/2 ones.
-//! - The `auto` builder first reads up to 24 bytes to tell HTTP/2's preface from HTTP/1; hyper's
-//!   header timer is not running during that phase, so a client that connects and sends nothing
-//!   is bounded by nothing in hyper at all. `graceful_shutdown` in that phase cancels the
-//!   connection outright (it cannot know what the client wanted yet).
+//! - hyper has no idle timeout for HTTP/1 or HTTP/2 server connections.
+//! - Its HTTP/1 `header_read_timeout` is re-armed after every response (a timer-wheel update
+//!   and a clock read per request), and does not run while the `auto` builder reads the first
+//!   bytes to tell HTTP/2's preface from HTTP/1, so a client that connects and sends nothing is
+//!   bounded by nothing in hyper. It is switched off (`server`).
 //!
-//! So this module runs its own idle timer per connection, measured from the end of the last
-//! request (or from accept):
+//! So this module runs one timer per connection, measured from the end of the last request (or
+//! from accept), and armed once per idle period rather than once per request:
 //!
 //! - no request in flight and no byte received for `keepalive_timeout`: the connection is shut
 //!   down gracefully (an idle HTTP/1 connection closes at once, HTTP/2 gets GOAWAY);
 //! - bytes received but no request started `header_timeout` after the connection went idle: the
-//!   client is too slow with its head and the connection is dropped. For HTTP/1 this is the
-//!   very instant at which hyper's own timer fires (whichever runs first cuts it); it is what
-//!   bounds the protocol-detection phase and HTTP/2 (where frames other than requests, such as
-//!   PINGs, also count as bytes).
+//!   client is too slow with its head and the connection is dropped. This bounds HTTP/1 heads,
+//!   the protocol-detection phase and HTTP/2 alike (for HTTP/2, frames other than requests, such
+//!   as PINGs, also count as bytes).
 //!
-//! The two timeouts therefore never fight: the keep-alive timer hands over to the header
-//! timeout as soon as a head starts arriving. What remains is hyper's: because its header timer
-//! also runs while an HTTP/1 connection is idle, the effective idle limit of a keep-alive
-//! connection is `min(keepalive_timeout, header_timeout)`; with the defaults (5 s and 10 s)
-//! `keepalive_timeout` governs. Configure `keepalive_timeout <= header_timeout`.
+//! The two never fight: the keep-alive timer hands over to the header timeout as soon as bytes
+//! arrive. Both count from the moment the connection went idle, so a head that starts arriving
+//! late has less than `header_timeout` to complete; configure `keepalive_timeout <=
+//! header_timeout` (the defaults are 5 s and 10 s).
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -282,6 +271,7 @@ pub(crate) async fn serve(
     // the drain: its client has most likely sent a request that hyper has not read yet.
     let mut drain_signal = pin!(drain.wait_for(|draining| *draining));
     let mut draining = false;
+    let mut drain_polled = false;
     let mut shutdown: Option<Shutdown> = None;
 
     let first = activity
@@ -300,10 +290,17 @@ pub(crate) async fn serve(
         if shutdown.is_some() {
             return Poll::Pending;
         }
-        if !draining && drain_signal.as_mut().poll(cx).is_ready() {
+        // The drain signal is polled once to register this task's waker, and after that only
+        // once the worker's flag says it may have fired: polling a watch future takes locks,
+        // and this loop runs on every wake-up of the connection, i.e. every request.
+        if !draining
+            && (!drain_polled || worker.draining.load(Ordering::Relaxed))
+            && drain_signal.as_mut().poll(cx).is_ready()
+        {
             // Changed to `true`, or the server is gone: drain either way.
             draining = true;
         }
+        drain_polled = true;
         if draining && (activity.in_use() || activity.http2.load(Ordering::Relaxed)) {
             conn.as_mut().graceful_shutdown();
             shutdown = Some(Shutdown::Drain);

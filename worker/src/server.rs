@@ -84,10 +84,13 @@ impl Worker {
         let header_bytes = usize::try_from(header_bytes).unwrap_or(usize::MAX);
 
         let mut http = auto::Builder::new(TokioExecutor::new());
+        // hyper's own HTTP/1 header timer is off: the connection's idle timer (`connection`)
+        // enforces `worker.header_timeout` at the same instant, for HTTP/2 too, and is armed
+        // once per idle period rather than once per request.
         http.http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(w.header_timeout)
+            .header_read_timeout(None)
             .max_buf_size(header_bytes)
             .max_headers(w.max_headers as usize);
         http.http2()
@@ -159,6 +162,14 @@ pub(crate) struct Server {
     /// `true` once draining. Every accept loop and connection task holds a receiver, so
     /// "all receivers dropped" means "every connection is done".
     drain: watch::Sender<bool>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Dropped without a drain (tests, a failed start): connections see the closed signal
+        // only once this flag is up (see `connection::serve`).
+        self.worker.draining.store(true, Ordering::Relaxed);
+    }
 }
 
 /// What a drain achieved.

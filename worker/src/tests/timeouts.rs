@@ -73,7 +73,7 @@ async fn slow_head_is_cut_after_header_timeout_while_others_are_served() {
     );
     assert!(took < Duration::from_secs(3), "{took:?}");
     // The worker still serves. (Not on `other`: it has been idle for longer than
-    // header_timeout by now, and hyper's header timer also bounds idle keep-alive time.)
+    // header_timeout by now, and any byte it sent would count as a late head.)
     assert_eq!(get(s.addr, "/").await.status, 200);
 }
 
@@ -104,8 +104,7 @@ async fn idle_keepalive_connection_is_closed_after_keepalive_timeout() {
 
 #[tokio::test]
 async fn silent_connection_is_closed_after_keepalive_timeout() {
-    // hyper's header timer does not run before the first bytes (protocol detection): this
-    // client is bounded by the keep-alive timer alone.
+    // A client that never sends a byte is bounded by the keep-alive timer alone.
     let s = start(50, |c| {
         c.worker.keepalive_timeout = Duration::from_millis(300);
         c.worker.header_timeout = Duration::from_secs(30);
