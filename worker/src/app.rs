@@ -16,6 +16,8 @@
 //! It owns only routing, the handlers and what they keep (`State`); limits, timeouts, panics and
 //! the `X-Worker-Id` header are the request pipeline's job.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,13 +63,22 @@ pub(crate) enum AppError {
     Requested,
 }
 
+/// A handler's answer: most routes answer at once; the few that wait (`/sleep`, `/work`) hand
+/// back a boxed future. Keeping the immediate case free of any future keeps the per-request
+/// state small: hyper moves the service future around, and an `async fn` holding every
+/// route's state was over 1.5 KiB on every request.
+pub(crate) enum Reply {
+    Now(Response<Body>),
+    Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+}
+
 /// Routes one request. `head` is borrowed so that the pipeline can still name the request in
-/// its logs if this future panics or times out.
-pub(crate) async fn call(
+/// its logs if this panics, fails or times out.
+pub(crate) fn call(
     worker: &'static Worker,
     head: &Parts,
     body: Incoming,
-) -> Result<Response<Body>, AppError> {
+) -> Result<Reply, AppError> {
     let is_get = head.method == Method::GET || head.method == Method::HEAD;
     let res = match head.uri.path() {
         "/" if is_get => text(StatusCode::OK, HELLO),
@@ -85,8 +96,10 @@ pub(crate) async fn call(
         }
         "/sleep" if is_get => match millis(head) {
             Ok(d) => {
-                tokio::time::sleep(d).await;
-                text(StatusCode::OK, Bytes::from_static(b"slept\n"))
+                return Ok(Reply::Later(Box::pin(async move {
+                    tokio::time::sleep(d).await;
+                    text(StatusCode::OK, Bytes::from_static(b"slept\n"))
+                })))
             }
             Err(reason) => bad_request(reason),
         },
@@ -97,7 +110,7 @@ pub(crate) async fn call(
                 spin(d, &AtomicBool::new(false));
                 text(StatusCode::OK, WORKED)
             }
-            Ok(d) => work_off_loop(&worker.app, d).await,
+            Ok(d) => return Ok(Reply::Later(Box::pin(work_off_loop(&worker.app, d)))),
             Err(reason) => bad_request(reason),
         },
         "/block" if is_get => match millis(head) {
@@ -125,7 +138,7 @@ pub(crate) async fn call(
             ),
         ),
     };
-    Ok(res)
+    Ok(Reply::Now(res))
 }
 
 fn not_allowed(allow: HeaderValue) -> Response<Body> {

@@ -8,15 +8,17 @@
 //! `worker.max_requests`). It must not know the app's routes (that is `app`) nor anything about
 //! connections beyond the guard it is handed.
 
+use std::any::Any;
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::pin::pin;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderValue, CONNECTION};
+use hyper::http::request::Parts;
 use hyper::{Request, Response, Version};
 use tracing::{debug, error, info, warn};
 
@@ -109,12 +111,36 @@ fn tell_master(worker: &'static Worker, done: u64, message: u8) {
     }
 }
 
+/// The future hyper gets for a request: the response itself when the app answered at once (most
+/// requests), or the boxed wait of a route that waits, with its timeout and panic guard.
+pub(crate) enum Handled {
+    Ready(Option<Response<Body>>),
+    Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+}
+
+impl Handled {
+    fn now(res: Response<Body>) -> Handled {
+        Handled::Ready(Some(res))
+    }
+}
+
+impl Future for Handled {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Handled::Ready(res) => Poll::Ready(Ok(res.take().expect("polled after completion"))),
+            Handled::Later(fut) => fut.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
 /// hyper's service function for every request of every connection.
-pub(crate) async fn handle(
+pub(crate) fn handle(
     worker: &'static Worker,
     activity: ActivityGuard,
     req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Handled {
     let http1 = req.version() < Version::HTTP_2;
     if !http1 {
         activity.set_http2();
@@ -129,7 +155,7 @@ pub(crate) async fn handle(
     // A declared length (Content-Length, on HTTP/1 and HTTP/2 alike) shows up as the lower
     // bound of the body's size hint; bodies without one are limited while they stream (`app`).
     if req.body().size_hint().lower() > worker.limits.max_body_bytes {
-        return Ok(finish(worker.responses.too_large(), guard));
+        return Handled::now(finish(worker.responses.too_large(), guard));
     }
 
     match worker.admission.admit() {
@@ -148,77 +174,90 @@ pub(crate) async fn handle(
                 _permits: permits,
             });
         }
-        Err(Rejection::Worker) => return Ok(finish(worker.responses.worker_limit(), guard)),
+        Err(Rejection::Worker) => {
+            return Handled::now(finish(worker.responses.worker_limit(), guard))
+        }
         Err(Rejection::Host) => {
             let cap = response::host_cap(worker.admission.board());
-            return Ok(finish(worker.responses.host_limit(cap), guard));
+            return Handled::now(finish(worker.responses.host_limit(cap), guard));
         }
     }
 
     let (head, body) = req.into_parts();
-    let mut app = pin!(app::call(worker, &head, body));
-    let mut caught = pin!(poll_fn(|cx| {
-        match catch_unwind(AssertUnwindSafe(|| app.as_mut().poll(cx))) {
-            Ok(Poll::Ready(r)) => Poll::Ready(Ok(r)),
+    match catch_unwind(AssertUnwindSafe(|| app::call(worker, &head, body))) {
+        Ok(Ok(app::Reply::Now(res))) => Handled::now(finish(res, guard)),
+        Ok(Ok(app::Reply::Later(wait))) => {
+            Handled::Later(Box::pin(later(worker, head, wait, guard)))
+        }
+        Ok(Err(e)) => Handled::now(failed(&head, e, guard)),
+        Err(panic) => Handled::now(panicked(&head, panic, guard)),
+    }
+}
+
+/// The rest of a request whose handler waits: bounded by `worker.request_timeout` (504), and a
+/// panic while it is polled is a 500 like one in `app::call`.
+async fn later(
+    worker: &'static Worker,
+    head: Parts,
+    mut wait: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
+    mut guard: RequestGuard,
+) -> Response<Body> {
+    let caught = poll_fn(
+        |cx| match catch_unwind(AssertUnwindSafe(|| wait.as_mut().poll(cx))) {
+            Ok(Poll::Ready(res)) => Poll::Ready(Ok(res)),
             Ok(Poll::Pending) => Poll::Pending,
             Err(panic) => Poll::Ready(Err(panic)),
-        }
-    }));
-
-    // Most handlers answer on their first poll: only arm the timer for those that do not.
-    let first = poll_fn(|cx| match caught.as_mut().poll(cx) {
-        Poll::Ready(outcome) => Poll::Ready(Some(outcome)),
-        Poll::Pending => Poll::Ready(None),
-    });
-    let outcome = match first.await {
-        Some(outcome) => outcome,
-        None => match tokio::time::timeout(worker.limits.request_timeout, caught.as_mut()).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                guard.admitted = None;
-                worker
-                    .admission
-                    .slot()
-                    .timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(
-                    http.method = %head.method,
-                    url.path = head.uri.path(),
-                    "request exceeded worker.request_timeout; answered 504"
-                );
-                return Ok(finish(worker.responses.timeout(), guard));
-            }
         },
-    };
-
-    match outcome {
-        Ok(Ok(res)) => Ok(finish(res, guard)),
-        Ok(Err(e)) => {
+    );
+    match tokio::time::timeout(worker.limits.request_timeout, caught).await {
+        Ok(Ok(res)) => finish(res, guard),
+        Ok(Err(panic)) => panicked(&head, panic, guard),
+        Err(_) => {
             guard.admitted = None;
-            error!(
+            worker
+                .admission
+                .slot()
+                .timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(
                 http.method = %head.method,
                 url.path = head.uri.path(),
-                error = %e,
-                "request handler failed; answered 500"
+                "request exceeded worker.request_timeout; answered 504"
             );
-            Ok(finish(worker.responses.internal_error(), guard))
-        }
-        Err(panic) => {
-            guard.admitted = None;
-            let message = panic
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("(non-string panic payload)");
-            error!(
-                http.method = %head.method,
-                url.path = head.uri.path(),
-                panic.message = message,
-                "request handler panicked; answered 500"
-            );
-            Ok(finish(worker.responses.internal_error(), guard))
+            finish(worker.responses.timeout(), guard)
         }
     }
+}
+
+#[cold]
+fn failed(head: &Parts, e: app::AppError, mut guard: RequestGuard) -> Response<Body> {
+    guard.admitted = None;
+    error!(
+        http.method = %head.method,
+        url.path = head.uri.path(),
+        error = %e,
+        "request handler failed; answered 500"
+    );
+    let res = guard.worker.responses.internal_error();
+    finish(res, guard)
+}
+
+#[cold]
+fn panicked(head: &Parts, panic: Box<dyn Any + Send>, mut guard: RequestGuard) -> Response<Body> {
+    guard.admitted = None;
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic payload)");
+    error!(
+        http.method = %head.method,
+        url.path = head.uri.path(),
+        panic.message = message,
+        "request handler panicked; answered 500"
+    );
+    let res = guard.worker.responses.internal_error();
+    finish(res, guard)
 }
 
 /// Stamps the response with the worker id and hands it the request's guard.
