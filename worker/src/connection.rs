@@ -47,12 +47,15 @@ use tracing::debug;
 
 use crate::listener::Stream;
 use crate::request;
+use crate::scoreboard::{coarse_monotonic_ms, coarse_tick_ms};
 use crate::server::{ConnectionGuard, Worker};
 
 /// What this connection has been doing, shared between its task, its socket wrapper and the
 /// guards of its requests. Everything runs on one thread; atomics only make it `Sync`.
 pub(crate) struct Activity {
     opened: Instant,
+    /// `opened` on the coarse clock, which stamps the end of every request (see `ended_ms`).
+    opened_coarse_ms: u64,
     started: AtomicU32,
     finished: AtomicU32,
     /// Milliseconds after `opened` at which the last request in flight ended.
@@ -87,6 +90,7 @@ impl Activity {
     fn new(opened: Instant) -> Activity {
         Activity {
             opened,
+            opened_coarse_ms: coarse_monotonic_ms(),
             started: AtomicU32::new(0),
             finished: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(0),
@@ -114,6 +118,14 @@ impl Activity {
 
     fn ms_since_open(&self) -> u64 {
         self.opened.elapsed().as_millis() as u64
+    }
+
+    /// `ms_since_open` for the end of a request, read from the coarse clock (this runs on
+    /// every request; the fine clock is a measurable part of its cost). Each coarse stamp lags
+    /// the fine clock by less than one tick, so adding a tick makes the result never earlier
+    /// than the truth and at most two ticks later: an idle deadline never comes early.
+    fn ended_ms(&self) -> u64 {
+        coarse_monotonic_ms().saturating_sub(self.opened_coarse_ms) + coarse_tick_ms()
     }
 
     fn at(&self, ms: u64) -> Instant {
@@ -175,7 +187,7 @@ impl Drop for ActivityGuard {
         let a = &self.0;
         let finished = a.finished.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         if finished == a.started.load(Ordering::Relaxed) {
-            a.idle_since_ms.store(a.ms_since_open(), Ordering::Relaxed);
+            a.idle_since_ms.store(a.ended_ms(), Ordering::Relaxed);
             a.read_since_idle.store(false, Ordering::Relaxed);
         }
     }

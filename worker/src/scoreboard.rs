@@ -14,6 +14,7 @@ use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
@@ -173,15 +174,16 @@ impl Slot {
             .iter()
             .position(|e| e.started_ms.load(Ordering::Relaxed) == 0)?;
         let entry = &self.current[index];
+        // `METHOD /path`, cut to fit, NUL-terminated when shorter: readers stop at the first
+        // NUL, so only the words up to it are written (this runs on every request).
         let mut bytes = [0u8; REQUEST_TEXT_WORDS * 8];
-        let text = method
-            .bytes()
-            .chain(std::iter::once(b' '))
-            .chain(path.bytes());
-        for (b, c) in bytes.iter_mut().zip(text) {
-            *b = c;
-        }
-        for (word, chunk) in entry.text.iter().zip(bytes.chunks_exact(8)) {
+        let m = method.len().min(bytes.len() - 1);
+        bytes[..m].copy_from_slice(&method.as_bytes()[..m]);
+        bytes[m] = b' ';
+        let p = path.len().min(bytes.len() - m - 1);
+        bytes[m + 1..m + 1 + p].copy_from_slice(&path.as_bytes()[..p]);
+        let words = (m + 1 + p + 1).div_ceil(8).min(REQUEST_TEXT_WORDS);
+        for (word, chunk) in entry.text[..words].iter().zip(bytes.chunks_exact(8)) {
             let v = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
             word.store(v, Ordering::Relaxed);
         }
@@ -416,6 +418,21 @@ pub fn coarse_monotonic_ms() -> u64 {
     ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
 }
 
+/// The resolution of `coarse_monotonic_ms` (one scheduler tick), in whole ms rounded up.
+pub fn coarse_tick_ms() -> u64 {
+    static TICK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICK.get_or_init(|| {
+        nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+            .map(|r| {
+                (Duration::from(r).as_nanos() as u64)
+                    .div_ceil(1_000_000)
+                    .max(1)
+            })
+            // A tick is 1-10 ms on any Linux (HZ 100 to 1000).
+            .unwrap_or(10)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,6 +483,16 @@ mod tests {
             master.slot(0).requests_in_flight().len(),
             TRACKED_REQUESTS - 2
         );
+        // Entries are reused; a shorter text hides the longer one it overwrites.
+        assert_eq!(slot.begin_request("GET", "/s"), Some(a));
+        assert_eq!(slot.begin_request("GET", "/t"), Some(b));
+        let seen = master.slot(0).requests_in_flight();
+        assert_eq!(
+            (seen[0].1.as_str(), seen[1].1.as_str()),
+            ("GET /s", "GET /t")
+        );
+        slot.end_request(a);
+        slot.end_request(b);
         board.reclaim(0);
         assert!(master.slot(0).requests_in_flight().is_empty());
     }
