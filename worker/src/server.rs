@@ -86,11 +86,15 @@ impl Worker {
         let mut http = auto::Builder::new(TokioExecutor::new());
         // hyper's own HTTP/1 header timer is off: the connection's idle timer (`connection`)
         // enforces `worker.header_timeout` at the same instant, for HTTP/2 too, and is armed
-        // once per idle period rather than once per request.
+        // once per idle period rather than once per request. `writev(false)`: the response head
+        // and body are copied into one buffer and sent with one `write`, which measured 4-5%
+        // less CPU per small response than a vectored write of the two (bench/, A/B paired
+        // with nginx); bodies still go out in bounded pieces (`max_buf_size`).
         http.http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
             .header_read_timeout(None)
+            .writev(false)
             .max_buf_size(header_bytes)
             .max_headers(w.max_headers as usize);
         http.http2()
