@@ -148,6 +148,23 @@ const RULES: &[Rule] = &[
         check: |c| check_mode(&c.server.unix_mode),
     },
     Rule {
+        key: "server.forwarded_allow_ips",
+        allowed: "an array of IP addresses, CIDR networks (like \"10.0.0.0/8\") or \"*\"",
+        check: |c| worker::config::Trusted::parse(&c.server.forwarded_allow_ips).map(|_| ()),
+    },
+    Rule {
+        key: "server.runtime_dir",
+        allowed: "an absolute directory path, or \"\" (automatic)",
+        check: |c| {
+            let d = &c.server.runtime_dir;
+            if d.is_empty() || d.starts_with('/') {
+                Ok(())
+            } else {
+                Err(String::new())
+            }
+        },
+    },
+    Rule {
         key: "worker.max_connections",
         allowed: INTEGER_GE_1,
         check: |c| within(c.worker.max_connections, 1..=u32::MAX),
@@ -248,6 +265,49 @@ const RULES: &[Rule] = &[
         key: "worker.max_recycling",
         allowed: "an integer 1..=1024",
         check: |c| within(c.worker.max_recycling, 1..=1024),
+    },
+    Rule {
+        key: "app.command",
+        allowed: "an array of strings: a program and its arguments, one of them containing \
+                  {socket} or {port} (empty: no app process)",
+        check: |c| {
+            worker::config::check_app_command(&c.app.command)?;
+            if !c.app.command.is_empty() && !c.app.upstream.is_empty() {
+                return Err("app.command and app.upstream are both set; keep one".to_string());
+            }
+            Ok(())
+        },
+    },
+    Rule {
+        key: "app.upstream",
+        allowed: "\"http://HOST:PORT\" or \"unix:/PATH\" (empty: none)",
+        check: |c| {
+            if c.app.upstream.is_empty() {
+                Ok(())
+            } else {
+                worker::config::Upstream::parse(&c.app.upstream).map(|_| ())
+            }
+        },
+    },
+    Rule {
+        key: "app.ready_timeout",
+        allowed: DURATION_GT_0,
+        check: |c| positive(c.app.ready_timeout),
+    },
+    Rule {
+        key: "app.concurrency",
+        allowed: "an integer >= 0 (0: only worker.max_concurrent applies)",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "app.buffer_requests",
+        allowed: "true or false",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "app.kill_on_timeout",
+        allowed: "true or false",
+        check: |_| Ok(()),
     },
     Rule {
         key: "limits.max_concurrent_requests",
@@ -879,7 +939,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 29);
+        assert_eq!(known.len(), 37);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),

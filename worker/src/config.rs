@@ -13,6 +13,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub worker: WorkerConfig,
     pub limits: LimitsConfig,
+    pub app: AppConfig,
     pub log: LogConfig,
 }
 
@@ -37,6 +38,13 @@ pub struct ServerConfig {
     pub graceful_timeout: Duration,
     /// Permission bits of `unix:` sockets, as an octal string like `"660"`.
     pub unix_mode: String,
+    /// Peers whose `X-Forwarded-*` and `Forwarded` headers are believed: IP addresses, CIDR
+    /// networks, or `"*"`. Clients on a `unix:` listener are always believed.
+    #[serde(deserialize_with = "one_or_many")]
+    pub forwarded_allow_ips: Vec<String>,
+    /// Where the private runtime directory (app sockets) is created; empty: `$RUNTIME_DIRECTORY`,
+    /// else `$XDG_RUNTIME_DIR`, else the system temporary directory.
+    pub runtime_dir: String,
 }
 
 impl Default for ServerConfig {
@@ -48,6 +56,8 @@ impl Default for ServerConfig {
             backlog: 2048,
             graceful_timeout: Duration::from_secs(30),
             unix_mode: "660".to_string(),
+            forwarded_allow_ips: vec!["127.0.0.1".to_string(), "::1".to_string()],
+            runtime_dir: String::new(),
         }
     }
 }
@@ -152,6 +162,41 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_concurrent_requests: 50,
             max_active_instances: 1000,
+        }
+    }
+}
+
+/// `[app]`: what the workers serve. Neither `command` nor `upstream`: the built-in app.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    /// One app process per worker: program and arguments, with `{socket}`, `{port}` and
+    /// `{worker}` replaced (also everything after `--` on the command line).
+    pub command: Vec<String>,
+    /// Proxy to a server the supervisor does not start: `http://host:port` or `unix:/path`.
+    pub upstream: String,
+    /// How long a worker waits for its app to accept connections before giving up.
+    #[serde(with = "humantime_serde")]
+    pub ready_timeout: Duration,
+    /// Requests in flight to one app process (0: only `worker.max_concurrent` bounds them);
+    /// more wait in the worker, in order, within `worker.request_timeout`.
+    pub concurrency: u32,
+    /// Read each request body whole (up to `worker.max_body_bytes`) before passing it on.
+    pub buffer_requests: bool,
+    /// Kill and restart the app process when one of its requests passes
+    /// `worker.request_timeout`.
+    pub kill_on_timeout: bool,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            command: Vec::new(),
+            upstream: String::new(),
+            ready_timeout: Duration::from_secs(30),
+            concurrency: 0,
+            buffer_requests: false,
+            kill_on_timeout: false,
         }
     }
 }
@@ -335,6 +380,106 @@ mod workers_serde {
     }
 }
 
+/// `server.forwarded_allow_ips`, parsed: whose forwarding headers are believed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trusted {
+    Any,
+    Networks(Vec<ipnet::IpNet>),
+}
+
+impl Trusted {
+    /// Parses the list: addresses (`10.0.0.1`, `::1`), networks (`10.0.0.0/8`) or `"*"`.
+    pub fn parse(list: &[String]) -> Result<Trusted, String> {
+        let mut nets = Vec::with_capacity(list.len());
+        for item in list {
+            let item = item.trim();
+            if item == "*" {
+                return Ok(Trusted::Any);
+            }
+            let net = match item.parse::<std::net::IpAddr>() {
+                Ok(ip) => ipnet::IpNet::from(ip),
+                Err(_) => item.parse::<ipnet::IpNet>().map_err(|_| {
+                    format!("{item:?} is not an IP address, a CIDR network or \"*\"")
+                })?,
+            };
+            nets.push(net);
+        }
+        Ok(Trusted::Networks(nets))
+    }
+
+    /// Whether `ip` is trusted. An IPv4 client seen on an IPv6 socket (`::ffff:a.b.c.d`)
+    /// matches its IPv4 form.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        match self {
+            Trusted::Any => true,
+            Trusted::Networks(nets) => {
+                let ip = ip.to_canonical();
+                nets.iter().any(|n| n.contains(&ip))
+            }
+        }
+    }
+}
+
+/// `app.upstream`, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// `http://HOST:PORT` (a name is resolved when connecting).
+    Tcp(String),
+    /// `unix:/PATH`.
+    Unix(std::path::PathBuf),
+}
+
+impl Upstream {
+    pub fn parse(s: &str) -> Result<Upstream, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("{s:?}: the socket path must be absolute"));
+            }
+            return Ok(Upstream::Unix(path.into()));
+        }
+        let Some(rest) = s.strip_prefix("http://") else {
+            return Err(format!(
+                "{s:?}: must start with http:// or unix: (https is not supported to an upstream)"
+            ));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        let valid = authority.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !valid || authority.contains('/') {
+            return Err(format!(
+                "{s:?}: expected http://HOST:PORT with no path, like \"http://127.0.0.1:9000\""
+            ));
+        }
+        Ok(Upstream::Tcp(authority.to_string()))
+    }
+}
+
+/// The placeholders `app.command` may use.
+pub const APP_PLACEHOLDERS: [&str; 3] = ["{socket}", "{port}", "{worker}"];
+
+/// Checks `app.command`: a program, and `{socket}` or `{port}` somewhere so that the app
+/// listens where the worker will look for it.
+pub fn check_app_command(command: &[String]) -> Result<(), String> {
+    let Some(program) = command.first() else {
+        return Ok(());
+    };
+    if program.trim().is_empty() {
+        return Err("the program (first element) is empty".to_string());
+    }
+    let socket = command.iter().any(|a| a.contains("{socket}"));
+    let port = command.iter().any(|a| a.contains("{port}"));
+    match (socket, port) {
+        (true, true) => Err("use {socket} or {port}, not both".to_string()),
+        (false, false) => Err(
+            "no {socket} or {port} in the command: the app must listen where the worker \
+             connects, e.g. `uvicorn main:app --uds {socket}`"
+                .to_string(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Number of worker processes when `server.workers` is not set: 2 x CPU + 1, where CPU is the
 /// available parallelism (the standard library already honours cgroup CPU quotas and affinity).
 pub fn default_workers() -> u32 {
@@ -368,6 +513,65 @@ mod tests {
         c.server.workers = Some(7);
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn trusted_peers_parse_and_match() {
+        let t = Trusted::parse(&["127.0.0.1".into(), "10.0.0.0/8".into(), "::1".into()]).unwrap();
+        assert!(t.contains("127.0.0.1".parse().unwrap()));
+        assert!(t.contains("10.1.2.3".parse().unwrap()));
+        assert!(t.contains("::ffff:10.1.2.3".parse().unwrap()), "v4-mapped");
+        assert!(t.contains("::1".parse().unwrap()));
+        assert!(!t.contains("192.168.1.1".parse().unwrap()));
+        assert!(!t.contains("127.0.0.2".parse().unwrap()));
+        assert_eq!(Trusted::parse(&["*".into()]).unwrap(), Trusted::Any);
+        assert_eq!(Trusted::parse(&[]).unwrap(), Trusted::Networks(vec![]));
+        let e = Trusted::parse(&["10.0.0.0/33".into()]).unwrap_err();
+        assert!(e.contains("10.0.0.0/33"), "{e}");
+        assert!(Trusted::parse(&["localhost".into()]).is_err());
+    }
+
+    #[test]
+    fn upstreams_parse() {
+        assert_eq!(
+            Upstream::parse("http://127.0.0.1:9000").unwrap(),
+            Upstream::Tcp("127.0.0.1:9000".into())
+        );
+        assert_eq!(
+            Upstream::parse("http://app.internal:80/").unwrap(),
+            Upstream::Tcp("app.internal:80".into())
+        );
+        assert_eq!(
+            Upstream::parse("http://[::1]:9000").unwrap(),
+            Upstream::Tcp("[::1]:9000".into())
+        );
+        assert_eq!(
+            Upstream::parse("unix:/run/app.sock").unwrap(),
+            Upstream::Unix("/run/app.sock".into())
+        );
+        for bad in [
+            "https://a:1",
+            "http://a",
+            "http://a:0",
+            "http://a:1/x",
+            "unix:rel",
+            "a:1",
+        ] {
+            assert!(Upstream::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn app_commands_need_a_place_to_listen() {
+        let cmd = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_app_command(&[]).is_ok());
+        assert!(check_app_command(&cmd(&["uvicorn", "m:app", "--uds", "{socket}"])).is_ok());
+        assert!(check_app_command(&cmd(&["app", "--bind=127.0.0.1:{port}"])).is_ok());
+        assert!(check_app_command(&cmd(&["uvicorn", "m:app"]))
+            .unwrap_err()
+            .contains("{socket}"));
+        assert!(check_app_command(&cmd(&["a", "{socket}", "{port}"])).is_err());
+        assert!(check_app_command(&cmd(&["", "{socket}"])).is_err());
     }
 
     #[test]
