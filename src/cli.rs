@@ -49,7 +49,7 @@ pub struct ConfigArgs {
 pub struct StartArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// The app to run in each worker (not supported yet: the built-in app serves)
+    /// The app to run in each worker, e.g. -- uvicorn main:app --uds {socket}; sets app.command
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
@@ -87,6 +87,9 @@ pub struct WorkerArgs {
     /// Accept nothing until SIGUSR2 (a replacement prepared ahead of time).
     #[arg(long)]
     pub hold: bool,
+    /// The master's private runtime directory (app sockets).
+    #[arg(long)]
+    pub runtime_dir: Option<PathBuf>,
 }
 
 #[cfg(test)]

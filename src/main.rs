@@ -13,6 +13,7 @@ mod logging;
 mod master;
 mod recycle;
 mod rss;
+mod runtime_dir;
 mod spawn;
 mod status;
 mod sys;
@@ -77,19 +78,10 @@ fn check(args: ConfigArgs) -> ExitCode {
 }
 
 fn start(args: cli::StartArgs) -> ExitCode {
-    let loaded = match load_config(&args.config) {
+    let loaded = match load_start_config(&args) {
         Ok(l) => l,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
-    if !args.command.is_empty() {
-        return fail(
-            EXIT_CONFIG,
-            &format!(
-                "running an app command (`-- {}`) is not supported yet; start without it to serve the built-in app",
-                args.command.join(" ")
-            ),
-        );
-    }
     if !loaded.config.log.file.is_empty() {
         // Workers inherit stderr, so this sends every process's log to the file.
         if let Err(e) = worker::logfile::redirect_stderr(&loaded.config.log.file) {
@@ -102,7 +94,7 @@ fn start(args: cli::StartArgs) -> ExitCode {
     }
     // HUP re-reads the same sources: the same file, environment and command line.
     let reload: master::Reload = Box::new(move || {
-        load_config(&args.config)
+        load_start_config(&args)
             .map(|l| l.config)
             .map_err(|e| e.to_string())
     });
@@ -113,6 +105,25 @@ fn start(args: cli::StartArgs) -> ExitCode {
             fail(EXIT_FAILURE, &e)
         }
     }
+}
+
+/// The configuration of `start`: its sources, then the app command after `--`, which is
+/// `app.command` set on the command line.
+fn load_start_config(args: &cli::StartArgs) -> anyhow::Result<config::Loaded> {
+    let mut loaded = load_config(&args.config)?;
+    if !args.command.is_empty() {
+        worker::config::check_app_command(&args.command)
+            .map_err(|e| anyhow::anyhow!("-- {}: {e}", args.command.join(" ")))?;
+        if !loaded.config.app.upstream.is_empty() {
+            anyhow::bail!(
+                "-- {}: app.upstream is also set ({:?}); keep one",
+                args.command.join(" "),
+                loaded.config.app.upstream
+            );
+        }
+        loaded.config.app.command = args.command.clone();
+    }
+    Ok(loaded)
 }
 
 fn run_worker(args: cli::WorkerArgs) -> ExitCode {
@@ -155,6 +166,7 @@ fn run_worker(args: cli::WorkerArgs) -> ExitCode {
         max_requests: args.max_requests,
         hold: args.hold,
         scoreboard,
+        runtime_dir: args.runtime_dir,
         config,
     })
 }

@@ -34,6 +34,7 @@ use worker::scoreboard::{monotonic_ms, RecycleReason, Scoreboard, SlotState};
 use crate::listeners::Listeners;
 use crate::logging::LevelHandle;
 use crate::recycle::{self, Observed, Plan};
+use crate::runtime_dir::RuntimeDir;
 use crate::spawn::{self, SpawnRequest};
 use crate::{rss, sys};
 
@@ -136,6 +137,8 @@ pub struct Master {
     phase: Phase,
     announced_ready: bool,
     exit_code: i32,
+    /// Where app sockets go; removed when the master is dropped.
+    runtime_dir: RuntimeDir,
 }
 
 fn unix_mode(config: &Config) -> Result<u32> {
@@ -173,6 +176,7 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
         unix_mode(&config)?,
     )?;
     log_listeners(&listeners, config.server.accept);
+    let runtime_dir = RuntimeDir::create(&config.server.runtime_dir)?;
     let (board, board_fd) =
         Scoreboard::create(SCOREBOARD_CAPACITY, config.limits.max_concurrent_requests)
             .context("cannot create the scoreboard")?;
@@ -213,6 +217,7 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
         phase: Phase::Running,
         announced_ready: false,
         exit_code: 0,
+        runtime_dir,
     })
 }
 
@@ -309,6 +314,7 @@ impl Master {
             config_json: &self.config_json,
             max_requests: plan.max_requests,
             hold,
+            runtime_dir: self.runtime_dir.path(),
         });
         let spawned = match spawned {
             Ok(s) => s,

@@ -35,6 +35,8 @@ pub struct SpawnRequest<'a> {
     pub max_requests: u64,
     /// Start held: ready but not accepting until SIGUSR2.
     pub hold: bool,
+    /// The master's private runtime directory.
+    pub runtime_dir: &'a std::path::Path,
 }
 
 pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
@@ -66,7 +68,9 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
         .arg("--scoreboard-fd")
         .arg(req.scoreboard.as_raw_fd().to_string())
         .arg("--max-requests")
-        .arg(req.max_requests.to_string());
+        .arg(req.max_requests.to_string())
+        .arg("--runtime-dir")
+        .arg(req.runtime_dir);
     if req.hold {
         cmd.arg("--hold");
     }

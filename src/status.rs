@@ -39,6 +39,9 @@ pub struct WorkerStatus {
     pub recycle_reason: Option<&'static str>,
     pub uptime_ms: u64,
     pub heartbeat_age_ms: u64,
+    /// The worker's app process, if it runs one; 0 otherwise.
+    pub app_pid: u32,
+    pub app_restarts: u32,
 }
 
 /// Opens the scoreboard of master `pid` (read-only).
@@ -113,6 +116,8 @@ pub fn read(pid: Option<u32>) -> Result<Status> {
             recycle_reason: s.recycle_reason().map(|r| r.as_str()),
             uptime_ms: now.saturating_sub(s.started_ms.load(Ordering::Relaxed)),
             heartbeat_age_ms: now.saturating_sub(s.heartbeat_ms.load(Ordering::Relaxed)),
+            app_pid: s.app_pid.load(Ordering::Relaxed),
+            app_restarts: s.app_restarts.load(Ordering::Relaxed),
         })
         .collect();
     Ok(Status {
@@ -137,7 +142,7 @@ pub fn print(status: &Status, json: bool) {
         status.master_pid, status.global_inflight, status.global_cap, status.global_rejected
     );
     println!(
-        "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>9} {:>9}",
+        "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8}  recycling",
         "worker",
         "gen",
         "pid",
@@ -147,11 +152,13 @@ pub fn print(status: &Status, json: bool) {
         "held",
         "conns",
         "rejected",
-        "uptime"
+        "memory",
+        "uptime",
+        "app pid"
     );
     for w in &status.workers {
         println!(
-            "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>9} {:>9} {:>8}s  {}",
+            "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>9} {:>9} {:>8}s {:>8}  {}",
             w.worker_id,
             w.generation,
             w.pid,
@@ -163,6 +170,11 @@ pub fn print(status: &Status, json: bool) {
             w.rejected_local,
             worker::config::ByteSize(w.rss_bytes / 1024 * 1024).to_string(),
             w.uptime_ms / 1000,
+            if w.app_pid == 0 {
+                "-".to_string()
+            } else {
+                w.app_pid.to_string()
+            },
             w.recycle_reason.unwrap_or("")
         );
     }

@@ -32,6 +32,7 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
+use std::net::IpAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -258,6 +259,7 @@ enum Shutdown {
 pub(crate) async fn serve(
     worker: &'static Worker,
     stream: Stream,
+    peer: Option<IpAddr>,
     guard: ConnectionGuard,
     mut drain: watch::Receiver<bool>,
 ) {
@@ -269,9 +271,9 @@ pub(crate) async fn serve(
     });
     let service = {
         let activity = Arc::clone(&activity);
-        service_fn(move |req| request::handle(worker, activity.begin(), req))
+        service_fn(move |req| request::handle(worker, activity.begin(), peer, req))
     };
-    let mut conn = pin!(worker.http.serve_connection(io, service));
+    let mut conn = pin!(worker.http.serve_connection_with_upgrades(io, service));
 
     // When the worker drains, an HTTP/2 connection gets GOAWAY at once (the protocol makes
     // that race-free). An HTTP/1 connection is shut down only while it is in use (a request

@@ -18,9 +18,11 @@ pub mod scoreboard;
 
 mod admission;
 mod app;
+mod child;
 mod connection;
 mod listener;
 mod process;
+mod proxy;
 mod request;
 mod response;
 mod server;
@@ -59,6 +61,8 @@ pub struct WorkerArgs {
     pub hold: bool,
     /// The scoreboard memfd (see [`scoreboard`]), mapped writable.
     pub scoreboard: OwnedFd,
+    /// The master's private runtime directory (app sockets go there).
+    pub runtime_dir: Option<std::path::PathBuf>,
     pub config: config::Config,
 }
 

@@ -3,21 +3,26 @@
 //! Owns what `run` does in order: map the scoreboard, build the current_thread runtime, wrap the
 //! inherited listeners, start serving, mark the record `Serving`, acknowledge on the pipe to the
 //! master, then wait for a signal (TERM: graceful drain; INT, QUIT: exit at once; USR1: reopen
-//! the log file) or for the master to disappear. It must not look at requests or connections;
-//! `server` does that.
+//! the log file) or for the master to disappear. With an app process, it starts it before
+//! reporting ready and stops it last. It must not look at requests or connections; `server`
+//! does that.
 
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, info_span, warn};
 
+use crate::child::{Address, AppProcess, Launch};
+use crate::config::{Config, Trusted, Upstream};
 use crate::listener::Listener;
 use crate::pipe::{self, MasterPipe};
+use crate::proxy::{Proxy, Target};
 use crate::scoreboard::{self, Scoreboard, Slot, SlotState};
 use crate::server::{DrainSummary, Server, Worker};
 use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
@@ -84,8 +89,8 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
         worker,
         args.listeners,
         args.master_pid,
-        args.config.server.graceful_timeout,
-        &args.config.log.file,
+        &args.config,
+        args.runtime_dir.as_deref(),
         args.hold,
     ));
     // Dropping the runtime drops every remaining task, and with them their permits.
@@ -97,10 +102,52 @@ async fn serve(
     worker: &'static Worker,
     fds: Vec<std::os::fd::OwnedFd>,
     master_pid: u32,
-    graceful_timeout: Duration,
-    log_file: &str,
+    config: &Config,
+    runtime_dir: Option<&Path>,
     hold: bool,
 ) -> ExitCode {
+    let code = serve_until_done(worker, fds, master_pid, config, runtime_dir, hold).await;
+    if let Some(app) = worker.proxy.get().and_then(|p| p.app()) {
+        // After a drain (or a TERM while held) the app gets the same grace; after SIGINT,
+        // SIGQUIT or the master's disappearance it is killed at once, as the worker exits.
+        let grace = if FAST_EXIT.load(Ordering::Relaxed) || code != ExitCode::SUCCESS {
+            Duration::ZERO
+        } else {
+            app_grace(config.server.graceful_timeout)
+        };
+        app.stop(grace).await;
+    }
+    code
+}
+
+/// What is left of `server.graceful_timeout` for the app to exit after SIGTERM: the master
+/// kills the worker (and with it the app) when the whole stop has taken `graceful_timeout`
+/// since its TERM, so the app's SIGKILL must come a little earlier, from the worker, which can
+/// then say so.
+fn app_grace(graceful_timeout: Duration) -> Duration {
+    let margin = (graceful_timeout / 5).min(Duration::from_millis(500));
+    let since_term = TERM_AT.get().map_or(Duration::ZERO, |t| t.elapsed());
+    graceful_timeout
+        .saturating_sub(margin)
+        .saturating_sub(since_term)
+}
+
+/// When the worker got its SIGTERM.
+static TERM_AT: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Set by SIGINT and SIGQUIT: the worker exits at once, and so does its app.
+static FAST_EXIT: AtomicBool = AtomicBool::new(false);
+
+async fn serve_until_done(
+    worker: &'static Worker,
+    fds: Vec<std::os::fd::OwnedFd>,
+    master_pid: u32,
+    config: &Config,
+    runtime_dir: Option<&Path>,
+    hold: bool,
+) -> ExitCode {
+    let graceful_timeout = config.server.graceful_timeout;
+    let log_file = config.log.file.as_str();
     let slot = worker.admission.slot();
     // Signals first: from here on a TERM from the master drains instead of killing us, and a
     // USR1 (whose default action is to terminate) reopens the log instead.
@@ -135,6 +182,11 @@ async fn serve(
     }
 
     spawn_heartbeat(slot);
+    // The app (a process or an upstream) before readiness: a worker is ready when its app is.
+    if let Err(why) = start_app(worker, config, runtime_dir).await {
+        error!("{why}");
+        return ExitCode::from(EXIT_STARTUP);
+    }
     let mut parent_check = tokio::time::interval(PARENT_CHECK_INTERVAL);
     parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
@@ -152,11 +204,18 @@ async fn serve(
             tokio::select! {
                 _ = usr2.recv() => break,
                 _ = term.recv() => {
+                    let _ = TERM_AT.set(std::time::Instant::now());
                     info!("SIGTERM while held: exiting");
                     return ExitCode::SUCCESS;
                 }
-                _ = int.recv() => return ExitCode::SUCCESS,
-                _ = quit.recv() => return ExitCode::SUCCESS,
+                _ = int.recv() => {
+                    FAST_EXIT.store(true, Ordering::Relaxed);
+                    return ExitCode::SUCCESS;
+                }
+                _ = quit.recv() => {
+                    FAST_EXIT.store(true, Ordering::Relaxed);
+                    return ExitCode::SUCCESS;
+                }
                 _ = usr1.recv() => reopen_log(log_file),
                 _ = parent_check.tick() => {
                     if master_gone(master_pid) {
@@ -184,6 +243,7 @@ async fn serve(
         tokio::select! {
             _ = term.recv() => match server.take() {
                 Some(s) => {
+                    let _ = TERM_AT.set(std::time::Instant::now());
                     info!("SIGTERM: draining");
                     draining = Some(Box::pin(s.drain(graceful_timeout)));
                 }
@@ -191,10 +251,12 @@ async fn serve(
             },
             _ = int.recv() => {
                 info!("SIGINT: exiting now");
+                FAST_EXIT.store(true, Ordering::Relaxed);
                 return ExitCode::SUCCESS;
             }
             _ = quit.recv() => {
                 info!("SIGQUIT: exiting now");
+                FAST_EXIT.store(true, Ordering::Relaxed);
                 return ExitCode::SUCCESS;
             }
             _ = usr1.recv() => reopen_log(log_file),
@@ -212,6 +274,80 @@ async fn serve(
             }
         }
     }
+}
+
+/// Sets up what requests go to when the app is not the built-in one: starts the app process
+/// (`app.command`) and waits until it accepts connections, or points at `app.upstream`.
+async fn start_app(
+    worker: &'static Worker,
+    config: &Config,
+    runtime_dir: Option<&Path>,
+) -> Result<(), String> {
+    let app = &config.app;
+    if app.command.is_empty() && app.upstream.is_empty() {
+        return Ok(());
+    }
+    let trusted = Trusted::parse(&config.server.forwarded_allow_ips)
+        .map_err(|e| format!("server.forwarded_allow_ips: {e}"))?;
+    let max_body = config.worker.max_body_bytes.bytes();
+    let id = worker
+        .responses
+        .worker_id()
+        .to_str()
+        .unwrap_or("0")
+        .to_string();
+    let (target, process) = if app.command.is_empty() {
+        let upstream = Upstream::parse(&app.upstream).map_err(|e| format!("app.upstream: {e}"))?;
+        info!(app.upstream = %app.upstream, "proxying to the upstream");
+        (Target::of_upstream(&upstream), None)
+    } else {
+        let address = if app.command.iter().any(|a| a.contains("{socket}")) {
+            let dir = runtime_dir.ok_or("no runtime directory for the app's {socket}")?;
+            Address::Unix(dir.join(format!("app-{id}-{}.sock", std::process::id())))
+        } else {
+            Address::Tcp(
+                free_loopback_port()
+                    .map_err(|e| format!("no free port for the app's {{port}}: {e}"))?,
+            )
+        };
+        let socket = match &address {
+            Address::Unix(p) => p.display().to_string(),
+            Address::Tcp(_) => String::new(),
+        };
+        let port = match &address {
+            Address::Tcp(p) => p.to_string(),
+            Address::Unix(_) => String::new(),
+        };
+        let argv = app
+            .command
+            .iter()
+            .map(|a| {
+                a.replace("{socket}", &socket)
+                    .replace("{port}", &port)
+                    .replace("{worker}", &id)
+            })
+            .collect();
+        let launch = Launch {
+            argv,
+            address,
+            worker_id: id.parse().unwrap_or(0),
+            ready_timeout: app.ready_timeout,
+        };
+        let process = AppProcess::start(launch, worker.admission.slot()).await?;
+        (Target::of_app(process.address()), Some(process))
+    };
+    let proxy = Proxy::new(app, trusted, max_body, target, process);
+    if worker.proxy.set(proxy).is_err() {
+        return Err("the app was set up twice".to_string());
+    }
+    Ok(())
+}
+
+/// A loopback port free right now, for `{port}`. (Another process may take it before the app
+/// binds it; the app then fails to start, which is reported and retried.)
+fn free_loopback_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
 }
 
 /// Whether this worker was re-parented, i.e. its master is gone (logged once, here).

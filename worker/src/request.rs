@@ -11,6 +11,7 @@
 use std::any::Any;
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
+use std::net::IpAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -113,6 +114,8 @@ fn tell_master(worker: &'static Worker, done: u64, message: u8) {
 
 /// The future hyper gets for a request: the response itself when the app answered at once (most
 /// requests), or the boxed wait of a route that waits, with its timeout and panic guard.
+// `Ready` is the common case, held inline for the same reason as `app::Reply::Now`.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Handled {
     Ready(Option<Response<Body>>),
     Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
@@ -139,6 +142,7 @@ impl Future for Handled {
 pub(crate) fn handle(
     worker: &'static Worker,
     activity: ActivityGuard,
+    peer: Option<IpAddr>,
     req: Request<Incoming>,
 ) -> Handled {
     let http1 = req.version() < Version::HTTP_2;
@@ -183,7 +187,11 @@ pub(crate) fn handle(
         }
     }
 
-    let (head, body) = req.into_parts();
+    let (mut head, body) = req.into_parts();
+    if let Some(proxy) = worker.proxy.get() {
+        let answer = proxy.forward(&mut head, body, peer);
+        return Handled::Later(Box::pin(later(worker, head, Box::pin(answer), guard)));
+    }
     match catch_unwind(AssertUnwindSafe(|| app::call(worker, &head, body))) {
         Ok(Ok(app::Reply::Now(res))) => Handled::now(finish(res, guard)),
         Ok(Ok(app::Reply::Later(wait))) => {
@@ -214,6 +222,9 @@ async fn later(
         Ok(Err(panic)) => panicked(&head, panic, guard),
         Err(_) => {
             guard.admitted = None;
+            if let Some(proxy) = worker.proxy.get() {
+                proxy.timed_out();
+            }
             worker
                 .admission
                 .slot()

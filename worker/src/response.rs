@@ -38,12 +38,32 @@ pub(crate) struct Body {
 enum Kind {
     Full(Option<Bytes>),
     Stream(Limited<Incoming>),
+    /// The app's response body, with the `app.concurrency` permit it holds until sent.
+    Proxied {
+        body: Incoming,
+        _permit: crate::proxy::AppPermit,
+    },
 }
 
 impl Body {
     pub(crate) fn full(data: Bytes) -> Body {
         Body {
             kind: Kind::Full(Some(data)),
+            guard: None,
+        }
+    }
+
+    pub(crate) fn empty() -> Body {
+        Body::full(Bytes::new())
+    }
+
+    /// The app's response body, streamed through.
+    pub(crate) fn proxied(body: Incoming, permit: crate::proxy::AppPermit) -> Body {
+        Body {
+            kind: Kind::Proxied {
+                body,
+                _permit: permit,
+            },
             guard: None,
         }
     }
@@ -73,6 +93,9 @@ impl hyper::body::Body for Body {
         let polled = match &mut this.kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Kind::Stream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Proxied { body, .. } => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
         };
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             // Done (or failed): release the permits now rather than whenever hyper drops us.
@@ -85,6 +108,7 @@ impl hyper::body::Body for Body {
         match &self.kind {
             Kind::Full(data) => data.is_none(),
             Kind::Stream(body) => body.is_end_stream(),
+            Kind::Proxied { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -93,6 +117,7 @@ impl hyper::body::Body for Body {
             Kind::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Stream(body) => body.size_hint(),
+            Kind::Proxied { body, .. } => body.size_hint(),
         }
     }
 }

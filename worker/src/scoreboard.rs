@@ -103,6 +103,10 @@ pub struct Slot {
     pub rss_bytes: AtomicU64,
     /// Why the master is replacing this worker (`RecycleReason`), 0 while it is not.
     pub recycle_reason: AtomicU32,
+    /// Pid of the worker's app process (`app.command`), 0 when none runs.
+    pub app_pid: AtomicU32,
+    /// Times the worker's app process was started after the first.
+    pub app_restarts: AtomicU32,
     /// Some of the requests in flight, so that a hung worker can be reported with what it was
     /// doing: the worker cannot answer any question once its event loop is stuck.
     pub current: [RequestEntry; TRACKED_REQUESTS],
@@ -378,6 +382,8 @@ impl Scoreboard {
         slot.timeouts.store(0, Ordering::Relaxed);
         slot.rss_bytes.store(0, Ordering::Relaxed);
         slot.recycle_reason.store(0, Ordering::Relaxed);
+        slot.app_pid.store(0, Ordering::Relaxed);
+        slot.app_restarts.store(0, Ordering::Relaxed);
         for e in &slot.current {
             e.started_ms.store(0, Ordering::Relaxed);
         }

@@ -56,6 +56,9 @@ pub(crate) struct Worker {
     pub(crate) app: app::State,
     /// Set when the drain starts: HTTP/1 responses then close their connection.
     pub(crate) draining: AtomicBool,
+    /// Set at start when the app is a process or an upstream: requests go there instead of
+    /// the built-in app.
+    pub(crate) proxy: std::sync::OnceLock<crate::proxy::Proxy>,
     connections: Semaphore,
 }
 
@@ -124,6 +127,7 @@ impl Worker {
             prepare_at: crate::pipe::prepare_at(max_requests),
             app: app::State::default(),
             draining: AtomicBool::new(false),
+            proxy: std::sync::OnceLock::new(),
             connections: Semaphore::new(w.max_connections.max(1) as usize),
         };
         Box::leak(Box::new(worker))
@@ -318,5 +322,9 @@ fn spawn_connection(
 ) {
     let guard = ConnectionGuard::new(worker, permit);
     let span = tracing::debug_span!("conn", client.addr = %peer);
-    tokio::spawn(connection::serve(worker, stream, guard, drain.clone()).instrument(span));
+    let ip = match peer {
+        Peer::Tcp(addr) => Some(addr.ip()),
+        Peer::Unix => None,
+    };
+    tokio::spawn(connection::serve(worker, stream, ip, guard, drain.clone()).instrument(span));
 }

@@ -50,6 +50,7 @@ fn child() {
         max_requests: 0,
         hold: false,
         scoreboard,
+        runtime_dir: None,
         config,
     });
     assert_eq!(code, ExitCode::SUCCESS);

@@ -204,6 +204,7 @@ mod process {
             max_requests: 0,
             hold: false,
             scoreboard,
+            runtime_dir: None,
             config: Default::default(),
         }
     }

@@ -1,0 +1,534 @@
+//! Passing requests to the app: the worker's own app process (`app.command`, see `child`) or a
+//! server started elsewhere (`app.upstream`).
+//!
+//! Owns the connection pool to the app (hyper-util's pooled client over a Unix socket or TCP),
+//! what changes in a request and its response on the way (hop-by-hop headers, the
+//! `X-Forwarded-*` headers), `app.concurrency`, `app.buffer_requests`, WebSocket and other
+//! upgrades, and the 502/503 answers when the app cannot answer. Bodies stream both ways; the
+//! request pipeline (`request`) still owns admission, the request timeout and the permits.
+
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use hyper::http::request::Parts;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tracing::{debug, warn};
+
+use crate::child::{Address, AppProcess};
+use crate::config::{AppConfig, Trusted, Upstream};
+use crate::response::{text, Body};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP: HeaderValue = HeaderValue::from_static("http");
+
+/// Headers that describe one hop and never pass through (RFC 9110 7.6.1), plus the non-standard
+/// ones that clients still send.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+];
+
+/// How long an idle pooled connection to the app is kept. Shorter than the idle timeout of
+/// common app servers (uvicorn 5 s, gunicorn 2 s), so that the worker drops a connection before
+/// the app does and never sends a request into one that the app is closing.
+const POOL_IDLE: Duration = Duration::from_millis(1500);
+
+type Outgoing = Either<Limited<Incoming>, Full<Bytes>>;
+
+/// What the worker proxies to, for the life of the worker.
+pub(crate) struct Proxy {
+    client: Client<Connector, Outgoing>,
+    concurrency: Option<Semaphore>,
+    buffer_requests: bool,
+    kill_on_timeout: bool,
+    max_body_bytes: u64,
+    trusted: Trusted,
+    /// The app process (`app.command`); `None` for `app.upstream`.
+    app: Option<AppProcess>,
+    /// For messages: where requests go.
+    target: String,
+}
+
+impl Proxy {
+    /// A proxy to `target`. `app` is the worker's app process, already up, when there is one.
+    pub(crate) fn new(
+        config: &AppConfig,
+        trusted: Trusted,
+        max_body_bytes: u64,
+        target: Target,
+        app: Option<AppProcess>,
+    ) -> Proxy {
+        let described = match &target {
+            Target::Unix(p) => format!("unix:{}", p.display()),
+            Target::Tcp(a) => a.clone(),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_timer(TokioTimer::new())
+            // The Host header is the client's, set below; the URI's authority is a pool key.
+            .set_host(false)
+            .build(Connector(Arc::new(target)));
+        Proxy {
+            client,
+            concurrency: (config.concurrency > 0)
+                .then(|| Semaphore::new(config.concurrency as usize)),
+            buffer_requests: config.buffer_requests,
+            kill_on_timeout: config.kill_on_timeout,
+            max_body_bytes,
+            trusted,
+            app,
+            target: described,
+        }
+    }
+
+    pub(crate) fn app(&self) -> Option<&AppProcess> {
+        self.app.as_ref()
+    }
+
+    /// Called when a request to the app passed `worker.request_timeout`.
+    pub(crate) fn timed_out(&self) {
+        if self.kill_on_timeout {
+            if let Some(app) = &self.app {
+                app.kill();
+            }
+        }
+    }
+
+    /// Turns the client's request into the app's, taking its headers out of `head` (which the
+    /// pipeline keeps, for its logs), and returns the future that answers it.
+    pub(crate) fn forward(
+        &'static self,
+        head: &mut Parts,
+        body: Incoming,
+        peer: Option<IpAddr>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static {
+        let mut headers = std::mem::take(&mut head.headers);
+        let upgrade = is_upgrade(&headers).then(|| head.extensions.remove::<OnUpgrade>());
+        let upgrade_to = upgrade
+            .is_some()
+            .then(|| headers.get(UPGRADE).cloned())
+            .flatten();
+        strip_hop_by_hop(&mut headers);
+        if let Some(protocol) = upgrade_to {
+            headers.insert(UPGRADE, protocol);
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        // HTTP/2 clients name the host in the URI only.
+        if !headers.contains_key(HOST) {
+            if let Some(authority) = head.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                    headers.insert(HOST, v);
+                }
+            }
+        }
+        self.set_forwarded(&mut headers, peer);
+
+        let path = head
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string();
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority("app")
+            .path_and_query(path)
+            .build();
+        let method = head.method.clone();
+        async move {
+            let uri = match uri {
+                Ok(uri) => uri,
+                Err(e) => return bad_gateway(format!("cannot pass on the request target: {e}")),
+            };
+            self.send(method, uri, headers, body, upgrade.flatten())
+                .await
+        }
+    }
+
+    async fn send(
+        &'static self,
+        method: hyper::Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Incoming,
+        client_upgrade: Option<OnUpgrade>,
+    ) -> Response<Body> {
+        if let Some(app) = &self.app {
+            if let Err(why) = app.ready().await {
+                return unavailable(&why);
+            }
+        }
+        // Waits its turn (first come, first served) within the request timeout.
+        let permit = match &self.concurrency {
+            Some(s) => match s.acquire().await {
+                Ok(p) => Some(p),
+                Err(_) => return unavailable("the app is stopping"),
+            },
+            None => None,
+        };
+        let body = if self.buffer_requests {
+            let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+            match Limited::new(body, limit).collect().await {
+                Ok(collected) => Either::Right(Full::new(collected.to_bytes())),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return too_large(self.max_body_bytes)
+                }
+                Err(e) => {
+                    debug!(error = %e, "client stopped sending the request body");
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        Bytes::from_static(b"incomplete request body\n"),
+                    );
+                }
+            }
+        } else {
+            // A body without Content-Length (chunked) is cut off at the limit as it streams.
+            let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+            Either::Left(Limited::new(body, limit))
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+
+        let mut res = match self.client.request(req).await {
+            Ok(res) => res,
+            Err(e) if caused_by_body_limit(&e) => {
+                return too_large(self.max_body_bytes);
+            }
+            Err(e) => {
+                let why = error_chain(&e);
+                warn!(app = %self.target, error = %why, "the app did not answer; 502");
+                return bad_gateway(format!("the app did not answer: {why}"));
+            }
+        };
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            match client_upgrade {
+                Some(client) => {
+                    let app = hyper::upgrade::on(&mut res);
+                    tokio::spawn(tunnel(client, app));
+                    // Upgrade and Connection belong to this 101: they stay.
+                    let (parts, _) = res.into_parts();
+                    return Response::from_parts(parts, Body::empty());
+                }
+                None => return bad_gateway("the app switched protocols unasked".to_string()),
+            }
+        }
+        let (mut parts, body) = res.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(UPGRADE);
+        Response::from_parts(parts, Body::proxied(body, permit))
+    }
+
+    /// `X-Forwarded-For`, `-Proto`, `-Host`: passed on from a trusted peer (the peer appended to
+    /// the first), replaced for anyone else, who could otherwise pose as any client.
+    fn set_forwarded(&self, headers: &mut HeaderMap, peer: Option<IpAddr>) {
+        // A unix: listener's clients are local processes allowed by the socket's mode.
+        let trusted = peer.is_none_or(|ip| self.trusted.contains(ip));
+        if !trusted {
+            for name in [
+                X_FORWARDED_FOR,
+                X_FORWARDED_PROTO,
+                X_FORWARDED_HOST,
+                X_REAL_IP,
+                FORWARDED,
+            ] {
+                headers.remove(name);
+            }
+        }
+        if let Some(ip) = peer {
+            let ip = ip.to_canonical().to_string();
+            let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+                _ => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+        }
+        if !headers.contains_key(X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, HTTP);
+        }
+        if !headers.contains_key(X_FORWARDED_HOST) {
+            if let Some(host) = headers.get(HOST).cloned() {
+                headers.insert(X_FORWARDED_HOST, host);
+            }
+        }
+    }
+}
+
+/// Where the pool connects.
+#[derive(Debug)]
+pub(crate) enum Target {
+    Unix(std::path::PathBuf),
+    Tcp(String),
+}
+
+impl Target {
+    pub(crate) fn of_app(address: &Address) -> Target {
+        match address {
+            Address::Unix(path) => Target::Unix(path.clone()),
+            Address::Tcp(port) => Target::Tcp(format!("127.0.0.1:{port}")),
+        }
+    }
+
+    pub(crate) fn of_upstream(upstream: &Upstream) -> Target {
+        match upstream {
+            Upstream::Unix(path) => Target::Unix(path.clone()),
+            Upstream::Tcp(authority) => Target::Tcp(authority.clone()),
+        }
+    }
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the hop-by-hop headers, and those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(UPGRADE);
+}
+
+/// Copies bytes both ways between an upgraded client connection and the app's.
+async fn tunnel(client: OnUpgrade, app: OnUpgrade) {
+    let (client, app) = match tokio::try_join!(client, app) {
+        Ok(both) => both,
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let (mut client, mut app) = (TokioIo::new(client), TokioIo::new(app));
+    match tokio::io::copy_bidirectional(&mut client, &mut app).await {
+        Ok((up, down)) => debug!(
+            bytes.up = up,
+            bytes.down = down,
+            "upgraded connection closed"
+        ),
+        Err(e) => debug!(error = %e, "upgraded connection ended with an error"),
+    }
+}
+
+/// The error and its causes, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// Whether sending failed because the request body passed `worker.max_body_bytes`.
+fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+fn too_large(limit: u64) -> Response<Body> {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Bytes::from(format!(
+            "request body larger than the limit of {limit} bytes (worker.max_body_bytes)\n"
+        )),
+    )
+}
+
+fn bad_gateway(why: String) -> Response<Body> {
+    text(StatusCode::BAD_GATEWAY, Bytes::from(format!("{why}\n")))
+}
+
+fn unavailable(why: &str) -> Response<Body> {
+    let mut res = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Bytes::from(format!("{why}\n")),
+    );
+    res.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    res
+}
+
+/// The pool's connector: every connection goes to the one target, whatever the URI says.
+#[derive(Clone)]
+pub(crate) struct Connector(Arc<Target>);
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<AppStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<AppStream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let target = Arc::clone(&self.0);
+        Box::pin(async move {
+            let stream = match &*target {
+                Target::Unix(path) => AppStream::Unix(UnixStream::connect(path).await?),
+                Target::Tcp(authority) => {
+                    let s = TcpStream::connect(authority.as_str()).await?;
+                    s.set_nodelay(true)?;
+                    AppStream::Tcp(s)
+                }
+            };
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// A connection to the app.
+pub(crate) enum AppStream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Connection for AppStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for AppStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AppStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            AppStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for AppStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            AppStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            AppStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            AppStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            AppStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AppStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            AppStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AppStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            AppStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The permit of `app.concurrency`, held by the response body until it is sent.
+pub(crate) type AppPermit = Option<SemaphorePermit<'static>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_by_connection_go() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(TE, HeaderValue::from_static("trailers"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn upgrades_are_recognised() {
+        let mut h = HeaderMap::new();
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!is_upgrade(&h), "Upgrade without Connection: upgrade");
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(is_upgrade(&h));
+    }
+}
