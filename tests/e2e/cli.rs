@@ -80,13 +80,40 @@ fn a_second_supervisor_on_the_same_port_is_refused() {
 }
 
 #[test]
-fn an_app_command_is_refused_for_now() {
+fn bad_app_settings_are_config_errors() {
     let dir = tempfile::tempdir().unwrap();
+    for (set, expect) in [
+        ("app.upstream=ftp://x:1", "must start with http:// or unix:"),
+        (
+            "app.command=[\"app\",\"--port\",\"8000\"]",
+            "{socket} or {port}",
+        ),
+        (
+            "server.forwarded_allow_ips=[\"10.0.0.0/40\"]",
+            "10.0.0.0/40",
+        ),
+        ("app.ready_timeout=0s", "app.ready_timeout"),
+    ] {
+        let (code, _, err) = run(dir.path(), &["check", "--set", set], &[]);
+        assert_eq!(code, 2, "{set}: {err}");
+        assert!(err.contains(expect), "{set}: {err}");
+    }
+    // The command after `--` and an upstream cannot both be the app.
     let (code, _, err) = run(
         dir.path(),
-        &["start", "-b", "127.0.0.1:0", "--", "python3", "app.py"],
+        &[
+            "start",
+            "-b",
+            "127.0.0.1:0",
+            "--set",
+            "app.upstream=http://127.0.0.1:9",
+            "--",
+            "app",
+            "--uds",
+            "{socket}",
+        ],
         &[],
     );
-    assert_eq!(code, 2);
-    assert!(err.contains("not supported yet"), "{err}");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("keep one"), "{err}");
 }

@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `supervisor` binary, real sockets, real worker processes.
 
+mod app;
 mod cli;
 mod lifecycle;
 mod limits;

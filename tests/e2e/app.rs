@@ -1,0 +1,488 @@
+//! The user's app: one app process per worker behind the proxy (with the standard-library test
+//! app in `tests/apps/stdlib_app.py`), its failures, its stop, forwarded headers, WebSocket.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::util::{alive, eventually, exchange, get, run, try_get, Server};
+
+const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `supervisor start -w N ... -- python3 stdlib_app.py --uds {socket} EXTRA...`.
+fn start_app(workers: u32, settings: &[&str], extra: &[&str]) -> Server {
+    let w = workers.to_string();
+    let mut args = vec!["-w", w.as_str()];
+    args.extend_from_slice(settings);
+    args.extend_from_slice(&["--", "python3", APP, "--uds", "{socket}"]);
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// The pid the app reports in `GET /`, and the worker that proxied it.
+fn app_pid(s: &Server) -> (u32, String) {
+    let r = s.get("/");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let pid = text.rsplit(' ').next().unwrap().parse().unwrap();
+    (pid, r.header("x-worker-id").unwrap().to_string())
+}
+
+/// Children of `pid`, from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn every_worker_runs_its_own_app_process() {
+    let s = start_app(2, &[], &[]);
+    let workers = s.serving_pids();
+    assert_eq!(workers.len(), 2);
+    // Each worker has exactly one child, its app, and `status` names it.
+    let apps: Vec<u32> = workers.iter().flat_map(|&w| children(w)).collect();
+    assert_eq!(apps.len(), 2, "one app per worker: {apps:?}");
+    let mut listed: Vec<u32> = s
+        .workers_in("serving")
+        .iter()
+        .map(|w| w["app_pid"].as_u64().unwrap() as u32)
+        .collect();
+    let mut expected = apps.clone();
+    listed.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(listed, expected, "status shows each worker's app pid");
+    // Requests reach both apps, through both workers (reuseport spreads connections).
+    let mut seen = std::collections::BTreeMap::new();
+    eventually(WAIT, "both apps to answer", || {
+        let (pid, worker) = app_pid(&s);
+        assert!(apps.contains(&pid), "answered by {pid}, not an app of ours");
+        seen.insert(worker, pid);
+        (seen.len() == 2).then_some(())
+    });
+    // The app's output goes to the log, tagged with the worker.
+    let line = s
+        .log
+        .wait_for(WAIT, |l| l.contains("stdlib_app worker 2 pid"))
+        .expect("the app's output in the log");
+    assert!(
+        line.contains("worker.id=2") || line.contains("worker_id=2") || line.contains("id=2"),
+        "tagged with its worker: {line}"
+    );
+    let ids: std::collections::BTreeSet<_> = seen.values().collect();
+    assert_eq!(ids.len(), 2, "two distinct app processes");
+}
+
+#[test]
+fn large_bodies_stream_both_ways_in_bounded_memory() {
+    let s = start_app(1, &["--set", "worker.max_body_bytes=200MiB"], &[]);
+    let worker = s.serving_pids()[0];
+    const MIB: usize = 1024 * 1024;
+    let size = 100 * MIB;
+
+    // Download.
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(b"GET /download?mb=100 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(c);
+    let length = read_head(&mut r);
+    assert_eq!(length, Some(size));
+    assert_eq!(drain_exact(&mut r, size), size);
+
+    // Upload, echoed back while it is still being sent.
+    let c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    let mut w = c.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        w.write_all(
+            format!("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let block = vec![b'y'; MIB];
+        for _ in 0..100 {
+            w.write_all(&block).unwrap();
+        }
+    });
+    let mut r = BufReader::new(c);
+    assert_eq!(read_head(&mut r), Some(size));
+    assert_eq!(drain_exact(&mut r, size), size);
+    sender.join().unwrap();
+
+    // The worker never held the bodies: its peak RSS stayed far below 100 MiB.
+    let status = std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap();
+    let hwm_kib: usize = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        hwm_kib < 40 * 1024,
+        "worker peak RSS {hwm_kib} KiB for 100 MiB each way"
+    );
+}
+
+/// Reads a response head; returns its Content-Length.
+fn read_head(r: &mut impl BufRead) -> Option<usize> {
+    let mut length = None;
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            return length;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().ok();
+            }
+        }
+    }
+}
+
+fn drain_exact(r: &mut impl Read, n: usize) -> usize {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < n {
+        let k = r.read(&mut buf[..(n - got).min(256 * 1024)]).unwrap();
+        assert!(k > 0, "body ended after {got} of {n} bytes");
+        got += k;
+    }
+    got
+}
+
+#[test]
+fn killed_app_gives_502_then_is_restarted() {
+    let s = start_app(1, &[], &[]);
+    let (pid, _) = app_pid(&s);
+    // A request in flight when the app dies gets 502.
+    let addr = s.addr;
+    let slow = std::thread::spawn(move || get(addr, "/sleep?ms=10000"));
+    eventually(WAIT, "the slow request to reach the app", || {
+        (s.status()["workers"][0]["inflight"] == 1).then_some(())
+    });
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let r = slow.join().unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("the app did not answer"), "{}", r.text());
+    // A new app process comes up and serves.
+    let new = eventually(WAIT, "a restarted app to serve", || {
+        try_get(s.addr, "/")
+            .ok()
+            .filter(|r| r.status == 200)
+            .map(|r| r.text().rsplit(' ').next().unwrap().parse::<u32>().unwrap())
+    });
+    assert_ne!(new, pid);
+    assert!(s.log.text().contains("the app exited"), "crash logged");
+}
+
+#[test]
+fn app_ignoring_term_is_killed_after_the_grace_period() {
+    let mut s = start_app(
+        1,
+        &["--set", "server.graceful_timeout=1s"],
+        &["--ignore-term"],
+    );
+    let (pid, _) = app_pid(&s);
+    s.signal(Signal::SIGTERM);
+    let status = s.wait_exit(WAIT);
+    assert!(status.success(), "{status:?}");
+    assert!(!alive(pid), "app {pid} outlived the master");
+    assert!(
+        s.log.text().contains("did not exit after SIGTERM"),
+        "the kill is logged"
+    );
+}
+
+#[test]
+fn no_app_survives_a_killed_master() {
+    let mut s = start_app(2, &[], &[]);
+    let apps: Vec<u32> = s.serving_pids().iter().flat_map(|&w| children(w)).collect();
+    assert_eq!(apps.len(), 2);
+    s.signal(Signal::SIGKILL);
+    s.wait_exit(WAIT);
+    eventually(WAIT, "every app process to be gone", || {
+        apps.iter().all(|&p| !alive(p)).then_some(())
+    });
+}
+
+#[test]
+fn forwarded_headers_are_replaced_unless_the_peer_is_trusted() {
+    let spoof = b"GET /headers HTTP/1.1\r\nHost: example.test\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n";
+
+    // Default: loopback is trusted, so a proxy in front of us on this host is believed.
+    let s = start_app(1, &[], &[]);
+    let r = exchange(s.addr, spoof).unwrap();
+    let h: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(h["x-forwarded-for"], "6.6.6.6, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], "example.test");
+    // The client's hop-by-hop `Connection: close` is not passed on.
+    assert!(h.get("connection").is_none(), "{h}");
+    drop(s);
+
+    // Nobody trusted: the client's claims are replaced by what the worker saw.
+    let s = start_app(1, &["--set", "server.forwarded_allow_ips=[]"], &[]);
+    let r = exchange(s.addr, spoof).unwrap();
+    let h: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["host"], "example.test");
+}
+
+#[test]
+fn websocket_echo_through_the_proxy() {
+    let s = start_app(1, &[], &[]);
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    let mut accept = None;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("sec-websocket-accept:") {
+            accept = Some(v.trim().to_string());
+        }
+    }
+    assert_eq!(accept.as_deref(), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+    for message in ["hello", "through the worker"] {
+        // A masked text frame, as clients send.
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | message.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(message.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        c.write_all(&frame).unwrap();
+        let mut head = [0u8; 2];
+        r.read_exact(&mut head).unwrap();
+        assert_eq!(head[0], 0x81);
+        let mut data = vec![0u8; head[1] as usize];
+        r.read_exact(&mut data).unwrap();
+        assert_eq!(data, message.as_bytes());
+    }
+}
+
+#[test]
+fn leaking_app_is_recycled_by_max_rss_without_failed_requests() {
+    let s = start_app(
+        1,
+        &[
+            "--set",
+            "worker.max_rss=80MiB",
+            "--set",
+            "worker.rss_interval=100ms",
+            "--set",
+            "worker.rss_samples=2",
+        ],
+        &[],
+    );
+    let (first, _) = app_pid(&s);
+    // Leak 20 MiB per request until the worker (with its app) is replaced; every request in
+    // the meantime must succeed.
+    let mut leaked = 0;
+    let new = eventually(Duration::from_secs(60), "a new app after recycling", || {
+        let r = s.get("/leak?mb=20");
+        assert_eq!(
+            r.status,
+            200,
+            "request failed during recycling: {}",
+            r.text()
+        );
+        leaked += 20;
+        let (pid, _) = app_pid(&s);
+        (pid != first).then_some(pid)
+    });
+    assert!(leaked >= 60, "recycled after {leaked} MiB");
+    assert_ne!(new, first);
+    eventually(WAIT, "the leaking app to be stopped", || {
+        (!alive(first)).then_some(())
+    });
+    assert!(s.log.text().contains("max_rss"), "recycle reason logged");
+}
+
+#[test]
+fn app_that_never_comes_up_fails_the_start_with_its_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(
+        dir.path(),
+        &[
+            "start",
+            "-b",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "--",
+            "python3",
+            APP,
+            "--uds",
+            "{socket}",
+            "--fail-start",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("the app did not come up"), "{err}");
+    assert!(
+        err.contains("cannot start: configuration missing (on purpose)"),
+        "the app's own last words are in the error: {err}"
+    );
+}
+
+#[test]
+fn app_command_without_a_place_to_listen_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(
+        dir.path(),
+        &["start", "-b", "127.0.0.1:0", "--", "python3", APP],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("{socket}"), "{err}");
+}
+
+#[test]
+fn upstream_mode_proxies_to_a_server_started_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("up.sock");
+    let mut app = std::process::Command::new("python3")
+        .args([APP, "--uds", sock.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(WAIT, "the upstream to listen", || {
+        std::os::unix::net::UnixStream::connect(&sock).ok()
+    });
+    let upstream = format!("app.upstream=unix:{}", sock.display());
+    let s = Server::start(&["-w", "1", "--set", &upstream]);
+    let r = s.get("/");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), format!("app ? {}", app.id()));
+    let _ = app.kill();
+    let _ = app.wait();
+    let r = s.get("/");
+    assert_eq!(r.status, 502, "upstream gone: {}", r.text());
+}
+
+/// uvicorn from `tests/.venv`, which `tests/run` installs.
+fn uvicorn() -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/.venv/bin/uvicorn");
+    assert!(
+        std::path::Path::new(path).exists(),
+        "{path} is missing: run tests/run, which installs tests/requirements.txt into tests/.venv"
+    );
+    path.to_string()
+}
+
+#[test]
+fn real_uvicorn_app_behind_every_worker() {
+    let uvicorn = uvicorn();
+    let bench = concat!(env!("CARGO_MANIFEST_DIR"), "/bench");
+    let s = Server::start(&[
+        "-w",
+        "2",
+        "--",
+        &uvicorn,
+        "--app-dir",
+        bench,
+        "app:app",
+        "--uds",
+        "{socket}",
+        "--log-level",
+        "warning",
+    ]);
+    let mut workers = std::collections::BTreeSet::new();
+    eventually(WAIT, "both workers to answer through uvicorn", || {
+        let r = s.get("/");
+        assert_eq!((r.status, r.text().as_str()), (200, "Hello, World!"));
+        workers.insert(r.header("x-worker-id").unwrap().to_string());
+        (workers.len() == 2).then_some(())
+    });
+    let r = s.get("/sleep?ms=5");
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn stuck_request_kills_the_app_when_asked() {
+    let s = start_app(
+        1,
+        &[
+            "--set",
+            "worker.request_timeout=1s",
+            "--set",
+            "app.kill_on_timeout=true",
+        ],
+        &[],
+    );
+    let (pid, _) = app_pid(&s);
+    let r = s.get("/sleep?ms=30000");
+    assert_eq!(r.status, 504, "{}", r.text());
+    eventually(WAIT, "the stuck app to be killed", || {
+        (!alive(pid)).then_some(())
+    });
+    let new = eventually(WAIT, "a new app to serve", || {
+        try_get(s.addr, "/")
+            .ok()
+            .filter(|r| r.status == 200)
+            .map(|r| r.text().rsplit(' ').next().unwrap().parse::<u32>().unwrap())
+    });
+    assert_ne!(new, pid);
+    assert!(
+        s.log.text().contains("app.kill_on_timeout"),
+        "the kill is logged"
+    );
+}
+
+#[test]
+fn body_limit_holds_for_streamed_and_buffered_bodies() {
+    // 64 KiB chunks of a chunked body, 1 MiB in all, against a 256 KiB limit.
+    let chunked = || {
+        let mut raw = b"POST /consume HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+        for _ in 0..16 {
+            raw.extend_from_slice(b"10000\r\n");
+            raw.extend(std::iter::repeat_n(b'z', 0x10000));
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(b"0\r\n\r\n");
+        raw
+    };
+    for buffered in ["false", "true"] {
+        let setting = format!("app.buffer_requests={buffered}");
+        let s = start_app(
+            1,
+            &["--set", "worker.max_body_bytes=256KiB", "--set", &setting],
+            &[],
+        );
+        // Within the limit: the app reads it all.
+        let small = b"POST /consume HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let r = exchange(s.addr, small).unwrap();
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "read 5 bytes".to_string()),
+            "buffered={buffered}"
+        );
+        // Past it, with no Content-Length to refuse it up front: 413, not a truncated upload.
+        let r = exchange(s.addr, &chunked()).unwrap();
+        assert_eq!(r.status, 413, "buffered={buffered}: {}", r.text());
+        assert!(r.text().contains("worker.max_body_bytes"), "{}", r.text());
+    }
+}
