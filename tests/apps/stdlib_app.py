@@ -9,6 +9,7 @@ one thread per connection. Routes:
   POST /consume          reads the whole body (Content-Length or chunked), then answers
   GET  /download?mb=N    N MiB of bytes, streamed
   GET  /sleep?ms=N       waits, then answers
+  GET  /stats            {"max_concurrent_sleeps": N}: most /sleep requests in progress at once
   GET  /exit             the process exits at once (status 3), no answer
   GET  /leak?mb=N        keeps N MiB more, touched, for the rest of its life
   GET  /ws               WebSocket: echoes every text or binary message
@@ -27,11 +28,14 @@ import socket
 import socketserver
 import struct
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 LEAKED = []
+BUSY = {"now": 0, "max": 0}
+BUSY_LOCK = threading.Lock()
 WORKER = os.environ.get("SUPERVISOR_WORKER_ID", "?")
 CHUNK = 64 * 1024
 
@@ -76,8 +80,16 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(block[:n])
                 sent += n
         elif path == "/sleep":
+            with BUSY_LOCK:
+                BUSY["now"] += 1
+                BUSY["max"] = max(BUSY["max"], BUSY["now"])
             time.sleep(self.query("ms") / 1000)
+            with BUSY_LOCK:
+                BUSY["now"] -= 1
             self.reply(200, b"slept")
+        elif path == "/stats":
+            self.reply(200, json.dumps({"max_concurrent_sleeps": BUSY["max"]}).encode(),
+                       "application/json")
         elif path == "/exit":
             print("exiting on request", flush=True)
             os._exit(3)
@@ -135,6 +147,7 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(200, f"read {total} bytes".encode())
 
     def websocket(self):
+        self.close_connection = True  # after the WebSocket, the connection is done
         key = self.headers.get("Sec-WebSocket-Key", "")
         accept = base64.b64encode(
             hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()

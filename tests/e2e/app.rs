@@ -242,7 +242,7 @@ fn forwarded_headers_are_replaced_unless_the_peer_is_trusted() {
 
 #[test]
 fn websocket_echo_through_the_proxy() {
-    let s = start_app(1, &[], &[]);
+    let mut s = start_app(1, &["--set", "server.graceful_timeout=20s"], &[]);
     let mut c = TcpStream::connect(s.addr).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();
     c.write_all(
@@ -266,7 +266,7 @@ fn websocket_echo_through_the_proxy() {
         }
     }
     assert_eq!(accept.as_deref(), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
-    for message in ["hello", "through the worker"] {
+    let mut ws_echo = |message: &str| {
         // A masked text frame, as clients send.
         let mask = [1u8, 2, 3, 4];
         let mut frame = vec![0x81, 0x80 | message.len() as u8];
@@ -279,7 +279,28 @@ fn websocket_echo_through_the_proxy() {
         let mut data = vec![0u8; head[1] as usize];
         r.read_exact(&mut data).unwrap();
         assert_eq!(data, message.as_bytes());
-    }
+    };
+    ws_echo("hello");
+    ws_echo("through the worker");
+
+    // A graceful stop leaves open tunnels their grace period: the WebSocket still works after
+    // the worker started draining, and once it closes the stop completes.
+    s.signal(Signal::SIGTERM);
+    s.log
+        .wait_for(WAIT, |l| l.contains("stopped accepting"))
+        .expect("the worker drains");
+    ws_echo("while draining");
+    assert!(
+        !s.log.text().contains("drain complete"),
+        "the drain must wait for the open WebSocket"
+    );
+    c.write_all(&[0x88, 0x80, 0, 0, 0, 0]).unwrap();
+    c.shutdown(std::net::Shutdown::Both).unwrap();
+    s.wait_exit(WAIT);
+    assert!(
+        s.log.text().contains("drain complete"),
+        "the drain waited for the tunnel and then completed"
+    );
 }
 
 #[test]
@@ -484,5 +505,32 @@ fn body_limit_holds_for_streamed_and_buffered_bodies() {
         let r = exchange(s.addr, &chunked()).unwrap();
         assert_eq!(r.status, 413, "buffered={buffered}: {}", r.text());
         assert!(r.text().contains("worker.max_body_bytes"), "{}", r.text());
+    }
+}
+
+#[test]
+fn app_concurrency_bounds_requests_in_flight_to_the_app() {
+    for (limit, parallel) in [(1u64, 6), (0, 6)] {
+        let setting = format!("app.concurrency={limit}");
+        let s = start_app(1, &["--set", &setting], &[]);
+        let addr = s.addr;
+        let clients: Vec<_> = (0..parallel)
+            .map(|_| std::thread::spawn(move || get(addr, "/sleep?ms=300").status))
+            .collect();
+        for c in clients {
+            assert_eq!(c.join().unwrap(), 200, "app.concurrency={limit}");
+        }
+        let stats: serde_json::Value = serde_json::from_slice(&s.get("/stats").body).unwrap();
+        let most = stats["max_concurrent_sleeps"].as_u64().unwrap();
+        if limit == 1 {
+            assert_eq!(
+                most, 1,
+                "the app never saw more than app.concurrency at once"
+            );
+        } else {
+            // Without the bound the same load reaches the app in parallel (this is what makes
+            // the first case a real check).
+            assert!(most > 1, "unbounded: the app saw {most} at once");
+        }
     }
 }

@@ -36,6 +36,7 @@ use tracing::{debug, warn};
 use crate::child::{Address, AppProcess};
 use crate::config::{AppConfig, Trusted, Upstream};
 use crate::response::{text, Body};
+use crate::server::Worker;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -128,6 +129,7 @@ impl Proxy {
     /// pipeline keeps, for its logs), and returns the future that answers it.
     pub(crate) fn forward(
         &'static self,
+        worker: &'static Worker,
         head: &mut Parts,
         body: Incoming,
         peer: Option<IpAddr>,
@@ -169,13 +171,14 @@ impl Proxy {
                 Ok(uri) => uri,
                 Err(e) => return bad_gateway(format!("cannot pass on the request target: {e}")),
             };
-            self.send(method, uri, headers, body, upgrade.flatten())
+            self.send(worker, method, uri, headers, body, upgrade.flatten())
                 .await
         }
     }
 
     async fn send(
         &'static self,
+        worker: &'static Worker,
         method: hyper::Method,
         uri: Uri,
         headers: HeaderMap,
@@ -236,7 +239,10 @@ impl Proxy {
             match client_upgrade {
                 Some(client) => {
                     let app = hyper::upgrade::on(&mut res);
-                    tokio::spawn(tunnel(client, app));
+                    // The tunnel holds a drain receiver: a draining worker waits for open
+                    // tunnels (WebSockets) up to `server.graceful_timeout` before it exits.
+                    let hold = worker.drain_watch.get().map(|tx| tx.subscribe());
+                    tokio::spawn(tunnel(client, app, hold));
                     // Upgrade and Connection belong to this 101: they stay.
                     let (parts, _) = res.into_parts();
                     return Response::from_parts(parts, Body::empty());
@@ -339,7 +345,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Copies bytes both ways between an upgraded client connection and the app's.
-async fn tunnel(client: OnUpgrade, app: OnUpgrade) {
+async fn tunnel(
+    client: OnUpgrade,
+    app: OnUpgrade,
+    _hold: Option<tokio::sync::watch::Receiver<bool>>,
+) {
     let (client, app) = match tokio::try_join!(client, app) {
         Ok(both) => both,
         Err(e) => {

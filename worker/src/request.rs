@@ -189,7 +189,7 @@ pub(crate) fn handle(
 
     let (mut head, body) = req.into_parts();
     if let Some(proxy) = worker.proxy.get() {
-        let answer = proxy.forward(&mut head, body, peer);
+        let answer = proxy.forward(worker, &mut head, body, peer);
         return Handled::Later(Box::pin(later(worker, head, Box::pin(answer), guard)));
     }
     match catch_unwind(AssertUnwindSafe(|| app::call(worker, &head, body))) {
@@ -277,7 +277,10 @@ fn finish(mut res: Response<Body>, guard: RequestGuard) -> Response<Body> {
         .insert(X_WORKER_ID, guard.worker.responses.worker_id().clone());
     // Draining: hyper closes an HTTP/1 connection after a response that says so, and the
     // client knows not to send another request on it (see `connection`).
-    if guard.http1 && guard.worker.draining.load(Ordering::Relaxed) {
+    if guard.http1
+        && guard.worker.draining.load(Ordering::Relaxed)
+        && res.status() != hyper::StatusCode::SWITCHING_PROTOCOLS
+    {
         res.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }

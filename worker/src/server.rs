@@ -59,6 +59,9 @@ pub(crate) struct Worker {
     /// Set at start when the app is a process or an upstream: requests go there instead of
     /// the built-in app.
     pub(crate) proxy: std::sync::OnceLock<crate::proxy::Proxy>,
+    /// The server's drain signal, for tasks that outlive their connection (upgraded
+    /// tunnels) to subscribe to: the drain waits until every receiver is gone.
+    pub(crate) drain_watch: std::sync::OnceLock<watch::Sender<bool>>,
     connections: Semaphore,
 }
 
@@ -128,6 +131,7 @@ impl Worker {
             app: app::State::default(),
             draining: AtomicBool::new(false),
             proxy: std::sync::OnceLock::new(),
+            drain_watch: std::sync::OnceLock::new(),
             connections: Semaphore::new(w.max_connections.max(1) as usize),
         };
         Box::leak(Box::new(worker))
@@ -174,9 +178,10 @@ pub(crate) struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // Dropped without a drain (tests, a failed start): connections see the closed signal
-        // only once this flag is up (see `connection::serve`).
+        // Dropped without a drain (tests, a failed start): every connection drains. (The
+        // worker keeps a sender for tunnels, so the channel does not close by itself.)
         self.worker.draining.store(true, Ordering::Relaxed);
+        self.drain.send_replace(true);
     }
 }
 
@@ -191,6 +196,7 @@ impl Server {
     /// Starts one accept loop per listener. Must run inside the worker's tokio runtime.
     pub(crate) fn start(worker: &'static Worker, listeners: Vec<Listener>) -> Server {
         let (drain, rx) = watch::channel(false);
+        let _ = worker.drain_watch.set(drain.clone());
         for listener in listeners {
             info!(listener = %listener.local_addr(), "accepting connections");
             tokio::spawn(accept_loop(worker, listener, rx.clone()));
