@@ -15,7 +15,8 @@ one thread per connection. Routes:
   GET  /ws               WebSocket: echoes every text or binary message
 
 Options: --ignore-term (SIGTERM is ignored), --fail-start (prints a line and exits 3),
---ready-delay-ms N (waits before listening).
+--ready-delay-ms N (waits before listening), --die-after-ms N (exits N ms after listening,
+every time it is started: a crash loop).
 """
 
 import argparse
@@ -196,6 +197,7 @@ def main():
     ap.add_argument("--ignore-term", action="store_true")
     ap.add_argument("--fail-start", action="store_true")
     ap.add_argument("--ready-delay-ms", type=int, default=0)
+    ap.add_argument("--die-after-ms", type=int, default=0)
     args = ap.parse_args()
     if args.fail_start:
         print("stdlib_app: cannot start: configuration missing (on purpose)", file=sys.stderr,
@@ -213,6 +215,12 @@ def main():
         server = TcpServer(("127.0.0.1", args.port), Handler)
         where = f"127.0.0.1:{args.port}"
     print(f"stdlib_app worker {WORKER} pid {os.getpid()} listening on {where}", flush=True)
+    if args.die_after_ms:
+        def die():
+            time.sleep(args.die_after_ms / 1000)
+            print("dying on purpose (--die-after-ms)", flush=True)
+            os._exit(4)
+        threading.Thread(target=die, daemon=True).start()
     server.serve_forever()
 
 

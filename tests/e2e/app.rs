@@ -534,3 +534,43 @@ fn app_concurrency_bounds_requests_in_flight_to_the_app() {
         }
     }
 }
+
+#[test]
+fn crash_looping_app_gets_fast_503s_and_backoff_not_a_spin() {
+    let s = start_app(1, &[], &["--die-after-ms", "200"]);
+    // After a few quick deaths the worker stops making clients wait for the app.
+    let r = eventually(WAIT, "a fast 503 from the crash-looping app", || {
+        try_get(s.addr, "/").ok().filter(|r| r.status == 503)
+    });
+    assert!(r.text().contains("keeps failing"), "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let line = s
+        .log
+        .wait_for(WAIT, |l| {
+            l.contains("requests get 503 until it is up again")
+        })
+        .unwrap();
+    assert!(line.contains("ERROR"), "{line}");
+    // Backoff, not a spin: restarts double their delay (0.1, 0.2, 0.4 s ...), so by the time
+    // the app has been restarted 5 times, at least 0.1+0.2+0.4+0.8 s of backoff have passed
+    // (plus five runs of 0.2 s): check the count against the clock, from both ends.
+    let started = std::time::Instant::now();
+    let restarts = |s: &Server| s.status()["workers"][0]["app_restarts"].as_u64().unwrap();
+    let before = restarts(&s);
+    eventually(Duration::from_secs(30), "two more restarts", || {
+        (restarts(&s) >= before + 2).then_some(())
+    });
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "two restarts in {:?}: no backoff",
+        started.elapsed()
+    );
+    // The transition is logged once, not per restart or per request.
+    let count = s
+        .log
+        .lines()
+        .iter()
+        .filter(|l| l.contains("requests get 503 until it is up again"))
+        .count();
+    assert_eq!(count, 1);
+}

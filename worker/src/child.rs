@@ -188,6 +188,8 @@ async fn supervise(
 ) {
     let mut boot = Some(boot);
     let mut failures = 0u32;
+    // The failing state is announced once per streak of failures, not once per restart.
+    let mut announced = false;
     loop {
         let started = Instant::now();
         let end = run_once(&shared, &health, &mut boot).await;
@@ -208,6 +210,7 @@ async fn supervise(
         }
         if started.elapsed() >= HEALTHY_RUN {
             failures = 0;
+            announced = false;
         }
         failures += 1;
         let delay = backoff(failures);
@@ -215,7 +218,8 @@ async fn supervise(
             let reason: Arc<str> = Arc::from(format!(
                 "the app keeps failing ({failures} times in a row; last: {why})"
             ));
-            if !matches!(&*health.borrow(), Health::Failing(_)) {
+            if !announced {
+                announced = true;
                 error!(
                     app.failures = failures,
                     retry_in = ?delay,
@@ -307,6 +311,7 @@ async fn run_once(
             kill_group(pid, Signal::SIGKILL);
             let status = describe(status);
             error!(app.pid = pid, status = %status, "the app exited; its requests in flight get 502");
+            // Not `Ready` any more; `supervise` says what it is now.
             health.send_replace(Health::Starting);
             End::Exited(format!("exited ({status})"))
         }
