@@ -574,3 +574,45 @@ fn crash_looping_app_gets_fast_503s_and_backoff_not_a_spin() {
         .count();
     assert_eq!(count, 1);
 }
+
+#[test]
+fn apps_that_only_do_tcp_get_a_loopback_port() {
+    let s = Server::start(&["-w", "2", "--", "python3", APP, "--port", "{port}"]);
+    let line = s
+        .log
+        .wait_for(WAIT, |l| l.contains("listening on 127.0.0.1:"))
+        .expect("the app says where it listens");
+    assert!(line.contains("stdlib_app worker"), "{line}");
+    let mut pids = std::collections::BTreeSet::new();
+    eventually(WAIT, "both apps to answer over TCP", || {
+        let (pid, _) = app_pid(&s);
+        pids.insert(pid);
+        (pids.len() == 2).then_some(())
+    });
+    // The app's view: the client is the original one, forwarded by the worker.
+    let h: serde_json::Value = serde_json::from_slice(&s.get("/headers").body).unwrap();
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+}
+
+#[test]
+fn tcp_upstream_is_proxied() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut app = std::process::Command::new("python3")
+        .args([APP, "--port", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(WAIT, "the upstream to listen", || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let upstream = format!("app.upstream=http://127.0.0.1:{port}");
+    let s = Server::start(&["-w", "1", "--set", &upstream]);
+    let r = s.get("/");
+    assert_eq!((r.status, r.text()), (200, format!("app ? {}", app.id())));
+    let _ = app.kill();
+    let _ = app.wait();
+}
