@@ -2,8 +2,8 @@
 
 Run through `bench/run` (which installs everything first):
 
-    bench/run                 every scenario, full length (~20 minutes on 2 cores)
-    bench/run --quick         every scenario, one short round each (smoke check, < 2 minutes)
+    bench/run                 every scenario, full length (~30 minutes on 2 cores)
+    bench/run --quick         every scenario, one short round each (smoke check, < 3 minutes)
     bench/run hello balance   only these scenarios
 
 Each scenario runs its systems interleaved (A B C, A B C, ...), keeps every raw measurement in
@@ -35,7 +35,7 @@ import harness as h  # noqa: E402
 import lifecycle  # noqa: E402
 import report  # noqa: E402
 
-SCENARIOS = ["hello", "latency", "overload", "balance", "footprint", "lifecycle"]
+SCENARIOS = ["hello", "latency", "overload", "balance", "footprint", "lifecycle", "proxy"]
 
 # A load generator that used this much of its CPU(s) may have been the bottleneck.
 LOADGEN_BUSY_WARN = 0.90
@@ -807,11 +807,294 @@ def scenario_footprint(ctx: Ctx) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Scenario 7: proxy (the user's app behind supervisor)
+
+PROXY_PATHS = {"hello": "/", "sleep": "/sleep?ms=5"}
+PROXY_RATE_SHARE = 0.5  # fixed rate = this share of gunicorn+uvicorn's closed-loop req/s
+HOP_TARGET_US = 50.0
+SLEEP_RPS_TARGET = 0.95
+
+
+def scenario_proxy(ctx: Ctx) -> dict:
+    """supervisor with W workers, each proxying to one uvicorn child on a private Unix socket,
+    against gunicorn+UvicornWorker and granian with the same W app processes, on bench/app.py:
+    closed-loop throughput and latency at a fixed rate on `GET /` and `GET /sleep?ms=5`. Then the
+    hop alone: uvicorn by itself on a TCP port against supervisor with 1 worker + 1 uvicorn
+    child, at c=1, on `GET /`: what the extra hop adds per request, in latency and server CPU."""
+    W = ctx.default_workers
+    conns = 64
+    d_closed, d_open, warmup = ctx.secs(10, 2), ctx.secs(10, 2), ctx.secs(2, 1)
+    d_hop = ctx.secs(10, 2)
+    cap = {"limits.max_concurrent_requests": 1024}
+    app = h.uvicorn_app_command()
+    sup_app = h.System("supervisor", f"supervisor + uvicorn (workers={W})", "supervisor", cap,
+                       app=app)
+    entries = [
+        (f"gunicorn-w{W}", GUNICORN, W),
+        (f"supervisor-w{W}", sup_app, W),
+        (f"granian-w{W}", GRANIAN, W),
+    ]
+    hop_entries = [
+        ("uvicorn-w1", h.System("uvicorn", "uvicorn alone (TCP)", "uvicorn"), 1),
+        ("supervisor-w1", h.System("supervisor", "supervisor (1 worker) + uvicorn", "supervisor",
+                                   cap, app=app), 1),
+    ]
+    left_before = len(h.LEFT_BEHIND)
+
+    # The fixed rate per path: PROXY_RATE_SHARE of gunicorn's closed-loop req/s, measured here
+    # first (one run on a quiet machine), and the same for every system.
+    # Like a measurement in interleave(): on a quiet machine if it gets quiet, and repeated (at
+    # most ctx.retries times) when other processes disturbed it; the least disturbed counts.
+    def measure_rates():
+        run = GUNICORN.start(W, ctx.pin)
+        try:
+            out = {}
+            for name, path in PROXY_PATHS.items():
+                h.wrk(run, path, conns, warmup, ctx.pin)
+                out[name] = wrk_metrics(h.wrk(run, path, conns, ctx.secs(6, 2), ctx.pin), ctx.pin)
+            return out
+        finally:
+            run.stop()
+
+    attempts = []
+    # (with --only naming none of the three systems, there is nothing to measure at a rate)
+    wanted = not ctx.only or any(key in ctx.only for key, _, _ in entries)
+    for attempt in range(1 + ctx.retries if wanted else 0):
+        if ctx.quiet_wait:
+            h.wait_for_quiet(ctx.quiet_wait)
+        h.log(f"[proxy] measuring gunicorn+uvicorn's closed-loop req/s (wrk, c={conns}, "
+              f"workers={W}) for the fixed rates" + (f", attempt {attempt + 1}" if attempt else ""))
+        attempts.append(measure_rates())
+        if disturbance(attempts[-1]) < DISTURBED:
+            break
+    gun_runs = min(attempts, key=disturbance) if attempts else {}
+    gmax = {name: m["rps"] for name, m in gun_runs.items()}
+    rates = {name: round(gmax[name] * PROXY_RATE_SHARE) if name in gmax else None
+             for name in PROXY_PATHS}
+
+    result = header(ctx, "proxy", {
+        "workers": W, "server_cpus": ctx.C, "paths": PROXY_PATHS,
+        "app": "bench/app.py (plain ASGI) under uvicorn with uvloop and httptools in every "
+               "system: supervisor's workers each start one `" + " ".join(
+                   ["uvicorn"] + app[1:]).replace(str(h.BENCH), "bench") + "` and proxy to it; "
+               "gunicorn runs UvicornWorker; granian its own ASGI server",
+        "closed": f"wrk -t1 -c{conns} closed loop, {d_closed}s per path, after {warmup}s warm-up",
+        "open": f"oha -q RATE --latency-correction -c{conns}, {d_open}s per path; RATE = "
+                f"{PROXY_RATE_SHARE:.0%} of gunicorn+uvicorn's closed-loop req/s on that path "
+                f"(measured first, wrk c={conns}), the same for every system",
+        "rates_rps": rates, "gunicorn_max_rps": gmax,
+        "hop": f"wrk -t1 -c1 closed loop on GET /, {d_hop}s after {warmup}s warm-up: uvicorn "
+               f"alone (1 process, TCP) vs supervisor with 1 worker proxying to 1 uvicorn on a "
+               f"Unix socket; p50 from wrk, mean = 1 / (req/s) (wall time per request at c=1; "
+               f"wrk's own mean adds synthetic samples for stalls); added = supervisor - "
+               f"uvicorn, per round (paired), median over rounds; CPU = the server's process "
+               f"tree (/proc), per request",
+        "supervisor_settings": cap})
+
+    def measure(key, system, workers, rnd):
+        run = system.start(workers, ctx.pin)
+        out = {}
+        try:
+            for name, path in PROXY_PATHS.items():
+                h.wrk(run, path, conns, warmup, ctx.pin)
+                m = wrk_metrics(h.wrk(run, path, conns, d_closed, ctx.pin), ctx.pin)
+                out[f"closed_{name}"] = m
+            for name, path in PROXY_PATHS.items():
+                res = h.oha(run, path, d_open, ctx.pin, rate=rates[name], connections=conns,
+                            timeout_s=10)
+                m = oha_metrics(res, ctx.pin, d_open, rates[name])
+                m.pop("by_path", None)
+                out[f"open_{name}"] = m
+        finally:
+            run.stop()
+        for name in PROXY_PATHS:  # flat copies, for the per-round (paired) ratios
+            c, o = out[f"closed_{name}"], out[f"open_{name}"]
+            out[f"{name}_rps"] = c["rps"]
+            out[f"{name}_cpu_us_per_req"] = c.get("server_cpu_us_per_req")
+            out[f"{name}_closed_p99_ms"] = c["p99_ms"]
+            for k in ("p50_ms", "p99_ms", "p99.9_ms"):
+                out[f"{name}_open_{k}"] = o[k]
+        return out
+
+    def measure_hop(key, system, workers, rnd):
+        run = system.start(workers, ctx.pin)
+        try:
+            h.wrk(run, "/", 1, warmup, ctx.pin)
+            m = wrk_metrics(h.wrk(run, "/", 1, d_hop, ctx.pin), ctx.pin)
+        finally:
+            run.stop()
+        # At c=1 the mean time per request is wall time / requests = 1 / (req/s). Not wrk's
+        # mean: wrk "corrects" its latency samples for coordinated omission (each sample over
+        # twice the mean interval gets synthetic ones added), so one stall of a few ms weighs
+        # as dozens of requests and its mean can exceed 1 / (req/s) by 2x at c=1.
+        return {"c1": m, "p50_us": round(m["p50_ms"] * 1000, 1),
+                "mean_us": round(1e6 / m["rps"], 1) if m["rps"] else None,
+                "wrk_mean_us": round(m["mean_ms"] * 1000, 1),
+                "cpu_us_per_req": m.get("server_cpu_us_per_req"), "rps": m["rps"]}
+
+    runs = interleave(ctx, entries, measure, "proxy")
+    hop_runs = interleave(ctx, hop_entries, measure_hop, "proxy hop")
+    result["runs"] = runs + hop_runs
+
+    rows = []
+    for key, system, workers in entries:
+        ms = by_system(runs, key)
+        row = {"system": key, "label": system.label, "workers": workers, "n": len(ms)}
+        for name in PROXY_PATHS:
+            c = [m[f"closed_{name}"] for m in ms]
+            o = [m[f"open_{name}"] for m in ms]
+            row[name] = {
+                "rps": med(c, "rps"), "rps_min": min((m["rps"] for m in c), default=None),
+                "rps_max": max((m["rps"] for m in c), default=None),
+                "closed_p50_ms": med(c, "p50_ms"), "closed_p99_ms": med(c, "p99_ms"),
+                "cpu_us_per_req": med(c, "server_cpu_us_per_req"),
+                "closed_loadgen_cpu_util": med(c, "loadgen_cpu_util"),
+                "offered_rps": rates[name], "achieved_rps": med(o, "rps"),
+                "achieved_fraction": med(o, "achieved_fraction"),
+                "open_p50_ms": med(o, "p50_ms"), "open_p99_ms": med(o, "p99_ms"),
+                "open_p99.9_ms": med(o, "p99.9_ms"), "open_max_ms": med(o, "max_ms"),
+                "open_loadgen_cpu_util": med(o, "loadgen_cpu_util"),
+                "non_2xx": sum(m["non_2xx"] for m in c)
+                + sum(m["responses"] - m["ok"] for m in o),
+                "errors": sum(m["errors"] for m in o)
+                + sum(sum(m["socket_errors"].values()) for m in c),
+            }
+        for name in PROXY_PATHS:  # flat copies (as in each run's metrics), for ratios_table
+            for k in ("rps", "cpu_us_per_req", "closed_p99_ms", "open_p50_ms", "open_p99_ms",
+                      "open_p99.9_ms"):
+                row[f"{name}_{k}"] = row[name][k]
+        rows.append(row)
+    metrics = []
+    for name in PROXY_PATHS:
+        metrics += [(f"{name}_rps", f"{name} req/s"),
+                    (f"{name}_cpu_us_per_req", f"{name} CPU µs/req"),
+                    (f"{name}_open_p50_ms", f"{name} p50 at rate"),
+                    (f"{name}_open_p99_ms", f"{name} p99 at rate")]
+    ratios = ratios_table(rows, [f"supervisor-w{W}"], [f"gunicorn-w{W}", f"granian-w{W}"],
+                          metrics, runs)
+
+    hop_rows = []
+    for key, system, workers in hop_entries:
+        ms = by_system(hop_runs, key)
+        c1 = [m["c1"] for m in ms]
+        hop_rows.append({"system": key, "label": system.label, "workers": workers, "n": len(ms),
+                         "rps": med(c1, "rps"), "p50_us": med(ms, "p50_us"),
+                         "mean_us": med(ms, "mean_us"), "p99_us": _us(med(c1, "p99_ms")),
+                         "cpu_us_per_req": med(ms, "cpu_us_per_req"),
+                         "loadgen_cpu_util": med(c1, "loadgen_cpu_util"),
+                         "non_2xx": sum(m["non_2xx"] for m in c1)})
+    hop = hop_cost(hop_runs, hop_rows)
+    result["summary"] = {"rows": rows, "ratios": ratios, "hop_rows": hop_rows, "hop": hop}
+    result["summary"]["targets"] = proxy_targets(rows, ratios, hop, W)
+
+    result["rate_runs"] = {"metrics": gun_runs, "attempts": len(attempts),
+                           "disturbance": round(disturbance(gun_runs), 3)}
+    collect_warnings(result, [{"system": f"gunicorn-w{W}", "round": "0 (fixed rates)",
+                               "metrics": gun_runs}], "proxy")
+    collect_warnings(result, runs, "proxy")
+    collect_warnings(result, hop_runs, "proxy hop")
+    for r in rows:
+        for name in PROXY_PATHS:
+            x = r[name]
+            if x["non_2xx"] or x["errors"]:
+                result["warnings"].append(f"proxy: {r['system']} {PROXY_PATHS[name]}: "
+                                          f"{x['non_2xx']} non-2xx, {x['errors']} errors")
+            if x["achieved_fraction"] is not None and x["achieved_fraction"] < 0.95:
+                result["warnings"].append(
+                    f"proxy: {r['system']} served {x['achieved_fraction']:.0%} of the offered "
+                    f"{rates[name]} req/s on {PROXY_PATHS[name]}: the rate is above its "
+                    f"capacity, so its latency there is queueing time")
+            elif x["rps"] and rates[name] >= 0.9 * x["rps"]:
+                result["warnings"].append(
+                    f"proxy: the fixed rate on {PROXY_PATHS[name]} ({rates[name]} req/s) is "
+                    f"{rates[name] / x['rps']:.0%} of {r['system']}'s own closed-loop req/s "
+                    f"({x['rps']:.0f}): near its capacity, so its latency there is mostly "
+                    f"queueing time")
+    for r in hop_rows:
+        if r["non_2xx"]:
+            result["warnings"].append(f"proxy hop: {r['system']} answered {r['non_2xx']} non-2xx")
+    for x in h.LEFT_BEHIND[left_before:]:
+        result["warnings"].append(f"proxy: {x['system']}: process {x['comm']} (pid {x['pid']}) "
+                                  f"outlived its master and was killed by the harness")
+    return result
+
+
+def _us(ms):
+    return None if ms is None else round(ms * 1000, 1)
+
+
+def hop_cost(hop_runs: list[dict], hop_rows: list[dict]) -> dict:
+    """supervisor-w1 minus uvicorn-w1, in µs: the difference of the medians and the median of
+    the differences within each round (paired: back to back, same drift)."""
+    by = {r["system"]: r for r in hop_rows}
+    a, b = by.get("supervisor-w1"), by.get("uvicorn-w1")
+    out = {}
+    for k in ("p50_us", "mean_us", "cpu_us_per_req"):
+        out[f"added_{k}"] = (round(a[k] - b[k], 2) if a and b and a[k] is not None
+                             and b[k] is not None else None)
+        per_round = []
+        for rnd in sorted({r["round"] for r in hop_runs}):
+            x = [r["metrics"].get(k) for r in hop_runs
+                 if r["system"] == "supervisor-w1" and r["round"] == rnd and "metrics" in r]
+            y = [r["metrics"].get(k) for r in hop_runs
+                 if r["system"] == "uvicorn-w1" and r["round"] == rnd and "metrics" in r]
+            if x and y and x[0] is not None and y[0] is not None:
+                per_round.append(round(x[0] - y[0], 2))
+        out[f"added_{k}_paired"] = h.median(per_round)
+        out[f"added_{k}_rounds"] = per_round
+    return out
+
+
+def _target(name: str, measured: str, value, limit, higher_is_better: bool, unit: str) -> dict:
+    if value is None:
+        return {"target": name, "measured": measured, "met": None, "by": "not measured"}
+    if unit == "x":
+        met = value >= limit if higher_is_better else value <= limit
+        margin = abs(value / limit - 1)
+        by = f"{'above' if value >= limit else 'below'} the bar by {margin:.1%}" if value != limit \
+            else "exactly at the bar"
+    else:
+        met = value >= limit if higher_is_better else value < limit
+        by = f"{abs(limit - value):.1f} {unit} {'under' if value < limit else 'over'} the bar"
+    return {"target": name, "measured": measured, "met": met, "by": by}
+
+
+def proxy_targets(rows, ratios, hop, W) -> list[dict]:
+    g = next((x for x in ratios if x["peer"] == f"gunicorn-w{W}"), {})
+    out = []
+    rps, rps_p = g.get("sleep req/s"), g.get("sleep req/s paired")
+    out.append(_target(f"/sleep?ms=5: closed-loop req/s >= {SLEEP_RPS_TARGET}x gunicorn+uvicorn",
+                       f"{fmt_x(rps)} (paired {fmt_x(rps_p)})", rps, SLEEP_RPS_TARGET, True, "x"))
+    p99, p99_p = g.get("sleep p99 at rate"), g.get("sleep p99 at rate paired")
+    out.append(_target("/sleep?ms=5: p99 at the fixed rate no worse than gunicorn+uvicorn "
+                       "(<= 1.00x)", f"{fmt_x(p99)} (paired {fmt_x(p99_p)})", p99, 1.0, False,
+                       "x"))
+    lat = [hop.get("added_p50_us_paired"), hop.get("added_mean_us_paired")]
+    worst = max(lat) if None not in lat else None
+    out.append(_target(f"GET /: the hop's added latency < {HOP_TARGET_US:.0f} µs per request "
+                       f"(c=1, worse of p50 and mean, paired)",
+                       f"p50 {fmt_us(lat[0])} µs, mean {fmt_us(lat[1])} µs", worst,
+                       HOP_TARGET_US, False, "µs"))
+    cpu = hop.get("added_cpu_us_per_req_paired")
+    out.append(_target(f"GET /: the hop's added server CPU < {HOP_TARGET_US:.0f} µs per request "
+                       f"(c=1, paired)", f"{fmt_us(cpu)} µs", cpu, HOP_TARGET_US, False, "µs"))
+    return out
+
+
+def fmt_x(v):
+    return "–" if v is None else f"{v:.3f}x"
+
+
+def fmt_us(v):
+    return "–" if v is None else f"{v:+.1f}"
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 FUNCS = {"hello": scenario_hello, "latency": scenario_latency, "overload": scenario_overload,
          "balance": scenario_balance, "footprint": scenario_footprint,
-         "lifecycle": lifecycle.scenario_lifecycle}
+         "lifecycle": lifecycle.scenario_lifecycle, "proxy": scenario_proxy}
 
 
 def main() -> int:
@@ -820,7 +1103,7 @@ def main() -> int:
     ap.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                     help=f"scenarios to run (default: all): {', '.join(SCENARIOS)}")
     ap.add_argument("--quick", action="store_true",
-                    help="one short round per scenario (smoke check, < 2 minutes)")
+                    help="one short round per scenario (smoke check, < 3 minutes)")
     ap.add_argument("--rounds", type=int, help="rounds per scenario (default 3, --quick 1)")
     ap.add_argument("--scale", type=float, help="multiply every run's duration")
     ap.add_argument("--only", metavar="KEY[,KEY...]",

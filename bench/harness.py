@@ -96,6 +96,28 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2:].split()
 
 
+def start_time(pid: int) -> int | None:
+    """Start time of a process (clock ticks since boot): with the pid, identifies it."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def _zombie(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] == "Z"
+
+
+def _comm(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+# Processes of a tree we started that were still alive after their master stopped (killed then).
+LEFT_BEHIND: list[dict] = []
+
+
 def process_tree(root: int) -> list[int]:
     """`root` and all its live descendants."""
     children: dict[int, list[int]] = {}
@@ -339,6 +361,13 @@ def http_get(port: int, path: str = "/", timeout: float = 1.0) -> tuple[int, dic
         return e.code, dict(e.headers), e.read()
 
 
+def uvicorn_app_command() -> list[str]:
+    """bench/app.py under uvicorn on the private Unix socket supervisor gives each worker (the
+    `{socket}` placeholder); uvicorn from bench/.venv, so with uvloop and httptools."""
+    return [str(VENV / "bin" / "uvicorn"), "--app-dir", str(BENCH), "app:app",
+            "--uds", "{socket}", "--log-level", "warning"]
+
+
 def wait_http_200(port: int, deadline: float, proc: subprocess.Popen | None = None,
                   poll: float = 0.002) -> float:
     """Polls GET / until 200; returns the monotonic time of the first 200."""
@@ -371,6 +400,7 @@ class Running:
     all_ready: float = 0.0
     tmp: Path | None = None
     cgroup: Path | None = None
+    tree: list = field(default_factory=list)  # (pid, start time) of the tree once ready
 
     @property
     def pid(self) -> int:
@@ -382,6 +412,23 @@ class Running:
 
     def stop(self) -> None:
         stop(self.proc)
+        # An app under supervisor runs in a process group of its own, out of reach of the
+        # killpg in stop(): whatever of the tree we started outlived its master is killed here
+        # (the same pid with the same start time, so never a recycled pid) and recorded.
+        def survivors():
+            return [pid for pid, started in self.tree if pid != self.proc.pid
+                    and started is not None and start_time(pid) == started and not _zombie(pid)]
+
+        deadline = time.monotonic() + 2.0  # the master is gone; its descendants may be exiting
+        while survivors() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in survivors():
+            LEFT_BEHIND.append({"system": self.system.key, "pid": pid, "comm": _comm(pid) or "?"})
+            log(f"  !! {self.system.key}: pid {pid} outlived its master; killing it")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         if self.cgroup:
             remove_cgroup(self.cgroup)
         if self.tmp:
@@ -394,8 +441,11 @@ class System:
 
     key: str  # short id used in results, e.g. "supervisor", "nginx"
     label: str  # human name for tables
-    kind: str  # supervisor | nginx | granian | gunicorn
+    kind: str  # supervisor | nginx | granian | gunicorn | uvicorn
     settings: dict = field(default_factory=dict)  # supervisor --set values
+    # supervisor only: the app each worker starts (after `--`, e.g. uvicorn_app_command());
+    # empty: the built-in app. Keyword-only, so subclasses' positional fields stay as they are.
+    app: list = field(default_factory=list, kw_only=True)
 
     def command(self, port: int, workers: int, tmp: Path) -> tuple[list[str], Path | None]:
         py = VENV / "bin"
@@ -403,8 +453,16 @@ class System:
             cmd = [str(supervisor_bin()), "start", "-b", f"{HOST}:{port}", "-w", str(workers)]
             for k, v in self.settings.items():
                 cmd += ["--set", f"{k}={v}"]
+            if self.app:
+                cmd += ["--", *self.app]
             # cwd is an empty temp dir: no supervisor.toml is picked up, defaults apply.
             return cmd, tmp
+        if self.kind == "uvicorn":
+            # One uvicorn process on a TCP port, no master: the app without anything in front.
+            if workers != 1:
+                raise ValueError("uvicorn alone runs one process (workers=1)")
+            return [str(py / "uvicorn"), "--app-dir", str(BENCH), "app:app", "--host", HOST,
+                    "--port", str(port), "--log-level", "warning"], BENCH
         if self.kind == "nginx":
             conf = tmp / "nginx.conf"
             conf.write_text(nginx_conf(port, workers, tmp))
@@ -420,6 +478,8 @@ class System:
         raise ValueError(self.kind)
 
     def expected_processes(self, workers: int) -> int | None:
+        if self.kind == "uvicorn":
+            return 1  # a single process, no master
         # master + workers; granian's Python main process spawns its workers likewise.
         return workers + 1
 
@@ -438,6 +498,7 @@ class System:
         try:
             run.first_200 = wait_http_200(port, deadline, proc)
             self._wait_all_workers(run, deadline)
+            run.tree = [(pid, start_time(pid)) for pid in process_tree(proc.pid)]
             if cpu_quota:
                 # Every process of the tree now exists; respawned ones would inherit the cgroup.
                 run.cgroup = apply_cpu_quota(process_tree(proc.pid), cpu_quota)

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import lifecycle  # noqa: E402
 
 COLORS = {"supervisor": "#c0392b", "nginx": "#27ae60", "granian": "#2980b9",
-          "gunicorn": "#8e44ad"}
+          "gunicorn": "#8e44ad", "uvicorn": "#16a085"}
 
 
 def color(key: str) -> str:
@@ -220,9 +220,77 @@ def draw_footprint(result, path):
     plt.close(fig)
 
 
+def draw_proxy(result, path):
+    s, c = result["summary"], result["config"]
+    rows = [r for r in s["rows"] if r.get("n", 1)]
+    paths = c["paths"]
+    labels = [r["label"] for r in rows]
+    cols = [color(r["system"]) for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for ax, name in zip(axes[0], paths):
+        _bars(ax, labels, [r[name]["rps"] for r in rows], cols,
+              [_runs(result, r["system"], f"{name}_rps") for r in rows])
+        ax.set_title(f"closed loop c=64, GET {paths[name]}: req/s (median; dots: rounds)",
+                     fontsize=9)
+    ax = axes[1][0]
+    width = 0.27
+    groups = [(name, r) for name in paths for r in rows]
+    for i, (k, label) in enumerate([("open_p50_ms", "p50"), ("open_p99_ms", "p99"),
+                                    ("open_p99.9_ms", "p99.9")]):
+        xs = [x + (i - 1) * width for x in range(len(groups))]
+        vals = [r[name][k] or 0 for name, r in groups]
+        ax.bar(xs, vals, width, label=label, color=[color(r["system"]) for _, r in groups],
+               alpha=0.35 + 0.3 * i)
+        for x, v in zip(xs, vals):
+            ax.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{r['system']}\n{paths[name]}" for name, r in groups], fontsize=7)
+    top = max((r[name]["open_p99.9_ms"] or 0 for name, r in groups), default=0)
+    if top:
+        ax.set_yscale("log")
+        ax.set_ylim(top=top * 6)  # room for the legend above the bars
+    ax.set_ylabel("ms (log)")
+    ax.legend(title="bars: p50, p99, p99.9", fontsize=7, title_fontsize=7, loc="upper left",
+              ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    rates = ", ".join(f"{paths[k]} {v:,}/s" for k, v in c["rates_rps"].items() if v)
+    ax.set_title(f"latency at a fixed rate ({rates}), latency-corrected", fontsize=9)
+    ax = axes[1][1]
+    hop_rows = [r for r in s["hop_rows"] if r.get("n", 1)]
+    metrics = [("p50_us", "p50 latency"), ("mean_us", "mean latency (1 / req/s)"),
+               ("cpu_us_per_req", "server CPU / req")]
+    width = 0.8 / max(1, len(hop_rows))
+    for j, r in enumerate(hop_rows):
+        xs = [x + (j - (len(hop_rows) - 1) / 2) * width for x in range(len(metrics))]
+        vals = [r[k] or 0 for k, _ in metrics]
+        ax.bar(xs, vals, width, color=color(r["system"]), alpha=0.85, label=r["label"])
+        for x, v in zip(xs, vals):
+            ax.annotate(f"{v:.1f}", (x, v), ha="center", va="bottom", fontsize=7)
+        for x, (k, _) in zip(xs, metrics):
+            rv = _runs(result, r["system"], k)
+            ax.scatter([x] * len(rv), rv, color="black", s=8, zorder=3)
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels([m[1] for m in metrics], fontsize=8)
+    ax.set_ylabel("µs")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    hop = s["hop"]
+
+    def f(v):
+        return "–" if v is None else f"{v:+.1f}"
+
+    ax.set_title(f"the hop alone, GET / at c=1: added p50 {f(hop.get('added_p50_us_paired'))} "
+                 f"µs, mean {f(hop.get('added_mean_us_paired'))} µs, CPU "
+                 f"{f(hop.get('added_cpu_us_per_req_paired'))} µs/req (paired)", fontsize=9)
+    _title(fig, result, f"proxy: bench/app.py under uvicorn, {c['workers']} app processes each")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 DRAW = {"hello": draw_hello, "latency": draw_latency, "overload": draw_overload,
         "balance": draw_balance, "footprint": draw_footprint,
-        "lifecycle": lifecycle.draw_lifecycle}
+        "lifecycle": lifecycle.draw_lifecycle, "proxy": draw_proxy}
 
 
 def draw(result: dict, path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lifecycle  # the lifecycle scenario keeps its own table and plot
 
-ORDER = ["hello", "latency", "overload", "balance", "footprint", "lifecycle"]
+ORDER = ["hello", "latency", "overload", "balance", "footprint", "lifecycle", "proxy"]
 
 
 def fmt(v, digits=2):
@@ -187,8 +187,82 @@ def md_footprint(r: dict) -> str:
             f"Ratios supervisor / peer (lower is better for supervisor):\n\n{rt}\n")
 
 
+def md_proxy(r: dict) -> str:
+    s, c = r["summary"], r["config"]
+    rows = measured(s["rows"])
+    paths = c["paths"]
+    tput = []
+    for name, path in paths.items():
+        for x in rows:
+            y = x[name]
+            tput.append([f"`{path}`", x["label"], x["workers"], y["rps"],
+                         f"{fmt(y['rps_min'])}–{fmt(y['rps_max'])}", y["closed_p50_ms"],
+                         y["closed_p99_ms"], y["cpu_us_per_req"],
+                         pct(y["closed_loadgen_cpu_util"])])
+    t1 = table(["path", "system", "app processes", "req/s (median)", "req/s range", "p50 ms",
+                "p99 ms", "server CPU µs/req", "load gen CPU"], tput)
+    fixed = []
+    for name, path in paths.items():
+        for x in rows:
+            y = x[name]
+            fixed.append([f"`{path}`", x["label"], y["offered_rps"], y["achieved_rps"],
+                          y["open_p50_ms"], y["open_p99_ms"], y["open_p99.9_ms"],
+                          y["open_max_ms"], y["errors"] + y["non_2xx"],
+                          pct(y["open_loadgen_cpu_util"])])
+    t2 = table(["path", "system", "offered req/s", "served req/s", "p50 ms", "p99 ms",
+                "p99.9 ms", "max ms", "errors+non-2xx (both loads)", "load gen CPU"], fixed)
+    ratios = some_ratio(s["ratios"])
+    rt_rows = []
+    for x in ratios:
+        for name, path in paths.items():
+            rt_rows.append([x["supervisor"], x["peer"], f"`{path}`", x.get(f"{name} req/s"),
+                            x.get(f"{name} req/s paired"), x.get(f"{name} CPU µs/req"),
+                            x.get(f"{name} p50 at rate"), x.get(f"{name} p99 at rate"),
+                            x.get(f"{name} p99 at rate paired")])
+    rt = table(["supervisor", "peer", "path", "req/s ratio", "req/s ratio, paired",
+                "CPU µs/req ratio", "p50 ratio at rate", "p99 ratio at rate",
+                "p99 ratio at rate, paired"], rt_rows)
+    hop_rows = measured(s["hop_rows"])
+    ht = table(["system", "req/s (c=1)", "p50 µs", "mean µs (1 / req/s)", "p99 µs",
+                "server CPU µs/req",
+                "load gen CPU", "non-2xx"],
+               [[x["label"], x["rps"], x["p50_us"], x["mean_us"], x["p99_us"],
+                 x["cpu_us_per_req"], pct(x["loadgen_cpu_util"]), x["non_2xx"]]
+                for x in hop_rows])
+    hop = s["hop"]
+
+    def us(v):
+        return "–" if v is None else f"{v:+.1f}"
+
+    def rounds(k):
+        v = hop.get(f"added_{k}_rounds") or []
+        return ", ".join(f"{x:+.1f}" for x in v) or "–"
+
+    hop_t = table(["added by the hop", "µs, paired (median of per-round differences)",
+                   "µs, difference of the medians", "per round"],
+                  [[label, us(hop.get(f"added_{k}_paired")), us(hop.get(f"added_{k}")),
+                    rounds(k)]
+                   for k, label in (("p50_us", "latency, p50"), ("mean_us", "latency, mean (1 / req/s)"),
+                                    ("cpu_us_per_req", "server CPU per request"))])
+    tt = table(["target", "measured", "met?", "by how much"],
+               [[x["target"], x["measured"],
+                 "–" if x["met"] is None else ("**met**" if x["met"] else "**not met**"),
+                 x["by"]] for x in s.get("targets", [])])
+    rates = ", ".join(f"`{paths[k]}` {fmt(v)} req/s" for k, v in c["rates_rps"].items())
+    return (f"## proxy: the app behind supervisor (uvicorn children on Unix sockets) vs "
+            f"gunicorn+uvicorn vs granian, {c['workers']} app processes each\n\n"
+            f"{c['app']}.\n\n{tt}\n\n"
+            f"### Throughput: {c['closed']}\n\n{t1}\n\n"
+            f"### Latency at a fixed rate ({rates}): {c['open']}\n\n{t2}\n\n"
+            f"Ratios supervisor / peer (req/s: higher is better for supervisor; CPU and latency: "
+            f"lower is better). \"ratio\" divides the medians; \"paired\" is the median of the "
+            f"ratios within each round.\n\n{rt}\n\n"
+            f"### The hop alone, `GET /`: {c['hop']}\n\n{ht}\n\n{hop_t}\n")
+
+
 MD = {"hello": md_hello, "latency": md_latency, "overload": md_overload,
-      "balance": md_balance, "footprint": md_footprint, "lifecycle": lifecycle.md_lifecycle}
+      "balance": md_balance, "footprint": md_footprint, "lifecycle": lifecycle.md_lifecycle,
+      "proxy": md_proxy}
 
 
 def write(result: dict, out: Path) -> None:
