@@ -2,6 +2,7 @@
 
 mod app;
 mod cli;
+mod examples;
 mod lifecycle;
 mod limits;
 mod recycling;

@@ -87,24 +87,33 @@ pub struct Server {
     pub child: Child,
     pub log: Log,
     pub addr: SocketAddr,
-    /// The master's working directory, removed when the test ends.
-    _dir: tempfile::TempDir,
+    /// The master's working directory if the test made it, removed when the test ends.
+    _dir: Option<tempfile::TempDir>,
     exited: Option<ExitStatus>,
 }
 
 impl Server {
     /// `supervisor start -b 127.0.0.1:0 ARGS...`, waiting until it logs "ready".
     pub fn start(args: &[&str]) -> Server {
-        let mut s = Server::spawn(&[&["-b", "127.0.0.1:0"], args].concat());
-        let ready = s
+        Server::spawn(&[&["-b", "127.0.0.1:0"], args].concat()).ready()
+    }
+
+    /// `supervisor start ARGS...` (nothing added) in `cwd`, a directory the test does not own
+    /// (an example's), waiting until it logs "ready".
+    pub fn start_at(cwd: &Path, args: &[&str]) -> Server {
+        Server::launch(cwd, None, args).ready()
+    }
+
+    fn ready(mut self) -> Server {
+        let ready = self
             .log
             .wait_for(Duration::from_secs(20), |l| l.contains(" ready workers="));
         if ready.is_none() {
-            let status = s.child.try_wait().ok().flatten();
+            let status = self.child.try_wait().ok().flatten();
             panic!("supervisor did not become ready (exit: {status:?})");
         }
-        s.addr = s.tcp_addr().expect("a TCP listener");
-        s
+        self.addr = self.tcp_addr().expect("a TCP listener");
+        self
     }
 
     /// Starts `supervisor start ARGS...` without waiting for anything.
@@ -114,7 +123,12 @@ impl Server {
     }
 
     pub fn spawn_in(dir: tempfile::TempDir, args: &[&str]) -> Server {
-        let mut child = supervisor(dir.path())
+        let path = dir.path().to_path_buf();
+        Server::launch(&path, Some(dir), args)
+    }
+
+    fn launch(cwd: &Path, dir: Option<tempfile::TempDir>, args: &[&str]) -> Server {
+        let mut child = supervisor(cwd)
             .arg("start")
             .args(args)
             .stdin(Stdio::null())
