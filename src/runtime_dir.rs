@@ -18,6 +18,7 @@ pub struct RuntimeDir {
 impl RuntimeDir {
     pub fn create(configured: &str) -> Result<RuntimeDir> {
         let base = base(configured);
+        remove_stale(&base);
         let path = base.join(format!("supervisor-{}", std::process::id()));
         // A directory of that name belongs to a dead process that had our pid.
         if path.exists() {
@@ -50,6 +51,40 @@ impl Drop for RuntimeDir {
     }
 }
 
+/// Removes the directories of masters that are gone without cleaning up (`kill -9`, a crash):
+/// `supervisor-PID` where no process PID exists. Others' directories are left alone (they are
+/// not ours to remove, and removing fails anyway).
+fn remove_stale(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    let me = nix::unistd::getuid().as_raw();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("supervisor-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ours = entry.metadata().is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.is_dir() && m.uid() == me
+        });
+        if ours && !Path::new(&format!("/proc/{pid}")).exists() {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => {
+                    tracing::debug!(path = %entry.path().display(), "removed a stale runtime directory")
+                }
+                Err(e) => {
+                    tracing::debug!(path = %entry.path().display(), error = %e, "cannot remove a stale runtime directory")
+                }
+            }
+        }
+    }
+}
+
 fn base(configured: &str) -> PathBuf {
     if !configured.is_empty() {
         return PathBuf::from(configured);
@@ -74,6 +109,25 @@ fn base(configured: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn directories_of_dead_masters_are_cleaned_up() {
+        let base = tempfile::tempdir().unwrap();
+        // No process has pid 2^22 + 1 (above Linux's pid_max limit).
+        let dead = base.path().join("supervisor-4194305");
+        let live = base
+            .path()
+            .join(format!("supervisor-{}", std::process::id()));
+        let other = base.path().join("something-else");
+        for d in [&dead, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(dead.join("app-1-2.sock"), b"").unwrap();
+        let dir = RuntimeDir::create(base.path().to_str().unwrap()).unwrap();
+        assert_eq!(dir.path(), live);
+        assert!(!dead.exists(), "a dead master's directory is removed");
+        assert!(other.exists(), "unrelated directories stay");
+    }
 
     #[test]
     fn private_and_removed_on_drop() {

@@ -155,16 +155,18 @@ impl Proxy {
         }
         self.set_forwarded(&mut headers, peer);
 
-        let path = head
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_string();
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority("app")
-            .path_and_query(path)
-            .build();
+        // The app sees the client's path and query as they came; the authority is only the
+        // pool's key (the connector ignores it).
+        let mut parts = hyper::http::uri::Parts::default();
+        parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
+        parts.authority = Some(hyper::http::uri::Authority::from_static("app"));
+        parts.path_and_query = Some(
+            head.uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+        );
+        let uri = Uri::from_parts(parts);
         let method = head.method.clone();
         async move {
             let uri = match uri {
@@ -328,6 +330,14 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Removes the hop-by-hop headers, and those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the (few) names finds out whether there is anything to remove: most
+    // requests and responses carry none, and every `remove` is a hashed lookup.
+    let present = headers
+        .keys()
+        .any(|k| k == UPGRADE || HOP_BY_HOP.iter().any(|h| h == k));
+    if !present {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
