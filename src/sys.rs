@@ -9,62 +9,12 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-/// Makes `cmd`, when spawned, a proper worker of this master:
-///
-/// - every fd above stderr is made close-on-exec, then the listed ones inheritable again, in
-///   the child only: each worker gets exactly its listeners, its readiness pipe and the
-///   scoreboard, and nothing else leaks into it;
-/// - `PR_SET_PDEATHSIG(SIGKILL)`: the kernel kills the worker when the thread that forked it
-///   dies. That is the master's main thread, which is the only thread the master has, so it
-///   means "when the master dies". A master that died before the `prctl` is caught by the
-///   `getppid` check right after it (and by the worker's own periodic check).
-///
-/// The pre-exec hook runs in the forked child before `execve`. A forked child of a
-/// multi-threaded process may only call async-signal-safe functions (another thread may have
-/// held the allocator's lock at fork time), so the hook does nothing but raw syscalls on memory
-/// allocated before the fork, and the worker's real work starts only after `exec` gives it a
-/// fresh process image.
+/// Makes `cmd`, when spawned, a proper worker of this master: it gets exactly the `inherit`ed
+/// fds (its listeners, its readiness pipe and the scoreboard) and dies with the master (see
+/// `worker::exec::child_hook`).
 pub fn prepare_worker_exec(cmd: &mut Command, inherit: Vec<RawFd>, master_pid: u32) {
-    let hook = move || -> io::Result<()> {
-        // Fds the master itself inherited without close-on-exec (from a shell, a wrapper)
-        // are not the worker's business: mark everything above stderr close-on-exec first.
-        // Linux >= 5.11; on older kernels the call fails and only our own fds are exact.
-        // SAFETY: close_range is a plain syscall; with CLOSE_RANGE_CLOEXEC it closes nothing.
-        unsafe {
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
-            );
-        }
-        for &fd in &inherit {
-            // SAFETY: fcntl on an fd number is async-signal-safe; the fd is open in the master,
-            // so it is open in the child; clearing FD_CLOEXEC affects only the child's table.
-            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        // SAFETY: prctl and getppid are async-signal-safe and touch no Rust state.
-        unsafe {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) == -1
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() as u32 != master_pid {
-                // No allocation here (io::Error::other would box): a raw errno says it.
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-        }
-        Ok(())
-    };
-    // SAFETY: the hook above only performs async-signal-safe syscalls and does not allocate.
+    let hook = worker::exec::child_hook(inherit, master_pid);
+    // SAFETY: the hook only performs async-signal-safe syscalls and does not allocate.
     unsafe {
         cmd.pre_exec(hook);
     }

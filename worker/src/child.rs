@@ -457,35 +457,9 @@ fn spawn(launch: &Launch) -> io::Result<Child> {
         .process_group(0)
         // The worker kills the group itself; this is the backstop if the handle is dropped.
         .kill_on_drop(false);
-    let worker_pid = std::process::id();
-    let hook = move || -> io::Result<()> {
-        // SAFETY: raw syscalls only (async-signal-safe, no allocation) between fork and exec.
-        // The worker's listeners, its pipe to the master and the scoreboard are inheritable
-        // (the master passed them that way); the app must get none of them. stdio is already
-        // in place on 0-2 when this runs.
-        unsafe {
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
-            );
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) == -1
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() as u32 != worker_pid {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-        }
-        Ok(())
-    };
+    // The worker's listeners, its pipe to the master and the scoreboard are inheritable (the
+    // master passed them that way); the app gets none of them, and dies with the worker.
+    let hook = crate::exec::child_hook(Vec::new(), std::process::id());
     // SAFETY: the hook only makes async-signal-safe syscalls and does not allocate.
     unsafe {
         cmd.pre_exec(hook);

@@ -12,6 +12,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod exec;
 pub mod logfile;
 pub mod pipe;
 pub mod scoreboard;

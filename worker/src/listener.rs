@@ -171,7 +171,8 @@ impl AcceptError {
     }
 }
 
-/// An accepted client connection.
+/// A connection over TCP or a Unix socket: an accepted client, or the worker's connection to
+/// its app (`proxy`).
 #[derive(Debug)]
 pub(crate) enum Stream {
     Tcp(TcpStream),
@@ -179,7 +180,7 @@ pub(crate) enum Stream {
 }
 
 impl Stream {
-    fn tcp(s: TcpStream) -> io::Result<Stream> {
+    pub(crate) fn tcp(s: TcpStream) -> io::Result<Stream> {
         s.set_nodelay(true)?;
         Ok(Stream::Tcp(s))
     }

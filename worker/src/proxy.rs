@@ -28,13 +28,13 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::{debug, warn};
 
 use crate::child::{Address, AppProcess};
 use crate::config::{AppConfig, Trusted, Upstream};
+use crate::listener::Stream;
 use crate::response::{text, Body};
 use crate::server::Worker;
 
@@ -430,9 +430,9 @@ fn unavailable(why: &str) -> Response<Body> {
 pub(crate) struct Connector(Arc<Target>);
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<AppStream>;
+    type Response = TokioIo<Stream>;
     type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<AppStream>>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<Stream>>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -442,11 +442,9 @@ impl tower_service::Service<Uri> for Connector {
         let target = Arc::clone(&self.0);
         Box::pin(async move {
             let stream = match &*target {
-                Target::Unix(path) => AppStream::Unix(UnixStream::connect(path).await?),
+                Target::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
                 Target::Tcp(authority) => {
-                    let s = TcpStream::connect(authority.as_str()).await?;
-                    s.set_nodelay(true)?;
-                    AppStream::Tcp(s)
+                    Stream::tcp(TcpStream::connect(authority.as_str()).await?)?
                 }
             };
             Ok(TokioIo::new(stream))
@@ -454,70 +452,9 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// A connection to the app.
-pub(crate) enum AppStream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Connection for AppStream {
+impl Connection for Stream {
     fn connected(&self) -> Connected {
         Connected::new()
-    }
-}
-
-impl AsyncRead for AppStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AppStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            AppStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for AppStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            AppStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
-            AppStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            AppStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            AppStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AppStream::Unix(s) => Pin::new(s).poll_flush(cx),
-            AppStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AppStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-            AppStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-        }
     }
 }
 
