@@ -616,3 +616,37 @@ fn tcp_upstream_is_proxied() {
     let _ = app.kill();
     let _ = app.wait();
 }
+
+/// What `pid`'s fds point to, by fd number.
+fn fd_targets(pid: u32) -> Vec<(u32, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((fd, target.display().to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_app_inherits_none_of_the_workers_descriptors() {
+    let s = start_app(1, &[], &[]);
+    let (app, _) = app_pid(&s);
+    let worker = s.serving_pids()[0];
+    let worker_fds: std::collections::BTreeSet<String> =
+        fd_targets(worker).into_iter().map(|(_, t)| t).collect();
+    assert!(
+        worker_fds.iter().any(|t| t.starts_with("socket:")),
+        "the worker holds its listener: {worker_fds:?}"
+    );
+    let leaked: Vec<_> = fd_targets(app)
+        .into_iter()
+        .filter(|(fd, t)| *fd > 2 && worker_fds.contains(t))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the app holds the worker's listener, pipe or scoreboard: {leaked:?}"
+    );
+}

@@ -457,8 +457,9 @@ fn spawn(launch: &Launch) -> io::Result<Child> {
         .process_group(0)
         // The worker kills the group itself; this is the backstop if the handle is dropped.
         .kill_on_drop(false);
-    // The worker's listeners, its pipe to the master and the scoreboard are inheritable (the
-    // master passed them that way); the app gets none of them, and dies with the worker.
+    // The app gets none of the worker's fds (its listeners and pipe to the master are already
+    // close-on-exec since the worker adopted them; the hook also covers anything else), and
+    // dies with the worker.
     let hook = crate::exec::child_hook(Vec::new(), std::process::id());
     // SAFETY: the hook only makes async-signal-safe syscalls and does not allocate.
     unsafe {
