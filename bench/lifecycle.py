@@ -187,7 +187,7 @@ class Actor(threading.Thread):
 def scenario_lifecycle(ctx) -> dict:
     import bench as b  # here, not at the top: bench.py imports this module
 
-    duration, warmup = ctx.secs(8, 4), ctx.secs(1, 1)
+    duration, warmup = ctx.secs(8, 2), ctx.secs(1, 0.5)
     combos = systems()
     entries = [(f"{name}-{case}", s, WORKERS) for name, case, s, _ in combos if s is not None]
     meta = {f"{name}-{case}": (name, case) for name, case, _, _ in combos}
