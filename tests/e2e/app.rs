@@ -650,3 +650,26 @@ fn the_app_inherits_none_of_the_workers_descriptors() {
         "the app holds the worker's listener, pipe or scoreboard: {leaked:?}"
     );
 }
+
+#[test]
+fn an_upstream_that_is_down_gets_502s_without_a_log_line_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("nobody.sock");
+    let upstream = format!("app.upstream=unix:{}", gone.display());
+    let s = Server::start(&["-w", "1", "--set", &upstream]);
+    for _ in 0..50 {
+        let r = s.get("/");
+        assert_eq!(r.status, 502);
+        assert!(r.text().contains("the app did not answer"), "{}", r.text());
+    }
+    let logged = s
+        .log
+        .lines()
+        .iter()
+        .filter(|l| l.contains("the app did not answer"))
+        .count();
+    assert!(
+        (1..50).contains(&logged),
+        "{logged} log lines for 50 failed requests"
+    );
+}

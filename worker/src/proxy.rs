@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,6 +37,7 @@ use crate::child::{Address, AppProcess};
 use crate::config::{AppConfig, Trusted, Upstream};
 use crate::listener::Stream;
 use crate::response::{text, Body};
+use crate::scoreboard::coarse_monotonic_ms;
 use crate::server::Worker;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -78,7 +80,14 @@ pub(crate) struct Proxy {
     app: Option<AppProcess>,
     /// For messages: where requests go.
     target: String,
+    /// When a 502 was last logged (coarse ms), and how many went unlogged since: an app or
+    /// upstream that is down must not turn every request into a log line.
+    last_502_log_ms: AtomicU64,
+    unlogged_502: AtomicU64,
 }
+
+/// At most one "the app did not answer" line per this many ms; the rest are counted.
+const BAD_GATEWAY_LOG_EVERY_MS: u64 = 1000;
 
 impl Proxy {
     /// A proxy to `target`. `app` is the worker's app process, already up, when there is one.
@@ -109,7 +118,26 @@ impl Proxy {
             trusted,
             app,
             target: described,
+            last_502_log_ms: AtomicU64::new(0),
+            unlogged_502: AtomicU64::new(0),
         }
+    }
+
+    fn warn_bad_gateway(&self, why: &str) {
+        let now = coarse_monotonic_ms();
+        let last = self.last_502_log_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < BAD_GATEWAY_LOG_EVERY_MS {
+            self.unlogged_502.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.last_502_log_ms.store(now.max(1), Ordering::Relaxed);
+        let unlogged = self.unlogged_502.swap(0, Ordering::Relaxed);
+        warn!(
+            app = %self.target,
+            error = %why,
+            more_502_not_logged = unlogged,
+            "the app did not answer; 502 (logged at most once a second)"
+        );
     }
 
     pub(crate) fn app(&self) -> Option<&AppProcess> {
@@ -233,7 +261,7 @@ impl Proxy {
             }
             Err(e) => {
                 let why = error_chain(&e);
-                warn!(app = %self.target, error = %why, "the app did not answer; 502");
+                self.warn_bad_gateway(&why);
                 return bad_gateway(format!("the app did not answer: {why}"));
             }
         };
