@@ -136,7 +136,7 @@ fn run_worker(args: cli::WorkerArgs) -> ExitCode {
             )
         }
     };
-    // Not for the worker's own children (the app, later) to see.
+    // Not for the worker's own children (its app process) to see.
     std::env::remove_var(spawn::CONFIG_ENV);
     let config: worker::config::Config = match serde_json::from_str(&json) {
         Ok(c) => c,

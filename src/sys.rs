@@ -37,7 +37,7 @@ pub fn inherited_fd(fd: RawFd, what: &str) -> io::Result<OwnedFd> {
             io::Error::last_os_error()
         )));
     }
-    // Close-on-exec again: the worker's own children (app processes, later) must not inherit it.
+    // Close-on-exec again: the worker's own children (its app process) must not inherit it.
     // SAFETY: as above, a plain fcntl on an open fd.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     // SAFETY: the fd is open, was handed to this process for its exclusive use by the master,
