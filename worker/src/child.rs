@@ -11,7 +11,6 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +24,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use crate::config::Upstream;
 use crate::scoreboard::Slot;
 
 /// Lines of the app's output kept for the message of a failed start.
@@ -40,18 +40,12 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// After this many failures in a row, requests stop waiting for the app and fail at once.
 const FAILING_AFTER: u32 = 3;
 
-/// Where the app listens, as the worker connects to it.
-#[derive(Clone, Debug)]
-pub(crate) enum Address {
-    Unix(PathBuf),
-    Tcp(u16),
-}
-
 /// Everything needed to start the app, placeholders already replaced.
 #[derive(Clone, Debug)]
 pub(crate) struct Launch {
     pub(crate) argv: Vec<String>,
-    pub(crate) address: Address,
+    /// Where the app listens: `Unix` for `{socket}`, `Tcp` (loopback) for `{port}`.
+    pub(crate) address: Upstream,
     pub(crate) worker_id: u32,
     pub(crate) ready_timeout: Duration,
 }
@@ -115,10 +109,6 @@ impl AppProcess {
         }
     }
 
-    pub(crate) fn address(&self) -> &Address {
-        &self.shared.launch.address
-    }
-
     /// Waits until the app is ready; `Err` with the reason when it is failing or stopped.
     pub(crate) async fn ready(&self) -> Result<(), Arc<str>> {
         let mut health = self.health.clone();
@@ -161,7 +151,7 @@ impl AppProcess {
         if let Err(e) = task.await {
             error!(error = %e, "the app's supervising task failed");
         }
-        if let Address::Unix(path) = &self.shared.launch.address {
+        if let Upstream::Unix(path) = &self.shared.launch.address {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -249,7 +239,7 @@ async fn run_once(
     boot: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 ) -> End {
     let launch = &shared.launch;
-    if let Address::Unix(path) = &launch.address {
+    if let Upstream::Unix(path) = &launch.address {
         // A socket file left by a crashed run would make the app's bind fail.
         match std::fs::remove_file(path) {
             Ok(()) => debug!(path = %path.display(), "removed a stale app socket"),
@@ -290,7 +280,7 @@ async fn run_once(
             let _ = child.wait().await;
             return End::Exited(format!(
                 "it did not accept connections on {} within app.ready_timeout ({:?})",
-                describe_address(&launch.address),
+                launch.address,
                 launch.ready_timeout
             ));
         }
@@ -299,7 +289,7 @@ async fn run_once(
             return End::Stopped;
         }
     }
-    info!(app.pid = pid, address = %describe_address(&launch.address), "app ready");
+    info!(app.pid = pid, address = %launch.address, "app ready");
     health.send_replace(Health::Ready);
     if let Some(boot) = boot.take() {
         let _ = boot.send(Ok(()));
@@ -366,18 +356,9 @@ fn with_tail(shared: &Shared, why: &str) -> String {
 }
 
 /// Polls until something accepts a connection at `address` (the app listens).
-async fn wait_accepting(address: &Address) {
+async fn wait_accepting(address: &Upstream) {
     let mut pause = Duration::from_millis(5);
-    loop {
-        let up = match address {
-            Address::Unix(path) => tokio::net::UnixStream::connect(path).await.is_ok(),
-            Address::Tcp(port) => tokio::net::TcpStream::connect(("127.0.0.1", *port))
-                .await
-                .is_ok(),
-        };
-        if up {
-            return;
-        }
+    while crate::proxy::connect(address).await.is_err() {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }
@@ -434,13 +415,6 @@ fn describe(status: io::Result<ExitStatus>) -> String {
             _ => s.to_string(),
         },
         Err(e) => format!("cannot wait for it: {e}"),
-    }
-}
-
-fn describe_address(address: &Address) -> String {
-    match address {
-        Address::Unix(path) => format!("unix:{}", path.display()),
-        Address::Tcp(port) => format!("127.0.0.1:{port}"),
     }
 }
 

@@ -420,7 +420,7 @@ impl Trusted {
     }
 }
 
-/// `app.upstream`, parsed.
+/// `app.upstream`, parsed; also where a worker's own app process listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Upstream {
     /// `http://HOST:PORT` (a name is resolved when connecting).
@@ -452,6 +452,16 @@ impl Upstream {
             ));
         }
         Ok(Upstream::Tcp(authority.to_string()))
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    /// `unix:/PATH` or `HOST:PORT`, as in logs and messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Upstream::Tcp(authority) => f.write_str(authority),
+            Upstream::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
     }
 }
 

@@ -18,11 +18,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, info_span, warn};
 
-use crate::child::{Address, AppProcess, Launch};
+use crate::child::{AppProcess, Launch};
 use crate::config::{Config, Trusted, Upstream};
 use crate::listener::Listener;
 use crate::pipe::{self, MasterPipe};
-use crate::proxy::{Proxy, Target};
+use crate::proxy::Proxy;
 use crate::scoreboard::{self, Scoreboard, Slot, SlotState};
 use crate::server::{DrainSummary, Server, Worker};
 use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
@@ -290,51 +290,44 @@ async fn start_app(
     let trusted = Trusted::parse(&config.server.forwarded_allow_ips)
         .map_err(|e| format!("server.forwarded_allow_ips: {e}"))?;
     let max_body = config.worker.max_body_bytes.bytes();
-    let id = worker
-        .responses
-        .worker_id()
-        .to_str()
-        .unwrap_or("0")
-        .to_string();
+    let id = worker.admission.slot().worker_id.load(Ordering::Relaxed);
     let (target, process) = if app.command.is_empty() {
         let upstream = Upstream::parse(&app.upstream).map_err(|e| format!("app.upstream: {e}"))?;
-        info!(app.upstream = %app.upstream, "proxying to the upstream");
-        (Target::of_upstream(&upstream), None)
+        info!(app.upstream = %upstream, "proxying to the upstream");
+        (upstream, None)
     } else {
-        let address = if app.command.iter().any(|a| a.contains("{socket}")) {
+        let (address, socket, port) = if app.command.iter().any(|a| a.contains("{socket}")) {
             let dir = runtime_dir.ok_or("no runtime directory for the app's {socket}")?;
-            Address::Unix(dir.join(format!("app-{id}-{}.sock", std::process::id())))
+            let path = dir.join(format!("app-{id}-{}.sock", std::process::id()));
+            let socket = path.display().to_string();
+            (Upstream::Unix(path), socket, String::new())
         } else {
-            Address::Tcp(
-                free_loopback_port()
-                    .map_err(|e| format!("no free port for the app's {{port}}: {e}"))?,
+            let port = free_loopback_port()
+                .map_err(|e| format!("no free port for the app's {{port}}: {e}"))?;
+            (
+                Upstream::Tcp(format!("127.0.0.1:{port}")),
+                String::new(),
+                port.to_string(),
             )
         };
-        let socket = match &address {
-            Address::Unix(p) => p.display().to_string(),
-            Address::Tcp(_) => String::new(),
-        };
-        let port = match &address {
-            Address::Tcp(p) => p.to_string(),
-            Address::Unix(_) => String::new(),
-        };
+        let worker_id = id.to_string();
         let argv = app
             .command
             .iter()
             .map(|a| {
                 a.replace("{socket}", &socket)
                     .replace("{port}", &port)
-                    .replace("{worker}", &id)
+                    .replace("{worker}", &worker_id)
             })
             .collect();
         let launch = Launch {
             argv,
-            address,
-            worker_id: id.parse().unwrap_or(0),
+            address: address.clone(),
+            worker_id: id,
             ready_timeout: app.ready_timeout,
         };
         let process = AppProcess::start(launch, worker.admission.slot()).await?;
-        (Target::of_app(process.address()), Some(process))
+        (address, Some(process))
     };
     let proxy = Proxy::new(app, trusted, max_body, target, process);
     if worker.proxy.set(proxy).is_err() {

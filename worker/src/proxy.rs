@@ -33,7 +33,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::{debug, warn};
 
-use crate::child::{Address, AppProcess};
+use crate::child::AppProcess;
 use crate::config::{AppConfig, Trusted, Upstream};
 use crate::listener::Stream;
 use crate::response::{text, Body};
@@ -50,7 +50,7 @@ const HTTP: HeaderValue = HeaderValue::from_static("http");
 
 /// Headers that describe one hop and never pass through (RFC 9110 7.6.1), plus the non-standard
 /// ones that clients still send.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -59,6 +59,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     TE,
     TRAILER,
     TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
 /// How long an idle pooled connection to the app is kept. Shorter than the idle timeout of
@@ -75,6 +76,8 @@ pub(crate) struct Proxy {
     buffer_requests: bool,
     kill_on_timeout: bool,
     max_body_bytes: u64,
+    /// `max_body_bytes` as the body limiters take it.
+    max_body: usize,
     trusted: Trusted,
     /// The app process (`app.command`); `None` for `app.upstream`.
     app: Option<AppProcess>,
@@ -90,18 +93,16 @@ pub(crate) struct Proxy {
 const BAD_GATEWAY_LOG_EVERY_MS: u64 = 1000;
 
 impl Proxy {
-    /// A proxy to `target`. `app` is the worker's app process, already up, when there is one.
+    /// A proxy to `target`: `app.upstream`, or where the worker's app process (`app`, already up)
+    /// listens.
     pub(crate) fn new(
         config: &AppConfig,
         trusted: Trusted,
         max_body_bytes: u64,
-        target: Target,
+        target: Upstream,
         app: Option<AppProcess>,
     ) -> Proxy {
-        let described = match &target {
-            Target::Unix(p) => format!("unix:{}", p.display()),
-            Target::Tcp(a) => a.clone(),
-        };
+        let described = target.to_string();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .pool_timer(TokioTimer::new())
@@ -115,6 +116,7 @@ impl Proxy {
             buffer_requests: config.buffer_requests,
             kill_on_timeout: config.kill_on_timeout,
             max_body_bytes,
+            max_body: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
             trusted,
             app,
             target: described,
@@ -229,8 +231,7 @@ impl Proxy {
             None => None,
         };
         let body = if self.buffer_requests {
-            let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-            match Limited::new(body, limit).collect().await {
+            match Limited::new(body, self.max_body).collect().await {
                 Ok(collected) => Either::Right(Full::new(collected.to_bytes())),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                     return too_large(self.max_body_bytes)
@@ -245,8 +246,7 @@ impl Proxy {
             }
         } else {
             // A body without Content-Length (chunked) is cut off at the limit as it streams.
-            let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-            Either::Left(Limited::new(body, limit))
+            Either::Left(Limited::new(body, self.max_body))
         };
         let mut req = Request::new(body);
         *req.method_mut() = method;
@@ -282,7 +282,6 @@ impl Proxy {
         }
         let (mut parts, body) = res.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(UPGRADE);
         Response::from_parts(parts, Body::proxied(body, permit))
     }
 
@@ -323,29 +322,6 @@ impl Proxy {
     }
 }
 
-/// Where the pool connects.
-#[derive(Debug)]
-pub(crate) enum Target {
-    Unix(std::path::PathBuf),
-    Tcp(String),
-}
-
-impl Target {
-    pub(crate) fn of_app(address: &Address) -> Target {
-        match address {
-            Address::Unix(path) => Target::Unix(path.clone()),
-            Address::Tcp(port) => Target::Tcp(format!("127.0.0.1:{port}")),
-        }
-    }
-
-    pub(crate) fn of_upstream(upstream: &Upstream) -> Target {
-        match upstream {
-            Upstream::Unix(path) => Target::Unix(path.clone()),
-            Upstream::Tcp(authority) => Target::Tcp(authority.clone()),
-        }
-    }
-}
-
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE)
         && headers
@@ -360,9 +336,7 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the (few) names finds out whether there is anything to remove: most
     // requests and responses carry none, and every `remove` is a hashed lookup.
-    let present = headers
-        .keys()
-        .any(|k| k == UPGRADE || HOP_BY_HOP.iter().any(|h| h == k));
+    let present = headers.keys().any(|k| HOP_BY_HOP.iter().any(|h| h == k));
     if !present {
         return;
     }
@@ -379,7 +353,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
-    headers.remove(UPGRADE);
 }
 
 /// Copies bytes both ways between an upgraded client connection and the app's.
@@ -455,7 +428,7 @@ fn unavailable(why: &str) -> Response<Body> {
 
 /// The pool's connector: every connection goes to the one target, whatever the URI says.
 #[derive(Clone)]
-pub(crate) struct Connector(Arc<Target>);
+pub(crate) struct Connector(Arc<Upstream>);
 
 impl tower_service::Service<Uri> for Connector {
     type Response = TokioIo<Stream>;
@@ -468,15 +441,15 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, _: Uri) -> Self::Future {
         let target = Arc::clone(&self.0);
-        Box::pin(async move {
-            let stream = match &*target {
-                Target::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
-                Target::Tcp(authority) => {
-                    Stream::tcp(TcpStream::connect(authority.as_str()).await?)?
-                }
-            };
-            Ok(TokioIo::new(stream))
-        })
+        Box::pin(async move { Ok(TokioIo::new(connect(&target).await?)) })
+    }
+}
+
+/// A new connection to the app (or upstream).
+pub(crate) async fn connect(to: &Upstream) -> io::Result<Stream> {
+    match to {
+        Upstream::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+        Upstream::Tcp(authority) => Stream::tcp(TcpStream::connect(authority.as_str()).await?),
     }
 }
 
