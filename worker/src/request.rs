@@ -13,7 +13,7 @@ use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::net::IpAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
@@ -190,7 +190,7 @@ pub(crate) fn handle(
     let (mut head, body) = req.into_parts();
     if let Some(proxy) = worker.proxy.get() {
         let answer = proxy.forward(worker, &mut head, body, peer);
-        return Handled::Later(Box::pin(later(worker, head, Box::pin(answer), guard)));
+        return Handled::Later(Box::pin(later(worker, head, answer, guard)));
     }
     match catch_unwind(AssertUnwindSafe(|| app::call(worker, &head, body))) {
         Ok(Ok(app::Reply::Now(res))) => Handled::now(finish(res, guard)),
@@ -207,9 +207,10 @@ pub(crate) fn handle(
 async fn later(
     worker: &'static Worker,
     head: Parts,
-    mut wait: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
+    wait: impl Future<Output = Response<Body>> + Send,
     mut guard: RequestGuard,
 ) -> Response<Body> {
+    let mut wait = pin!(wait);
     let caught = poll_fn(
         |cx| match catch_unwind(AssertUnwindSafe(|| wait.as_mut().poll(cx))) {
             Ok(Poll::Ready(res)) => Poll::Ready(Ok(res)),
