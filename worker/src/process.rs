@@ -11,11 +11,11 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::child::{AppProcess, Launch};
@@ -106,37 +106,44 @@ async fn serve(
     runtime_dir: Option<&Path>,
     hold: bool,
 ) -> ExitCode {
-    let code = serve_until_done(worker, fds, master_pid, config, runtime_dir, hold).await;
+    let ended = serve_until_done(worker, fds, master_pid, config, runtime_dir, hold).await;
     if let Some(app) = worker.proxy.get().and_then(|p| p.app()) {
-        // After a drain (or a TERM while held) the app gets the same grace; after SIGINT,
-        // SIGQUIT or the master's disappearance it is killed at once, as the worker exits.
-        let grace = if FAST_EXIT.load(Ordering::Relaxed) || code != ExitCode::SUCCESS {
-            Duration::ZERO
-        } else {
-            app_grace(config.server.graceful_timeout)
-        };
+        // After a SIGTERM (a drain, or a held worker) the app gets the rest of the grace; after
+        // SIGINT, SIGQUIT or the master's disappearance it is killed at once, as the worker
+        // exits.
+        let grace = ended.term_at.map_or(Duration::ZERO, |at| {
+            app_grace(config.server.graceful_timeout, at)
+        });
         app.stop(grace).await;
     }
-    code
+    ended.code
 }
 
-/// What is left of `server.graceful_timeout` for the app to exit after SIGTERM: the master
-/// kills the worker (and with it the app) when the whole stop has taken `graceful_timeout`
-/// since its TERM, so the app's SIGKILL must come a little earlier, from the worker, which can
-/// then say so.
-fn app_grace(graceful_timeout: Duration) -> Duration {
+/// How serving ended: the exit status, and when SIGTERM came if the stop is a graceful one.
+struct Ended {
+    code: ExitCode,
+    term_at: Option<Instant>,
+}
+
+impl From<ExitCode> for Ended {
+    fn from(code: ExitCode) -> Ended {
+        Ended {
+            code,
+            term_at: None,
+        }
+    }
+}
+
+/// What is left of `server.graceful_timeout` for the app to exit after SIGTERM (received at
+/// `term_at`): the master kills the worker (and with it the app) when the whole stop has taken
+/// `graceful_timeout` since its TERM, so the app's SIGKILL must come a little earlier, from the
+/// worker, which can then say so.
+fn app_grace(graceful_timeout: Duration, term_at: Instant) -> Duration {
     let margin = (graceful_timeout / 5).min(Duration::from_millis(500));
-    let since_term = TERM_AT.get().map_or(Duration::ZERO, |t| t.elapsed());
     graceful_timeout
         .saturating_sub(margin)
-        .saturating_sub(since_term)
+        .saturating_sub(term_at.elapsed())
 }
-
-/// When the worker got its SIGTERM.
-static TERM_AT: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-
-/// Set by SIGINT and SIGQUIT: the worker exits at once, and so does its app.
-static FAST_EXIT: AtomicBool = AtomicBool::new(false);
 
 async fn serve_until_done(
     worker: &'static Worker,
@@ -145,7 +152,7 @@ async fn serve_until_done(
     config: &Config,
     runtime_dir: Option<&Path>,
     hold: bool,
-) -> ExitCode {
+) -> Ended {
     let graceful_timeout = config.server.graceful_timeout;
     let log_file = config.log.file.as_str();
     let slot = worker.admission.slot();
@@ -166,7 +173,7 @@ async fn serve_until_done(
         | (_, _, _, Err(e), _)
         | (_, _, _, _, Err(e)) => {
             error!(error = %e, "cannot install signal handlers");
-            return ExitCode::from(EXIT_STARTUP);
+            return ExitCode::from(EXIT_STARTUP).into();
         }
     };
 
@@ -176,7 +183,7 @@ async fn serve_until_done(
             Ok(l) => listeners.push(l),
             Err(e) => {
                 error!(error = %e, "unusable listener");
-                return ExitCode::from(EXIT_STARTUP);
+                return ExitCode::from(EXIT_STARTUP).into();
             }
         }
     }
@@ -185,7 +192,7 @@ async fn serve_until_done(
     // The app (a process or an upstream) before readiness: a worker is ready when its app is.
     if let Err(why) = start_app(worker, config, runtime_dir).await {
         error!("{why}");
-        return ExitCode::from(EXIT_STARTUP);
+        return ExitCode::from(EXIT_STARTUP).into();
     }
     let mut parent_check = tokio::time::interval(PARENT_CHECK_INTERVAL);
     parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -197,29 +204,22 @@ async fn serve_until_done(
     if hold {
         if let Err(e) = worker.master.send(pipe::READY) {
             error!(error = %e, "cannot acknowledge readiness to the master");
-            return ExitCode::from(EXIT_STARTUP);
+            return ExitCode::from(EXIT_STARTUP).into();
         }
         debug!("worker ready; held until the master releases it");
         loop {
             tokio::select! {
                 _ = usr2.recv() => break,
                 _ = term.recv() => {
-                    let _ = TERM_AT.set(std::time::Instant::now());
                     info!("SIGTERM while held: exiting");
-                    return ExitCode::SUCCESS;
+                    return Ended { code: ExitCode::SUCCESS, term_at: Some(Instant::now()) };
                 }
-                _ = int.recv() => {
-                    FAST_EXIT.store(true, Ordering::Relaxed);
-                    return ExitCode::SUCCESS;
-                }
-                _ = quit.recv() => {
-                    FAST_EXIT.store(true, Ordering::Relaxed);
-                    return ExitCode::SUCCESS;
-                }
+                _ = int.recv() => return ExitCode::SUCCESS.into(),
+                _ = quit.recv() => return ExitCode::SUCCESS.into(),
                 _ = usr1.recv() => reopen_log(log_file),
                 _ = parent_check.tick() => {
                     if master_gone(master_pid) {
-                        return ExitCode::from(EXIT_MASTER_GONE);
+                        return ExitCode::from(EXIT_MASTER_GONE).into();
                     }
                 }
             }
@@ -232,18 +232,19 @@ async fn serve_until_done(
     if !hold {
         if let Err(e) = worker.master.send(pipe::READY) {
             error!(error = %e, "cannot acknowledge readiness to the master");
-            return ExitCode::from(EXIT_STARTUP);
+            return ExitCode::from(EXIT_STARTUP).into();
         }
     }
     info!(pid = std::process::id(), "worker serving");
 
     let mut server = Some(server);
+    let mut term_at = None;
     let mut draining: Option<Pin<Box<dyn Future<Output = DrainSummary> + Send>>> = None;
     loop {
         tokio::select! {
             _ = term.recv() => match server.take() {
                 Some(s) => {
-                    let _ = TERM_AT.set(std::time::Instant::now());
+                    term_at = Some(Instant::now());
                     info!("SIGTERM: draining");
                     draining = Some(Box::pin(s.drain(graceful_timeout)));
                 }
@@ -251,26 +252,24 @@ async fn serve_until_done(
             },
             _ = int.recv() => {
                 info!("SIGINT: exiting now");
-                FAST_EXIT.store(true, Ordering::Relaxed);
-                return ExitCode::SUCCESS;
+                return ExitCode::SUCCESS.into();
             }
             _ = quit.recv() => {
                 info!("SIGQUIT: exiting now");
-                FAST_EXIT.store(true, Ordering::Relaxed);
-                return ExitCode::SUCCESS;
+                return ExitCode::SUCCESS.into();
             }
             _ = usr1.recv() => reopen_log(log_file),
             _ = usr2.recv() => debug!("SIGUSR2: not held; ignored"),
             _ = parent_check.tick() => {
                 if master_gone(master_pid) {
-                    return ExitCode::from(EXIT_MASTER_GONE);
+                    return ExitCode::from(EXIT_MASTER_GONE).into();
                 }
             }
             summary = async { draining.as_mut().expect("guarded").await }, if draining.is_some() => {
                 if summary.remaining > 0 {
                     warn!(connections.remaining = summary.remaining, "exiting after drain timeout");
                 }
-                return ExitCode::SUCCESS;
+                return Ended { code: ExitCode::SUCCESS, term_at };
             }
         }
     }
