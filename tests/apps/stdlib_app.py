@@ -212,8 +212,9 @@ def main():
         server = UnixServer(args.uds, Handler)
         where = f"unix:{args.uds}"
     else:
+        # --port 0: the kernel picks a free port, and the line below says which.
         server = TcpServer(("127.0.0.1", args.port), Handler)
-        where = f"127.0.0.1:{args.port}"
+        where = f"127.0.0.1:{server.server_address[1]}"
     print(f"stdlib_app worker {WORKER} pid {os.getpid()} listening on {where}", flush=True)
     if args.die_after_ms:
         def die():

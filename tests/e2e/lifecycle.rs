@@ -36,7 +36,10 @@ fn quit_stops_fast_even_with_requests_in_flight() {
     });
     server.signal(Signal::SIGQUIT);
     assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
-    assert!(req.join().unwrap().is_err());
+    assert_cut(
+        req.join().unwrap(),
+        "the request in flight on a QUIT worker",
+    );
 }
 
 #[test]
@@ -124,9 +127,13 @@ fn workers_that_cannot_start_stop_the_master_with_one_clear_error() {
     kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
     let status = server.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1));
-    let log = server.log.text();
-    assert!(log.contains("giving up"), "{log}");
-    assert!(log.contains("cannot start worker"), "{log}");
+    // The reader of its stderr may lag behind the exit: wait for the lines, bounded.
+    for line in ["giving up", "cannot start worker"] {
+        let seen = server
+            .log
+            .wait_for(Duration::from_secs(10), |l| l.contains(line));
+        assert!(seen.is_some(), "{line:?} not in:\n{}", server.log.text());
+    }
 }
 
 #[test]
@@ -153,10 +160,5 @@ fn workers_inherit_only_their_own_fds() {
 }
 
 fn fd_links(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .map(|p| p.to_string_lossy().into_owned())
-        .collect()
+    fd_targets(pid).into_iter().map(|(_, t)| t).collect()
 }

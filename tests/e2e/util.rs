@@ -393,3 +393,43 @@ pub fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Asserts that a request failed because its connection was cut (closed or reset), not because
+/// the client's own read timeout ran out while the server still held it.
+#[track_caller]
+pub fn assert_cut(result: std::io::Result<Response>, what: &str) {
+    match result {
+        Ok(r) => panic!("{what}: got a response ({})", r.status),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{what}: the client timed out instead ({e})"
+        ),
+    }
+}
+
+/// What `pid`'s open fds point to, by fd number.
+pub fn fd_targets(pid: u32) -> Vec<(u32, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((fd, target.to_string_lossy().into_owned()))
+        })
+        .collect()
+}
+
+/// A process this test started, killed (and reaped) when the guard goes, even if the test
+/// fails first.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
