@@ -31,6 +31,8 @@ pub struct Overrides {
     pub log_level: Option<String>,
     /// `--set section.key=value`, repeatable, applied in order after the flags above.
     pub set: Vec<String>,
+    /// `start -- COMMAND...`: `app.command`, applied last.
+    pub app_command: Vec<String>,
 }
 
 /// The resolved configuration and the file it came from, if any.
@@ -270,13 +272,7 @@ const RULES: &[Rule] = &[
         key: "app.command",
         allowed: "an array of strings: a program and its arguments, one of them containing \
                   {socket} or {port} (empty: no app process)",
-        check: |c| {
-            worker::config::check_app_command(&c.app.command)?;
-            if !c.app.command.is_empty() && !c.app.upstream.is_empty() {
-                return Err("app.command and app.upstream are both set; keep one".to_string());
-            }
-            Ok(())
-        },
+        check: |c| worker::config::check_app_command(&c.app.command),
     },
     Rule {
         key: "app.upstream",
@@ -688,6 +684,21 @@ impl Layers {
             };
             self.problems.extend(result.err());
         }
+        if !overrides.app_command.is_empty() {
+            let raw = overrides.app_command.join(" ");
+            let origin = Origin::Flag {
+                flag: "--",
+                raw: &raw,
+            };
+            let all = overrides
+                .app_command
+                .iter()
+                .cloned()
+                .map(Value::String)
+                .collect();
+            let result = self.set("app", "command", Value::Array(all), None, &origin);
+            self.problems.extend(result.err());
+        }
     }
 
     fn finish(self) -> Result<Config, ConfigError> {
@@ -702,8 +713,11 @@ impl Layers {
             .map(|(section, keys)| (section, Value::Table(keys)))
             .collect();
         // Every value was accepted on its own above, so this only fails on a bug here.
-        root.try_into()
-            .map_err(|e: toml::de::Error| ConfigError::new(format!("invalid configuration: {e}")))
+        let config: Config = root.try_into().map_err(|e: toml::de::Error| {
+            ConfigError::new(format!("invalid configuration: {e}"))
+        })?;
+        check_together(&config).map_err(ConfigError::new)?;
+        Ok(config)
     }
 
     /// `"; did you mean s.k?"` or nothing. `section` may be unknown or empty.
@@ -755,6 +769,18 @@ impl Layers {
             .max_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, c)| c.as_str())
     }
+}
+
+/// Checks that span keys, on the assembled configuration (each key alone was checked already).
+fn check_together(config: &Config) -> Result<(), String> {
+    if !config.app.command.is_empty() && !config.app.upstream.is_empty() {
+        return Err(format!(
+            "app.command ({}) and app.upstream ({:?}) are both set; keep one",
+            config.app.command.join(" "),
+            config.app.upstream
+        ));
+    }
+    Ok(())
 }
 
 /// Checks one value as if it were the only one set: its type by deserializing a config holding
@@ -1055,6 +1081,7 @@ mod tests {
             workers: Some("7".into()),
             log_level: Some("Trace".into()),
             set: vec![],
+            app_command: vec![],
         };
         let c = resolve(Some((text, "f")), &cli, &env_of(&vars)).unwrap();
         assert_eq!(c.server.workers, Some(7));

@@ -51,12 +51,17 @@ fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn load_config(args: &ConfigArgs) -> Result<config::Loaded, config::ConfigError> {
+/// The configuration from its sources; `app_command` is what `start` got after `--`.
+fn load_config(
+    args: &ConfigArgs,
+    app_command: &[String],
+) -> Result<config::Loaded, config::ConfigError> {
     let overrides = config::Overrides {
         bind: args.bind.clone(),
         workers: args.workers.clone(),
         log_level: args.log_level.clone(),
         set: args.set.clone(),
+        app_command: app_command.to_vec(),
     };
     config::load(args.config.as_deref(), &overrides, &|name| {
         std::env::var(name).ok()
@@ -64,7 +69,7 @@ fn load_config(args: &ConfigArgs) -> Result<config::Loaded, config::ConfigError>
 }
 
 fn check(args: ConfigArgs) -> ExitCode {
-    match load_config(&args) {
+    match load_config(&args, &[]) {
         Ok(loaded) => {
             match &loaded.source {
                 Some(p) => eprintln!("supervisor: {} is valid", p.display()),
@@ -78,7 +83,7 @@ fn check(args: ConfigArgs) -> ExitCode {
 }
 
 fn start(args: cli::StartArgs) -> ExitCode {
-    let loaded = match load_start_config(&args) {
+    let loaded = match load_config(&args.config, &args.command) {
         Ok(l) => l,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
@@ -94,7 +99,7 @@ fn start(args: cli::StartArgs) -> ExitCode {
     }
     // HUP re-reads the same sources: the same file, environment and command line.
     let reload: master::Reload = Box::new(move || {
-        load_start_config(&args)
+        load_config(&args.config, &args.command)
             .map(|l| l.config)
             .map_err(|e| e.to_string())
     });
@@ -105,25 +110,6 @@ fn start(args: cli::StartArgs) -> ExitCode {
             fail(EXIT_FAILURE, &e)
         }
     }
-}
-
-/// The configuration of `start`: its sources, then the app command after `--`, which is
-/// `app.command` set on the command line.
-fn load_start_config(args: &cli::StartArgs) -> anyhow::Result<config::Loaded> {
-    let mut loaded = load_config(&args.config)?;
-    if !args.command.is_empty() {
-        worker::config::check_app_command(&args.command)
-            .map_err(|e| anyhow::anyhow!("-- {}: {e}", args.command.join(" ")))?;
-        if !loaded.config.app.upstream.is_empty() {
-            anyhow::bail!(
-                "-- {}: app.upstream is also set ({:?}); keep one",
-                args.command.join(" "),
-                loaded.config.app.upstream
-            );
-        }
-        loaded.config.app.command = args.command.clone();
-    }
-    Ok(loaded)
 }
 
 fn run_worker(args: cli::WorkerArgs) -> ExitCode {

@@ -98,7 +98,16 @@ fn bad_app_settings_are_config_errors() {
         assert_eq!(code, 2, "{set}: {err}");
         assert!(err.contains(expect), "{set}: {err}");
     }
-    // The command after `--` and an upstream cannot both be the app.
+    // An app command and an upstream cannot both be the app, from whichever sources.
+    let both = dir.path().join("both.toml");
+    std::fs::write(
+        &both,
+        "[app]\ncommand = [\"app\", \"--uds\", \"{socket}\"]\nupstream = \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(dir.path(), &["check", "-c", both.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("keep one"), "{err}");
     let (code, _, err) = run(
         dir.path(),
         &[
