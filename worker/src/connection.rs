@@ -112,11 +112,6 @@ impl Activity {
             .wrapping_sub(self.finished.load(Ordering::Relaxed))
     }
 
-    /// Whether the connection is in use: a request in flight, or bytes of the next one.
-    fn in_use(&self) -> bool {
-        self.inflight() > 0 || self.read_since_idle.load(Ordering::Relaxed)
-    }
-
     fn ms_since_open(&self) -> u64 {
         self.opened.elapsed().as_millis() as u64
     }
@@ -276,10 +271,10 @@ pub(crate) async fn serve(
     let mut conn = pin!(worker.http.serve_connection_with_upgrades(io, service));
 
     // When the worker drains, an HTTP/2 connection gets GOAWAY at once (the protocol makes
-    // that race-free). An HTTP/1 connection is shut down only while it is in use (a request
-    // in flight, whose response then carries `Connection: close`, or the bytes of one
-    // arriving); an idle one is left to its client's next request, which `request` answers
-    // with `Connection: close`, or to the idle timer. Closing it at once would race with a
+    // that race-free). An HTTP/1 connection is shut down only while a request is in flight
+    // (its response then carries `Connection: close`); an idle one, or one whose next head is
+    // still arriving, is left to its client's next request, which `request` answers with
+    // `Connection: close`, or to the idle and header timers. Closing it at once would race with a
     // request already on its way, which the client would see as a connection closed before
     // any response. The same holds for a connection accepted from the kernel's queue during
     // the drain: its client has most likely sent a request that hyper has not read yet.
@@ -315,7 +310,10 @@ pub(crate) async fn serve(
             draining = true;
         }
         drain_polled = true;
-        if draining && (activity.in_use() || activity.http2.load(Ordering::Relaxed)) {
+        // Not while only part of a head has arrived: hyper counts an HTTP/1 connection between
+        // requests as idle and would close it, dropping the request on its way. Once the head
+        // is complete the request is in flight, and its response says `Connection: close`.
+        if draining && (activity.inflight() > 0 || activity.http2.load(Ordering::Relaxed)) {
             conn.as_mut().graceful_shutdown();
             shutdown = Some(Shutdown::Drain);
             continue 'poll;
@@ -391,15 +389,16 @@ mod tests {
         assert_eq!(a.check(60_000, LIMITS), IdleCheck::Busy);
         drop(g1);
         assert_eq!(a.check(60_000, LIMITS), IdleCheck::Busy);
-        assert!(a.in_use());
+        assert!(a.inflight() > 0);
 
         // The last one ends: idle from then, and the byte flag is reset.
         a.idle_since_ms.store(1, Ordering::Relaxed);
         drop(g2);
         let since = a.idle_since_ms.load(Ordering::Relaxed);
         assert!(!a.read_since_idle.load(Ordering::Relaxed));
-        assert!(
-            !a.in_use(),
+        assert_eq!(
+            a.inflight(),
+            0,
             "idle between requests: a drain leaves it to the client"
         );
         assert_eq!(

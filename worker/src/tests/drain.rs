@@ -116,3 +116,26 @@ async fn drain_gives_up_after_the_graceful_timeout() {
     assert!(took >= Duration::from_millis(300), "{took:?}");
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
+
+#[tokio::test]
+async fn drain_answers_a_request_whose_head_was_arriving_on_a_reused_connection() {
+    let mut s = start(50, |c| c.worker.keepalive_timeout = Duration::from_secs(30));
+    let mut c = H1::connect(s.addr).await;
+    assert_eq!(c.get("/").await.status, 200);
+    // The next request has started to arrive when the drain begins.
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n").await;
+    // Nothing comes back meanwhile; this also lets the worker (same runtime) read those bytes.
+    assert!(c.quiet_for(Duration::from_millis(50)).await);
+    let drain = s.drain(Duration::from_secs(5));
+    assert!(c.quiet_for(Duration::from_millis(100)).await, "not cut");
+    c.send(b"\r\n").await;
+    let r = c.reply().await.expect("the request on its way is answered");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    c.closed_within(Duration::from_secs(2)).await;
+    let summary = tokio::time::timeout(IO_LIMIT, drain)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.remaining, 0);
+}
