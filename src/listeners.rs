@@ -298,8 +298,16 @@ fn probe_free(addr: &BindAddr) -> Result<()> {
                     path.display()
                 ),
                 // Nobody listens: a stale file left by a process that did not clean up.
-                Err(_) => std::fs::remove_file(path)
-                    .with_context(|| format!("cannot remove stale socket {}", path.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("cannot remove stale socket {}", path.display()))
+                }
+                // Anything else (no permission, ...) proves nothing: the file is not ours to remove.
+                Err(e) => bail!(
+                    "cannot bind unix:{}: a socket exists there and connecting to it failed ({e}); \
+                     remove it if it is stale",
+                    path.display()
+                ),
             }
         }
     }
