@@ -105,10 +105,8 @@ fn start(args: cli::StartArgs) -> ExitCode {
     });
     match master::setup(loaded.config, reload, level) {
         Ok(m) => ExitCode::from(m.run() as u8),
-        Err(e) => {
-            tracing::error!("{e:#}");
-            fail(EXIT_FAILURE, &e)
-        }
+        // Said once, on stderr (which is the log file too when `log.file` is set).
+        Err(e) => fail(EXIT_FAILURE, &e),
     }
 }
 
