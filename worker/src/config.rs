@@ -465,9 +465,6 @@ impl std::fmt::Display for Upstream {
     }
 }
 
-/// The placeholders `app.command` may use.
-pub const APP_PLACEHOLDERS: [&str; 3] = ["{socket}", "{port}", "{worker}"];
-
 /// Checks `app.command`: a program, and `{socket}` or `{port}` somewhere so that the app
 /// listens where the worker will look for it.
 pub fn check_app_command(command: &[String]) -> Result<(), String> {

@@ -54,7 +54,10 @@ impl Body {
     }
 
     pub(crate) fn empty() -> Body {
-        Body::full(Bytes::new())
+        Body {
+            kind: Kind::Full(None),
+            guard: None,
+        }
     }
 
     /// The app's response body, streamed through.
