@@ -49,7 +49,10 @@ impl BindAddr {
 
 /// The sockets of one bind address.
 struct Group {
+    /// The address bound (port 0 resolved to the port we got).
     addr: BindAddr,
+    /// The address as configured (port 0 kept), which a reload matches against.
+    requested: BindAddr,
     /// `reuseport` TCP: one socket per worker number (index = id - 1), all on the same port;
     /// `None` where the master released it (see `release`).
     /// `shared` TCP and every Unix socket: one socket for all workers.
@@ -104,14 +107,13 @@ impl Listeners {
         }
         let per_worker_for =
             |a: &BindAddr| matches!(a, BindAddr::Tcp(_)) && mode == AcceptMode::Reuseport;
-        // An address we already listen on. "Port 0" means any port: the one we got stays.
+        // An address we already listen on: asked for the same way ("port 0" again keeps the
+        // port we got), or an explicit port that is the one a "port 0" got.
         let held = |a: &BindAddr| {
-            self.groups.iter().position(|g| match (&g.addr, a) {
-                (BindAddr::Tcp(have), BindAddr::Tcp(want)) if want.port() == 0 => {
-                    have.ip() == want.ip()
-                }
-                (have, want) => have == want,
-            })
+            self.groups
+                .iter()
+                .position(|g| &g.requested == a)
+                .or_else(|| self.groups.iter().position(|g| &g.addr == a))
         };
         let reusable =
             |a: &BindAddr| held(a).filter(|&i| self.groups[i].per_worker == per_worker_for(a));
@@ -125,8 +127,12 @@ impl Listeners {
             New(Group),
         }
         let mut next = Vec::with_capacity(addrs.len());
+        let mut kept = vec![false; self.groups.len()];
         for a in &addrs {
-            if let Some(i) = reusable(a) {
+            // Each group serves one address of the new list (two addresses can name the same
+            // group: "127.0.0.1:0" and the port it got); a second one gets a new bind.
+            if let Some(i) = reusable(a).filter(|&i| !kept[i]) {
+                kept[i] = true;
                 next.push(Next::Keep(i));
                 continue;
             }
@@ -137,6 +143,7 @@ impl Listeners {
                     let actual = local_tcp_addr(&first)?;
                     let mut g = Group {
                         addr: BindAddr::Tcp(actual),
+                        requested: a.clone(),
                         sockets: vec![Some(first)],
                         per_worker,
                         unix_path: None,
@@ -151,6 +158,7 @@ impl Listeners {
                 BindAddr::Unix(path) => Group {
                     sockets: vec![Some(bind_unix(path, backlog, unix_mode)?)],
                     addr: a.clone(),
+                    requested: a.clone(),
                     per_worker: false,
                     unix_path: Some(path.clone()),
                 },

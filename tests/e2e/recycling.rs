@@ -369,3 +369,46 @@ fn hup_applies_new_listen_addresses_and_keeps_the_unchanged_ones() {
     });
     assert_eq!(try_get_unix(&sock, "/").unwrap().status, 200);
 }
+
+#[test]
+fn hup_with_an_explicit_port_and_port_0_on_one_ip_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = write_file(
+        dir.path(),
+        "s.toml",
+        "[server]\nworkers = 1\nbind = [\"127.0.0.1:0\"]\n",
+    );
+    let mut server = Server::spawn_in(dir, &["-c", conf.to_str().unwrap()]);
+    server
+        .log
+        .wait_for(Duration::from_secs(20), |l| l.contains(" ready workers="))
+        .expect("ready");
+    let tcp = server.tcp_addr().unwrap();
+    // The port 0 got, now named explicitly, and port 0 again: two addresses that both match
+    // the one socket held. (This used to take the same socket twice and crash the master.)
+    std::fs::write(
+        &conf,
+        format!(
+            "[server]\nworkers = 1\nbind = [\"127.0.0.1:{}\", \"127.0.0.1:0\"]\n",
+            tcp.port()
+        ),
+    )
+    .unwrap();
+    server.signal(Signal::SIGHUP);
+    let line = server
+        .log
+        .wait_for(Duration::from_secs(20), |l| {
+            l.contains("listening") && !l.contains(&format!(":{}", tcp.port()))
+        })
+        .expect("a second TCP listener after the reload");
+    let second: std::net::SocketAddr = field(&line, "addr").unwrap().parse().unwrap();
+    eventually(Duration::from_secs(20), "both addresses serving", || {
+        let a = try_get(tcp, "/").ok()?;
+        let b = try_get(second, "/").ok()?;
+        (a.status == 200 && b.status == 200).then_some(())
+    });
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the master is still running"
+    );
+}
