@@ -669,3 +669,35 @@ fn an_upstream_that_is_down_gets_502s_without_a_log_line_each() {
         "{logged} log lines for 50 failed requests"
     );
 }
+
+#[test]
+fn a_stop_while_the_app_starts_is_not_held_up_by_it() {
+    let mut s = Server::spawn(&[
+        "-b",
+        "127.0.0.1:0",
+        "-w",
+        "1",
+        "--",
+        "python3",
+        APP,
+        "--uds",
+        "{socket}",
+        "--ready-delay-ms",
+        "60000",
+    ]);
+    let line = s
+        .log
+        .wait_for(WAIT, |l| l.contains("app started"))
+        .expect("the app is starting");
+    let app: u32 = crate::util::field(&line, "app.pid")
+        .unwrap()
+        .parse()
+        .unwrap();
+    s.signal(Signal::SIGTERM);
+    // Not after the app's minute of boot, nor after graceful_timeout (30 s): now.
+    let status = s.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    eventually(WAIT, "the half-started app to be gone", || {
+        (!alive(app)).then_some(())
+    });
+}

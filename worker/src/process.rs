@@ -190,9 +190,21 @@ async fn serve_until_done(
 
     spawn_heartbeat(slot);
     // The app (a process or an upstream) before readiness: a worker is ready when its app is.
-    if let Err(why) = start_app(worker, config, runtime_dir).await {
-        error!("{why}");
-        return ExitCode::from(EXIT_STARTUP).into();
+    // It may take up to `app.ready_timeout`: a stop meanwhile ends the boot (the app, if it
+    // started, dies with this process).
+    tokio::select! {
+        started = start_app(worker, config, runtime_dir) => {
+            if let Err(why) = started {
+                error!("{why}");
+                return ExitCode::from(EXIT_STARTUP).into();
+            }
+        }
+        _ = term.recv() => {
+            info!("SIGTERM while the app starts: exiting");
+            return ExitCode::SUCCESS.into();
+        }
+        _ = int.recv() => return ExitCode::SUCCESS.into(),
+        _ = quit.recv() => return ExitCode::SUCCESS.into(),
     }
     let mut parent_check = tokio::time::interval(PARENT_CHECK_INTERVAL);
     parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
