@@ -112,6 +112,14 @@ impl Activity {
             .wrapping_sub(self.finished.load(Ordering::Relaxed))
     }
 
+    /// Bytes arrived since the connection went idle, which on HTTP/1 means the next head is on
+    /// its way. Not on HTTP/2: there, idle connections carry PINGs and other frames that are
+    /// no request, and an idle HTTP/2 connection gets GOAWAY at `keepalive_timeout` instead of
+    /// being cut at `header_timeout`.
+    fn head_arriving(&self) -> bool {
+        self.read_since_idle.load(Ordering::Relaxed) && !self.http2.load(Ordering::Relaxed)
+    }
+
     fn ms_since_open(&self) -> u64 {
         self.opened.elapsed().as_millis() as u64
     }
@@ -136,7 +144,7 @@ impl Activity {
         }
         let since = self.idle_since_ms.load(Ordering::Relaxed);
         let header = since.saturating_add(limits.header_ms);
-        if self.read_since_idle.load(Ordering::Relaxed) {
+        if self.head_arriving() {
             Some(header)
         } else {
             // Bytes may still arrive before the keep-alive deadline, and then the header
@@ -152,7 +160,7 @@ impl Activity {
         let since = self.idle_since_ms.load(Ordering::Relaxed);
         let header = since.saturating_add(limits.header_ms);
         let keepalive = since.saturating_add(limits.keepalive_ms);
-        if self.read_since_idle.load(Ordering::Relaxed) {
+        if self.head_arriving() {
             if now_ms >= header {
                 IdleCheck::SlowHead
             } else {
@@ -406,6 +414,22 @@ mod tests {
             IdleCheck::Wait(since + 5_000)
         );
         assert_eq!(a.check(since + 5_000, LIMITS), IdleCheck::Idle);
+    }
+
+    #[test]
+    fn http2_frames_between_requests_are_no_head() {
+        let limits = IdleLimits {
+            keepalive_ms: 300,
+            header_ms: 1_500,
+        };
+        let a = Activity::new(Instant::now());
+        a.http2.store(true, Ordering::Relaxed);
+        // A PING arrived: on HTTP/2 that is no request on its way, so the connection goes idle
+        // (GOAWAY) at the keep-alive deadline rather than being cut later as a slow head.
+        a.read_since_idle.store(true, Ordering::Relaxed);
+        assert_eq!(a.next_check(limits), Some(300));
+        assert_eq!(a.check(300, limits), IdleCheck::Idle);
+        assert_eq!(a.check(1_500, limits), IdleCheck::Idle);
     }
 
     #[test]
