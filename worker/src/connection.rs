@@ -21,9 +21,10 @@
 //! - no request in flight and no byte received for `keepalive_timeout`: the connection is shut
 //!   down gracefully (an idle HTTP/1 connection closes at once, HTTP/2 gets GOAWAY);
 //! - bytes received but no request started `header_timeout` after the connection went idle: the
-//!   client is too slow with its head and the connection is dropped. This bounds HTTP/1 heads,
-//!   the protocol-detection phase and HTTP/2 alike (for HTTP/2, frames other than requests, such
-//!   as PINGs, also count as bytes).
+//!   client is too slow with its head and the connection is dropped. This bounds HTTP/1 heads
+//!   and the protocol-detection phase (the first bytes, before a first request). On a
+//!   connection known to be HTTP/2, frames between requests (PINGs, SETTINGS) are no head: it
+//!   goes idle at `keepalive_timeout` like one that sends nothing.
 //!
 //! The two never fight: the keep-alive timer hands over to the header timeout as soon as bytes
 //! arrive. Both count from the moment the connection went idle, so a head that starts arriving
