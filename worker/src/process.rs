@@ -407,12 +407,7 @@ pub(crate) fn spawn_heartbeat(slot: &'static Slot) -> tokio::task::JoinHandle<()
 /// again with the request they belong to.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let message = info
-            .payload()
-            .downcast_ref::<&str>()
-            .copied()
-            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
-            .unwrap_or("(non-string panic payload)");
+        let message = crate::request::panic_message(info.payload());
         let location = info
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))

@@ -254,14 +254,19 @@ fn failed(head: &Parts, e: app::AppError, mut guard: RequestGuard) -> Response<B
     finish(res, guard)
 }
 
+/// The text a panic was raised with (`panic!("...")` or a formatted `String`).
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic payload)")
+}
+
 #[cold]
 fn panicked(head: &Parts, panic: Box<dyn Any + Send>, mut guard: RequestGuard) -> Response<Body> {
     guard.admitted = None;
-    let message = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(non-string panic payload)");
+    let message = panic_message(&*panic);
     error!(
         http.method = %head.method,
         url.path = head.uri.path(),
