@@ -115,6 +115,27 @@ fn large_bodies_stream_both_ways_in_bounded_memory() {
     assert_eq!(drain_exact(&mut r, size), size);
     sender.join().unwrap();
 
+    // Upload one way: the app answers only once it has read everything, so while the socket
+    // to the app is full nothing but its becoming writable again can move the body on.
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(
+        format!("POST /consume HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let block = vec![b'z'; MIB];
+    for _ in 0..100 {
+        c.write_all(&block).unwrap();
+    }
+    let mut r = BufReader::new(c);
+    let length = read_head(&mut r).expect("a Content-Length");
+    let mut answer = vec![0; length];
+    r.read_exact(&mut answer).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        format!("read {size} bytes")
+    );
+
     // The worker never held the bodies: its peak RSS stayed far below 100 MiB.
     let status = std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap();
     let hwm_kib: usize = status

@@ -358,7 +358,7 @@ fn with_tail(shared: &Shared, why: &str) -> String {
 /// Polls until something accepts a connection at `address` (the app listens).
 async fn wait_accepting(address: &Upstream) {
     let mut pause = Duration::from_millis(5);
-    while crate::proxy::connect(address).await.is_err() {
+    while crate::appconn::AppStream::connect(address).await.is_err() {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }

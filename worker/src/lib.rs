@@ -19,6 +19,7 @@ pub mod scoreboard;
 
 mod admission;
 mod app;
+mod appconn;
 mod child;
 mod connection;
 mod listener;

@@ -29,13 +29,12 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::{debug, warn};
 
+use crate::appconn::AppStream;
 use crate::child::AppProcess;
 use crate::config::{AppConfig, Trusted, Upstream};
-use crate::listener::Stream;
 use crate::response::{text, Body};
 use crate::scoreboard::coarse_monotonic_ms;
 use crate::server::Worker;
@@ -431,9 +430,9 @@ fn unavailable(why: &str) -> Response<Body> {
 pub(crate) struct Connector(Arc<Upstream>);
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<Stream>;
+    type Response = TokioIo<AppStream>;
     type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<Stream>>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<AppStream>>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -441,19 +440,11 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, _: Uri) -> Self::Future {
         let target = Arc::clone(&self.0);
-        Box::pin(async move { Ok(TokioIo::new(connect(&target).await?)) })
+        Box::pin(async move { Ok(TokioIo::new(AppStream::connect(&target).await?)) })
     }
 }
 
-/// A new connection to the app (or upstream).
-pub(crate) async fn connect(to: &Upstream) -> io::Result<Stream> {
-    match to {
-        Upstream::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
-        Upstream::Tcp(authority) => Stream::tcp(TcpStream::connect(authority.as_str()).await?),
-    }
-}
-
-impl Connection for Stream {
+impl Connection for AppStream {
     fn connected(&self) -> Connected {
         Connected::new()
     }
