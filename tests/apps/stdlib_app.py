@@ -10,6 +10,7 @@ one thread per connection. Routes:
   GET  /download?mb=N    N MiB of bytes, streamed
   GET  /sleep?ms=N       waits, then answers
   GET  /stats            {"max_concurrent_sleeps": N}: most /sleep requests in progress at once
+  GET  /truncated        promises 100 bytes, sends 10, closes the connection
   GET  /exit             the process exits at once (status 3), no answer
   GET  /leak?mb=N        keeps N MiB more, touched, for the rest of its life
   GET  /ws               WebSocket: echoes every text or binary message
@@ -88,6 +89,14 @@ class Handler(BaseHTTPRequestHandler):
             with BUSY_LOCK:
                 BUSY["now"] -= 1
             self.reply(200, b"slept")
+        elif path == "/truncated":
+            # Promises 100 bytes, sends 10, and closes the connection.
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            self.wfile.flush()
+            self.close_connection = True
         elif path == "/stats":
             self.reply(200, json.dumps({"max_concurrent_sleeps": BUSY["max"]}).encode(),
                        "application/json")

@@ -183,6 +183,19 @@ fn drain_exact(r: &mut impl Read, n: usize) -> usize {
 }
 
 #[test]
+fn a_small_response_that_breaks_off_is_a_502() {
+    let s = start_app(1, &[], &[]);
+    // Without the small-body read the client got the app's 200 and a connection cut after 10
+    // bytes.
+    let res = get(s.addr, "/truncated");
+    let body = String::from_utf8_lossy(&res.body);
+    assert_eq!(res.status, 502, "{body}");
+    assert!(body.contains("broke off"), "{body}");
+    // The app is still there and answers.
+    assert_eq!(get(s.addr, "/").status, 200);
+}
+
+#[test]
 fn killed_app_gives_502_then_is_restarted() {
     let s = start_app(1, &[], &[]);
     let (pid, _) = app_pid(&s);

@@ -66,6 +66,11 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// the app does and never sends a request into one that the app is closing.
 const POOL_IDLE: Duration = Duration::from_millis(1500);
 
+/// A response body of known length up to this size is read whole before the response goes out:
+/// the client gets head and body in one write, however the app split them, and a body that
+/// breaks off becomes a 502 instead of a cut connection.
+const SMALL_BODY: u64 = 16 * 1024;
+
 type Outgoing = Either<Limited<Incoming>, Full<Bytes>>;
 
 /// What the worker proxies to, for the life of the worker.
@@ -281,6 +286,20 @@ impl Proxy {
         }
         let (mut parts, body) = res.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        let small = hyper::body::Body::size_hint(&body)
+            .exact()
+            .is_some_and(|n| n > 0 && n <= SMALL_BODY);
+        if small {
+            // The permit is released when the app has sent everything.
+            return match body.collect().await {
+                Ok(collected) => Response::from_parts(parts, Body::full(collected.to_bytes())),
+                Err(e) => {
+                    let why = error_chain(&e);
+                    self.warn_bad_gateway(&why);
+                    bad_gateway(format!("the app's response broke off: {why}"))
+                }
+            };
+        }
         Response::from_parts(parts, Body::proxied(body, permit))
     }
 
