@@ -81,6 +81,8 @@ pub struct WorkerArgs {
     pub ready_fd: i32,
     #[arg(long)]
     pub scoreboard_fd: i32,
+    #[arg(long)]
+    pub rates_fd: i32,
     /// Requests after which the worker asks to be recycled, jitter included; 0: never.
     #[arg(long, default_value_t = 0)]
     pub max_requests: u64,

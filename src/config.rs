@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
 use toml::{Table, Value};
-use worker::config::{default_workers, ByteSize, Config};
+use worker::config::{default_workers, ByteSize, Config, Rate, RateKey};
+use worker::ratelimit::{MAX_RATE_PER_SECOND, MAX_REFILL};
 
 /// Read when no `--config` is given, relative to the current directory.
 const DEFAULT_PATH: &str = "supervisor.toml";
@@ -316,6 +317,28 @@ const RULES: &[Rule] = &[
         check: |c| within(c.limits.max_active_instances, 1..=u32::MAX),
     },
     Rule {
+        key: "limits.rate",
+        allowed:
+            "\"\" (no limit) or COUNT/UNIT with UNIT s, min or h, like \"100/s\" or \"600/min\", \
+                  at most 100000/s",
+        check: |c| check_rate(&c.limits),
+    },
+    Rule {
+        key: "limits.burst",
+        allowed: "an integer >= 0 (0: the rate's count), at most what refills within 31 days",
+        check: |c| check_burst(&c.limits),
+    },
+    Rule {
+        key: "limits.key",
+        allowed: "\"ip\" or \"header:NAME\"",
+        check: |c| RateKey::parse(&c.limits.key).map(|_| ()),
+    },
+    Rule {
+        key: "limits.idle_ttl",
+        allowed: DURATION_GT_0,
+        check: |c| positive(c.limits.idle_ttl),
+    },
+    Rule {
         key: "log.level",
         allowed: "\"error\", \"warn\", \"info\", \"debug\" or \"trace\"",
         check: |_| Ok(()),
@@ -331,6 +354,41 @@ const RULES: &[Rule] = &[
         check: |_| Ok(()),
     },
 ];
+
+/// `limits.rate`: a rate the table can count (one request per 10 µs at most).
+fn check_rate(limits: &worker::config::LimitsConfig) -> Result<(), String> {
+    let Some(rate) = Rate::parse(&limits.rate)? else {
+        return Ok(());
+    };
+    if rate.interval() < Duration::from_nanos(1_000_000_000 / MAX_RATE_PER_SECOND) {
+        return Err(format!(
+            "{:?} is faster than {MAX_RATE_PER_SECOND}/s",
+            limits.rate
+        ));
+    }
+    Ok(())
+}
+
+/// `limits.burst`: refills, at `limits.rate`, within the table's range. (A bad rate is the rate's
+/// rule's to report.)
+fn check_burst(limits: &worker::config::LimitsConfig) -> Result<(), String> {
+    let Ok(Some(rate)) = Rate::parse(&limits.rate) else {
+        return Ok(());
+    };
+    let burst = if limits.burst == 0 {
+        rate.count
+    } else {
+        limits.burst
+    };
+    if rate.interval().saturating_mul(burst) > MAX_REFILL {
+        return Err(format!(
+            "a burst of {burst} at {:?} takes longer than {} days to refill",
+            limits.rate,
+            MAX_REFILL.as_secs() / 86_400
+        ));
+    }
+    Ok(())
+}
 
 fn within<T: PartialOrd>(value: T, range: RangeInclusive<T>) -> Result<(), String> {
     if range.contains(&value) {
@@ -965,7 +1023,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 37);
+        assert_eq!(known.len(), 41);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),
@@ -1601,6 +1659,20 @@ mod tests {
             ),
             ("limits.max_active_instances", &["0"], &["1"], INTEGER_GE_1),
             (
+                "limits.rate",
+                &["\"10\"", "\"0/s\"", "\"5/fortnight\"", "\"200000/s\"", "5"],
+                &["\"\"", "\"100000/s\"", "\"600/min\"", "\"1/h\""],
+                "\"\" (no limit) or COUNT/UNIT with UNIT s, min or h, like \"100/s\" or \"600/min\", \
+                 at most 100000/s",
+            ),
+            (
+                "limits.key",
+                &["\"cookie\"", "\"header:bad name\""],
+                &["\"ip\"", "\"header:X-Api-Key\""],
+                "\"ip\" or \"header:NAME\"",
+            ),
+            ("limits.idle_ttl", &["\"0s\""], &["\"1s\""], DURATION_GT_0),
+            (
                 "log.format",
                 &["\"xml\""],
                 &["\"json\""],
@@ -1615,8 +1687,9 @@ mod tests {
                 let want = format!("supervisor.toml:2:{}: {key} = ", name.len() + 4);
                 assert!(e.starts_with(&want), "{key} = {value}: {e}");
                 if !e.contains("invalid size") {
+                    // ": expected ..." or, with a detail, "DETAIL; expected ...".
                     assert!(
-                        e.ends_with(&format!(": expected {allowed}")),
+                        e.ends_with(&format!("expected {allowed}")),
                         "{key} = {value}: {e}"
                     );
                 }

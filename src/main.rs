@@ -135,9 +135,10 @@ fn run_worker(args: cli::WorkerArgs) -> ExitCode {
             .collect::<Result<Vec<_>, _>>()?;
         let ready = sys::inherited_fd(args.ready_fd, "readiness pipe")?;
         let scoreboard = sys::inherited_fd(args.scoreboard_fd, "scoreboard")?;
-        Ok((listeners, ready, scoreboard))
+        let rates = sys::inherited_fd(args.rates_fd, "rate table")?;
+        Ok((listeners, ready, scoreboard, rates))
     })();
-    let (listeners, ready, scoreboard) = match fds {
+    let (listeners, ready, scoreboard, rates) = match fds {
         Ok(f) => f,
         Err(e) => return fail(EXIT_FAILURE, &e),
     };
@@ -150,6 +151,7 @@ fn run_worker(args: cli::WorkerArgs) -> ExitCode {
         max_requests: args.max_requests,
         hold: args.hold,
         scoreboard,
+        rates,
         runtime_dir: args.runtime_dir,
         config,
     })

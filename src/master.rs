@@ -29,6 +29,7 @@ use signal_hook::iterator::exfiltrator::SignalOnly;
 use tracing::{debug, error, info, warn};
 use worker::config::{default_workers, AcceptMode, Config};
 use worker::pipe;
+use worker::ratelimit::RateTable;
 use worker::scoreboard::{monotonic_ms, RecycleReason, Scoreboard, SlotState};
 
 use crate::listeners::Listeners;
@@ -125,6 +126,9 @@ pub struct Master {
     listeners: Option<Listeners>,
     board: Scoreboard,
     board_fd: OwnedFd,
+    /// The per-client rate table every worker shares, sized by `limits.max_active_instances`.
+    rates: RateTable,
+    rates_fd: OwnedFd,
     signals: SignalDelivery<UnixStream, SignalOnly>,
     /// TTIN and TTOU received and not yet acted on.
     ttin: Arc<AtomicUsize>,
@@ -180,6 +184,9 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
     let (board, board_fd) =
         Scoreboard::create(SCOREBOARD_CAPACITY, config.limits.max_concurrent_requests)
             .context("cannot create the scoreboard")?;
+    let (rates, rates_fd) = RateTable::create(config.limits.max_active_instances)
+        .context("cannot create the rate table")?;
+    rates.set_idle_ttl(config.limits.idle_ttl);
 
     let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
     read.set_nonblocking(true)?;
@@ -207,6 +214,8 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
         listeners: Some(listeners),
         board,
         board_fd,
+        rates,
+        rates_fd,
         signals,
         ttin,
         ttou,
@@ -311,6 +320,7 @@ impl Master {
             slot: record,
             listen_fds: &listen_fds,
             scoreboard: &self.board_fd,
+            rates: &self.rates_fd,
             config_json: &self.config_json,
             max_requests: plan.max_requests,
             hold,
@@ -930,6 +940,21 @@ impl Master {
                 return;
             }
         };
+        // The rate table's size is fixed: another size means a new table for new workers
+        // (draining ones keep the old one). Made first, so that a failure changes nothing.
+        let new_rates = if new.limits.max_active_instances
+            != self.config.limits.max_active_instances
+        {
+            match RateTable::create(new.limits.max_active_instances) {
+                Ok(table) => Some(table),
+                Err(e) => {
+                    error!("reload failed, keeping the current configuration: cannot create the rate table: {e}");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let workers = workers_of(&new);
         let sockets_changed = new.server.bind != self.config.server.bind
             || new.server.accept != self.config.server.accept
@@ -963,6 +988,15 @@ impl Master {
             warn!("reload: log.format applies to new workers; the master keeps its format until restarted");
         }
         self.log_level.set(new.log.level);
+        if let Some((rates, fd)) = new_rates {
+            info!(
+                limits.max_active_instances = new.limits.max_active_instances,
+                "reload: new per-client rate table; clients' budgets start afresh"
+            );
+            self.rates = rates;
+            self.rates_fd = fd;
+        }
+        self.rates.set_idle_ttl(new.limits.idle_ttl);
         self.board
             .header()
             .global_cap

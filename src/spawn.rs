@@ -30,6 +30,8 @@ pub struct SpawnRequest<'a> {
     pub slot: usize,
     pub listen_fds: &'a [i32],
     pub scoreboard: &'a OwnedFd,
+    /// The per-client rate table.
+    pub rates: &'a OwnedFd,
     pub config_json: &'a str,
     /// Requests after which the worker asks to be recycled (0: never).
     pub max_requests: u64,
@@ -67,6 +69,8 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
         .arg(ready_write.as_raw_fd().to_string())
         .arg("--scoreboard-fd")
         .arg(req.scoreboard.as_raw_fd().to_string())
+        .arg("--rates-fd")
+        .arg(req.rates.as_raw_fd().to_string())
         .arg("--max-requests")
         .arg(req.max_requests.to_string())
         .arg("--runtime-dir")
@@ -82,6 +86,7 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
     let mut inherit = req.listen_fds.to_vec();
     inherit.push(ready_write.as_raw_fd());
     inherit.push(req.scoreboard.as_raw_fd());
+    inherit.push(req.rates.as_raw_fd());
     sys::prepare_worker_exec(&mut cmd, inherit, master_pid);
 
     let child = cmd.spawn().context("cannot start a worker process")?;

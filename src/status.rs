@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use worker::ratelimit::RateTable;
 use worker::scoreboard::{monotonic_ms, Scoreboard, SlotState, MEMFD_NAME};
 
 #[derive(Serialize)]
@@ -17,7 +18,21 @@ pub struct Status {
     pub global_inflight: u32,
     pub global_cap: u32,
     pub global_rejected: u64,
+    /// The per-client rate table (`limits.rate`); absent if the master has none.
+    pub rate_limit: Option<RateStatus>,
     pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Serialize)]
+pub struct RateStatus {
+    /// Most clients the table holds (`limits.max_active_instances`).
+    pub capacity: usize,
+    /// Clients seen within `limits.idle_ttl`.
+    pub tracked: usize,
+    /// Clients pushed out to make room for new ones.
+    pub evictions: u64,
+    /// Requests refused with 429.
+    pub limited: u64,
 }
 
 #[derive(Serialize)]
@@ -68,6 +83,17 @@ fn open_board(pid: u32) -> Result<Option<Scoreboard>> {
         }
     }
     Ok(None)
+}
+
+/// The per-client rate table the master `pid` holds (read-only).
+fn open_rates(pid: u32) -> Option<RateTable> {
+    let wanted = format!("/memfd:{}", worker::ratelimit::MEMFD_NAME);
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|e| fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with(&wanted)))
+        .and_then(|e| fs::File::open(e.path()).ok())
+        .and_then(|f| RateTable::open(&f, false).ok())
 }
 
 /// Every master on this host that we can see.
@@ -125,6 +151,12 @@ pub fn read(pid: Option<u32>) -> Result<Status> {
         global_inflight: h.global_inflight.load(Ordering::Relaxed),
         global_cap: h.global_cap.load(Ordering::Relaxed),
         global_rejected: h.global_rejected.load(Ordering::Relaxed),
+        rate_limit: open_rates(pid).map(|t| RateStatus {
+            capacity: t.capacity(),
+            tracked: t.tracked(),
+            evictions: t.evictions(),
+            limited: t.limited(),
+        }),
         workers,
     })
 }
@@ -141,6 +173,12 @@ pub fn print(status: &Status, json: bool) {
         "master {}  in flight {}/{} host-wide  rejected at the host-wide cap {}",
         status.master_pid, status.global_inflight, status.global_cap, status.global_rejected
     );
+    if let Some(r) = &status.rate_limit {
+        println!(
+            "clients tracked {}/{}  evicted {}  refused by limits.rate (429) {}",
+            r.tracked, r.capacity, r.evictions, r.limited
+        );
+    }
     println!(
         "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8}  recycling",
         "worker",

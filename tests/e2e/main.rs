@@ -5,6 +5,7 @@ mod cli;
 mod examples;
 mod lifecycle;
 mod limits;
+mod ratelimit;
 mod recycling;
 mod serving;
 mod util;

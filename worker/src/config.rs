@@ -153,8 +153,17 @@ impl Default for WorkerConfig {
 pub struct LimitsConfig {
     /// Host-wide cap on requests in flight across all workers (env `MAX_CONCURRENT_REQUESTS`).
     pub max_concurrent_requests: u32,
-    /// Most clients whose state is tracked at once (env `MAX_ACTIVE_INSTANCES`).
+    /// Most clients whose rate-limit state is tracked at once (env `MAX_ACTIVE_INSTANCES`).
     pub max_active_instances: u32,
+    /// Per-client rate limit, `COUNT/UNIT` (`"100/s"`, `"600/min"`); empty: none.
+    pub rate: String,
+    /// Requests a client may send at once on top of the rate; 0: the rate's count.
+    pub burst: u32,
+    /// What identifies a client: `"ip"` or `"header:NAME"`.
+    pub key: String,
+    /// A client unseen this long is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub idle_ttl: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -162,6 +171,72 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_concurrent_requests: 50,
             max_active_instances: 1000,
+            rate: String::new(),
+            burst: 0,
+            key: "ip".to_string(),
+            idle_ttl: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// `limits.rate`, parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl Rate {
+    /// `""` (no limit) or `COUNT/UNIT`, UNIT one of `s`, `sec`, `second`, `m`, `min`,
+    /// `minute`, `h`, `hour`; COUNT >= 1.
+    pub fn parse(text: &str) -> Result<Option<Rate>, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let (count, unit) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not COUNT/UNIT"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| format!("{text:?}: the count must be an integer >= 1"))?;
+        let period = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => return Err(format!("{text:?}: unknown unit {other:?}")),
+        };
+        Ok(Some(Rate { count, period }))
+    }
+
+    /// Time between two requests at this rate.
+    pub fn interval(&self) -> Duration {
+        self.period / self.count
+    }
+}
+
+/// `limits.key`, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RateKey {
+    /// The client's IP address (taken from `X-Forwarded-For` behind a trusted proxy).
+    Ip,
+    /// The value of this request header; requests without it count by IP address.
+    Header(hyper::header::HeaderName),
+}
+
+impl RateKey {
+    pub fn parse(text: &str) -> Result<RateKey, String> {
+        match text.trim() {
+            "ip" => Ok(RateKey::Ip),
+            other => match other.strip_prefix("header:") {
+                Some(name) => hyper::header::HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(RateKey::Header)
+                    .map_err(|_| format!("{name:?} is not a header name")),
+                None => Err(format!("{other:?} is neither \"ip\" nor \"header:NAME\"")),
+            },
         }
     }
 }

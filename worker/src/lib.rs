@@ -15,12 +15,14 @@ pub mod config;
 pub mod exec;
 pub mod logfile;
 pub mod pipe;
+pub mod ratelimit;
 pub mod scoreboard;
 
 mod admission;
 mod app;
 mod appconn;
 mod child;
+mod client_rate;
 mod connection;
 mod listener;
 mod process;
@@ -63,6 +65,9 @@ pub struct WorkerArgs {
     pub hold: bool,
     /// The scoreboard memfd (see [`scoreboard`]), mapped writable.
     pub scoreboard: OwnedFd,
+    /// The per-client rate table's memfd (see [`ratelimit`]), mapped writable when
+    /// `limits.rate` is set.
+    pub rates: OwnedFd,
     /// The master's private runtime directory (app sockets go there).
     pub runtime_dir: Option<std::path::PathBuf>,
     pub config: config::Config,

@@ -19,10 +19,12 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::child::{AppProcess, Launch};
-use crate::config::{Config, Trusted, Upstream};
+use crate::client_rate::ClientRate;
+use crate::config::{Config, Rate, RateKey, Trusted, Upstream};
 use crate::listener::Listener;
 use crate::pipe::{self, MasterPipe};
 use crate::proxy::Proxy;
+use crate::ratelimit::RateTable;
 use crate::scoreboard::{self, Scoreboard, Slot, SlotState};
 use crate::server::{DrainSummary, Server, Worker};
 use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
@@ -34,6 +36,30 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the worker checks that its master is still its parent.
 pub const PARENT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `limits.rate` over the master's table, if a rate is set. The config was checked by the
+/// master, so only the mapping can fail.
+fn client_rate(
+    config: &crate::config::Config,
+    fd: &std::os::fd::OwnedFd,
+) -> std::io::Result<Option<ClientRate>> {
+    let limits = &config.limits;
+    let Ok(Some(rate)) = Rate::parse(&limits.rate) else {
+        return Ok(None);
+    };
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let key = RateKey::parse(&limits.key).map_err(invalid)?;
+    let trusted = Trusted::parse(&config.server.forwarded_allow_ips).map_err(invalid)?;
+    Ok(Some(ClientRate::new(
+        RateTable::open(fd, true)?,
+        rate.count,
+        rate.period,
+        limits.burst,
+        limits.idle_ttl,
+        key,
+        trusted,
+    )))
+}
 
 pub(crate) fn run(args: WorkerArgs) -> ExitCode {
     let span = info_span!("worker", worker.id = args.id);
@@ -58,6 +84,14 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
     };
     // The mapping outlives the fd.
     drop(args.scoreboard);
+    let rate = match client_rate(&args.config, &args.rates) {
+        Ok(rate) => rate,
+        Err(e) => {
+            error!(error = %e, "cannot map the rate table");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    drop(args.rates);
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -83,6 +117,7 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
         args.slot,
         master,
         args.max_requests,
+        rate,
     );
     install_panic_hook();
     let code = runtime.block_on(serve(

@@ -1,7 +1,7 @@
 //! The path of one request through the worker, from hyper's service call to a response.
 //!
-//! Owns the order of the checks (body size by `Content-Length` -> worker limit -> host-wide
-//! limit, cheapest first), the description of each admitted request in the scoreboard (so that
+//! Owns the order of the checks (the client's rate -> body size by `Content-Length` -> worker
+//! limit -> host-wide limit), the description of each admitted request in the scoreboard (so that
 //! the master can tell what a hung worker was doing), the request timeout, turning a handler
 //! error or panic into a 500, the headers every one of our responses carries (`X-Worker-Id`),
 //! and counting completed requests (asking the master for a replacement at
@@ -27,6 +27,7 @@ use crate::admission::{Permits, Rejection};
 use crate::app;
 use crate::connection::ActivityGuard;
 use crate::pipe;
+use crate::ratelimit::Decision;
 use crate::response::{self, Body, X_WORKER_ID};
 use crate::scoreboard::{Slot, SlotState};
 use crate::server::Worker;
@@ -39,6 +40,8 @@ pub(crate) struct RequestGuard {
     /// HTTP/1.x: a draining worker ends the connection after this response.
     http1: bool,
     admitted: Option<Admitted>,
+    /// What `limits.rate` said, for the response's `RateLimit` header.
+    rate: Option<Decision>,
     _activity: ActivityGuard,
 }
 
@@ -153,8 +156,17 @@ pub(crate) fn handle(
         worker,
         http1,
         admitted: None,
+        rate: None,
         _activity: activity,
     };
+
+    if let Some(limit) = &worker.rate {
+        let decision = limit.check(req.headers(), peer);
+        if !decision.allowed {
+            return Handled::now(finish(limit.refused(&decision), guard));
+        }
+        guard.rate = Some(decision);
+    }
 
     // A declared length (Content-Length, on HTTP/1 and HTTP/2 alike) shows up as the lower
     // bound of the body's size hint; bodies without one are limited while they stream (`app`).
@@ -281,6 +293,9 @@ fn panicked(head: &Parts, panic: Box<dyn Any + Send>, mut guard: RequestGuard) -
 fn finish(mut res: Response<Body>, guard: RequestGuard) -> Response<Body> {
     res.headers_mut()
         .insert(X_WORKER_ID, guard.worker.responses.worker_id().clone());
+    if let (Some(decision), Some(limit)) = (&guard.rate, &guard.worker.rate) {
+        limit.stamp(res.headers_mut(), decision);
+    }
     // Draining: hyper closes an HTTP/1 connection after a response that says so, and the
     // client knows not to send another request on it (see `connection`).
     if guard.http1

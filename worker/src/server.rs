@@ -62,6 +62,8 @@ pub(crate) struct Worker {
     /// The server's drain signal, for tasks that outlive their connection (upgraded
     /// tunnels) to subscribe to: the drain waits until every receiver is gone.
     pub(crate) drain_watch: std::sync::OnceLock<watch::Sender<bool>>,
+    /// `limits.rate`, when set.
+    pub(crate) rate: Option<crate::client_rate::ClientRate>,
     connections: Semaphore,
 }
 
@@ -75,6 +77,7 @@ impl Worker {
         slot: usize,
         master: MasterPipe,
         max_requests: u64,
+        rate: Option<crate::client_rate::ClientRate>,
     ) -> &'static Worker {
         let w = &config.worker;
         let host_cap = response::host_cap(&board);
@@ -132,6 +135,7 @@ impl Worker {
             draining: AtomicBool::new(false),
             proxy: std::sync::OnceLock::new(),
             drain_watch: std::sync::OnceLock::new(),
+            rate,
             connections: Semaphore::new(w.max_connections.max(1) as usize),
         };
         Box::leak(Box::new(worker))

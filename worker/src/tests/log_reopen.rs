@@ -50,6 +50,7 @@ fn child() {
         max_requests: 0,
         hold: false,
         scoreboard,
+        rates: crate::ratelimit::RateTable::create(8).unwrap().1,
         runtime_dir: None,
         config,
     });

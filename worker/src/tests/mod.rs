@@ -77,7 +77,7 @@ pub(crate) fn build(listener: OwnedFd, host_cap: u32, tweak: impl FnOnce(&mut Co
     let listener = Listener::from_fd(listener).unwrap();
     let (master, pipe) = master_pipe();
     let max_requests = config.worker.max_requests;
-    let worker = Worker::new(&config, ID, board, SLOT, pipe, max_requests);
+    let worker = Worker::new(&config, ID, board, SLOT, pipe, max_requests, None);
     Built {
         view,
         master,
@@ -204,6 +204,7 @@ mod process {
             max_requests: 0,
             hold: false,
             scoreboard,
+            rates: crate::ratelimit::RateTable::create(8).unwrap().1,
             runtime_dir: None,
             config: Default::default(),
         }
@@ -225,7 +226,7 @@ mod process {
         let (board, fd) = Scoreboard::create(2, 5).unwrap();
         let view = Scoreboard::open(&fd, false).unwrap();
         let (_master, pipe) = super::master_pipe();
-        let worker = Worker::new(&Default::default(), 1, board, 1, pipe, 0);
+        let worker = Worker::new(&Default::default(), 1, board, 1, pipe, 0, None);
         let beat = || view.slot(1).heartbeat_ms.load(Ordering::Relaxed);
 
         let before = monotonic_ms();

@@ -1,0 +1,547 @@
+//! Per-client rate limits (`limits.rate`): GCRA over a fixed-size table in shared memory that
+//! every worker on the host uses, so a client's budget is the same whichever worker it reaches.
+//!
+//! Owns the table's layout (a memfd the master creates and hands to each worker, like the
+//! scoreboard), the GCRA arithmetic and the choice of which client to forget when the table is
+//! full. It knows nothing of HTTP: the request path (`request`) turns a client into a key and a
+//! [`Decision`] into headers or a 429.
+//!
+//! Why hand-written: the rate-limit crates keep their state in one process's heap; this state
+//! must be shared by processes, bounded in size whatever the number of clients, and safe when a
+//! process dies at any instruction. So, as in the scoreboard, there is no lock, only atomics.
+//!
+//! Layout: a header, then `sets * ways` words. A client is a 64-bit keyed hash of its key
+//! (SipHash-1-3, with a random key drawn by the master, so nobody can aim collisions at another
+//! client); the hash picks a set of `WAYS` words, and one word holds the client: the top 24 bits
+//! of the hash (its fingerprint) and its GCRA state, the theoretical arrival time (TAT), in units
+//! of 10 µs since the table was created, modulo 2^40 (127 days). One word means one
+//! compare-and-swap updates a client, whichever processes race. A client absent from its set
+//! takes a free word, or one idle for `idle_ttl`, or else that of the set's client with the
+//! smallest TAT, counted as an eviction: the one nearest to a full budget, so forgetting it costs
+//! it least (mostly the least recently active), and a client being refused, whose TAT is far
+//! ahead, is the last to go. The table never holds more than
+//! `limits.max_active_instances` clients, and its size never changes.
+
+#![allow(unsafe_code)]
+
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use siphasher::sip::SipHasher13;
+
+const MAGIC: u64 = 0x5355_5056_5254_0001; // "SUPVRT" + layout version 1
+
+/// Name of the memfd, visible in `/proc/PID/fd`; `supervisor status` finds the table by it.
+pub const MEMFD_NAME: &str = "supervisor-rates";
+
+/// Words per set: how many clients compete for a place when their set is full.
+const WAYS: usize = 16;
+/// One unit of TAT, in nanoseconds.
+const UNIT_NS: u64 = 10_000;
+const TAT_BITS: u32 = 40;
+const TAT_MASK: u64 = (1 << TAT_BITS) - 1;
+/// A compare-and-swap that keeps losing (many workers on one client at once) gives up after
+/// this many tries and lets the request through rather than spin.
+const MAX_TRIES: usize = 64;
+
+/// The fastest rate a client can be given: one request per unit.
+pub const MAX_RATE_PER_SECOND: u64 = 1_000_000_000 / UNIT_NS;
+/// The longest a client's budget can take to refill (`burst` intervals): a quarter of the
+/// TAT's range, so that a stale word can never pass for a live one.
+pub const MAX_REFILL: Duration = Duration::from_nanos(UNIT_NS << (TAT_BITS - 2));
+
+#[repr(C, align(64))]
+struct Header {
+    magic: AtomicU64,
+    sets: AtomicU32,
+    ways: AtomicU32,
+    /// CLOCK_MONOTONIC ns when the table was created: TATs count from here.
+    epoch_ns: AtomicU64,
+    /// The SipHash key.
+    k0: AtomicU64,
+    k1: AtomicU64,
+    /// Live clients pushed out to make room for a new one.
+    evictions: AtomicU64,
+    /// Requests refused (429).
+    limited: AtomicU64,
+    /// `limits.idle_ttl` in TAT units, as the master last set it: what `tracked` counts by.
+    idle: AtomicU64,
+}
+
+/// The shared table, mapped.
+pub struct RateTable {
+    base: NonNull<u8>,
+    len: usize,
+    sets: usize,
+    ways: usize,
+}
+
+// SAFETY: the mapping is only accessed through atomics.
+unsafe impl Send for RateTable {}
+unsafe impl Sync for RateTable {}
+
+impl Drop for RateTable {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` describe a mapping this value owns; nothing borrows it past `self`.
+        let _ = unsafe { munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// Sets and ways for at most `max_clients` words: sets of `WAYS`, or one smaller set.
+fn shape(max_clients: u32) -> (usize, usize) {
+    let n = max_clients.max(1) as usize;
+    if n < WAYS {
+        (1, n)
+    } else {
+        (n / WAYS, WAYS)
+    }
+}
+
+fn region_len(sets: usize, ways: usize) -> usize {
+    std::mem::size_of::<Header>() + sets * ways * std::mem::size_of::<AtomicU64>()
+}
+
+/// CLOCK_MONOTONIC in ns: the same clock in every process of the host.
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+impl RateTable {
+    /// Creates an empty table for at most `max_clients` clients (master side).
+    pub fn create(max_clients: u32) -> io::Result<(RateTable, OwnedFd)> {
+        let fd = memfd_create(MEMFD_NAME, MFdFlags::MFD_CLOEXEC).map_err(io::Error::from)?;
+        let (sets, ways) = shape(max_clients);
+        let len = region_len(sets, ways);
+        nix::unistd::ftruncate(&fd, len as i64).map_err(io::Error::from)?;
+        let table = Self::map(&fd, len, sets, ways, true)?;
+        let h = table.header();
+        // Two independent random words from the standard library's per-process random keys.
+        let random = || {
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        };
+        h.sets.store(sets as u32, Ordering::Relaxed);
+        h.ways.store(ways as u32, Ordering::Relaxed);
+        h.epoch_ns.store(monotonic_ns(), Ordering::Relaxed);
+        h.k0.store(random(), Ordering::Relaxed);
+        h.k1.store(random(), Ordering::Relaxed);
+        h.magic.store(MAGIC, Ordering::Release);
+        Ok((table, fd))
+    }
+
+    /// Maps a table the master created (worker side, or `supervisor status` read-only).
+    pub fn open(fd: impl AsFd, writable: bool) -> io::Result<RateTable> {
+        let len = std::fs::File::from(fd.as_fd().try_clone_to_owned()?)
+            .metadata()?
+            .len() as usize;
+        let bad = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a rate table of this version",
+            )
+        };
+        if len < std::mem::size_of::<Header>() {
+            return Err(bad());
+        }
+        let probe = Self::map(&fd, len, 0, 0, writable)?;
+        let h = probe.header();
+        let (sets, ways) = (
+            h.sets.load(Ordering::Relaxed) as usize,
+            h.ways.load(Ordering::Relaxed) as usize,
+        );
+        if h.magic.load(Ordering::Acquire) != MAGIC || region_len(sets, ways) != len {
+            return Err(bad());
+        }
+        drop(probe);
+        Self::map(&fd, len, sets, ways, writable)
+    }
+
+    fn map(
+        fd: impl AsFd,
+        len: usize,
+        sets: usize,
+        ways: usize,
+        writable: bool,
+    ) -> io::Result<RateTable> {
+        let prot = if writable {
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
+        } else {
+            ProtFlags::PROT_READ
+        };
+        let size = NonZeroUsize::new(len).expect("the table is never empty");
+        // SAFETY: a fresh shared mapping of a memfd we hold; no existing memory is aliased. The
+        // region is only accessed through atomics (see `header`/`word`).
+        let ptr = unsafe { mmap(None, size, prot, MapFlags::MAP_SHARED, fd, 0) }
+            .map_err(io::Error::from)?;
+        Ok(RateTable {
+            base: ptr.cast(),
+            len,
+            sets,
+            ways,
+        })
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping is at least `size_of::<Header>()` bytes, page-aligned, zeroed by
+        // the kernel (a valid bit pattern for atomics), and lives as long as `self`.
+        unsafe { &*(self.base.as_ptr() as *const Header) }
+    }
+
+    fn word(&self, index: usize) -> &AtomicU64 {
+        assert!(
+            index < self.sets * self.ways,
+            "rate table word out of range"
+        );
+        // SAFETY: in bounds (checked above); the header's size is a multiple of 64, so the words
+        // after it are aligned for `AtomicU64`.
+        unsafe {
+            &*(self
+                .base
+                .as_ptr()
+                .add(std::mem::size_of::<Header>())
+                .cast::<AtomicU64>()
+                .add(index))
+        }
+    }
+
+    /// How many clients the table can hold.
+    pub fn capacity(&self) -> usize {
+        self.sets * self.ways
+    }
+
+    /// Live clients pushed out to make room for new ones, since the table was created.
+    pub fn evictions(&self) -> u64 {
+        self.header().evictions.load(Ordering::Relaxed)
+    }
+
+    /// Requests refused with 429, since the table was created.
+    pub fn limited(&self) -> u64 {
+        self.header().limited.load(Ordering::Relaxed)
+    }
+
+    /// Now, in TAT units.
+    pub fn now(&self) -> u64 {
+        monotonic_ns().saturating_sub(self.header().epoch_ns.load(Ordering::Relaxed)) / UNIT_NS
+    }
+
+    /// The 64-bit keyed hash that stands for `key`.
+    pub fn hash(&self, key: &[u8]) -> u64 {
+        let h = self.header();
+        let mut s =
+            SipHasher13::new_with_keys(h.k0.load(Ordering::Relaxed), h.k1.load(Ordering::Relaxed));
+        s.write(key);
+        s.finish()
+    }
+
+    /// Sets the `limits.idle_ttl` that `tracked` counts by (master side).
+    pub fn set_idle_ttl(&self, idle_ttl: Duration) {
+        self.header().idle.store(units(idle_ttl), Ordering::Relaxed);
+    }
+
+    /// Clients seen within `idle_ttl`: those the table still tracks.
+    pub fn tracked(&self) -> usize {
+        self.tracked_at(self.now())
+    }
+
+    fn tracked_at(&self, now: u64) -> usize {
+        let idle = self.header().idle.load(Ordering::Relaxed) as i64;
+        (0..self.capacity())
+            .filter(|&i| {
+                let word = self.word(i).load(Ordering::Relaxed);
+                word != 0 && {
+                    let a = ahead(word, now);
+                    a > -idle && a < 1 << (TAT_BITS - 2)
+                }
+            })
+            .count()
+    }
+
+    /// Counts a request against the client whose hash is `hash`, at `now` (TAT units).
+    pub fn check(&self, hash: u64, now: u64, gcra: &Gcra) -> Decision {
+        let set = (hash % self.sets as u64) as usize;
+        let fingerprint = (hash >> TAT_BITS).max(1);
+        let base = set * self.ways;
+        for _ in 0..MAX_TRIES {
+            // The client's word, if it is in the set; else the word to take for it.
+            let mut victim: Option<(usize, u64, Option<i64>)> = None;
+            let mut own: Option<(usize, u64, i64)> = None;
+            for i in base..base + self.ways {
+                let word = self.word(i).load(Ordering::Acquire);
+                let live = gcra.live(word, now);
+                match live {
+                    Some(ahead) if word >> TAT_BITS == fingerprint => {
+                        own = Some((i, word, ahead));
+                        break;
+                    }
+                    // A free or expired word beats any live one.
+                    None => {
+                        if !matches!(victim, Some((_, _, None))) {
+                            victim = Some((i, word, None));
+                        }
+                    }
+                    Some(ahead) => {
+                        let older = match victim {
+                            None => true,
+                            Some((_, _, None)) => false,
+                            Some((_, _, Some(v))) => ahead < v,
+                        };
+                        if older {
+                            victim = Some((i, word, Some(ahead)));
+                        }
+                    }
+                }
+            }
+            let (index, old, ahead, evicting) = match own {
+                Some((i, word, ahead)) => (i, word, ahead.max(0) as u64, false),
+                None => {
+                    let (i, word, live) = victim.expect("a set has at least one word");
+                    (i, word, 0, live.is_some())
+                }
+            };
+            let decision = gcra.decide(ahead);
+            if !decision.allowed {
+                self.header().limited.fetch_add(1, Ordering::Relaxed);
+                return decision;
+            }
+            let tat = now.wrapping_add(ahead + gcra.interval) & TAT_MASK;
+            let new = fingerprint << TAT_BITS | tat;
+            if self
+                .word(index)
+                .compare_exchange(old, new, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                if evicting {
+                    self.header().evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                return decision;
+            }
+        }
+        // Lost every race: let this one through unrecorded rather than spin.
+        gcra.decide(0)
+    }
+}
+
+/// `d` in TAT units.
+fn units(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos() / u128::from(UNIT_NS)).unwrap_or(u64::MAX)
+}
+
+/// How far the TAT in `word` is ahead of `now`, in units (negative: behind), within half the
+/// TAT's range either way.
+fn ahead(word: u64, now: u64) -> i64 {
+    let diff = (word & TAT_MASK).wrapping_sub(now) & TAT_MASK;
+    if diff >= 1 << (TAT_BITS - 1) {
+        diff as i64 - (1 << TAT_BITS)
+    } else {
+        diff as i64
+    }
+}
+
+/// The limit, in TAT units: one request per `interval`, up to `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gcra {
+    interval: u64,
+    /// How far ahead of now a client's TAT may be and its request still pass:
+    /// `(burst - 1) * interval`.
+    tolerance: u64,
+    /// A client unseen this long (past its TAT) is forgotten.
+    idle: u64,
+    burst: u32,
+}
+
+/// The outcome of one request, with what the `RateLimit` header reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Requests the client may still send at once.
+    pub remaining: u32,
+    /// Until the client's whole budget is back.
+    pub reset: Duration,
+    /// When refused: until one more request would pass.
+    pub retry_after: Duration,
+}
+
+impl Gcra {
+    /// `count` requests per `period`, up to `burst` at once (`burst >= 1`); clients idle for
+    /// `idle_ttl` are forgotten. The caller has checked the bounds (`MAX_RATE_PER_SECOND`,
+    /// `MAX_REFILL`).
+    pub fn new(count: u32, period: Duration, burst: u32, idle_ttl: Duration) -> Gcra {
+        let interval = ((period.as_nanos() / u128::from(count.max(1))) as u64 / UNIT_NS).max(1);
+        let burst = burst.max(1);
+        Gcra {
+            interval,
+            tolerance: interval * u64::from(burst - 1),
+            idle: units(idle_ttl),
+            burst,
+        }
+    }
+
+    /// How far the TAT in `word` is ahead of `now` (negative: behind), if the word holds a live
+    /// client: not free, not idle for `idle_ttl`, and not further ahead than any live client
+    /// can be (a word written long ago, its TAT wrapped around).
+    fn live(&self, word: u64, now: u64) -> Option<i64> {
+        if word == 0 {
+            return None;
+        }
+        let ahead = ahead(word, now);
+        let fresh = ahead > -(self.idle as i64) && ahead <= (self.tolerance + self.interval) as i64;
+        fresh.then_some(ahead)
+    }
+
+    /// The decision for a client whose TAT is `ahead` units ahead of now (0 if behind).
+    fn decide(&self, ahead: u64) -> Decision {
+        let units = |u: u64| Duration::from_nanos(u.saturating_mul(UNIT_NS));
+        if ahead > self.tolerance {
+            return Decision {
+                allowed: false,
+                remaining: 0,
+                reset: units(ahead),
+                retry_after: units(ahead - self.tolerance),
+            };
+        }
+        let after = ahead + self.interval;
+        let remaining = if after > self.tolerance {
+            0
+        } else {
+            ((self.tolerance - after) / self.interval + 1).min(u64::from(self.burst)) as u32
+        };
+        Decision {
+            allowed: true,
+            remaining,
+            reset: units(after),
+            retry_after: Duration::ZERO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn per_second(count: u32, burst: u32) -> Gcra {
+        Gcra::new(
+            count,
+            Duration::from_secs(1),
+            burst,
+            Duration::from_secs(1800),
+        )
+    }
+
+    #[test]
+    fn a_burst_passes_at_once_then_one_per_interval() {
+        let (t, _fd) = RateTable::create(100).unwrap();
+        let g = per_second(10, 5); // one per 100 ms = 10_000 units
+        let k = t.hash(b"client");
+        let now = 1_000_000;
+        let passed: Vec<bool> = (0..8).map(|_| t.check(k, now, &g).allowed).collect();
+        assert_eq!(passed, [true, true, true, true, true, false, false, false]);
+        let refused = t.check(k, now, &g);
+        assert_eq!(refused.retry_after, Duration::from_millis(100));
+        // One interval later, exactly one more.
+        assert!(t.check(k, now + 10_000, &g).allowed);
+        assert!(!t.check(k, now + 10_000, &g).allowed);
+        assert_eq!(t.limited(), 5);
+        // Another client is untouched.
+        assert!(t.check(t.hash(b"other"), now, &g).allowed);
+    }
+
+    #[test]
+    fn remaining_and_reset_count_down() {
+        let (t, _fd) = RateTable::create(100).unwrap();
+        let g = per_second(10, 3);
+        let k = t.hash(b"c");
+        let d: Vec<(u32, Duration)> = (0..3)
+            .map(|_| {
+                let d = t.check(k, 500, &g);
+                (d.remaining, d.reset)
+            })
+            .collect();
+        let ms = Duration::from_millis;
+        assert_eq!(d, [(2, ms(100)), (1, ms(200)), (0, ms(300))]);
+    }
+
+    #[test]
+    fn the_table_never_holds_more_than_its_size_and_forgets_the_least_active() {
+        let (t, _fd) = RateTable::create(16).unwrap(); // one set of 16
+        t.set_idle_ttl(Duration::from_secs(1800));
+        assert_eq!(t.capacity(), 16);
+        let g = per_second(1, 2);
+        let now = 1_000_000;
+        // 16 clients fill it; the first is the least recently active.
+        for i in 0..16u32 {
+            assert!(
+                t.check(t.hash(&i.to_le_bytes()), now + u64::from(i), &g)
+                    .allowed
+            );
+        }
+        assert_eq!(t.tracked_at(now + 30), 16);
+        assert_eq!(t.evictions(), 0);
+        // Client 1 spends its burst: it is the most active now.
+        let one = t.hash(&1u32.to_le_bytes());
+        assert!(t.check(one, now + 20, &g).allowed);
+        assert!(!t.check(one, now + 21, &g).allowed);
+        // A 17th client pushes out client 0, not client 1, whose limit still holds.
+        assert!(t.check(t.hash(b"new"), now + 22, &g).allowed);
+        assert_eq!(t.evictions(), 1);
+        assert_eq!(t.tracked_at(now + 30), 16);
+        assert!(!t.check(one, now + 23, &g).allowed);
+    }
+
+    #[test]
+    fn idle_clients_are_forgotten_without_an_eviction() {
+        let (t, _fd) = RateTable::create(4).unwrap();
+        t.set_idle_ttl(Duration::from_secs(1));
+        let g = Gcra::new(1, Duration::from_secs(1), 1, Duration::from_secs(1));
+        for i in 0..4u32 {
+            t.check(t.hash(&i.to_le_bytes()), 1_000, &g);
+        }
+        assert_eq!(t.tracked_at(1_000), 4);
+        // Two seconds on (1 s interval + 1 s idle_ttl), all are idle: a new client takes a
+        // place without pushing anyone out.
+        let later = 1_000 + 300_000;
+        assert!(t.check(t.hash(b"late"), later, &g).allowed);
+        assert_eq!(t.evictions(), 0);
+    }
+
+    #[test]
+    fn a_word_from_long_ago_is_not_mistaken_for_a_limited_client() {
+        let g = per_second(10, 5); // live clients are at most 5 intervals (50_000 units) ahead
+        let now = 5_000;
+        let word = |tat: u64| (1 << TAT_BITS) | (tat & TAT_MASK);
+        assert_eq!(g.live(word(now + 100), now), Some(100));
+        // A TAT far ahead can only be an old one that wrapped around: not a live client, so
+        // its slot is free and nobody is refused for it.
+        assert_eq!(g.live(word(now + (1 << 38)), now), None);
+        // One that wrapped to just behind now is a client with a full budget: harmless.
+        assert_eq!(g.live(word(now.wrapping_sub(10)), now), Some(-10));
+        // Behind by more than idle_ttl: forgotten.
+        assert_eq!(g.live(word(now.wrapping_sub(200_000_000)), now), None);
+    }
+
+    #[test]
+    fn workers_sharing_the_table_see_one_budget() {
+        let (t, fd) = RateTable::create(64).unwrap();
+        let other = RateTable::open(&fd, true).unwrap();
+        let g = per_second(100, 10);
+        let k = t.hash(b"shared");
+        assert_eq!(k, other.hash(b"shared"));
+        let now = 77;
+        let passed = (0..20)
+            .filter(|i| {
+                let table = if i % 2 == 0 { &t } else { &other };
+                table.check(k, now, &g).allowed
+            })
+            .count();
+        assert_eq!(passed, 10);
+    }
+}
