@@ -339,6 +339,16 @@ const RULES: &[Rule] = &[
         check: |c| positive(c.limits.idle_ttl),
     },
     Rule {
+        key: "limits.queue",
+        allowed: "an integer 0..=100000 (0: no queue)",
+        check: |c| within(c.limits.queue, 0..=100_000),
+    },
+    Rule {
+        key: "limits.queue_timeout",
+        allowed: DURATION_GT_0,
+        check: |c| positive(c.limits.queue_timeout),
+    },
+    Rule {
         key: "log.level",
         allowed: "\"error\", \"warn\", \"info\", \"debug\" or \"trace\"",
         check: |_| Ok(()),
@@ -1023,7 +1033,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 41);
+        assert_eq!(known.len(), 43);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),
@@ -1672,6 +1682,13 @@ mod tests {
                 "\"ip\" or \"header:NAME\"",
             ),
             ("limits.idle_ttl", &["\"0s\""], &["\"1s\""], DURATION_GT_0),
+            (
+                "limits.queue",
+                &["-1", "100001"],
+                &["0", "100000"],
+                "an integer 0..=100000 (0: no queue)",
+            ),
+            ("limits.queue_timeout", &["\"0s\""], &["\"1ms\""], DURATION_GT_0),
             (
                 "log.format",
                 &["\"xml\""],

@@ -48,6 +48,12 @@ pub struct WorkerStatus {
     pub connections: u32,
     pub rejected_local: u64,
     pub timeouts: u64,
+    /// Requests waiting in the worker's queue (`limits.queue`) now.
+    pub queued: u32,
+    /// Requests refused because the queue was full.
+    pub queue_full: u64,
+    /// Requests refused after `limits.queue_timeout` in the queue.
+    pub queue_timeouts: u64,
     /// Memory of the worker and its descendants at the last sample.
     pub rss_bytes: u64,
     /// Why it is being replaced, if it is.
@@ -138,6 +144,9 @@ pub fn read(pid: Option<u32>) -> Result<Status> {
             connections: s.connections.load(Ordering::Relaxed),
             rejected_local: s.rejected_local.load(Ordering::Relaxed),
             timeouts: s.timeouts.load(Ordering::Relaxed),
+            queued: s.queued.load(Ordering::Relaxed),
+            queue_full: s.queue_full.load(Ordering::Relaxed),
+            queue_timeouts: s.queue_timeouts.load(Ordering::Relaxed),
             rss_bytes: s.rss_bytes.load(Ordering::Relaxed),
             recycle_reason: s.recycle_reason().map(|r| r.as_str()),
             uptime_ms: now.saturating_sub(s.started_ms.load(Ordering::Relaxed)),
@@ -180,13 +189,14 @@ pub fn print(status: &Status, json: bool) {
         );
     }
     println!(
-        "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8}  recycling",
+        "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8}  recycling",
         "worker",
         "gen",
         "pid",
         "state",
         "requests",
         "inflight",
+        "queued",
         "held",
         "conns",
         "rejected",
@@ -196,16 +206,17 @@ pub fn print(status: &Status, json: bool) {
     );
     for w in &status.workers {
         println!(
-            "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>9} {:>9} {:>8}s {:>8}  {}",
+            "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>8}s {:>8}  {}",
             w.worker_id,
             w.generation,
             w.pid,
             w.state,
             w.requests,
             w.inflight,
+            w.queued,
             w.held_global,
             w.connections,
-            w.rejected_local,
+            w.rejected_local + w.queue_full + w.queue_timeouts,
             worker::config::ByteSize(w.rss_bytes / 1024 * 1024).to_string(),
             w.uptime_ms / 1000,
             if w.app_pid == 0 {

@@ -5,6 +5,7 @@ mod cli;
 mod examples;
 mod lifecycle;
 mod limits;
+mod queue;
 mod ratelimit;
 mod recycling;
 mod serving;

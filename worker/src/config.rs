@@ -164,6 +164,12 @@ pub struct LimitsConfig {
     /// A client unseen this long is forgotten.
     #[serde(with = "humantime_serde")]
     pub idle_ttl: Duration,
+    /// Requests a worker keeps waiting, first come first served, when over `worker.max_concurrent`
+    /// or `max_concurrent_requests`; 0: refuse them at once.
+    pub queue: u32,
+    /// The longest a request waits in the queue before it gets 503.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -175,6 +181,8 @@ impl Default for LimitsConfig {
             burst: 0,
             key: "ip".to_string(),
             idle_ttl: Duration::from_secs(30 * 60),
+            queue: 0,
+            queue_timeout: Duration::from_secs(1),
         }
     }
 }

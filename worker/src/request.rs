@@ -175,30 +175,61 @@ pub(crate) fn handle(
     }
 
     match worker.admission.admit() {
-        Ok(permits) => {
-            let slot = worker.admission.slot();
-            // Borrowed straight from the request: nothing is allocated to describe it.
-            let target = req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| req.uri().path(), |pq| pq.as_str());
-            let described = slot
-                .begin_request(req.method().as_str(), target)
-                .map(|index| InFlight { slot, index });
-            guard.admitted = Some(Admitted {
-                _described: described,
-                _permits: permits,
-            });
-        }
-        Err(Rejection::Worker) => {
-            return Handled::now(finish(worker.responses.worker_limit(), guard))
-        }
-        Err(Rejection::Host) => {
-            let cap = response::host_cap(worker.admission.board());
-            return Handled::now(finish(worker.responses.host_limit(cap), guard));
+        Ok(permits) => admitted(&mut guard, &req, permits),
+        Err(Some(why)) => return Handled::now(finish(refusal(worker, why), guard)),
+        // Over a limit, with a queue: wait for the permits, then go on as below.
+        Err(None) => {
+            return Handled::Later(Box::pin(async move {
+                match worker.admission.wait().await {
+                    Ok(permits) => {
+                        admitted(&mut guard, &req, permits);
+                        match serve(worker, req, peer, guard).await {
+                            Ok(res) => res,
+                        }
+                    }
+                    Err(why) => finish(refusal(worker, why), guard),
+                }
+            }))
         }
     }
+    serve(worker, req, peer, guard)
+}
 
+/// What a refused request gets.
+fn refusal(worker: &'static Worker, why: Rejection) -> Response<Body> {
+    let responses = &worker.responses;
+    match why {
+        Rejection::Worker => responses.worker_limit(),
+        Rejection::Host => responses.host_limit(response::host_cap(worker.admission.board())),
+        Rejection::QueueFull => responses.queue_full(),
+        Rejection::QueueTimeout => responses.queue_timeout(),
+    }
+}
+
+/// Records an admitted request: its permits, and its description in the scoreboard.
+fn admitted(guard: &mut RequestGuard, req: &Request<Incoming>, permits: Permits<'static>) {
+    let slot = guard.worker.admission.slot();
+    // Borrowed straight from the request: nothing is allocated to describe it.
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path(), |pq| pq.as_str());
+    let described = slot
+        .begin_request(req.method().as_str(), target)
+        .map(|index| InFlight { slot, index });
+    guard.admitted = Some(Admitted {
+        _described: described,
+        _permits: permits,
+    });
+}
+
+/// An admitted request: to the app process or upstream, or to the built-in app.
+fn serve(
+    worker: &'static Worker,
+    req: Request<Incoming>,
+    peer: Option<IpAddr>,
+    guard: RequestGuard,
+) -> Handled {
     let (mut head, body) = req.into_parts();
     if let Some(proxy) = worker.proxy.get() {
         let answer = proxy.forward(worker, &mut head, body, peer);

@@ -139,6 +139,8 @@ pub(crate) struct Responses {
     too_large: Bytes,
     worker_limit: Bytes,
     timeout: Bytes,
+    queue_full: Bytes,
+    queue_timeout: Bytes,
     /// The host-wide cap is read from the scoreboard (the master writes it), so its message is
     /// cached with the cap it names and rebuilt only if the cap changes.
     host_limit: (u32, Bytes),
@@ -151,6 +153,8 @@ impl Responses {
         max_concurrent: u32,
         request_timeout: Duration,
         host_cap: u32,
+        queue: u32,
+        queue_timeout: Duration,
     ) -> Responses {
         // Leaked once per worker so that every response gets the value without a refcount.
         let id: &'static str = Box::leak(worker_id.to_string().into_boxed_str());
@@ -168,6 +172,13 @@ impl Responses {
                 humantime_serde::re::humantime::format_duration(request_timeout)
             )),
             host_limit: (host_cap, host_limit_body(host_cap)),
+            queue_full: Bytes::from(format!(
+                "server busy and {queue} requests already waiting (limits.queue)\n"
+            )),
+            queue_timeout: Bytes::from(format!(
+                "server busy: waited {} for a turn (limits.queue_timeout)\n",
+                humantime_serde::re::humantime::format_duration(queue_timeout)
+            )),
         }
     }
 
@@ -193,6 +204,16 @@ impl Responses {
             host_limit_body(cap)
         };
         unavailable(body)
+    }
+
+    /// 503: `limits.queue` requests already waiting.
+    pub(crate) fn queue_full(&self) -> Response<Body> {
+        unavailable(self.queue_full.clone())
+    }
+
+    /// 503: waited `limits.queue_timeout` in the queue.
+    pub(crate) fn queue_timeout(&self) -> Response<Body> {
+        unavailable(self.queue_timeout.clone())
     }
 
     /// 504: `worker.request_timeout` passed.

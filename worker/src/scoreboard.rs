@@ -19,7 +19,7 @@ use std::time::Duration;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
-const MAGIC: u64 = 0x5355_5056_5342_0002; // "SUPVSB" + layout version 2
+const MAGIC: u64 = 0x5355_5056_5342_0003; // "SUPVSB" + layout version 3
 
 /// Name of the memfd, visible in `/proc/PID/fd` as `/memfd:supervisor-scoreboard (deleted)`;
 /// `supervisor status` finds the master's scoreboard by it.
@@ -99,6 +99,12 @@ pub struct Slot {
     pub rejected_local: AtomicU64,
     /// Requests answered 504 because they exceeded `request_timeout`.
     pub timeouts: AtomicU64,
+    /// Requests waiting in this worker's queue (`limits.queue`) right now.
+    pub queued: AtomicU32,
+    /// Requests answered 503 because the queue was full.
+    pub queue_full: AtomicU64,
+    /// Requests answered 503 after waiting `limits.queue_timeout` in the queue.
+    pub queue_timeouts: AtomicU64,
     /// Memory of the worker and its descendants at the last sample, in bytes (master writes).
     pub rss_bytes: AtomicU64,
     /// Why the master is replacing this worker (`RecycleReason`), 0 while it is not.
@@ -346,8 +352,6 @@ impl Scoreboard {
             .is_ok();
         if taken {
             self.slot(index).held_global.fetch_add(1, Ordering::AcqRel);
-        } else {
-            h.global_rejected.fetch_add(1, Ordering::Relaxed);
         }
         taken
     }
@@ -380,6 +384,9 @@ impl Scoreboard {
         slot.connections.store(0, Ordering::Relaxed);
         slot.rejected_local.store(0, Ordering::Relaxed);
         slot.timeouts.store(0, Ordering::Relaxed);
+        slot.queued.store(0, Ordering::Relaxed);
+        slot.queue_full.store(0, Ordering::Relaxed);
+        slot.queue_timeouts.store(0, Ordering::Relaxed);
         slot.rss_bytes.store(0, Ordering::Relaxed);
         slot.recycle_reason.store(0, Ordering::Relaxed);
         slot.app_pid.store(0, Ordering::Relaxed);
@@ -453,7 +460,6 @@ mod tests {
             !board.try_acquire_global(0),
             "fourth permit over a cap of 3"
         );
-        assert_eq!(board.header().global_rejected.load(Ordering::Relaxed), 1);
 
         // A second mapping (as a worker has) sees the same counters.
         let other = Scoreboard::open(&fd, true).unwrap();

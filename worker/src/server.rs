@@ -111,13 +111,21 @@ impl Worker {
             .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
 
         let worker = Worker {
-            admission: Admission::new(board, slot, w.max_concurrent),
+            admission: Admission::new(
+                board,
+                slot,
+                w.max_concurrent,
+                config.limits.queue,
+                config.limits.queue_timeout,
+            ),
             responses: Responses::new(
                 id,
                 w.max_body_bytes,
                 w.max_concurrent,
                 w.request_timeout,
                 host_cap,
+                config.limits.queue,
+                config.limits.queue_timeout,
             ),
             limits: Limits {
                 max_body_bytes: w.max_body_bytes.bytes(),
