@@ -335,8 +335,11 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "limits.idle_ttl",
-        allowed: DURATION_GT_0,
-        check: |c| positive(c.limits.idle_ttl),
+        allowed: "a duration > 0 and at most 31 days, like \"30m\"",
+        check: |c| {
+            positive(c.limits.idle_ttl)?;
+            within(c.limits.idle_ttl, Duration::ZERO..=MAX_REFILL)
+        },
     },
     Rule {
         key: "limits.queue",
@@ -1681,7 +1684,12 @@ mod tests {
                 &["\"ip\"", "\"header:X-Api-Key\""],
                 "\"ip\" or \"header:NAME\"",
             ),
-            ("limits.idle_ttl", &["\"0s\""], &["\"1s\""], DURATION_GT_0),
+            (
+                "limits.idle_ttl",
+                &["\"0s\"", "\"32days\""],
+                &["\"1s\"", "\"30days\""],
+                "a duration > 0 and at most 31 days, like \"30m\"",
+            ),
             (
                 "limits.queue",
                 &["-1", "100001"],

@@ -51,6 +51,8 @@ const STABLE_UPTIME: Duration = Duration::from_secs(10);
 /// How long a fast stop (INT, QUIT) waits for workers before SIGKILL.
 const FAST_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound on one `poll` wait: hung-worker checks run at least this often.
+/// How often the master clears forgotten clients from the rate table.
+const RATE_SWEEP_EVERY: Duration = Duration::from_secs(60);
 const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
 
 /// Re-reads the configuration from the same sources as at start (for HUP).
@@ -138,6 +140,8 @@ pub struct Master {
     /// Worker numbers waiting for a replacement, oldest request first.
     recycle_queue: VecDeque<u32>,
     next_rss_sample: Instant,
+    /// When the rate table is next cleared of forgotten clients (`RateTable::sweep`).
+    next_rate_sweep: Instant,
     phase: Phase,
     announced_ready: bool,
     exit_code: i32,
@@ -186,7 +190,7 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
             .context("cannot create the scoreboard")?;
     let (rates, rates_fd) = RateTable::create(config.limits.max_active_instances)
         .context("cannot create the rate table")?;
-    rates.set_idle_ttl(config.limits.idle_ttl);
+    rates.configure(!config.limits.rate.is_empty(), config.limits.idle_ttl);
 
     let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
     read.set_nonblocking(true)?;
@@ -223,6 +227,7 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
         procs: HashMap::new(),
         recycle_queue: VecDeque::new(),
         next_rss_sample: Instant::now(),
+        next_rate_sweep: Instant::now() + RATE_SWEEP_EVERY,
         phase: Phase::Running,
         announced_ready: false,
         exit_code: 0,
@@ -378,6 +383,13 @@ impl Master {
         let sample = now >= self.next_rss_sample;
         if sample {
             self.next_rss_sample = now + self.config.worker.rss_interval;
+        }
+        if now >= self.next_rate_sweep {
+            self.next_rate_sweep = now + RATE_SWEEP_EVERY;
+            let cleared = self.rates.sweep();
+            if cleared > 0 {
+                debug!(clients = cleared, "rate table: forgot idle clients");
+            }
         }
         let mut due = Vec::new();
         for (pid, proc) in self.procs.iter_mut() {
@@ -996,7 +1008,8 @@ impl Master {
             self.rates = rates;
             self.rates_fd = fd;
         }
-        self.rates.set_idle_ttl(new.limits.idle_ttl);
+        self.rates
+            .configure(!new.limits.rate.is_empty(), new.limits.idle_ttl);
         self.board
             .header()
             .global_cap

@@ -25,6 +25,8 @@ pub struct Status {
 
 #[derive(Serialize)]
 pub struct RateStatus {
+    /// Whether `limits.rate` is set.
+    pub enabled: bool,
     /// Most clients the table holds (`limits.max_active_instances`).
     pub capacity: usize,
     /// Clients seen within `limits.idle_ttl`.
@@ -161,6 +163,7 @@ pub fn read(pid: Option<u32>) -> Result<Status> {
         global_cap: h.global_cap.load(Ordering::Relaxed),
         global_rejected: h.global_rejected.load(Ordering::Relaxed),
         rate_limit: open_rates(pid).map(|t| RateStatus {
+            enabled: t.enabled(),
             capacity: t.capacity(),
             tracked: t.tracked(),
             evictions: t.evictions(),
@@ -182,7 +185,7 @@ pub fn print(status: &Status, json: bool) {
         "master {}  in flight {}/{} host-wide  rejected at the host-wide cap {}",
         status.master_pid, status.global_inflight, status.global_cap, status.global_rejected
     );
-    if let Some(r) = &status.rate_limit {
+    if let Some(r) = status.rate_limit.as_ref().filter(|r| r.enabled) {
         println!(
             "clients tracked {}/{}  evicted {}  refused by limits.rate (429) {}",
             r.tracked, r.capacity, r.evictions, r.limited

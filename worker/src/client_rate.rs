@@ -113,7 +113,14 @@ impl ClientRate {
         for value in headers.get_all(X_FORWARDED_FOR).iter().rev() {
             let Ok(value) = value.to_str() else { break };
             for item in value.rsplit(',') {
-                let Ok(ip) = item.trim().parse::<IpAddr>() else {
+                // An address, or one with a port (`1.2.3.4:5678`, `[::1]:443`); anything else
+                // (`unknown`) ends the walk at the last address read.
+                let item = item.trim();
+                let Some(ip) = item
+                    .parse::<IpAddr>()
+                    .ok()
+                    .or_else(|| item.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+                else {
                     return client;
                 };
                 let ip = ip.to_canonical();
@@ -192,6 +199,11 @@ mod tests {
         assert_eq!(
             r.client_ip(&xff("10.0.0.3"), ip("127.0.0.1")),
             ip("10.0.0.3")
+        );
+        // Ports are dropped.
+        assert_eq!(
+            r.client_ip(&xff("[2001:db8::1]:443, 10.0.0.5:80"), ip("127.0.0.1")),
+            ip("2001:db8::1")
         );
         // Garbage stops the walk at the last good address.
         assert_eq!(

@@ -157,7 +157,7 @@ pub struct LimitsConfig {
     pub max_active_instances: u32,
     /// Per-client rate limit, `COUNT/UNIT` (`"100/s"`, `"600/min"`); empty: none.
     pub rate: String,
-    /// Requests a client may send at once on top of the rate; 0: the rate's count.
+    /// Requests a client may send at once (its whole budget); 0: the rate's count.
     pub burst: u32,
     /// What identifies a client: `"ip"` or `"header:NAME"`.
     pub key: String,

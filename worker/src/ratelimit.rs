@@ -71,8 +71,11 @@ struct Header {
     evictions: AtomicU64,
     /// Requests refused (429).
     limited: AtomicU64,
-    /// `limits.idle_ttl` in TAT units, as the master last set it: what `tracked` counts by.
+    /// `limits.idle_ttl` in TAT units, as the master last set it: what `tracked` and `sweep`
+    /// count by.
     idle: AtomicU64,
+    /// 1 while `limits.rate` is set (for `supervisor status`).
+    enabled: AtomicU32,
 }
 
 /// The shared table, mapped.
@@ -159,7 +162,16 @@ impl RateTable {
             h.sets.load(Ordering::Relaxed) as usize,
             h.ways.load(Ordering::Relaxed) as usize,
         );
-        if h.magic.load(Ordering::Acquire) != MAGIC || region_len(sets, ways) != len {
+        let fits = sets
+            .checked_mul(ways)
+            .and_then(|n| n.checked_mul(std::mem::size_of::<AtomicU64>()))
+            .and_then(|n| n.checked_add(std::mem::size_of::<Header>()))
+            == Some(len);
+        if h.magic.load(Ordering::Acquire) != MAGIC
+            || sets == 0
+            || !(1..=WAYS).contains(&ways)
+            || !fits
+        {
             return Err(bad());
         }
         drop(probe);
@@ -243,9 +255,18 @@ impl RateTable {
         s.finish()
     }
 
-    /// Sets the `limits.idle_ttl` that `tracked` counts by (master side).
-    pub fn set_idle_ttl(&self, idle_ttl: Duration) {
+    /// Records the configuration (master side): whether `limits.rate` is set, and the
+    /// `limits.idle_ttl` that `tracked` and `sweep` count by.
+    pub fn configure(&self, enabled: bool, idle_ttl: Duration) {
+        self.header()
+            .enabled
+            .store(u32::from(enabled), Ordering::Relaxed);
         self.header().idle.store(units(idle_ttl), Ordering::Relaxed);
+    }
+
+    /// Whether `limits.rate` is set, as the master last recorded it.
+    pub fn enabled(&self) -> bool {
+        self.header().enabled.load(Ordering::Relaxed) != 0
     }
 
     /// Clients seen within `idle_ttl`: those the table still tracks.
@@ -254,14 +275,29 @@ impl RateTable {
     }
 
     fn tracked_at(&self, now: u64) -> usize {
-        let idle = self.header().idle.load(Ordering::Relaxed) as i64;
+        let idle = self.header().idle.load(Ordering::Relaxed);
+        (0..self.capacity())
+            .filter(|&i| live(self.word(i).load(Ordering::Relaxed), now, idle).is_some())
+            .count()
+    }
+
+    /// Clears every word whose client was forgotten (idle past `idle_ttl`) (master side, once
+    /// a minute). Without it, a word nobody reuses would, after 2^40 units (127 days), wrap
+    /// around and pass for a live client again. Returns how many were cleared.
+    pub fn sweep(&self) -> usize {
+        self.sweep_at(self.now())
+    }
+
+    fn sweep_at(&self, now: u64) -> usize {
+        let idle = self.header().idle.load(Ordering::Relaxed);
         (0..self.capacity())
             .filter(|&i| {
-                let word = self.word(i).load(Ordering::Relaxed);
-                word != 0 && {
-                    let a = ahead(word, now);
-                    a > -idle && a < 1 << (TAT_BITS - 2)
-                }
+                let w = self.word(i);
+                let word = w.load(Ordering::Relaxed);
+                word != 0
+                    && live(word, now, idle).is_none()
+                    && w.compare_exchange(word, 0, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
             })
             .count()
     }
@@ -278,12 +314,14 @@ impl RateTable {
             for i in base..base + self.ways {
                 let word = self.word(i).load(Ordering::Acquire);
                 let live = gcra.live(word, now);
+                if word != 0 && word >> TAT_BITS == fingerprint {
+                    // Its own word even if forgotten (then with a full budget): a client never
+                    // leaves a stale copy of itself behind.
+                    own = Some((i, word, live.unwrap_or(0)));
+                    break;
+                }
                 match live {
-                    Some(ahead) if word >> TAT_BITS == fingerprint => {
-                        own = Some((i, word, ahead));
-                        break;
-                    }
-                    // A free or expired word beats any live one.
+                    // A free or forgotten word beats any live one.
                     None => {
                         if !matches!(victim, Some((_, _, None))) {
                             victim = Some((i, word, None));
@@ -347,6 +385,21 @@ fn ahead(word: u64, now: u64) -> i64 {
     }
 }
 
+/// Whether `word` holds a client seen within `idle` units, and how far ahead its TAT is. The bound
+/// ahead is the table's, not the current limit's: a client over budget under the limit before a
+/// reload stays refused until its TAT comes, rather than look like a free word. (The master's
+/// sweep clears every forgotten word long before a TAT could wrap around, see `sweep`.)
+fn live(word: u64, now: u64, idle: u64) -> Option<i64> {
+    if word == 0 {
+        return None;
+    }
+    let a = ahead(word, now);
+    (a > -(idle as i64) && a < MAX_AHEAD).then_some(a)
+}
+
+/// No client's TAT is this far ahead: the longest refill allowed (`MAX_REFILL`).
+const MAX_AHEAD: i64 = 1 << (TAT_BITS - 2);
+
 /// The limit, in TAT units: one request per `interval`, up to `burst` at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gcra {
@@ -376,7 +429,10 @@ impl Gcra {
     /// `idle_ttl` are forgotten. The caller has checked the bounds (`MAX_RATE_PER_SECOND`,
     /// `MAX_REFILL`).
     pub fn new(count: u32, period: Duration, burst: u32, idle_ttl: Duration) -> Gcra {
-        let interval = ((period.as_nanos() / u128::from(count.max(1))) as u64 / UNIT_NS).max(1);
+        // Rounded up: a limit never lets more through than it says.
+        let interval = (period.as_nanos() / u128::from(count.max(1)))
+            .div_ceil(u128::from(UNIT_NS))
+            .max(1) as u64;
         let burst = burst.max(1);
         Gcra {
             interval,
@@ -387,15 +443,9 @@ impl Gcra {
     }
 
     /// How far the TAT in `word` is ahead of `now` (negative: behind), if the word holds a live
-    /// client: not free, not idle for `idle_ttl`, and not further ahead than any live client
-    /// can be (a word written long ago, its TAT wrapped around).
+    /// client: not free and not idle for `idle_ttl`.
     fn live(&self, word: u64, now: u64) -> Option<i64> {
-        if word == 0 {
-            return None;
-        }
-        let ahead = ahead(word, now);
-        let fresh = ahead > -(self.idle as i64) && ahead <= (self.tolerance + self.interval) as i64;
-        fresh.then_some(ahead)
+        live(word, now, self.idle)
     }
 
     /// The decision for a client whose TAT is `ahead` units ahead of now (0 if behind).
@@ -473,7 +523,7 @@ mod tests {
     #[test]
     fn the_table_never_holds_more_than_its_size_and_forgets_the_least_active() {
         let (t, _fd) = RateTable::create(16).unwrap(); // one set of 16
-        t.set_idle_ttl(Duration::from_secs(1800));
+        t.configure(true, Duration::from_secs(1800));
         assert_eq!(t.capacity(), 16);
         let g = per_second(1, 2);
         let now = 1_000_000;
@@ -500,7 +550,7 @@ mod tests {
     #[test]
     fn idle_clients_are_forgotten_without_an_eviction() {
         let (t, _fd) = RateTable::create(4).unwrap();
-        t.set_idle_ttl(Duration::from_secs(1));
+        t.configure(true, Duration::from_secs(1));
         let g = Gcra::new(1, Duration::from_secs(1), 1, Duration::from_secs(1));
         for i in 0..4u32 {
             t.check(t.hash(&i.to_le_bytes()), 1_000, &g);
@@ -526,6 +576,51 @@ mod tests {
         assert_eq!(g.live(word(now.wrapping_sub(10)), now), Some(-10));
         // Behind by more than idle_ttl: forgotten.
         assert_eq!(g.live(word(now.wrapping_sub(200_000_000)), now), None);
+    }
+
+    #[test]
+    fn a_forgotten_client_comes_back_to_its_own_word_and_the_sweep_clears_the_rest() {
+        let (t, _fd) = RateTable::create(16).unwrap();
+        t.configure(true, Duration::from_secs(1)); // 100_000 units
+        let g = Gcra::new(1, Duration::from_secs(1), 1, Duration::from_secs(1));
+        let (a, b) = (t.hash(b"a"), t.hash(b"b"));
+        assert!(t.check(a, 1_000, &g).allowed);
+        assert!(t.check(b, 1_000, &g).allowed);
+        // Long after: both forgotten. `a` returns and takes its own word back, with a full
+        // budget, instead of leaving a stale copy of itself.
+        let later = 1_000_000;
+        assert!(t.check(a, later, &g).allowed);
+        let words = |fp: u64| {
+            (0..t.capacity())
+                .filter(|&i| t.word(i).load(Ordering::Relaxed) >> TAT_BITS == fp)
+                .count()
+        };
+        assert_eq!(words((a >> TAT_BITS).max(1)), 1);
+        assert_eq!(t.tracked_at(later), 1);
+        // The sweep clears `b`'s word, so it can never wrap around into a live-looking one.
+        assert_eq!(t.sweep_at(later), 1);
+        assert_eq!(words((b >> TAT_BITS).max(1)), 0);
+        assert_eq!(t.tracked_at(later), 1);
+    }
+
+    #[test]
+    fn a_tighter_limit_after_a_reload_keeps_an_overspent_client_refused() {
+        let (t, _fd) = RateTable::create(16).unwrap();
+        let loose = Gcra::new(600, Duration::from_secs(60), 600, Duration::from_secs(1800));
+        let tight = per_second(10, 10);
+        let k = t.hash(b"k");
+        assert_eq!(
+            (0..600).filter(|_| t.check(k, 50, &loose).allowed).count(),
+            600
+        );
+        assert!(!t.check(k, 50, &tight).allowed);
+    }
+
+    #[test]
+    fn the_interval_is_rounded_up_never_letting_more_through() {
+        // 60000/s is 16.67 µs apart: rounded up to 20 µs, 50000/s.
+        let g = Gcra::new(60_000, Duration::from_secs(1), 1, Duration::from_secs(1));
+        assert_eq!(g.interval, 2);
     }
 
     #[test]
