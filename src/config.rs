@@ -100,6 +100,11 @@ const ENV_VARS: &[EnvVar] = &[
         value: |raw| Ok(scalar(raw)),
     },
     EnvVar {
+        name: "REDIS_URL",
+        key: "redis.url",
+        value: |raw| Ok(Value::String(raw.to_string())),
+    },
+    EnvVar {
         name: "MAX_ACTIVE_INSTANCES",
         key: "limits.max_active_instances",
         value: |raw| Ok(scalar(raw)),
@@ -350,6 +355,59 @@ const RULES: &[Rule] = &[
         key: "limits.queue_timeout",
         allowed: DURATION_GT_0,
         check: |c| positive(c.limits.queue_timeout),
+    },
+    Rule {
+        key: "limits.cluster_max_concurrent_requests",
+        allowed: "an integer >= 0 (0: no cluster-wide cap)",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "limits.on_redis_error",
+        allowed: "\"local\", \"open\" or \"closed\"",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "redis.url",
+        allowed: "\"\" (no Redis) or a redis:// or unix:// URL (rediss:// is not supported yet)",
+        check: |c| {
+            if c.redis.url.is_empty() {
+                Ok(())
+            } else {
+                worker::cluster::check_url(&c.redis.url)
+                    .map_err(|e| format!("{}: {e}", worker::cluster::redacted(&c.redis.url)))
+            }
+        },
+    },
+    Rule {
+        key: "redis.timeout",
+        allowed: "a duration 1ms..=10s, like \"20ms\"",
+        check: |c| {
+            within(
+                c.redis.timeout,
+                Duration::from_millis(1)..=Duration::from_secs(10),
+            )
+        },
+    },
+    Rule {
+        key: "redis.max_connections",
+        allowed: "an integer >= 2",
+        check: |c| within(c.redis.max_connections, 2..=u32::MAX),
+    },
+    Rule {
+        key: "redis.prefix",
+        allowed: "a non-empty string",
+        check: |c| {
+            if c.redis.prefix.is_empty() {
+                Err(String::new())
+            } else {
+                Ok(())
+            }
+        },
+    },
+    Rule {
+        key: "redis.lease_ttl",
+        allowed: "a duration >= 1s, like \"30s\"",
+        check: |c| within(c.redis.lease_ttl, Duration::from_secs(1)..=Duration::MAX),
     },
     Rule {
         key: "log.level",
@@ -851,6 +909,20 @@ fn check_together(config: &Config) -> Result<(), String> {
             config.app.upstream
         ));
     }
+    let cap = config.limits.cluster_max_concurrent_requests;
+    if cap > 0 && config.redis.url.is_empty() {
+        return Err(format!(
+            "limits.cluster_max_concurrent_requests = {cap} needs redis.url (or REDIS_URL)"
+        ));
+    }
+    let workers = config.server.workers.unwrap_or_else(default_workers);
+    if cap > 0 && !config.redis.url.is_empty() && workers + 1 > config.redis.max_connections {
+        return Err(format!(
+            "redis.max_connections = {} is fewer than the {workers} workers plus the master \
+             need (one connection each)",
+            config.redis.max_connections
+        ));
+    }
     Ok(())
 }
 
@@ -1036,7 +1108,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 43);
+        assert_eq!(known.len(), 50);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),

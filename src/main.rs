@@ -75,7 +75,10 @@ fn check(args: ConfigArgs) -> ExitCode {
                 Some(p) => eprintln!("supervisor: {} is valid", p.display()),
                 None => eprintln!("supervisor: no config file; defaults and overrides are valid"),
             }
-            print!("{}", config::to_toml(&loaded.config));
+            // A Redis password is not printed either.
+            let mut shown = loaded.config.clone();
+            shown.redis.url = worker::cluster::redacted(&shown.redis.url);
+            print!("{}", config::to_toml(&shown));
             ExitCode::SUCCESS
         }
         Err(e) => fail(EXIT_CONFIG, &e),

@@ -27,6 +27,7 @@ use signal_hook::consts::signal::*;
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 use tracing::{debug, error, info, warn};
+use worker::cluster::Janitor;
 use worker::config::{default_workers, AcceptMode, Config};
 use worker::pipe;
 use worker::ratelimit::RateTable;
@@ -131,6 +132,8 @@ pub struct Master {
     /// The per-client rate table every worker shares, sized by `limits.max_active_instances`.
     rates: RateTable,
     rates_fd: OwnedFd,
+    /// Returns dead workers' cluster-wide permits (with `redis.url`).
+    janitor: Option<Janitor>,
     signals: SignalDelivery<UnixStream, SignalOnly>,
     /// TTIN and TTOU received and not yet acted on.
     ttin: Arc<AtomicUsize>,
@@ -191,6 +194,7 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
     let (rates, rates_fd) = RateTable::create(config.limits.max_active_instances)
         .context("cannot create the rate table")?;
     rates.configure(!config.limits.rate.is_empty(), config.limits.idle_ttl);
+    let janitor = Janitor::start(&config);
 
     let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
     read.set_nonblocking(true)?;
@@ -220,6 +224,7 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
         board_fd,
         rates,
         rates_fd,
+        janitor,
         signals,
         ttin,
         ttou,
@@ -549,6 +554,9 @@ impl Master {
 
     fn on_exit(&mut self, pid: Pid, proc: Proc, exit: Exit) {
         let returned = self.board.reclaim(proc.record);
+        if let Some(janitor) = &self.janitor {
+            janitor.purge(pid.as_raw() as u32);
+        }
         let uptime = proc.started.elapsed();
         if returned > 0 {
             warn!(
@@ -1000,6 +1008,9 @@ impl Master {
             warn!("reload: log.format applies to new workers; the master keeps its format until restarted");
         }
         self.log_level.set(new.log.level);
+        if new.redis != self.config.redis || new.limits != self.config.limits {
+            self.janitor = Janitor::start(&new);
+        }
         if let Some((rates, fd)) = new_rates {
             info!(
                 limits.max_active_instances = new.limits.max_active_instances,

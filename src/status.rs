@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use worker::cluster::RedisState;
 use worker::ratelimit::RateTable;
 use worker::scoreboard::{monotonic_ms, Scoreboard, SlotState, MEMFD_NAME};
 
@@ -56,6 +57,12 @@ pub struct WorkerStatus {
     pub queue_full: u64,
     /// Requests refused after `limits.queue_timeout` in the queue.
     pub queue_timeouts: u64,
+    /// This worker's view of Redis: "off", "connected" or "degraded".
+    pub redis: &'static str,
+    /// Requests refused at `limits.cluster_max_concurrent_requests`.
+    pub cluster_rejected: u64,
+    /// Requests handled by `limits.on_redis_error` because Redis did not answer.
+    pub redis_degraded: u64,
     /// Memory of the worker and its descendants at the last sample.
     pub rss_bytes: u64,
     /// Why it is being replaced, if it is.
@@ -149,6 +156,9 @@ pub fn read(pid: Option<u32>) -> Result<Status> {
             queued: s.queued.load(Ordering::Relaxed),
             queue_full: s.queue_full.load(Ordering::Relaxed),
             queue_timeouts: s.queue_timeouts.load(Ordering::Relaxed),
+            redis: RedisState::from_u32(s.redis_state.load(Ordering::Relaxed)).as_str(),
+            cluster_rejected: s.cluster_rejected.load(Ordering::Relaxed),
+            redis_degraded: s.redis_degraded.load(Ordering::Relaxed),
             rss_bytes: s.rss_bytes.load(Ordering::Relaxed),
             recycle_reason: s.recycle_reason().map(|r| r.as_str()),
             uptime_ms: now.saturating_sub(s.started_ms.load(Ordering::Relaxed)),
@@ -185,6 +195,22 @@ pub fn print(status: &Status, json: bool) {
         "master {}  in flight {}/{} host-wide  rejected at the host-wide cap {}",
         status.master_pid, status.global_inflight, status.global_cap, status.global_rejected
     );
+    let redis: Vec<&str> = status
+        .workers
+        .iter()
+        .map(|w| w.redis)
+        .filter(|r| *r != "off")
+        .collect();
+    if !redis.is_empty() {
+        let degraded = redis.iter().filter(|r| **r == "degraded").count();
+        println!(
+            "redis: {} workers connected, {degraded} degraded  refused at the cluster-wide cap {}  \
+             handled while redis was away {}",
+            redis.len() - degraded,
+            status.workers.iter().map(|w| w.cluster_rejected).sum::<u64>(),
+            status.workers.iter().map(|w| w.redis_degraded).sum::<u64>()
+        );
+    }
     if let Some(r) = status.rate_limit.as_ref().filter(|r| r.enabled) {
         println!(
             "clients tracked {}/{}  evicted {}  refused by limits.rate (429) {}",

@@ -2,6 +2,7 @@
 
 mod app;
 mod cli;
+mod cluster;
 mod examples;
 mod lifecycle;
 mod limits;

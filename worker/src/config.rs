@@ -14,7 +14,60 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub limits: LimitsConfig,
     pub app: AppConfig,
+    pub redis: RedisConfig,
     pub log: LogConfig,
+}
+
+/// `[redis]`: the Redis that hosts share for cluster-wide limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://`, `rediss://` or `unix://`; empty: no Redis (env `REDIS_URL`).
+    pub url: String,
+    /// Deadline of one call on a request's path.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Connections to Redis from this host in total (one per worker and one for the master).
+    pub max_connections: u32,
+    /// Start of every key supervisor uses, so that clusters can share a Redis.
+    pub prefix: String,
+    /// How long a cluster-wide permit outlives a host that stopped renewing it.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            timeout: Duration::from_millis(20),
+            max_connections: 50,
+            prefix: "supervisor".to_string(),
+            lease_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `limits.on_redis_error`: what cluster-wide limits become while Redis does not answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    /// This host's own limits only (`max_concurrent_requests`, the local rate table).
+    Local,
+    /// No cluster-wide cap (this host's own limits still apply).
+    Open,
+    /// Refuse (503) what needs a cluster-wide permit.
+    Closed,
+}
+
+impl OnRedisError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnRedisError::Local => "local",
+            OnRedisError::Open => "open",
+            OnRedisError::Closed => "closed",
+        }
+    }
 }
 
 /// `[server]`: sockets and the process tree.
@@ -170,6 +223,10 @@ pub struct LimitsConfig {
     /// The longest a request waits in the queue before it gets 503.
     #[serde(with = "humantime_serde")]
     pub queue_timeout: Duration,
+    /// Cap on requests in flight across every host sharing `redis.url`; 0: none.
+    pub cluster_max_concurrent_requests: u32,
+    /// What the cluster-wide cap becomes while Redis does not answer.
+    pub on_redis_error: OnRedisError,
 }
 
 impl Default for LimitsConfig {
@@ -183,6 +240,8 @@ impl Default for LimitsConfig {
             idle_ttl: Duration::from_secs(30 * 60),
             queue: 0,
             queue_timeout: Duration::from_secs(1),
+            cluster_max_concurrent_requests: 0,
+            on_redis_error: OnRedisError::Local,
         }
     }
 }

@@ -23,6 +23,7 @@ mod app;
 mod appconn;
 mod child;
 mod client_rate;
+pub mod cluster;
 mod connection;
 mod listener;
 mod process;

@@ -20,13 +20,14 @@ use tracing::{debug, error, info, info_span, warn};
 
 use crate::child::{AppProcess, Launch};
 use crate::client_rate::ClientRate;
+use crate::cluster::Cluster;
 use crate::config::{Config, Rate, RateKey, Trusted, Upstream};
 use crate::listener::Listener;
 use crate::pipe::{self, MasterPipe};
 use crate::proxy::Proxy;
 use crate::ratelimit::RateTable;
 use crate::scoreboard::{self, Scoreboard, Slot, SlotState};
-use crate::server::{DrainSummary, Server, Worker};
+use crate::server::{DrainSummary, Limiters, Server, Worker};
 use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
 
 /// How often the worker stamps `heartbeat_ms` in its record. The stamp is written by a task on
@@ -92,6 +93,23 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
         }
     };
     drop(args.rates);
+    let limits = &args.config.limits;
+    let cluster = if args.config.redis.url.is_empty() || limits.cluster_max_concurrent_requests == 0
+    {
+        None
+    } else {
+        match Cluster::new(
+            &args.config.redis,
+            limits.cluster_max_concurrent_requests,
+            limits.on_redis_error,
+        ) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                error!(error = %e, "cannot use redis");
+                return ExitCode::from(EXIT_STARTUP);
+            }
+        }
+    };
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -117,7 +135,7 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
         args.slot,
         master,
         args.max_requests,
-        rate,
+        Limiters { rate, cluster },
     );
     install_panic_hook();
     let code = runtime.block_on(serve(
@@ -141,6 +159,9 @@ async fn serve(
     runtime_dir: Option<&Path>,
     hold: bool,
 ) -> ExitCode {
+    if let Some(cluster) = &worker.cluster {
+        cluster.start(worker.admission.slot());
+    }
     let ended = serve_until_done(worker, fds, master_pid, config, runtime_dir, hold).await;
     if let Some(app) = worker.proxy.get().and_then(|p| p.app()) {
         // After a SIGTERM (a drain, or a held worker) the app gets the rest of the grace; after

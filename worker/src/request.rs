@@ -25,6 +25,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::admission::{Permits, Rejection};
 use crate::app;
+use crate::cluster::{Lease, Verdict};
+use crate::config::OnRedisError;
 use crate::connection::ActivityGuard;
 use crate::pipe;
 use crate::ratelimit::Decision;
@@ -50,6 +52,9 @@ pub(crate) struct RequestGuard {
 struct Admitted {
     _described: Option<InFlight>,
     _permits: Permits<'static>,
+    /// The cluster-wide permit, when `limits.cluster_max_concurrent_requests` is set and Redis
+    /// answered.
+    lease: Option<Lease>,
 }
 
 /// The request's `METHOD /path?query` entry in this worker's scoreboard record, cleared on drop.
@@ -183,7 +188,7 @@ pub(crate) fn handle(
                 match worker.admission.wait().await {
                     Ok(permits) => {
                         admitted(&mut guard, &req, permits);
-                        match serve(worker, req, peer, guard).await {
+                        match proceed(worker, req, peer, guard).await {
                             Ok(res) => res,
                         }
                     }
@@ -192,7 +197,44 @@ pub(crate) fn handle(
             }))
         }
     }
-    serve(worker, req, peer, guard)
+    proceed(worker, req, peer, guard)
+}
+
+/// An admitted request: past the cluster-wide cap, if there is one, then served.
+fn proceed(
+    worker: &'static Worker,
+    req: Request<Incoming>,
+    peer: Option<IpAddr>,
+    guard: RequestGuard,
+) -> Handled {
+    let Some(cluster) = &worker.cluster else {
+        return serve(worker, req, peer, guard);
+    };
+    Handled::Later(Box::pin(async move {
+        let mut guard = guard;
+        match cluster.acquire().await {
+            Verdict::Admitted(lease) => {
+                if let Some(a) = guard.admitted.as_mut() {
+                    a.lease = Some(lease);
+                }
+            }
+            Verdict::Full => {
+                cluster.full();
+                guard.admitted = None;
+                return finish(worker.responses.cluster_limit(cluster.cap), guard);
+            }
+            Verdict::Unavailable => {
+                cluster.degraded();
+                if cluster.policy == OnRedisError::Closed {
+                    guard.admitted = None;
+                    return finish(worker.responses.redis_unavailable(), guard);
+                }
+            }
+        }
+        match serve(worker, req, peer, guard).await {
+            Ok(res) => res,
+        }
+    }))
 }
 
 /// What a refused request gets.
@@ -220,6 +262,7 @@ fn admitted(guard: &mut RequestGuard, req: &Request<Incoming>, permits: Permits<
     guard.admitted = Some(Admitted {
         _described: described,
         _permits: permits,
+        lease: None,
     });
 }
 

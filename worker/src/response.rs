@@ -206,6 +206,21 @@ impl Responses {
         unavailable(body)
     }
 
+    /// 503: the cluster-wide cap (`cap`) reached.
+    pub(crate) fn cluster_limit(&self, cap: u32) -> Response<Body> {
+        unavailable(Bytes::from(format!(
+            "cluster-wide limit of {cap} concurrent requests reached \
+             (limits.cluster_max_concurrent_requests)\n"
+        )))
+    }
+
+    /// 503: Redis does not answer and `limits.on_redis_error` is `closed`.
+    pub(crate) fn redis_unavailable(&self) -> Response<Body> {
+        unavailable(Bytes::from_static(
+            b"redis is not answering and limits.on_redis_error is closed\n",
+        ))
+    }
+
     /// 503: `limits.queue` requests already waiting.
     pub(crate) fn queue_full(&self) -> Response<Body> {
         unavailable(self.queue_full.clone())

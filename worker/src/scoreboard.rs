@@ -105,6 +105,12 @@ pub struct Slot {
     pub queue_full: AtomicU64,
     /// Requests answered 503 after waiting `limits.queue_timeout` in the queue.
     pub queue_timeouts: AtomicU64,
+    /// This worker's view of Redis (`cluster::RedisState`).
+    pub redis_state: AtomicU32,
+    /// Requests answered 503 because the cluster-wide cap was reached.
+    pub cluster_rejected: AtomicU64,
+    /// Requests served without a cluster-wide permit (or refused) because Redis did not answer.
+    pub redis_degraded: AtomicU64,
     /// Memory of the worker and its descendants at the last sample, in bytes (master writes).
     pub rss_bytes: AtomicU64,
     /// Why the master is replacing this worker (`RecycleReason`), 0 while it is not.
@@ -387,6 +393,9 @@ impl Scoreboard {
         slot.queued.store(0, Ordering::Relaxed);
         slot.queue_full.store(0, Ordering::Relaxed);
         slot.queue_timeouts.store(0, Ordering::Relaxed);
+        slot.redis_state.store(0, Ordering::Relaxed);
+        slot.cluster_rejected.store(0, Ordering::Relaxed);
+        slot.redis_degraded.store(0, Ordering::Relaxed);
         slot.rss_bytes.store(0, Ordering::Relaxed);
         slot.recycle_reason.store(0, Ordering::Relaxed);
         slot.app_pid.store(0, Ordering::Relaxed);

@@ -64,7 +64,18 @@ pub(crate) struct Worker {
     pub(crate) drain_watch: std::sync::OnceLock<watch::Sender<bool>>,
     /// `limits.rate`, when set.
     pub(crate) rate: Option<crate::client_rate::ClientRate>,
+    /// `limits.cluster_max_concurrent_requests` through `redis.url`, when both are set.
+    pub(crate) cluster: Option<crate::cluster::Cluster>,
     connections: Semaphore,
+}
+
+/// The limits that span workers or hosts, when configured.
+#[derive(Default)]
+pub(crate) struct Limiters {
+    /// `limits.rate`.
+    pub(crate) rate: Option<crate::client_rate::ClientRate>,
+    /// `limits.cluster_max_concurrent_requests` through `redis.url`.
+    pub(crate) cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Worker {
@@ -77,7 +88,7 @@ impl Worker {
         slot: usize,
         master: MasterPipe,
         max_requests: u64,
-        rate: Option<crate::client_rate::ClientRate>,
+        limiters: Limiters,
     ) -> &'static Worker {
         let w = &config.worker;
         let host_cap = response::host_cap(&board);
@@ -143,7 +154,8 @@ impl Worker {
             draining: AtomicBool::new(false),
             proxy: std::sync::OnceLock::new(),
             drain_watch: std::sync::OnceLock::new(),
-            rate,
+            rate: limiters.rate,
+            cluster: limiters.cluster,
             connections: Semaphore::new(w.max_connections.max(1) as usize),
         };
         Box::leak(Box::new(worker))

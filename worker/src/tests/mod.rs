@@ -77,7 +77,15 @@ pub(crate) fn build(listener: OwnedFd, host_cap: u32, tweak: impl FnOnce(&mut Co
     let listener = Listener::from_fd(listener).unwrap();
     let (master, pipe) = master_pipe();
     let max_requests = config.worker.max_requests;
-    let worker = Worker::new(&config, ID, board, SLOT, pipe, max_requests, None);
+    let worker = Worker::new(
+        &config,
+        ID,
+        board,
+        SLOT,
+        pipe,
+        max_requests,
+        Default::default(),
+    );
     Built {
         view,
         master,
@@ -226,7 +234,15 @@ mod process {
         let (board, fd) = Scoreboard::create(2, 5).unwrap();
         let view = Scoreboard::open(&fd, false).unwrap();
         let (_master, pipe) = super::master_pipe();
-        let worker = Worker::new(&Default::default(), 1, board, 1, pipe, 0, None);
+        let worker = Worker::new(
+            &Default::default(),
+            1,
+            board,
+            1,
+            pipe,
+            0,
+            Default::default(),
+        );
         let beat = || view.slot(1).heartbeat_ms.load(Ordering::Relaxed);
 
         let before = monotonic_ms();

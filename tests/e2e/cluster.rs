@@ -1,0 +1,303 @@
+//! The cluster-wide cap through a real `redis-server` that each test starts on a private Unix
+//! socket: shared by two supervisor instances, Redis killed under load, a dead worker's leases.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::util::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A `redis-server` of the test's own, on a Unix socket in a temporary directory.
+struct Redis {
+    process: Option<KillOnDrop>,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let mut r = Redis {
+            process: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        r.restart();
+        r
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    fn url(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// (Re)starts the server on the same socket and waits until it answers.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocketperm", "700", "--save", ""])
+            .arg("--unixsocket")
+            .arg(self.socket())
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server) must be installed");
+        self.process = Some(KillOnDrop(child));
+        eventually(WAIT, "redis-server to answer", || {
+            (cli(&self.socket(), &["PING"]) == "PONG").then_some(())
+        });
+    }
+
+    fn signal(&self, sig: Signal) {
+        let pid = self.process.as_ref().unwrap().0.id();
+        kill(Pid::from_raw(pid as i32), sig).unwrap();
+    }
+
+    fn kill(&mut self) {
+        drop(self.process.take());
+    }
+
+    fn leases(&self) -> u64 {
+        cli(&self.socket(), &["ZCARD", "supervisor:leases"])
+            .parse()
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// `redis-cli` against the socket; its output, trimmed ("" if it failed).
+fn cli(socket: &Path, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .arg("-s")
+        .arg(socket)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn start(redis: &Redis, workers: &str, extra: &[&str]) -> Server {
+    let url = format!("redis.url={}", redis.url());
+    let mut args = vec!["-w", workers, "--set", &url];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+fn redis_states(s: &Server) -> Vec<String> {
+    s.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["redis"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn all_connected(s: &Server) -> Option<()> {
+    redis_states(s)
+        .iter()
+        .all(|r| r == "connected")
+        .then_some(())
+}
+
+fn send(s: &Server, path: &str) -> JoinHandle<Response> {
+    let (addr, path) = (s.addr, path.to_string());
+    std::thread::spawn(move || get(addr, &path))
+}
+
+#[test]
+fn two_instances_sharing_redis_never_exceed_the_cluster_cap_together() {
+    let redis = Redis::start();
+    let cap = ["--set", "limits.cluster_max_concurrent_requests=3"];
+    let a = start(&redis, "2", &cap);
+    let b = start(&redis, "2", &cap);
+    eventually(WAIT, "every worker connected to redis", || {
+        all_connected(&a).and(all_connected(&b))
+    });
+    // 12 requests at once, half to each instance: 3 hold the cluster's permits, the rest are
+    // refused, whichever instance and worker they reached.
+    let all: Vec<_> = (0..12)
+        .map(|i| send(if i % 2 == 0 { &a } else { &b }, "/sleep?ms=1500"))
+        .collect();
+    let answers: Vec<Response> = all.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = answers.iter().filter(|r| r.status == 200).count();
+    assert_eq!(
+        ok,
+        3,
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    for r in answers.iter().filter(|r| r.status != 200) {
+        assert_eq!(r.status, 503);
+        assert!(
+            r.text().contains("limits.cluster_max_concurrent_requests"),
+            "{}",
+            r.text()
+        );
+    }
+    // Every permit went back.
+    eventually(WAIT, "the leases to be released", || {
+        (redis.leases() == 0).then_some(())
+    });
+    let refused: u64 = [&a, &b]
+        .iter()
+        .flat_map(|s| s.status()["workers"].as_array().unwrap().clone())
+        .map(|w| w["cluster_rejected"].as_u64().unwrap())
+        .sum();
+    assert_eq!(refused, 9);
+}
+
+#[test]
+fn redis_killed_under_load_degrades_to_local_limits_then_comes_back() {
+    let mut redis = Redis::start();
+    let s = start(
+        &redis,
+        "2",
+        &["--set", "limits.cluster_max_concurrent_requests=50"],
+    );
+    eventually(WAIT, "every worker connected to redis", || {
+        all_connected(&s)
+    });
+    // Sends `n` requests, each of which must succeed; returns the slowest's time.
+    let request = |n: usize| {
+        (0..n)
+            .map(|_| {
+                let started = Instant::now();
+                let r = s.get("/");
+                assert_eq!(r.status, 200, "{}", r.text());
+                started.elapsed()
+            })
+            .max()
+            .unwrap_or_default()
+    };
+    request(50);
+    redis.kill();
+    // No request fails while Redis is gone: each waits at most redis.timeout, then the
+    // breaker opens and requests no longer wait at all.
+    let slowest = request(300);
+    assert!(slowest < Duration::from_secs(1), "slowest {slowest:?}");
+    let st = s.status();
+    let degraded: u64 = st["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["redis_degraded"].as_u64().unwrap())
+        .sum();
+    assert!(degraded > 0, "{st}");
+    assert!(redis_states(&s).iter().any(|r| r == "degraded"));
+    // Redis back: cluster mode again within seconds, as requests probe it.
+    redis.restart();
+    let back = Instant::now();
+    eventually(WAIT, "every worker back on redis", || {
+        request(5);
+        all_connected(&s)
+    });
+    assert!(
+        back.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        back.elapsed()
+    );
+}
+
+#[test]
+fn redis_that_stops_answering_costs_requests_no_more_than_the_deadline() {
+    let redis = Redis::start();
+    let s = start(
+        &redis,
+        "1",
+        &["--set", "limits.cluster_max_concurrent_requests=50"],
+    );
+    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
+    // SIGSTOP: the socket stays open and calls simply get no answer.
+    redis.signal(Signal::SIGSTOP);
+    let mut slowest = Duration::ZERO;
+    for _ in 0..100 {
+        let started = Instant::now();
+        assert_eq!(s.get("/").status, 200);
+        slowest = slowest.max(started.elapsed());
+    }
+    // redis.timeout is 20 ms; the rest is this debug build and the machine.
+    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    assert_eq!(redis_states(&s), ["degraded"]);
+    redis.signal(Signal::SIGCONT);
+    eventually(WAIT, "the worker back on redis", || {
+        assert_eq!(s.get("/").status, 200);
+        all_connected(&s)
+    });
+}
+
+#[test]
+fn with_on_redis_error_closed_requests_are_refused_while_redis_is_away() {
+    let mut redis = Redis::start();
+    let s = start(
+        &redis,
+        "1",
+        &[
+            "--set",
+            "limits.cluster_max_concurrent_requests=50",
+            "--set",
+            "limits.on_redis_error=closed",
+        ],
+    );
+    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
+    assert_eq!(s.get("/").status, 200);
+    redis.kill();
+    let r = s.get("/");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("on_redis_error"), "{}", r.text());
+}
+
+#[test]
+fn starting_while_redis_is_down_serves_with_local_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redis.url=unix://{}/nothing.sock", dir.path().display());
+    let s = Server::start(&[
+        "-w",
+        "1",
+        "--set",
+        &url,
+        "--set",
+        "limits.cluster_max_concurrent_requests=5",
+    ]);
+    for _ in 0..10 {
+        assert_eq!(s.get("/").status, 200);
+    }
+    assert_eq!(redis_states(&s), ["degraded"]);
+}
+
+#[test]
+fn a_killed_workers_leases_are_returned_at_once() {
+    let redis = Redis::start();
+    let s = start(
+        &redis,
+        "1",
+        &["--set", "limits.cluster_max_concurrent_requests=5"],
+    );
+    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
+    let worker = s.serving_pids()[0];
+    let _held: Vec<_> = (0..3)
+        .map(|_| {
+            let addr = s.addr;
+            std::thread::spawn(move || try_get(addr, "/sleep?ms=20000"))
+        })
+        .collect();
+    eventually(WAIT, "three leases held", || {
+        (redis.leases() == 3).then_some(())
+    });
+    kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
+    // The master purges them when it reaps the worker, long before redis.lease_ttl (30 s).
+    let killed = Instant::now();
+    eventually(WAIT, "the dead worker's leases gone", || {
+        (redis.leases() == 0).then_some(())
+    });
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        killed.elapsed()
+    );
+}

@@ -1,0 +1,496 @@
+//! The cluster-wide cap (`limits.cluster_max_concurrent_requests`) through a Redis shared by
+//! every host (`[redis] url`), and what happens when Redis is slow or gone.
+//!
+//! Owns the connection (one multiplexed connection per worker, redialled in the background,
+//! never on a request's path), the per-call deadline (`redis.timeout`, enforced here with a
+//! timer, whatever the client library does), the circuit breaker, and the leases: a request
+//! admitted cluster-wide holds one member of a sorted set (`PREFIX:leases`), named
+//! `host:boot:pid:seq` and scored with its expiry on Redis's clock. One script call per request
+//! drops expired leases, counts the rest and adds this one if there is room. Release is a `ZREM`
+//! sent after the response, off the request's path, retried; the worker renews the leases of
+//! its requests in flight every third of `redis.lease_ttl`, and the master removes a dead
+//! worker's leases when it reaps it (`purge_script`); the TTL covers a lost host.
+//!
+//! Why the worker renews its own leases (the design first had the master do it): the worker is
+//! the one that knows which are live, and a worker whose event loop hangs stops renewing, so its
+//! leases lapse while the master replaces it.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Script};
+use tracing::{debug, info, warn};
+
+use crate::config::{OnRedisError, RedisConfig};
+use crate::scoreboard::{coarse_monotonic_ms, Slot};
+
+/// Drops expired leases, then takes one if fewer than the cap are held.
+/// KEYS[1] leases; ARGV: cap, member, ttl ms. Returns 1 (taken) or 0 (full).
+const ACQUIRE: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+return 1
+";
+
+/// Pushes the expiry of the listed leases that still exist. KEYS[1] leases; ARGV: ttl ms,
+/// members.
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local expiry = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+end
+return #ARGV - 1
+";
+
+/// Removes every lease whose member starts with ARGV[1] (a dead worker's `host:boot:pid:`).
+/// KEYS[1] leases. Returns how many.
+pub const PURGE: &str = r"
+local n = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(m, 1, #ARGV[1]) == ARGV[1] then
+    redis.call('ZREM', KEYS[1], m)
+    n = n + 1
+  end
+end
+return n
+";
+
+/// Consecutive failed calls that open the breaker.
+const OPEN_AFTER: u32 = 3;
+/// How long the breaker stays open before one call probes Redis again.
+const PROBE_EVERY_MS: u64 = 1000;
+/// Tries of a release before its lease is left to expire.
+const RELEASE_TRIES: u32 = 3;
+
+/// The sorted set of leases under `prefix`.
+pub fn leases_key(prefix: &str) -> String {
+    format!("{prefix}:leases")
+}
+
+/// The start of every lease member of process `pid` on this host since this boot.
+pub fn member_prefix(pid: u32) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".to_string());
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|b| b.trim().chars().take(8).collect::<String>())
+        .unwrap_or_default();
+    format!("{host}:{boot}:{pid}:")
+}
+
+/// Whether `url` is a Redis URL the client accepts (for the config check).
+pub fn check_url(url: &str) -> Result<(), String> {
+    Client::open(url).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// `url` with any password replaced, for logs.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => format!("{}***{}", &url[..scheme + 3], &url[at..]),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// What the cluster said about one request.
+pub(crate) enum Verdict {
+    Admitted(Lease),
+    /// The cluster-wide cap is reached.
+    Full,
+    /// Redis did not answer in time, failed, or the breaker is open: `limits.on_redis_error`.
+    Unavailable,
+}
+
+/// Redis state as the scoreboard records it, for `supervisor status`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisState {
+    Off = 0,
+    Connected = 1,
+    Degraded = 2,
+}
+
+impl RedisState {
+    pub fn from_u32(v: u32) -> RedisState {
+        match v {
+            1 => RedisState::Connected,
+            2 => RedisState::Degraded,
+            _ => RedisState::Off,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisState::Off => "off",
+            RedisState::Connected => "connected",
+            RedisState::Degraded => "degraded",
+        }
+    }
+}
+
+pub(crate) struct Cluster {
+    client: Client,
+    described: String,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    dialling: AtomicBool,
+    timeout: Duration,
+    pub(crate) cap: u32,
+    pub(crate) policy: OnRedisError,
+    ttl_ms: u64,
+    key: String,
+    prefix: String,
+    seq: AtomicU64,
+    held: Mutex<HashSet<u64>>,
+    acquire: Script,
+    renew: Script,
+    /// Consecutive failed calls.
+    failures: AtomicU32,
+    /// While open: when the next probe may go (coarse ms); 0 while closed.
+    open_until: AtomicU64,
+    probing: AtomicBool,
+    /// The worker's scoreboard record, for `supervisor status` (set by `start`).
+    slot: std::sync::OnceLock<&'static Slot>,
+}
+
+impl Cluster {
+    pub(crate) fn new(
+        config: &RedisConfig,
+        cap: u32,
+        policy: OnRedisError,
+    ) -> Result<Cluster, String> {
+        let client = Client::open(config.url.as_str())
+            .map_err(|e| format!("redis.url {}: {e}", redacted(&config.url)))?;
+        Ok(Cluster {
+            client,
+            described: redacted(&config.url),
+            conn: Mutex::new(None),
+            dialling: AtomicBool::new(false),
+            timeout: config.timeout,
+            cap,
+            policy,
+            ttl_ms: config.lease_ttl.as_millis() as u64,
+            key: leases_key(&config.prefix),
+            prefix: member_prefix(std::process::id()),
+            seq: AtomicU64::new(0),
+            held: Mutex::new(HashSet::new()),
+            acquire: Script::new(ACQUIRE),
+            renew: Script::new(RENEW),
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            slot: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Starts the background work: the first dial and the lease renewal. Must run inside the
+    /// worker's runtime.
+    pub(crate) fn start(&'static self, slot: &'static Slot) {
+        let _ = self.slot.set(slot);
+        self.dial();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(
+                Duration::from_millis(self.ttl_ms / 3).max(Duration::from_millis(10)),
+            );
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                self.renew_held().await;
+            }
+        });
+    }
+
+    /// Redials in the background unless a dial is already under way.
+    fn dial(&'static self) {
+        if self.dialling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(async move {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
+                .set_response_timeout(None);
+            match self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
+                Ok(conn) => {
+                    *self.conn.lock().expect("not poisoned") = Some(conn);
+                    debug!(redis = %self.described, "connected to redis");
+                    if self.open_until.load(Ordering::Acquire) == 0 {
+                        self.set_state(RedisState::Connected);
+                    }
+                }
+                Err(e) => debug!(redis = %self.described, error = %e, "cannot connect to redis"),
+            }
+            self.dialling.store(false, Ordering::Release);
+        });
+    }
+
+    fn connection(&'static self) -> Option<MultiplexedConnection> {
+        let conn = self.conn.lock().expect("not poisoned").clone();
+        if conn.is_none() {
+            self.dial();
+        }
+        conn
+    }
+
+    /// Whether a call may go to Redis now: always while the breaker is closed; while it is
+    /// open, one probe per `PROBE_EVERY_MS`.
+    fn allowed(&self) -> bool {
+        let until = self.open_until.load(Ordering::Acquire);
+        if until == 0 {
+            return true;
+        }
+        coarse_monotonic_ms() >= until && !self.probing.swap(true, Ordering::AcqRel)
+    }
+
+    fn succeeded(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.probing.store(false, Ordering::Release);
+        if self.open_until.swap(0, Ordering::AcqRel) != 0 {
+            info!(redis = %self.described, "redis answers again: cluster-wide limits are back");
+        }
+        self.set_state(RedisState::Connected);
+    }
+
+    fn failed(&'static self, why: &str) {
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        let probe_failed = self.probing.swap(false, Ordering::AcqRel);
+        let next = coarse_monotonic_ms() + PROBE_EVERY_MS;
+        if probe_failed {
+            self.open_until.store(next, Ordering::Release);
+        } else if failures >= OPEN_AFTER
+            && self
+                .open_until
+                .compare_exchange(0, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            warn!(
+                redis = %self.described,
+                error = why,
+                limits.on_redis_error = self.policy.as_str(),
+                "redis is not answering; degraded until it does"
+            );
+            self.set_state(RedisState::Degraded);
+        }
+        // A connection that keeps failing is dialled afresh (a failover, a READONLY replica).
+        if failures.is_multiple_of(OPEN_AFTER) {
+            *self.conn.lock().expect("not poisoned") = None;
+            self.dial();
+        }
+    }
+
+    fn set_state(&self, state: RedisState) {
+        if let Some(slot) = self.slot.get() {
+            slot.redis_state.store(state as u32, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a request served or refused without a cluster-wide permit.
+    pub(crate) fn degraded(&self) {
+        if let Some(slot) = self.slot.get() {
+            slot.redis_degraded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a request refused at the cluster-wide cap.
+    pub(crate) fn full(&self) {
+        if let Some(slot) = self.slot.get() {
+            slot.cluster_rejected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One script call: a cluster-wide permit for this request, or why not.
+    pub(crate) async fn acquire(&'static self) -> Verdict {
+        if !self.allowed() {
+            return Verdict::Unavailable;
+        }
+        let Some(mut conn) = self.connection() else {
+            self.failed("not connected");
+            return Verdict::Unavailable;
+        };
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let member = format!("{}{seq}", self.prefix);
+        let mut call = self.acquire.key(&self.key);
+        call.arg(self.cap).arg(&member).arg(self.ttl_ms);
+        match tokio::time::timeout(self.timeout, call.invoke_async::<i64>(&mut conn)).await {
+            Ok(Ok(1)) => {
+                self.succeeded();
+                self.held.lock().expect("not poisoned").insert(seq);
+                Verdict::Admitted(Lease { cluster: self, seq })
+            }
+            Ok(Ok(_)) => {
+                self.succeeded();
+                Verdict::Full
+            }
+            Ok(Err(e)) => {
+                self.failed(&e.to_string());
+                Verdict::Unavailable
+            }
+            Err(_) => {
+                // The script may still run: whatever it took goes back (or expires).
+                self.release(seq);
+                self.failed("no answer within redis.timeout");
+                Verdict::Unavailable
+            }
+        }
+    }
+
+    /// Gives lease `seq` back, off the request's path.
+    fn release(&'static self, seq: u64) {
+        self.held.lock().expect("not poisoned").remove(&seq);
+        let member = format!("{}{seq}", self.prefix);
+        tokio::spawn(async move {
+            for _ in 0..RELEASE_TRIES {
+                let Some(mut conn) = self.connection() else {
+                    tokio::time::sleep(self.timeout).await;
+                    continue;
+                };
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(&self.key).arg(&member);
+                match tokio::time::timeout(self.timeout * 5, zrem.query_async::<i64>(&mut conn))
+                    .await
+                {
+                    Ok(Ok(_)) => return,
+                    _ => tokio::time::sleep(self.timeout).await,
+                }
+            }
+            debug!(lease = %member, "cannot release a lease; it expires by itself");
+        });
+    }
+
+    async fn renew_held(&'static self) {
+        let members: Vec<String> = self
+            .held
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|seq| format!("{}{seq}", self.prefix))
+            .collect();
+        if members.is_empty() {
+            return;
+        }
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let mut call = self.renew.key(&self.key);
+        call.arg(self.ttl_ms);
+        for m in &members {
+            call.arg(m);
+        }
+        match tokio::time::timeout(self.timeout * 5, call.invoke_async::<i64>(&mut conn)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => debug!(error = %e, leases = members.len(), "cannot renew leases"),
+            Err(_) => debug!(leases = members.len(), "cannot renew leases: no answer"),
+        }
+    }
+}
+
+/// The master's side: removes a dead worker's leases as soon as it is reaped, on a thread of
+/// its own so that a slow Redis never holds up the master's loop.
+pub struct Janitor {
+    tx: std::sync::mpsc::Sender<u32>,
+}
+
+impl Janitor {
+    /// `None` without `redis.url` or a cluster-wide cap.
+    pub fn start(config: &crate::config::Config) -> Option<Janitor> {
+        if config.redis.url.is_empty() || config.limits.cluster_max_concurrent_requests == 0 {
+            return None;
+        }
+        let client = Client::open(config.redis.url.as_str()).ok()?;
+        let described = redacted(&config.redis.url);
+        let key = leases_key(&config.redis.prefix);
+        let timeout = (config.redis.timeout * 50).max(Duration::from_millis(500));
+        let (tx, rx) = std::sync::mpsc::channel::<u32>();
+        std::thread::Builder::new()
+            .name("redis-janitor".to_string())
+            .spawn(move || {
+                let purge = Script::new(PURGE);
+                let mut conn: Option<redis::Connection> = None;
+                for pid in rx {
+                    let prefix = member_prefix(pid);
+                    for _ in 0..2 {
+                        if conn.is_none() {
+                            conn = client.get_connection_with_timeout(timeout).ok();
+                            if let Some(c) = &conn {
+                                let _ = c.set_read_timeout(Some(timeout));
+                                let _ = c.set_write_timeout(Some(timeout));
+                            }
+                        }
+                        let Some(c) = conn.as_mut() else { break };
+                        match purge.key(&key).arg(&prefix).invoke::<i64>(c) {
+                            Ok(n) => {
+                                if n > 0 {
+                                    info!(
+                                        pid,
+                                        leases = n,
+                                        "returned a dead worker's cluster-wide permits"
+                                    );
+                                }
+                                break;
+                            }
+                            Err(e) => {
+                                debug!(redis = %described, pid, error = %e, "cannot purge leases");
+                                conn = None;
+                            }
+                        }
+                    }
+                }
+            })
+            .ok()?;
+        Some(Janitor { tx })
+    }
+
+    /// Worker `pid` is gone: its leases go too.
+    pub fn purge(&self, pid: u32) {
+        let _ = self.tx.send(pid);
+    }
+}
+
+/// A cluster-wide permit, given back when dropped.
+pub(crate) struct Lease {
+    cluster: &'static Cluster,
+    seq: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.cluster.release(self.seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_the_logs() {
+        assert_eq!(
+            redacted("redis://user:s3cret@db:6379/0"),
+            "redis://user:***@db:6379/0"
+        );
+        assert_eq!(redacted("rediss://:s3cret@db"), "rediss://:***@db");
+        assert_eq!(redacted("redis://tok@db"), "redis://***@db");
+        assert_eq!(redacted("unix:///run/redis.sock"), "unix:///run/redis.sock");
+    }
+}
