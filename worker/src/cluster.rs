@@ -27,17 +27,26 @@ use tracing::{debug, info, warn};
 use crate::config::{OnRedisError, RedisConfig};
 use crate::scoreboard::{coarse_monotonic_ms, Slot};
 
-/// Drops expired leases, then takes one if fewer than the cap are held.
-/// KEYS[1] leases; ARGV: cap, member, ttl ms. Returns 1 (taken) or 0 (full).
+/// Drops expired leases, then takes one for each listed member, in order, while fewer than the
+/// cap are held. KEYS[1] leases; ARGV: cap, ttl ms, members. Returns how many were taken (the
+/// first ones listed).
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+local room = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+local take = math.min(math.max(room, 0), #ARGV - 2)
+if take == 0 then
   return 0
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-return 1
+local expiry = now + tonumber(ARGV[2])
+local add = {}
+for i = 1, take do
+  add[#add + 1] = expiry
+  add[#add + 1] = ARGV[2 + i]
+end
+redis.call('ZADD', KEYS[1], unpack(add))
+return take
 ";
 
 /// Pushes the expiry of the listed leases that still exist. KEYS[1] leases; ARGV: ttl ms,
@@ -160,6 +169,13 @@ pub(crate) struct Cluster {
     prefix: String,
     seq: AtomicU64,
     held: Mutex<HashSet<u64>>,
+    /// Requests waiting for the acquiring task, with where to send its answer.
+    #[allow(clippy::type_complexity)]
+    to_acquire: Mutex<Vec<(u64, tokio::sync::oneshot::Sender<Result<bool, ()>>)>>,
+    wanted: tokio::sync::Notify,
+    /// Leases given back and not yet sent to Redis.
+    to_release: Mutex<Vec<u64>>,
+    released: tokio::sync::Notify,
     acquire: Script,
     renew: Script,
     /// Consecutive failed calls.
@@ -192,6 +208,10 @@ impl Cluster {
             prefix: member_prefix(std::process::id()),
             seq: AtomicU64::new(0),
             held: Mutex::new(HashSet::new()),
+            to_acquire: Mutex::new(Vec::new()),
+            wanted: tokio::sync::Notify::new(),
+            to_release: Mutex::new(Vec::new()),
+            released: tokio::sync::Notify::new(),
             acquire: Script::new(ACQUIRE),
             renew: Script::new(RENEW),
             failures: AtomicU32::new(0),
@@ -206,6 +226,8 @@ impl Cluster {
     pub(crate) fn start(&'static self, slot: &'static Slot) {
         let _ = self.slot.set(slot);
         self.dial();
+        tokio::spawn(self.acquire_batches());
+        tokio::spawn(self.release_queued());
         tokio::spawn(async move {
             let mut every = tokio::time::interval(
                 Duration::from_millis(self.ttl_ms / 3).max(Duration::from_millis(10)),
@@ -324,30 +346,27 @@ impl Cluster {
         if !self.allowed() {
             return Verdict::Unavailable;
         }
-        let Some(mut conn) = self.connection() else {
+        if self.connection().is_none() {
             self.failed("not connected");
             return Verdict::Unavailable;
-        };
+        }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let member = format!("{}{seq}", self.prefix);
-        let mut call = self.acquire.key(&self.key);
-        call.arg(self.cap).arg(&member).arg(self.ttl_ms);
-        match tokio::time::timeout(self.timeout, call.invoke_async::<i64>(&mut conn)).await {
-            Ok(Ok(1)) => {
-                self.succeeded();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.to_acquire
+            .lock()
+            .expect("not poisoned")
+            .push((seq, tx));
+        self.wanted.notify_one();
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(Ok(true))) => {
                 self.held.lock().expect("not poisoned").insert(seq);
                 Verdict::Admitted(Lease { cluster: self, seq })
             }
-            Ok(Ok(_)) => {
-                self.succeeded();
-                Verdict::Full
-            }
-            Ok(Err(e)) => {
-                self.failed(&e.to_string());
-                Verdict::Unavailable
-            }
+            Ok(Ok(Ok(false))) => Verdict::Full,
+            // The batch failed (already counted by the acquiring task).
+            Ok(Ok(Err(()))) | Ok(Err(_)) => Verdict::Unavailable,
             Err(_) => {
-                // The script may still run: whatever it took goes back (or expires).
+                // The script may still run: whatever it took for this request goes back.
                 self.release(seq);
                 self.failed("no answer within redis.timeout");
                 Verdict::Unavailable
@@ -355,27 +374,97 @@ impl Cluster {
         }
     }
 
-    /// Gives lease `seq` back, off the request's path.
+    /// The acquiring task: one script call for every request that asked since the last one
+    /// was sent, so that under load many requests share a call (and at c=1 each has its own).
+    async fn acquire_batches(&'static self) {
+        loop {
+            self.wanted.notified().await;
+            let batch = std::mem::take(&mut *self.to_acquire.lock().expect("not poisoned"));
+            if batch.is_empty() {
+                continue;
+            }
+            let answer = match self.connection() {
+                None => Err("not connected".to_string()),
+                Some(mut conn) => {
+                    let mut call = self.acquire.key(&self.key);
+                    call.arg(self.cap).arg(self.ttl_ms);
+                    for (seq, _) in &batch {
+                        call.arg(format!("{}{seq}", self.prefix));
+                    }
+                    match tokio::time::timeout(self.timeout, call.invoke_async::<usize>(&mut conn))
+                        .await
+                    {
+                        Ok(Ok(granted)) => Ok(granted),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("no answer within redis.timeout".to_string()),
+                    }
+                }
+            };
+            match answer {
+                Ok(granted) => {
+                    self.succeeded();
+                    for (i, (seq, tx)) in batch.into_iter().enumerate() {
+                        if tx.send(Ok(i < granted)).is_err() && i < granted {
+                            // The request gave up waiting (or went away): its lease goes back.
+                            self.release(seq);
+                        }
+                    }
+                }
+                Err(why) => {
+                    self.failed(&why);
+                    for (_, tx) in batch {
+                        let _ = tx.send(Err(()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives lease `seq` back, off the request's path: queued for the releasing task, which
+    /// sends every lease given back since its last call in one `ZREM`.
     fn release(&'static self, seq: u64) {
         self.held.lock().expect("not poisoned").remove(&seq);
-        let member = format!("{}{seq}", self.prefix);
-        tokio::spawn(async move {
+        self.to_release.lock().expect("not poisoned").push(seq);
+        self.released.notify_one();
+    }
+
+    /// The releasing task: one `ZREM` for all the leases given back meanwhile, retried; a lease
+    /// that cannot be given back expires by itself.
+    async fn release_queued(&'static self) {
+        loop {
+            self.released.notified().await;
+            let seqs = std::mem::take(&mut *self.to_release.lock().expect("not poisoned"));
+            if seqs.is_empty() {
+                continue;
+            }
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(&self.key);
+            for seq in &seqs {
+                zrem.arg(format!("{}{seq}", self.prefix));
+            }
+            let mut done = false;
             for _ in 0..RELEASE_TRIES {
                 let Some(mut conn) = self.connection() else {
                     tokio::time::sleep(self.timeout).await;
                     continue;
                 };
-                let mut zrem = redis::cmd("ZREM");
-                zrem.arg(&self.key).arg(&member);
                 match tokio::time::timeout(self.timeout * 5, zrem.query_async::<i64>(&mut conn))
                     .await
                 {
-                    Ok(Ok(_)) => return,
+                    Ok(Ok(_)) => {
+                        done = true;
+                        break;
+                    }
                     _ => tokio::time::sleep(self.timeout).await,
                 }
             }
-            debug!(lease = %member, "cannot release a lease; it expires by itself");
-        });
+            if !done {
+                debug!(
+                    leases = seqs.len(),
+                    "cannot give leases back; they expire by themselves"
+                );
+            }
+        }
     }
 
     async fn renew_held(&'static self) {
