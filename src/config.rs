@@ -61,7 +61,8 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.problems.join("\n"))
+        // A bad value is quoted in its message: a Redis password in one must not be.
+        f.write_str(&worker::cluster::scrub(&self.problems.join("\n")))
     }
 }
 

@@ -194,7 +194,7 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
     let (rates, rates_fd) = RateTable::create(config.limits.max_active_instances)
         .context("cannot create the rate table")?;
     rates.configure(!config.limits.rate.is_empty(), config.limits.idle_ttl);
-    let janitor = Janitor::start(&config);
+    let janitor = Janitor::start(&config, board.header().instance.load(Ordering::Relaxed));
 
     let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
     read.set_nonblocking(true)?;
@@ -1009,7 +1009,8 @@ impl Master {
         }
         self.log_level.set(new.log.level);
         if new.redis != self.config.redis || new.limits != self.config.limits {
-            self.janitor = Janitor::start(&new);
+            self.janitor =
+                Janitor::start(&new, self.board.header().instance.load(Ordering::Relaxed));
         }
         if let Some((rates, fd)) = new_rates {
             info!(

@@ -64,6 +64,21 @@ impl Redis {
         drop(self.process.take());
     }
 
+    /// Leases not yet expired, on Redis's clock.
+    fn live_leases(&self) -> u64 {
+        let time = cli(&self.socket(), &["TIME"]);
+        let mut parts = time.lines();
+        let secs: u64 = parts.next().unwrap_or("0").trim().parse().unwrap_or(0);
+        let micros: u64 = parts.next().unwrap_or("0").trim().parse().unwrap_or(0);
+        let now_ms = (secs * 1000 + micros / 1000).to_string();
+        cli(
+            &self.socket(),
+            &["ZCOUNT", "supervisor:leases", &now_ms, "+inf"],
+        )
+        .parse()
+        .unwrap_or(u64::MAX)
+    }
+
     fn leases(&self) -> u64 {
         cli(&self.socket(), &["ZCARD", "supervisor:leases"])
             .parse()
@@ -228,6 +243,45 @@ fn redis_that_stops_answering_costs_requests_no_more_than_the_deadline() {
     eventually(WAIT, "the worker back on redis", || {
         assert_eq!(s.get("/").status, 200);
         all_connected(&s)
+    });
+    // What the calls queued during the stall took was given back.
+    eventually(WAIT, "no lease left behind", || {
+        (redis.leases() == 0).then_some(())
+    });
+}
+
+#[test]
+fn a_long_requests_lease_is_renewed_past_lease_ttl() {
+    let redis = Redis::start();
+    let s = start(
+        &redis,
+        "1",
+        &[
+            "--set",
+            "limits.cluster_max_concurrent_requests=5",
+            "--set",
+            "redis.lease_ttl=1s",
+        ],
+    );
+    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
+    let started = Instant::now();
+    let long = send(&s, "/sleep?ms=3000");
+    eventually(WAIT, "the lease taken", || {
+        (redis.leases() == 1).then_some(())
+    });
+    // Three lease lifetimes: without renewal it would expire after one.
+    while !long.is_finished() {
+        let held = redis.live_leases();
+        if long.is_finished() {
+            break;
+        }
+        assert_eq!(held, 1, "lease gone after {:?}", started.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(long.join().unwrap().status, 200);
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    eventually(WAIT, "the lease given back", || {
+        (redis.leases() == 0).then_some(())
     });
 }
 

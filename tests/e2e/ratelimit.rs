@@ -174,8 +174,11 @@ fn many_distinct_clients_keep_memory_flat_and_the_limited_client_limited() {
     assert_eq!(rate["capacity"], 64, "{rate}");
     // Full: every place holds a client seen within idle_ttl, and no more.
     assert_eq!(rate["tracked"], 64, "{rate}");
+    // Each new client pushed one out, except the rare one whose 24-bit fingerprint matched a
+    // client already in its group (about one in 10^6 arrivals: 0.05 in this test), which shares
+    // that client's place.
     assert!(
-        rate["evictions"].as_u64().unwrap() >= (CLIENTS - 64) as u64,
+        rate["evictions"].as_u64().unwrap() + 5 >= (CLIENTS - 64) as u64,
         "{rate}"
     );
 }

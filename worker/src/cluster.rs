@@ -85,15 +85,14 @@ pub fn leases_key(prefix: &str) -> String {
     format!("{prefix}:leases")
 }
 
-/// The start of every lease member of process `pid` on this host since this boot.
-pub fn member_prefix(pid: u32) -> String {
+/// The start of every lease member of worker `pid` of the master whose scoreboard holds
+/// `instance`: `host:instance:pid:`. The random instance keeps apart masters whose workers
+/// could share a pid (containers on one host); the host name is for people reading the set.
+pub fn member_prefix(instance: u64, pid: u32) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "host".to_string());
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|b| b.trim().chars().take(8).collect::<String>())
-        .unwrap_or_default();
-    format!("{host}:{boot}:{pid}:")
+    format!("{host}:{instance:016x}:{pid}:")
 }
 
 /// Whether `url` is a Redis URL the client accepts (for the config check).
@@ -103,21 +102,55 @@ pub fn check_url(url: &str) -> Result<(), String> {
 
 /// `url` with any password replaced, for logs.
 pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => format!("{}***{}", &url[..scheme + 3], &url[at..]),
+    scrub(url)
+}
+
+/// `text` with every password it holds replaced by `***`: the user-info of a URL
+/// (`redis://user:PASSWORD@host`, `redis://PASSWORD@host`) and `pass=`/`password=` parameters.
+pub fn scrub(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("://") {
+        let (head, tail) = rest.split_at(start + 3);
+        out.push_str(head);
+        // The authority ends at the first of these; a password is what precedes an `@` in it.
+        let end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '"' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                let userinfo = &tail[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..=colon]);
+                        out.push_str("***");
+                    }
+                    None => out.push_str("***"),
+                }
+                rest = &tail[at..];
             }
+            None => rest = tail,
         }
-        _ => url.to_string(),
     }
+    out.push_str(rest);
+    let mut scrubbed = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    loop {
+        let found = ["password=", "pass="]
+            .iter()
+            .filter_map(|k| rest.find(k).map(|i| (i, k.len())))
+            .min();
+        let Some((i, len)) = found else { break };
+        scrubbed.push_str(&rest[..i + len]);
+        scrubbed.push_str("***");
+        let tail = &rest[i + len..];
+        let end = tail
+            .find(|c: char| c == '&' || c == '"' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    scrubbed.push_str(rest);
+    scrubbed
 }
 
 /// What the cluster said about one request.
@@ -192,6 +225,7 @@ impl Cluster {
         config: &RedisConfig,
         cap: u32,
         policy: OnRedisError,
+        instance: u64,
     ) -> Result<Cluster, String> {
         let client = Client::open(config.url.as_str())
             .map_err(|e| format!("redis.url {}: {e}", redacted(&config.url)))?;
@@ -205,7 +239,7 @@ impl Cluster {
             policy,
             ttl_ms: config.lease_ttl.as_millis() as u64,
             key: leases_key(&config.prefix),
-            prefix: member_prefix(std::process::id()),
+            prefix: member_prefix(instance, std::process::id()),
             seq: AtomicU64::new(0),
             held: Mutex::new(HashSet::new()),
             to_acquire: Mutex::new(Vec::new()),
@@ -221,11 +255,24 @@ impl Cluster {
         })
     }
 
-    /// Starts the background work: the first dial and the lease renewal. Must run inside the
-    /// worker's runtime.
-    pub(crate) fn start(&'static self, slot: &'static Slot) {
+    /// Dials Redis once (within the dial's own timeout) so that the worker's first requests
+    /// find a connection, then starts the background work: acquiring, releasing, renewing.
+    /// Must run inside the worker's runtime, before the worker accepts connections. Redis
+    /// unreachable: the worker starts degraded, and says so once.
+    pub(crate) async fn start(&'static self, slot: &'static Slot) {
         let _ = self.slot.set(slot);
-        self.dial();
+        self.dialling.store(true, Ordering::Release);
+        if !self.dial_now().await {
+            let next = coarse_monotonic_ms() + PROBE_EVERY_MS;
+            self.open_until.store(next, Ordering::Release);
+            self.failures.store(OPEN_AFTER, Ordering::Relaxed);
+            warn!(
+                redis = %self.described,
+                limits.on_redis_error = self.policy.as_str(),
+                "redis is not answering at start; degraded until it does"
+            );
+            self.set_state(RedisState::Degraded);
+        }
         tokio::spawn(self.acquire_batches());
         tokio::spawn(self.release_queued());
         tokio::spawn(async move {
@@ -246,25 +293,43 @@ impl Cluster {
             return;
         }
         tokio::spawn(async move {
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
-                .set_response_timeout(None);
-            match self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-            {
-                Ok(conn) => {
-                    *self.conn.lock().expect("not poisoned") = Some(conn);
-                    debug!(redis = %self.described, "connected to redis");
-                    if self.open_until.load(Ordering::Acquire) == 0 {
-                        self.set_state(RedisState::Connected);
-                    }
-                }
-                Err(e) => debug!(redis = %self.described, error = %e, "cannot connect to redis"),
-            }
-            self.dialling.store(false, Ordering::Release);
+            self.dial_now().await;
         });
+    }
+
+    /// One dial; `dialling` is set by the caller and cleared here. Whether it connected.
+    async fn dial_now(&'static self) -> bool {
+        // A reply that never comes (a stopped Redis) ends the call after the lease's life: by
+        // then whatever it took has expired anyway. Requests never wait that long: they have
+        // their own deadline.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(Duration::from_millis(self.ttl_ms)));
+        let connected = match self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(conn) => {
+                *self.conn.lock().expect("not poisoned") = Some(conn);
+                debug!(redis = %self.described, "connected to redis");
+                if self.open_until.load(Ordering::Acquire) == 0 {
+                    self.set_state(RedisState::Connected);
+                }
+                // The next request probes with a real call.
+                self.probing.store(false, Ordering::Release);
+                true
+            }
+            Err(e) => {
+                debug!(redis = %self.described, error = %e, "cannot connect to redis");
+                false
+            }
+        };
+        self.dialling.store(false, Ordering::Release);
+        if !connected {
+            self.failed("cannot connect");
+        }
+        connected
     }
 
     fn connection(&'static self) -> Option<MultiplexedConnection> {
@@ -296,10 +361,13 @@ impl Cluster {
 
     fn failed(&'static self, why: &str) {
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-        let probe_failed = self.probing.swap(false, Ordering::AcqRel);
+        self.probing.store(false, Ordering::Release);
         let next = coarse_monotonic_ms() + PROBE_EVERY_MS;
-        if probe_failed {
+        if self.open_until.load(Ordering::Acquire) != 0 {
+            // Open already (a probe or a dial failed): the next probe in a second, on a fresh
+            // connection.
             self.open_until.store(next, Ordering::Release);
+            *self.conn.lock().expect("not poisoned") = None;
         } else if failures >= OPEN_AFTER
             && self
                 .open_until
@@ -314,10 +382,10 @@ impl Cluster {
             );
             self.set_state(RedisState::Degraded);
         }
-        // A connection that keeps failing is dialled afresh (a failover, a READONLY replica).
+        // A connection that keeps failing is dropped; the next request that may go to Redis
+        // dials afresh (a failover, a READONLY replica).
         if failures.is_multiple_of(OPEN_AFTER) {
             *self.conn.lock().expect("not poisoned") = None;
-            self.dial();
         }
     }
 
@@ -347,7 +415,7 @@ impl Cluster {
             return Verdict::Unavailable;
         }
         if self.connection().is_none() {
-            self.failed("not connected");
+            // No connection: a dial is (now) under way, and its outcome is what counts.
             return Verdict::Unavailable;
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -366,8 +434,7 @@ impl Cluster {
             // The batch failed (already counted by the acquiring task).
             Ok(Ok(Err(()))) | Ok(Err(_)) => Verdict::Unavailable,
             Err(_) => {
-                // The script may still run: whatever it took for this request goes back.
-                self.release(seq);
+                // If the call still takes a lease for this request, it gives it back.
                 self.failed("no answer within redis.timeout");
                 Verdict::Unavailable
             }
@@ -376,45 +443,56 @@ impl Cluster {
 
     /// The acquiring task: one script call for every request that asked since the last one
     /// was sent, so that under load many requests share a call (and at c=1 each has its own).
+    /// One call at a time, while calls answer within `redis.timeout`; one that does not is left
+    /// to finish on its own (it gives back what it took for requests that stopped waiting).
     async fn acquire_batches(&'static self) {
+        let mut previous: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             self.wanted.notified().await;
-            let batch = std::mem::take(&mut *self.to_acquire.lock().expect("not poisoned"));
+            if let Some(mut call) = previous.take() {
+                let _ = tokio::time::timeout(self.timeout, &mut call).await;
+            }
+            let mut batch = std::mem::take(&mut *self.to_acquire.lock().expect("not poisoned"));
+            batch.retain(|(_, tx)| !tx.is_closed());
             if batch.is_empty() {
                 continue;
             }
-            let answer = match self.connection() {
-                None => Err("not connected".to_string()),
-                Some(mut conn) => {
-                    let mut call = self.acquire.key(&self.key);
-                    call.arg(self.cap).arg(self.ttl_ms);
-                    for (seq, _) in &batch {
-                        call.arg(format!("{}{seq}", self.prefix));
-                    }
-                    match tokio::time::timeout(self.timeout, call.invoke_async::<usize>(&mut conn))
-                        .await
-                    {
-                        Ok(Ok(granted)) => Ok(granted),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("no answer within redis.timeout".to_string()),
+            previous = Some(tokio::spawn(self.send_batch(batch)));
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn send_batch(
+        &'static self,
+        batch: Vec<(u64, tokio::sync::oneshot::Sender<Result<bool, ()>>)>,
+    ) {
+        let Some(mut conn) = self.connection() else {
+            for (_, tx) in batch {
+                let _ = tx.send(Err(()));
+            }
+            return;
+        };
+        let mut call = self.acquire.key(&self.key);
+        call.arg(self.cap).arg(self.ttl_ms);
+        for (seq, _) in &batch {
+            call.arg(format!("{}{seq}", self.prefix));
+        }
+        // Bounded by the connection's response timeout (`redis.lease_ttl`).
+        match call.invoke_async::<usize>(&mut conn).await {
+            Ok(granted) => {
+                self.succeeded();
+                for (i, (seq, tx)) in batch.into_iter().enumerate() {
+                    if tx.send(Ok(i < granted)).is_err() && i < granted {
+                        // The request stopped waiting (deadline, client gone): its lease goes
+                        // back.
+                        self.release(seq);
                     }
                 }
-            };
-            match answer {
-                Ok(granted) => {
-                    self.succeeded();
-                    for (i, (seq, tx)) in batch.into_iter().enumerate() {
-                        if tx.send(Ok(i < granted)).is_err() && i < granted {
-                            // The request gave up waiting (or went away): its lease goes back.
-                            self.release(seq);
-                        }
-                    }
-                }
-                Err(why) => {
-                    self.failed(&why);
-                    for (_, tx) in batch {
-                        let _ = tx.send(Err(()));
-                    }
+            }
+            Err(e) => {
+                self.failed(&e.to_string());
+                for (_, tx) in batch {
+                    let _ = tx.send(Err(()));
                 }
             }
         }
@@ -502,7 +580,7 @@ pub struct Janitor {
 
 impl Janitor {
     /// `None` without `redis.url` or a cluster-wide cap.
-    pub fn start(config: &crate::config::Config) -> Option<Janitor> {
+    pub fn start(config: &crate::config::Config, instance: u64) -> Option<Janitor> {
         if config.redis.url.is_empty() || config.limits.cluster_max_concurrent_requests == 0 {
             return None;
         }
@@ -517,7 +595,7 @@ impl Janitor {
                 let purge = Script::new(PURGE);
                 let mut conn: Option<redis::Connection> = None;
                 for pid in rx {
-                    let prefix = member_prefix(pid);
+                    let prefix = member_prefix(instance, pid);
                     for _ in 0..2 {
                         if conn.is_none() {
                             conn = client.get_connection_with_timeout(timeout).ok();
@@ -581,5 +659,13 @@ mod tests {
         assert_eq!(redacted("rediss://:s3cret@db"), "rediss://:***@db");
         assert_eq!(redacted("redis://tok@db"), "redis://***@db");
         assert_eq!(redacted("unix:///run/redis.sock"), "unix:///run/redis.sock");
+        assert_eq!(
+            redacted("unix:///run/redis.sock?db=1&pass=s3cret&x=1"),
+            "unix:///run/redis.sock?db=1&pass=***&x=1"
+        );
+        assert_eq!(
+            scrub("environment variable REDIS_URL=\"redis://:s3cret@db\": bad; also password=pw"),
+            "environment variable REDIS_URL=\"redis://:***@db\": bad; also password=***"
+        );
     }
 }

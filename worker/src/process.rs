@@ -102,6 +102,7 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
             &args.config.redis,
             limits.cluster_max_concurrent_requests,
             limits.on_redis_error,
+            board.header().instance.load(Ordering::Relaxed),
         ) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -160,7 +161,7 @@ async fn serve(
     hold: bool,
 ) -> ExitCode {
     if let Some(cluster) = &worker.cluster {
-        cluster.start(worker.admission.slot());
+        cluster.start(worker.admission.slot()).await;
     }
     let ended = serve_until_done(worker, fds, master_pid, config, runtime_dir, hold).await;
     if let Some(app) = worker.proxy.get().and_then(|p| p.app()) {

@@ -38,6 +38,9 @@ pub struct Header {
     pub global_cap: AtomicU32,
     /// Requests answered 503 because the host-wide cap was reached.
     pub global_rejected: AtomicU64,
+    /// Random, drawn by the master at start: names this master's Redis leases apart from those
+    /// of any other master, on this host (another PID namespace) or elsewhere.
+    pub instance: AtomicU64,
 }
 
 /// What a worker record's process is doing, in lifecycle order.
@@ -267,6 +270,11 @@ impl Scoreboard {
         h.capacity.store(capacity as u32, Ordering::Relaxed);
         h.master_pid.store(std::process::id(), Ordering::Relaxed);
         h.global_cap.store(global_cap, Ordering::Relaxed);
+        let random = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            (std::process::id(), monotonic_ms()),
+        );
+        h.instance.store(random, Ordering::Relaxed);
         h.magic.store(MAGIC, Ordering::Release);
         Ok((board, fd))
     }
