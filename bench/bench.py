@@ -24,8 +24,10 @@ import random
 import re
 import signal
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +37,8 @@ import harness as h  # noqa: E402
 import lifecycle  # noqa: E402
 import report  # noqa: E402
 
-SCENARIOS = ["hello", "latency", "overload", "balance", "footprint", "lifecycle", "proxy"]
+SCENARIOS = ["hello", "latency", "overload", "balance", "footprint", "lifecycle", "proxy",
+             "redis"]
 
 # A load generator that used this much of its CPU(s) may have been the bottleneck.
 LOADGEN_BUSY_WARN = 0.90
@@ -1026,6 +1029,122 @@ def scenario_proxy(ctx: Ctx) -> dict:
     return result
 
 
+REDIS_ADDED_P50_US = 150  # target: Redis mode adds at most this much p50 at c=1
+REDIS_RPS_TARGET = 0.8  # target: Redis mode keeps this share of local mode's req/s at c=64
+
+
+def start_redis(ctx: Ctx, tmp: Path) -> tuple:
+    """A redis-server of the benchmark's own on a Unix socket in `tmp`, on the servers' CPU(s)
+    (it competes with the workers there, as it would on a host that runs both); returns the
+    process and the socket path once it answers PING."""
+    sock = tmp / "redis.sock"
+    proc = h.spawn(ctx.pin.server_prefix() + [
+        "redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+        "--save", "", "--appendonly", "no", "--dir", str(tmp)], h.LOGS / "redis-server.log")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = subprocess.run(["redis-cli", "-s", str(sock), "PING"], capture_output=True,
+                             text=True)
+        if out.stdout.strip() == "PONG":
+            return proc, sock
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not answer PING")
+
+
+def redis_cli(sock: Path, *args: str) -> str:
+    return subprocess.run(["redis-cli", "-s", str(sock), *args], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def scenario_redis(ctx: Ctx) -> dict:
+    """The cost of the cluster-wide cap: supervisor with `limits.cluster_max_concurrent_requests`
+    through a local redis-server (on a Unix socket, on the servers' CPU) against the same
+    supervisor with host-local limits only, on GET /: the latency added at c=1 and the req/s
+    kept at c=64. The cap is set far above the load, so every request takes and gives back a
+    lease and none is refused."""
+    W = ctx.default_workers
+    d, warmup = ctx.secs(10, 1), ctx.secs(2, 0.5)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-redis-", dir=h.BUILD))
+    proc, sock = start_redis(ctx, tmp)
+    big = 1_000_000
+    local = sup("supervisor-local", f"supervisor, host limits only (workers={W})",
+                **{"limits.max_concurrent_requests": big})
+    cluster = sup("supervisor-redis", f"supervisor + Redis cluster cap (workers={W})",
+                  **{"limits.max_concurrent_requests": big,
+                     "limits.cluster_max_concurrent_requests": big,
+                     "redis.url": f"unix://{sock}"})
+    entries = [("supervisor-local", local, W), ("supervisor-redis", cluster, W)]
+    result = header(ctx, "redis", {
+        "redis": "redis-server " + (redis_cli(sock, "INFO", "server").split("redis_version:")
+                                    [-1].split()[0] if redis_cli(sock, "INFO", "server") else "?")
+                 + ", Unix socket, on the servers' CPU(s), no persistence",
+        "c1": f"wrk -t1 -c1 closed loop on GET /, {d}s after {warmup}s warm-up; p50 from wrk, "
+              f"mean = 1 / (req/s)",
+        "c64": f"wrk -t1 -c64 closed loop on GET /, {d}s after {warmup}s warm-up",
+    })
+
+    def measure(key, system, workers, rnd):
+        run = system.start(workers, ctx.pin)
+        try:
+            h.wrk(run, "/", 1, warmup, ctx.pin)
+            c1 = wrk_metrics(h.wrk(run, "/", 1, d, ctx.pin), ctx.pin)
+            h.wrk(run, "/", 64, warmup, ctx.pin)
+            c64 = wrk_metrics(h.wrk(run, "/", 64, d, ctx.pin), ctx.pin)
+        finally:
+            run.stop()
+        return {"c1": c1, "c64": c64, "p50_us": round(c1["p50_ms"] * 1000, 1),
+                "mean_us": round(1e6 / c1["rps"], 1) if c1["rps"] else None,
+                "rps": c64["rps"], "cpu_us_per_req": c64.get("server_cpu_us_per_req"),
+                "non_2xx": c1["non_2xx"] + c64["non_2xx"]}
+
+    try:
+        runs = interleave(ctx, entries, measure, "redis")
+        leases_left = redis_cli(sock, "ZCARD", "supervisor:leases")
+    finally:
+        h.stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["runs"] = runs
+    rows = []
+    for key, system, workers in entries:
+        ms = by_system(runs, key)
+        rows.append({"system": key, "label": system.label, "workers": workers, "n": len(ms),
+                     "p50_us": med(ms, "p50_us"), "mean_us": med(ms, "mean_us"),
+                     "rps": med(ms, "rps"), "cpu_us_per_req": med(ms, "cpu_us_per_req"),
+                     "non_2xx": sum(m["non_2xx"] for m in ms)})
+    # Paired: supervisor-redis against supervisor-local of the same round.
+    per_round = {}
+    for r in runs:
+        if "metrics" in r:
+            per_round.setdefault(r["round"], {})[r["system"]] = r["metrics"]
+    added, kept = [], []
+    for rnd, pair in sorted(per_round.items()):
+        a, b = pair.get("supervisor-redis"), pair.get("supervisor-local")
+        if a and b:
+            added.append(round(a["p50_us"] - b["p50_us"], 1))
+            if b["rps"]:
+                kept.append(round(a["rps"] / b["rps"], 3))
+    med_of = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+    summary = {"rows": rows, "added_p50_us": added, "kept_rps": kept,
+               "added_p50_us_paired": med_of(added), "kept_rps_paired": med_of(kept),
+               "leases_left": leases_left}
+    summary["targets"] = [
+        _target(f"c=1: Redis adds < {REDIS_ADDED_P50_US} µs p50 per request (paired)",
+                f"{fmt_us(summary['added_p50_us_paired'])} µs", summary["added_p50_us_paired"],
+                REDIS_ADDED_P50_US, False, "µs"),
+        _target(f"c=64: req/s >= {REDIS_RPS_TARGET}x host-limits-only (paired)",
+                f"{fmt_x(summary['kept_rps_paired'])}", summary["kept_rps_paired"],
+                REDIS_RPS_TARGET, True, "x"),
+    ]
+    result["summary"] = summary
+    collect_warnings(result, runs, "redis")
+    for r in rows:
+        if r["non_2xx"]:
+            result["warnings"].append(f"redis: {r['system']} answered {r['non_2xx']} non-2xx")
+    if leases_left not in ("0", ""):
+        result["warnings"].append(f"redis: {leases_left} leases left in Redis after the runs")
+    return result
+
+
 def _us(ms):
     return None if ms is None else round(ms * 1000, 1)
 
@@ -1101,7 +1220,8 @@ def fmt_us(v):
 
 FUNCS = {"hello": scenario_hello, "latency": scenario_latency, "overload": scenario_overload,
          "balance": scenario_balance, "footprint": scenario_footprint,
-         "lifecycle": lifecycle.scenario_lifecycle, "proxy": scenario_proxy}
+         "lifecycle": lifecycle.scenario_lifecycle, "proxy": scenario_proxy,
+         "redis": scenario_redis}
 
 
 def main() -> int:

@@ -288,9 +288,26 @@ def draw_proxy(result, path):
     plt.close(fig)
 
 
+def draw_redis(result, path):
+    rows = [r for r in result["summary"]["rows"] if r.get("n", 1)]
+    labels = [r["label"] for r in rows]
+    cols = [color(r["system"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    _bars(axes[0], labels, [r["p50_us"] for r in rows], cols,
+          [_runs(result, r["system"], "p50_us") for r in rows], fmt="{:.0f}")
+    axes[0].set_title("GET /, c=1: p50 µs (median; dots: rounds)", fontsize=9)
+    _bars(axes[1], labels, [r["rps"] for r in rows], cols,
+          [_runs(result, r["system"], "rps") for r in rows])
+    axes[1].set_title("GET /, c=64: req/s (median; dots: rounds)", fontsize=9)
+    _title(fig, result, "redis: the cluster-wide cap through Redis vs host limits only")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 DRAW = {"hello": draw_hello, "latency": draw_latency, "overload": draw_overload,
         "balance": draw_balance, "footprint": draw_footprint,
-        "lifecycle": lifecycle.draw_lifecycle, "proxy": draw_proxy}
+        "lifecycle": lifecycle.draw_lifecycle, "proxy": draw_proxy, "redis": draw_redis}
 
 
 def draw(result: dict, path: Path) -> None:

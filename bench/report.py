@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lifecycle  # the lifecycle scenario keeps its own table and plot
 
-ORDER = ["hello", "latency", "overload", "balance", "footprint", "lifecycle", "proxy"]
+ORDER = ["hello", "latency", "overload", "balance", "footprint", "lifecycle", "proxy", "redis"]
 
 
 def fmt(v, digits=2):
@@ -260,9 +260,29 @@ def md_proxy(r: dict) -> str:
             f"### The hop alone, `GET /`: {c['hop']}\n\n{ht}\n\n{hop_t}\n")
 
 
+def md_redis(r: dict) -> str:
+    s, c = r["summary"], r["config"]
+    rows = measured(s["rows"])
+    t = table(["system", "p50 µs (c=1)", "mean µs (c=1)", "req/s (c=64)", "server CPU µs/req (c=64)",
+               "non-2xx"],
+              [[x["label"], x["p50_us"], x["mean_us"], x["rps"], x["cpu_us_per_req"],
+                x["non_2xx"]] for x in rows])
+    targets = table(["target", "measured", "met?", "by how much"],
+                    [[t_["target"], t_["measured"],
+                      "**met**" if t_["met"] else ("**not met**" if t_["met"] is False else "–"),
+                      t_["by"]] for t_ in s["targets"]])
+    rounds = table(["", "per round"],
+                   [["added p50 µs (redis - local)", ", ".join(f"{v:+.1f}" for v in
+                                                          s["added_p50_us"])],
+                    ["req/s kept (redis / local)", ", ".join(f"{v:.3f}" for v in s["kept_rps"])]])
+    return (f"## redis: the cluster-wide cap through Redis vs host limits only, GET /\n\n"
+            f"{c['redis']}. c=1: {c['c1']}. c=64: {c['c64']}.\n\n{targets}\n\n{t}\n\n"
+            f"{rounds}\n\nLeases left in Redis after the runs: {s['leases_left']}.\n")
+
+
 MD = {"hello": md_hello, "latency": md_latency, "overload": md_overload,
       "balance": md_balance, "footprint": md_footprint, "lifecycle": lifecycle.md_lifecycle,
-      "proxy": md_proxy}
+      "proxy": md_proxy, "redis": md_redis}
 
 
 def write(result: dict, out: Path) -> None:
