@@ -251,6 +251,41 @@ fn redis_that_stops_answering_costs_requests_no_more_than_the_deadline() {
 }
 
 #[test]
+fn redis_paused_by_client_pause_costs_requests_no_more_than_the_deadline() {
+    let redis = Redis::start();
+    let s = start(
+        &redis,
+        "1",
+        &["--set", "limits.cluster_max_concurrent_requests=50"],
+    );
+    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
+    // Redis holds every client's commands for 3 s (as during a failover).
+    assert_eq!(
+        cli(&redis.socket(), &["CLIENT", "PAUSE", "3000", "ALL"]),
+        "OK"
+    );
+    let paused = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut served = 0;
+    while paused.elapsed() < Duration::from_millis(1500) && served < 200 {
+        let started = Instant::now();
+        assert_eq!(s.get("/").status, 200);
+        slowest = slowest.max(started.elapsed());
+        served += 1;
+    }
+    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    assert_eq!(redis_states(&s), ["degraded"]);
+    // Once the pause ends, cluster mode comes back, and no lease is left behind.
+    eventually(WAIT, "the worker back on redis", || {
+        assert_eq!(s.get("/").status, 200);
+        all_connected(&s)
+    });
+    eventually(WAIT, "no lease left behind", || {
+        (redis.leases() == 0).then_some(())
+    });
+}
+
+#[test]
 fn a_long_requests_lease_is_renewed_past_lease_ttl() {
     let redis = Redis::start();
     let s = start(
