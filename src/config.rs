@@ -917,7 +917,8 @@ fn check_together(config: &Config) -> Result<(), String> {
         ));
     }
     let workers = config.server.workers.unwrap_or_else(default_workers);
-    if cap > 0 && !config.redis.url.is_empty() && workers + 1 > config.redis.max_connections {
+    let uses_redis = cap > 0 || !config.limits.rate.is_empty();
+    if uses_redis && !config.redis.url.is_empty() && workers + 1 > config.redis.max_connections {
         return Err(format!(
             "redis.max_connections = {} is fewer than the {workers} workers plus the master \
              need (one connection each)",

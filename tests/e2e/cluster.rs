@@ -390,3 +390,58 @@ fn a_killed_workers_leases_are_returned_at_once() {
         killed.elapsed()
     );
 }
+
+#[test]
+fn a_clients_rate_is_one_budget_across_instances() {
+    let redis = Redis::start();
+    // 10 at once, then one every 6 s: nothing refills while the test runs (unless it takes
+    // longer than 6 s, which the bound below allows for).
+    let rate = ["--set", "limits.rate=10/min"];
+    let a = start(&redis, "2", &rate);
+    let b = start(&redis, "2", &rate);
+    eventually(WAIT, "every worker connected to redis", || {
+        all_connected(&a).and(all_connected(&b))
+    });
+    let started = Instant::now();
+    let answers: Vec<Response> = (0..40)
+        .map(|i| if i % 2 == 0 { a.get("/") } else { b.get("/") })
+        .collect();
+    let refill = (started.elapsed().as_secs() / 6) as usize;
+    let passed = answers.iter().filter(|r| r.status == 200).count();
+    assert!(
+        (10..=10 + refill).contains(&passed),
+        "{passed} of 40 passed in {:?}",
+        started.elapsed()
+    );
+    for r in answers.iter().filter(|r| r.status != 200) {
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert!(r.header("retry-after").is_some());
+        assert_eq!(r.header("ratelimit-policy"), Some("\"client\";q=10;w=60"));
+    }
+    // The first answer counts down from the budget shared by both instances.
+    assert!(
+        answers[0]
+            .header("ratelimit")
+            .unwrap()
+            .starts_with("\"client\";r=9;t="),
+        "{:?}",
+        answers[0].header("ratelimit")
+    );
+}
+
+#[test]
+fn while_redis_is_away_rates_fall_back_to_the_hosts_table_or_to_none() {
+    for (policy, expected) in [("local", 2), ("open", 5)] {
+        let mut redis = Redis::start();
+        let on_error = format!("limits.on_redis_error={policy}");
+        let s = start(
+            &redis,
+            "1",
+            &["--set", "limits.rate=2/min", "--set", &on_error],
+        );
+        eventually(WAIT, "the worker connected to redis", || all_connected(&s));
+        redis.kill();
+        let passed = (0..5).filter(|_| s.get("/").status == 200).count();
+        assert_eq!(passed, expected, "on_redis_error = {policy}");
+    }
+}

@@ -63,7 +63,7 @@ impl ClientRate {
         }
     }
 
-    /// Counts this request against its client.
+    /// Counts this request against its client, in the host's table.
     pub(crate) fn check(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Decision {
         let hash = match &self.key {
             RateKey::Header(name) => match headers.get(name) {
@@ -80,7 +80,36 @@ impl ClientRate {
         self.table.check(hash, self.table.now(), &self.gcra)
     }
 
+    /// Who the client is, as bytes the same on every host (for Redis).
+    pub(crate) fn client_key(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Vec<u8> {
+        if let RateKey::Header(name) = &self.key {
+            if let Some(v) = headers.get(name) {
+                let mut key = Vec::with_capacity(v.len() + 1);
+                key.push(b'h');
+                key.extend_from_slice(v.as_bytes());
+                return key;
+            }
+        }
+        let (key, len) = self.ip_key(headers, peer);
+        key[..len].to_vec()
+    }
+
+    /// The limit, for the cluster to count in Redis.
+    pub(crate) fn gcra(&self) -> Gcra {
+        self.gcra
+    }
+
+    /// Counts a refusal made elsewhere (Redis) in the host's figures.
+    pub(crate) fn count_refused(&self) {
+        self.table.count_limited();
+    }
+
     fn ip_hash(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> u64 {
+        let (key, len) = self.ip_key(headers, peer);
+        self.table.hash(&key[..len])
+    }
+
+    fn ip_key(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> ([u8; 17], usize) {
         let mut key = [0u8; 17];
         let len = match self.client_ip(headers, peer) {
             Some(IpAddr::V4(ip)) => {
@@ -99,7 +128,7 @@ impl ClientRate {
                 1
             }
         };
-        self.table.hash(&key[..len])
+        (key, len)
     }
 
     /// The client's address: the peer's, or, when the peer is a trusted proxy, the nearest

@@ -25,28 +25,60 @@ use redis::{AsyncConnectionConfig, Client, Script};
 use tracing::{debug, info, warn};
 
 use crate::config::{OnRedisError, RedisConfig};
+use crate::ratelimit::{Decision, Gcra};
 use crate::scoreboard::{coarse_monotonic_ms, Slot};
 
-/// Drops expired leases, then takes one for each listed member, in order, while fewer than the
-/// cap are held. KEYS[1] leases; ARGV: cap, ttl ms, members. Returns how many were taken (the
-/// first ones listed).
+/// For each request of a batch, in order: its client's rate (GCRA, on Redis's clock, in µs),
+/// then a lease if the cap has room. A request refused either way takes nothing: its rate state
+/// is written only when it is admitted. KEYS[1] leases; ARGV: cap, lease ttl ms, interval µs,
+/// tolerance µs, then per request its member and its client's rate key ("-": none). Returns,
+/// per request: rate passed (0/1), lease taken or not wanted (0/1), and how far ahead of now the
+/// client's TAT is, in µs (after this request if it passed, before it if not).
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local room = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
-local take = math.min(math.max(room, 0), #ARGV - 2)
-if take == 0 then
-  return 0
+local now_us = t[1] * 1000000 + t[2]
+local now_ms = math.floor(now_us / 1000)
+local cap = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local interval = tonumber(ARGV[3])
+local tolerance = tonumber(ARGV[4])
+local room = nil
+local out = {}
+for i = 5, #ARGV, 2 do
+  local member, rate_key = ARGV[i], ARGV[i + 1]
+  local rate_ok, ahead, tat = 1, 0, now_us
+  if rate_key ~= '-' then
+    tat = tonumber(redis.call('GET', rate_key) or now_us)
+    if tat < now_us then tat = now_us end
+    ahead = tat - now_us
+    if ahead > tolerance then rate_ok = 0 end
+  end
+  local lease = 0
+  if rate_ok == 1 then
+    if member == '-' then
+      lease = 1
+    else
+      if room == nil then
+        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+        room = cap - redis.call('ZCARD', KEYS[1])
+      end
+      if room > 0 then
+        redis.call('ZADD', KEYS[1], now_ms + ttl, member)
+        room = room - 1
+        lease = 1
+      end
+    end
+    if lease == 1 and rate_key ~= '-' then
+      local new = tat + interval
+      redis.call('SET', rate_key, new, 'PX', math.floor((new - now_us) / 1000) + 1)
+      ahead = new - now_us
+    end
+  end
+  out[#out + 1] = rate_ok
+  out[#out + 1] = lease
+  out[#out + 1] = ahead
 end
-local expiry = now + tonumber(ARGV[2])
-local add = {}
-for i = 1, take do
-  add[#add + 1] = expiry
-  add[#add + 1] = ARGV[2 + i]
-end
-redis.call('ZADD', KEYS[1], unpack(add))
-return take
+return out
 ";
 
 /// Pushes the expiry of the listed leases that still exist. KEYS[1] leases; ARGV: ttl ms,
@@ -153,9 +185,38 @@ pub fn scrub(text: &str) -> String {
     scrubbed
 }
 
+/// One request waiting for the acquiring task.
+struct Wanted {
+    seq: u64,
+    lease: bool,
+    rate_key: Option<String>,
+    answer: tokio::sync::oneshot::Sender<Result<Answer, ()>>,
+}
+
+/// The script's answer for one request.
+#[derive(Clone, Copy)]
+struct Answer {
+    rate_ok: bool,
+    lease_ok: bool,
+    ahead_us: u64,
+}
+
+/// The Redis key of a client's rate state: a 128-bit SipHash of its key, the same on every
+/// host (so the budget is cluster-wide), which keeps API keys out of Redis's keyspace.
+pub(crate) fn rate_key(prefix: &str, client: &[u8]) -> String {
+    let mut h = siphasher::sip128::SipHasher13::new();
+    std::hash::Hasher::write(&mut h, client);
+    let v = siphasher::sip128::Hasher128::finish128(&h).as_u128();
+    format!("{prefix}:rate:{v:032x}")
+}
+
 /// What the cluster said about one request.
 pub(crate) enum Verdict {
-    Admitted(Lease),
+    /// Through: with its lease (when there is a cap) and its client's rate decision (when
+    /// `limits.rate` is set).
+    Admitted(Option<Lease>, Option<Decision>),
+    /// The client's rate is spent (cluster-wide).
+    Limited(Decision),
     /// The cluster-wide cap is reached.
     Full,
     /// Redis did not answer in time, failed, or the breaker is open: `limits.on_redis_error`.
@@ -197,6 +258,10 @@ pub(crate) struct Cluster {
     timeout: Duration,
     pub(crate) cap: u32,
     pub(crate) policy: OnRedisError,
+    /// `limits.rate`, counted in Redis for every host.
+    rate: Option<Gcra>,
+    /// `redis.prefix`, for the rate keys.
+    key_prefix: String,
     ttl_ms: u64,
     key: String,
     prefix: String,
@@ -204,7 +269,7 @@ pub(crate) struct Cluster {
     held: Mutex<HashSet<u64>>,
     /// Requests waiting for the acquiring task, with where to send its answer.
     #[allow(clippy::type_complexity)]
-    to_acquire: Mutex<Vec<(u64, tokio::sync::oneshot::Sender<Result<bool, ()>>)>>,
+    to_acquire: Mutex<Vec<Wanted>>,
     wanted: tokio::sync::Notify,
     /// Leases given back and not yet sent to Redis.
     to_release: Mutex<Vec<u64>>,
@@ -225,6 +290,7 @@ impl Cluster {
         config: &RedisConfig,
         cap: u32,
         policy: OnRedisError,
+        rate: Option<Gcra>,
         instance: u64,
     ) -> Result<Cluster, String> {
         let client = Client::open(config.url.as_str())
@@ -237,6 +303,8 @@ impl Cluster {
             timeout: config.timeout,
             cap,
             policy,
+            rate,
+            key_prefix: config.prefix.clone(),
             ttl_ms: config.lease_ttl.as_millis() as u64,
             key: leases_key(&config.prefix),
             prefix: member_prefix(instance, std::process::id()),
@@ -409,8 +477,15 @@ impl Cluster {
         }
     }
 
-    /// One script call: a cluster-wide permit for this request, or why not.
-    pub(crate) async fn acquire(&'static self) -> Verdict {
+    /// Whether `limits.rate` is counted here (in Redis) rather than in the host's table.
+    pub(crate) fn has_rate(&self) -> bool {
+        self.rate.is_some()
+    }
+
+    /// One script call (shared with the requests that arrive meanwhile): the client's rate,
+    /// when `limits.rate` is set (`client` is its key), and a cluster-wide permit, when there
+    /// is a cap.
+    pub(crate) async fn acquire(&'static self, client: Option<&[u8]>) -> Verdict {
         if !self.allowed() {
             return Verdict::Unavailable;
         }
@@ -419,18 +494,41 @@ impl Cluster {
             return Verdict::Unavailable;
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let lease = self.cap > 0;
+        let rate_key = match (&self.rate, client) {
+            (Some(_), Some(client)) => Some(rate_key(&self.key_prefix, client)),
+            _ => None,
+        };
+        let counted = rate_key.is_some();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.to_acquire
-            .lock()
-            .expect("not poisoned")
-            .push((seq, tx));
+        self.to_acquire.lock().expect("not poisoned").push(Wanted {
+            seq,
+            lease,
+            rate_key,
+            answer: tx,
+        });
         self.wanted.notify_one();
         match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(Ok(true))) => {
-                self.held.lock().expect("not poisoned").insert(seq);
-                Verdict::Admitted(Lease { cluster: self, seq })
+            Ok(Ok(Ok(answer))) => {
+                let decision = match (&self.rate, counted) {
+                    (Some(gcra), true) => Some(gcra.from_redis(answer.rate_ok, answer.ahead_us)),
+                    _ => None,
+                };
+                if !answer.rate_ok {
+                    return match decision {
+                        Some(d) => Verdict::Limited(d),
+                        None => Verdict::Unavailable,
+                    };
+                }
+                if lease && !answer.lease_ok {
+                    return Verdict::Full;
+                }
+                let lease = lease.then(|| {
+                    self.held.lock().expect("not poisoned").insert(seq);
+                    Lease { cluster: self, seq }
+                });
+                Verdict::Admitted(lease, decision)
             }
-            Ok(Ok(Ok(false))) => Verdict::Full,
             // The batch failed (already counted by the acquiring task).
             Ok(Ok(Err(()))) | Ok(Err(_)) => Verdict::Unavailable,
             Err(_) => {
@@ -453,7 +551,7 @@ impl Cluster {
                 let _ = tokio::time::timeout(self.timeout, &mut call).await;
             }
             let mut batch = std::mem::take(&mut *self.to_acquire.lock().expect("not poisoned"));
-            batch.retain(|(_, tx)| !tx.is_closed());
+            batch.retain(|w| !w.answer.is_closed());
             if batch.is_empty() {
                 continue;
             }
@@ -461,38 +559,57 @@ impl Cluster {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    async fn send_batch(
-        &'static self,
-        batch: Vec<(u64, tokio::sync::oneshot::Sender<Result<bool, ()>>)>,
-    ) {
+    async fn send_batch(&'static self, batch: Vec<Wanted>) {
         let Some(mut conn) = self.connection() else {
-            for (_, tx) in batch {
-                let _ = tx.send(Err(()));
+            for w in batch {
+                let _ = w.answer.send(Err(()));
             }
             return;
         };
+        let (interval, tolerance) = self
+            .rate
+            .map_or((0, 0), |g| (g.interval_us(), g.tolerance_us()));
         let mut call = self.acquire.key(&self.key);
-        call.arg(self.cap).arg(self.ttl_ms);
-        for (seq, _) in &batch {
-            call.arg(format!("{}{seq}", self.prefix));
+        call.arg(self.cap)
+            .arg(self.ttl_ms)
+            .arg(interval)
+            .arg(tolerance);
+        for w in &batch {
+            if w.lease {
+                call.arg(format!("{}{}", self.prefix, w.seq));
+            } else {
+                call.arg("-");
+            }
+            call.arg(w.rate_key.as_deref().unwrap_or("-"));
         }
         // Bounded by the connection's response timeout (`redis.lease_ttl`).
-        match call.invoke_async::<usize>(&mut conn).await {
-            Ok(granted) => {
+        match call.invoke_async::<Vec<i64>>(&mut conn).await {
+            Ok(out) if out.len() == batch.len() * 3 => {
                 self.succeeded();
-                for (i, (seq, tx)) in batch.into_iter().enumerate() {
-                    if tx.send(Ok(i < granted)).is_err() && i < granted {
+                for (w, a) in batch.into_iter().zip(out.chunks_exact(3)) {
+                    let answer = Answer {
+                        rate_ok: a[0] == 1,
+                        lease_ok: a[1] == 1,
+                        ahead_us: a[2].max(0) as u64,
+                    };
+                    let took = w.lease && answer.rate_ok && answer.lease_ok;
+                    if w.answer.send(Ok(answer)).is_err() && took {
                         // The request stopped waiting (deadline, client gone): its lease goes
                         // back.
-                        self.release(seq);
+                        self.release(w.seq);
                     }
+                }
+            }
+            Ok(out) => {
+                self.failed(&format!("unexpected answer of {} values", out.len()));
+                for w in batch {
+                    let _ = w.answer.send(Err(()));
                 }
             }
             Err(e) => {
                 self.failed(&e.to_string());
-                for (_, tx) in batch {
-                    let _ = tx.send(Err(()));
+                for w in batch {
+                    let _ = w.answer.send(Err(()));
                 }
             }
         }

@@ -94,7 +94,10 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
     };
     drop(args.rates);
     let limits = &args.config.limits;
-    let cluster = if args.config.redis.url.is_empty() || limits.cluster_max_concurrent_requests == 0
+    // With redis.url, the cluster-wide cap and the per-client rate are counted in Redis.
+    let cluster_rate = rate.as_ref().map(|r| r.gcra());
+    let cluster = if args.config.redis.url.is_empty()
+        || (limits.cluster_max_concurrent_requests == 0 && cluster_rate.is_none())
     {
         None
     } else {
@@ -102,6 +105,7 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
             &args.config.redis,
             limits.cluster_max_concurrent_requests,
             limits.on_redis_error,
+            cluster_rate,
             board.header().instance.load(Ordering::Relaxed),
         ) {
             Ok(c) => Some(c),

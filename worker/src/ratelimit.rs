@@ -236,6 +236,11 @@ impl RateTable {
         self.header().evictions.load(Ordering::Relaxed)
     }
 
+    /// Counts a 429 decided elsewhere (Redis), so the host's figure includes it.
+    pub fn count_limited(&self) {
+        self.header().limited.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Requests refused with 429, since the table was created.
     pub fn limited(&self) -> u64 {
         self.header().limited.load(Ordering::Relaxed)
@@ -439,6 +444,27 @@ impl Gcra {
             tolerance: interval * u64::from(burst - 1),
             idle: units(idle_ttl),
             burst,
+        }
+    }
+
+    /// The interval between requests, in µs (what Redis counts in).
+    pub fn interval_us(&self) -> u64 {
+        self.interval * (UNIT_NS / 1000)
+    }
+
+    /// How far ahead of now a TAT may be and a request still pass, in µs.
+    pub fn tolerance_us(&self) -> u64 {
+        self.tolerance * (UNIT_NS / 1000)
+    }
+
+    /// The decision Redis made (`cluster`): whether the request passed, and how far ahead of
+    /// now its client's TAT is, in µs (after the request if it passed, before it if not).
+    pub fn from_redis(&self, passed: bool, ahead_us: u64) -> Decision {
+        let ahead = ahead_us / (UNIT_NS / 1000);
+        if passed {
+            self.decide(ahead.saturating_sub(self.interval).min(self.tolerance))
+        } else {
+            self.decide(ahead.max(self.tolerance + 1))
         }
     }
 

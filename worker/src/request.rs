@@ -165,7 +165,8 @@ pub(crate) fn handle(
         _activity: activity,
     };
 
-    if let Some(limit) = &worker.rate {
+    let counted_in_redis = worker.cluster.as_ref().is_some_and(|c| c.has_rate());
+    if let Some(limit) = worker.rate.as_ref().filter(|_| !counted_in_redis) {
         let decision = limit.check(req.headers(), peer);
         if !decision.allowed {
             return Handled::now(finish(limit.refused(&decision), guard));
@@ -200,7 +201,8 @@ pub(crate) fn handle(
     proceed(worker, req, peer, guard)
 }
 
-/// An admitted request: past the cluster-wide cap, if there is one, then served.
+/// An admitted request: past the cluster (Redis: the client's rate and the cluster-wide cap),
+/// if there is one, then served.
 fn proceed(
     worker: &'static Worker,
     req: Request<Incoming>,
@@ -210,12 +212,22 @@ fn proceed(
     let Some(cluster) = &worker.cluster else {
         return serve(worker, req, peer, guard);
     };
+    let limit = worker.rate.as_ref().filter(|_| cluster.has_rate());
+    let client = limit.map(|l| l.client_key(req.headers(), peer));
     Handled::Later(Box::pin(async move {
         let mut guard = guard;
-        match cluster.acquire().await {
-            Verdict::Admitted(lease) => {
+        match cluster.acquire(client.as_deref()).await {
+            Verdict::Admitted(lease, decision) => {
                 if let Some(a) = guard.admitted.as_mut() {
-                    a.lease = Some(lease);
+                    a.lease = lease;
+                }
+                guard.rate = decision;
+            }
+            Verdict::Limited(decision) => {
+                guard.admitted = None;
+                if let Some(limit) = limit {
+                    limit.count_refused();
+                    return finish(limit.refused(&decision), guard);
                 }
             }
             Verdict::Full => {
@@ -225,9 +237,23 @@ fn proceed(
             }
             Verdict::Unavailable => {
                 cluster.degraded();
-                if cluster.policy == OnRedisError::Closed {
-                    guard.admitted = None;
-                    return finish(worker.responses.redis_unavailable(), guard);
+                match cluster.policy {
+                    OnRedisError::Closed => {
+                        guard.admitted = None;
+                        return finish(worker.responses.redis_unavailable(), guard);
+                    }
+                    // The host's own table stands in for Redis's.
+                    OnRedisError::Local => {
+                        if let Some(limit) = limit {
+                            let decision = limit.check(req.headers(), peer);
+                            if !decision.allowed {
+                                guard.admitted = None;
+                                return finish(limit.refused(&decision), guard);
+                            }
+                            guard.rate = Some(decision);
+                        }
+                    }
+                    OnRedisError::Open => {}
                 }
             }
         }
