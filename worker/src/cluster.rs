@@ -1,15 +1,18 @@
-//! The cluster-wide cap (`limits.cluster_max_concurrent_requests`) through a Redis shared by
-//! every host (`[redis] url`), and what happens when Redis is slow or gone.
+//! Cluster-wide limits through a Redis shared by every host (`[redis] url`): the cap
+//! (`limits.cluster_max_concurrent_requests`) and each client's rate (`limits.rate`), and what
+//! happens when Redis is slow or gone.
 //!
 //! Owns the connection (one multiplexed connection per worker, redialled in the background,
 //! never on a request's path), the per-call deadline (`redis.timeout`, enforced here with a
 //! timer, whatever the client library does), the circuit breaker, and the leases: a request
 //! admitted cluster-wide holds one member of a sorted set (`PREFIX:leases`), named
-//! `host:boot:pid:seq` and scored with its expiry on Redis's clock. One script call per request
-//! drops expired leases, counts the rest and adds this one if there is room. Release is a `ZREM`
-//! sent after the response, off the request's path, retried; the worker renews the leases of
-//! its requests in flight every third of `redis.lease_ttl`, and the master removes a dead
-//! worker's leases when it reaps it (`purge_script`); the TTL covers a lost host.
+//! `host:instance:pid:seq` and scored with its expiry on Redis's clock. One script call checks
+//! each request's client rate and takes its lease (after dropping expired ones) while there is
+//! room: one call per request at low load; under load, the requests that arrive while a
+//! worker's call is out share its next call. Release is a `ZREM` (one for all the leases given
+//! back meanwhile) sent after the response, off the request's path, retried; the worker renews
+//! the leases of its requests in flight every third of `redis.lease_ttl`, and the master
+//! removes a dead worker's leases when it reaps it (`PURGE`); the TTL covers a lost host.
 //!
 //! Why the worker renews its own leases (the design first had the master do it): the worker is
 //! the one that knows which are live, and a worker whose event loop hangs stops renewing, so its
@@ -183,6 +186,26 @@ pub fn scrub(text: &str) -> String {
     }
     scrubbed.push_str(rest);
     scrubbed
+}
+
+/// A request's wait for its answer. Dropped before the answer was read (the request went away
+/// at that very moment), it gives back a lease the answer granted.
+struct Waiting {
+    cluster: &'static Cluster,
+    seq: u64,
+    rx: Option<tokio::sync::oneshot::Receiver<Result<Answer, ()>>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            if let Ok(Ok(a)) = rx.try_recv() {
+                if a.rate_ok && a.lease_ok && self.cluster.cap > 0 {
+                    self.cluster.release(self.seq);
+                }
+            }
+        }
+    }
 }
 
 /// One request waiting for the acquiring task.
@@ -508,7 +531,16 @@ impl Cluster {
             answer: tx,
         });
         self.wanted.notify_one();
-        match tokio::time::timeout(self.timeout, rx).await {
+        let mut waiting = Waiting {
+            cluster: self,
+            seq,
+            rx: Some(rx),
+        };
+        let rx = waiting.rx.as_mut().expect("just set");
+        let answer = tokio::time::timeout(self.timeout, rx).await;
+        // Answered (or given up on): the guard has nothing more to give back.
+        waiting.rx = None;
+        match answer {
             Ok(Ok(Ok(answer))) => {
                 let decision = match (&self.rate, counted) {
                     (Some(gcra), true) => Some(gcra.from_redis(answer.rate_ok, answer.ahead_us)),
@@ -531,11 +563,9 @@ impl Cluster {
             }
             // The batch failed (already counted by the acquiring task).
             Ok(Ok(Err(()))) | Ok(Err(_)) => Verdict::Unavailable,
-            Err(_) => {
-                // If the call still takes a lease for this request, it gives it back.
-                self.failed("no answer within redis.timeout");
-                Verdict::Unavailable
-            }
+            // The call ran late (counted once, by the acquiring task); if it still takes a lease
+            // for this request, it gives it back.
+            Err(_) => Verdict::Unavailable,
         }
     }
 
@@ -553,6 +583,8 @@ impl Cluster {
             let mut batch = std::mem::take(&mut *self.to_acquire.lock().expect("not poisoned"));
             batch.retain(|w| !w.answer.is_closed());
             if batch.is_empty() {
+                // A probe whose request went away before its call: the next request probes.
+                self.probing.store(false, Ordering::Release);
                 continue;
             }
             previous = Some(tokio::spawn(self.send_batch(batch)));
@@ -582,10 +614,25 @@ impl Cluster {
             }
             call.arg(w.rate_key.as_deref().unwrap_or("-"));
         }
-        // Bounded by the connection's response timeout (`redis.lease_ttl`).
-        match call.invoke_async::<Vec<i64>>(&mut conn).await {
+        // The call is bounded by the connection's response timeout (`redis.lease_ttl`); past
+        // `redis.timeout` it counts as one failure (its requests have stopped waiting) and is
+        // still awaited, to give back what it took.
+        let reply = call.invoke_async::<Vec<i64>>(&mut conn);
+        tokio::pin!(reply);
+        let mut late = false;
+        let result = tokio::select! {
+            r = &mut reply => r,
+            _ = tokio::time::sleep(self.timeout) => {
+                late = true;
+                self.failed("no answer within redis.timeout");
+                reply.await
+            }
+        };
+        match result {
             Ok(out) if out.len() == batch.len() * 3 => {
-                self.succeeded();
+                if !late {
+                    self.succeeded();
+                }
                 for (w, a) in batch.into_iter().zip(out.chunks_exact(3)) {
                     let answer = Answer {
                         rate_ok: a[0] == 1,
@@ -601,13 +648,17 @@ impl Cluster {
                 }
             }
             Ok(out) => {
-                self.failed(&format!("unexpected answer of {} values", out.len()));
+                if !late {
+                    self.failed(&format!("unexpected answer of {} values", out.len()));
+                }
                 for w in batch {
                     let _ = w.answer.send(Err(()));
                 }
             }
             Err(e) => {
-                self.failed(&e.to_string());
+                if !late {
+                    self.failed(&e.to_string());
+                }
                 for w in batch {
                     let _ = w.answer.send(Err(()));
                 }

@@ -1,12 +1,13 @@
 //! The path of one request through the worker, from hyper's service call to a response.
 //!
-//! Owns the order of the checks (the client's rate -> body size by `Content-Length` -> worker
-//! limit -> host-wide limit), the description of each admitted request in the scoreboard (so that
-//! the master can tell what a hung worker was doing), the request timeout, turning a handler
-//! error or panic into a 500, the headers every one of our responses carries (`X-Worker-Id`),
-//! and counting completed requests (asking the master for a replacement at
-//! `worker.max_requests`). It must not know the app's routes (that is `app`) nor anything about
-//! connections beyond the guard it is handed.
+//! Owns the order of the checks (the client's rate in the host's table -> body size by
+//! `Content-Length` -> worker limit -> host-wide limit, waiting in the queue if there is one ->
+//! Redis: the client's rate and the cluster-wide cap), the description of each admitted request
+//! in the scoreboard (so that the master can tell what a hung worker was doing), the request
+//! timeout, turning a handler error or panic into a 500, the headers every one of our responses
+//! carries (`X-Worker-Id`), and counting completed requests (asking the master for a
+//! replacement at `worker.max_requests`). It must not know the app's routes (that is `app`) nor
+//! anything about connections beyond the guard it is handed.
 
 use std::any::Any;
 use std::convert::Infallible;
