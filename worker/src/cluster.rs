@@ -31,6 +31,28 @@ use crate::config::{OnRedisError, RedisConfig};
 use crate::ratelimit::{Decision, Gcra};
 use crate::scoreboard::{coarse_monotonic_ms, Slot};
 
+/// Without rate limits: drops expired leases, then takes one for each listed member, in order,
+/// while fewer than the cap are held. KEYS[1] leases; ARGV: cap, ttl ms, members. Returns how
+/// many were taken (the first ones listed).
+const ACQUIRE_CAP: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local room = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+local take = math.min(math.max(room, 0), #ARGV - 2)
+if take == 0 then
+  return 0
+end
+local expiry = now + tonumber(ARGV[2])
+local add = {}
+for i = 1, take do
+  add[#add + 1] = expiry
+  add[#add + 1] = ARGV[2 + i]
+end
+redis.call('ZADD', KEYS[1], unpack(add))
+return take
+";
+
 /// For each request of a batch, in order: its client's rate (GCRA, on Redis's clock, in µs),
 /// then a lease if the cap has room. A request refused either way takes nothing: its rate state
 /// is written only when it is admitted. KEYS[1] leases; ARGV: cap, lease ttl ms, interval µs,
@@ -298,6 +320,7 @@ pub(crate) struct Cluster {
     to_release: Mutex<Vec<u64>>,
     released: tokio::sync::Notify,
     acquire: Script,
+    acquire_cap: Script,
     renew: Script,
     /// Consecutive failed calls.
     failures: AtomicU32,
@@ -338,6 +361,7 @@ impl Cluster {
             to_release: Mutex::new(Vec::new()),
             released: tokio::sync::Notify::new(),
             acquire: Script::new(ACQUIRE),
+            acquire_cap: Script::new(ACQUIRE_CAP),
             renew: Script::new(RENEW),
             failures: AtomicU32::new(0),
             open_until: AtomicU64::new(0),
@@ -598,26 +622,50 @@ impl Cluster {
             }
             return;
         };
-        let (interval, tolerance) = self
-            .rate
-            .map_or((0, 0), |g| (g.interval_us(), g.tolerance_us()));
-        let mut call = self.acquire.key(&self.key);
-        call.arg(self.cap)
-            .arg(self.ttl_ms)
-            .arg(interval)
-            .arg(tolerance);
-        for w in &batch {
-            if w.lease {
-                call.arg(format!("{}{}", self.prefix, w.seq));
-            } else {
-                call.arg("-");
+        // Without rate limits, the leaner script: only leases.
+        let call = match self.rate {
+            Some(gcra) => {
+                let mut call = self.acquire.key(&self.key);
+                call.arg(self.cap)
+                    .arg(self.ttl_ms)
+                    .arg(gcra.interval_us())
+                    .arg(gcra.tolerance_us());
+                for w in &batch {
+                    if w.lease {
+                        call.arg(format!("{}{}", self.prefix, w.seq));
+                    } else {
+                        call.arg("-");
+                    }
+                    call.arg(w.rate_key.as_deref().unwrap_or("-"));
+                }
+                call
             }
-            call.arg(w.rate_key.as_deref().unwrap_or("-"));
-        }
+            None => {
+                let mut call = self.acquire_cap.key(&self.key);
+                call.arg(self.cap).arg(self.ttl_ms);
+                for w in &batch {
+                    call.arg(format!("{}{}", self.prefix, w.seq));
+                }
+                call
+            }
+        };
         // The call is bounded by the connection's response timeout (`redis.lease_ttl`); past
         // `redis.timeout` it counts as one failure (its requests have stopped waiting) and is
         // still awaited, to give back what it took.
-        let reply = call.invoke_async::<Vec<i64>>(&mut conn);
+        let lean = self.rate.is_none();
+        let n = batch.len();
+        let reply = async {
+            if lean {
+                // As the full script's answer: rate passed, lease taken or not, nothing ahead.
+                call.invoke_async::<usize>(&mut conn).await.map(|granted| {
+                    (0..n)
+                        .flat_map(|i| [1, i64::from(i < granted), 0])
+                        .collect::<Vec<i64>>()
+                })
+            } else {
+                call.invoke_async::<Vec<i64>>(&mut conn).await
+            }
+        };
         tokio::pin!(reply);
         let mut late = false;
         let result = tokio::select! {
