@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import lifecycle  # noqa: E402
 
-COLORS = {"supervisor": "#c0392b", "nginx": "#27ae60", "granian": "#2980b9",
+# First match wins: the more specific keys first.
+COLORS = {"supervisor-redis": "#e67e22", "supervisor": "#c0392b", "nginx": "#27ae60", "granian": "#2980b9",
           "gunicorn": "#8e44ad", "uvicorn": "#16a085"}
 
 
