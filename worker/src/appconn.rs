@@ -23,7 +23,9 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::Upstream;
+use crate::listener::Stream;
 
+#[derive(Debug)]
 pub(crate) struct AppUnix {
     socket: AsyncFd<StdUnixStream>,
     /// A duplicate of the socket registered for write readiness, only while a write waits for
@@ -114,60 +116,13 @@ impl AsyncWrite for AppUnix {
 }
 
 /// A pooled connection to the app or upstream.
-pub(crate) enum AppStream {
-    Unix(AppUnix),
-    Tcp(TcpStream),
-}
+pub(crate) type AppStream = Stream<AppUnix>;
 
 impl AppStream {
     pub(crate) async fn connect(to: &Upstream) -> io::Result<AppStream> {
         match to {
-            Upstream::Unix(path) => Ok(AppStream::Unix(AppUnix::connect(path).await?)),
-            Upstream::Tcp(authority) => {
-                let s = TcpStream::connect(authority.as_str()).await?;
-                s.set_nodelay(true)?;
-                Ok(AppStream::Tcp(s))
-            }
-        }
-    }
-}
-
-impl AsyncRead for AppStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AppStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            AppStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for AppStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            AppStream::Unix(s) => Pin::new(s).poll_write(cx, data),
-            AppStream::Tcp(s) => Pin::new(s).poll_write(cx, data),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AppStream::Unix(s) => Pin::new(s).poll_flush(cx),
-            AppStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AppStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-            AppStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Unix(path) => Ok(Stream::Unix(AppUnix::connect(path).await?)),
+            Upstream::Tcp(authority) => Stream::tcp(TcpStream::connect(authority.as_str()).await?),
         }
     }
 }

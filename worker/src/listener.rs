@@ -171,22 +171,22 @@ impl AcceptError {
     }
 }
 
-/// A connection over TCP or a Unix socket: an accepted client, or the worker's connection to
-/// its app (`proxy`).
+/// A connection over TCP or a Unix socket: an accepted client (`Stream`), or the worker's
+/// connection to its app (`Stream<AppUnix>`, see `appconn`).
 #[derive(Debug)]
-pub(crate) enum Stream {
+pub(crate) enum Stream<U = UnixStream> {
     Tcp(TcpStream),
-    Unix(UnixStream),
+    Unix(U),
 }
 
-impl Stream {
-    pub(crate) fn tcp(s: TcpStream) -> io::Result<Stream> {
+impl<U> Stream<U> {
+    pub(crate) fn tcp(s: TcpStream) -> io::Result<Stream<U>> {
         s.set_nodelay(true)?;
         Ok(Stream::Tcp(s))
     }
 }
 
-impl AsyncRead for Stream {
+impl<U: AsyncRead + Unpin> AsyncRead for Stream<U> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -199,7 +199,7 @@ impl AsyncRead for Stream {
     }
 }
 
-impl AsyncWrite for Stream {
+impl<U: AsyncWrite + Unpin> AsyncWrite for Stream<U> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -223,7 +223,7 @@ impl AsyncWrite for Stream {
     }
 
     fn is_write_vectored(&self) -> bool {
-        // Both are; hyper then writes head and body with one writev.
+        // tokio's TCP and Unix streams are; hyper then writes head and body with one writev.
         match self {
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Unix(s) => s.is_write_vectored(),
