@@ -62,7 +62,7 @@ impl ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // A bad value is quoted in its message: a Redis password in one must not be.
-        f.write_str(&worker::cluster::scrub(&self.problems.join("\n")))
+        f.write_str(&worker::cluster::redacted(&self.problems.join("\n")))
     }
 }
 

@@ -157,14 +157,10 @@ pub fn check_url(url: &str) -> Result<(), String> {
     Client::open(url).map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// `url` with any password replaced, for logs.
-pub fn redacted(url: &str) -> String {
-    scrub(url)
-}
-
-/// `text` with every password it holds replaced by `***`: the user-info of a URL
-/// (`redis://user:PASSWORD@host`, `redis://PASSWORD@host`) and `pass=`/`password=` parameters.
-pub fn scrub(text: &str) -> String {
+/// `text` (a Redis URL, or a message that quotes one) with every password it holds replaced by
+/// `***`: the user-info of a URL (`redis://user:PASSWORD@host`, `redis://PASSWORD@host`) and
+/// `pass=`/`password=` parameters. For logs, errors and `supervisor check`.
+pub fn redacted(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("://") {
@@ -313,7 +309,6 @@ pub(crate) struct Cluster {
     seq: AtomicU64,
     held: Mutex<HashSet<u64>>,
     /// Requests waiting for the acquiring task, with where to send its answer.
-    #[allow(clippy::type_complexity)]
     to_acquire: Mutex<Vec<Wanted>>,
     wanted: tokio::sync::Notify,
     /// Leases given back and not yet sent to Redis.
@@ -378,15 +373,7 @@ impl Cluster {
         let _ = self.slot.set(slot);
         self.dialling.store(true, Ordering::Release);
         if !self.dial_now().await {
-            let next = coarse_monotonic_ms() + PROBE_EVERY_MS;
-            self.open_until.store(next, Ordering::Release);
-            self.failures.store(OPEN_AFTER, Ordering::Relaxed);
-            warn!(
-                redis = %self.described,
-                limits.on_redis_error = self.policy.as_str(),
-                "redis is not answering at start; degraded until it does"
-            );
-            self.set_state(RedisState::Degraded);
+            self.trip("cannot connect at start");
         }
         tokio::spawn(self.acquire_batches());
         tokio::spawn(self.release_queued());
@@ -447,6 +434,15 @@ impl Cluster {
         connected
     }
 
+    /// Whether there is a connection (without cloning it); dials when there is none.
+    fn connected(&'static self) -> bool {
+        let connected = self.conn.lock().expect("not poisoned").is_some();
+        if !connected {
+            self.dial();
+        }
+        connected
+    }
+
     fn connection(&'static self) -> Option<MultiplexedConnection> {
         let conn = self.conn.lock().expect("not poisoned").clone();
         if conn.is_none() {
@@ -477,17 +473,30 @@ impl Cluster {
     fn failed(&'static self, why: &str) {
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         self.probing.store(false, Ordering::Release);
-        let next = coarse_monotonic_ms() + PROBE_EVERY_MS;
         if self.open_until.load(Ordering::Acquire) != 0 {
             // Open already (a probe or a dial failed): the next probe in a second, on a fresh
             // connection.
-            self.open_until.store(next, Ordering::Release);
+            self.open_until
+                .store(coarse_monotonic_ms() + PROBE_EVERY_MS, Ordering::Release);
             *self.conn.lock().expect("not poisoned") = None;
-        } else if failures >= OPEN_AFTER
-            && self
-                .open_until
-                .compare_exchange(0, next, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+        } else if failures >= OPEN_AFTER {
+            self.trip(why);
+        }
+        // A connection that keeps failing is dropped; the next request that may go to Redis
+        // dials afresh (a failover, a READONLY replica).
+        if failures.is_multiple_of(OPEN_AFTER) {
+            *self.conn.lock().expect("not poisoned") = None;
+        }
+    }
+
+    /// Opens the breaker (once: a breaker already open stays as it is): the worker stops asking
+    /// Redis until a probe a second from now.
+    fn trip(&self, why: &str) {
+        let next = coarse_monotonic_ms() + PROBE_EVERY_MS;
+        if self
+            .open_until
+            .compare_exchange(0, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
         {
             warn!(
                 redis = %self.described,
@@ -496,11 +505,6 @@ impl Cluster {
                 "redis is not answering; degraded until it does"
             );
             self.set_state(RedisState::Degraded);
-        }
-        // A connection that keeps failing is dropped; the next request that may go to Redis
-        // dials afresh (a failover, a READONLY replica).
-        if failures.is_multiple_of(OPEN_AFTER) {
-            *self.conn.lock().expect("not poisoned") = None;
         }
     }
 
@@ -536,7 +540,7 @@ impl Cluster {
         if !self.allowed() {
             return Verdict::Unavailable;
         }
-        if self.connection().is_none() {
+        if !self.connected() {
             // No connection: a dial is (now) under way, and its outcome is what counts.
             return Verdict::Unavailable;
         }
@@ -880,7 +884,9 @@ mod tests {
             "unix:///run/redis.sock?db=1&pass=***&x=1"
         );
         assert_eq!(
-            scrub("environment variable REDIS_URL=\"redis://:s3cret@db\": bad; also password=pw"),
+            redacted(
+                "environment variable REDIS_URL=\"redis://:s3cret@db\": bad; also password=pw"
+            ),
             "environment variable REDIS_URL=\"redis://:***@db\": bad; also password=***"
         );
     }
