@@ -65,33 +65,33 @@ impl ClientRate {
 
     /// Counts this request against its client, in the host's table.
     pub(crate) fn check(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Decision {
-        let hash = match &self.key {
-            RateKey::Header(name) => match headers.get(name) {
-                Some(v) => {
-                    let mut key = Vec::with_capacity(v.len() + 1);
-                    key.push(b'h');
-                    key.extend_from_slice(v.as_bytes());
-                    self.table.hash(&key)
-                }
-                None => self.ip_hash(headers, peer),
-            },
-            RateKey::Ip => self.ip_hash(headers, peer),
-        };
+        let hash = self.with_client_key(headers, peer, |key| self.table.hash(key));
         self.table.check(hash, self.table.now(), &self.gcra)
     }
 
     /// Who the client is, as bytes the same on every host (for Redis).
     pub(crate) fn client_key(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Vec<u8> {
+        self.with_client_key(headers, peer, <[u8]>::to_vec)
+    }
+
+    /// Calls `f` with the client's key: `h` and the configured header's value, or (without
+    /// it) the client's address (`ip_key`).
+    fn with_client_key<R>(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> R {
         if let RateKey::Header(name) = &self.key {
             if let Some(v) = headers.get(name) {
                 let mut key = Vec::with_capacity(v.len() + 1);
                 key.push(b'h');
                 key.extend_from_slice(v.as_bytes());
-                return key;
+                return f(&key);
             }
         }
         let (key, len) = self.ip_key(headers, peer);
-        key[..len].to_vec()
+        f(&key[..len])
     }
 
     /// The limit, for the cluster to count in Redis.
@@ -102,11 +102,6 @@ impl ClientRate {
     /// Counts a refusal made elsewhere (Redis) in the host's figures.
     pub(crate) fn count_refused(&self) {
         self.table.count_limited();
-    }
-
-    fn ip_hash(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> u64 {
-        let (key, len) = self.ip_key(headers, peer);
-        self.table.hash(&key[..len])
     }
 
     fn ip_key(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> ([u8; 17], usize) {
