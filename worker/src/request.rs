@@ -26,6 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admission::{Permits, Rejection};
 use crate::app;
+use crate::client_rate::ClientRate;
 use crate::cluster::{Lease, Verdict};
 use crate::config::OnRedisError;
 use crate::connection::ActivityGuard;
@@ -168,11 +169,9 @@ pub(crate) fn handle(
 
     let counted_in_redis = worker.cluster.as_ref().is_some_and(|c| c.has_rate());
     if let Some(limit) = worker.rate.as_ref().filter(|_| !counted_in_redis) {
-        let decision = limit.check(req.headers(), peer);
-        if !decision.allowed {
-            return Handled::now(finish(limit.refused(&decision), guard));
+        if let Err(refused) = rate_here(limit, &req, peer, &mut guard) {
+            return Handled::now(finish(limit.refused(&refused), guard));
         }
-        guard.rate = Some(decision);
     }
 
     // A declared length (Content-Length, on HTTP/1 and HTTP/2 alike) shows up as the lower
@@ -190,9 +189,8 @@ pub(crate) fn handle(
                 match worker.admission.wait().await {
                     Ok(permits) => {
                         admitted(&mut guard, &req, permits);
-                        match proceed(worker, req, peer, guard).await {
-                            Ok(res) => res,
-                        }
+                        let Ok(res) = proceed(worker, req, peer, guard).await;
+                        res
                     }
                     Err(why) => finish(refusal(worker, why), guard),
                 }
@@ -225,8 +223,8 @@ fn proceed(
                 guard.rate = decision;
             }
             Verdict::Limited(decision) => {
-                guard.admitted = None;
                 if let Some(limit) = limit {
+                    guard.admitted = None;
                     limit.count_refused();
                     return finish(limit.refused(&decision), guard);
                 }
@@ -246,22 +244,35 @@ fn proceed(
                     // The host's own table stands in for Redis's.
                     OnRedisError::Local => {
                         if let Some(limit) = limit {
-                            let decision = limit.check(req.headers(), peer);
-                            if !decision.allowed {
+                            if let Err(refused) = rate_here(limit, &req, peer, &mut guard) {
                                 guard.admitted = None;
-                                return finish(limit.refused(&decision), guard);
+                                return finish(limit.refused(&refused), guard);
                             }
-                            guard.rate = Some(decision);
                         }
                     }
                     OnRedisError::Open => {}
                 }
             }
         }
-        match serve(worker, req, peer, guard).await {
-            Ok(res) => res,
-        }
+        let Ok(res) = serve(worker, req, peer, guard).await;
+        res
     }))
+}
+
+/// `limits.rate` counted in this host's table: the decision goes on the guard (for the
+/// response's headers), or comes back as the refusal.
+fn rate_here(
+    limit: &ClientRate,
+    req: &Request<Incoming>,
+    peer: Option<IpAddr>,
+    guard: &mut RequestGuard,
+) -> Result<(), Decision> {
+    let decision = limit.check(req.headers(), peer);
+    if !decision.allowed {
+        return Err(decision);
+    }
+    guard.rate = Some(decision);
+    Ok(())
 }
 
 /// What a refused request gets.
