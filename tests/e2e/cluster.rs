@@ -120,6 +120,23 @@ fn all_connected(s: &Server) -> Option<()> {
         .then_some(())
 }
 
+/// Sends up to `n` `GET /` one after the other, for at most `within`; each must succeed.
+/// Returns the slowest one's time.
+fn slowest_of(s: &Server, n: usize, within: Duration) -> Duration {
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..n {
+        if started.elapsed() >= within {
+            break;
+        }
+        let one = Instant::now();
+        let r = s.get("/");
+        assert_eq!(r.status, 200, "{}", r.text());
+        slowest = slowest.max(one.elapsed());
+    }
+    slowest
+}
+
 fn send(s: &Server, path: &str) -> JoinHandle<Response> {
     let (addr, path) = (s.addr, path.to_string());
     std::thread::spawn(move || get(addr, &path))
@@ -178,18 +195,7 @@ fn redis_killed_under_load_degrades_to_local_limits_then_comes_back() {
     eventually(WAIT, "every worker connected to redis", || {
         all_connected(&s)
     });
-    // Sends `n` requests, each of which must succeed; returns the slowest's time.
-    let request = |n: usize| {
-        (0..n)
-            .map(|_| {
-                let started = Instant::now();
-                let r = s.get("/");
-                assert_eq!(r.status, 200, "{}", r.text());
-                started.elapsed()
-            })
-            .max()
-            .unwrap_or_default()
-    };
+    let request = |n: usize| slowest_of(&s, n, Duration::MAX);
     request(50);
     redis.kill();
     // No request fails while Redis is gone: each waits at most redis.timeout, then the
@@ -230,12 +236,7 @@ fn redis_that_stops_answering_costs_requests_no_more_than_the_deadline() {
     eventually(WAIT, "the worker connected to redis", || all_connected(&s));
     // SIGSTOP: the socket stays open and calls simply get no answer.
     redis.signal(Signal::SIGSTOP);
-    let mut slowest = Duration::ZERO;
-    for _ in 0..100 {
-        let started = Instant::now();
-        assert_eq!(s.get("/").status, 200);
-        slowest = slowest.max(started.elapsed());
-    }
+    let slowest = slowest_of(&s, 100, Duration::MAX);
     // redis.timeout is 20 ms; the rest is this debug build and the machine.
     assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
     assert_eq!(redis_states(&s), ["degraded"]);
@@ -264,15 +265,7 @@ fn redis_paused_by_client_pause_costs_requests_no_more_than_the_deadline() {
         cli(&redis.socket(), &["CLIENT", "PAUSE", "3000", "ALL"]),
         "OK"
     );
-    let paused = Instant::now();
-    let mut slowest = Duration::ZERO;
-    let mut served = 0;
-    while paused.elapsed() < Duration::from_millis(1500) && served < 200 {
-        let started = Instant::now();
-        assert_eq!(s.get("/").status, 200);
-        slowest = slowest.max(started.elapsed());
-        served += 1;
-    }
+    let slowest = slowest_of(&s, 200, Duration::from_millis(1500));
     assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
     assert_eq!(redis_states(&s), ["degraded"]);
     // Once the pause ends, cluster mode comes back, and no lease is left behind.

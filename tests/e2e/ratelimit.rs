@@ -77,26 +77,16 @@ fn clients_are_told_apart_by_the_configured_header_or_trusted_forwarding() {
         "--set",
         "limits.key=header:X-Api-Key",
     ]);
-    let count = |headers: &str| {
-        (0..5)
-            .filter(|_| get_with(s.addr, headers).status == 200)
-            .count()
-    };
-    assert_eq!(count("X-Api-Key: alice\r\n"), 2);
-    assert_eq!(count("X-Api-Key: bob\r\n"), 2);
+    assert_eq!(passed(&s, "X-Api-Key: alice\r\n"), 2);
+    assert_eq!(passed(&s, "X-Api-Key: bob\r\n"), 2);
     // Without the header, the address is the client.
-    assert_eq!(count(""), 2);
+    assert_eq!(passed(&s, ""), 2);
 
     // By address: the test's peer is loopback, trusted by default, so X-Forwarded-For names
     // the client...
     let s = Server::start(&["-w", "2", "--set", "limits.rate=2/min"]);
-    let count = |headers: &str| {
-        (0..5)
-            .filter(|_| get_with(s.addr, headers).status == 200)
-            .count()
-    };
-    assert_eq!(count("X-Forwarded-For: 198.51.100.1\r\n"), 2);
-    assert_eq!(count("X-Forwarded-For: 198.51.100.2\r\n"), 2);
+    assert_eq!(passed(&s, "X-Forwarded-For: 198.51.100.1\r\n"), 2);
+    assert_eq!(passed(&s, "X-Forwarded-For: 198.51.100.2\r\n"), 2);
     // ... but not from a peer that is not trusted: then every request is the peer's.
     let s = Server::start(&[
         "-w",
@@ -106,13 +96,15 @@ fn clients_are_told_apart_by_the_configured_header_or_trusted_forwarding() {
         "--set",
         "server.forwarded_allow_ips=[]",
     ]);
-    let count = |headers: &str| {
-        (0..5)
-            .filter(|_| get_with(s.addr, headers).status == 200)
-            .count()
-    };
-    assert_eq!(count("X-Forwarded-For: 198.51.100.1\r\n"), 2);
-    assert_eq!(count("X-Forwarded-For: 198.51.100.2\r\n"), 0);
+    assert_eq!(passed(&s, "X-Forwarded-For: 198.51.100.1\r\n"), 2);
+    assert_eq!(passed(&s, "X-Forwarded-For: 198.51.100.2\r\n"), 0);
+}
+
+/// How many of 5 `GET /` with these header lines pass.
+fn passed(s: &Server, headers: &str) -> usize {
+    (0..5)
+        .filter(|_| get_with(s.addr, headers).status == 200)
+        .count()
 }
 
 /// Memory of a process, in KiB.
