@@ -103,55 +103,53 @@ impl Admission {
 
     /// Waits in the queue for both permits, within `limits.queue_timeout`.
     pub(crate) async fn wait(&self) -> Result<Permits<'_>, Rejection> {
+        let slot = self.slot();
+        if slot
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.queue.limit).then_some(n + 1)
+            })
+            .is_err()
         {
-            let slot = self.slot();
-            if slot
-                .queued
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < self.queue.limit).then_some(n + 1)
-                })
-                .is_err()
-            {
-                self.count(Rejection::QueueFull);
-                return Err(Rejection::QueueFull);
-            }
-            let _leave = Leave(slot);
-            let waited = tokio::time::timeout(self.queue.timeout, async {
-                let _turn = self.queue.turn.lock().await;
-                // This worker's permit first; it is kept while the host-wide one is awaited
-                // (trying for both each time would give it back, and wake ourselves, in a loop).
-                let local = loop {
-                    // Registered before trying, so a permit freed in between is not missed.
-                    let freed = self.queue.freed.notified();
-                    tokio::pin!(freed);
-                    freed.as_mut().enable();
-                    match self.try_local() {
-                        Some(local) => break local,
-                        None => freed.await,
-                    }
-                };
-                loop {
-                    let freed = self.queue.freed.notified();
-                    tokio::pin!(freed);
-                    freed.as_mut().enable();
-                    if let Some(global) = self.try_global() {
-                        return Permits {
-                            _global: global,
-                            _local: local,
-                        };
-                    }
-                    tokio::select! {
-                        _ = freed => {}
-                        _ = tokio::time::sleep(HOST_RETRY) => {}
-                    }
-                }
-            })
-            .await;
-            waited.map_err(|_| {
-                self.count(Rejection::QueueTimeout);
-                Rejection::QueueTimeout
-            })
+            self.count(Rejection::QueueFull);
+            return Err(Rejection::QueueFull);
         }
+        let _leave = Leave(slot);
+        let waited = tokio::time::timeout(self.queue.timeout, async {
+            let _turn = self.queue.turn.lock().await;
+            // This worker's permit first; it is kept while the host-wide one is awaited
+            // (trying for both each time would give it back, and wake ourselves, in a loop).
+            let local = loop {
+                // Registered before trying, so a permit freed in between is not missed.
+                let freed = self.queue.freed.notified();
+                tokio::pin!(freed);
+                freed.as_mut().enable();
+                match self.try_local() {
+                    Some(local) => break local,
+                    None => freed.await,
+                }
+            };
+            loop {
+                let freed = self.queue.freed.notified();
+                tokio::pin!(freed);
+                freed.as_mut().enable();
+                if let Some(global) = self.try_global() {
+                    return Permits {
+                        _global: global,
+                        _local: local,
+                    };
+                }
+                tokio::select! {
+                    _ = freed => {}
+                    _ = tokio::time::sleep(HOST_RETRY) => {}
+                }
+            }
+        })
+        .await;
+        waited.map_err(|_| {
+            self.count(Rejection::QueueTimeout);
+            Rejection::QueueTimeout
+        })
     }
 
     fn try_admit(&self) -> Result<Permits<'_>, Rejection> {
