@@ -157,6 +157,8 @@ def loadgen_check(res: h.LoadResult, pin: h.Pinning) -> dict:
         "server_tree_cpu_s": round(res.server_cpu_s, 3),
         "other_processes_cpu": res.others,
         "tcp_retransmits": res.retransmits,
+        **({} if res.companion_cpu_s is None
+           else {"companion_cpu_s": round(res.companion_cpu_s, 3)}),
     }
 
 
@@ -1083,18 +1085,25 @@ def scenario_redis(ctx: Ctx) -> dict:
         "c64": f"wrk -t1 -c64 closed loop on GET /, {d}s after {warmup}s warm-up",
     })
 
+    # redis-server is part of the system under test: its CPU is recorded apart
+    # (companion_cpu_s), not taken for another process's (which would repeat every measurement).
+    ours = (proc.pid,)
+
     def measure(key, system, workers, rnd):
         run = system.start(workers, ctx.pin)
         try:
-            h.wrk(run, "/", 1, warmup, ctx.pin)
-            c1 = wrk_metrics(h.wrk(run, "/", 1, d, ctx.pin), ctx.pin)
-            h.wrk(run, "/", 64, warmup, ctx.pin)
-            c64 = wrk_metrics(h.wrk(run, "/", 64, d, ctx.pin), ctx.pin)
+            h.wrk(run, "/", 1, warmup, ctx.pin, companions=ours)
+            c1 = wrk_metrics(h.wrk(run, "/", 1, d, ctx.pin, companions=ours), ctx.pin)
+            h.wrk(run, "/", 64, warmup, ctx.pin, companions=ours)
+            c64 = wrk_metrics(h.wrk(run, "/", 64, d, ctx.pin, companions=ours), ctx.pin)
         finally:
             run.stop()
+        redis_cpu = c64.get("companion_cpu_s")
         return {"c1": c1, "c64": c64, "p50_us": round(c1["p50_ms"] * 1000, 1),
                 "mean_us": round(1e6 / c1["rps"], 1) if c1["rps"] else None,
                 "rps": c64["rps"], "cpu_us_per_req": c64.get("server_cpu_us_per_req"),
+                "redis_cpu_us_per_req": round(redis_cpu / c64["requests"] * 1e6, 2)
+                if redis_cpu is not None and c64["requests"] else None,
                 "non_2xx": c1["non_2xx"] + c64["non_2xx"]}
 
     try:
@@ -1110,6 +1119,7 @@ def scenario_redis(ctx: Ctx) -> dict:
         rows.append({"system": key, "label": system.label, "workers": workers, "n": len(ms),
                      "p50_us": med(ms, "p50_us"), "mean_us": med(ms, "mean_us"),
                      "rps": med(ms, "rps"), "cpu_us_per_req": med(ms, "cpu_us_per_req"),
+                     "redis_cpu_us_per_req": med(ms, "redis_cpu_us_per_req"),
                      "non_2xx": sum(m["non_2xx"] for m in ms)})
     # Paired: supervisor-redis against supervisor-local of the same round.
     per_round = {}

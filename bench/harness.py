@@ -591,6 +591,9 @@ class LoadResult:
     others: list = field(default_factory=list)  # other processes that used CPU meanwhile
     retransmits: int = 0  # TCP segments the kernel retransmitted meanwhile (machine-wide)
     stdout: str = ""
+    # CPU of the companions (processes of ours that serve the system under test, like a
+    # redis-server) during the run; None when there were none.
+    companion_cpu_s: float | None = None
 
     def to_json(self) -> dict:
         return {
@@ -598,119 +601,197 @@ class LoadResult:
             "loadgen_cpu_s": round(self.cpu_s, 3), "server_cpu_s": round(self.server_cpu_s, 3),
             "server_cpus_busy": self.server_cpus_busy, "load_cpus_busy": self.load_cpus_busy,
             "other_processes_cpu": self.others, "tcp_retransmits": self.retransmits,
+            "companion_cpu_s": self.companion_cpu_s,
             **self.data,
         }
 
 
-def run_load(tool: str, cmd: list[str], pin: Pinning, server: Running | None,
-             timeout: float) -> tuple[str, float, float, float, float | None, float | None]:
-    """Runs one load generator to completion; returns (stdout, wall, own CPU, server CPU,
-    server CPUs busy, load CPUs busy)."""
-    full = pin.load_prefix() + cmd
-    srv_before = tree_cpu_seconds(server.pid) if server else 0.0
+@dataclass
+class Loaded:
+    """One load generator's share of a `run_loads`: its output, wall time (from the common
+    start to its own exit), own CPU and its server's CPU."""
+
+    text: str
+    wall: float
+    cpu: float
+    server_cpu: float
+
+
+@dataclass
+class Around:
+    """What `run_loads` saw around all its load generators at once."""
+
+    server_cpus_busy: float | None
+    load_cpus_busy: float | None
+    others: list
+    retransmits: int
+    companion_cpu: float | None
+
+
+def run_loads(tool: str, cmds: list[list[str]], pin: Pinning, servers: list[Running | None],
+              timeout: float, companions: tuple[int, ...] = ()) -> tuple[list[Loaded], Around]:
+    """Runs load generators side by side, `cmds[i]` against `servers[i]`, all on the load CPUs,
+    until every one has finished (each bounded by `timeout`). The processes of every server, of
+    the load generators and the `companions` (and their trees) are ours: their CPU never counts
+    as other processes' (which would make the measurement look disturbed)."""
+    roots = [s.pid for s in servers if s]
+    srv_before = [tree_cpu_seconds(s.pid) if s else 0.0 for s in servers]
+    comp_before = sum(tree_cpu_seconds(p) for p in companions)
     procs_before = cpu_by_process()
     retrans_before = tcp_retransmits()
     ticks_before = cpu_busy_ticks()
     t0 = time.monotonic()
-    out_path = LOGS / f"{tool}-{os.getpid()}-{int(t0 * 1000)}.out"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "wb") as out:
-        proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    PROCESSES[proc.pid] = proc
-    deadline = t0 + timeout
-    rusage = None
+    procs, paths = [], []
     try:
-        while True:
-            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, rusage = os.wait4(proc.pid, 0)
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                raise RuntimeError(f"{tool} did not finish within {timeout:.0f}s: {full}")
-            time.sleep(0.01)
+        for i, cmd in enumerate(cmds):
+            paths.append(LOGS / f"{tool}-{os.getpid()}-{int(t0 * 1000)}-{i}.out")
+            paths[-1].parent.mkdir(parents=True, exist_ok=True)
+            with open(paths[-1], "wb") as out:
+                proc = subprocess.Popen(pin.load_prefix() + cmd, stdout=out,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            PROCESSES[proc.pid] = proc
+            procs.append(proc)
+        deadline = t0 + timeout
+        ended: dict[int, tuple[float, object]] = {}  # index -> (wall, rusage)
+        while len(ended) < len(procs):
+            overdue = time.monotonic() > deadline
+            for i, proc in enumerate(procs):
+                if i in ended:
+                    continue
+                if overdue:
+                    proc.kill()
+                pid, status, rusage = os.wait4(proc.pid, 0 if overdue else os.WNOHANG)
+                if pid:
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    ended[i] = (time.monotonic() - t0, rusage)
+            if overdue:
+                raise RuntimeError(f"{tool} did not finish within {timeout:.0f}s: "
+                                   f"{pin.load_prefix() + cmds[0]}")
+            if len(ended) < len(procs):
+                time.sleep(0.01)
     finally:
-        PROCESSES.pop(proc.pid, None)
+        for proc in procs:
+            if proc.returncode is None:  # interrupted: the loop above did not reap it
+                proc.kill()
+                proc.wait()
+            PROCESSES.pop(proc.pid, None)
     wall = time.monotonic() - t0
     ticks_after = cpu_busy_ticks()
-    srv_after = tree_cpu_seconds(server.pid) if server else 0.0
-    ours = set(process_tree(server.pid)) if server else set()
-    ours |= {proc.pid, os.getpid()}
-    LAST_OTHERS[:] = top_other_cpu(procs_before, cpu_by_process(), ours, wall)
-    LAST_RETRANS[0] = tcp_retransmits() - retrans_before
-    text = out_path.read_text(errors="replace")
-    out_path.unlink(missing_ok=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{tool} exited {proc.returncode}: {' '.join(full)}\n{text[-2000:]}")
-    cpu = rusage.ru_utime + rusage.ru_stime
-    servers = pin.server_cpus if pin.enabled else sorted(os.sched_getaffinity(0))
-    loads = pin.load_cpus if pin.enabled else servers
-    return (text, wall, cpu, srv_after - srv_before,
-            cpu_busy_fraction(ticks_before, ticks_after, servers),
-            cpu_busy_fraction(ticks_before, ticks_after, loads))
+    srv_after = [tree_cpu_seconds(s.pid) if s else 0.0 for s in servers]
+    ours = {os.getpid()} | {p.pid for p in procs}
+    for root in roots + list(companions):
+        ours |= set(process_tree(root))
+    others = top_other_cpu(procs_before, cpu_by_process(), ours, wall)
+    retransmits = tcp_retransmits() - retrans_before
+    texts = []
+    for proc, path, cmd in zip(procs, paths, cmds):
+        text = path.read_text(errors="replace")
+        path.unlink(missing_ok=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{tool} exited {proc.returncode}: "
+                               f"{' '.join(pin.load_prefix() + cmd)}\n{text[-2000:]}")
+        texts.append(text)
+    srv_cpus = pin.server_cpus if pin.enabled else sorted(os.sched_getaffinity(0))
+    load_cpus = pin.load_cpus if pin.enabled else srv_cpus
+    around = Around(cpu_busy_fraction(ticks_before, ticks_after, srv_cpus),
+                    cpu_busy_fraction(ticks_before, ticks_after, load_cpus), others, retransmits,
+                    sum(tree_cpu_seconds(p) for p in companions) - comp_before
+                    if companions else None)
+    loaded = [Loaded(text, ended[i][0], ended[i][1].ru_utime + ended[i][1].ru_stime,
+                     srv_after[i] - srv_before[i]) for i, text in enumerate(texts)]
+    return loaded, around
+
+
+def _result(tool: str, cmd: list[str], one: Loaded, around: Around, data: dict) -> LoadResult:
+    return LoadResult(tool, cmd, one.wall, one.cpu, one.server_cpu, around.server_cpus_busy,
+                      around.load_cpus_busy, data, others=list(around.others),
+                      retransmits=around.retransmits, stdout=one.text,
+                      companion_cpu_s=around.companion_cpu)
 
 
 WRK_LUA = BENCH / "wrk_report.lua"
-LAST_OTHERS: list = []  # top_other_cpu() of the last run_load()
-LAST_RETRANS: list = [0]  # TCP segments retransmitted during the last run_load()
 
 
 def wrk(server: Running, path: str, connections: int, duration: float, pin: Pinning,
-        script: Path | None = None, headers: dict | None = None) -> LoadResult:
+        script: Path | None = None, headers: dict | None = None,
+        companions: tuple[int, ...] = ()) -> LoadResult:
     """Closed loop: `connections` connections each sending back-to-back requests."""
-    cmd = [wrk_bin(), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
-           "-s", str(script or WRK_LUA)]
-    for k, v in (headers or {}).items():
-        cmd += ["-H", f"{k}: {v}"]
-    cmd.append(server.url + path)
-    text, wall, cpu, srv, sbusy, lbusy = run_load("wrk", cmd, pin, server, duration + 30)
-    m = re.search(r"^BENCH_JSON (.*)$", text, re.M)
-    if not m:
-        raise RuntimeError(f"wrk printed no summary:\n{text[-2000:]}")
-    data = json.loads(m.group(1))
-    return LoadResult("wrk", cmd, wall, cpu, srv, sbusy, lbusy, data, stdout=text, others=list(LAST_OTHERS),
-                      retransmits=LAST_RETRANS[0])
+    return wrk_many([server], path, connections, duration, pin, script, headers, companions)[0]
+
+
+def wrk_many(servers: list[Running], path: str, connections: int, duration: float,
+             pin: Pinning, script: Path | None = None, headers: dict | None = None,
+             companions: tuple[int, ...] = ()) -> list[LoadResult]:
+    """`wrk` against each server at the same time (one wrk each, `connections` each)."""
+    cmds = []
+    for server in servers:
+        cmd = [wrk_bin(), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s",
+               "--timeout", "10s", "-s", str(script or WRK_LUA)]
+        for k, v in (headers or {}).items():
+            cmd += ["-H", f"{k}: {v}"]
+        cmds.append(cmd + [server.url + path])
+    loaded, around = run_loads("wrk", cmds, pin, list(servers), duration + 30, companions)
+    out = []
+    for cmd, one in zip(cmds, loaded):
+        m = re.search(r"^BENCH_JSON (.*)$", one.text, re.M)
+        if not m:
+            raise RuntimeError(f"wrk printed no summary:\n{one.text[-2000:]}")
+        out.append(_result("wrk", cmd, one, around, json.loads(m.group(1))))
+    return out
 
 
 def oha(server: Running, path: str, duration: float, pin: Pinning, rate: float | None = None,
         connections: int = 64, urls_file: Path | None = None, headers: dict | None = None,
         disable_keepalive: bool = False, timeout_s: float = 30.0,
-        wait_ongoing: bool = True) -> LoadResult:
+        wait_ongoing: bool = True, companions: tuple[int, ...] = ()) -> LoadResult:
     """Open loop when `rate` is set (oha -q with latency correction: a request's latency counts
     from when it was due, not when a free connection sent it). Returns per-request records."""
-    fd, name = tempfile.mkstemp(prefix="oha-", dir=BUILD)
-    os.close(fd)
-    db, out_json = Path(name + ".sqlite"), Path(name + ".json")
-    Path(name).unlink()
-    cmd = [oha_bin(), "--no-tui", "--output-format", "json", "-o", str(out_json),
-           "-z", f"{duration:g}s", "-c", str(connections), "-t", f"{timeout_s:g}s",
-           "--db-url", str(db)]
-    if rate:
-        cmd += ["-q", f"{rate:g}", "--latency-correction"]
-    if wait_ongoing:
-        cmd += ["-w"]
-    if disable_keepalive:
-        cmd += ["--disable-keepalive"]
-    for k, v in (headers or {}).items():
-        cmd += ["-H", f"{k}: {v}"]
-    if urls_file:
-        cmd += ["--urls-from-file", str(urls_file)]
-    else:
-        cmd.append(server.url + path)
+    return oha_many([server], path, duration, pin, rate, connections, urls_file, headers,
+                    disable_keepalive, timeout_s, wait_ongoing, companions)[0]
+
+
+def oha_many(servers: list[Running], path: str, duration: float, pin: Pinning,
+             rate: float | None = None, connections: int = 64, urls_file: Path | None = None,
+             headers: dict | None = None, disable_keepalive: bool = False,
+             timeout_s: float = 30.0, wait_ongoing: bool = True,
+             companions: tuple[int, ...] = ()) -> list[LoadResult]:
+    """`oha` against each server at the same time: one oha each, with `rate` and `connections`
+    each."""
+    cmds, files = [], []
+    for server in servers:
+        fd, name = tempfile.mkstemp(prefix="oha-", dir=BUILD)
+        os.close(fd)
+        db, out_json = Path(name + ".sqlite"), Path(name + ".json")
+        Path(name).unlink()
+        files.append((db, out_json))
+        cmd = [oha_bin(), "--no-tui", "--output-format", "json", "-o", str(out_json),
+               "-z", f"{duration:g}s", "-c", str(connections), "-t", f"{timeout_s:g}s",
+               "--db-url", str(db)]
+        if rate:
+            cmd += ["-q", f"{rate:g}", "--latency-correction"]
+        if wait_ongoing:
+            cmd += ["-w"]
+        if disable_keepalive:
+            cmd += ["--disable-keepalive"]
+        for k, v in (headers or {}).items():
+            cmd += ["-H", f"{k}: {v}"]
+        if urls_file:
+            cmd += ["--urls-from-file", str(urls_file)]
+        else:
+            cmd.append(server.url + path)
+        cmds.append(cmd)
     try:
-        text, wall, cpu, srv, sbusy, lbusy = run_load("oha", cmd, pin, server,
-                                                      duration + timeout_s + 60)
-        summary = json.loads(out_json.read_text())
-        records = read_oha_db(db)
+        loaded, around = run_loads("oha", cmds, pin, list(servers), duration + timeout_s + 60,
+                                   companions)
+        out = []
+        for cmd, one, (db, out_json) in zip(cmds, loaded, files):
+            data = {"summary": json.loads(out_json.read_text()), "records": read_oha_db(db)}
+            out.append(_result("oha", cmd, one, around, data))
     finally:
-        db.unlink(missing_ok=True)
-        out_json.unlink(missing_ok=True)
-    data = {"summary": summary, "records": records}
-    return LoadResult("oha", cmd, wall, cpu, srv, sbusy, lbusy, data, stdout=text, others=list(LAST_OTHERS),
-                      retransmits=LAST_RETRANS[0])
+        for db, out_json in files:
+            db.unlink(missing_ok=True)
+            out_json.unlink(missing_ok=True)
+    return out
 
 
 def read_oha_db(db: Path) -> list[tuple[str, int, float, float]]:
