@@ -23,12 +23,15 @@ import platform
 import random
 import re
 import signal
+import socket
 import statistics
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -1058,12 +1061,353 @@ def redis_cli(sock: Path, *args: str) -> str:
                           text=True).stdout.strip()
 
 
+LEASES_KEY = "supervisor:leases"
+# Live leases are those whose expiry (their score, on Redis's clock) is after now: the count the
+# acquire script compares with the cap (it drops the others first). ZCARD also counts expired
+# leases not dropped yet.
+LIVE_LEASES = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return {redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf'), redis.call('ZCARD', KEYS[1])}
+"""
+
+
+def _resp_reply(f):
+    line = f.readline()
+    if not line.endswith(b"\r\n"):
+        raise OSError("redis closed the connection")
+    kind, rest = line[:1], line[1:-2].decode()
+    if kind == b":":
+        return int(rest)
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise RuntimeError(f"redis: {rest}")
+    if kind == b"$":
+        return None if int(rest) < 0 else f.read(int(rest) + 2)[:-2].decode()
+    if kind == b"*":
+        return None if int(rest) < 0 else [_resp_reply(f) for _ in range(int(rest))]
+    raise RuntimeError(f"redis: unexpected reply {line[:40]!r}")
+
+
+def resp_call(conn: socket.socket, f, *args: str):
+    """One command on a connection of ours to Redis (RESP), its reply. Cheaper than a redis-cli
+    process per sample, which would itself load the machine being measured."""
+    parts = [f"*{len(args)}\r\n"] + [f"${len(a.encode())}\r\n{a}\r\n" for a in args]
+    conn.sendall("".join(parts).encode())
+    return _resp_reply(f)
+
+
+def lease_counts(sock: Path) -> tuple[int, int]:
+    """(live leases, all members) in Redis now."""
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(2.0)
+        conn.connect(str(sock))
+        with conn.makefile("rb") as f:
+            live, card = resp_call(conn, f, "EVAL", LIVE_LEASES, "1", LEASES_KEY)
+    return live, card
+
+
+def leases_after(sock: Path, max_s: float = 1.0) -> dict:
+    """Lease counts once the load is over: a lease is given back after its response (one ZREM
+    for all given back meanwhile, off the request's path), so wait up to `max_s` for the set to
+    empty."""
+    t0 = time.monotonic()
+    while True:
+        live, card = lease_counts(sock)
+        waited = time.monotonic() - t0
+        if card == 0 or waited >= max_s:
+            return {"live": live, "members": card, "waited_ms": round(waited * 1000)}
+        time.sleep(0.02)
+
+
+class LeaseWatch:
+    """Counts the live leases in Redis every `every` s from a background thread, over its own
+    connection to the Unix socket, from `with` until its end or `max_s`, whichever is first;
+    keeps the peak and how often each count was seen."""
+
+    def __init__(self, sock: Path, every: float, max_s: float):
+        self.sock, self.every, self.max_s = sock, every, max_s
+        self.peak_live = self.peak_members = self.samples = 0
+        self.seen: dict[int, int] = {}
+        self.error: str | None = None
+        self.timed_out = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-watch", daemon=True)
+
+    def __enter__(self) -> "LeaseWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_s
+        try:
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.settimeout(2.0)
+                conn.connect(str(self.sock))
+                with conn.makefile("rb") as f:
+                    while not self._stop.is_set():
+                        if time.monotonic() > deadline:
+                            self.timed_out = True
+                            return
+                        live, card = resp_call(conn, f, "EVAL", LIVE_LEASES, "1", LEASES_KEY)
+                        self.samples += 1
+                        self.seen[live] = self.seen.get(live, 0) + 1
+                        self.peak_live = max(self.peak_live, live)
+                        self.peak_members = max(self.peak_members, card)
+                        self._stop.wait(self.every)
+        except (OSError, RuntimeError, ValueError) as e:
+            self.error = str(e)
+
+    def to_json(self) -> dict:
+        return {"peak_live": self.peak_live, "peak_members": self.peak_members,
+                "samples": self.samples, "every_ms": round(self.every * 1000),
+                "seen": {str(k): v for k, v in sorted(self.seen.items())},
+                "timed_out": self.timed_out, "error": self.error}
+
+
+def start_pair(system: h.System, workers: int, pin: h.Pinning, key: str) -> list[h.Running]:
+    """Two instances of `system`, each with its own port and its own workers, on the servers'
+    CPU(s)."""
+    pair: list[h.Running] = []
+    try:
+        for side in ("a", "b"):
+            pair.append(system.start(workers, pin, name=f"{key}-{side}"))
+    except BaseException:
+        for run in pair:
+            run.stop()
+        raise
+    return pair
+
+
+def admission_counts(run: h.Running) -> dict:
+    """What a supervisor instance says it refused, and what it decided without Redis
+    (`limits.on_redis_error`: those requests were not counted against the cluster cap)."""
+    st = h.supervisor_status(run)
+    ws = st["workers"]
+    return {"requests": sum(w["requests"] for w in ws),
+            "cluster_rejected": sum(w.get("cluster_rejected", 0) for w in ws),
+            "redis_degraded": sum(w.get("redis_degraded", 0) for w in ws),
+            "host_rejected": st.get("global_rejected"),
+            "redis_states": sorted({w.get("redis", "?") for w in ws})}
+
+
+def pair_metrics(res: list[h.LoadResult], pin: h.Pinning, duration: float, rate: float) -> dict:
+    """Figures of one open-loop run against two instances at once: each instance's own
+    (oha_metrics), and both together from every request's record."""
+    each = []
+    for r in res:
+        m = oha_metrics(r, pin, duration, rate / len(res))
+        m.pop("by_path", None)
+        each.append(m)
+    recs = [rec for r in res for rec in r.data["records"]]
+    ok = [rec[2] for rec in recs if 200 <= rec[1] < 300]
+    rej = [rec[2] for rec in recs if rec[1] == 503]
+    wall = max(r.wall_s for r in res)
+    util = sum(r.cpu_s for r in res) / wall / pin.load_cpu_count if wall else 0.0
+    first = res[0]  # what was measured around both loads is in each result alike
+    return {
+        "instances": each, "offered_rps": rate,
+        "goodput_rps": round(sum(m["ok_rps"] for m in each), 1),
+        "rps": round(sum(m["rps"] for m in each), 1),
+        "responses": len(recs), "ok": len(ok), "rejected_503": len(rej),
+        "other_status": sum(m["other_status"] for m in each),
+        "errors": sum(m["errors"] for m in each),
+        "share_503": round(len(rej) / len(recs), 4) if recs else None,
+        "ok_p50_ms": ms_pct(ok, 50), "ok_p99_ms": ms_pct(ok, 99),
+        "ok_max_ms": round(max(ok) * 1000, 3) if ok else None,
+        "rej_p50_ms": ms_pct(rej, 50), "rej_p99_ms": ms_pct(rej, 99),
+        # The load generators together (both on the load CPU(s)), checked once.
+        "load": {
+            "loadgen_cpu_util": round(util, 3), "loadgen_bound": util >= LOADGEN_BUSY_WARN,
+            "server_cpus_busy": None if first.server_cpus_busy is None
+            else round(first.server_cpus_busy, 3),
+            "server_tree_cpu_s": round(sum(r.server_cpu_s for r in res), 3),
+            "redis_cpu_s": None if first.companion_cpu_s is None
+            else round(first.companion_cpu_s, 3),
+            "other_processes_cpu": first.others, "tcp_retransmits": first.retransmits,
+        },
+    }
+
+
+def redis_pair_capacity(ctx: Ctx, W: int, path: str, d_unloaded: float,
+                        d_capacity: float) -> dict:
+    """Two supervisor instances with the cap lifted: one's unloaded latency and capacity (for
+    the cap, as in the overload scenario) and both's capacity under load at once (for the
+    rate: they share the servers' CPU(s))."""
+    uncapped = sup("supervisor", f"supervisor (workers={W}, cap lifted)",
+                   **{"limits.max_concurrent_requests": 1024, "worker.max_concurrent": 1024})
+    pair = start_pair(uncapped, W, ctx.pin, "capacity")
+    try:
+        h.wrk(pair[0], path, 1, 1, ctx.pin)
+        unloaded = wrk_metrics(h.wrk(pair[0], path, 1, d_unloaded, ctx.pin), ctx.pin)
+        one = wrk_metrics(h.wrk(pair[0], path, 8 * W, d_capacity, ctx.pin), ctx.pin)
+        both = [wrk_metrics(r, ctx.pin)
+                for r in h.wrk_many(pair, path, 4 * W, d_capacity, ctx.pin)]
+    finally:
+        for run in pair:
+            run.stop()
+    return {"unloaded": unloaded, "capacity_one": one, "capacity_a": both[0],
+            "capacity_b": both[1]}
+
+
+def redis_overload(ctx: Ctx, sock: Path, redis_pid: int) -> dict:
+    """The cluster-wide cap under overload, across two instances that share one Redis: two
+    supervisor instances with `limits.cluster_max_concurrent_requests = CAP` (CAP from Little's
+    law, as in the overload scenario: one instance's capacity x its unloaded p50 on
+    `/work?ms=10`) against the same two with host-local caps only (CAP / 2 each) and two
+    gunicorn+uvicorn instances (no cap), all under one open-loop load at 3x the two instances'
+    combined capacity, half to each. A thread counts the live leases in Redis meanwhile."""
+    W = ctx.default_workers
+    work_ms, conns, timeout_s, every = 10, 128, 20, 0.02
+    path = f"/work?ms={work_ms}"
+    d_unloaded, d_capacity, d_over = ctx.secs(5, 1), ctx.secs(5, 1), ctx.secs(10, 2)
+    out = {"config": {
+        "overload": f"two instances of each system ({W} workers each, own ports, on the "
+                    f"servers' CPU(s)); `{path}`; oha -q RATE/2 --latency-correction -c {conns} "
+                    f"-w against each instance at once (two oha processes on the load "
+                    f"generator's CPU), {d_over}s, {timeout_s} s timeout; RATE = 3 x the "
+                    f"combined capacity of the two instances",
+        "overload_calibration": f"once, before round 1, two supervisor instances with the cap "
+                                f"lifted: wrk c=1 {d_unloaded}s on one (unloaded p50/p99), wrk "
+                                f"c={8 * W} {d_capacity}s on one (its capacity), wrk c={4 * W} "
+                                f"on each at once {d_capacity}s (combined capacity)",
+        "overload_cap_rule": "cluster cap CAP = floor(capacity of one instance [req/s] x its "
+                             "unloaded p50 [s]), at least 1 (Little's law, as in the overload "
+                             "scenario), for both instances together; host-local comparison: "
+                             "limits.max_concurrent_requests = max(1, floor(CAP / 2)) on each",
+        "overload_leases": f"live leases (expiry after Redis's TIME: ZCOUNT {LEASES_KEY} "
+                           f"(now +inf, in one EVAL) every {every * 1000:.0f} ms from a thread "
+                           f"of the bench on its own Unix-socket connection, for the run's "
+                           f"length; left: the same count after the loads end (waiting up to "
+                           f"1 s for the releases), before the instances stop",
+    }, "runs": [], "warnings": []}
+    if ctx.quiet_wait:
+        h.wait_for_quiet(ctx.quiet_wait)
+    h.log(f"[redis overload] capacity of two supervisor instances on {path}")
+    cal = run_one(ctx, "capacity", lambda: redis_pair_capacity(ctx, W, path, d_unloaded,
+                                                              d_capacity))
+    collect_warnings(out, [{"system": "supervisor, cap lifted", "round": "0 (capacity)",
+                            **({"error": cal["error"]} if "error" in cal else {"metrics": cal})}],
+                     "redis overload")
+    if "error" in cal:
+        out["summary"] = {"calibration": cal, "rows": []}
+        return out
+    one_rps, p50_ms = cal["capacity_one"]["ok_rps"], cal["unloaded"]["p50_ms"]
+    combined = round(cal["capacity_a"]["ok_rps"] + cal["capacity_b"]["ok_rps"], 1)
+    cap = max(1, math.floor(one_rps * p50_ms / 1000.0))
+    local_each = max(1, cap // 2)
+    rate = round(3 * combined)
+    h.log(f"[redis overload] cap {cap} (floor({one_rps} req/s x {p50_ms} ms)), host-local "
+          f"{local_each} each; {rate} req/s offered (3 x {combined})")
+    cluster = sup("supervisor-redis-x2", f"2 x supervisor + Redis, cluster cap {cap}",
+                  **{"limits.cluster_max_concurrent_requests": cap,
+                     "redis.url": f"unix://{sock}"})
+    local = sup("supervisor-local-x2", f"2 x supervisor, host cap {local_each} each",
+                **{"limits.max_concurrent_requests": local_each})
+    gunicorn = h.System("gunicorn-x2", "2 x gunicorn+uvicorn (no cap)", "gunicorn")
+    entries = [("supervisor-redis-x2", cluster, W), ("supervisor-local-x2", local, W),
+               ("gunicorn-x2", gunicorn, W)]
+    caps = {"supervisor-redis-x2": cap, "supervisor-local-x2": 2 * local_each}
+
+    def measure(key, system, workers, rnd):
+        pair = start_pair(system, workers, ctx.pin, key)
+        redis_mode = key == "supervisor-redis-x2"
+        try:
+            before = lease_counts(sock) if redis_mode else None
+            # Bounded: oha ends by d_over + its request timeout (-w waits for that at most).
+            with (LeaseWatch(sock, every, d_over + timeout_s + 5) if redis_mode
+                  else nullcontext()) as watch:
+                res = h.oha_many(pair, path, d_over, ctx.pin, rate=rate / 2, connections=conns,
+                                 timeout_s=timeout_s, wait_ongoing=True, companions=(redis_pid,))
+            m = pair_metrics(res, ctx.pin, d_over, rate)
+            if redis_mode:
+                m["leases"] = {**watch.to_json(), "before": before[1],
+                               "after": leases_after(sock)}
+            if system.kind == "supervisor":
+                m["admission"] = [admission_counts(run) for run in pair]
+        finally:
+            for run in pair:
+                run.stop()
+        m["ok_p99_over_unloaded_p99"] = ratio(m["ok_p99_ms"], cal["unloaded"]["p99_ms"])
+        return m
+
+    runs = interleave(ctx, entries, measure, "redis overload")
+    out["runs"] = runs
+    rows = []
+    for key, system, workers in entries:
+        ms = by_system(runs, key)
+        leases = [m["leases"] for m in ms if "leases" in m]
+        adm = [a for m in ms for a in m.get("admission", [])]
+        rows.append({
+            "system": key, "label": system.label, "instances": 2, "workers": workers,
+            "n": len(ms), "cap": caps.get(key),
+            "offered_rps": rate, "goodput_rps": med(ms, "goodput_rps"),
+            "goodput_vs_capacity": ratio(med(ms, "goodput_rps"), combined),
+            "share_503": med(ms, "share_503"),
+            "ok_p50_ms": med(ms, "ok_p50_ms"), "ok_p99_ms": med(ms, "ok_p99_ms"),
+            "ok_max_ms": med(ms, "ok_max_ms"),
+            "ok_p99_over_unloaded_p99": med(ms, "ok_p99_over_unloaded_p99"),
+            "rej_p50_ms": med(ms, "rej_p50_ms"), "rej_p99_ms": med(ms, "rej_p99_ms"),
+            "errors": sum(m["errors"] for m in ms),
+            "other_status": sum(m["other_status"] for m in ms),
+            "loadgen_cpu_util": med([m["load"] for m in ms], "loadgen_cpu_util"),
+            # The worst run, not the median: the cap has to hold in every one.
+            "leases_peak": max((x["peak_live"] for x in leases), default=None),
+            "leases_left": max((x["after"]["members"] for x in leases), default=None),
+            "lease_samples": sum(x["samples"] for x in leases) if leases else None,
+            # How often the samples found the cap full (live leases >= cap).
+            "leases_at_cap_share": round(sum(n for x in leases for k, n in x["seen"].items()
+                                             if int(k) >= cap)
+                                         / max(1, sum(x["samples"] for x in leases)), 3)
+            if leases else None,
+            "redis_degraded": sum(a["redis_degraded"] for a in adm) if adm else None,
+        })
+    out["summary"] = {
+        "cap": cap, "local_cap_each": local_each, "rate_rps": rate, "path": path,
+        "capacity_one_rps": one_rps, "capacity_rps": combined, "unloaded_p50_ms": p50_ms,
+        "unloaded_p99_ms": cal["unloaded"]["p99_ms"], "calibration": cal, "rows": rows,
+    }
+    w = out["warnings"]
+    collect_warnings(out, runs, "redis overload")
+    for r in runs:
+        m, tag = r.get("metrics") or {}, f"redis overload: {r['system']} round {r['round']}"
+        if m.get("errors") or m.get("other_status"):
+            w.append(f"{tag}: {m['errors']} errors, {m['other_status']} answers neither 200 "
+                     f"nor 503")
+        x = m.get("leases")
+        if x:
+            if x["peak_live"] > cap:
+                w.append(f"{tag}: the live leases in Redis peaked at {x['peak_live']}, over "
+                         f"the cluster cap of {cap}")
+            if x["after"]["members"]:
+                w.append(f"{tag}: {x['after']['members']} leases left in Redis after the "
+                         f"run ({x['after']['waited_ms']} ms after the load ended)")
+            if x["before"]:
+                w.append(f"{tag}: {x['before']} leases in Redis before the run")
+            if x["error"] or not x["samples"]:
+                w.append(f"{tag}: the lease count was not sampled: {x['error'] or 'no sample'}")
+            elif x["timed_out"]:
+                w.append(f"{tag}: the lease count stopped at its time bound before the run "
+                         f"ended: the peak covers only the start")
+        degraded = sum(a["redis_degraded"] for a in m.get("admission", []))
+        if r["system"] == "supervisor-redis-x2" and degraded:
+            w.append(f"{tag}: {degraded} requests were decided without Redis "
+                     f"(limits.on_redis_error = local): the cluster cap did not count them")
+    return out
+
+
 def scenario_redis(ctx: Ctx) -> dict:
     """The cost of the cluster-wide cap: supervisor with `limits.cluster_max_concurrent_requests`
     through a local redis-server (on a Unix socket, on the servers' CPU) against the same
     supervisor with host-local limits only, on GET /: the latency added at c=1 and the req/s
     kept at c=64. The cap is set far above the load, so every request takes and gives back a
-    lease and none is refused."""
+    lease and none is refused. Then, on the same redis-server, the cap under overload across two
+    instances (redis_overload)."""
     W = ctx.default_workers
     d, warmup = ctx.secs(10, 1), ctx.secs(2, 0.5)
     tmp = Path(tempfile.mkdtemp(prefix="bench-redis-", dir=h.BUILD))
@@ -1108,7 +1452,8 @@ def scenario_redis(ctx: Ctx) -> dict:
 
     try:
         runs = interleave(ctx, entries, measure, "redis")
-        leases_left = redis_cli(sock, "ZCARD", "supervisor:leases")
+        leases_left = redis_cli(sock, "ZCARD", LEASES_KEY)
+        over = redis_overload(ctx, sock, proc.pid)
     finally:
         h.stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1152,6 +1497,10 @@ def scenario_redis(ctx: Ctx) -> dict:
             result["warnings"].append(f"redis: {r['system']} answered {r['non_2xx']} non-2xx")
     if leases_left not in ("0", ""):
         result["warnings"].append(f"redis: {leases_left} leases left in Redis after the runs")
+    result["config"].update(over["config"])
+    result["overload_runs"] = over["runs"]
+    result["summary"]["overload"] = over["summary"]
+    result["warnings"] += over["warnings"]
     return result
 
 
@@ -1290,7 +1639,8 @@ def main() -> int:
             finally:
                 h.cleanup()
             result["elapsed_s"] = round(time.monotonic() - ts, 1)
-            errors = [r for r in result.get("runs", []) if "error" in r]
+            errors = [r for k in ("runs", "overload_runs") for r in result.get(k, [])
+                      if "error" in r]
             if errors:
                 h.log(f"[{name}] {len(errors)} measurement(s) failed (see the warnings)")
                 failed.append(name)

@@ -293,17 +293,64 @@ def draw_redis(result, path):
     rows = [r for r in result["summary"]["rows"] if r.get("n", 1)]
     labels = [r["label"] for r in rows]
     cols = [color(r["system"]) for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    over = result["summary"].get("overload") or {}
+    fig, axes = plt.subplots(1, 3 if over.get("rows") else 2,
+                             figsize=(18, 4.8) if over.get("rows") else (12, 4.5))
     _bars(axes[0], labels, [r["p50_us"] for r in rows], cols,
           [_runs(result, r["system"], "p50_us") for r in rows], fmt="{:.0f}")
     axes[0].set_title("GET /, c=1: p50 µs (median; dots: rounds)", fontsize=9)
     _bars(axes[1], labels, [r["rps"] for r in rows], cols,
           [_runs(result, r["system"], "rps") for r in rows])
     axes[1].set_title("GET /, c=64: req/s (median; dots: rounds)", fontsize=9)
+    if over.get("rows"):
+        _redis_overload(axes[2], result, over)
     _title(fig, result, "redis: the cluster-wide cap through Redis vs host limits only")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _redis_overload(ax, result, over):
+    """Two instances at 3x their capacity: goodput (bars, left), admitted p99 (diamonds, right,
+    log), the 503 share and the peak of live leases written on the bars."""
+    rows = [r for r in over["rows"] if r.get("n", 1)]
+    xs = list(range(len(rows)))
+    goodput = [r["goodput_rps"] or 0 for r in rows]
+    ax.bar(xs, goodput, color=[color(r["system"]) for r in rows], alpha=0.85)
+    runs = [[m["goodput_rps"] for r2 in result.get("overload_runs", [])
+             if r2["system"] == r["system"] and "metrics" in r2
+             for m in [r2["metrics"]]] for r in rows]
+    for x, rv in zip(xs, runs):
+        ax.scatter([x] * len(rv), rv, color="black", s=8, zorder=3)
+    ax.axhline(over["capacity_rps"], color="black", lw=0.8, ls="--")
+    ax.annotate(f"combined capacity {over['capacity_rps']:.0f}/s", (-0.4, over["capacity_rps"]),
+                ha="left", va="bottom", fontsize=7)
+    for x, r in zip(xs, rows):
+        note = f"{r['goodput_rps'] or 0:.0f}/s, 503 {(r['share_503'] or 0) * 100:.0f}%"
+        if r.get("leases_peak") is not None:
+            note += f"\nleases peak {r['leases_peak']} (cap {over['cap']})"
+        ax.annotate(note, (x, (r["goodput_rps"] or 0) / 2), ha="center", va="center",
+                    fontsize=7)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([r["label"] for r in rows], rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("goodput, 200s/s (both instances)")
+    ax.set_ylim(top=max(goodput + [over["capacity_rps"]]) * 1.2)
+    ax.grid(axis="y", alpha=0.3)
+    right = ax.twinx()
+    p99 = [r["ok_p99_ms"] for r in rows]
+    right.scatter([x for x, v in zip(xs, p99) if v], [v for v in p99 if v], marker="D",
+                  color="black", zorder=4)
+    for x, v in zip(xs, p99):
+        if v:
+            right.annotate(f"p99 {v:.1f} ms", (x, v), xytext=(6, 0), textcoords="offset points",
+                           va="center", fontsize=7)
+    if any(p99):
+        right.set_yscale("log")
+        right.set_ylim(top=max(v for v in p99 if v) * 3)  # room for the top label
+        right.axhline(over["unloaded_p99_ms"], color="grey", lw=0.8, ls=":")
+    right.set_ylabel("admitted p99 ms (◆, log; dotted: unloaded)")
+    ax.set_title(f"2 instances each, {over['path']} at 3x their capacity "
+                 f"({over['rate_rps']:,} req/s)", fontsize=9)
 
 
 DRAW = {"hello": draw_hello, "latency": draw_latency, "overload": draw_overload,

@@ -279,7 +279,51 @@ def md_redis(r: dict) -> str:
                     ["req/s kept (redis / local)", ", ".join(f"{v:.3f}" for v in s["kept_rps"])]])
     return (f"## redis: the cluster-wide cap through Redis vs host limits only, GET /\n\n"
             f"{c['redis']}. c=1: {c['c1']}. c=64: {c['c64']}.\n\n{targets}\n\n{t}\n\n"
-            f"{rounds}\n\nLeases left in Redis after the runs: {s['leases_left']}.\n")
+            f"{rounds}\n\nLeases left in Redis after the runs: {s['leases_left']}.\n"
+            f"{md_redis_overload(r)}")
+
+
+def md_redis_overload(r: dict) -> str:
+    """The second part of the redis scenario (absent from results made before it existed)."""
+    o, c = r["summary"].get("overload"), r["config"]
+    if not o:
+        return ""
+    head = "\n### Overload across two instances that share one Redis\n\n"
+    if not o.get("rows"):
+        return head + "Not measured: the capacity run failed (see the warnings).\n"
+    rows = measured(o["rows"])
+    t = table(["system", "cap, both instances", "offered req/s", "goodput req/s",
+               "goodput / capacity", "503 share", "admitted p50 ms", "admitted p99 ms",
+               "admitted p99 / unloaded p99", "503 p50 / p99 ms", "errors, other status",
+               "live leases in Redis: peak / left"],
+              [[x["label"], x["cap"] if x["cap"] is not None else "none", x["offered_rps"],
+                x["goodput_rps"], x["goodput_vs_capacity"], pct(x["share_503"]),
+                x["ok_p50_ms"], x["ok_p99_ms"], x["ok_p99_over_unloaded_p99"],
+                f"{fmt(x['rej_p50_ms'])} / {fmt(x['rej_p99_ms'])}",
+                f"{fmt(x['errors'])}, {fmt(x['other_status'])}",
+                "–" if x["leases_peak"] is None
+                else f"{fmt(x['leases_peak'])} / {fmt(x['leases_left'])}"] for x in rows])
+    raw = o["capacity_one_rps"] * o["unloaded_p50_ms"] / 1000.0
+    lines = [head, f"{c['overload']}. Calibration: {c['overload_calibration']}.\n\n",
+             f"Cluster cap = floor({fmt(o['capacity_one_rps'])} req/s x "
+             f"{fmt(o['unloaded_p50_ms'])} ms) = floor({raw:.2f}), at least 1: **{o['cap']}** "
+             f"for both instances together; host-local caps only: {o['local_cap_each']} per "
+             f"instance ({2 * o['local_cap_each']} in all). Combined capacity of the two "
+             f"instances {fmt(o['capacity_rps'])} req/s (one alone {fmt(o['capacity_one_rps'])}"
+             f"); offered {fmt(o['rate_rps'])} req/s, half to each; unloaded p50 / p99 of one "
+             f"instance {fmt(o['unloaded_p50_ms'])} / {fmt(o['unloaded_p99_ms'])} ms.\n\n",
+             f"{t}\n"]
+    for x in rows:
+        if x["leases_peak"] is None:
+            continue
+        held = "**held**" if x["leases_peak"] <= o["cap"] else "**exceeded**"
+        lines.append(
+            f"\n{x['label']}: live leases in Redis peaked at {x['leases_peak']} against the cap "
+            f"of {o['cap']} ({held}; {fmt(x['lease_samples'])} samples in {x['n']} run(s), "
+            f"{pct(x.get('leases_at_cap_share'))} of them at the cap); "
+            f"left after the load: {x['leases_left']} at most; requests decided without Redis: "
+            f"{fmt(x['redis_degraded'])}.\n")
+    return "".join(lines)
 
 
 MD = {"hello": md_hello, "latency": md_latency, "overload": md_overload,
