@@ -385,6 +385,60 @@ fn a_killed_workers_leases_are_returned_at_once() {
 }
 
 #[test]
+fn a_killed_instances_leases_expire_within_lease_ttl() {
+    let redis = Redis::start();
+    let mut s = start(
+        &redis,
+        "2",
+        &[
+            "--set",
+            "limits.cluster_max_concurrent_requests=5",
+            "--set",
+            "redis.lease_ttl=2s",
+        ],
+    );
+    eventually(WAIT, "the workers connected to redis", || all_connected(&s));
+    let workers = s.serving_pids();
+    let _held: Vec<_> = (0..3)
+        .map(|_| {
+            let addr = s.addr;
+            std::thread::spawn(move || try_get(addr, "/sleep?ms=20000"))
+        })
+        .collect();
+    eventually(WAIT, "three leases held", || {
+        (redis.live_leases() == 3).then_some(())
+    });
+    // The whole host gone at once: nobody gives the leases back or purges them.
+    s.signal(Signal::SIGKILL);
+    for pid in workers {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    let killed = Instant::now();
+    s.wait_exit(WAIT);
+    eventually(WAIT, "the lost host's leases expired", || {
+        (redis.live_leases() == 0).then_some(())
+    });
+    assert!(
+        killed.elapsed() < Duration::from_millis(3500),
+        "{:?}",
+        killed.elapsed()
+    );
+    // Another instance gets the whole cap.
+    let other = start(
+        &redis,
+        "1",
+        &["--set", "limits.cluster_max_concurrent_requests=3"],
+    );
+    eventually(WAIT, "the other instance connected", || {
+        all_connected(&other)
+    });
+    let held: Vec<_> = (0..3).map(|_| send(&other, "/sleep?ms=1000")).collect();
+    for h in held {
+        assert_eq!(h.join().unwrap().status, 200);
+    }
+}
+
+#[test]
 fn a_clients_rate_is_one_budget_across_instances() {
     let redis = Redis::start();
     // 10 at once, then one every 6 s: nothing refills while the test runs (unless it takes
