@@ -369,7 +369,7 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "redis.url",
-        allowed: "\"\" (no Redis) or a redis:// or unix:// URL (rediss:// is not supported yet)",
+        allowed: "\"\" (no Redis) or a redis://, rediss:// or unix:// URL",
         check: |c| {
             if c.redis.url.is_empty() {
                 Ok(())
@@ -409,6 +409,37 @@ const RULES: &[Rule] = &[
         key: "redis.lease_ttl",
         allowed: "a duration >= 1s, like \"30s\"",
         check: |c| within(c.redis.lease_ttl, Duration::from_secs(1)..=Duration::MAX),
+    },
+    Rule {
+        key: "redis.tls_ca_file",
+        allowed: "\"\" (the system's certificate authorities) or the path of a PEM file",
+        check: |c| readable(&c.redis.tls_ca_file),
+    },
+    Rule {
+        key: "redis.tls_cert_file",
+        allowed: "\"\" or the path of a PEM certificate",
+        check: |c| readable(&c.redis.tls_cert_file),
+    },
+    Rule {
+        key: "redis.tls_key_file",
+        allowed: "\"\" or the path of a PEM private key",
+        check: |c| readable(&c.redis.tls_key_file),
+    },
+    Rule {
+        key: "sentinel.master",
+        allowed: "\"\" (no Sentinel) or the name the Sentinels know the master by",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "sentinel.nodes",
+        allowed: "an array of redis:// or rediss:// URLs of Sentinels",
+        check: |c| {
+            for node in &c.sentinel.nodes {
+                worker::cluster::check_url(node)
+                    .map_err(|e| format!("{}: {e}", worker::cluster::redacted(node)))?;
+            }
+            Ok(())
+        },
     },
     Rule {
         key: "log.level",
@@ -468,6 +499,16 @@ fn within<T: PartialOrd>(value: T, range: RangeInclusive<T>) -> Result<(), Strin
     } else {
         Err(String::new())
     }
+}
+
+/// A file the server can read, or none (`""`).
+fn readable(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|e| format!("cannot read {path}: {e}"))
 }
 
 fn positive(d: Duration) -> Result<(), String> {
@@ -911,14 +952,33 @@ fn check_together(config: &Config) -> Result<(), String> {
         ));
     }
     let cap = config.limits.cluster_max_concurrent_requests;
-    if cap > 0 && config.redis.url.is_empty() {
+    let redis = config.redis.enabled(&config.sentinel);
+    if cap > 0 && !redis {
         return Err(format!(
-            "limits.cluster_max_concurrent_requests = {cap} needs redis.url (or REDIS_URL)"
+            "limits.cluster_max_concurrent_requests = {cap} needs redis.url (or REDIS_URL) or \
+             sentinel.master"
         ));
+    }
+    if !config.sentinel.nodes.is_empty() && !config.sentinel.enabled() {
+        return Err(
+            "sentinel.nodes is set but sentinel.master is not: name the master".to_string(),
+        );
+    }
+    if redis {
+        worker::cluster::check_target(&config.redis, &config.sentinel)?;
+    } else if !(config.redis.tls_ca_file.is_empty()
+        && config.redis.tls_cert_file.is_empty()
+        && config.redis.tls_key_file.is_empty())
+    {
+        return Err(
+            "redis.tls_* files are set but there is no Redis (redis.url or \
+                    sentinel.master)"
+                .to_string(),
+        );
     }
     let workers = config.server.workers.unwrap_or_else(default_workers);
     let uses_redis = cap > 0 || !config.limits.rate.is_empty();
-    if uses_redis && !config.redis.url.is_empty() && workers + 1 > config.redis.max_connections {
+    if uses_redis && redis && workers + 1 > config.redis.max_connections {
         return Err(format!(
             "redis.max_connections = {} is fewer than the {workers} workers plus the master \
              need (one connection each)",
@@ -1110,7 +1170,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 50);
+        assert_eq!(known.len(), 55);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),

@@ -78,6 +78,9 @@ fn check(args: ConfigArgs) -> ExitCode {
             // A Redis password is not printed either.
             let mut shown = loaded.config.clone();
             shown.redis.url = worker::cluster::redacted(&shown.redis.url);
+            for node in &mut shown.sentinel.nodes {
+                *node = worker::cluster::redacted(node);
+            }
             print!("{}", config::to_toml(&shown));
             ExitCode::SUCCESS
         }

@@ -9,5 +9,6 @@ mod limits;
 mod queue;
 mod ratelimit;
 mod recycling;
+mod redis_ha;
 mod serving;
 mod util;

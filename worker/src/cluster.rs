@@ -24,11 +24,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Script};
+use redis::{AsyncConnectionConfig, Client, RedisError, Script};
 use tracing::{debug, info, warn};
 
-use crate::config::{OnRedisError, RedisConfig};
+use crate::config::{OnRedisError, RedisConfig, SentinelConfig};
 use crate::ratelimit::{Decision, Gcra};
+use crate::redis_target::Target;
 use crate::scoreboard::{coarse_monotonic_ms, Slot};
 
 /// Without rate limits: drops expired leases, then takes one for each listed member, in order,
@@ -136,6 +137,8 @@ const OPEN_AFTER: u32 = 3;
 const PROBE_EVERY_MS: u64 = 1000;
 /// Tries of a release before its lease is left to expire.
 const RELEASE_TRIES: u32 = 3;
+/// Bound of one dial, a Sentinel lookup included.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The sorted set of leases under `prefix`.
 pub fn leases_key(prefix: &str) -> String {
@@ -155,6 +158,17 @@ pub fn member_prefix(instance: u64, pid: u32) -> String {
 /// Whether `url` is a Redis URL the client accepts (for the config check).
 pub fn check_url(url: &str) -> Result<(), String> {
     Client::open(url).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Whether `[redis]` and `[sentinel]` together say where Redis is and the TLS files they name
+/// can be read (for the config check). `Err` names the key at fault.
+pub fn check_target(redis: &RedisConfig, sentinel: &SentinelConfig) -> Result<(), String> {
+    Target::open(redis, sentinel).map(|_| ())
+}
+
+/// A READONLY answer: the server is a replica now (a failover moved the master elsewhere).
+fn is_read_only(e: &RedisError) -> bool {
+    e.code() == Some("READONLY")
 }
 
 /// `text` (a Redis URL, or a message that quotes one) with every password it holds replaced by
@@ -292,7 +306,7 @@ impl RedisState {
 }
 
 pub(crate) struct Cluster {
-    client: Client,
+    target: tokio::sync::Mutex<Target>,
     described: String,
     conn: Mutex<Option<MultiplexedConnection>>,
     dialling: AtomicBool,
@@ -329,16 +343,16 @@ pub(crate) struct Cluster {
 impl Cluster {
     pub(crate) fn new(
         config: &RedisConfig,
+        sentinel: &SentinelConfig,
         cap: u32,
         policy: OnRedisError,
         rate: Option<Gcra>,
         instance: u64,
     ) -> Result<Cluster, String> {
-        let client = Client::open(config.url.as_str())
-            .map_err(|e| format!("redis.url {}: {e}", redacted(&config.url)))?;
+        let target = Target::open(config, sentinel)?;
         Ok(Cluster {
-            client,
-            described: redacted(&config.url),
+            described: target.described.clone(),
+            target: tokio::sync::Mutex::new(target),
             conn: Mutex::new(None),
             dialling: AtomicBool::new(false),
             timeout: config.timeout,
@@ -372,8 +386,8 @@ impl Cluster {
     pub(crate) async fn start(&'static self, slot: &'static Slot) {
         let _ = self.slot.set(slot);
         self.dialling.store(true, Ordering::Release);
-        if !self.dial_now().await {
-            self.trip("cannot connect at start");
+        if let Err(e) = self.dial_now().await {
+            self.trip(&format!("cannot connect at start: {e}"));
         }
         tokio::spawn(self.acquire_batches());
         tokio::spawn(self.release_queued());
@@ -387,6 +401,38 @@ impl Cluster {
                 self.renew_held().await;
             }
         });
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(PROBE_EVERY_MS));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                self.probe().await;
+            }
+        });
+    }
+
+    /// While the breaker is open, one call (when a probe is due and no request made it): the
+    /// lease script with nothing to take, which writes, so a server that answers but cannot
+    /// take leases (a demoted master) does not count as back. This is what brings an idle
+    /// worker back to cluster-wide limits, and its status to "connected", without a request.
+    async fn probe(&'static self) {
+        if self.open_until.load(Ordering::Acquire) == 0 || !self.allowed() {
+            return;
+        }
+        // No connection: a dial is (now) under way, and its outcome is the probe's.
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let mut call = self.acquire_cap.key(&self.key);
+        call.arg(self.cap).arg(self.ttl_ms);
+        match tokio::time::timeout(self.timeout, call.invoke_async::<usize>(&mut conn)).await {
+            Ok(Ok(_)) => self.succeeded(),
+            Ok(Err(e)) => {
+                self.call_failed(&e);
+                self.failed(&e.to_string());
+            }
+            Err(_) => self.failed("no answer within redis.timeout"),
+        }
     }
 
     /// Redials in the background unless a dial is already under way.
@@ -395,23 +441,30 @@ impl Cluster {
             return;
         }
         tokio::spawn(async move {
-            self.dial_now().await;
+            let _ = self.dial_now().await;
         });
     }
 
-    /// One dial; `dialling` is set by the caller and cleared here. Whether it connected.
-    async fn dial_now(&'static self) -> bool {
+    /// One dial; `dialling` is set by the caller and cleared here. `Err`: why it did not
+    /// connect (counted as a failure already).
+    async fn dial_now(&'static self) -> Result<(), String> {
         // A reply that never comes (a stopped Redis) ends the call after the lease's life: by
         // then whatever it took has expired anyway. Requests never wait that long: they have
         // their own deadline.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
             .set_response_timeout(Some(Duration::from_millis(self.ttl_ms)));
-        let connected = match self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-        {
+        let dial = async {
+            let client = self.target.lock().await.client().await?;
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+        };
+        let dialled = match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no connection within {DIAL_TIMEOUT:?}")),
+        };
+        let connected = match dialled {
             Ok(conn) => {
                 *self.conn.lock().expect("not poisoned") = Some(conn);
                 debug!(redis = %self.described, "connected to redis");
@@ -420,18 +473,26 @@ impl Cluster {
                 }
                 // The next request probes with a real call.
                 self.probing.store(false, Ordering::Release);
-                true
+                Ok(())
             }
             Err(e) => {
                 debug!(redis = %self.described, error = %e, "cannot connect to redis");
-                false
+                Err(e)
             }
         };
         self.dialling.store(false, Ordering::Release);
-        if !connected {
-            self.failed("cannot connect");
+        if let Err(e) = &connected {
+            self.failed(&format!("cannot connect: {e}"));
         }
         connected
+    }
+
+    /// A call that failed with `e`: on a READONLY answer (the server was demoted to replica
+    /// by a failover) the connection goes at once, so that the next call dials the master.
+    fn call_failed(&'static self, e: &RedisError) {
+        if is_read_only(e) {
+            *self.conn.lock().expect("not poisoned") = None;
+        }
     }
 
     /// Whether there is a connection (without cloning it); dials when there is none.
@@ -708,6 +769,7 @@ impl Cluster {
                 }
             }
             Err(e) => {
+                self.call_failed(&e);
                 if !late {
                     self.failed(&e.to_string());
                 }
@@ -753,7 +815,11 @@ impl Cluster {
                         done = true;
                         break;
                     }
-                    _ => tokio::time::sleep(self.timeout).await,
+                    Ok(Err(e)) => {
+                        self.call_failed(&e);
+                        tokio::time::sleep(self.timeout).await
+                    }
+                    Err(_) => tokio::time::sleep(self.timeout).await,
                 }
             }
             if !done {
@@ -786,7 +852,10 @@ impl Cluster {
         }
         match tokio::time::timeout(self.timeout * 5, call.invoke_async::<i64>(&mut conn)).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => debug!(error = %e, leases = members.len(), "cannot renew leases"),
+            Ok(Err(e)) => {
+                self.call_failed(&e);
+                debug!(error = %e, leases = members.len(), "cannot renew leases");
+            }
             Err(_) => debug!(leases = members.len(), "cannot renew leases: no answer"),
         }
     }
@@ -801,11 +870,13 @@ pub struct Janitor {
 impl Janitor {
     /// `None` without `redis.url` or a cluster-wide cap.
     pub fn start(config: &crate::config::Config, instance: u64) -> Option<Janitor> {
-        if config.redis.url.is_empty() || config.limits.cluster_max_concurrent_requests == 0 {
+        if !config.redis.enabled(&config.sentinel)
+            || config.limits.cluster_max_concurrent_requests == 0
+        {
             return None;
         }
-        let client = Client::open(config.redis.url.as_str()).ok()?;
-        let described = redacted(&config.redis.url);
+        let mut target = Target::open(&config.redis, &config.sentinel).ok()?;
+        let described = target.described.clone();
         let key = leases_key(&config.redis.prefix);
         let timeout = (config.redis.timeout * 50).max(Duration::from_millis(500));
         let (tx, rx) = std::sync::mpsc::channel::<u32>();
@@ -818,7 +889,10 @@ impl Janitor {
                     let prefix = member_prefix(instance, pid);
                     for _ in 0..2 {
                         if conn.is_none() {
-                            conn = client.get_connection_with_timeout(timeout).ok();
+                            conn = target
+                                .client_blocking()
+                                .and_then(|c| c.get_connection_with_timeout(timeout))
+                                .ok();
                             if let Some(c) = &conn {
                                 let _ = c.set_read_timeout(Some(timeout));
                                 let _ = c.set_write_timeout(Some(timeout));

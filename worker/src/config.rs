@@ -15,6 +15,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub app: AppConfig,
     pub redis: RedisConfig,
+    pub sentinel: SentinelConfig,
     pub log: LogConfig,
 }
 
@@ -34,6 +35,36 @@ pub struct RedisConfig {
     /// How long a cluster-wide permit outlives a host that stopped renewing it.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// PEM file of the certificate authorities that sign the server's certificate
+    /// (`rediss://`); empty: the system's.
+    pub tls_ca_file: String,
+    /// PEM client certificate, for a Redis that asks for one; with `tls_key_file`.
+    pub tls_cert_file: String,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: String,
+}
+
+impl RedisConfig {
+    /// Whether a Redis is configured at all: directly (`url`) or through Sentinel.
+    pub fn enabled(&self, sentinel: &SentinelConfig) -> bool {
+        !self.url.is_empty() || sentinel.enabled()
+    }
+}
+
+/// `[sentinel]`: find the Redis of `[redis]` through Redis Sentinel.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The name the Sentinels know the master by; empty: no Sentinel.
+    pub master: String,
+    /// URLs of the Sentinels to ask (`redis://host:26379`, with a password if they need one).
+    pub nodes: Vec<String>,
+}
+
+impl SentinelConfig {
+    pub fn enabled(&self) -> bool {
+        !self.master.is_empty()
+    }
 }
 
 impl Default for RedisConfig {
@@ -44,6 +75,9 @@ impl Default for RedisConfig {
             max_connections: 50,
             prefix: "supervisor".to_string(),
             lease_ttl: Duration::from_secs(30),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }

@@ -28,6 +28,7 @@ mod connection;
 mod listener;
 mod process;
 mod proxy;
+mod redis_target;
 mod request;
 mod response;
 mod server;

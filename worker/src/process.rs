@@ -94,15 +94,16 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
     };
     drop(args.rates);
     let limits = &args.config.limits;
-    // With redis.url, the cluster-wide cap and the per-client rate are counted in Redis.
+    // With Redis, the cluster-wide cap and the per-client rate are counted there.
     let cluster_rate = rate.as_ref().map(|r| r.gcra());
-    let cluster = if args.config.redis.url.is_empty()
+    let cluster = if !args.config.redis.enabled(&args.config.sentinel)
         || (limits.cluster_max_concurrent_requests == 0 && cluster_rate.is_none())
     {
         None
     } else {
         match Cluster::new(
             &args.config.redis,
+            &args.config.sentinel,
             limits.cluster_max_concurrent_requests,
             limits.on_redis_error,
             cluster_rate,
