@@ -8,9 +8,13 @@
 //! admitted cluster-wide holds one member of a sorted set (`PREFIX:leases`), named
 //! `host:instance:pid:seq` and scored with its expiry on Redis's clock. One script call checks
 //! each request's client rate and takes its lease (after dropping expired ones) while there is
-//! room: one call per request at low load; under load, the requests that arrive while a
-//! worker's call is out share its next call. Release is a `ZREM` (one for all the leases given
-//! back meanwhile) sent after the response, off the request's path, retried; the worker renews
+//! room: one call per request when requests are far apart; under load, the requests that
+//! arrive while a worker's call is out share its next call. A lease a request gives back is kept by its worker
+//! for `POOL_KEEP_MS`, and its next request takes it without a call while Redis answered within
+//! `POOL_TRUST_MS`: under steady load a worker calls Redis a few times a second, and Redis
+//! counts it at about its busiest moment of the last `POOL_KEEP_MS` (never fewer leases than
+//! requests in flight). Release is a `ZREM` (one for all the leases given
+//! back meanwhile) sent after the pool lets go, off the request's path, retried; the worker renews
 //! the leases of its requests in flight every third of `redis.lease_ttl`, and the master
 //! removes a dead worker's leases when it reaps it (`PURGE`); the TTL covers a lost host.
 //!
@@ -108,14 +112,19 @@ return out
 ";
 
 /// Pushes the expiry of the listed leases that still exist. KEYS[1] leases; ARGV: ttl ms,
-/// members.
+/// members. Returns the members that no longer exist (expired, or Redis lost its data).
 const RENEW: &str = r"
 local t = redis.call('TIME')
 local expiry = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+local missing = {}
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+  else
+    missing[#missing + 1] = ARGV[i]
+  end
 end
-return #ARGV - 1
+return missing
 ";
 
 /// Removes every lease whose member starts with ARGV[1] (a dead worker's `host:boot:pid:`).
@@ -139,6 +148,12 @@ const PROBE_EVERY_MS: u64 = 1000;
 const RELEASE_TRIES: u32 = 3;
 /// Bound of one dial, a Sentinel lookup included.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a worker keeps a lease its request gave back, for its next request, before it
+/// gives it back to Redis.
+pub const POOL_KEEP_MS: u64 = 50;
+/// A worker reuses pooled leases only while Redis took a call of its within this long, so
+/// that under load it still asks Redis (and finds out that Redis is gone) this often.
+const POOL_TRUST_MS: u64 = 100;
 
 /// The sorted set of leases under `prefix`.
 pub fn leases_key(prefix: &str) -> String {
@@ -225,6 +240,8 @@ pub fn redacted(text: &str) -> String {
 struct Waiting {
     cluster: &'static Cluster,
     seq: u64,
+    /// Whether the call asks for a lease (not when the request has one from the pool).
+    lease: bool,
     rx: Option<tokio::sync::oneshot::Receiver<Result<Answer, ()>>>,
 }
 
@@ -232,8 +249,8 @@ impl Drop for Waiting {
     fn drop(&mut self) {
         if let Some(mut rx) = self.rx.take() {
             if let Ok(Ok(a)) = rx.try_recv() {
-                if a.rate_ok && a.lease_ok && self.cluster.cap > 0 {
-                    self.cluster.release(self.seq);
+                if self.lease && a.rate_ok && a.lease_ok {
+                    self.cluster.give_back(self.seq);
                 }
             }
         }
@@ -321,7 +338,14 @@ pub(crate) struct Cluster {
     key: String,
     prefix: String,
     seq: AtomicU64,
+    /// Every lease this worker holds in Redis: its requests' and its pool's.
     held: Mutex<HashSet<u64>>,
+    /// Leases its requests gave back lately, with when (coarse ms), newest last: the next
+    /// requests take them instead of asking Redis (`POOL_KEEP_MS`).
+    pool: Mutex<Vec<(u64, u64)>>,
+    pooled: tokio::sync::Notify,
+    /// When Redis last answered a call (coarse ms).
+    answered: AtomicU64,
     /// Requests waiting for the acquiring task, with where to send its answer.
     to_acquire: Mutex<Vec<Wanted>>,
     wanted: tokio::sync::Notify,
@@ -365,6 +389,9 @@ impl Cluster {
             prefix: member_prefix(instance, std::process::id()),
             seq: AtomicU64::new(0),
             held: Mutex::new(HashSet::new()),
+            pool: Mutex::new(Vec::new()),
+            pooled: tokio::sync::Notify::new(),
+            answered: AtomicU64::new(0),
             to_acquire: Mutex::new(Vec::new()),
             wanted: tokio::sync::Notify::new(),
             to_release: Mutex::new(Vec::new()),
@@ -401,6 +428,7 @@ impl Cluster {
                 self.renew_held().await;
             }
         });
+        tokio::spawn(self.trim_pool());
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_millis(PROBE_EVERY_MS));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -523,6 +551,8 @@ impl Cluster {
     }
 
     fn succeeded(&self) {
+        self.answered
+            .store(coarse_monotonic_ms(), Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
         self.probing.store(false, Ordering::Release);
         if self.open_until.swap(0, Ordering::AcqRel) != 0 {
@@ -532,6 +562,9 @@ impl Cluster {
     }
 
     fn failed(&'static self, why: &str) {
+        // Leases kept for reuse are only as good as Redis's word: after a failure they go back
+        // (or expire), and requests ask afresh.
+        self.flush_pool();
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         self.probing.store(false, Ordering::Release);
         if self.open_until.load(Ordering::Acquire) != 0 {
@@ -598,6 +631,20 @@ impl Cluster {
     /// when `limits.rate` is set (`client` is its key), and a cluster-wide permit, when there
     /// is a cap.
     pub(crate) async fn acquire(&'static self, client: Option<&[u8]>) -> Verdict {
+        // A lease another request of this worker just gave back: no call at all unless the
+        // client's rate is counted in Redis.
+        let pooled = if self.cap > 0 && self.open_until.load(Ordering::Acquire) == 0 {
+            self.take_pooled().map(|seq| Lease { cluster: self, seq })
+        } else {
+            None
+        };
+        let rate_key = match (&self.rate, client) {
+            (Some(_), Some(client)) => Some(rate_key(&self.key_prefix, client)),
+            _ => None,
+        };
+        if pooled.is_some() && rate_key.is_none() {
+            return Verdict::Admitted(pooled, None);
+        }
         if !self.allowed() {
             return Verdict::Unavailable;
         }
@@ -606,11 +653,7 @@ impl Cluster {
             return Verdict::Unavailable;
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let lease = self.cap > 0;
-        let rate_key = match (&self.rate, client) {
-            (Some(_), Some(client)) => Some(rate_key(&self.key_prefix, client)),
-            _ => None,
-        };
+        let lease = self.cap > 0 && pooled.is_none();
         let counted = rate_key.is_some();
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.to_acquire.lock().expect("not poisoned").push(Wanted {
@@ -623,6 +666,7 @@ impl Cluster {
         let mut waiting = Waiting {
             cluster: self,
             seq,
+            lease,
             rx: Some(rx),
         };
         let rx = waiting.rx.as_mut().expect("just set");
@@ -644,10 +688,12 @@ impl Cluster {
                 if lease && !answer.lease_ok {
                     return Verdict::Full;
                 }
-                let lease = lease.then(|| {
+                let lease = if lease {
                     self.held.lock().expect("not poisoned").insert(seq);
-                    Lease { cluster: self, seq }
-                });
+                    Some(Lease { cluster: self, seq })
+                } else {
+                    pooled
+                };
                 Verdict::Admitted(lease, decision)
             }
             // The batch failed (already counted by the acquiring task).
@@ -756,7 +802,7 @@ impl Cluster {
                     if w.answer.send(Ok(answer)).is_err() && took {
                         // The request stopped waiting (deadline, client gone): its lease goes
                         // back.
-                        self.release(w.seq);
+                        self.give_back(w.seq);
                     }
                 }
             }
@@ -780,12 +826,87 @@ impl Cluster {
         }
     }
 
-    /// Gives lease `seq` back, off the request's path: queued for the releasing task, which
-    /// sends every lease given back since its last call in one `ZREM`.
+    /// A request is done with lease `seq`: kept in the pool for the next request while Redis
+    /// answers, else given back. A lease Redis no longer has (see `renew_held`) is forgotten.
     fn release(&'static self, seq: u64) {
-        self.held.lock().expect("not poisoned").remove(&seq);
-        self.to_release.lock().expect("not poisoned").push(seq);
-        self.released.notify_one();
+        if !self.held.lock().expect("not poisoned").contains(&seq) {
+            return;
+        }
+        if self.open_until.load(Ordering::Acquire) != 0 {
+            self.give_back(seq);
+            return;
+        }
+        let mut pool = self.pool.lock().expect("not poisoned");
+        pool.push((seq, coarse_monotonic_ms()));
+        if pool.len() == 1 {
+            self.pooled.notify_one();
+        }
+    }
+
+    /// The newest lease in the pool, if it was given back within `POOL_KEEP_MS` and Redis
+    /// answered within `POOL_TRUST_MS`.
+    fn take_pooled(&'static self) -> Option<u64> {
+        let now = coarse_monotonic_ms();
+        if now.saturating_sub(self.answered.load(Ordering::Relaxed)) > POOL_TRUST_MS {
+            return None;
+        }
+        let mut pool = self.pool.lock().expect("not poisoned");
+        let (seq, at) = pool.pop()?;
+        if now.saturating_sub(at) <= POOL_KEEP_MS {
+            return Some(seq);
+        }
+        // The newest is stale, so all are.
+        pool.push((seq, at));
+        let stale = std::mem::take(&mut *pool);
+        drop(pool);
+        self.give_back_all(stale.into_iter().map(|(seq, _)| seq));
+        None
+    }
+
+    /// The pool's task: leases unused for `POOL_KEEP_MS` go back to Redis, so that a worker
+    /// holds about as many leases as its busiest moment of the last `POOL_KEEP_MS` needed.
+    async fn trim_pool(&'static self) {
+        loop {
+            if self.pool.lock().expect("not poisoned").is_empty() {
+                self.pooled.notified().await;
+            }
+            tokio::time::sleep(Duration::from_millis(POOL_KEEP_MS)).await;
+            let stale: Vec<u64> = {
+                let mut pool = self.pool.lock().expect("not poisoned");
+                let now = coarse_monotonic_ms();
+                let fresh = pool
+                    .iter()
+                    .position(|(_, at)| now.saturating_sub(*at) <= POOL_KEEP_MS)
+                    .unwrap_or(pool.len());
+                pool.drain(..fresh).map(|(seq, _)| seq).collect()
+            };
+            self.give_back_all(stale);
+        }
+    }
+
+    /// Every lease in the pool back to Redis.
+    fn flush_pool(&'static self) {
+        let all = std::mem::take(&mut *self.pool.lock().expect("not poisoned"));
+        self.give_back_all(all.into_iter().map(|(seq, _)| seq));
+    }
+
+    /// Gives lease `seq` back to Redis, off the request's path: queued for the releasing task,
+    /// which sends every lease given back since its last call in one `ZREM`.
+    fn give_back(&'static self, seq: u64) {
+        self.give_back_all(std::iter::once(seq));
+    }
+
+    fn give_back_all(&'static self, seqs: impl IntoIterator<Item = u64>) {
+        let mut held = self.held.lock().expect("not poisoned");
+        let mut to_release = self.to_release.lock().expect("not poisoned");
+        let before = to_release.len();
+        for seq in seqs {
+            held.remove(&seq);
+            to_release.push(seq);
+        }
+        if to_release.len() > before {
+            self.released.notify_one();
+        }
     }
 
     /// The releasing task: one `ZREM` for all the leases given back meanwhile, retried; a lease
@@ -850,8 +971,31 @@ impl Cluster {
         for m in &members {
             call.arg(m);
         }
-        match tokio::time::timeout(self.timeout * 5, call.invoke_async::<i64>(&mut conn)).await {
-            Ok(Ok(_)) => {}
+        match tokio::time::timeout(
+            self.timeout * 5,
+            call.invoke_async::<Vec<String>>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(missing)) => {
+                // Gone from Redis (it lost its data, or they expired while it was away): the
+                // worker no longer counts them as held, and the pool no longer offers them.
+                let lost: HashSet<u64> = missing
+                    .iter()
+                    .filter_map(|m| m.strip_prefix(&self.prefix)?.parse().ok())
+                    .collect();
+                if !lost.is_empty() {
+                    debug!(leases = lost.len(), "leases gone from redis; forgotten");
+                    self.held
+                        .lock()
+                        .expect("not poisoned")
+                        .retain(|s| !lost.contains(s));
+                    self.pool
+                        .lock()
+                        .expect("not poisoned")
+                        .retain(|(s, _)| !lost.contains(s));
+                }
+            }
             Ok(Err(e)) => {
                 self.call_failed(&e);
                 debug!(error = %e, leases = members.len(), "cannot renew leases");
