@@ -504,6 +504,44 @@ fn one_after_another_requests_reuse_their_workers_lease_then_give_it_back() {
 }
 
 #[test]
+fn near_the_cap_a_lease_goes_back_at_once_for_any_worker_to_take() {
+    let redis = Redis::start();
+    // A cap of 1 across two workers, requests one after another. If a worker kept the lease
+    // for its own next request, every request that reached the other worker would be refused
+    // (about half). Given back at once, a request is refused only when it reaches the other
+    // worker before the release (sent after the response) reached Redis: rarely.
+    let s = start(
+        &redis,
+        "2",
+        &["--set", "limits.cluster_max_concurrent_requests=1"],
+    );
+    eventually(WAIT, "the workers connected to redis", || all_connected(&s));
+    let mut workers = std::collections::HashMap::<String, usize>::new();
+    let (mut n, mut refused) = (0, 0);
+    let started = Instant::now();
+    while n < 200 && started.elapsed() < WAIT {
+        let r = s.get("/");
+        match r.status {
+            200 => {
+                let id = r.header("x-worker-id").unwrap_or("?").to_string();
+                *workers.entry(id).or_default() += 1;
+            }
+            503 => refused += 1,
+            other => panic!("request {n}: {other} {}", r.text()),
+        }
+        n += 1;
+    }
+    assert!(
+        workers.len() == 2 && workers.values().all(|&c| c >= 10),
+        "{workers:?}"
+    );
+    assert!(
+        refused * 5 <= n,
+        "{refused} of {n} refused; served by {workers:?}"
+    );
+}
+
+#[test]
 fn a_pooled_lease_that_redis_lost_is_taken_again() {
     let redis = Redis::start();
     let s = start(

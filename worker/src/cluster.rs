@@ -9,12 +9,13 @@
 //! `host:instance:pid:seq` and scored with its expiry on Redis's clock. One script call checks
 //! each request's client rate and takes its lease (after dropping expired ones) while there is
 //! room: one call per request when requests are far apart; under load, the requests that
-//! arrive while a worker's call is out share its next call. A lease a request gives back is kept by its worker
-//! for `POOL_KEEP_MS`, and its next request takes it without a call while Redis answered within
-//! `POOL_TRUST_MS`: under steady load a worker calls Redis a few times a second, and Redis
-//! counts it at about its busiest moment of the last `POOL_KEEP_MS` (never fewer leases than
-//! requests in flight). Release is a `ZREM` (one for all the leases given
-//! back meanwhile) sent after the pool lets go, off the request's path, retried; the worker renews
+//! arrive while a worker's call is out share its next call. While at least half the cap is
+//! free, a lease a request gives back is kept by its worker for `POOL_KEEP_MS`, and its next
+//! request takes it without a call while Redis answered within `POOL_TRUST_MS`: under steady
+//! load a worker calls Redis a few times a second, and Redis counts it at about its busiest
+//! moment of the last `POOL_KEEP_MS` (never fewer leases than requests in flight); nearer the
+//! cap a lease goes back at once, for any worker. Release is a `ZREM` (one for all the leases
+//! given back meanwhile), off the request's path, retried; the worker renews
 //! the leases of its requests in flight every third of `redis.lease_ttl`, and the master
 //! removes a dead worker's leases when it reaps it (`PURGE`); the TTL covers a lost host.
 //!
@@ -38,7 +39,7 @@ use crate::scoreboard::{coarse_monotonic_ms, Slot};
 
 /// Without rate limits: drops expired leases, then takes one for each listed member, in order,
 /// while fewer than the cap are held. KEYS[1] leases; ARGV: cap, ttl ms, members. Returns how
-/// many were taken (the first ones listed).
+/// many were taken (the first ones listed) and the room left under the cap.
 const ACQUIRE_CAP: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -46,7 +47,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local room = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
 local take = math.min(math.max(room, 0), #ARGV - 2)
 if take == 0 then
-  return 0
+  return {0, room}
 end
 local expiry = now + tonumber(ARGV[2])
 local add = {}
@@ -55,7 +56,7 @@ for i = 1, take do
   add[#add + 1] = ARGV[2 + i]
 end
 redis.call('ZADD', KEYS[1], unpack(add))
-return take
+return {take, room - take}
 ";
 
 /// For each request of a batch, in order: its client's rate (GCRA, on Redis's clock, in µs),
@@ -63,7 +64,8 @@ return take
 /// is written only when it is admitted. KEYS[1] leases; ARGV: cap, lease ttl ms, interval µs,
 /// tolerance µs, then per request its member and its client's rate key ("-": none). Returns,
 /// per request: rate passed (0/1), lease taken or not wanted (0/1), and how far ahead of now the
-/// client's TAT is, in µs (after this request if it passed, before it if not).
+/// client's TAT is, in µs (after this request if it passed, before it if not); then the room
+/// left under the cap (-1: not looked at, no request wanted a lease).
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -108,6 +110,7 @@ for i = 5, #ARGV, 2 do
   out[#out + 1] = lease
   out[#out + 1] = ahead
 end
+out[#out + 1] = room or -1
 return out
 ";
 
@@ -346,6 +349,10 @@ pub(crate) struct Cluster {
     pooled: tokio::sync::Notify,
     /// When Redis last answered a call (coarse ms).
     answered: AtomicU64,
+    /// Room left under the cap at the last call that looked: leases are pooled only while at
+    /// least half the cap is free, so that near the cap each request takes and gives back its
+    /// own (a lease idle in one worker's pool would refuse another worker's request).
+    room: std::sync::atomic::AtomicI64,
     /// Requests waiting for the acquiring task, with where to send its answer.
     to_acquire: Mutex<Vec<Wanted>>,
     wanted: tokio::sync::Notify,
@@ -392,6 +399,7 @@ impl Cluster {
             pool: Mutex::new(Vec::new()),
             pooled: tokio::sync::Notify::new(),
             answered: AtomicU64::new(0),
+            room: std::sync::atomic::AtomicI64::new(0),
             to_acquire: Mutex::new(Vec::new()),
             wanted: tokio::sync::Notify::new(),
             to_release: Mutex::new(Vec::new()),
@@ -453,8 +461,11 @@ impl Cluster {
         };
         let mut call = self.acquire_cap.key(&self.key);
         call.arg(self.cap).arg(self.ttl_ms);
-        match tokio::time::timeout(self.timeout, call.invoke_async::<usize>(&mut conn)).await {
-            Ok(Ok(_)) => self.succeeded(),
+        match tokio::time::timeout(self.timeout, call.invoke_async::<(i64, i64)>(&mut conn)).await {
+            Ok(Ok((_, room))) => {
+                self.room.store(room, Ordering::Relaxed);
+                self.succeeded();
+            }
             Ok(Err(e)) => {
                 self.call_failed(&e);
                 self.failed(&e.to_string());
@@ -767,12 +778,16 @@ impl Cluster {
         let n = batch.len();
         let reply = async {
             if lean {
-                // As the full script's answer: rate passed, lease taken or not, nothing ahead.
-                call.invoke_async::<usize>(&mut conn).await.map(|granted| {
-                    (0..n)
-                        .flat_map(|i| [1, i64::from(i < granted), 0])
-                        .collect::<Vec<i64>>()
-                })
+                // As the full script's answer: rate passed, lease taken or not, nothing ahead;
+                // then the room left.
+                call.invoke_async::<(i64, i64)>(&mut conn)
+                    .await
+                    .map(|(granted, room)| {
+                        (0..n as i64)
+                            .flat_map(|i| [1, i64::from(i < granted), 0])
+                            .chain([room])
+                            .collect::<Vec<i64>>()
+                    })
             } else {
                 call.invoke_async::<Vec<i64>>(&mut conn).await
             }
@@ -788,9 +803,13 @@ impl Cluster {
             }
         };
         match result {
-            Ok(out) if out.len() == batch.len() * 3 => {
+            Ok(mut out) if out.len() == batch.len() * 3 + 1 => {
                 if !late {
                     self.succeeded();
+                }
+                let room = out.pop().expect("checked");
+                if room >= 0 {
+                    self.room.store(room, Ordering::Relaxed);
                 }
                 for (w, a) in batch.into_iter().zip(out.chunks_exact(3)) {
                     let answer = Answer {
@@ -832,7 +851,9 @@ impl Cluster {
         if !self.held.lock().expect("not poisoned").contains(&seq) {
             return;
         }
-        if self.open_until.load(Ordering::Acquire) != 0 {
+        if self.open_until.load(Ordering::Acquire) != 0
+            || self.room.load(Ordering::Relaxed) * 2 < i64::from(self.cap)
+        {
             self.give_back(seq);
             return;
         }
