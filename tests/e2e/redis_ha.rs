@@ -11,13 +11,13 @@ use crate::util::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct loopback ports nobody listens on right now (all bound at once, so that none
+/// is handed out twice).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 /// `redis-cli` with `conn` (how to reach the server) then `args`; its output, trimmed ("" if
@@ -174,7 +174,7 @@ fn rediss_with_the_configured_authority_and_client_certificate_holds_the_cluster
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     make_certificates(d);
-    let port = free_port();
+    let [port] = free_ports();
     let path = |f: &str| d.join(f).display().to_string();
     let mut args = redis_args(0, d);
     args.extend([
@@ -271,6 +271,23 @@ fn tls_files_without_rediss_are_a_config_error() {
         err.contains("redis.tls_ca_file") && err.contains("/nonexistent/ca.crt"),
         "{err}"
     );
+    for (nodes, says) in [
+        ("[\"unix:///run/s.sock\"]", "reached over TCP"),
+        (
+            "[\"redis://127.0.0.1:26379\", \"rediss://127.0.0.1:26380\"]",
+            "mixes redis:// and rediss://",
+        ),
+        ("[]", "needs sentinel.nodes"),
+    ] {
+        let nodes = format!("sentinel.nodes={nodes}");
+        let (code, _, err) = run(
+            dir.path(),
+            &["check", "--set", "sentinel.master=main", "--set", &nodes],
+            &[],
+        );
+        assert_eq!(code, 2, "{nodes}: {err}");
+        assert!(err.contains(says), "{nodes}: {err}");
+    }
 }
 
 /// A master, its replica and one Sentinel watching them, on loopback ports.
@@ -285,7 +302,8 @@ struct Sentinel {
 impl Sentinel {
     fn start() -> Sentinel {
         let dir = tempfile::tempdir().unwrap();
-        let ports = [free_port(), free_port()];
+        let [first, second, sentinel_port] = free_ports();
+        let ports = [first, second];
         let mut servers = [None, None];
         for (i, port) in ports.iter().enumerate() {
             let d = dir.path().join(format!("r{i}"));
@@ -305,7 +323,6 @@ impl Sentinel {
                 .contains("master_link_status:up")
                 .then_some(())
         });
-        let sentinel_port = free_port();
         let conf = dir.path().join("sentinel.conf");
         std::fs::write(
             &conf,
@@ -452,7 +469,7 @@ fn through_sentinel_the_cluster_cap_follows_the_master_across_failovers() {
 #[test]
 fn a_server_demoted_to_replica_leaves_limits_local_until_it_is_master_again() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (free_port(), free_port());
+    let [a, b] = free_ports();
     let _servers: Vec<KillOnDrop> = [a, b]
         .iter()
         .map(|port| {

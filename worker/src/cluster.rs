@@ -23,7 +23,7 @@
 //! the one that knows which are live, and a worker whose event loop hangs stops renewing, so its
 //! leases lapse while the master replaces it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -65,7 +65,7 @@ return {take, room - take}
 /// tolerance µs, then per request its member and its client's rate key ("-": none). Returns,
 /// per request: rate passed (0/1), lease taken or not wanted (0/1), and how far ahead of now the
 /// client's TAT is, in µs (after this request if it passed, before it if not); then the room
-/// left under the cap (-1: not looked at, no request wanted a lease).
+/// left under the cap (`ROOM_UNKNOWN`: not looked at, no request wanted a lease).
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -110,8 +110,20 @@ for i = 5, #ARGV, 2 do
   out[#out + 1] = lease
   out[#out + 1] = ahead
 end
-out[#out + 1] = room or -1
+out[#out + 1] = room or -4503599627370496
 return out
+";
+
+/// A probe: drops expired leases, then adds and removes a member of its own (so that a server
+/// that cannot take a lease, a replica or one out of memory, fails it). KEYS[1] leases; ARGV:
+/// cap, the probe's member. Returns the room left under the cap.
+const PROBE: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], 0, ARGV[2])
+redis.call('ZREM', KEYS[1], ARGV[2])
+return tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
 ";
 
 /// Pushes the expiry of the listed leases that still exist. KEYS[1] leases; ARGV: ttl ms,
@@ -147,10 +159,12 @@ return n
 const OPEN_AFTER: u32 = 3;
 /// How long the breaker stays open before one call probes Redis again.
 const PROBE_EVERY_MS: u64 = 1000;
-/// Tries of a release before its lease is left to expire.
-const RELEASE_TRIES: u32 = 3;
-/// Bound of one dial, a Sentinel lookup included.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound of one dial, a Sentinel lookup included (the crate gives each Sentinel 1 s to connect
+/// and 0.5 s to answer, and waits for them in order; dials are never on a request's path).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// What `ACQUIRE` answers for the room when no request of the batch wanted a lease (-2^52: no
+/// real room is that low).
+const ROOM_UNKNOWN: i64 = -4_503_599_627_370_496;
 /// How long a worker keeps a lease its request gave back, for its next request, before it
 /// gives it back to Redis.
 pub const POOL_KEEP_MS: u64 = 50;
@@ -186,7 +200,8 @@ pub fn check_target(redis: &RedisConfig, sentinel: &SentinelConfig) -> Result<()
 
 /// A READONLY answer: the server is a replica now (a failover moved the master elsewhere).
 fn is_read_only(e: &RedisError) -> bool {
-    e.code() == Some("READONLY")
+    // Redis 7 answers READONLY; Redis 6 wraps a script's error in ERR.
+    e.code() == Some("READONLY") || e.detail().is_some_and(|d| d.contains("READONLY"))
 }
 
 /// `text` (a Redis URL, or a message that quotes one) with every password it holds replaced by
@@ -341,8 +356,12 @@ pub(crate) struct Cluster {
     key: String,
     prefix: String,
     seq: AtomicU64,
-    /// Every lease this worker holds in Redis: its requests' and its pool's.
-    held: Mutex<HashSet<u64>>,
+    /// Every lease this worker holds in Redis (its requests' and its pool's), with the
+    /// `generation` it was taken in.
+    held: Mutex<HashMap<u64, u64>>,
+    /// Bumped by every failed call: a lease taken before a failure may be gone from Redis (a
+    /// restart, a failover), so it is given back after its request, never pooled.
+    generation: AtomicU64,
     /// Leases its requests gave back lately, with when (coarse ms), newest last: the next
     /// requests take them instead of asking Redis (`POOL_KEEP_MS`).
     pool: Mutex<Vec<(u64, u64)>>,
@@ -361,6 +380,7 @@ pub(crate) struct Cluster {
     released: tokio::sync::Notify,
     acquire: Script,
     acquire_cap: Script,
+    probe: Script,
     renew: Script,
     /// Consecutive failed calls.
     failures: AtomicU32,
@@ -395,7 +415,8 @@ impl Cluster {
             key: leases_key(&config.prefix),
             prefix: member_prefix(instance, std::process::id()),
             seq: AtomicU64::new(0),
-            held: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
             pool: Mutex::new(Vec::new()),
             pooled: tokio::sync::Notify::new(),
             answered: AtomicU64::new(0),
@@ -406,6 +427,7 @@ impl Cluster {
             released: tokio::sync::Notify::new(),
             acquire: Script::new(ACQUIRE),
             acquire_cap: Script::new(ACQUIRE_CAP),
+            probe: Script::new(PROBE),
             renew: Script::new(RENEW),
             failures: AtomicU32::new(0),
             open_until: AtomicU64::new(0),
@@ -447,9 +469,9 @@ impl Cluster {
         });
     }
 
-    /// While the breaker is open, one call (when a probe is due and no request made it): the
-    /// lease script with nothing to take, which writes, so a server that answers but cannot
-    /// take leases (a demoted master) does not count as back. This is what brings an idle
+    /// While the breaker is open, one call (when a probe is due and no request made it) that
+    /// adds and removes a member of the lease set, so a server that answers but cannot take a
+    /// lease (a demoted master, one out of memory) does not count as back. This is what brings an idle
     /// worker back to cluster-wide limits, and its status to "connected", without a request.
     async fn probe(&'static self) {
         if self.open_until.load(Ordering::Acquire) == 0 || !self.allowed() {
@@ -459,10 +481,10 @@ impl Cluster {
         let Some(mut conn) = self.connection() else {
             return;
         };
-        let mut call = self.acquire_cap.key(&self.key);
-        call.arg(self.cap).arg(self.ttl_ms);
-        match tokio::time::timeout(self.timeout, call.invoke_async::<(i64, i64)>(&mut conn)).await {
-            Ok(Ok((_, room))) => {
+        let mut call = self.probe.key(&self.key);
+        call.arg(self.cap).arg(format!("{}probe", self.prefix));
+        match tokio::time::timeout(self.timeout, call.invoke_async::<i64>(&mut conn)).await {
+            Ok(Ok(room)) => {
                 self.room.store(room, Ordering::Relaxed);
                 self.succeeded();
             }
@@ -574,7 +596,10 @@ impl Cluster {
 
     fn failed(&'static self, why: &str) {
         // Leases kept for reuse are only as good as Redis's word: after a failure they go back
-        // (or expire), and requests ask afresh.
+        // (or expire), those in use are not pooled after their request, and requests ask
+        // afresh.
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.answered.store(0, Ordering::Relaxed);
         self.flush_pool();
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         self.probing.store(false, Ordering::Release);
@@ -700,7 +725,11 @@ impl Cluster {
                     return Verdict::Full;
                 }
                 let lease = if lease {
-                    self.held.lock().expect("not poisoned").insert(seq);
+                    let generation = self.generation.load(Ordering::Relaxed);
+                    self.held
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(seq, generation);
                     Some(Lease { cluster: self, seq })
                 } else {
                     pooled
@@ -808,7 +837,7 @@ impl Cluster {
                     self.succeeded();
                 }
                 let room = out.pop().expect("checked");
-                if room >= 0 {
+                if room != ROOM_UNKNOWN {
                     self.room.store(room, Ordering::Relaxed);
                 }
                 for (w, a) in batch.into_iter().zip(out.chunks_exact(3)) {
@@ -848,10 +877,11 @@ impl Cluster {
     /// A request is done with lease `seq`: kept in the pool for the next request while Redis
     /// answers, else given back. A lease Redis no longer has (see `renew_held`) is forgotten.
     fn release(&'static self, seq: u64) {
-        if !self.held.lock().expect("not poisoned").contains(&seq) {
+        let Some(taken_in) = self.held.lock().expect("not poisoned").get(&seq).copied() else {
             return;
-        }
+        };
         if self.open_until.load(Ordering::Acquire) != 0
+            || taken_in != self.generation.load(Ordering::Relaxed)
             || self.room.load(Ordering::Relaxed) * 2 < i64::from(self.cap)
         {
             self.give_back(seq);
@@ -944,25 +974,27 @@ impl Cluster {
             for seq in &seqs {
                 zrem.arg(format!("{}{seq}", self.prefix));
             }
+            // Retried, each time later (up to a second apart), for as long as the leases
+            // live: a lease not given back would shrink the cap (also on a new master after a
+            // failover, which has them by replication) until it expires.
             let mut done = false;
-            for _ in 0..RELEASE_TRIES {
-                let Some(mut conn) = self.connection() else {
-                    tokio::time::sleep(self.timeout).await;
-                    continue;
-                };
-                match tokio::time::timeout(self.timeout * 5, zrem.query_async::<i64>(&mut conn))
-                    .await
-                {
-                    Ok(Ok(_)) => {
-                        done = true;
-                        break;
+            let give_up = tokio::time::Instant::now() + Duration::from_millis(self.ttl_ms);
+            let mut pause = self.timeout;
+            while tokio::time::Instant::now() < give_up {
+                if let Some(mut conn) = self.connection() {
+                    match tokio::time::timeout(self.timeout * 5, zrem.query_async::<i64>(&mut conn))
+                        .await
+                    {
+                        Ok(Ok(_)) => {
+                            done = true;
+                            break;
+                        }
+                        Ok(Err(e)) => self.call_failed(&e),
+                        Err(_) => {}
                     }
-                    Ok(Err(e)) => {
-                        self.call_failed(&e);
-                        tokio::time::sleep(self.timeout).await
-                    }
-                    Err(_) => tokio::time::sleep(self.timeout).await,
                 }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
             if !done {
                 debug!(
@@ -978,7 +1010,7 @@ impl Cluster {
             .held
             .lock()
             .expect("not poisoned")
-            .iter()
+            .keys()
             .map(|seq| format!("{}{seq}", self.prefix))
             .collect();
         if members.is_empty() {
@@ -1010,7 +1042,7 @@ impl Cluster {
                     self.held
                         .lock()
                         .expect("not poisoned")
-                        .retain(|s| !lost.contains(s));
+                        .retain(|s, _| !lost.contains(s));
                     self.pool
                         .lock()
                         .expect("not poisoned")
@@ -1050,14 +1082,26 @@ impl Janitor {
             .spawn(move || {
                 let purge = Script::new(PURGE);
                 let mut conn: Option<redis::Connection> = None;
+                // Only for finding the master through Sentinel within a deadline (the crate's
+                // blocking lookup has none).
+                let Ok(lookup) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    warn!("cannot start the redis janitor: dead workers' leases will expire");
+                    return;
+                };
                 for pid in rx {
                     let prefix = member_prefix(instance, pid);
                     for _ in 0..2 {
                         if conn.is_none() {
-                            conn = target
-                                .client_blocking()
-                                .and_then(|c| c.get_connection_with_timeout(timeout))
-                                .ok();
+                            conn = lookup
+                                .block_on(async {
+                                    tokio::time::timeout(DIAL_TIMEOUT, target.client()).await
+                                })
+                                .ok()
+                                .and_then(|c| c.ok())
+                                .and_then(|c| c.get_connection_with_timeout(timeout).ok());
                             if let Some(c) = &conn {
                                 let _ = c.set_read_timeout(Some(timeout));
                                 let _ = c.set_write_timeout(Some(timeout));

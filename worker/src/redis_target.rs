@@ -59,14 +59,6 @@ impl Target {
             Kind::Sentinel(s) => s.async_get_client().await,
         }
     }
-
-    /// `client`, for a thread without an event loop.
-    pub(crate) fn client_blocking(&mut self) -> RedisResult<Client> {
-        match &mut self.kind {
-            Kind::Direct(c) => Ok((**c).clone()),
-            Kind::Sentinel(s) => s.get_client(),
-        }
-    }
 }
 
 /// The TLS files of `[redis]`, read; `None` when none is set.
@@ -125,6 +117,12 @@ fn via_sentinel(
         if password.is_none() {
             password = info.redis_settings().password().map(str::to_string);
         }
+        if matches!(info.addr(), ConnectionAddr::Unix(_)) {
+            return Err(format!(
+                "sentinel.nodes {}: a Sentinel is reached over TCP (redis:// or rediss://)",
+                redacted(node)
+            ));
+        }
         addrs.push(info.addr().clone());
     }
     if addrs.is_empty() {
@@ -133,9 +131,17 @@ fn via_sentinel(
             sentinel.master
         ));
     }
-    let sentinels_tls = addrs
+    let tls_nodes = addrs
         .iter()
-        .all(|a| matches!(a, ConnectionAddr::TcpTls { .. }));
+        .filter(|a| matches!(a, ConnectionAddr::TcpTls { .. }))
+        .count();
+    if tls_nodes != 0 && tls_nodes != addrs.len() {
+        return Err(
+            "sentinel.nodes mixes redis:// and rediss://: all Sentinels or none over TLS"
+                .to_string(),
+        );
+    }
+    let sentinels_tls = tls_nodes != 0;
     let mut builder =
         SentinelClientBuilder::new(addrs, sentinel.master.as_str(), SentinelServerType::Master)
             .map_err(|e| format!("sentinel.nodes: {e}"))?;
