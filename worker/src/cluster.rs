@@ -668,8 +668,9 @@ impl Cluster {
     /// is a cap.
     pub(crate) async fn acquire(&'static self, client: Option<&[u8]>) -> Verdict {
         // A lease another request of this worker just gave back: no call at all unless the
-        // client's rate is counted in Redis.
-        let pooled = if self.cap > 0 && self.open_until.load(Ordering::Acquire) == 0 {
+        // client's rate is counted in Redis. (Never while the breaker is open: a failure
+        // stops the pool's reuse until Redis answers again.)
+        let pooled = if self.cap > 0 {
             self.take_pooled().map(|seq| Lease { cluster: self, seq })
         } else {
             None
@@ -901,17 +902,12 @@ impl Cluster {
         if now.saturating_sub(self.answered.load(Ordering::Relaxed)) > POOL_TRUST_MS {
             return None;
         }
+        // The newest stale means all are; `trim_pool` gives them back.
         let mut pool = self.pool.lock().expect("not poisoned");
-        let (seq, at) = pool.pop()?;
-        if now.saturating_sub(at) <= POOL_KEEP_MS {
-            return Some(seq);
+        match pool.last() {
+            Some(&(_, at)) if now.saturating_sub(at) <= POOL_KEEP_MS => pool.pop().map(|(s, _)| s),
+            _ => None,
         }
-        // The newest is stale, so all are.
-        pool.push((seq, at));
-        let stale = std::mem::take(&mut *pool);
-        drop(pool);
-        self.give_back_all(stale.into_iter().map(|(seq, _)| seq));
-        None
     }
 
     /// The pool's task: leases unused for `POOL_KEEP_MS` go back to Redis, so that a worker
