@@ -97,14 +97,17 @@ fn cli(socket: &Path, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// `supervisor start` on `redis`, once every worker is connected to it.
 fn start(redis: &Redis, workers: &str, extra: &[&str]) -> Server {
     let url = format!("redis.url={}", redis.url());
     let mut args = vec!["-w", workers, "--set", &url];
     args.extend_from_slice(extra);
-    Server::start(&args)
+    let s = Server::start(&args);
+    eventually(WAIT, "every worker connected to redis", || all_connected(&s));
+    s
 }
 
-fn redis_states(s: &Server) -> Vec<String> {
+pub(crate) fn redis_states(s: &Server) -> Vec<String> {
     s.status()["workers"]
         .as_array()
         .unwrap()
@@ -113,7 +116,7 @@ fn redis_states(s: &Server) -> Vec<String> {
         .collect()
 }
 
-fn all_connected(s: &Server) -> Option<()> {
+pub(crate) fn all_connected(s: &Server) -> Option<()> {
     redis_states(s)
         .iter()
         .all(|r| r == "connected")
@@ -137,6 +140,18 @@ fn slowest_of(s: &Server, n: usize, within: Duration) -> Duration {
     slowest
 }
 
+/// Requests (each must succeed) until every worker is back on Redis, then until no lease is
+/// left in it.
+fn back_with_no_lease_left(s: &Server, redis: &Redis) {
+    eventually(WAIT, "the worker back on redis", || {
+        assert_eq!(s.get("/").status, 200);
+        all_connected(s)
+    });
+    eventually(WAIT, "no lease left behind", || {
+        (redis.leases() == 0).then_some(())
+    });
+}
+
 fn send(s: &Server, path: &str) -> JoinHandle<Response> {
     let (addr, path) = (s.addr, path.to_string());
     std::thread::spawn(move || get(addr, &path))
@@ -148,9 +163,6 @@ fn two_instances_sharing_redis_never_exceed_the_cluster_cap_together() {
     let cap = ["--set", "limits.cluster_max_concurrent_requests=3"];
     let a = start(&redis, "2", &cap);
     let b = start(&redis, "2", &cap);
-    eventually(WAIT, "every worker connected to redis", || {
-        all_connected(&a).and(all_connected(&b))
-    });
     // 12 requests at once, half to each instance: 3 hold the cluster's permits, the rest are
     // refused, whichever instance and worker they reached.
     let all: Vec<_> = (0..12)
@@ -192,9 +204,6 @@ fn redis_killed_under_load_degrades_to_local_limits_then_comes_back() {
         "2",
         &["--set", "limits.cluster_max_concurrent_requests=50"],
     );
-    eventually(WAIT, "every worker connected to redis", || {
-        all_connected(&s)
-    });
     let request = |n: usize| slowest_of(&s, n, Duration::MAX);
     request(50);
     redis.kill();
@@ -239,7 +248,6 @@ fn redis_that_stops_answering_costs_requests_no_more_than_the_deadline() {
         "1",
         &["--set", "limits.cluster_max_concurrent_requests=50"],
     );
-    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
     // SIGSTOP: the socket stays open and calls simply get no answer.
     redis.signal(Signal::SIGSTOP);
     let slowest = slowest_of(&s, 100, Duration::MAX);
@@ -247,14 +255,8 @@ fn redis_that_stops_answering_costs_requests_no_more_than_the_deadline() {
     assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
     assert_eq!(redis_states(&s), ["degraded"]);
     redis.signal(Signal::SIGCONT);
-    eventually(WAIT, "the worker back on redis", || {
-        assert_eq!(s.get("/").status, 200);
-        all_connected(&s)
-    });
     // What the calls queued during the stall took was given back.
-    eventually(WAIT, "no lease left behind", || {
-        (redis.leases() == 0).then_some(())
-    });
+    back_with_no_lease_left(&s, &redis);
 }
 
 #[test]
@@ -265,7 +267,6 @@ fn redis_paused_by_client_pause_costs_requests_no_more_than_the_deadline() {
         "1",
         &["--set", "limits.cluster_max_concurrent_requests=50"],
     );
-    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
     // Redis holds every client's commands for 3 s (as during a failover).
     assert_eq!(
         cli(&redis.socket(), &["CLIENT", "PAUSE", "3000", "ALL"]),
@@ -275,13 +276,7 @@ fn redis_paused_by_client_pause_costs_requests_no_more_than_the_deadline() {
     assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
     assert_eq!(redis_states(&s), ["degraded"]);
     // Once the pause ends, cluster mode comes back, and no lease is left behind.
-    eventually(WAIT, "the worker back on redis", || {
-        assert_eq!(s.get("/").status, 200);
-        all_connected(&s)
-    });
-    eventually(WAIT, "no lease left behind", || {
-        (redis.leases() == 0).then_some(())
-    });
+    back_with_no_lease_left(&s, &redis);
 }
 
 #[test]
@@ -297,7 +292,6 @@ fn a_long_requests_lease_is_renewed_past_lease_ttl() {
             "redis.lease_ttl=1s",
         ],
     );
-    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
     let started = Instant::now();
     let long = send(&s, "/sleep?ms=3000");
     eventually(WAIT, "the lease taken", || {
@@ -332,7 +326,6 @@ fn with_on_redis_error_closed_requests_are_refused_while_redis_is_away() {
             "limits.on_redis_error=closed",
         ],
     );
-    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
     assert_eq!(s.get("/").status, 200);
     redis.kill();
     // Refused once the worker finds Redis gone: at its next call, within POOL_TRUST_MS of
@@ -377,7 +370,6 @@ fn a_killed_workers_leases_are_returned_at_once() {
         "1",
         &["--set", "limits.cluster_max_concurrent_requests=5"],
     );
-    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
     let worker = s.serving_pids()[0];
     let _held: Vec<_> = (0..3)
         .map(|_| {
@@ -414,7 +406,6 @@ fn a_killed_instances_leases_expire_within_lease_ttl() {
             "redis.lease_ttl=2s",
         ],
     );
-    eventually(WAIT, "the workers connected to redis", || all_connected(&s));
     let workers = s.serving_pids();
     let _held: Vec<_> = (0..3)
         .map(|_| {
@@ -446,9 +437,6 @@ fn a_killed_instances_leases_expire_within_lease_ttl() {
         "1",
         &["--set", "limits.cluster_max_concurrent_requests=3"],
     );
-    eventually(WAIT, "the other instance connected", || {
-        all_connected(&other)
-    });
     let held: Vec<_> = (0..3).map(|_| send(&other, "/sleep?ms=1000")).collect();
     for h in held {
         assert_eq!(h.join().unwrap().status, 200);
@@ -479,7 +467,6 @@ fn one_after_another_requests_reuse_their_workers_lease_then_give_it_back() {
         "1",
         &["--set", "limits.cluster_max_concurrent_requests=5"],
     );
-    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
     assert_eq!(cli(&redis.socket(), &["CONFIG", "RESETSTAT"]), "OK");
     let mut n = 0;
     let started = Instant::now();
@@ -516,7 +503,6 @@ fn near_the_cap_a_lease_goes_back_at_once_for_any_worker_to_take() {
         "2",
         &["--set", "limits.cluster_max_concurrent_requests=1"],
     );
-    eventually(WAIT, "the workers connected to redis", || all_connected(&s));
     let mut workers = std::collections::HashMap::<String, usize>::new();
     let (mut n, mut refused) = (0, 0);
     let started = Instant::now();
@@ -557,7 +543,6 @@ fn a_lease_that_redis_lost_is_forgotten_not_reused() {
             "log.level=debug",
         ],
     );
-    eventually(WAIT, "the worker connected to redis", || all_connected(&s));
     let long = send(&s, "/sleep?ms=1500");
     eventually(WAIT, "the lease taken", || {
         (redis.leases() == 1).then_some(())
@@ -586,9 +571,6 @@ fn a_clients_rate_is_one_budget_across_instances() {
     let rate = ["--set", "limits.rate=10/min"];
     let a = start(&redis, "2", &rate);
     let b = start(&redis, "2", &rate);
-    eventually(WAIT, "every worker connected to redis", || {
-        all_connected(&a).and(all_connected(&b))
-    });
     let started = Instant::now();
     let answers: Vec<Response> = (0..40)
         .map(|i| if i % 2 == 0 { a.get("/") } else { b.get("/") })
@@ -626,7 +608,6 @@ fn while_redis_is_away_rates_fall_back_to_the_hosts_table_or_to_none() {
             "1",
             &["--set", "limits.rate=2/min", "--set", &on_error],
         );
-        eventually(WAIT, "the worker connected to redis", || all_connected(&s));
         redis.kill();
         let passed = (0..5).filter(|_| s.get("/").status == 200).count();
         assert_eq!(passed, expected, "on_redis_error = {policy}");

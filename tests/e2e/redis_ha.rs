@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cluster::{all_connected, redis_states};
 use crate::util::*;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -62,22 +63,6 @@ fn redis_args(port: u16, dir: &Path) -> Vec<String> {
     a.extend(["--port".into(), port.to_string()]);
     a.extend(["--dir".into(), dir.display().to_string()]);
     a
-}
-
-fn redis_states(s: &Server) -> Vec<String> {
-    s.status()["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["redis"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn all_connected(s: &Server) -> Option<()> {
-    redis_states(s)
-        .iter()
-        .all(|r| r == "connected")
-        .then_some(())
 }
 
 /// Runs `openssl args...` in `dir`; panics with its output if it fails.
