@@ -103,7 +103,9 @@ fn start(redis: &Redis, workers: &str, extra: &[&str]) -> Server {
     let mut args = vec!["-w", workers, "--set", &url];
     args.extend_from_slice(extra);
     let s = Server::start(&args);
-    eventually(WAIT, "every worker connected to redis", || all_connected(&s));
+    eventually(WAIT, "every worker connected to redis", || {
+        all_connected(&s)
+    });
     s
 }
 
