@@ -138,7 +138,46 @@ pub fn read(pid: Option<u32>) -> Result<Status> {
         open_board(pid)?.with_context(|| format!("process {pid} is not a supervisor master"))?;
     let h = board.header();
     let now = monotonic_ms();
-    let workers = board
+    // The records are read one after another while the tree changes: a handover read half
+    // before and half after it would show the replacement still booting and the worker it
+    // replaces already draining, one serving worker too few. A record's state only moves
+    // forward (booting, serving, draining, free), so when two scans of every state and pid
+    // agree, the records read between them held those values at one same moment. Retried a
+    // bounded number of times; a tree that never sits still that long gets the last read.
+    let states = || {
+        board
+            .slots()
+            .map(|(_, s)| (s.state(), s.pid.load(Ordering::Relaxed)))
+            .collect::<Vec<_>>()
+    };
+    let mut before = states();
+    let mut workers = read_workers(&board, now);
+    for _ in 0..100 {
+        let after = states();
+        if after == before {
+            break;
+        }
+        before = after;
+        workers = read_workers(&board, now);
+    }
+    Ok(Status {
+        master_pid: pid,
+        global_inflight: h.global_inflight.load(Ordering::Relaxed),
+        global_cap: h.global_cap.load(Ordering::Relaxed),
+        global_rejected: h.global_rejected.load(Ordering::Relaxed),
+        rate_limit: open_rates(pid).map(|t| RateStatus {
+            enabled: t.enabled(),
+            capacity: t.capacity(),
+            tracked: t.tracked(),
+            evictions: t.evictions(),
+            limited: t.limited(),
+        }),
+        workers,
+    })
+}
+
+fn read_workers(board: &Scoreboard, now: u64) -> Vec<WorkerStatus> {
+    board
         .slots()
         .filter(|(_, s)| s.state() != SlotState::Free)
         .map(|(record, s)| WorkerStatus {
@@ -166,21 +205,7 @@ pub fn read(pid: Option<u32>) -> Result<Status> {
             app_pid: s.app_pid.load(Ordering::Relaxed),
             app_restarts: s.app_restarts.load(Ordering::Relaxed),
         })
-        .collect();
-    Ok(Status {
-        master_pid: pid,
-        global_inflight: h.global_inflight.load(Ordering::Relaxed),
-        global_cap: h.global_cap.load(Ordering::Relaxed),
-        global_rejected: h.global_rejected.load(Ordering::Relaxed),
-        rate_limit: open_rates(pid).map(|t| RateStatus {
-            enabled: t.enabled(),
-            capacity: t.capacity(),
-            tracked: t.tracked(),
-            evictions: t.evictions(),
-            limited: t.limited(),
-        }),
-        workers,
-    })
+        .collect()
 }
 
 pub fn print(status: &Status, json: bool) {
