@@ -120,8 +120,49 @@ fn max_requests_recycles_without_a_failed_request_or_a_capacity_dip() {
     assert_eq!(tally.failed.load(Ordering::Relaxed), 0, "failed requests");
     assert_eq!(tally.ok.load(Ordering::Relaxed), 2000);
     assert!(fewest >= 2, "only {fewest} serving workers at some point");
-    let recycled = count(&server, "worker recycled");
-    assert!(recycled >= 80, "only {recycled} recycles for 2000 requests");
+    // Recycling kept up: once the tree settles, two workers serve, none drains, and neither is
+    // at the limit. How far past 20 a worker goes while its replacement boots depends on the
+    // machine's load, so the number of recycles is not fixed; where the requests went is.
+    let under_limit = eventually(
+        Duration::from_secs(20),
+        "2 serving workers under 20",
+        || {
+            let status = server.status();
+            let workers = status["workers"].as_array().unwrap();
+            let requests: Vec<u64> = workers
+                .iter()
+                .filter(|w| w["state"] == "serving")
+                .map(|w| w["requests"].as_u64().unwrap())
+                .collect();
+            // A replacement the master prepared ahead ("booting") may wait beside them.
+            let settled = workers
+                .iter()
+                .all(|w| w["state"] == "serving" || w["state"] == "booting");
+            (settled && requests.len() == 2 && requests.iter().all(|&n| n < 20))
+                .then(|| requests.iter().sum::<u64>())
+        },
+    );
+    // Every other request was served by a worker recycled at or past the limit, and each of
+    // those drained (its last line counts what it served).
+    let drained = eventually(Duration::from_secs(10), "a drain line per recycle", || {
+        let drained: Vec<u64> = server
+            .log
+            .lines()
+            .iter()
+            .filter(|l| l.contains("drain complete"))
+            .map(|l| {
+                let n = l.split("requests.total=").nth(1).expect("requests.total");
+                n.split_whitespace().next().unwrap().parse().unwrap()
+            })
+            .collect();
+        let recycled = count(&server, "worker recycled");
+        (drained.len() == recycled && drained.iter().sum::<u64>() + under_limit == 2000)
+            .then_some(drained)
+    });
+    assert!(
+        drained.iter().all(|&n| n >= 20),
+        "a worker recycled before max_requests: {drained:?}"
+    );
     assert!(server.log.text().contains("reason=max_requests"));
 }
 
