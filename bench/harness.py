@@ -345,6 +345,18 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     PROCESSES.pop(proc.pid, None)
 
 
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM to a server process we did not start ourselves (the new master of a binary
+    upgrade), then wait a bounded time for it to go; the caller kills its group after."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and not _zombie(pid):
+        time.sleep(0.02)
+
+
 def cleanup() -> None:
     for proc in list(PROCESSES.values()):
         stop(proc, timeout=3.0)

@@ -11,7 +11,13 @@ every worker always has requests in flight) runs against each system with 3 work
            replacement of every worker; gunicorn: new workers, then the old ones stopped
            gracefully; granian: respawns its workers one by one, `--respawn-interval` apart);
 - kill:    one worker is `kill -9`ed halfway through (granian runs with
-           `--respawn-failed-workers` here: by default its master exits when a worker dies).
+           `--respawn-failed-workers` here: by default its master exits when a worker dies);
+- upgrade: a binary upgrade halfway through: supervisor gets USR2 (its new master takes the
+           sockets over, the old one drains once every new worker is ready, by itself);
+           gunicorn gets USR2 (it starts a new master on the same sockets) and, as its docs
+           tell an operator, TERM to the old master once the new one has its workers, here
+           UPGRADE_SETTLE s after they all exist (gunicorn has no readiness signal); granian
+           has no binary upgrade: n/a.
 
 A failed request is a connection error, reset or timeout seen by oha, or any non-2xx answer.
 For supervisor the kill reads the killed worker's requests in flight from the scoreboard just
@@ -42,7 +48,8 @@ RATE = 15_000
 CONNECTIONS = 256  # ~RATE x 6 ms = 90 in flight when steady: room for the disturbances
 MAX_REQUESTS, MAX_REQUESTS_JITTER = 5_000, 1_000  # ~1 recycle per worker per second at RATE/3
 HUP_EVERY = 2.0  # s, first at 1 s
-CASES = ["steady", "recycle", "hup", "kill"]
+UPGRADE_SETTLE = 1.0  # s: gunicorn, from "the new master has all its workers" to TERM the old
+CASES = ["steady", "recycle", "hup", "kill", "upgrade"]
 CAP = {"limits.max_concurrent_requests": 1024, "worker.max_concurrent": 1024}
 
 
@@ -77,6 +84,9 @@ def systems() -> list[tuple[str, str, LSystem | None, str]]:
             out.append(("granian", case, None,
                         "n/a: granian has no request-count recycle; its closest, "
                         "--workers-lifetime, has a 60 s minimum, longer than a run"))
+        elif case == "upgrade":
+            out.append(("granian", case, None,
+                        "n/a: granian has no binary upgrade (no re-exec keeping its sockets)"))
         else:
             gra = ["--respawn-failed-workers"] if case == "kill" else []
             out.append(("granian", case, LSystem("granian", "granian", "granian", {}, gra),
@@ -126,12 +136,14 @@ class Actor(threading.Thread):
         self.initial = children(run.pid)
         self.seen = set(self.initial)
         self.error: str | None = None
+        self.new_master: int | None = None
+        self.old_master = run.pid
         if case == "hup":
             n = max(1, int((duration - 1.0) // HUP_EVERY) + 1)
             self.schedule = [(1.0 + i * HUP_EVERY, "hup") for i in range(n)
                              if 1.0 + i * HUP_EVERY < duration - 0.5] or [(duration / 2, "hup")]
-        elif case == "kill":
-            self.schedule = [(duration / 2, "kill")]
+        elif case in ("kill", "upgrade"):
+            self.schedule = [(duration / 2, case)]
         else:
             self.schedule = []
 
@@ -152,7 +164,41 @@ class Actor(threading.Thread):
             os.kill(pid, signal.SIGKILL)
             ev["pid"] = pid
             ev["t_s"] = round(time.monotonic() - self.t0, 3)
+        elif what == "upgrade":
+            self.upgrade(ev)
         self.events.append(ev)
+
+    def upgrade(self, ev: dict) -> None:
+        """USR2 to the master; for gunicorn also TERM to the old master once the new one has
+        its workers (supervisor's old master drains by itself once the new one is ready).
+        Records when the new master appeared and when the old one exited."""
+        old = self.old_master
+        before = children(old)
+        os.kill(old, signal.SIGUSR2)
+        deadline = time.monotonic() + 30
+        new = None
+        while time.monotonic() < deadline:
+            # The new master is a child of the old one that has children of its own (its
+            # workers), all of them: the old master's workers have none (no app here).
+            for c in children(old) - before:
+                if len(children(c)) >= self.run_.workers:
+                    new = c
+            if new:
+                break
+            time.sleep(0.01)
+        if new is None:
+            raise RuntimeError("no new master with all its workers within 30 s of USR2")
+        self.new_master = new
+        ev["new_master"] = new
+        ev["new_workers_t_s"] = round(time.monotonic() - self.t0, 3)
+        if self.run_.system.kind == "gunicorn":
+            time.sleep(UPGRADE_SETTLE)  # the operator's pause; see UPGRADE_SETTLE
+            os.kill(old, signal.SIGTERM)
+            ev["term_old_t_s"] = round(time.monotonic() - self.t0, 3)
+        while time.monotonic() < deadline and self.run_.proc.poll() is None:
+            time.sleep(0.01)
+        ev["old_exited_t_s"] = (round(time.monotonic() - self.t0, 3)
+                                if self.run_.proc.poll() is not None else None)
 
     def run(self) -> None:
         try:
@@ -164,7 +210,7 @@ class Actor(threading.Thread):
                 now = time.monotonic() - self.t0
                 while todo and todo[0][0] <= now:
                     self.act(todo.pop(0)[1], now)
-                self.seen |= children(self.run_.pid)
+                self.seen |= children(self.new_master or self.run_.pid)
                 self.done.wait(self.POLL)
         except Exception as e:  # noqa: BLE001 - recorded, the run is then an error
             self.error = f"{type(e).__name__}: {e}"
@@ -208,6 +254,11 @@ def scenario_lifecycle(ctx) -> dict:
         "hup": f"SIGHUP to the master every {HUP_EVERY:g} s from 1 s on; granian with its "
                f"default --respawn-interval (3.5 s between a new worker and stopping the old)",
         "kill": "SIGKILL to one worker halfway through; granian with --respawn-failed-workers",
+        "upgrade": f"USR2 to the master halfway through (the binary on disk is the same build); "
+                   f"gunicorn: TERM to the old master {UPGRADE_SETTLE:g} s after its new master "
+                   f"has all its workers (gunicorn's documented procedure, without readiness "
+                   f"signal); supervisor's old master drains by itself once every new worker is "
+                   f"ready; granian n/a",
         "failed": "oha errors (connect, reset, timeout) + non-2xx answers",
         "supervisor_settings": CAP,
         "replacements": "new worker pids seen by polling the master's children every 0.1 s "
@@ -218,9 +269,12 @@ def scenario_lifecycle(ctx) -> dict:
     def measure(key, system, workers, rnd):
         name, case = meta[key]
         run = system.start(workers, ctx.pin)
+        actor = None
         try:
             h.oha(run, PATH, warmup, ctx.pin, rate=RATE, connections=CONNECTIONS, timeout_s=10)
-            gen_before = generations(run) if system.kind == "supervisor" else None
+            # (after an upgrade the scoreboard is the new master's: new pids count instead)
+            gen_before = (generations(run) if system.kind == "supervisor" and case != "upgrade"
+                          else None)
             actor = Actor(run, case, duration, ctx.pin)
             actor.start()
             try:
@@ -245,8 +299,17 @@ def scenario_lifecycle(ctx) -> dict:
             if m["mean_ms"] is not None:
                 m["inflight_per_worker_est"] = round(RATE * m["mean_ms"] / 1000 / workers, 1)
             m["hups"] = sum(1 for e in acted["events"] if e["action"] == "hup")
+            ups = [e for e in acted["events"] if e["action"] == "upgrade"]
+            if ups:
+                m["upgrade"] = ups[0]
+                if ups[0].get("old_exited_t_s") is None:
+                    raise RuntimeError(f"{key}: the old master did not exit after the upgrade")
             return m
         finally:
+            if actor is not None and actor.new_master:
+                # Not our child: TERM it and wait a bounded time; run.stop() then SIGKILLs what
+                # is left of the process group (which the new master shares).
+                h.stop_pid(actor.new_master)
             run.stop()
 
     runs = b.interleave(ctx, entries, measure, "lifecycle")
@@ -307,7 +370,7 @@ def verdict(by: dict) -> dict:
     """The issue's bar: supervisor fails 0 requests in recycle and hup, and in kill no more than
     the killed worker had in flight (read from the scoreboard just before the kill)."""
     out = {}
-    for case in ("recycle", "hup"):
+    for case in ("recycle", "hup", "upgrade"):
         r = by.get(f"supervisor-{case}")
         if r and r.get("n"):
             out[case] = {"failed": r["failed_per_round"], "met": r["failed_total"] == 0}
@@ -352,7 +415,7 @@ def md_lifecycle(r: dict) -> str:
                     x["failed peer"]] for x in s["ratios"]])
     v = s["verdict"]
     lines = []
-    for case in ("recycle", "hup"):
+    for case in ("recycle", "hup", "upgrade"):
         if case in v:
             lines.append(f"- {case}: supervisor failed {v[case]['failed']} request(s) per round: "
                          f"**{'met' if v[case]['met'] else 'NOT met'}** (bar: 0)")
@@ -365,7 +428,8 @@ def md_lifecycle(r: dict) -> str:
     return (f"## lifecycle: {c['workers']} workers, `GET {c['path']}` at a fixed "
             f"{rp.fmt(c['rate_rps'])} req/s (latency-corrected), while workers are replaced\n\n"
             f"Cases: steady (nothing happens), recycle ({c['recycle']}), hup "
-            f"(SIGHUP every {HUP_EVERY:g} s), kill (one worker kill -9'd halfway). Failed = "
+            f"(SIGHUP every {HUP_EVERY:g} s), kill (one worker kill -9'd halfway), upgrade "
+            f"({c.get('upgrade', 'USR2 halfway')}). Failed = "
             f"{c['failed']}. Latency figures are medians over rounds; failures are listed per "
             f"round.\n\n{t}\n\nThe issue's bar for supervisor:\n\n" + "\n".join(lines) +
             f"\n\nRatios supervisor / peer (lower is better for supervisor):\n\n{rt}\n\n"

@@ -11,6 +11,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use socket2::{Domain, SockAddr, Socket, Type};
 use worker::config::AcceptMode;
 
@@ -65,6 +66,25 @@ struct Group {
 pub struct Listeners {
     groups: Vec<Group>,
     backlog: i32,
+    /// Handed over to a new master (binary upgrade): the Unix socket files are its now, so
+    /// closing our copies must not remove them.
+    handed_over: bool,
+}
+
+/// One group of listening sockets as handed from an upgrading master to the new one (in the
+/// environment, as JSON): the fds themselves are inherited across the exec by number.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandedGroup {
+    /// As configured (port 0 kept), so the new master's config matches it like a reload does.
+    pub requested: String,
+    /// As bound.
+    pub addr: String,
+    pub per_worker: bool,
+    /// The socket of each worker number (reuseport), or the one shared socket; `None` where
+    /// released.
+    pub fds: Vec<Option<RawFd>>,
+    /// The Unix socket file to remove at stop, now the new master's job.
+    pub unix_path: Option<PathBuf>,
 }
 
 impl Listeners {
@@ -80,9 +100,84 @@ impl Listeners {
         let mut listeners = Listeners {
             groups: Vec::new(),
             backlog: 0,
+            handed_over: false,
         };
         listeners.rebind(binds, mode, workers, backlog, unix_mode)?;
         Ok(listeners)
+    }
+
+    /// Takes over the sockets an upgrading master handed over, then moves to `binds` like a
+    /// reload: the addresses still configured keep their sockets (and the connections queued
+    /// on them), the others are closed, new ones are bound. Sockets of worker numbers above
+    /// `workers` are closed too: nobody would accept what lands there.
+    pub fn inherit(
+        handed: Vec<HandedGroup>,
+        binds: &[String],
+        mode: AcceptMode,
+        workers: u32,
+        backlog: u32,
+        unix_mode: u32,
+    ) -> Result<Listeners> {
+        let mut groups = Vec::with_capacity(handed.len());
+        for h in handed {
+            let mut sockets = Vec::with_capacity(h.fds.len());
+            for fd in h.fds {
+                sockets.push(match fd {
+                    Some(fd) => Some(crate::sys::inherited_listener(fd).with_context(|| {
+                        format!("the listener for {} handed over by the old master", h.addr)
+                    })?),
+                    None => None,
+                });
+            }
+            groups.push(Group {
+                addr: BindAddr::parse(&h.addr)?,
+                requested: BindAddr::parse(&h.requested)?,
+                sockets,
+                per_worker: h.per_worker,
+                unix_path: h.unix_path,
+            });
+        }
+        let mut listeners = Listeners {
+            groups,
+            backlog: 0,
+            handed_over: false,
+        };
+        listeners.rebind(binds, mode, workers, backlog, unix_mode)?;
+        for g in listeners.groups.iter_mut().filter(|g| g.per_worker) {
+            g.sockets.truncate(workers as usize);
+        }
+        Ok(listeners)
+    }
+
+    /// What a new master needs to take these sockets over (see `inherit`), and the fds it must
+    /// inherit. From then on the Unix socket files are the new master's to remove.
+    pub fn hand_over(&mut self) -> (Vec<HandedGroup>, Vec<RawFd>) {
+        let mut fds = Vec::new();
+        let groups = self
+            .groups
+            .iter()
+            .map(|g| {
+                let own: Vec<Option<RawFd>> = g
+                    .sockets
+                    .iter()
+                    .map(|s| s.as_ref().map(|s| s.as_raw_fd()))
+                    .collect();
+                fds.extend(own.iter().flatten());
+                HandedGroup {
+                    requested: g.requested.to_string(),
+                    addr: g.addr.to_string(),
+                    per_worker: g.per_worker,
+                    fds: own,
+                    unix_path: g.unix_path.clone(),
+                }
+            })
+            .collect();
+        (groups, fds)
+    }
+
+    /// From now on a new master owns the Unix socket files: `close` leaves them.
+    pub fn set_handed_over(&mut self) {
+        self.handed_over = true;
     }
 
     /// Moves to a new set of addresses (a reload): addresses already bound in the same mode
@@ -249,7 +344,7 @@ impl Listeners {
     pub fn close(self) {
         for g in self.groups {
             drop(g.sockets);
-            if let Some(p) = g.unix_path {
+            if let (Some(p), false) = (g.unix_path, self.handed_over) {
                 let _ = std::fs::remove_file(p);
             }
         }

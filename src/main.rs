@@ -17,6 +17,7 @@ mod runtime_dir;
 mod spawn;
 mod status;
 mod sys;
+mod upgrade;
 
 use std::process::ExitCode;
 
@@ -28,9 +29,13 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    // First, while this is the only thread: how we were started (for a later upgrade), and a
+    // handover from an upgrading master (the variable is removed so no child sees it).
+    let self_exec = upgrade::SelfExec::capture();
+    let handover = upgrade::take_handover();
     let cli = Cli::parse();
     match cli.command {
-        Command::Start(args) => start(args),
+        Command::Start(args) => start(args, self_exec, handover),
         Command::Check(args) => check(args),
         Command::Status(args) => match status::read(args.pid) {
             Ok(s) => {
@@ -88,7 +93,11 @@ fn check(args: ConfigArgs) -> ExitCode {
     }
 }
 
-fn start(args: cli::StartArgs) -> ExitCode {
+fn start(
+    args: cli::StartArgs,
+    self_exec: upgrade::SelfExec,
+    handover: Result<Option<upgrade::Handover>, String>,
+) -> ExitCode {
     let loaded = match load_config(&args.config, &args.command) {
         Ok(l) => l,
         Err(e) => return fail(EXIT_CONFIG, &e),
@@ -103,13 +112,17 @@ fn start(args: cli::StartArgs) -> ExitCode {
     if let Some(p) = &loaded.source {
         tracing::info!(config = %p.display(), "configuration loaded");
     }
+    let handover = handover.unwrap_or_else(|why| {
+        tracing::warn!("{why}");
+        None
+    });
     // HUP re-reads the same sources: the same file, environment and command line.
     let reload: master::Reload = Box::new(move || {
         load_config(&args.config, &args.command)
             .map(|l| l.config)
             .map_err(|e| e.to_string())
     });
-    match master::setup(loaded.config, reload, level) {
+    match master::setup(loaded.config, reload, level, self_exec, handover) {
         Ok(m) => ExitCode::from(m.run() as u8),
         // Said once, on stderr (which is the log file too when `log.file` is set).
         Err(e) => fail(EXIT_FAILURE, &e),

@@ -38,6 +38,7 @@ use crate::logging::LevelHandle;
 use crate::recycle::{self, Observed, Plan};
 use crate::runtime_dir::RuntimeDir;
 use crate::spawn::{self, SpawnRequest};
+use crate::upgrade::{self, Handover, SelfExec};
 use crate::{rss, sys};
 
 /// Scoreboard records: room for the largest worker count plus as many replacements again.
@@ -150,6 +151,14 @@ pub struct Master {
     exit_code: i32,
     /// Where app sockets go; removed when the master is dropped.
     runtime_dir: RuntimeDir,
+    /// How this master was started: what a binary upgrade runs again.
+    self_exec: SelfExec,
+    /// A binary upgrade this master started and that is not ready yet.
+    upgrade: Option<upgrade::InProgress>,
+    /// The new master of an upgrade took over: this one drains and exits.
+    handed_over_to: Option<Pid>,
+    /// Started by an upgrading master: the pipe on which to tell it that we are ready.
+    upgrade_ready: Option<(OwnedFd, u32)>,
 }
 
 fn unix_mode(config: &Config) -> Result<u32> {
@@ -177,15 +186,44 @@ fn log_listeners(listeners: &Listeners, mode: AcceptMode) {
 
 /// Builds the master: binds every listener, creates the scoreboard, installs signal handling.
 /// Nothing is spawned yet; errors here exit 1 with the message.
-pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<Master> {
+pub fn setup(
+    config: Config,
+    reload: Reload,
+    log_level: LevelHandle,
+    self_exec: SelfExec,
+    handover: Option<Handover>,
+) -> Result<Master> {
     let workers = workers_of(&config);
-    let listeners = Listeners::bind(
-        &config.server.bind,
-        config.server.accept,
-        workers,
-        config.server.backlog,
-        unix_mode(&config)?,
-    )?;
+    let mut upgrade_ready = None;
+    let listeners = match handover {
+        None => Listeners::bind(
+            &config.server.bind,
+            config.server.accept,
+            workers,
+            config.server.backlog,
+            unix_mode(&config)?,
+        )?,
+        Some(h) => {
+            let ready = sys::inherited_fd(h.ready_fd, "upgrade readiness pipe")
+                .context("cannot take over from the upgrading master")?;
+            upgrade_ready = Some((ready, h.parent));
+            let sockets: usize = h.listeners.iter().map(|g| g.fds.len()).sum();
+            let listeners = Listeners::inherit(
+                h.listeners,
+                &config.server.bind,
+                config.server.accept,
+                workers,
+                config.server.backlog,
+                unix_mode(&config)?,
+            )
+            .context("cannot take over the listeners of the upgrading master")?;
+            info!(
+                old_master = h.parent,
+                sockets, "upgrade: took over the listeners of the old master"
+            );
+            listeners
+        }
+    };
     log_listeners(&listeners, config.server.accept);
     let runtime_dir = RuntimeDir::create(&config.server.runtime_dir)?;
     let (board, board_fd) =
@@ -237,6 +275,10 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
         announced_ready: false,
         exit_code: 0,
         runtime_dir,
+        self_exec,
+        upgrade: None,
+        handed_over_to: None,
+        upgrade_ready,
     })
 }
 
@@ -259,6 +301,7 @@ impl Master {
                 self.spawn_due();
                 self.check_workers();
                 self.start_replacements();
+                self.check_upgrade();
                 if self.phase != Phase::Running {
                     continue; // spawning gave up: go straight to stopping
                 }
@@ -546,7 +589,9 @@ impl Master {
                 _ => continue,
             };
             let Some(proc) = self.procs.remove(&pid) else {
-                continue; // not a worker (cannot happen today: we start no other children)
+                // Not a worker: the new master of an upgrade is the only other child.
+                self.on_new_master_exit(pid, exit);
+                continue;
             };
             self.on_exit(pid, proc, exit);
         }
@@ -700,6 +745,9 @@ impl Master {
                     wait = wait.min(t.saturating_duration_since(now));
                 }
                 wait = wait.min(self.next_rss_sample.saturating_duration_since(now));
+                if let Some(u) = self.upgrade.as_ref().filter(|u| !u.abandoned) {
+                    wait = wait.min(u.deadline.saturating_duration_since(now));
+                }
             }
             Phase::Stopping {
                 deadline, killed, ..
@@ -725,6 +773,10 @@ impl Master {
                 let fd = self.procs[pid].pipe.as_ref().expect("filtered above");
                 fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
             }
+            // Last: the new master's readiness pipe, during an upgrade.
+            if let Some(fd) = self.upgrade.as_ref().and_then(|u| u.ready.as_ref()) {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+            }
             match poll(&mut fds, PollTimeout::from(ms)) {
                 Ok(_) => fds
                     .iter()
@@ -739,6 +791,9 @@ impl Master {
         };
         for (pid, _) in pids.iter().zip(&readable[1..]).filter(|(_, r)| **r) {
             self.on_worker_pipe(*pid);
+        }
+        if readable.get(1 + pids.len()) == Some(&true) {
+            self.on_upgrade_pipe();
         }
         if readable[0] {
             self.on_signals();
@@ -874,6 +929,18 @@ impl Master {
         if all {
             self.announced_ready = true;
             info!(workers = self.slots.len(), "ready");
+            if let Some((pipe, parent)) = self.upgrade_ready.take() {
+                match nix::unistd::write(&pipe, b"R") {
+                    Ok(_) => info!(
+                        old_master = parent,
+                        "upgrade: every worker is ready; the old master drains and exits"
+                    ),
+                    Err(e) => error!(
+                        old_master = parent,
+                        "upgrade: cannot tell the old master that we are ready: {e}"
+                    ),
+                }
+            }
         }
     }
 
@@ -907,7 +974,10 @@ impl Master {
                 }
                 SIGHUP => self.reload(),
                 SIGUSR1 => self.reopen_logs(),
-                SIGUSR2 => warn!("USR2: binary upgrade is not implemented yet; ignored"),
+                SIGUSR2 => match self.begin_upgrade() {
+                    Ok(_) => {}
+                    Err(why) => warn!("USR2: no upgrade: {why}"),
+                },
                 other => debug!(signal = other, "ignored signal"),
             }
         }
@@ -1076,6 +1146,116 @@ impl Master {
     }
 
     /// USR1: reopen the log file (after rotation), in the master and every worker.
+    /// USR2: starts the binary on disk as a new master with our listeners. This master keeps
+    /// serving until the new one says every one of its workers is ready, then drains and
+    /// exits; if the new one fails first, this one keeps serving and says why.
+    pub fn begin_upgrade(&mut self) -> Result<String, String> {
+        if self.phase != Phase::Running {
+            return Err("the master is stopping".into());
+        }
+        if let Some(u) = &self.upgrade {
+            return Err(format!(
+                "an upgrade is already under way (new master pid {})",
+                u.pid
+            ));
+        }
+        if let Some(pid) = self.handed_over_to {
+            return Err(format!("already handed over to master pid {pid}"));
+        }
+        let Some(listeners) = self.listeners.as_mut() else {
+            return Err("no listeners to hand over".into());
+        };
+        let within = self.config.app.ready_timeout + upgrade::READY_MARGIN;
+        match upgrade::start_new_master(&self.self_exec, listeners, within) {
+            Ok(u) => {
+                let msg = format!(
+                    "new master pid {} started from {}; this master drains once it is ready",
+                    u.pid,
+                    self.self_exec.exe.display()
+                );
+                info!(
+                    pid = u.pid.as_raw(),
+                    exe = %self.self_exec.exe.display(),
+                    ready_within = ?within,
+                    "upgrade: started the new master"
+                );
+                self.upgrade = Some(u);
+                Ok(msg)
+            }
+            Err(e) => {
+                error!("upgrade failed, this master keeps serving: {e:#}");
+                Err(format!("{e:#}"))
+            }
+        }
+    }
+
+    /// The new master wrote on its readiness pipe, or closed it.
+    fn on_upgrade_pipe(&mut self) {
+        let Some(u) = self.upgrade.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 8];
+        let n = match u.ready.as_ref() {
+            Some(fd) => nix::unistd::read(fd, &mut buf).unwrap_or(0),
+            None => return,
+        };
+        if n == 0 {
+            // It exited or closed the pipe without being ready: the reaper or the deadline
+            // says what happened.
+            u.ready = None;
+            return;
+        }
+        if buf[..n].contains(&b'R') && !u.abandoned {
+            let pid = u.pid;
+            self.upgrade = None;
+            self.handed_over_to = Some(pid);
+            info!(
+                new_master = pid.as_raw(),
+                "upgrade: the new master is ready; draining this master's workers"
+            );
+            if let Some(l) = self.listeners.as_mut() {
+                l.set_handed_over();
+            }
+            self.begin_stop(false);
+        }
+    }
+
+    /// An upgrade not ready by its deadline is abandoned: the new master is stopped.
+    fn check_upgrade(&mut self) {
+        let Some(u) = self.upgrade.as_mut() else {
+            return;
+        };
+        if u.abandoned || Instant::now() < u.deadline {
+            return;
+        }
+        u.abandoned = true;
+        error!(
+            pid = u.pid.as_raw(),
+            "upgrade failed: the new master did not get its workers ready in time; stopping it, \
+             this master keeps serving"
+        );
+        let _ = kill(u.pid, Signal::SIGQUIT);
+    }
+
+    /// The new master of an upgrade exited. Before it took over, this is a failed upgrade.
+    fn on_new_master_exit(&mut self, pid: Pid, exit: Exit) {
+        if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
+            let u = self.upgrade.take().expect("checked");
+            if u.abandoned {
+                info!(pid = pid.as_raw(), exit = %exit.describe(false), "upgrade: the new master stopped");
+            } else {
+                error!(
+                    pid = pid.as_raw(),
+                    "upgrade failed: the new master {} before it was ready; this master keeps \
+                     serving (its own log lines above say why)",
+                    exit.describe(false)
+                );
+            }
+        } else if self.handed_over_to == Some(pid) {
+            warn!(pid = pid.as_raw(), exit = %exit.describe(false), "the new master exited");
+        }
+    }
+
     fn reopen_logs(&mut self) {
         if self.config.log.file.is_empty() {
             info!("USR1: logging to stderr; nothing to reopen");
@@ -1106,6 +1286,20 @@ impl Master {
         };
         if let Some(l) = self.listeners.take() {
             l.close();
+        }
+        let sig = if fast {
+            Signal::SIGQUIT
+        } else {
+            Signal::SIGTERM
+        };
+        // A new master that has not taken over yet must not outlive this stop.
+        if let Some(u) = self.upgrade.as_mut().filter(|u| !u.abandoned) {
+            warn!(
+                pid = u.pid.as_raw(),
+                "upgrade: stopping before the new master was ready; stopping it too"
+            );
+            u.abandoned = true;
+            let _ = kill(u.pid, sig);
         }
         let sig = if fast {
             Signal::SIGQUIT

@@ -13,15 +13,15 @@ use crate::util::*;
 
 /// Requests sent and failed by a background client.
 #[derive(Default)]
-struct Tally {
-    ok: AtomicU64,
-    failed: AtomicU64,
+pub(crate) struct Tally {
+    pub(crate) ok: AtomicU64,
+    pub(crate) failed: AtomicU64,
 }
 
 /// A client that keeps requests going until told to stop (or `max` requests, or 60 s): one
 /// keep-alive connection (reconnecting when the server says `Connection: close`), or a new
 /// connection per request; at most one request per `pace`.
-fn client(
+pub(crate) fn client(
     addr: SocketAddr,
     keep_alive: bool,
     max: u64,
@@ -77,7 +77,7 @@ fn client(
 
 /// Two clients at this pace send ~1000 requests/s: a worker with max_requests=20 is replaced
 /// about every 40 ms, several times its boot time on a loaded two-core machine.
-const PACE: Duration = Duration::from_millis(2);
+pub(crate) const PACE: Duration = Duration::from_millis(2);
 
 fn serving(server: &Server) -> usize {
     server.workers_in("serving").len()

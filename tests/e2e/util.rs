@@ -127,8 +127,28 @@ impl Server {
         Server::launch(&path, Some(dir), args)
     }
 
+    /// Like `spawn_in`, with another copy of the binary (an upgrade test replaces it on disk).
+    pub fn spawn_program(program: &Path, dir: tempfile::TempDir, args: &[&str]) -> Server {
+        let path = dir.path().to_path_buf();
+        Server::launch_program(program, &path, Some(dir), args)
+    }
+
+    /// Waits until it logs "ready".
+    pub fn wait_ready(self) -> Server {
+        self.ready()
+    }
+
     fn launch(cwd: &Path, dir: Option<tempfile::TempDir>, args: &[&str]) -> Server {
-        let mut child = supervisor(cwd)
+        Server::launch_program(Path::new(BIN), cwd, dir, args)
+    }
+
+    fn launch_program(
+        program: &Path,
+        cwd: &Path,
+        dir: Option<tempfile::TempDir>,
+        args: &[&str],
+    ) -> Server {
+        let mut child = supervisor_at(program, cwd)
             .arg("start")
             .args(args)
             .stdin(Stdio::null())
@@ -328,7 +348,11 @@ pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
 /// The binary, run in `dir`, without the environment variables it reads (the test runner's
 /// own environment must not leak into a test's configuration).
 fn supervisor(dir: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
+    supervisor_at(Path::new(BIN), dir)
+}
+
+fn supervisor_at(program: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new(program);
     cmd.current_dir(dir);
     for var in [
         "PORT",

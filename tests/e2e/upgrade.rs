@@ -1,0 +1,204 @@
+//! Binary upgrade (USR2): the master runs the binary now on disk as a new master with its
+//! listeners, and drains once the new one is ready; or keeps serving when the new one fails.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::recycling::{client, Tally, PACE};
+use crate::util::*;
+
+/// A master this test did not start as a child (the new master of an upgrade): stopped with
+/// TERM when the test ends, then KILL if it is still there after a bound.
+struct Adopted(u32);
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        let pid = Pid::from_raw(self.0 as i32);
+        if kill(pid, Signal::SIGTERM).is_err() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while alive(self.0) && std::time::Instant::now() < deadline {
+            // Polling an exit we cannot wait for (not our child), bounded above.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if alive(self.0) {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+fn status_of(master: u32) -> Value {
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--pid", &master.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status of {master}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn serving(master: u32) -> Vec<u64> {
+    status_of(master)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "serving")
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect()
+}
+
+fn exe_of(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The pid in the "started the new master" line, for the `nth` upgrade (0-based).
+fn new_master(server: &Server, nth: usize) -> u32 {
+    eventually(Duration::from_secs(20), "the new master's pid", || {
+        let lines = server.log.lines();
+        let line = lines
+            .iter()
+            .filter(|l| l.contains("upgrade: started the new master"))
+            .nth(nth)?;
+        field(line, "pid")?.parse().ok()
+    })
+}
+
+/// Copies the test binary into `dir` and starts it there with a config file.
+fn start_copy(dir: tempfile::TempDir, conf: &str) -> (Server, std::path::PathBuf) {
+    let bin = dir.path().join("supervisor");
+    std::fs::copy(BIN, &bin).unwrap();
+    let conf = write_file(dir.path(), "s.toml", conf);
+    let server = Server::spawn_program(
+        &bin,
+        dir,
+        &["-c", conf.to_str().unwrap(), "-b", "127.0.0.1:0"],
+    )
+    .wait_ready();
+    (server, bin)
+}
+
+/// Replaces `bin` the way a package upgrade does: a new file renamed over it.
+fn replace_binary(bin: &Path) {
+    let next = bin.with_extension("new");
+    std::fs::copy(BIN, &next).unwrap();
+    std::fs::rename(&next, bin).unwrap();
+}
+
+#[test]
+fn usr2_under_load_hands_over_to_the_binary_on_disk_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, bin) = start_copy(dir, "[server]\nworkers = 2\n");
+    let old_master = server.pid();
+    let old_workers = server.serving_pids();
+    assert_eq!(old_workers.len(), 2);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let clients = [true, false].map(|keep_alive| {
+        client(
+            server.addr,
+            keep_alive,
+            u64::MAX,
+            PACE,
+            stop.clone(),
+            tally.clone(),
+        )
+    });
+    eventually(
+        Duration::from_secs(10),
+        "requests before the upgrade",
+        || (tally.ok.load(Ordering::Relaxed) >= 20).then_some(()),
+    );
+
+    replace_binary(&bin);
+    assert!(exe_of(old_master).ends_with("(deleted)"));
+    server.signal(Signal::SIGUSR2);
+    let new = new_master(&server, 0);
+    let _stop_new = Adopted(new);
+    assert_ne!(new, old_master);
+
+    // The old master drains its workers and exits cleanly once the new one is ready.
+    let code = server.wait_exit(Duration::from_secs(30));
+    assert!(code.success(), "old master: {code:?}");
+    eventually(Duration::from_secs(10), "the old workers gone", || {
+        old_workers.iter().all(|&p| !alive(p)).then_some(())
+    });
+    // The new master runs the file now on disk, with its own workers on the same port.
+    assert_eq!(exe_of(new), bin.to_string_lossy());
+    let workers = serving(new);
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    assert!(workers.iter().all(|p| !old_workers.contains(&(*p as u32))));
+    let served = tally.ok.load(Ordering::Relaxed);
+    eventually(
+        Duration::from_secs(10),
+        "requests served by the new master",
+        || (tally.ok.load(Ordering::Relaxed) >= served + 20).then_some(()),
+    );
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(tally.failed.load(Ordering::Relaxed), 0, "failed requests");
+    let requests: u64 = status_of(new)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["requests"].as_u64().unwrap())
+        .sum();
+    assert!(requests >= 20, "the new workers served {requests}");
+}
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_master_serving_and_a_later_one_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf_path = dir.path().join("s.toml");
+    let (mut server, _bin) = start_copy(dir, "[server]\nworkers = 2\n");
+    let workers = server.serving_pids();
+
+    // The new master reads the config again: a broken one makes it exit before it is ready.
+    std::fs::write(&conf_path, "[server]\nworkers = 2\nwokers = 3\n").unwrap();
+    server.signal(Signal::SIGUSR2);
+    let new = new_master(&server, 0);
+    let _stop_new = Adopted(new);
+    let line = server
+        .log
+        .wait_for(Duration::from_secs(20), |l| l.contains("upgrade failed"))
+        .expect("the failed upgrade is logged");
+    assert!(line.contains("exited with status 2"), "{line}");
+    assert!(
+        server.log.text().contains("wokers"),
+        "the new master's own error is in the log"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the failed new master gone",
+        || (!alive(new)).then_some(()),
+    );
+    // Still the same master and workers, serving.
+    assert_eq!(server.get("/").status, 200);
+    assert_eq!(server.serving_pids(), workers);
+    assert!(server.child.try_wait().unwrap().is_none());
+
+    // Fixed: the next USR2 goes through.
+    std::fs::write(&conf_path, "[server]\nworkers = 2\n").unwrap();
+    server.signal(Signal::SIGUSR2);
+    let next = new_master(&server, 1);
+    let _stop_next = Adopted(next);
+    assert!(server.wait_exit(Duration::from_secs(30)).success());
+    assert_eq!(serving(next).len(), 2);
+    assert_eq!(get(server.addr, "/").status, 200);
+}
