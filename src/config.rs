@@ -1278,6 +1278,18 @@ mod tests {
     }
 
     #[test]
+    fn command_man_page_lists_every_environment_variable() {
+        let man = include_str!("../man/supervisor.1");
+        for var in ENV_VARS {
+            assert!(
+                man.contains(&format!(".B {}\n", var.name)),
+                "man/supervisor.1 ENVIRONMENT lacks {}",
+                var.name
+            );
+        }
+    }
+
+    #[test]
     fn precedence_is_command_line_then_environment_then_file_then_defaults() {
         let text = "[server]\nworkers = 3\nbind = \"127.0.0.1:1\"\n[log]\nlevel = \"warn\"\n";
         let vars = [("WORKERS", "5"), ("PORT", "2"), ("LOG_LEVEL", "DEBUG")];

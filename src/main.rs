@@ -10,6 +10,8 @@ mod cli;
 mod config;
 mod listeners;
 mod logging;
+#[cfg(test)]
+mod man_tests;
 mod master;
 mod recycle;
 mod rss;

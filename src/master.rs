@@ -56,6 +56,11 @@ const FAST_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const RATE_SWEEP_EVERY: Duration = Duration::from_secs(60);
 const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
 
+/// Every signal the master acts on (`on_signals`); each is described in man/supervisor.1.
+pub const HANDLED_SIGNALS: [i32; 9] = [
+    SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
+];
+
 /// Re-reads the configuration from the same sources as at start (for HUP).
 pub type Reload = Box<dyn Fn() -> Result<Config, String>>;
 
@@ -199,15 +204,8 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
     let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
     read.set_nonblocking(true)?;
     write.set_nonblocking(true)?;
-    let signals = SignalDelivery::with_pipe(
-        read,
-        write,
-        SignalOnly,
-        [
-            SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
-        ],
-    )
-    .context("cannot install signal handlers")?;
+    let signals = SignalDelivery::with_pipe(read, write, SignalOnly, HANDLED_SIGNALS)
+        .context("cannot install signal handlers")?;
     let ttin = Arc::new(AtomicUsize::new(0));
     let ttou = Arc::new(AtomicUsize::new(0));
     sys::count_signal(SIGTTIN, ttin.clone()).context("cannot install signal handlers")?;
