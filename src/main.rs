@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 mod cli;
+mod completions;
 mod config;
 mod listeners;
 mod logging;
@@ -41,6 +42,10 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(EXIT_FAILURE, &e),
         },
+        Command::Completions(args) => {
+            completions::write(args.shell, &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Worker(args) => run_worker(args),
     }
 }
