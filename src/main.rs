@@ -14,6 +14,7 @@ mod logging;
 #[cfg(test)]
 mod man_tests;
 mod master;
+mod privileges;
 mod recycle;
 mod rss;
 mod runtime_dir;
@@ -100,9 +101,15 @@ fn start(args: cli::StartArgs) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
+    if let Err(e) = privileges::check_start(&loaded.config) {
+        return fail(EXIT_FAILURE, &e);
+    }
     if !loaded.config.log.file.is_empty() {
         // Workers inherit stderr, so this sends every process's log to the file.
         if let Err(e) = worker::logfile::redirect_stderr(&loaded.config.log.file) {
+            return fail(EXIT_FAILURE, &e);
+        }
+        if let Err(e) = privileges::give_log_file(&loaded.config) {
             return fail(EXIT_FAILURE, &e);
         }
     }
@@ -111,10 +118,13 @@ fn start(args: cli::StartArgs) -> ExitCode {
         tracing::info!(config = %p.display(), "configuration loaded");
     }
     // HUP re-reads the same sources: the same file, environment and command line.
+    let started = loaded.config.server.clone();
     let reload: master::Reload = Box::new(move || {
-        load_config(&args.config, &args.command)
+        let config = load_config(&args.config, &args.command)
             .map(|l| l.config)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        privileges::check_reload(&started, &config.server)?;
+        Ok(config)
     });
     match master::setup(loaded.config, reload, level) {
         Ok(m) => ExitCode::from(m.run() as u8),

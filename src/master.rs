@@ -192,7 +192,8 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
         unix_mode(&config)?,
     )?;
     log_listeners(&listeners, config.server.accept);
-    let runtime_dir = RuntimeDir::create(&config.server.runtime_dir)?;
+    let mut runtime_dir = RuntimeDir::create(&config.server.runtime_dir)?;
+    runtime_dir.share_with(&config.server)?;
     let (board, board_fd) =
         Scoreboard::create(SCOREBOARD_CAPACITY, config.limits.max_concurrent_requests)
             .context("cannot create the scoreboard")?;
@@ -332,7 +333,7 @@ impl Master {
             config_json: &self.config_json,
             max_requests: plan.max_requests,
             hold,
-            runtime_dir: self.runtime_dir.path(),
+            runtime_dir: self.runtime_dir.apps(),
         });
         let spawned = match spawned {
             Ok(s) => s,
@@ -1000,6 +1001,8 @@ impl Master {
         if new.log.file != self.config.log.file && !new.log.file.is_empty() {
             if let Err(e) = worker::logfile::redirect_stderr(&new.log.file) {
                 error!("reload: {e}; logging stays where it was");
+            } else if let Err(e) = crate::privileges::give_log_file(&new) {
+                error!("reload: {e}");
             }
         }
         if new.log.format != self.config.log.format {
@@ -1080,7 +1083,12 @@ impl Master {
             return;
         }
         match worker::logfile::redirect_stderr(&self.config.log.file) {
-            Ok(()) => info!(file = %self.config.log.file, "USR1: log file reopened"),
+            Ok(()) => {
+                if let Err(e) = crate::privileges::give_log_file(&self.config) {
+                    error!("USR1: {e}");
+                }
+                info!(file = %self.config.log.file, "USR1: log file reopened")
+            }
             Err(e) => error!("USR1: {e}"),
         }
         for pid in self.procs.keys() {
