@@ -7,6 +7,7 @@ mod docs;
 mod examples;
 mod lifecycle;
 mod limits;
+mod privileges;
 mod queue;
 mod ratelimit;
 mod recycling;
