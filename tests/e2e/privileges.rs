@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::util::{eventually, run, write_file, Server, BIN};
+use crate::util::{alive, eventually, run, write_file, Server, BIN};
 
 const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");
 const WAIT: Duration = Duration::from_secs(20);
@@ -136,6 +136,49 @@ fn workers_and_apps_run_as_the_user_while_the_master_stays_root() {
     assert_eq!((meta.uid(), meta.mode() & 0o777), (NOBODY, 0o700));
     let sockets = std::fs::read_dir(&apps).unwrap().count();
     assert_eq!(sockets, 2, "one socket per app in {}", apps.display());
+}
+
+/// Changing ids clears the parent-death signal the worker got at its spawn: it must be set
+/// again, or a `kill -9` of the master would leave the workers to notice on their own, a second
+/// later, through their parent check (which says "master is gone").
+#[test]
+fn unprivileged_workers_and_apps_still_die_with_the_master() {
+    if skipped_without_root("unprivileged_workers_and_apps_still_die_with_the_master") {
+        return;
+    }
+    let dir = shared_dir();
+    let app = dir.path().join("stdlib_app.py");
+    let runtime = format!("server.runtime_dir={}", dir.path().display());
+    let mut s = Server::start(&[
+        "-w",
+        "2",
+        "--set",
+        "server.user=nobody",
+        "--set",
+        &runtime,
+        "--",
+        "python3",
+        app.to_str().unwrap(),
+        "--uds",
+        "{socket}",
+    ]);
+    let mut pids = Vec::new();
+    for w in s.workers_in("serving") {
+        pids.push(w["pid"].as_u64().unwrap() as u32);
+        pids.push(w["app_pid"].as_u64().unwrap() as u32);
+    }
+    assert_eq!(pids.len(), 4);
+    assert_eq!(ids(pids[0]).0, [NOBODY; 4]);
+    s.child.kill().unwrap(); // SIGKILL
+    s.wait_exit(WAIT);
+    eventually(WAIT, "every worker and app gone", || {
+        pids.iter().all(|&p| !alive(p)).then_some(())
+    });
+    let log = s.log.text();
+    assert!(
+        !log.contains("master is gone"),
+        "a worker outlived its master until its parent check:\n{log}"
+    );
 }
 
 #[test]
