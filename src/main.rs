@@ -101,9 +101,10 @@ fn start(args: cli::StartArgs) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
-    if let Err(e) = privileges::check_start(&loaded.config) {
-        return fail(EXIT_FAILURE, &e);
-    }
+    let run_as = match privileges::check_start(&loaded.config) {
+        Ok(creds) => creds,
+        Err(e) => return fail(EXIT_FAILURE, &e),
+    };
     if !loaded.config.log.file.is_empty() {
         // Workers inherit stderr, so this sends every process's log to the file.
         if let Err(e) = worker::logfile::redirect_stderr(&loaded.config.log.file) {
@@ -116,6 +117,9 @@ fn start(args: cli::StartArgs) -> ExitCode {
     let level = logging::init(&loaded.config.log);
     if let Some(p) = &loaded.source {
         tracing::info!(config = %p.display(), "configuration loaded");
+    }
+    if let Some(c) = &run_as {
+        tracing::info!(user = %c.user, uid = %c.uid, gid = %c.gid, "workers and their apps run as server.user");
     }
     // HUP re-reads the same sources: the same file, environment and command line.
     let started = loaded.config.server.clone();

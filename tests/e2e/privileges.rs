@@ -110,6 +110,9 @@ fn workers_and_apps_run_as_the_user_while_the_master_stays_root() {
         "{socket}",
     ]);
     assert!(s.addr.port() < 1024);
+    let said = s.log.wait_for(WAIT, |l| l.contains("run as server.user"));
+    let said = said.expect("the master says who workers run as");
+    assert!(said.contains("user=nobody uid=65534 gid=65534"), "{said}");
     let r = s.get("/");
     assert_eq!(r.status, 200, "{}", r.text());
 
