@@ -258,6 +258,49 @@ fn a_user_needs_a_master_started_as_root() {
     );
 }
 
+/// A master that already runs as `server.user` has nothing to drop, and must not try
+/// (`setgroups` would fail without root).
+#[test]
+fn a_master_already_running_as_the_user_just_starts() {
+    if skipped_without_root("a_master_already_running_as_the_user_just_starts") {
+        return;
+    }
+    let dir = shared_dir();
+    let runtime = dir.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    std::os::unix::fs::chown(&runtime, Some(NOBODY), Some(NOBODY)).unwrap();
+    let set_runtime = format!("server.runtime_dir={}", runtime.display());
+    let mut cmd = Command::new(reachable_binary(dir.path()));
+    cmd.uid(NOBODY).gid(NOBODY);
+    let child = cmd
+        .current_dir(dir.path())
+        .args(["start", "-b", "127.0.0.1:0", "-w", "1"])
+        .args(["--set", "server.user=nobody", "--set", &set_runtime])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = crate::util::KillOnDrop(child);
+    let stderr = child.0.stderr.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            eprintln!("  | {line}");
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let ready = eventually(WAIT, "the worker ready", || {
+        assert!(child.0.try_wait().unwrap().is_none(), "supervisor exited");
+        let lines = lines.lock().unwrap();
+        lines.iter().find(|l| l.contains("worker ready")).cloned()
+    });
+    let pid: u32 = crate::util::field(&ready, "pid").unwrap().parse().unwrap();
+    assert_eq!(ids(pid).0, [NOBODY; 4]);
+    assert_eq!(ids(child.0.id()).0, [NOBODY; 4]);
+}
+
 #[test]
 fn a_runtime_directory_the_user_cannot_reach_stops_the_start() {
     if skipped_without_root("a_runtime_directory_the_user_cannot_reach_stops_the_start") {
