@@ -20,6 +20,8 @@ pub enum Command {
     Check(ConfigArgs),
     /// Show the scoreboard of a running master: workers, their state and counters.
     Status(StatusArgs),
+    /// Print the completion script for a shell on standard output.
+    Completions(CompletionsArgs),
     /// Internal: run one worker process. Started by the master only.
     #[command(hide = true)]
     Worker(WorkerArgs),
@@ -62,6 +64,13 @@ pub struct StatusArgs {
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
 }
 
 /// How the master hands a worker its resources: file descriptors it inherits and its identity.

@@ -174,6 +174,16 @@ const RULES: &[Rule] = &[
         },
     },
     Rule {
+        key: "server.user",
+        allowed: "\"\" (workers run as the master), a user name or a numeric uid",
+        check: |c| worker::privileges::check_user(&c.server.user),
+    },
+    Rule {
+        key: "server.group",
+        allowed: "\"\" (the user's primary group), a group name or a numeric gid",
+        check: |c| worker::privileges::check_group(&c.server.group),
+    },
+    Rule {
         key: "worker.max_connections",
         allowed: INTEGER_GE_1,
         check: |c| within(c.worker.max_connections, 1..=u32::MAX),
@@ -951,6 +961,7 @@ fn check_together(config: &Config) -> Result<(), String> {
             config.app.upstream
         ));
     }
+    worker::privileges::resolve(&config.server)?;
     let cap = config.limits.cluster_max_concurrent_requests;
     let redis = config.redis.enabled(&config.sentinel);
     if cap > 0 && !redis {
@@ -1170,7 +1181,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 55);
+        assert_eq!(known.len(), 57);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),
@@ -1272,6 +1283,18 @@ mod tests {
             assert!(
                 MAN_PAGE.contains(&format!(".B {}\n", var.name)),
                 "{}",
+                var.name
+            );
+        }
+    }
+
+    #[test]
+    fn command_man_page_lists_every_environment_variable() {
+        let man = include_str!("../man/supervisor.1");
+        for var in ENV_VARS {
+            assert!(
+                man.contains(&format!(".B {}\n", var.name)),
+                "man/supervisor.1 ENVIRONMENT lacks {}",
                 var.name
             );
         }

@@ -7,10 +7,14 @@
 #![deny(unsafe_code)]
 
 mod cli;
+mod completions;
 mod config;
 mod listeners;
 mod logging;
+#[cfg(test)]
+mod man_tests;
 mod master;
+mod privileges;
 mod recycle;
 mod rss;
 mod runtime_dir;
@@ -44,6 +48,10 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(EXIT_FAILURE, &e),
         },
+        Command::Completions(args) => {
+            completions::write(args.shell, &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Worker(args) => run_worker(args),
     }
 }
@@ -102,9 +110,16 @@ fn start(
         Ok(l) => l,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
+    let run_as = match privileges::check_start(&loaded.config) {
+        Ok(creds) => creds,
+        Err(e) => return fail(EXIT_FAILURE, &e),
+    };
     if !loaded.config.log.file.is_empty() {
         // Workers inherit stderr, so this sends every process's log to the file.
         if let Err(e) = worker::logfile::redirect_stderr(&loaded.config.log.file) {
+            return fail(EXIT_FAILURE, &e);
+        }
+        if let Err(e) = privileges::give_log_file(&loaded.config) {
             return fail(EXIT_FAILURE, &e);
         }
     }
@@ -116,11 +131,17 @@ fn start(
         tracing::warn!("{why}");
         None
     });
+    if let Some(c) = &run_as {
+        tracing::info!(user = %c.user, uid = %c.uid, gid = %c.gid, "workers and their apps run as server.user");
+    }
     // HUP re-reads the same sources: the same file, environment and command line.
+    let started = loaded.config.server.clone();
     let reload: master::Reload = Box::new(move || {
-        load_config(&args.config, &args.command)
+        let config = load_config(&args.config, &args.command)
             .map(|l| l.config)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        privileges::check_reload(&started, &config.server)?;
+        Ok(config)
     });
     match master::setup(loaded.config, reload, level, self_exec, handover) {
         Ok(m) => ExitCode::from(m.run() as u8),

@@ -57,6 +57,11 @@ const FAST_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const RATE_SWEEP_EVERY: Duration = Duration::from_secs(60);
 const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
 
+/// Every signal the master acts on (`on_signals`); each is described in man/supervisor.1.
+pub const HANDLED_SIGNALS: [i32; 9] = [
+    SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
+];
+
 /// Re-reads the configuration from the same sources as at start (for HUP).
 pub type Reload = Box<dyn Fn() -> Result<Config, String>>;
 
@@ -225,7 +230,8 @@ pub fn setup(
         }
     };
     log_listeners(&listeners, config.server.accept);
-    let runtime_dir = RuntimeDir::create(&config.server.runtime_dir)?;
+    let mut runtime_dir = RuntimeDir::create(&config.server.runtime_dir)?;
+    runtime_dir.share_with(&config.server)?;
     let (board, board_fd) =
         Scoreboard::create(SCOREBOARD_CAPACITY, config.limits.max_concurrent_requests)
             .context("cannot create the scoreboard")?;
@@ -237,15 +243,8 @@ pub fn setup(
     let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
     read.set_nonblocking(true)?;
     write.set_nonblocking(true)?;
-    let signals = SignalDelivery::with_pipe(
-        read,
-        write,
-        SignalOnly,
-        [
-            SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
-        ],
-    )
-    .context("cannot install signal handlers")?;
+    let signals = SignalDelivery::with_pipe(read, write, SignalOnly, HANDLED_SIGNALS)
+        .context("cannot install signal handlers")?;
     let ttin = Arc::new(AtomicUsize::new(0));
     let ttou = Arc::new(AtomicUsize::new(0));
     sys::count_signal(SIGTTIN, ttin.clone()).context("cannot install signal handlers")?;
@@ -377,7 +376,7 @@ impl Master {
             config_json: &self.config_json,
             max_requests: plan.max_requests,
             hold,
-            runtime_dir: self.runtime_dir.path(),
+            runtime_dir: self.runtime_dir.apps(),
         });
         let spawned = match spawned {
             Ok(s) => s,
@@ -1072,6 +1071,8 @@ impl Master {
         if new.log.file != self.config.log.file && !new.log.file.is_empty() {
             if let Err(e) = worker::logfile::redirect_stderr(&new.log.file) {
                 error!("reload: {e}; logging stays where it was");
+            } else if let Err(e) = crate::privileges::give_log_file(&new) {
+                error!("reload: {e}");
             }
         }
         if new.log.format != self.config.log.format {
@@ -1262,7 +1263,12 @@ impl Master {
             return;
         }
         match worker::logfile::redirect_stderr(&self.config.log.file) {
-            Ok(()) => info!(file = %self.config.log.file, "USR1: log file reopened"),
+            Ok(()) => {
+                if let Err(e) = crate::privileges::give_log_file(&self.config) {
+                    error!("USR1: {e}");
+                }
+                info!(file = %self.config.log.file, "USR1: log file reopened")
+            }
             Err(e) => error!("USR1: {e}"),
         }
         for pid in self.procs.keys() {

@@ -4,15 +4,23 @@
 //! app behind the worker's limits. The base is `server.runtime_dir`, else `$RUNTIME_DIRECTORY`
 //! (systemd's `RuntimeDirectory=`), else `$XDG_RUNTIME_DIR`, else the system temporary
 //! directory. Removed when the master exits.
+//!
+//! With `server.user`, workers and their apps run as that user, so their sockets go in a
+//! subdirectory `apps` that the user owns (0700), and this directory becomes 0711: the user
+//! may pass through it, nobody but root may list it or put anything else in it.
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use worker::config::ServerConfig;
+use worker::privileges::Credentials;
 
 /// The directory, removed (with what is left in it) on drop.
 pub struct RuntimeDir {
     path: PathBuf,
+    /// The `apps` subdirectory owned by `server.user`, when set.
+    apps: Option<PathBuf>,
 }
 
 impl RuntimeDir {
@@ -33,12 +41,82 @@ impl RuntimeDir {
         // The umask may have taken bits off; make it exact.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-        Ok(RuntimeDir { path })
+        Ok(RuntimeDir { path, apps: None })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Where workers put their apps' sockets.
+    pub fn apps(&self) -> &Path {
+        self.apps.as_deref().unwrap_or(self.path())
+    }
+
+    /// Makes the `apps` subdirectory for `server.user`, if set (see the module's comment).
+    pub fn share_with(&mut self, server: &ServerConfig) -> Result<()> {
+        let creds = worker::privileges::resolve(server).map_err(anyhow::Error::msg)?;
+        match creds {
+            Some(creds) if !creds.uid.is_root() => self.share_with_creds(&creds),
+            _ => Ok(()),
+        }
+    }
+
+    fn share_with_creds(&mut self, creds: &Credentials) -> Result<()> {
+        let apps = self.path.join("apps");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&apps)
+            .with_context(|| format!("cannot create {}", apps.display()))?;
+        std::os::unix::fs::chown(&apps, Some(creds.uid.as_raw()), Some(creds.gid.as_raw()))
+            .with_context(|| {
+                format!(
+                    "cannot give {} to server.user = {:?}",
+                    apps.display(),
+                    creds.user
+                )
+            })?;
+        std::fs::set_permissions(&apps, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot set the mode of {}", apps.display()))?;
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("cannot set the mode of {}", self.path.display()))?;
+        reachable_by(&self.path, creds)?;
+        self.apps = Some(apps);
+        Ok(())
+    }
+}
+
+/// Checks that `creds` may pass through `dir` and every directory above it, from the mode bits
+/// (ACLs are not read): otherwise the apps could not create their sockets, and every worker
+/// would fail to boot with a less direct message.
+fn reachable_by(dir: &Path, creds: &Credentials) -> Result<()> {
+    let real =
+        std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    for ancestor in real.ancestors() {
+        let meta = std::fs::metadata(ancestor)
+            .with_context(|| format!("cannot stat {}", ancestor.display()))?;
+        let search = if meta.uid() == creds.uid.as_raw() {
+            0o100
+        } else if creds.groups.iter().any(|g| g.as_raw() == meta.gid()) {
+            0o010
+        } else {
+            0o001
+        };
+        if meta.mode() & search == 0 {
+            bail!(
+                "server.user = {:?} cannot reach the runtime directory {}: {} (owner uid {}, \
+                 gid {}, mode {:o}) does not let it through; set server.runtime_dir to a \
+                 directory it can reach, like /run/supervisor",
+                creds.user,
+                dir.display(),
+                ancestor.display(),
+                meta.uid(),
+                meta.gid(),
+                meta.mode() & 0o7777
+            );
+        }
+    }
+    Ok(())
 }
 
 impl Drop for RuntimeDir {
@@ -68,10 +146,7 @@ fn remove_stale(base: &Path) {
         else {
             continue;
         };
-        let ours = entry.metadata().is_ok_and(|m| {
-            use std::os::unix::fs::MetadataExt;
-            m.is_dir() && m.uid() == me
-        });
+        let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
         if ours && !Path::new(&format!("/proc/{pid}")).exists() {
             match std::fs::remove_dir_all(entry.path()) {
                 Ok(()) => {
@@ -127,6 +202,59 @@ mod tests {
         assert_eq!(dir.path(), live);
         assert!(!dead.exists(), "a dead master's directory is removed");
         assert!(other.exists(), "unrelated directories stay");
+    }
+
+    fn nobody() -> Credentials {
+        Credentials {
+            user: "nobody".to_string(),
+            uid: nix::unistd::Uid::from_raw(65534),
+            gid: nix::unistd::Gid::from_raw(65534),
+            groups: vec![nix::unistd::Gid::from_raw(65534)],
+        }
+    }
+
+    #[test]
+    fn apps_get_a_directory_of_their_users_own() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root, to give a directory to another user");
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut dir = RuntimeDir::create(base.path().to_str().unwrap()).unwrap();
+        assert_eq!(
+            dir.apps(),
+            dir.path(),
+            "without a user, apps share the directory"
+        );
+        dir.share_with_creds(&nobody()).unwrap();
+        let apps = std::fs::metadata(dir.apps()).unwrap();
+        assert_eq!(dir.apps(), dir.path().join("apps"));
+        assert_eq!(
+            (apps.uid(), apps.gid(), apps.mode() & 0o777),
+            (65534, 65534, 0o700)
+        );
+        let top = std::fs::metadata(dir.path()).unwrap();
+        assert_eq!((top.uid(), top.mode() & 0o777), (0, 0o711));
+    }
+
+    #[test]
+    fn a_runtime_directory_the_user_cannot_reach_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root, to give a directory to another user");
+            return;
+        }
+        // No way through for anyone but root.
+        let base = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut dir = RuntimeDir::create(base.path().to_str().unwrap()).unwrap();
+        let e = dir.share_with_creds(&nobody()).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot reach the runtime directory")
+                && e.contains(&format!("{} (owner uid 0", base.path().display()))
+                && e.contains("mode 700"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,9 +3,11 @@
 mod app;
 mod cli;
 mod cluster;
+mod docs;
 mod examples;
 mod lifecycle;
 mod limits;
+mod privileges;
 mod queue;
 mod ratelimit;
 mod recycling;

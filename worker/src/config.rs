@@ -132,6 +132,11 @@ pub struct ServerConfig {
     /// Where the private runtime directory (app sockets) is created; empty: `$RUNTIME_DIRECTORY`,
     /// else `$XDG_RUNTIME_DIR`, else the system temporary directory.
     pub runtime_dir: String,
+    /// Run workers and their apps as this user (a name or a uid); empty: as the master. The
+    /// master must be root (see `privileges`).
+    pub user: String,
+    /// ... and this group (a name or a gid); empty: the user's primary group.
+    pub group: String,
 }
 
 impl Default for ServerConfig {
@@ -145,6 +150,8 @@ impl Default for ServerConfig {
             unix_mode: "660".to_string(),
             forwarded_allow_ips: vec!["127.0.0.1".to_string(), "::1".to_string()],
             runtime_dir: String::new(),
+            user: String::new(),
+            group: String::new(),
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod exec;
 pub mod logfile;
 pub mod pipe;
+pub mod privileges;
 pub mod ratelimit;
 pub mod scoreboard;
 

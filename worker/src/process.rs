@@ -117,6 +117,13 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
         }
     };
 
+    // What needs root is done (the scoreboard and rate table mapped, Redis's TLS files read):
+    // from here on the worker, and the app it starts, run as `server.user`.
+    if let Err(e) = crate::privileges::drop_privileges(&args.config.server, args.master_pid) {
+        error!("{e}");
+        return ExitCode::from(EXIT_STARTUP);
+    }
+
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
