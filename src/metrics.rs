@@ -105,6 +105,8 @@ struct State {
 /// The master's handle on the metrics thread.
 pub struct Metrics {
     state: Arc<Mutex<State>>,
+    /// `metrics.bind` as configured, and the address it gave.
+    bind: String,
     addr: SocketAddr,
 }
 
@@ -149,7 +151,11 @@ impl Metrics {
             .spawn(move || runtime.block_on(serve(listener, shared)))
             .context("cannot start the metrics thread")?;
         info!(addr = %addr, "metrics: serving /metrics");
-        Ok(Some(Metrics { state, addr }))
+        Ok(Some(Metrics {
+            state,
+            bind: config.bind.clone(),
+            addr,
+        }))
     }
 
     /// Master side, after reaping the process of record `index`: adds its counters to the
@@ -168,7 +174,7 @@ impl Metrics {
 
     /// HUP: the metrics socket stays as it is; a new address needs a restart.
     pub fn reload(&self, new: &MetricsConfig) {
-        if new.bind != self.addr.to_string() {
+        if new.bind != self.bind {
             warn!(
                 metrics.bind = %new.bind,
                 serving = %self.addr,

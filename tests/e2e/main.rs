@@ -6,6 +6,7 @@ mod cluster;
 mod examples;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod queue;
 mod ratelimit;
 mod recycling;
