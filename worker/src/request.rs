@@ -48,8 +48,9 @@ pub(crate) struct RequestGuard {
     admitted: Option<Admitted>,
     /// What `limits.rate` said, for the response's `RateLimit` header.
     rate: Option<Decision>,
-    /// When the request arrived, for its duration (metrics, access log).
-    started: Instant,
+    /// When the request arrived, for its duration, when something shows it (metrics, access
+    /// log): otherwise the clock is not read.
+    started: Option<Instant>,
     /// The response's status once there is one (`finish`); 0 while there is none.
     status: u16,
     /// Body bytes handed to hyper so far (`response::Body` counts them).
@@ -106,13 +107,13 @@ impl Drop for RequestGuard {
         if self.status != 0 {
             // The permits are not needed for the bookkeeping below.
             self.admitted = None;
-            let took = self.started.elapsed();
+            let took = self.started.map(|s| s.elapsed());
             self.worker
                 .admission
                 .slot()
-                .record_response(self.status, took.as_micros() as u64);
+                .record_response(self.status, took.map(|t| t.as_micros() as u64));
             if let (Some(entry), Some(log)) = (&self.access, self.worker.access.get()) {
-                log.write(entry, self.status, self.bytes, took);
+                log.write(entry, self.status, self.bytes, took.unwrap_or_default());
             }
         }
     }
@@ -179,7 +180,7 @@ pub(crate) fn handle(
     peer: Option<IpAddr>,
     req: Request<Incoming>,
 ) -> Handled {
-    let started = Instant::now();
+    let started = worker.timed.then(Instant::now);
     let http1 = req.version() < Version::HTTP_2;
     if !http1 {
         activity.set_http2();

@@ -257,18 +257,22 @@ impl Slot {
             .collect()
     }
 
-    /// Worker side: counts one answered request, with its status and how long it took. Three
-    /// relaxed adds on the worker's own record (no other process writes it, so no contention).
+    /// Worker side: counts one answered request, with its status and, when it was timed, how
+    /// long it took: at most three relaxed adds on the worker's own record (no other process
+    /// writes it, so no contention). The duration is counted first, so that a reader who sees
+    /// a request in `status_classes` also sees it in `latency_buckets`.
     #[inline]
-    pub fn record_response(&self, status: u16, micros: u64) {
+    pub fn record_response(&self, status: u16, micros: Option<u64>) {
+        if let Some(micros) = micros {
+            let bucket = LATENCY_BUCKETS_US
+                .iter()
+                .position(|&le| micros <= le)
+                .unwrap_or(LATENCY_BUCKETS_US.len());
+            self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+            self.latency_sum_us.fetch_add(micros, Ordering::Relaxed);
+        }
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.status_classes[class].fetch_add(1, Ordering::Relaxed);
-        let bucket = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&le| micros <= le)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(micros, Ordering::Relaxed);
     }
 
     /// Worker side: Redis stopped answering (`degraded`) or answers again; keeps the time spent
@@ -603,16 +607,17 @@ mod tests {
     fn responses_are_counted_by_class_and_duration() {
         let (board, _fd) = Scoreboard::create(1, 1).unwrap();
         let slot = board.slot(0);
-        slot.record_response(200, 0);
-        slot.record_response(204, 1_000);
-        slot.record_response(404, 1_001);
-        slot.record_response(503, 60_000_000);
+        slot.record_response(200, Some(0));
+        slot.record_response(204, Some(1_000));
+        slot.record_response(404, Some(1_001));
+        slot.record_response(503, Some(60_000_000));
+        slot.record_response(302, None);
         let classes: Vec<u64> = slot
             .status_classes
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .collect();
-        assert_eq!(classes, [0, 2, 0, 1, 1]);
+        assert_eq!(classes, [0, 2, 1, 1, 1]);
         let buckets: Vec<u64> = slot
             .latency_buckets
             .iter()
