@@ -467,3 +467,40 @@ fn a_reload_that_moves_metrics_says_it_needs_a_restart() {
     // Still served where it was.
     scrape(m);
 }
+
+#[test]
+fn time_degraded_without_redis_is_counted_and_kept_across_a_worker_death() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redis.url=unix://{}/nothing.sock", dir.path().display());
+    let (s, m) = start(&[
+        "-w",
+        "1",
+        "--set",
+        &url,
+        "--set",
+        "limits.cluster_max_concurrent_requests=5",
+    ]);
+    for _ in 0..6 {
+        assert_eq!(s.get("/").status, 200);
+    }
+    let sc = wait_exactly(m, "supervisor_redis_degraded_requests_total", 6);
+    assert_eq!(sc.count("supervisor_redis_workers{state=\"degraded\"}"), 1);
+    assert_eq!(sc.count("supervisor_redis_workers{state=\"connected\"}"), 0);
+    // Degraded since it started: whole seconds pile up.
+    let before = eventually(WAIT, "a second spent degraded", || {
+        let n = scrape(m).count("supervisor_redis_degraded_seconds_total");
+        (n >= 1).then_some(n)
+    });
+    let victim = s.serving_pids()[0];
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    eventually(WAIT, "a replacement", || {
+        let pids = s.serving_pids();
+        (pids.len() == 1 && pids[0] != victim).then_some(())
+    });
+    let sc = scrape(m);
+    assert!(
+        sc.count("supervisor_redis_degraded_seconds_total") >= before,
+        "went back"
+    );
+    assert_eq!(sc.count("supervisor_redis_degraded_requests_total"), 6);
+}
