@@ -504,3 +504,30 @@ fn time_degraded_without_redis_is_counted_and_kept_across_a_worker_death() {
     );
     assert_eq!(sc.count("supervisor_redis_degraded_requests_total"), 6);
 }
+
+#[test]
+fn idle_scrapers_are_cut_off_and_never_hold_up_the_server() {
+    use std::io::Read;
+    let (s, m) = start(&["-w", "1"]);
+    // More silent connections than the exporter serves at once.
+    let mut idle: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| std::net::TcpStream::connect(m).unwrap())
+        .collect();
+    // The server itself is not affected.
+    assert_eq!(s.get("/").status, 200);
+    // Each silent connection is closed after the header timeout...
+    for c in &mut idle {
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 64];
+        let n = c
+            .read(&mut buf)
+            .expect("closed by the exporter before the client's timeout");
+        assert!(
+            n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    // ...and a real scrape gets through.
+    wait_exactly(m, OK, 1);
+}
