@@ -1027,7 +1027,7 @@ impl Master {
         if let Some(m) = &self.metrics {
             m.reload(&new.metrics);
         } else if !new.metrics.bind.is_empty() {
-            warn!(metrics.bind = %new.metrics.bind, "reload: metrics start at the next start, not on reload");
+            warn!(metrics.bind = %new.metrics.bind, "reload: metrics.bind changes at the next start; no metrics until then");
         }
         if new.redis != self.config.redis || new.limits != self.config.limits {
             self.janitor =
@@ -1096,7 +1096,8 @@ impl Master {
         info!(workers, "configuration reloaded; replacing workers");
     }
 
-    /// USR1: reopen the log file (after rotation), in the master and every worker.
+    /// USR1: reopen the log file (after rotation), in the master and every worker, and the
+    /// access log file in every worker.
     fn reopen_logs(&mut self) {
         let access_file = self.config.log.access && !self.config.log.access_file.is_empty();
         if self.config.log.file.is_empty() && !access_file {

@@ -24,7 +24,7 @@ pub struct Config {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// `HOST:PORT` to serve `/metrics` on; empty: no metrics.
+    /// `IP:PORT` to serve `/metrics` on; empty: no metrics.
     pub bind: String,
 }
 
