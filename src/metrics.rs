@@ -534,3 +534,77 @@ fn answer(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Ful
     );
     res
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exposition_of(m: &Metrics, board_fd: &OwnedFd) -> String {
+        let shared = Shared {
+            state: m.state.clone(),
+            board: Scoreboard::open(board_fd, false).unwrap(),
+        };
+        shared.exposition()
+    }
+
+    fn value(text: &str, series: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_reaped_workers_counters_stay_in_the_totals() {
+        let (board, fd) = Scoreboard::create(2, 10).unwrap();
+        let m = Metrics::start(
+            &MetricsConfig {
+                bind: "127.0.0.1:0".into(),
+            },
+            &fd,
+        )
+        .unwrap()
+        .unwrap();
+        let slot = board.slot(1);
+        slot.set_state(SlotState::Serving);
+        for _ in 0..3 {
+            slot.record_response(200, Some(1500));
+        }
+        slot.record_response(404, Some(10));
+        slot.rate_limited.fetch_add(2, Ordering::Relaxed);
+        let ok = "supervisor_requests_total{class=\"2xx\"}";
+        let before = exposition_of(&m, &fd);
+        assert_eq!(value(&before, ok), 3);
+        assert_eq!(
+            value(&before, "supervisor_request_duration_seconds_count"),
+            4
+        );
+        assert_eq!(value(&before, "supervisor_workers{state=\"serving\"}"), 1);
+
+        assert_eq!(m.reap(&board, 1, Some(RecycleReason::MaxRss)), 0);
+        assert_eq!(board.slot(1).state(), SlotState::Free);
+        let after = exposition_of(&m, &fd);
+        assert_eq!(value(&after, ok), 3);
+        assert_eq!(
+            value(&after, "supervisor_request_duration_seconds_count"),
+            4
+        );
+        assert_eq!(
+            value(
+                &after,
+                "supervisor_request_duration_seconds_bucket{le=\"0.001\"}"
+            ),
+            1
+        );
+        assert_eq!(
+            value(&after, "supervisor_rejections_total{reason=\"rate_limit\"}"),
+            2
+        );
+        assert_eq!(
+            value(&after, "supervisor_recycles_total{reason=\"max_rss\"}"),
+            1
+        );
+        assert_eq!(value(&after, "supervisor_workers{state=\"serving\"}"), 0);
+    }
+}
