@@ -233,11 +233,13 @@ fn combined_line(
     let _ = write!(line, "\" {}", took.as_micros());
 }
 
-/// The request target as the client sent it (origin form for nearly every request).
+/// The request's path and query (HTTP/2 requests and absolute-form targets carry a scheme and
+/// authority too, which a log line does not repeat); the whole target when it has no path
+/// (`CONNECT host:port`).
 fn target(uri: &Uri) -> std::borrow::Cow<'_, str> {
     match uri.path_and_query() {
-        Some(pq) if uri.scheme().is_none() => pq.as_str().into(),
-        _ => uri.to_string().into(),
+        Some(pq) => pq.as_str().into(),
+        None => uri.to_string().into(),
     }
 }
 
@@ -336,6 +338,14 @@ mod tests {
             user_agent: ua.map(|u| HeaderValue::from_str(u).unwrap()),
             client: Some("192.0.2.7".parse().unwrap()),
         }
+    }
+
+    #[test]
+    fn targets_are_logged_as_path_and_query() {
+        let t = |s: &str| target(&s.parse().unwrap()).into_owned();
+        assert_eq!(t("/a?b=1"), "/a?b=1");
+        assert_eq!(t("http://example.test/a?b=1"), "/a?b=1");
+        assert_eq!(t("example.test:443"), "example.test:443");
     }
 
     #[test]
