@@ -976,6 +976,12 @@ impl Master {
                 return;
             }
         };
+        if new.log.access && !new.log.access_file.is_empty() {
+            if let Err(e) = worker::access_log::open(&new.log.access_file) {
+                error!("reload failed, keeping the current configuration: {e}");
+                return;
+            }
+        }
         // The rate table's size is fixed: another size means a new table for new workers
         // (draining ones keep the old one). Made first, so that a failure changes nothing.
         let new_rates = if new.limits.max_active_instances

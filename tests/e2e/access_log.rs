@@ -325,3 +325,35 @@ fn no_access_lines_when_it_is_off() {
     );
     assert!(access_lines(&s.log).is_empty(), "{}", s.log.text());
 }
+
+#[test]
+fn a_reload_to_an_unopenable_access_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_file(dir.path(), "supervisor.toml", "[log]\naccess = true\n");
+    let config = config.to_str().unwrap().to_string();
+    let mut s = Server::spawn_in(dir, &["-b", "127.0.0.1:0", "-w", "1", "-c", &config]);
+    s.log
+        .wait_for(WAIT, |l| l.contains(" ready workers="))
+        .expect("ready");
+    s.addr = s.tcp_addr().unwrap();
+    let before = s.serving_pids();
+    std::fs::write(
+        &config,
+        "[log]\naccess = true\naccess_file = \"/nonexistent/dir/access.log\"\n",
+    )
+    .unwrap();
+    s.signal(Signal::SIGHUP);
+    let line = s
+        .log
+        .wait_for(WAIT, |l| l.contains("reload failed"))
+        .expect("the reload refused");
+    assert!(
+        line.contains("cannot open access log /nonexistent/dir/access.log"),
+        "{line}"
+    );
+    // Still serving, with the same worker and the access log on stderr.
+    assert_eq!(s.get("/healthz").status, 200);
+    assert_eq!(s.serving_pids(), before);
+    let lines = wait_lines(&s.log, 1);
+    assert!(lines[0].request.starts_with("GET /healthz "), "{lines:?}");
+}
