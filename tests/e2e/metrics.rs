@@ -359,7 +359,7 @@ fn queue_depth_and_queue_refusals_are_counted() {
         "--set",
         "limits.queue=1",
         "--set",
-        "limits.queue_timeout=1s",
+        "limits.queue_timeout=5s",
     ]);
     let _slow = background(s.addr, STAYS);
     wait_exactly(m, "supervisor_requests_in_flight", 1);
