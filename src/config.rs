@@ -466,6 +466,28 @@ const RULES: &[Rule] = &[
         allowed: "a file path, or \"\" for standard error",
         check: |_| Ok(()),
     },
+    Rule {
+        key: "log.access",
+        allowed: "true or false",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "log.access_file",
+        allowed: "a file path, or \"\" for standard error",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "metrics.bind",
+        allowed: "\"\" (no metrics) or IP:PORT, like \"127.0.0.1:9100\"",
+        check: |c| {
+            let bind = &c.metrics.bind;
+            if bind.is_empty() || bind.parse::<SocketAddr>().is_ok() {
+                Ok(())
+            } else {
+                Err(String::new())
+            }
+        },
+    },
 ];
 
 /// `limits.rate`: a rate the table can count (one request per 10 µs at most).
@@ -1181,7 +1203,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 57);
+        assert_eq!(known.len(), 60);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),

@@ -14,6 +14,7 @@ mod logging;
 #[cfg(test)]
 mod man_tests;
 mod master;
+mod metrics;
 mod privileges;
 mod recycle;
 mod rss;

@@ -35,6 +35,7 @@ use worker::scoreboard::{monotonic_ms, RecycleReason, Scoreboard, SlotState};
 
 use crate::listeners::Listeners;
 use crate::logging::LevelHandle;
+use crate::metrics::Metrics;
 use crate::recycle::{self, Observed, Plan};
 use crate::runtime_dir::RuntimeDir;
 use crate::spawn::{self, SpawnRequest};
@@ -140,6 +141,8 @@ pub struct Master {
     rates_fd: OwnedFd,
     /// Returns dead workers' cluster-wide permits (with `redis.url`).
     janitor: Option<Janitor>,
+    /// The metrics thread (`[metrics] bind`), which also keeps dead workers' counters.
+    metrics: Option<Metrics>,
     signals: SignalDelivery<UnixStream, SignalOnly>,
     /// TTIN and TTOU received and not yet acted on.
     ttin: Arc<AtomicUsize>,
@@ -239,6 +242,11 @@ pub fn setup(
         .context("cannot create the rate table")?;
     rates.configure(!config.limits.rate.is_empty(), config.limits.idle_ttl);
     let janitor = Janitor::start(&config, board.header().instance.load(Ordering::Relaxed));
+    let metrics = Metrics::start(&config.metrics, &board_fd)?;
+    if config.log.access && !config.log.access_file.is_empty() {
+        // Opened here once so that a bad path is a clear startup error, not a worker crash loop.
+        worker::access_log::open(&config.log.access_file)?;
+    }
 
     let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
     read.set_nonblocking(true)?;
@@ -262,6 +270,7 @@ pub fn setup(
         rates,
         rates_fd,
         janitor,
+        metrics,
         signals,
         ttin,
         ttou,
@@ -597,7 +606,14 @@ impl Master {
     }
 
     fn on_exit(&mut self, pid: Pid, proc: Proc, exit: Exit) {
-        let returned = self.board.reclaim(proc.record);
+        let recycled = match proc.retiring {
+            Some((reason, _)) => Some(reason),
+            None => proc.hung.then_some(RecycleReason::Hung),
+        };
+        let returned = match &self.metrics {
+            Some(m) => m.reap(&self.board, proc.record, recycled),
+            None => self.board.reclaim(proc.record),
+        };
         if let Some(janitor) = &self.janitor {
             janitor.purge(pid.as_raw() as u32);
         }
@@ -1029,6 +1045,12 @@ impl Master {
                 return;
             }
         };
+        if new.log.access && !new.log.access_file.is_empty() {
+            if let Err(e) = worker::access_log::open(&new.log.access_file) {
+                error!("reload failed, keeping the current configuration: {e}");
+                return;
+            }
+        }
         // The rate table's size is fixed: another size means a new table for new workers
         // (draining ones keep the old one). Made first, so that a failure changes nothing.
         let new_rates = if new.limits.max_active_instances
@@ -1079,6 +1101,11 @@ impl Master {
             warn!("reload: log.format applies to new workers; the master keeps its format until restarted");
         }
         self.log_level.set(new.log.level);
+        if let Some(m) = &self.metrics {
+            m.reload(&new.metrics);
+        } else if !new.metrics.bind.is_empty() {
+            warn!(metrics.bind = %new.metrics.bind, "reload: metrics.bind changes at the next start; no metrics until then");
+        }
         if new.redis != self.config.redis || new.limits != self.config.limits {
             self.janitor =
                 Janitor::start(&new, self.board.header().instance.load(Ordering::Relaxed));
@@ -1146,7 +1173,6 @@ impl Master {
         info!(workers, "configuration reloaded; replacing workers");
     }
 
-    /// USR1: reopen the log file (after rotation), in the master and every worker.
     /// USR2: starts the binary on disk as a new master with our listeners. This master keeps
     /// serving until the new one says every one of its workers is ready, then drains and
     /// exits; if the new one fails first, this one keeps serving and says why.
@@ -1257,19 +1283,24 @@ impl Master {
         }
     }
 
+    /// USR1: reopen the log file (after rotation), in the master and every worker, and the
+    /// access log file in every worker.
     fn reopen_logs(&mut self) {
-        if self.config.log.file.is_empty() {
+        let access_file = self.config.log.access && !self.config.log.access_file.is_empty();
+        if self.config.log.file.is_empty() && !access_file {
             info!("USR1: logging to stderr; nothing to reopen");
             return;
         }
-        match worker::logfile::redirect_stderr(&self.config.log.file) {
-            Ok(()) => {
-                if let Err(e) = crate::privileges::give_log_file(&self.config) {
-                    error!("USR1: {e}");
+        if !self.config.log.file.is_empty() {
+            match worker::logfile::redirect_stderr(&self.config.log.file) {
+                Ok(()) => {
+                    if let Err(e) = crate::privileges::give_log_file(&self.config) {
+                        error!("USR1: {e}");
+                    }
+                    info!(file = %self.config.log.file, "USR1: log file reopened")
                 }
-                info!(file = %self.config.log.file, "USR1: log file reopened")
+                Err(e) => error!("USR1: {e}"),
             }
-            Err(e) => error!("USR1: {e}"),
         }
         for pid in self.procs.keys() {
             let _ = kill(*pid, Signal::SIGUSR1);

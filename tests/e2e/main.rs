@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `supervisor` binary, real sockets, real worker processes.
 
+mod access_log;
 mod app;
 mod cli;
 mod cluster;
@@ -7,6 +8,7 @@ mod docs;
 mod examples;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod privileges;
 mod queue;
 mod ratelimit;

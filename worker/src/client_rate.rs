@@ -126,35 +126,8 @@ impl ClientRate {
         (key, len)
     }
 
-    /// The client's address: the peer's, or, when the peer is a trusted proxy, the nearest
-    /// address in `X-Forwarded-For` (read from the right) that is not itself a trusted proxy.
     fn client_ip(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
-        let peer = peer.map(|ip| ip.to_canonical());
-        if peer.is_some_and(|ip| !self.trusted.contains(ip)) {
-            return peer;
-        }
-        let mut client = peer;
-        for value in headers.get_all(X_FORWARDED_FOR).iter().rev() {
-            let Ok(value) = value.to_str() else { break };
-            for item in value.rsplit(',') {
-                // An address, or one with a port (`1.2.3.4:5678`, `[::1]:443`); anything else
-                // (`unknown`) ends the walk at the last address read.
-                let item = item.trim();
-                let Some(ip) = item
-                    .parse::<IpAddr>()
-                    .ok()
-                    .or_else(|| item.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
-                else {
-                    return client;
-                };
-                let ip = ip.to_canonical();
-                client = Some(ip);
-                if !self.trusted.contains(ip) {
-                    return client;
-                }
-            }
-        }
-        client
+        client_ip(&self.trusted, headers, peer)
     }
 
     /// Adds `RateLimit-Policy` and `RateLimit` for `decision` to a response.
@@ -181,6 +154,42 @@ impl ClientRate {
         self.stamp(headers, decision);
         res
     }
+}
+
+/// The client's address (for `limits.rate` and the access log): the peer's, or, when the peer
+/// is a trusted proxy, the nearest address in `X-Forwarded-For` (read from the right) that is
+/// not itself a trusted proxy.
+pub(crate) fn client_ip(
+    trusted: &Trusted,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Option<IpAddr> {
+    let peer = peer.map(|ip| ip.to_canonical());
+    if peer.is_some_and(|ip| !trusted.contains(ip)) {
+        return peer;
+    }
+    let mut client = peer;
+    for value in headers.get_all(X_FORWARDED_FOR).iter().rev() {
+        let Ok(value) = value.to_str() else { break };
+        for item in value.rsplit(',') {
+            // An address, or one with a port (`1.2.3.4:5678`, `[::1]:443`); anything else
+            // (`unknown`) ends the walk at the last address read.
+            let item = item.trim();
+            let Some(ip) = item
+                .parse::<IpAddr>()
+                .ok()
+                .or_else(|| item.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+            else {
+                return client;
+            };
+            let ip = ip.to_canonical();
+            client = Some(ip);
+            if !trusted.contains(ip) {
+                return client;
+            }
+        }
+    }
+    client
 }
 
 #[cfg(test)]

@@ -641,6 +641,7 @@ impl Cluster {
     fn set_state(&self, state: RedisState) {
         if let Some(slot) = self.slot.get() {
             slot.redis_state.store(state as u32, Ordering::Relaxed);
+            slot.set_redis_degraded(state == RedisState::Degraded);
         }
     }
 

@@ -17,6 +17,15 @@ pub struct Config {
     pub redis: RedisConfig,
     pub sentinel: SentinelConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus exposition the master serves.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `IP:PORT` to serve `/metrics` on; empty: no metrics.
+    pub bind: String,
 }
 
 /// `[redis]`: the Redis that hosts share for cluster-wide limits.
@@ -394,6 +403,11 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// Append logs to this file instead of stderr (empty: stderr); reopened on USR1.
     pub file: String,
+    /// Write an access log line for every answered request.
+    pub access: bool,
+    /// Where access log lines go: empty, stderr (with the log); else this file, appended to by
+    /// every worker and reopened on USR1.
+    pub access_file: String,
 }
 
 impl Default for LogConfig {
@@ -402,6 +416,8 @@ impl Default for LogConfig {
             level: LogLevel::Info,
             format: LogFormat::Text,
             file: String::new(),
+            access: false,
+            access_file: String::new(),
         }
     }
 }

@@ -11,6 +11,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod access_log;
 pub mod config;
 pub mod exec;
 pub mod logfile;

@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, info_span, warn};
 
+use crate::access_log::AccessLog;
 use crate::child::{AppProcess, Launch};
 use crate::client_rate::ClientRate;
 use crate::cluster::Cluster;
@@ -150,6 +151,19 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
         args.max_requests,
         Limiters { rate, cluster },
     );
+    // The config was checked by the master (and the file opened once), so only opening the
+    // file can fail here.
+    let trusted = Trusted::parse(&args.config.server.forwarded_allow_ips).unwrap_or(Trusted::Any);
+    match AccessLog::new(&args.config.log, trusted, args.id) {
+        Ok(Some(log)) => {
+            let _ = worker.access.set(log);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            error!(error = %e, "cannot open the access log");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    }
     install_panic_hook();
     let code = runtime.block_on(serve(
         worker,
@@ -297,7 +311,10 @@ async fn serve_until_done(
                 }
                 _ = int.recv() => return ExitCode::SUCCESS.into(),
                 _ = quit.recv() => return ExitCode::SUCCESS.into(),
-                _ = usr1.recv() => reopen_log(log_file),
+                _ = usr1.recv() => {
+                    reopen_log(log_file);
+                    reopen_access_log(worker);
+                }
                 _ = parent_check.tick() => {
                     if master_gone(master_pid) {
                         return ExitCode::from(EXIT_MASTER_GONE).into();
@@ -339,7 +356,10 @@ async fn serve_until_done(
                 info!("SIGQUIT: exiting now");
                 return ExitCode::SUCCESS.into();
             }
-            _ = usr1.recv() => reopen_log(log_file),
+            _ = usr1.recv() => {
+                    reopen_log(log_file);
+                    reopen_access_log(worker);
+                }
             _ = usr2.recv() => debug!("SIGUSR2: not held; ignored"),
             _ = parent_check.tick() => {
                 if master_gone(master_pid) {
@@ -450,6 +470,21 @@ fn reopen_log(path: &str) {
             log.file = path,
             error = %e,
             "SIGUSR1: cannot reopen the log file; still logging to the old one"
+        ),
+    }
+}
+
+/// SIGUSR1: reopens `log.access_file` too, when the access log goes to a file.
+fn reopen_access_log(worker: &Worker) {
+    let Some(log) = worker.access.get() else {
+        return;
+    };
+    match log.reopen() {
+        Ok(Some(path)) => info!(log.access_file = path, "SIGUSR1: access log reopened"),
+        Ok(None) => {}
+        Err(e) => error!(
+            error = %e,
+            "SIGUSR1: cannot reopen the access log; still writing to the old file"
         ),
     }
 }

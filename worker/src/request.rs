@@ -17,6 +17,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderValue, CONNECTION};
@@ -24,6 +25,7 @@ use hyper::http::request::Parts;
 use hyper::{Request, Response, Version};
 use tracing::{debug, error, info, warn};
 
+use crate::access_log;
 use crate::admission::{Permits, Rejection};
 use crate::app;
 use crate::client_rate::ClientRate;
@@ -46,6 +48,15 @@ pub(crate) struct RequestGuard {
     admitted: Option<Admitted>,
     /// What `limits.rate` said, for the response's `RateLimit` header.
     rate: Option<Decision>,
+    /// When the request arrived, for its duration, when something shows it (metrics, access
+    /// log): otherwise the clock is not read.
+    started: Option<Instant>,
+    /// The response's status once there is one (`finish`); 0 while there is none.
+    status: u16,
+    /// Body bytes handed to hyper so far (`response::Body` counts them).
+    pub(crate) bytes: u64,
+    /// The access log's view of the request, when `log.access` is on.
+    access: Option<Box<access_log::Entry>>,
     _activity: ActivityGuard,
 }
 
@@ -90,6 +101,20 @@ impl Drop for RequestGuard {
         }
         if done == self.worker.max_requests {
             tell_master(self.worker, done, pipe::MAX_REQUESTS);
+        }
+        // A request that never got a response (the client left first) has no status to count
+        // or log.
+        if self.status != 0 {
+            // The permits are not needed for the bookkeeping below.
+            self.admitted = None;
+            let took = self.started.map(|s| s.elapsed());
+            self.worker
+                .admission
+                .slot()
+                .record_response(self.status, took.map(|t| t.as_micros() as u64));
+            if let (Some(entry), Some(log)) = (&self.access, self.worker.access.get()) {
+                log.write(entry, self.status, self.bytes, took.unwrap_or_default());
+            }
         }
     }
 }
@@ -155,22 +180,31 @@ pub(crate) fn handle(
     peer: Option<IpAddr>,
     req: Request<Incoming>,
 ) -> Handled {
+    let started = worker.timed.then(Instant::now);
     let http1 = req.version() < Version::HTTP_2;
     if !http1 {
         activity.set_http2();
     }
+    let access = worker
+        .access
+        .get()
+        .map(|log| log.entry(req.method(), req.uri(), req.version(), req.headers(), peer));
     let mut guard = RequestGuard {
         worker,
         http1,
         admitted: None,
         rate: None,
+        started,
+        status: 0,
+        bytes: 0,
+        access,
         _activity: activity,
     };
 
     let counted_in_redis = worker.cluster.as_ref().is_some_and(|c| c.has_rate());
     if let Some(limit) = worker.rate.as_ref().filter(|_| !counted_in_redis) {
         if let Err(refused) = rate_here(limit, &req, peer, &mut guard) {
-            return Handled::now(finish(limit.refused(&refused), guard));
+            return Handled::now(rate_limited(limit, &refused, guard));
         }
     }
 
@@ -226,7 +260,7 @@ fn proceed(
                 if let Some(limit) = limit {
                     guard.admitted = None;
                     limit.count_refused();
-                    return finish(limit.refused(&decision), guard);
+                    return rate_limited(limit, &decision, guard);
                 }
             }
             Verdict::Full => {
@@ -246,7 +280,7 @@ fn proceed(
                         if let Some(limit) = limit {
                             if let Err(refused) = rate_here(limit, &req, peer, &mut guard) {
                                 guard.admitted = None;
-                                return finish(limit.refused(&refused), guard);
+                                return rate_limited(limit, &refused, guard);
                             }
                         }
                     }
@@ -273,6 +307,17 @@ fn rate_here(
     }
     guard.rate = Some(decision);
     Ok(())
+}
+
+/// The 429 of a client over `limits.rate`, counted in the worker's record.
+fn rate_limited(limit: &ClientRate, decision: &Decision, guard: RequestGuard) -> Response<Body> {
+    guard
+        .worker
+        .admission
+        .slot()
+        .rate_limited
+        .fetch_add(1, Ordering::Relaxed);
+    finish(limit.refused(decision), guard)
 }
 
 /// What a refused request gets.
@@ -402,7 +447,8 @@ fn panicked(head: &Parts, panic: Box<dyn Any + Send>, mut guard: RequestGuard) -
 }
 
 /// Stamps the response with the worker id and hands it the request's guard.
-fn finish(mut res: Response<Body>, guard: RequestGuard) -> Response<Body> {
+fn finish(mut res: Response<Body>, mut guard: RequestGuard) -> Response<Body> {
+    guard.status = res.status().as_u16();
     res.headers_mut()
         .insert(X_WORKER_ID, guard.worker.responses.worker_id().clone());
     if let (Some(decision), Some(limit)) = (&guard.rate, &guard.worker.rate) {

@@ -100,6 +100,11 @@ impl hyper::body::Body for Body {
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),
         };
+        if let (Poll::Ready(Some(Ok(frame))), Some(guard)) = (&polled, this.guard.as_mut()) {
+            if let Some(data) = frame.data_ref() {
+                guard.bytes += data.len() as u64;
+            }
+        }
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             // Done (or failed): release the permits now rather than whenever hyper drops us.
             this.guard = None;

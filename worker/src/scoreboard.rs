@@ -19,7 +19,7 @@ use std::time::Duration;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
-const MAGIC: u64 = 0x5355_5056_5342_0003; // "SUPVSB" + layout version 3
+const MAGIC: u64 = 0x5355_5056_5342_0004; // "SUPVSB" + layout version 4
 
 /// Name of the memfd, visible in `/proc/PID/fd` as `/memfd:supervisor-scoreboard (deleted)`;
 /// `supervisor status` finds the master's scoreboard by it.
@@ -122,10 +122,30 @@ pub struct Slot {
     pub app_pid: AtomicU32,
     /// Times the worker's app process was started after the first.
     pub app_restarts: AtomicU32,
+    /// Requests answered, by status class: `[1xx, 2xx, 3xx, 4xx, 5xx]` (metrics).
+    pub status_classes: [AtomicU64; 5],
+    /// Requests answered, by duration: one counter per bucket of [`LATENCY_BUCKETS_US`], the
+    /// last one for longer ones (not cumulative; the metrics exporter adds them up).
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of the durations counted in `latency_buckets`, in µs.
+    pub latency_sum_us: AtomicU64,
+    /// Requests answered 429 because the client's rate (`limits.rate`) was spent.
+    pub rate_limited: AtomicU64,
+    /// Time this worker spent with Redis degraded, in ms, up to its last recovery.
+    pub redis_degraded_ms: AtomicU64,
+    /// When the current degraded period began (coarse CLOCK_MONOTONIC ms); 0 when not degraded.
+    pub redis_degraded_since_ms: AtomicU64,
     /// Some of the requests in flight, so that a hung worker can be reported with what it was
     /// doing: the worker cannot answer any question once its event loop is stuck.
     pub current: [RequestEntry; TRACKED_REQUESTS],
 }
+
+/// Upper bounds of the request-duration buckets, in µs (the exporter's `le` labels, in
+/// seconds): 1 ms to 10 s, the usual spread for web requests.
+pub const LATENCY_BUCKETS_US: [u64; 13] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
 
 /// How many in-flight requests each record describes.
 pub const TRACKED_REQUESTS: usize = 4;
@@ -235,6 +255,56 @@ impl Slot {
                 Some((started, String::from_utf8_lossy(&bytes[..end]).into_owned()))
             })
             .collect()
+    }
+
+    /// Worker side: counts one answered request, with its status and, when it was timed, how
+    /// long it took: at most three relaxed adds on the worker's own record (no other process
+    /// writes it, so no contention). The duration is counted first, so that a reader who sees
+    /// a request in `status_classes` also sees it in `latency_buckets`.
+    #[inline]
+    pub fn record_response(&self, status: u16, micros: Option<u64>) {
+        if let Some(micros) = micros {
+            let bucket = LATENCY_BUCKETS_US
+                .iter()
+                .position(|&le| micros <= le)
+                .unwrap_or(LATENCY_BUCKETS_US.len());
+            self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+            self.latency_sum_us.fetch_add(micros, Ordering::Relaxed);
+        }
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.status_classes[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Worker side: Redis stopped answering (`degraded`) or answers again; keeps the time spent
+    /// degraded. Calls that do not change the state change nothing.
+    pub fn set_redis_degraded(&self, degraded: bool) {
+        let now = coarse_monotonic_ms().max(1);
+        if degraded {
+            let _ = self.redis_degraded_since_ms.compare_exchange(
+                0,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        } else {
+            let since = self.redis_degraded_since_ms.swap(0, Ordering::Relaxed);
+            if since > 0 {
+                self.redis_degraded_ms
+                    .fetch_add(now.saturating_sub(since), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Time spent with Redis degraded, including the current period, as of `now_ms`
+    /// (CLOCK_MONOTONIC ms).
+    pub fn redis_degraded_total_ms(&self, now_ms: u64) -> u64 {
+        let since = self.redis_degraded_since_ms.load(Ordering::Relaxed);
+        let current = if since > 0 {
+            now_ms.saturating_sub(since)
+        } else {
+            0
+        };
+        self.redis_degraded_ms.load(Ordering::Relaxed) + current
     }
 
     pub fn recycle_reason(&self) -> Option<RecycleReason> {
@@ -408,6 +478,13 @@ impl Scoreboard {
         slot.recycle_reason.store(0, Ordering::Relaxed);
         slot.app_pid.store(0, Ordering::Relaxed);
         slot.app_restarts.store(0, Ordering::Relaxed);
+        for c in slot.status_classes.iter().chain(&slot.latency_buckets) {
+            c.store(0, Ordering::Relaxed);
+        }
+        slot.latency_sum_us.store(0, Ordering::Relaxed);
+        slot.rate_limited.store(0, Ordering::Relaxed);
+        slot.redis_degraded_ms.store(0, Ordering::Relaxed);
+        slot.redis_degraded_since_ms.store(0, Ordering::Relaxed);
         for e in &slot.current {
             e.started_ms.store(0, Ordering::Relaxed);
         }
@@ -524,6 +601,53 @@ mod tests {
         slot.end_request(b);
         board.reclaim(0);
         assert!(master.slot(0).requests_in_flight().is_empty());
+    }
+
+    #[test]
+    fn responses_are_counted_by_class_and_duration() {
+        let (board, _fd) = Scoreboard::create(1, 1).unwrap();
+        let slot = board.slot(0);
+        slot.record_response(200, Some(0));
+        slot.record_response(204, Some(1_000));
+        slot.record_response(404, Some(1_001));
+        slot.record_response(503, Some(60_000_000));
+        slot.record_response(302, None);
+        let classes: Vec<u64> = slot
+            .status_classes
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(classes, [0, 2, 1, 1, 1]);
+        let buckets: Vec<u64> = slot
+            .latency_buckets
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(buckets[0], 2, "<= 1 ms, inclusive");
+        assert_eq!(buckets[1], 1);
+        assert_eq!(buckets[LATENCY_BUCKETS_US.len()], 1, "past the last bound");
+        assert_eq!(slot.latency_sum_us.load(Ordering::Relaxed), 60_002_001);
+        board.reclaim(0);
+        assert_eq!(slot.status_classes[1].load(Ordering::Relaxed), 0);
+        assert_eq!(slot.latency_sum_us.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn degraded_time_adds_up_across_periods() {
+        let (board, _fd) = Scoreboard::create(1, 1).unwrap();
+        let slot = board.slot(0);
+        slot.set_redis_degraded(false);
+        assert_eq!(slot.redis_degraded_total_ms(u64::MAX / 2), 0);
+        slot.set_redis_degraded(true);
+        let since = slot.redis_degraded_since_ms.load(Ordering::Relaxed);
+        assert!(since > 0);
+        slot.set_redis_degraded(true); // already degraded: the period keeps its start
+        assert_eq!(slot.redis_degraded_since_ms.load(Ordering::Relaxed), since);
+        assert_eq!(slot.redis_degraded_total_ms(since + 700), 700);
+        slot.set_redis_degraded(false);
+        assert_eq!(slot.redis_degraded_since_ms.load(Ordering::Relaxed), 0);
+        let done = slot.redis_degraded_ms.load(Ordering::Relaxed);
+        assert_eq!(slot.redis_degraded_total_ms(u64::MAX / 2), done);
     }
 
     #[test]

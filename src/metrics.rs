@@ -1,0 +1,610 @@
+//! Metrics: the Prometheus text exposition (`[metrics] bind`, path `/metrics`), aggregated from
+//! the scoreboard. No request goes to a worker: every worker counts into its own record, and a
+//! scrape adds the records up.
+//!
+//! Owns the metrics thread (its own single-threaded tokio runtime and a small HTTP/1 server, so
+//! that a slow or stuck scraper never delays the master's poll loop), the totals of workers
+//! that have exited (so that counters never go backwards when a record is freed and reused),
+//! and the recycle counts. The master calls [`Metrics::reap`] instead of
+//! `Scoreboard::reclaim`: folding a dead worker's counters into the totals and freeing its
+//! record happen under the same lock a scrape takes, so a scrape sees the worker either live or
+//! folded, never both or neither.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tracing::{debug, info, warn};
+use worker::cluster::RedisState;
+use worker::config::MetricsConfig;
+use worker::scoreboard::{
+    monotonic_ms, RecycleReason, Scoreboard, Slot, SlotState, LATENCY_BUCKETS_US,
+};
+
+/// Scrapes served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 4;
+/// A scraper must send its request head within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest one connection may stay open, whatever it does.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+const BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+
+const RECYCLE_REASONS: [RecycleReason; 5] = [
+    RecycleReason::MaxRequests,
+    RecycleReason::MaxRss,
+    RecycleReason::MaxLifetime,
+    RecycleReason::Reload,
+    RecycleReason::Hung,
+];
+
+/// Counters of one record, or of many added up.
+#[derive(Clone, Debug, Default)]
+struct Counters {
+    classes: [u64; 5],
+    buckets: [u64; BUCKETS],
+    latency_sum_us: u64,
+    rate_limited: u64,
+    rejected_local: u64,
+    queue_full: u64,
+    queue_timeouts: u64,
+    cluster_rejected: u64,
+    timeouts: u64,
+    redis_degraded_requests: u64,
+    redis_degraded_ms: u64,
+}
+
+impl Counters {
+    fn add(&mut self, slot: &Slot, now_ms: u64) {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        for (t, c) in self.classes.iter_mut().zip(&slot.status_classes) {
+            *t += load(c);
+        }
+        for (t, c) in self.buckets.iter_mut().zip(&slot.latency_buckets) {
+            *t += load(c);
+        }
+        self.latency_sum_us += load(&slot.latency_sum_us);
+        self.rate_limited += load(&slot.rate_limited);
+        self.rejected_local += load(&slot.rejected_local);
+        self.queue_full += load(&slot.queue_full);
+        self.queue_timeouts += load(&slot.queue_timeouts);
+        self.cluster_rejected += load(&slot.cluster_rejected);
+        self.timeouts += load(&slot.timeouts);
+        self.redis_degraded_requests += load(&slot.redis_degraded);
+        self.redis_degraded_ms += slot.redis_degraded_total_ms(now_ms);
+    }
+}
+
+/// What the master and the metrics thread share.
+struct State {
+    /// Counters of every worker process that has exited.
+    retired: Counters,
+    /// Replaced workers that have exited, by reason (`RECYCLE_REASONS` order).
+    recycles: [u64; 5],
+    /// Highest degraded time shown so far: a worker's period is read from two atomics, and a
+    /// read between the worker's two updates may come out a few ms short.
+    degraded_ms_shown: u64,
+}
+
+/// The master's handle on the metrics thread.
+pub struct Metrics {
+    state: Arc<Mutex<State>>,
+    /// `metrics.bind` as configured, and the address it gave.
+    bind: String,
+    addr: SocketAddr,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding it cannot leave the totals half-updated in a way that matters more
+    // than stopping the metrics would.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Metrics {
+    /// Binds `[metrics] bind` and starts the metrics thread; `None` when metrics are off. A bind
+    /// error is a startup error. `board` is the scoreboard's memfd (the thread maps it
+    /// read-only).
+    pub fn start(config: &MetricsConfig, board: &OwnedFd) -> Result<Option<Metrics>> {
+        if config.bind.is_empty() {
+            return Ok(None);
+        }
+        let addr: SocketAddr = config
+            .bind
+            .parse()
+            .with_context(|| format!("metrics.bind {:?} is not IP:PORT", config.bind))?;
+        let listener = TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen on metrics.bind {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let board = Scoreboard::open(board, false).context("cannot map the scoreboard")?;
+        let state = Arc::new(Mutex::new(State {
+            retired: Counters::default(),
+            recycles: [0; 5],
+            degraded_ms_shown: 0,
+        }));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the metrics thread's event loop")?;
+        let shared = Arc::new(Shared {
+            state: state.clone(),
+            board,
+        });
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || runtime.block_on(serve(listener, shared)))
+            .context("cannot start the metrics thread")?;
+        info!(addr = %addr, "metrics: serving /metrics");
+        Ok(Some(Metrics {
+            state,
+            bind: config.bind.clone(),
+            addr,
+        }))
+    }
+
+    /// Master side, after reaping the process of record `index`: adds its counters to the
+    /// totals (and its recycle, if it was replaced, to the recycle counts) and frees the record,
+    /// atomically for a scrape. Returns what `Scoreboard::reclaim` returns.
+    pub fn reap(&self, board: &Scoreboard, index: usize, recycled: Option<RecycleReason>) -> u32 {
+        let mut state = lock(&self.state);
+        state.retired.add(board.slot(index), monotonic_ms());
+        if let Some(reason) = recycled {
+            if let Some(i) = RECYCLE_REASONS.iter().position(|&r| r == reason) {
+                state.recycles[i] += 1;
+            }
+        }
+        board.reclaim(index)
+    }
+
+    /// HUP: the metrics socket stays as it is; a new address needs a restart.
+    pub fn reload(&self, new: &MetricsConfig) {
+        if new.bind != self.bind {
+            warn!(
+                metrics.bind = %new.bind,
+                serving = %self.addr,
+                "reload: metrics.bind changes at the next start; metrics stay where they are"
+            );
+        }
+    }
+}
+
+/// What the metrics thread holds.
+struct Shared {
+    state: Arc<Mutex<State>>,
+    board: Scoreboard,
+}
+
+/// Everything one scrape shows, read at one moment.
+#[derive(Debug)]
+struct Snapshot {
+    counters: Counters,
+    recycles: [u64; 5],
+    inflight: u64,
+    queued: u64,
+    connections: u64,
+    /// Memory by worker number (a worker being replaced counts both its processes).
+    memory: BTreeMap<u32, u64>,
+    /// Processes by state: booting, serving, draining.
+    states: [u64; 3],
+    redis_connected: u64,
+    redis_degraded: u64,
+    host_inflight: u64,
+    host_cap: u64,
+    host_rejected: u64,
+}
+
+impl Shared {
+    fn snapshot(&self) -> Snapshot {
+        let mut state = lock(&self.state);
+        let now_ms = monotonic_ms();
+        let mut counters = state.retired.clone();
+        let mut snap = Snapshot {
+            counters: Counters::default(),
+            recycles: state.recycles,
+            inflight: 0,
+            queued: 0,
+            connections: 0,
+            memory: BTreeMap::new(),
+            states: [0; 3],
+            redis_connected: 0,
+            redis_degraded: 0,
+            host_inflight: 0,
+            host_cap: 0,
+            host_rejected: 0,
+        };
+        for (_, slot) in self.board.slots() {
+            // A free record is all zeroes: adding it changes nothing, so no record is skipped
+            // by a state read at the wrong moment.
+            counters.add(slot, now_ms);
+            let s = slot.state();
+            if s == SlotState::Free {
+                continue;
+            }
+            snap.inflight += u64::from(slot.inflight.load(Ordering::Relaxed));
+            snap.queued += u64::from(slot.queued.load(Ordering::Relaxed));
+            snap.connections += u64::from(slot.connections.load(Ordering::Relaxed));
+            let id = slot.worker_id.load(Ordering::Relaxed);
+            *snap.memory.entry(id).or_default() += slot.rss_bytes.load(Ordering::Relaxed);
+            snap.states[s as usize - 1] += 1;
+            match RedisState::from_u32(slot.redis_state.load(Ordering::Relaxed)) {
+                RedisState::Connected => snap.redis_connected += 1,
+                RedisState::Degraded => snap.redis_degraded += 1,
+                RedisState::Off => {}
+            }
+        }
+        state.degraded_ms_shown = state.degraded_ms_shown.max(counters.redis_degraded_ms);
+        counters.redis_degraded_ms = state.degraded_ms_shown;
+        drop(state);
+        let h = self.board.header();
+        snap.host_inflight = u64::from(h.global_inflight.load(Ordering::Relaxed));
+        snap.host_cap = u64::from(h.global_cap.load(Ordering::Relaxed));
+        snap.host_rejected = h.global_rejected.load(Ordering::Relaxed);
+        snap.counters = counters;
+        snap
+    }
+}
+
+/// One metric family with its samples, for `Snapshot::encode`.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(&[(&str, &str)], M)],
+) -> fmt::Result {
+    let Some((_, first)) = samples.first() else {
+        return Ok(());
+    };
+    let mut metric = encoder.encode_descriptor(name, help, None, first.metric_type())?;
+    if let [(&[], value)] = samples {
+        return value.encode(metric);
+    }
+    for (labels, value) in samples {
+        value.encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter(v: u64) -> ConstCounter<u64> {
+    ConstCounter::new(v)
+}
+
+fn gauge(v: u64) -> ConstGauge<i64> {
+    ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let c = &self.counters;
+        let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        let by_class: Vec<[(&str, &str); 1]> = classes.iter().map(|k| [("class", *k)]).collect();
+        let samples: Vec<(&[(&str, &str)], _)> = by_class
+            .iter()
+            .zip(c.classes)
+            .map(|(l, v)| (&l[..], counter(v)))
+            .collect();
+        family(
+            &mut e,
+            "supervisor_requests",
+            "Requests answered, by status class",
+            &samples,
+        )?;
+
+        let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_US
+            .iter()
+            .map(|&us| (us as f64 / 1e6, 0))
+            .collect();
+        buckets.push((f64::INFINITY, 0));
+        for (b, n) in buckets.iter_mut().zip(c.buckets) {
+            b.1 = n;
+        }
+        let count: u64 = c.buckets.iter().sum();
+        let mut m = e.encode_descriptor(
+            "supervisor_request_duration_seconds",
+            "Time from a request's arrival to the end of its response",
+            None,
+            MetricType::Histogram,
+        )?;
+        m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            c.latency_sum_us as f64 / 1e6,
+            count,
+            &buckets,
+            None,
+        )?;
+
+        let reasons = [
+            ("rate_limit", c.rate_limited),
+            ("worker_limit", c.rejected_local),
+            ("host_limit", self.host_rejected),
+            ("cluster_limit", c.cluster_rejected),
+            ("queue_full", c.queue_full),
+            ("queue_timeout", c.queue_timeouts),
+        ];
+        let labels: Vec<[(&str, &str); 1]> = reasons.iter().map(|r| [("reason", r.0)]).collect();
+        let samples: Vec<(&[(&str, &str)], _)> = labels
+            .iter()
+            .zip(reasons)
+            .map(|(l, r)| (&l[..], counter(r.1)))
+            .collect();
+        family(
+            &mut e,
+            "supervisor_rejections",
+            "Requests refused by a limit (429 or 503), by the limit",
+            &samples,
+        )?;
+        family(
+            &mut e,
+            "supervisor_request_timeouts",
+            "Requests answered 504 after worker.request_timeout",
+            &[(&[], counter(c.timeouts))],
+        )?;
+
+        let labels: Vec<[(&str, &str); 1]> = RECYCLE_REASONS
+            .iter()
+            .map(|r| [("reason", r.as_str())])
+            .collect();
+        let samples: Vec<(&[(&str, &str)], _)> = labels
+            .iter()
+            .zip(self.recycles)
+            .map(|(l, n)| (&l[..], counter(n)))
+            .collect();
+        family(
+            &mut e,
+            "supervisor_recycles",
+            "Workers replaced and exited, by reason",
+            &samples,
+        )?;
+
+        let plain_gauges = [
+            (
+                "supervisor_requests_in_flight",
+                "Requests being served now",
+                self.inflight,
+            ),
+            (
+                "supervisor_queue_depth",
+                "Requests waiting in the workers' queues (limits.queue) now",
+                self.queued,
+            ),
+            (
+                "supervisor_connections",
+                "Open client connections",
+                self.connections,
+            ),
+            (
+                "supervisor_host_requests_in_flight",
+                "Requests holding a host-wide permit (limits.max_concurrent_requests)",
+                self.host_inflight,
+            ),
+            (
+                "supervisor_host_requests_limit",
+                "The host-wide cap, limits.max_concurrent_requests",
+                self.host_cap,
+            ),
+            (
+                "supervisor_memory_bytes",
+                "Memory of every worker and its app, at the last sample",
+                self.memory.values().sum(),
+            ),
+        ];
+        for (name, help, v) in plain_gauges {
+            family(&mut e, name, help, &[(&[], gauge(v))])?;
+        }
+
+        let ids: Vec<String> = self.memory.keys().map(u32::to_string).collect();
+        let labels: Vec<[(&str, &str); 1]> = ids.iter().map(|id| [("worker", &id[..])]).collect();
+        let samples: Vec<(&[(&str, &str)], _)> = labels
+            .iter()
+            .zip(self.memory.values())
+            .map(|(l, &v)| (&l[..], gauge(v)))
+            .collect();
+        family(
+            &mut e,
+            "supervisor_worker_memory_bytes",
+            "Memory of a worker number's processes and their apps, at the last sample",
+            &samples,
+        )?;
+
+        let states = ["booting", "serving", "draining"];
+        let labels: Vec<[(&str, &str); 1]> = states.iter().map(|s| [("state", *s)]).collect();
+        let samples: Vec<(&[(&str, &str)], _)> = labels
+            .iter()
+            .zip(self.states)
+            .map(|(l, n)| (&l[..], gauge(n)))
+            .collect();
+        family(
+            &mut e,
+            "supervisor_workers",
+            "Worker processes, by state",
+            &samples,
+        )?;
+
+        family(
+            &mut e,
+            "supervisor_redis_workers",
+            "Worker processes by their view of Redis (cluster-wide limits)",
+            &[
+                (&[("state", "connected")], gauge(self.redis_connected)),
+                (&[("state", "degraded")], gauge(self.redis_degraded)),
+            ],
+        )?;
+        family(
+            &mut e,
+            "supervisor_redis_degraded_seconds",
+            "Time workers spent with Redis degraded, summed over workers",
+            &[(&[], counter(c.redis_degraded_ms / 1000))],
+        )?;
+        family(
+            &mut e,
+            "supervisor_redis_degraded_requests",
+            "Requests handled by limits.on_redis_error because Redis did not answer",
+            &[(&[], counter(c.redis_degraded_requests))],
+        )?;
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// The exposition, in the Prometheus text format (version 0.0.4).
+    fn exposition(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self.snapshot()));
+        let mut text = String::with_capacity(8 * 1024);
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut text, &registry) {
+            warn!(error = %e, "metrics: cannot encode the exposition");
+        }
+        text
+    }
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "metrics: cannot use the listener; no metrics");
+            return;
+        }
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                debug!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&shared, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                debug!(error = %e, "metrics: connection failed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn answer(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, body: String| {
+        let mut res = Response::new(Full::new(Bytes::from(body)));
+        *res.status_mut() = status;
+        res
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "not found; try /metrics\n".into());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut res = reply(StatusCode::METHOD_NOT_ALLOWED, String::new());
+        res.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return res;
+    }
+    let mut res = reply(StatusCode::OK, shared.exposition());
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(prometheus_client::encoding::prometheus_text::CONTENT_TYPE),
+    );
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exposition_of(m: &Metrics, board_fd: &OwnedFd) -> String {
+        let shared = Shared {
+            state: m.state.clone(),
+            board: Scoreboard::open(board_fd, false).unwrap(),
+        };
+        shared.exposition()
+    }
+
+    fn value(text: &str, series: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_reaped_workers_counters_stay_in_the_totals() {
+        let (board, fd) = Scoreboard::create(2, 10).unwrap();
+        let m = Metrics::start(
+            &MetricsConfig {
+                bind: "127.0.0.1:0".into(),
+            },
+            &fd,
+        )
+        .unwrap()
+        .unwrap();
+        let slot = board.slot(1);
+        slot.set_state(SlotState::Serving);
+        for _ in 0..3 {
+            slot.record_response(200, Some(1500));
+        }
+        slot.record_response(404, Some(10));
+        slot.rate_limited.fetch_add(2, Ordering::Relaxed);
+        let ok = "supervisor_requests_total{class=\"2xx\"}";
+        let before = exposition_of(&m, &fd);
+        assert_eq!(value(&before, ok), 3);
+        assert_eq!(
+            value(&before, "supervisor_request_duration_seconds_count"),
+            4
+        );
+        assert_eq!(value(&before, "supervisor_workers{state=\"serving\"}"), 1);
+
+        assert_eq!(m.reap(&board, 1, Some(RecycleReason::MaxRss)), 0);
+        assert_eq!(board.slot(1).state(), SlotState::Free);
+        let after = exposition_of(&m, &fd);
+        assert_eq!(value(&after, ok), 3);
+        assert_eq!(
+            value(&after, "supervisor_request_duration_seconds_count"),
+            4
+        );
+        assert_eq!(
+            value(
+                &after,
+                "supervisor_request_duration_seconds_bucket{le=\"0.001\"}"
+            ),
+            1
+        );
+        assert_eq!(
+            value(&after, "supervisor_rejections_total{reason=\"rate_limit\"}"),
+            2
+        );
+        assert_eq!(
+            value(&after, "supervisor_recycles_total{reason=\"max_rss\"}"),
+            1
+        );
+        assert_eq!(value(&after, "supervisor_workers{state=\"serving\"}"), 0);
+    }
+}
