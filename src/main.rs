@@ -11,6 +11,7 @@ mod config;
 mod listeners;
 mod logging;
 mod master;
+mod notify;
 mod recycle;
 mod rss;
 mod runtime_dir;

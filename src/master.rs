@@ -40,6 +40,8 @@ use crate::runtime_dir::RuntimeDir;
 use crate::spawn::{self, SpawnRequest};
 use crate::{rss, sys};
 
+mod systemd;
+
 /// Scoreboard records: room for the largest worker count plus as many replacements again.
 const SCOREBOARD_CAPACITY: usize = 2048;
 /// Consecutive failed boots of one worker, while no worker serves, before the master gives up.
@@ -150,6 +152,8 @@ pub struct Master {
     exit_code: i32,
     /// Where app sockets go; removed when the master is dropped.
     runtime_dir: RuntimeDir,
+    /// What systemd is told (`Type=notify`); inert without `$NOTIFY_SOCKET`.
+    systemd: systemd::Systemd,
 }
 
 fn unix_mode(config: &Config) -> Result<u32> {
@@ -237,6 +241,7 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
         announced_ready: false,
         exit_code: 0,
         runtime_dir,
+        systemd: systemd::Systemd::from_env(),
     })
 }
 
@@ -263,6 +268,7 @@ impl Master {
                     continue; // spawning gave up: go straight to stopping
                 }
             }
+            self.systemd_tick();
             self.wait_for_events();
         }
         if let Some(l) = self.listeners.take() {
@@ -706,6 +712,9 @@ impl Master {
             } if !killed => wait = wait.min(deadline.saturating_duration_since(now)),
             Phase::Stopping { .. } => {}
         }
+        if let Some(due) = self.systemd_next_due(now) {
+            wait = wait.min(due);
+        }
         // Round up so we do not wake a hair before a timer and spin.
         let ms = wait.as_millis().min(u16::MAX as u128) as u16 + u16::from(!wait.is_zero());
 
@@ -874,6 +883,7 @@ impl Master {
         if all {
             self.announced_ready = true;
             info!(workers = self.slots.len(), "ready");
+            self.systemd_ready();
         }
     }
 
@@ -951,12 +961,14 @@ impl Master {
             return;
         }
         info!("HUP: reloading the configuration");
+        self.systemd_reloading();
         let new = match (self.reload)() {
             Ok(c) => c,
             Err(e) => {
                 for line in e.lines() {
                     error!("reload failed, keeping the current configuration: {line}");
                 }
+                self.systemd_reload_failed(&e);
                 return;
             }
         };
@@ -969,6 +981,7 @@ impl Master {
                 Ok(table) => Some(table),
                 Err(e) => {
                     error!("reload failed, keeping the current configuration: cannot create the rate table: {e}");
+                    self.systemd_reload_failed(&format!("cannot create the rate table: {e}"));
                     return;
                 }
             }
@@ -993,6 +1006,7 @@ impl Master {
             });
             if let Err(e) = rebound {
                 error!("reload failed, keeping the current configuration: {e:#}");
+                self.systemd_reload_failed(&format!("{e:#}"));
                 return;
             }
             if let Some(l) = &self.listeners {
@@ -1104,6 +1118,7 @@ impl Master {
             fast,
             killed: false,
         };
+        self.systemd_stopping(fast);
         if let Some(l) = self.listeners.take() {
             l.close();
         }
