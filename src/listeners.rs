@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use socket2::{Domain, SockAddr, Socket, Type};
+use tracing::{info, warn};
 use worker::config::AcceptMode;
 
 /// One entry of `server.bind`, resolved.
@@ -65,6 +66,8 @@ struct Group {
 pub struct Listeners {
     groups: Vec<Group>,
     backlog: i32,
+    /// The sockets came from systemd (`adopt`): kept as they are for the master's life.
+    adopted: bool,
 }
 
 impl Listeners {
@@ -80,9 +83,46 @@ impl Listeners {
         let mut listeners = Listeners {
             groups: Vec::new(),
             backlog: 0,
+            adopted: false,
         };
         listeners.rebind(binds, mode, workers, backlog, unix_mode)?;
         Ok(listeners)
+    }
+
+    /// Keeps the sockets systemd passed (socket activation) instead of binding `server.bind`.
+    /// systemd opens one socket per address, so each is shared by every worker, whatever
+    /// `server.accept` says. Nothing is probed or bound, and no file is ever removed: the
+    /// sockets, and their Unix socket files, belong to the .socket unit.
+    pub fn adopt(sockets: Vec<crate::activation::Activated>) -> Listeners {
+        let groups = sockets
+            .into_iter()
+            .map(|a| {
+                info!(
+                    addr = %a.addr,
+                    fd = a.fd,
+                    name = a.name.as_deref().unwrap_or("-"),
+                    "adopted a socket from systemd (LISTEN_FDS)"
+                );
+                Group {
+                    addr: a.addr.clone(),
+                    requested: a.addr,
+                    sockets: vec![Some(a.socket)],
+                    per_worker: false,
+                    unix_path: None,
+                }
+            })
+            .collect();
+        info!("socket activation: server.bind is not used; every worker accepts on the adopted sockets (accept = shared)");
+        Listeners {
+            groups,
+            backlog: 0,
+            adopted: true,
+        }
+    }
+
+    /// Whether these are systemd's sockets (`adopt`).
+    pub fn is_adopted(&self) -> bool {
+        self.adopted
     }
 
     /// Moves to a new set of addresses (a reload): addresses already bound in the same mode
@@ -97,6 +137,11 @@ impl Listeners {
         backlog: u32,
         unix_mode: u32,
     ) -> Result<()> {
+        if self.adopted {
+            // The .socket unit owns the addresses: changing them means changing that unit.
+            warn!("reload: server.bind, accept, backlog and unix_mode do not apply under socket activation; keeping the sockets systemd passed (edit the .socket unit and restart it to change them)");
+            return Ok(());
+        }
         let backlog = backlog.min(i32::MAX as u32) as i32;
         let mut addrs = Vec::new();
         for b in binds {

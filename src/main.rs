@@ -6,6 +6,7 @@
 
 #![deny(unsafe_code)]
 
+mod activation;
 mod cli;
 mod config;
 mod listeners;

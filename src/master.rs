@@ -170,6 +170,11 @@ fn workers_of(config: &Config) -> u32 {
 }
 
 fn log_listeners(listeners: &Listeners, mode: AcceptMode) {
+    let mode = if listeners.is_adopted() {
+        AcceptMode::Shared // systemd's sockets: one per address
+    } else {
+        mode
+    };
     let accept = match mode {
         AcceptMode::Reuseport => "reuseport",
         AcceptMode::Shared => "shared",
@@ -183,13 +188,16 @@ fn log_listeners(listeners: &Listeners, mode: AcceptMode) {
 /// Nothing is spawned yet; errors here exit 1 with the message.
 pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<Master> {
     let workers = workers_of(&config);
-    let listeners = Listeners::bind(
-        &config.server.bind,
-        config.server.accept,
-        workers,
-        config.server.backlog,
-        unix_mode(&config)?,
-    )?;
+    let listeners = match crate::activation::from_env()? {
+        Some(sockets) => Listeners::adopt(sockets),
+        None => Listeners::bind(
+            &config.server.bind,
+            config.server.accept,
+            workers,
+            config.server.backlog,
+            unix_mode(&config)?,
+        )?,
+    };
     log_listeners(&listeners, config.server.accept);
     let runtime_dir = RuntimeDir::create(&config.server.runtime_dir)?;
     let (board, board_fd) =
