@@ -11,4 +11,5 @@ mod ratelimit;
 mod recycling;
 mod redis_ha;
 mod serving;
+mod systemd;
 mod util;
