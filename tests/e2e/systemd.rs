@@ -509,6 +509,11 @@ fn socket_activation_refuses_fds_that_are_not_listening_stream_sockets() {
             stderr.contains(expected) && stderr.contains("LISTEN_FDS"),
             "{what}: the error does not say {expected:?}:\n{stderr}"
         );
+        // Refused at start-up, not by each worker in turn.
+        assert!(
+            !stderr.contains("starting workers="),
+            "{what}: workers were started:\n{stderr}"
+        );
     }
 }
 
