@@ -617,6 +617,7 @@ impl Master {
                 self.recycle_queue.push_back(slot.id);
             }
             error!(worker.id = proc.id, pid = pid.as_raw(), retry_in = ?delay, "replacement worker failed to boot: {how}");
+            self.systemd_replacement_failed(proc.id, &how);
             return;
         }
         let i = current.expect("checked above");

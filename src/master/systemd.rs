@@ -20,6 +20,9 @@ pub(super) struct Systemd {
     reloading: bool,
     /// Why the last reload failed, shown in `STATUS=` until a reload succeeds.
     reload_error: Option<String>,
+    /// A reload whose replacements failed to boot (and are being retried): `READY=1` was
+    /// sent, the error clears once every worker runs the new configuration after all.
+    reload_stalled: bool,
 }
 
 impl Systemd {
@@ -28,6 +31,7 @@ impl Systemd {
             notifier: Notifier::from_env(),
             reloading: false,
             reload_error: None,
+            reload_stalled: false,
         }
     }
 }
@@ -39,11 +43,15 @@ impl Master {
             return;
         }
         let now = Instant::now();
-        if self.systemd.reloading && self.phase == Phase::Running && self.all_workers_current() {
-            self.systemd.reloading = false;
-            self.systemd.reload_error = None;
+        let pending = self.systemd.reloading || self.systemd.reload_stalled;
+        if pending && self.phase == Phase::Running && self.all_workers_current() {
             info!("reload complete: every worker serves the new configuration");
-            self.systemd.notifier.ready();
+            if self.systemd.reloading {
+                self.systemd.notifier.ready();
+            }
+            self.systemd.reloading = false;
+            self.systemd.reload_stalled = false;
+            self.systemd.reload_error = None;
         }
         let status = self.systemd_status();
         self.systemd.notifier.status(&status, now);
@@ -72,6 +80,7 @@ impl Master {
     /// The reload changed nothing: ready again at once, with the reason in the status.
     pub(super) fn systemd_reload_failed(&mut self, why: &str) {
         let why = why.lines().next().unwrap_or(why).to_string();
+        self.systemd.reload_stalled = false;
         if self.systemd.reloading {
             self.systemd.reloading = false;
             let status = format!("reload failed, still running the previous configuration: {why}");
@@ -80,8 +89,24 @@ impl Master {
         self.systemd.reload_error = Some(why);
     }
 
+    /// A replacement died before it was ready. During a reload, systemd is not left waiting
+    /// for a `READY=1` that may never come: it gets one now, with the reason; the master keeps
+    /// retrying (with backoff) while the old workers serve.
+    pub(super) fn systemd_replacement_failed(&mut self, id: u32, how: &str) {
+        if !self.systemd.reloading {
+            return;
+        }
+        self.systemd.reloading = false;
+        self.systemd.reload_stalled = true;
+        let why = format!("the replacement for worker {id} failed to boot ({how})");
+        let status = format!("reload incomplete, retrying; the old workers keep serving: {why}");
+        self.systemd.notifier.reload_failed(&status);
+        self.systemd.reload_error = Some(why);
+    }
+
     pub(super) fn systemd_stopping(&mut self, fast: bool) {
         self.systemd.reloading = false;
+        self.systemd.reload_stalled = false;
         let how = if fast {
             "stopping (fast)"
         } else {

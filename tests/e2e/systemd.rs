@@ -310,6 +310,56 @@ fn notify_sequence_across_start_reload_and_stop() {
 }
 
 #[test]
+fn a_reload_whose_workers_cannot_boot_gets_ready_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut notes = Notifications::bind(&d.join("notify"));
+    let config = |extra: &str| {
+        format!(
+            "[server]\nworkers = 1\nbind = [\"127.0.0.1:0\"]\n\
+             [app]\ncommand = [\"python3\", \"{APP}\", \"--uds\", \"{{socket}}\"{extra}]\n"
+        )
+    };
+    let path = write_file(d, "supervisor.toml", &config(""));
+    let mut cmd = supervisor_cmd(d);
+    cmd.args(["start", "-c", path.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", d.join("notify"));
+    let master = Started::spawn(&mut cmd);
+    notes.wait_for(WAIT, "READY=1", |m| m == "READY=1");
+    let addr = field(&master.wait_log("listening addr="), "addr")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let serving = master.serving_pids();
+
+    // The new configuration is valid, but its app exits at once: the replacement never ACKs.
+    write_file(d, "supervisor.toml", &config(", \"--fail-start\""));
+    master.signal(Signal::SIGHUP);
+    notes.wait_for(WAIT, "RELOADING=1", |m| m.starts_with("RELOADING=1"));
+    let stalled = notes.wait_for(WAIT, "READY=1 for the stalled reload", |m| {
+        m.starts_with("READY=1\n")
+    });
+    assert!(
+        stalled.contains("STATUS=reload incomplete") && stalled.contains("failed to boot"),
+        "{stalled:?}"
+    );
+    assert_eq!(get(addr, "/").status, 200, "the old worker stops serving");
+    assert_eq!(master.serving_pids(), serving);
+
+    // A good configuration again: the reload completes and the failure leaves the status.
+    write_file(d, "supervisor.toml", &config(""));
+    master.signal(Signal::SIGHUP);
+    let reloads_before = notes.seen.len();
+    notes.wait_for(WAIT, "READY=1 after the good reload", |m| m == "READY=1");
+    assert!(notes.seen[reloads_before..]
+        .iter()
+        .any(|m| m.starts_with("RELOADING=1")));
+    notes.wait_for(WAIT, "STATUS= without the failure", |m| {
+        m.starts_with("STATUS=serving 1/1 workers") && !m.contains("failed")
+    });
+}
+
+#[test]
 fn watchdog_pings_repeat_and_workers_see_no_systemd_variables() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
