@@ -35,7 +35,17 @@ struct Notifications {
 
 impl Notifications {
     fn bind(path: &Path) -> Notifications {
-        let socket = UnixDatagram::bind(path).unwrap();
+        Notifications::from(UnixDatagram::bind(path).unwrap())
+    }
+
+    /// Bound in the abstract namespace: `NOTIFY_SOCKET=@NAME`.
+    fn bind_abstract(name: &str) -> Notifications {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).unwrap();
+        Notifications::from(UnixDatagram::bind_addr(&addr).unwrap())
+    }
+
+    fn from(socket: UnixDatagram) -> Notifications {
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
@@ -363,10 +373,12 @@ fn a_reload_whose_workers_cannot_boot_gets_ready_with_the_reason() {
 fn watchdog_pings_repeat_and_workers_see_no_systemd_variables() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut notes = Notifications::bind(&d.join("notify"));
+    // This time in the abstract namespace, as systemd itself may give it.
+    let name = format!("supervisor-test-notify-{}", std::process::id());
+    let mut notes = Notifications::bind_abstract(&name);
     let mut cmd = supervisor_cmd(d);
     cmd.args(["start", "-w", "2", "-b", "127.0.0.1:0"])
-        .env("NOTIFY_SOCKET", d.join("notify"))
+        .env("NOTIFY_SOCKET", format!("@{name}"))
         .env("WATCHDOG_USEC", "300000")
         // Activation meant for another process: ignored by the master, hidden from workers.
         .env("LISTEN_PID", "1")
@@ -432,11 +444,14 @@ fn socket_activation_adopts_the_passed_socket_instead_of_binding() {
             not_bound.display()
         ),
     );
+    let activated_unix = d.join("activated.sock");
     let mut cmd = Command::new("systemd-socket-activate");
     clean(&mut cmd, d);
     cmd.arg("-l")
         .arg(format!("127.0.0.1:{port}"))
-        .arg("--fdname=web")
+        .arg("-l")
+        .arg(&activated_unix)
+        .arg("--fdname=web:local")
         .args([BIN, "start", "-c", config.to_str().unwrap()]);
     let mut master = Started::spawn(&mut cmd);
     master.wait_log("Listening on");
@@ -462,9 +477,15 @@ fn socket_activation_adopts_the_passed_socket_instead_of_binding() {
         !not_bound.exists(),
         "server.bind was bound although the master was socket-activated"
     );
+    let on_unix = master.wait_log(&format!("addr=unix:{}", activated_unix.display()));
+    assert!(
+        on_unix.contains("adopted") && on_unix.contains("name=\"local\""),
+        "{on_unix}"
+    );
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     for _ in 0..10 {
         assert_eq!(get(addr, "/").status, 200);
+        assert_eq!(try_get_unix(&activated_unix, "/").unwrap().status, 200);
     }
 
     // A reload that changes server.bind keeps the activated socket.
@@ -489,6 +510,11 @@ fn socket_activation_adopts_the_passed_socket_instead_of_binding() {
     }
     master.signal(Signal::SIGTERM);
     assert_eq!(master.wait_exit(), 0);
+    // The socket file belongs to whoever made the socket (the .socket unit), not to us.
+    assert!(
+        activated_unix.exists(),
+        "the master removed systemd's socket file"
+    );
 }
 
 /// `supervisor start` with `fd` as fd 3 and `LISTEN_PID`/`LISTEN_FDS` saying systemd passed
