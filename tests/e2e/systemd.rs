@@ -626,7 +626,8 @@ fn unit_files_pass_systemd_analyze_verify() {
 
     // --man=no: verify would otherwise run man(1) for Documentation=, and the pages are not
     // installed where the test runs.
-    let mut child = Command::new("systemd-analyze")
+    let output = dir.path().join("verify.out");
+    let child = Command::new("systemd-analyze")
         .args([
             "verify",
             "--man=no",
@@ -635,22 +636,18 @@ fn unit_files_pass_systemd_analyze_verify() {
         ])
         .current_dir(dir.path())
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(std::fs::File::create(&output).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("verify.err")).unwrap())
         .spawn()
         .expect("systemd-analyze (Debian package systemd; tests/run installs it)");
-    eventually(WAIT, "systemd-analyze to finish", || {
-        child.try_wait().unwrap()
+    let mut child = KillOnDrop(child);
+    let status = eventually(WAIT, "systemd-analyze to finish", || {
+        child.0.try_wait().unwrap()
     });
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = std::fs::read_to_string(&output).unwrap()
+        + &std::fs::read_to_string(dir.path().join("verify.err")).unwrap();
     assert!(
-        out.status.success() && text.trim().is_empty(),
-        "systemd-analyze verify ({}):\n{text}",
-        out.status
+        status.success() && text.trim().is_empty(),
+        "systemd-analyze verify ({status}):\n{text}"
     );
 }
