@@ -592,25 +592,81 @@ fn socket_activation_refuses_fds_that_are_not_listening_stream_sockets() {
     }
 }
 
-#[test]
-fn unit_files_pass_systemd_analyze_verify() {
+/// `systemd-analyze verify` on the two units in `dir`: fails with its output unless it
+/// succeeds and says nothing.
+fn verify(dir: &Path) {
+    // --man=no: verify would otherwise run man(1) for Documentation=, and the pages are not
+    // installed where the test runs.
+    let (out, err) = (dir.join("verify.out"), dir.join("verify.err"));
+    let child = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            "--man=no",
+            "supervisor.service",
+            "supervisor.socket",
+        ])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("systemd-analyze (Debian package systemd; tests/run installs it)");
+    let mut child = KillOnDrop(child);
+    let status = eventually(WAIT, "systemd-analyze to finish", || {
+        child.0.try_wait().unwrap()
+    });
+    let text = std::fs::read_to_string(&out).unwrap() + &std::fs::read_to_string(&err).unwrap();
+    assert!(
+        status.success() && text.trim().is_empty(),
+        "systemd-analyze verify in {} ({status}):\n{text}",
+        dir.display()
+    );
+}
+
+/// The units from dist/ in a temp dir, ExecStart pointing at the binary under test (verify
+/// checks that the program exists); `uncomment` enables the commented-out settings too.
+fn units(uncomment: bool) -> (tempfile::TempDir, String) {
     let dist = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("dist");
     let dir = tempfile::tempdir().unwrap();
-    let service = std::fs::read_to_string(dist.join("supervisor.service")).unwrap();
-    // verify checks that ExecStart's program exists: point it at the binary under test.
     let exec = "ExecStart=/usr/bin/supervisor ";
+    let mut service = std::fs::read_to_string(dist.join("supervisor.service")).unwrap();
     assert!(
         service.contains(exec),
         "ExecStart changed; update this test"
     );
-    let service = service.replace(exec, &format!("ExecStart={BIN} "));
+    service = service.replace(exec, &format!("ExecStart={BIN} "));
+    let mut socket = std::fs::read_to_string(dist.join("supervisor.socket")).unwrap();
+    if uncomment {
+        // "#Key=value" lines are settings offered in comments.
+        let enable = |text: &str| {
+            text.lines()
+                .map(|l| match l.strip_prefix('#') {
+                    Some(rest)
+                        if rest.starts_with(|c: char| c.is_ascii_uppercase())
+                            && rest
+                                .split_whitespace()
+                                .next()
+                                .is_some_and(|w| w.contains('=')) =>
+                    {
+                        rest.to_string()
+                    }
+                    _ => l.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let (s, k) = (enable(&service), enable(&socket));
+        assert!(s.contains("\nWatchdogSec=") && k.contains("\nListenStream=/"));
+        (service, socket) = (s, k);
+    }
     write_file(dir.path(), "supervisor.service", &service);
-    std::fs::copy(
-        dist.join("supervisor.socket"),
-        dir.path().join("supervisor.socket"),
-    )
-    .unwrap();
+    write_file(dir.path(), "supervisor.socket", &socket);
+    (dir, service)
+}
 
+#[test]
+fn unit_files_pass_systemd_analyze_verify() {
+    let (dir, service) = units(false);
     // The stop timeout leaves the graceful drain (server.graceful_timeout, 30s by default)
     // time to finish before systemd kills what is left.
     let stop: u64 = service
@@ -623,31 +679,8 @@ fn unit_files_pass_systemd_analyze_verify() {
         stop > 30,
         "TimeoutStopSec={stop}s is not above graceful_timeout"
     );
-
-    // --man=no: verify would otherwise run man(1) for Documentation=, and the pages are not
-    // installed where the test runs.
-    let output = dir.path().join("verify.out");
-    let child = Command::new("systemd-analyze")
-        .args([
-            "verify",
-            "--man=no",
-            "supervisor.service",
-            "supervisor.socket",
-        ])
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&output).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("verify.err")).unwrap())
-        .spawn()
-        .expect("systemd-analyze (Debian package systemd; tests/run installs it)");
-    let mut child = KillOnDrop(child);
-    let status = eventually(WAIT, "systemd-analyze to finish", || {
-        child.0.try_wait().unwrap()
-    });
-    let text = std::fs::read_to_string(&output).unwrap()
-        + &std::fs::read_to_string(dir.path().join("verify.err")).unwrap();
-    assert!(
-        status.success() && text.trim().is_empty(),
-        "systemd-analyze verify ({status}):\n{text}"
-    );
+    verify(dir.path());
+    // The settings the units offer in comments are valid too.
+    let (dir, _) = units(true);
+    verify(dir.path());
 }
