@@ -208,8 +208,12 @@ fn connect(name: &str) -> io::Result<Target> {
             "not an absolute path or an abstract socket name (@...)",
         ));
     };
+    let socket = UnixDatagram::unbound()?;
+    // A service manager that does not read (its queue is full) must not stall the master's
+    // loop: the message is dropped and logged instead.
+    socket.set_nonblocking(true)?;
     Ok(Target {
-        socket: UnixDatagram::unbound()?,
+        socket,
         addr,
         name: name.to_string(),
     })
@@ -307,6 +311,26 @@ mod tests {
         let none = Notifier::new(None, Some("2000000"), None);
         assert!(!none.enabled());
         assert_eq!(none.watchdog, None);
+    }
+
+    #[test]
+    fn a_manager_that_does_not_read_never_blocks_the_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let _unread = UnixDatagram::bind(&path).unwrap();
+        let mut n = Notifier::new(path.to_str(), None, None);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Far more than the receive queue holds (net.unix.max_dgram_qlen, 10 by default).
+            for _ in 0..1000 {
+                n.ready();
+            }
+            done.send(n.warned).unwrap();
+        });
+        let warned = finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("sending to a full queue blocked");
+        assert!(warned, "the dropped messages were not reported");
     }
 
     #[test]
