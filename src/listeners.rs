@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, SockAddr, Socket, Type};
+use tracing::{info, warn};
 use worker::config::AcceptMode;
 
 /// One entry of `server.bind`, resolved.
@@ -69,6 +70,8 @@ pub struct Listeners {
     /// Handed over to a new master (binary upgrade): the Unix socket files are its now, so
     /// closing our copies must not remove them.
     handed_over: bool,
+    /// The sockets came from systemd (`adopt`): kept as they are for the master's life.
+    adopted: bool,
 }
 
 /// One group of listening sockets as handed from an upgrading master to the new one (in the
@@ -101,6 +104,7 @@ impl Listeners {
             groups: Vec::new(),
             backlog: 0,
             handed_over: false,
+            adopted: false,
         };
         listeners.rebind(binds, mode, workers, backlog, unix_mode)?;
         Ok(listeners)
@@ -112,6 +116,7 @@ impl Listeners {
     /// `workers` are closed too: nobody would accept what lands there.
     pub fn inherit(
         handed: Vec<HandedGroup>,
+        adopted: bool,
         binds: &[String],
         mode: AcceptMode,
         workers: u32,
@@ -137,10 +142,12 @@ impl Listeners {
                 unix_path: h.unix_path,
             });
         }
+        // Sockets systemd passed the old master stay as they are (`rebind` keeps them).
         let mut listeners = Listeners {
             groups,
             backlog: 0,
             handed_over: false,
+            adopted,
         };
         listeners.rebind(binds, mode, workers, backlog, unix_mode)?;
         for g in listeners.groups.iter_mut().filter(|g| g.per_worker) {
@@ -180,6 +187,43 @@ impl Listeners {
         self.handed_over = true;
     }
 
+    /// Keeps the sockets systemd passed (socket activation) instead of binding `server.bind`.
+    /// systemd opens one socket per address, so each is shared by every worker, whatever
+    /// `server.accept` says. Nothing is probed or bound, and no file is ever removed: the
+    /// sockets, and their Unix socket files, belong to the .socket unit.
+    pub fn adopt(sockets: Vec<crate::activation::Activated>) -> Listeners {
+        let groups = sockets
+            .into_iter()
+            .map(|a| {
+                info!(
+                    addr = %a.addr,
+                    fd = a.fd,
+                    name = a.name.as_deref().unwrap_or("-"),
+                    "adopted a socket from systemd (LISTEN_FDS)"
+                );
+                Group {
+                    addr: a.addr.clone(),
+                    requested: a.addr,
+                    sockets: vec![Some(a.socket)],
+                    per_worker: false,
+                    unix_path: None,
+                }
+            })
+            .collect();
+        info!("socket activation: server.bind is not used; every worker accepts on the adopted sockets (accept = shared)");
+        Listeners {
+            groups,
+            backlog: 0,
+            handed_over: false,
+            adopted: true,
+        }
+    }
+
+    /// Whether these are systemd's sockets (`adopt`).
+    pub fn is_adopted(&self) -> bool {
+        self.adopted
+    }
+
     /// Moves to a new set of addresses (a reload): addresses already bound in the same mode
     /// keep their sockets (and the connections queued on them); new ones are probed and bound;
     /// the master's copies of the others are closed (workers still holding them drain them).
@@ -192,6 +236,11 @@ impl Listeners {
         backlog: u32,
         unix_mode: u32,
     ) -> Result<()> {
+        if self.adopted {
+            // The .socket unit owns the addresses: changing them means changing that unit.
+            warn!("reload: server.bind, accept, backlog and unix_mode do not apply under socket activation; keeping the sockets systemd passed (edit the .socket unit and restart it to change them)");
+            return Ok(());
+        }
         let backlog = backlog.min(i32::MAX as u32) as i32;
         let mut addrs = Vec::new();
         for b in binds {

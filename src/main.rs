@@ -6,6 +6,7 @@
 
 #![deny(unsafe_code)]
 
+mod activation;
 mod cli;
 mod completions;
 mod config;
@@ -15,6 +16,7 @@ mod logging;
 mod man_tests;
 mod master;
 mod metrics;
+mod notify;
 mod privileges;
 mod recycle;
 mod rss;

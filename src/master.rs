@@ -42,6 +42,8 @@ use crate::spawn::{self, SpawnRequest};
 use crate::upgrade::{self, Handover, SelfExec};
 use crate::{rss, sys};
 
+mod systemd;
+
 /// Scoreboard records: room for the largest worker count plus as many replacements again.
 const SCOREBOARD_CAPACITY: usize = 2048;
 /// Consecutive failed boots of one worker, while no worker serves, before the master gives up.
@@ -167,6 +169,8 @@ pub struct Master {
     handed_over_to: Option<Pid>,
     /// Started by an upgrading master: the pipe on which to tell it that we are ready.
     upgrade_ready: Option<(OwnedFd, u32)>,
+    /// What systemd is told (`Type=notify`); inert without `$NOTIFY_SOCKET`.
+    systemd: systemd::Systemd,
 }
 
 fn unix_mode(config: &Config) -> Result<u32> {
@@ -183,6 +187,11 @@ fn workers_of(config: &Config) -> u32 {
 }
 
 fn log_listeners(listeners: &Listeners, mode: AcceptMode) {
+    let mode = if listeners.is_adopted() {
+        AcceptMode::Shared // systemd's sockets: one per address
+    } else {
+        mode
+    };
     let accept = match mode {
         AcceptMode::Reuseport => "reuseport",
         AcceptMode::Shared => "shared",
@@ -203,21 +212,28 @@ pub fn setup(
 ) -> Result<Master> {
     let workers = workers_of(&config);
     let mut upgrade_ready = None;
-    let listeners = match handover {
-        None => Listeners::bind(
+    // Sockets from an upgrading master first; else from systemd; else bound here.
+    let activated = match handover {
+        Some(_) => None,
+        None => crate::activation::from_env()?,
+    };
+    let listeners = match (handover, activated) {
+        (None, Some(sockets)) => Listeners::adopt(sockets),
+        (None, None) => Listeners::bind(
             &config.server.bind,
             config.server.accept,
             workers,
             config.server.backlog,
             unix_mode(&config)?,
         )?,
-        Some(h) => {
+        (Some(h), _) => {
             let ready = sys::inherited_fd(h.ready_fd, "upgrade readiness pipe")
                 .context("cannot take over from the upgrading master")?;
             upgrade_ready = Some((ready, h.parent));
             let sockets: usize = h.listeners.iter().map(|g| g.fds.len()).sum();
             let listeners = Listeners::inherit(
                 h.listeners,
+                h.adopted,
                 &config.server.bind,
                 config.server.accept,
                 workers,
@@ -287,6 +303,7 @@ pub fn setup(
         upgrade: None,
         handed_over_to: None,
         upgrade_ready,
+        systemd: systemd::Systemd::from_env(),
     })
 }
 
@@ -314,6 +331,7 @@ impl Master {
                     continue; // spawning gave up: go straight to stopping
                 }
             }
+            self.systemd_tick();
             self.wait_for_events();
         }
         if let Some(l) = self.listeners.take() {
@@ -663,6 +681,7 @@ impl Master {
                 self.recycle_queue.push_back(slot.id);
             }
             error!(worker.id = proc.id, pid = pid.as_raw(), retry_in = ?delay, "replacement worker failed to boot: {how}");
+            self.systemd_replacement_failed(proc.id, &how);
             return;
         }
         let i = current.expect("checked above");
@@ -768,6 +787,9 @@ impl Master {
                 deadline, killed, ..
             } if !killed => wait = wait.min(deadline.saturating_duration_since(now)),
             Phase::Stopping { .. } => {}
+        }
+        if let Some(due) = self.systemd_next_due(now) {
+            wait = wait.min(due);
         }
         // Round up so we do not wake a hair before a timer and spin.
         let ms = wait.as_millis().min(u16::MAX as u128) as u16 + u16::from(!wait.is_zero());
@@ -944,6 +966,7 @@ impl Master {
         if all {
             self.announced_ready = true;
             info!(workers = self.slots.len(), "ready");
+            self.systemd_ready();
             if let Some((pipe, parent)) = self.upgrade_ready.take() {
                 match nix::unistd::write(&pipe, b"R") {
                     Ok(_) => info!(
@@ -1036,12 +1059,14 @@ impl Master {
             return;
         }
         info!("HUP: reloading the configuration");
+        self.systemd_reloading();
         let new = match (self.reload)() {
             Ok(c) => c,
             Err(e) => {
                 for line in e.lines() {
                     error!("reload failed, keeping the current configuration: {line}");
                 }
+                self.systemd_reload_failed(&e);
                 return;
             }
         };
@@ -1060,6 +1085,7 @@ impl Master {
                 Ok(table) => Some(table),
                 Err(e) => {
                     error!("reload failed, keeping the current configuration: cannot create the rate table: {e}");
+                    self.systemd_reload_failed(&format!("cannot create the rate table: {e}"));
                     return;
                 }
             }
@@ -1084,6 +1110,7 @@ impl Master {
             });
             if let Err(e) = rebound {
                 error!("reload failed, keeping the current configuration: {e:#}");
+                self.systemd_reload_failed(&format!("{e:#}"));
                 return;
             }
             if let Some(l) = &self.listeners {
@@ -1243,6 +1270,9 @@ impl Master {
             if let Some(l) = self.listeners.as_mut() {
                 l.set_handed_over();
             }
+            // systemd: the new master is the service's main process from now on (allowed
+            // under NotifyAccess=main because we are the main process until now).
+            self.systemd_main_pid(pid.as_raw() as u32);
             self.begin_stop(false);
         }
     }
@@ -1321,6 +1351,7 @@ impl Master {
             fast,
             killed: false,
         };
+        self.systemd_stopping(fast);
         if let Some(l) = self.listeners.take() {
             l.close();
         }

@@ -18,6 +18,16 @@ use crate::sys;
 /// Environment variable carrying the resolved config (JSON) from master to worker.
 pub const CONFIG_ENV: &str = "SUPERVISOR_WORKER_CONFIG";
 
+/// Variables systemd sets for the service's main process only.
+const SYSTEMD_ENV: [&str; 6] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
+
 pub struct Spawned {
     pub pid: Pid,
     /// Read end of the worker's pipe to the master: `R` when it accepts connections, `M` when
@@ -82,6 +92,11 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
         cmd.arg("--listen-fd").arg(fd.to_string());
     }
     cmd.env(CONFIG_ENV, req.config_json).stdin(Stdio::null());
+    // systemd's variables are the master's: a worker (or its app) that saw them could send
+    // READY=1 for the service or take fds 3.. for sockets passed to the master.
+    for var in SYSTEMD_ENV {
+        cmd.env_remove(var);
+    }
 
     let mut inherit = req.listen_fds.to_vec();
     inherit.push(ready_write.as_raw_fd());

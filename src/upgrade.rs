@@ -37,6 +37,10 @@ pub struct Handover {
     /// The write end of a pipe: the new master writes `R` on it once it is ready.
     pub ready_fd: RawFd,
     pub listeners: Vec<HandedGroup>,
+    /// The sockets came from systemd (socket activation): kept as they are, whatever the
+    /// configuration says.
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 /// How this process was started, captured first thing, so that an upgrade runs the binary now
@@ -132,11 +136,19 @@ pub fn start_new_master(
         parent: std::process::id(),
         ready_fd: write.as_raw_fd(),
         listeners: groups,
+        adopted: listeners.is_adopted(),
     };
     let mut cmd = Command::new(&exec.exe);
     cmd.arg0(&exec.argv0)
         .args(&exec.args)
         .env(ENV, serde_json::to_string(&handover).expect("serializes"));
+    // systemd's variables: the sockets go over in the handover, not as LISTEN_FDS (which name
+    // this process), and the watchdog names this process too: the new master pings it (once
+    // it is the main process) rather than leaving that to a master about to exit.
+    // NOTIFY_SOCKET stays: the new master reports to systemd like this one.
+    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_PID"] {
+        cmd.env_remove(var);
+    }
     fds.push(write.as_raw_fd());
     crate::sys::prepare_upgrade_exec(&mut cmd, fds);
     let child = cmd

@@ -15,5 +15,6 @@ mod ratelimit;
 mod recycling;
 mod redis_ha;
 mod serving;
+mod systemd;
 mod upgrade;
 mod util;

@@ -16,7 +16,7 @@ use crate::util::*;
 
 /// A master this test did not start as a child (the new master of an upgrade): stopped with
 /// TERM when the test ends, then KILL if it is still there after a bound.
-struct Adopted(u32);
+pub(crate) struct Adopted(pub(crate) u32);
 
 impl Drop for Adopted {
     fn drop(&mut self) {

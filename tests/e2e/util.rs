@@ -38,7 +38,7 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
 pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
 
 impl Log {
-    fn capture(stream: impl Read + Send + 'static) -> Log {
+    pub fn capture(stream: impl Read + Send + 'static) -> Log {
         let log = Log::default();
         let inner = log.clone();
         std::thread::spawn(move || {
