@@ -132,6 +132,11 @@ pub struct ServerConfig {
     /// Where the private runtime directory (app sockets) is created; empty: `$RUNTIME_DIRECTORY`,
     /// else `$XDG_RUNTIME_DIR`, else the system temporary directory.
     pub runtime_dir: String,
+    /// File the master writes its pid to once its sockets are bound; empty: none.
+    pub pidfile: String,
+    /// The master's control socket (`supervisor status`, `reload`, ...); empty: a name derived
+    /// from `bind` in the runtime directory (see `supervisor check`).
+    pub control_socket: String,
 }
 
 impl Default for ServerConfig {
@@ -145,6 +150,8 @@ impl Default for ServerConfig {
             unix_mode: "660".to_string(),
             forwarded_allow_ips: vec!["127.0.0.1".to_string(), "::1".to_string()],
             runtime_dir: String::new(),
+            pidfile: String::new(),
+            control_socket: String::new(),
         }
     }
 }
