@@ -7,10 +7,13 @@
 #![deny(unsafe_code)]
 
 mod cli;
+mod commands;
 mod config;
+mod control;
 mod listeners;
 mod logging;
 mod master;
+mod pidfile;
 mod recycle;
 mod rss;
 mod runtime_dir;
@@ -26,19 +29,21 @@ use cli::{Cli, Command, ConfigArgs};
 /// Exit codes, documented in man/supervisor.1.
 const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
+/// A control command found no master on the control socket.
+const EXIT_NO_MASTER: u8 = 3;
+/// A control command may not use the control socket.
+const EXIT_DENIED: u8 = 4;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Start(args) => start(args),
         Command::Check(args) => check(args),
-        Command::Status(args) => match status::read(args.pid) {
-            Ok(s) => {
-                status::print(&s, args.json);
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(EXIT_FAILURE, &e),
-        },
+        Command::Status(args) => commands::status(args),
+        Command::Reload(args) => commands::reload(args),
+        Command::Stop(args) => commands::stop(args),
+        Command::Scale(args) => commands::scale(args),
+        Command::Upgrade(args) => commands::upgrade(args),
         Command::Worker(args) => run_worker(args),
     }
 }
@@ -82,6 +87,10 @@ fn check(args: ConfigArgs) -> ExitCode {
                 *node = worker::cluster::redacted(node);
             }
             print!("{}", config::to_toml(&shown));
+            eprintln!(
+                "supervisor: control socket: {}",
+                control::Location::of(&loaded.config).describe()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => fail(EXIT_CONFIG, &e),

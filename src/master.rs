@@ -33,12 +33,16 @@ use worker::pipe;
 use worker::ratelimit::RateTable;
 use worker::scoreboard::{monotonic_ms, RecycleReason, Scoreboard, SlotState};
 
+use crate::control::ControlServer;
 use crate::listeners::Listeners;
 use crate::logging::LevelHandle;
+use crate::pidfile::PidFile;
 use crate::recycle::{self, Observed, Plan};
 use crate::runtime_dir::RuntimeDir;
 use crate::spawn::{self, SpawnRequest};
 use crate::{rss, sys};
+
+mod requests;
 
 /// Scoreboard records: room for the largest worker count plus as many replacements again.
 const SCOREBOARD_CAPACITY: usize = 2048;
@@ -72,6 +76,8 @@ struct WorkerSlot {
     respawn_at: Option<Instant>,
     /// A replacement is wanted, for this reason, not before this time.
     recycle: Option<(RecycleReason, Instant)>,
+    /// Why the last process of this number was replaced (for `status`).
+    last_recycle: Option<RecycleReason>,
 }
 
 impl WorkerSlot {
@@ -84,6 +90,7 @@ impl WorkerSlot {
             failures: 0,
             respawn_at: None,
             recycle: None,
+            last_recycle: None,
         }
     }
 }
@@ -150,6 +157,10 @@ pub struct Master {
     exit_code: i32,
     /// Where app sockets go; removed when the master is dropped.
     runtime_dir: RuntimeDir,
+    /// `supervisor status`, `reload`, ... connect here; removed when the master is dropped.
+    control: Option<ControlServer>,
+    /// `server.pidfile`; removed when the master is dropped.
+    _pidfile: Option<PidFile>,
 }
 
 fn unix_mode(config: &Config) -> Result<u32> {
@@ -179,6 +190,7 @@ fn log_listeners(listeners: &Listeners, mode: AcceptMode) {
 /// Nothing is spawned yet; errors here exit 1 with the message.
 pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<Master> {
     let workers = workers_of(&config);
+    requests::refuse_if_pidfile_live(&config)?;
     let listeners = Listeners::bind(
         &config.server.bind,
         config.server.accept,
@@ -187,6 +199,7 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
         unix_mode(&config)?,
     )?;
     log_listeners(&listeners, config.server.accept);
+    let (control, pidfile) = requests::claim_control_and_pidfile(&config)?;
     let runtime_dir = RuntimeDir::create(&config.server.runtime_dir)?;
     let (board, board_fd) =
         Scoreboard::create(SCOREBOARD_CAPACITY, config.limits.max_concurrent_requests)
@@ -237,6 +250,8 @@ pub fn setup(config: Config, reload: Reload, log_level: LevelHandle) -> Result<M
         announced_ready: false,
         exit_code: 0,
         runtime_dir,
+        control: Some(control),
+        _pidfile: pidfile,
     })
 }
 
@@ -715,6 +730,7 @@ impl Master {
             .filter(|(_, p)| p.pipe.is_some())
             .map(|(pid, _)| *pid)
             .collect();
+        let control_at;
         let readable: Vec<bool> = {
             let mut fds = Vec::with_capacity(pids.len() + 1);
             fds.push(PollFd::new(
@@ -724,6 +740,10 @@ impl Master {
             for pid in &pids {
                 let fd = self.procs[pid].pipe.as_ref().expect("filtered above");
                 fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+            }
+            control_at = fds.len();
+            if let Some(control) = &self.control {
+                fds.extend(control.poll_fds());
             }
             match poll(&mut fds, PollTimeout::from(ms)) {
                 Ok(_) => fds
@@ -743,6 +763,7 @@ impl Master {
         if readable[0] {
             self.on_signals();
         }
+        self.on_control(&readable[control_at..]);
     }
 
     fn on_worker_pipe(&mut self, pid: Pid) {
@@ -819,6 +840,7 @@ impl Master {
             .take()
             .map_or(RecycleReason::Reload, |(r, _)| r);
         self.slots[i].failures = 0;
+        self.slots[i].last_recycle = Some(reason);
         self.release(next);
         if let Some(old) = old {
             self.retire(old, reason);
@@ -905,7 +927,9 @@ impl Master {
                         self.remove_worker();
                     }
                 }
-                SIGHUP => self.reload(),
+                SIGHUP => {
+                    let _ = self.reload();
+                }
                 SIGUSR1 => self.reopen_logs(),
                 SIGUSR2 => warn!("USR2: binary upgrade is not implemented yet; ignored"),
                 other => debug!(signal = other, "ignored signal"),
@@ -944,11 +968,12 @@ impl Master {
         }
     }
 
-    /// HUP: re-read and validate the configuration. Invalid: log why and change nothing.
-    /// Valid: apply it, then replace every worker by a rolling surge.
-    fn reload(&mut self) {
+    /// HUP and `supervisor reload`: re-read and validate the configuration. Invalid: log why,
+    /// change nothing and return why. Valid: apply it, then replace every worker by a rolling
+    /// surge; returns what was done.
+    fn reload(&mut self) -> Result<String, String> {
         if self.phase != Phase::Running {
-            return;
+            return Err("the master is stopping".to_string());
         }
         info!("HUP: reloading the configuration");
         let new = match (self.reload)() {
@@ -957,7 +982,7 @@ impl Master {
                 for line in e.lines() {
                     error!("reload failed, keeping the current configuration: {line}");
                 }
-                return;
+                return Err(e);
             }
         };
         // The rate table's size is fixed: another size means a new table for new workers
@@ -969,7 +994,7 @@ impl Master {
                 Ok(table) => Some(table),
                 Err(e) => {
                     error!("reload failed, keeping the current configuration: cannot create the rate table: {e}");
-                    return;
+                    return Err(format!("cannot create the rate table: {e}"));
                 }
             }
         } else {
@@ -993,7 +1018,7 @@ impl Master {
             });
             if let Err(e) = rebound {
                 error!("reload failed, keeping the current configuration: {e:#}");
-                return;
+                return Err(format!("{e:#}"));
             }
             if let Some(l) = &self.listeners {
                 log_listeners(l, new.server.accept);
@@ -1004,6 +1029,7 @@ impl Master {
                 error!("reload: {e}; logging stays where it was");
             }
         }
+        self.warn_control_changes(&new);
         if new.log.format != self.config.log.format {
             warn!("reload: log.format applies to new workers; the master keeps its format until restarted");
         }
@@ -1069,10 +1095,20 @@ impl Master {
             slot.recycle = None;
         }
         self.recycle_queue.clear();
+        let replacing = old.len();
         for (id, pid) in old {
             self.request_recycle(id, pid, RecycleReason::Reload, now);
         }
         info!(workers, "configuration reloaded; replacing workers");
+        Ok(format!(
+            "configuration reloaded; {workers} workers, replacing {replacing}"
+        ))
+    }
+
+    /// USR2 and `supervisor upgrade`: start a zero-downtime binary upgrade; returns what was
+    /// done, or why it cannot be.
+    fn begin_upgrade(&mut self) -> Result<String, String> {
+        Err("binary upgrade is not implemented yet".to_string())
     }
 
     /// USR1: reopen the log file (after rotation), in the master and every worker.
