@@ -291,7 +291,13 @@ pub fn exchange(stream: &mut UnixStream, request: &Request) -> std::io::Result<R
     })
     .expect("a request serializes");
     line.push(b'\n');
-    stream.write_all(&line)?;
+    if let Err(e) = stream.write_all(&line) {
+        // A master that refuses the peer answers and closes at once, maybe before the request
+        // is written: its answer is still there to read.
+        if !matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) {
+            return Err(e);
+        }
+    }
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {

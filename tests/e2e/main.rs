@@ -3,6 +3,7 @@
 mod app;
 mod cli;
 mod cluster;
+mod control;
 mod examples;
 mod lifecycle;
 mod limits;

@@ -186,6 +186,24 @@ impl Server {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// The master's control socket, from its "control socket listening" log line.
+    pub fn control_socket(&self) -> PathBuf {
+        let line = self
+            .log
+            .wait_for(Duration::from_secs(10), |l| {
+                l.contains("control socket listening")
+            })
+            .expect("the master announces its control socket");
+        PathBuf::from(field(&line, "path").expect("a path= field"))
+    }
+
+    /// `supervisor ARGS... --socket SOCKET` (a control command for this master) to completion.
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let socket = self.control_socket();
+        let args = [args, &["--socket", socket.to_str().unwrap()]].concat();
+        run(&std::env::temp_dir(), &args, &[])
+    }
+
     /// Pids of the serving workers.
     pub fn serving_pids(&self) -> Vec<u32> {
         self.workers_in("serving")
