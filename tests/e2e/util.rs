@@ -373,6 +373,8 @@ pub fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, Str
     let mut child = cmd.spawn().unwrap();
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
+    // Killed if it outlives the bound (a start that should have failed and did not).
+    let mut child = KillOnDrop(child);
     let out_t = std::thread::spawn(move || {
         let mut s = String::new();
         out.read_to_string(&mut s).ok();
@@ -384,7 +386,7 @@ pub fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, Str
         s
     });
     let status = eventually(Duration::from_secs(30), "supervisor to exit", || {
-        child.try_wait().unwrap()
+        child.0.try_wait().unwrap()
     });
     let (o, e) = (out_t.join().unwrap(), err_t.join().unwrap());
     eprintln!("stdout:\n{o}\nstderr:\n{e}");
