@@ -47,6 +47,9 @@ const MAX_CLIENTS: usize = 8;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `stop` clients kept connected until the master exits.
 const MAX_STOP_WAITERS: usize = 16;
+/// After `accept` failed for want of resources (EMFILE), the listener rests this long rather
+/// than wake the loop again at once.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 
 /// A request, the `cmd` field naming which.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -386,6 +389,8 @@ pub struct ControlServer {
     clients: Vec<Client>,
     stop_waiters: Vec<UnixStream>,
     next_id: u64,
+    /// Accepting rests until then (see `ACCEPT_BACKOFF`).
+    accept_paused_until: Option<Instant>,
 }
 
 impl ControlServer {
@@ -409,8 +414,8 @@ impl ControlServer {
         }
         // Bound in a private directory, made 0600, then renamed into place: nobody else can
         // reach it before its mode is right, whatever the umask.
-        let private = parent.join(format!(".supervisor-{pid}.tmp"));
-        let _ = std::fs::remove_dir_all(&private);
+        // An unpredictable name: in a shared directory nobody can take it first.
+        let private = parent.join(format!(".sv{:08x}", fastrand::u32(..)));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&private)
@@ -427,7 +432,7 @@ impl ControlServer {
         let _ = std::fs::remove_dir_all(&private);
         let (listener, file_id) = made.with_context(what)?;
         listener.set_nonblocking(true).with_context(what)?;
-        info!(path = %path.display(), "control socket listening");
+        info!(path = %path.display(), "control socket created");
         Ok(ControlServer {
             listener,
             path,
@@ -436,6 +441,7 @@ impl ControlServer {
             clients: Vec::new(),
             stop_waiters: Vec::new(),
             next_id: 0,
+            accept_paused_until: None,
         })
     }
 
@@ -445,7 +451,12 @@ impl ControlServer {
 
     /// What to poll: the listener, then each client (reading, or writing its answer).
     pub fn poll_fds(&self) -> Vec<PollFd<'_>> {
-        let mut fds = vec![PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+        let listen = if self.accept_paused_until.is_some() {
+            PollFlags::empty()
+        } else {
+            PollFlags::POLLIN
+        };
+        let mut fds = vec![PollFd::new(self.listener.as_fd(), listen)];
         for c in &self.clients {
             let flags = if c.asked {
                 PollFlags::empty()
@@ -490,7 +501,10 @@ impl ControlServer {
             }
         }
         self.clients = kept;
-        if ready.first().copied().unwrap_or(false) {
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
+        }
+        if ready.first().copied().unwrap_or(false) && self.accept_paused_until.is_none() {
             self.accept(now);
         }
         requests
@@ -523,8 +537,9 @@ impl ControlServer {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and the like: try again on the next wake-up.
+                    // EMFILE and the like: the connection waits in the backlog meanwhile.
                     warn!(error = %e, "control socket: cannot accept a connection");
+                    self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
                     return;
                 }
             };
