@@ -137,10 +137,16 @@ fn reload_applies_a_valid_configuration() {
     let (code, out, err) = run(dir.path(), &["reload", "-c", file], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("configuration reloaded"), "{out}");
+    // One snapshot for every check: two could straddle a handover.
     let s = eventually(WAIT, "3 serving workers, all replaced", || {
         let s = status(&server);
-        let pids = server.serving_pids();
-        (serving(&s) == 3 && pids.iter().all(|p| !before.contains(p))).then_some(s)
+        let replaced = s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == "serving")
+            .all(|w| !before.contains(&(w["pid"].as_u64().unwrap() as u32)));
+        (serving(&s) == 3 && replaced).then_some(s)
     });
     assert_eq!(s["master"]["workers"], 3);
     assert_eq!(s["master"]["reloads"], 1);

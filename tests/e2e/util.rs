@@ -186,12 +186,12 @@ impl Server {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// The master's control socket, from its "control socket listening" log line.
+    /// The master's control socket, from its "control socket created" log line.
     pub fn control_socket(&self) -> PathBuf {
         let line = self
             .log
             .wait_for(Duration::from_secs(10), |l| {
-                l.contains("control socket listening")
+                l.contains("control socket created")
             })
             .expect("the master announces its control socket");
         PathBuf::from(field(&line, "path").expect("a path= field"))
