@@ -724,6 +724,35 @@ mod tests {
     }
 
     #[test]
+    fn a_command_picks_the_one_live_master_of_a_port_0_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = Location::PerPid {
+            dir: dir.path().to_path_buf(),
+            prefix: "supervisor-abc".into(),
+        };
+        assert!(location
+            .find()
+            .unwrap_err()
+            .contains("no supervisor master"));
+        let ours = location.for_master(std::process::id());
+        for pid in [std::process::id(), 4_194_305] {
+            std::fs::write(location.for_master(pid), b"").unwrap();
+        }
+        std::fs::write(dir.path().join("supervisor-abcd-1.sock"), b"").unwrap();
+        assert_eq!(
+            location.find().unwrap(),
+            ours,
+            "the dead one and others are ignored"
+        );
+        std::fs::write(location.for_master(1), b"").unwrap();
+        let err = location.find().unwrap_err();
+        assert!(
+            err.contains("several masters") && err.contains("--socket"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn requests_are_one_json_line_with_a_version() {
         let e: Envelope = serde_json::from_str(r#"{"v":1,"cmd":"scale","workers":3}"#).unwrap();
         assert_eq!(e.request, Request::Scale { workers: 3 });
