@@ -1105,8 +1105,8 @@ impl Master {
         ))
     }
 
-    /// USR2 and `supervisor upgrade`: start a zero-downtime binary upgrade; returns what was
-    /// done, or why it cannot be.
+    /// `supervisor upgrade` (and USR2, once the upgrade exists): start a zero-downtime binary
+    /// upgrade; returns what was done, or why it cannot be. A stub until then.
     fn begin_upgrade(&mut self) -> Result<String, String> {
         Err("binary upgrade is not implemented yet".to_string())
     }
