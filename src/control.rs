@@ -769,7 +769,11 @@ mod tests {
         // A stale file (nobody listening) is no obstacle.
         drop(UnixListener::bind(&path).unwrap());
         refuse_if_live(&location, 1).unwrap();
-        let mut server = ControlServer::bind(&location).unwrap();
+        // Whatever the umask (nextest runs each test in its own process).
+        let umask = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let server = ControlServer::bind(&location);
+        nix::sys::stat::umask(umask);
+        let mut server = server.unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         // A second master is told who has it: the ping is answered from another thread's view
