@@ -18,16 +18,25 @@ pub enum Command {
     Start(StartArgs),
     /// Validate the configuration and print it fully resolved; exit 0 if valid, 2 if not.
     Check(ConfigArgs),
-    /// Show the scoreboard of a running master: workers, their state and counters.
+    /// Show a running master's workers, their state and counters, and the limits in force.
     Status(StatusArgs),
     /// Print the completion script for a shell on standard output.
     Completions(CompletionsArgs),
+    /// Re-read the configuration and replace the workers (like SIGHUP); fails if it is invalid.
+    Reload(ControlArgs),
+    /// Stop the master (graceful like SIGTERM, or fast like SIGQUIT) and wait until it has exited.
+    Stop(StopArgs),
+    /// Set the number of workers (like SIGTTIN/SIGTTOU repeated).
+    Scale(ScaleArgs),
+    /// Start a zero-downtime binary upgrade (like SIGUSR2).
+    Upgrade(ControlArgs),
     /// Internal: run one worker process. Started by the master only.
     #[command(hide = true)]
     Worker(WorkerArgs),
 }
 
-/// Options that resolve the configuration (shared by `start` and `check`).
+/// Options that resolve the configuration (shared by `start`, `check` and the control commands,
+/// which find the master's control socket from it).
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
     /// Configuration file [default: ./supervisor.toml if it exists]
@@ -56,10 +65,22 @@ pub struct StartArgs {
     pub command: Vec<String>,
 }
 
+/// How a control command finds the master: its configuration, or the socket itself.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The master's control socket [default: from the configuration, see `supervisor check`]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Pid of the master [default: the only master running on this host]
-    #[arg(long, value_name = "PID")]
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// Read the scoreboard of master PID directly instead of asking on the control socket
+    #[arg(long, value_name = "PID", conflicts_with = "socket")]
     pub pid: Option<u32>,
     /// Print JSON instead of a table
     #[arg(long)]
@@ -71,6 +92,24 @@ pub struct CompletionsArgs {
     /// bash, zsh, fish, elvish or powershell
     #[arg(value_name = "SHELL")]
     pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// Fast stop (like SIGQUIT): workers get a few seconds, not server.graceful_timeout
+    #[arg(long)]
+    pub fast: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// The number of workers, 1..=1024
+    #[arg(id = "count", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
 }
 
 /// How the master hands a worker its resources: file descriptors it inherits and its identity.

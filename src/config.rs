@@ -184,6 +184,29 @@ const RULES: &[Rule] = &[
         check: |c| worker::privileges::check_group(&c.server.group),
     },
     Rule {
+        key: "server.pidfile",
+        allowed: "a file path, or \"\" (no pidfile)",
+        check: |c| {
+            if c.server.pidfile.ends_with('/') {
+                Err(String::new())
+            } else {
+                Ok(())
+            }
+        },
+    },
+    Rule {
+        key: "server.control_socket",
+        allowed: "an absolute path of at most 107 bytes, or \"\" (automatic)",
+        check: |c| {
+            let p = &c.server.control_socket;
+            if p.is_empty() || (p.starts_with('/') && !p.ends_with('/') && p.len() <= 107) {
+                Ok(())
+            } else {
+                Err(String::new())
+            }
+        },
+    },
+    Rule {
         key: "worker.max_connections",
         allowed: INTEGER_GE_1,
         check: |c| within(c.worker.max_connections, 1..=u32::MAX),
@@ -1203,7 +1226,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 60);
+        assert_eq!(known.len(), 62);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),

@@ -8,8 +8,10 @@
 
 mod activation;
 mod cli;
+mod commands;
 mod completions;
 mod config;
+mod control;
 mod listeners;
 mod logging;
 #[cfg(test)]
@@ -17,6 +19,7 @@ mod man_tests;
 mod master;
 mod metrics;
 mod notify;
+mod pidfile;
 mod privileges;
 mod recycle;
 mod rss;
@@ -34,6 +37,10 @@ use cli::{Cli, Command, ConfigArgs};
 /// Exit codes, documented in man/supervisor.1.
 const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
+/// A control command found no master on the control socket.
+const EXIT_NO_MASTER: u8 = 3;
+/// A control command may not use the control socket.
+const EXIT_DENIED: u8 = 4;
 
 fn main() -> ExitCode {
     // First, while this is the only thread: how we were started (for a later upgrade), and a
@@ -44,13 +51,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Start(args) => start(args, self_exec, handover),
         Command::Check(args) => check(args),
-        Command::Status(args) => match status::read(args.pid) {
-            Ok(s) => {
-                status::print(&s, args.json);
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(EXIT_FAILURE, &e),
-        },
+        Command::Status(args) => commands::status(args),
+        Command::Reload(args) => commands::reload(args),
+        Command::Stop(args) => commands::stop(args),
+        Command::Scale(args) => commands::scale(args),
+        Command::Upgrade(args) => commands::upgrade(args),
         Command::Completions(args) => {
             completions::write(args.shell, &mut std::io::stdout());
             ExitCode::SUCCESS
@@ -98,6 +103,10 @@ fn check(args: ConfigArgs) -> ExitCode {
                 *node = worker::cluster::redacted(node);
             }
             print!("{}", config::to_toml(&shown));
+            eprintln!(
+                "supervisor: control socket: {}",
+                control::Location::of(&loaded.config).describe()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => fail(EXIT_CONFIG, &e),

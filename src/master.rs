@@ -33,15 +33,18 @@ use worker::pipe;
 use worker::ratelimit::RateTable;
 use worker::scoreboard::{monotonic_ms, RecycleReason, Scoreboard, SlotState};
 
+use crate::control::ControlServer;
 use crate::listeners::Listeners;
 use crate::logging::LevelHandle;
 use crate::metrics::Metrics;
+use crate::pidfile::PidFile;
 use crate::recycle::{self, Observed, Plan};
 use crate::runtime_dir::RuntimeDir;
 use crate::spawn::{self, SpawnRequest};
 use crate::upgrade::{self, Handover, SelfExec};
 use crate::{rss, sys};
 
+mod requests;
 mod systemd;
 
 /// Scoreboard records: room for the largest worker count plus as many replacements again.
@@ -81,6 +84,8 @@ struct WorkerSlot {
     respawn_at: Option<Instant>,
     /// A replacement is wanted, for this reason, not before this time.
     recycle: Option<(RecycleReason, Instant)>,
+    /// Why the last process of this number was replaced (for `status`).
+    last_recycle: Option<RecycleReason>,
 }
 
 impl WorkerSlot {
@@ -93,6 +98,7 @@ impl WorkerSlot {
             failures: 0,
             respawn_at: None,
             recycle: None,
+            last_recycle: None,
         }
     }
 }
@@ -171,6 +177,10 @@ pub struct Master {
     upgrade_ready: Option<(OwnedFd, u32)>,
     /// What systemd is told (`Type=notify`); inert without `$NOTIFY_SOCKET`.
     systemd: systemd::Systemd,
+    /// `supervisor status`, `reload`, ... connect here; removed when the master is dropped.
+    control: Option<ControlServer>,
+    /// `server.pidfile`; removed when the master is dropped.
+    _pidfile: Option<PidFile>,
 }
 
 fn unix_mode(config: &Config) -> Result<u32> {
@@ -212,6 +222,10 @@ pub fn setup(
 ) -> Result<Master> {
     let workers = workers_of(&config);
     let mut upgrade_ready = None;
+    // An upgrading master's pidfile names a live master (it): not a second instance.
+    if handover.is_none() {
+        requests::refuse_if_pidfile_live(&config)?;
+    }
     // Sockets from an upgrading master first; else from systemd; else bound here.
     let activated = match handover {
         Some(_) => None,
@@ -249,6 +263,14 @@ pub fn setup(
         }
     };
     log_listeners(&listeners, config.server.accept);
+    // The new master of an upgrade takes the control socket and the pidfile over once it is
+    // ready (`maybe_announce_ready`): until then they are the old master's, which may go on.
+    let (control, pidfile) = if upgrade_ready.is_some() {
+        (None, None)
+    } else {
+        let (control, pidfile) = requests::claim_control_and_pidfile(&config)?;
+        (Some(control), pidfile)
+    };
     let mut runtime_dir = RuntimeDir::create(&config.server.runtime_dir)?;
     runtime_dir.share_with(&config.server)?;
     let (board, board_fd) =
@@ -304,6 +326,8 @@ pub fn setup(
         handed_over_to: None,
         upgrade_ready,
         systemd: systemd::Systemd::from_env(),
+        control,
+        _pidfile: pidfile,
     })
 }
 
@@ -800,6 +824,8 @@ impl Master {
             .filter(|(_, p)| p.pipe.is_some())
             .map(|(pid, _)| *pid)
             .collect();
+        let control_at;
+        let mut upgrade_at = None;
         let readable: Vec<bool> = {
             let mut fds = Vec::with_capacity(pids.len() + 1);
             fds.push(PollFd::new(
@@ -810,9 +836,14 @@ impl Master {
                 let fd = self.procs[pid].pipe.as_ref().expect("filtered above");
                 fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
             }
-            // Last: the new master's readiness pipe, during an upgrade.
+            // Then the new master's readiness pipe, during an upgrade.
             if let Some(fd) = self.upgrade.as_ref().and_then(|u| u.ready.as_ref()) {
+                upgrade_at = Some(fds.len());
                 fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+            }
+            control_at = fds.len();
+            if let Some(control) = &self.control {
+                fds.extend(control.poll_fds());
             }
             match poll(&mut fds, PollTimeout::from(ms)) {
                 Ok(_) => fds
@@ -829,12 +860,13 @@ impl Master {
         for (pid, _) in pids.iter().zip(&readable[1..]).filter(|(_, r)| **r) {
             self.on_worker_pipe(*pid);
         }
-        if readable.get(1 + pids.len()) == Some(&true) {
+        if upgrade_at.is_some_and(|i| readable[i]) {
             self.on_upgrade_pipe();
         }
         if readable[0] {
             self.on_signals();
         }
+        self.on_control(&readable[control_at..]);
     }
 
     fn on_worker_pipe(&mut self, pid: Pid) {
@@ -911,6 +943,7 @@ impl Master {
             .take()
             .map_or(RecycleReason::Reload, |(r, _)| r);
         self.slots[i].failures = 0;
+        self.slots[i].last_recycle = Some(reason);
         self.release(next);
         if let Some(old) = old {
             self.retire(old, reason);
@@ -968,6 +1001,15 @@ impl Master {
             info!(workers = self.slots.len(), "ready");
             self.systemd_ready();
             if let Some((pipe, parent)) = self.upgrade_ready.take() {
+                match requests::take_over_control_and_pidfile(&self.config) {
+                    Ok((control, pidfile)) => {
+                        self.control = Some(control);
+                        self._pidfile = pidfile;
+                    }
+                    Err(e) => {
+                        error!("upgrade: cannot take the control socket or the pidfile over: {e:#}")
+                    }
+                }
                 match nix::unistd::write(&pipe, b"R") {
                     Ok(_) => info!(
                         old_master = parent,
@@ -1010,7 +1052,9 @@ impl Master {
                         self.remove_worker();
                     }
                 }
-                SIGHUP => self.reload(),
+                SIGHUP => {
+                    let _ = self.reload();
+                }
                 SIGUSR1 => self.reopen_logs(),
                 SIGUSR2 => match self.begin_upgrade() {
                     Ok(_) => {}
@@ -1052,11 +1096,12 @@ impl Master {
         }
     }
 
-    /// HUP: re-read and validate the configuration. Invalid: log why and change nothing.
-    /// Valid: apply it, then replace every worker by a rolling surge.
-    fn reload(&mut self) {
+    /// HUP and `supervisor reload`: re-read and validate the configuration. Invalid: log why,
+    /// change nothing and return why. Valid: apply it, then replace every worker by a rolling
+    /// surge; returns what was done.
+    fn reload(&mut self) -> Result<String, String> {
         if self.phase != Phase::Running {
-            return;
+            return Err("the master is stopping".to_string());
         }
         info!("HUP: reloading the configuration");
         self.systemd_reloading();
@@ -1067,13 +1112,15 @@ impl Master {
                     error!("reload failed, keeping the current configuration: {line}");
                 }
                 self.systemd_reload_failed(&e);
-                return;
+                return Err(e);
             }
         };
         if new.log.access && !new.log.access_file.is_empty() {
             if let Err(e) = worker::access_log::open(&new.log.access_file) {
                 error!("reload failed, keeping the current configuration: {e}");
-                return;
+                let why = e.to_string();
+                self.systemd_reload_failed(&why);
+                return Err(why);
             }
         }
         // The rate table's size is fixed: another size means a new table for new workers
@@ -1085,8 +1132,9 @@ impl Master {
                 Ok(table) => Some(table),
                 Err(e) => {
                     error!("reload failed, keeping the current configuration: cannot create the rate table: {e}");
-                    self.systemd_reload_failed(&format!("cannot create the rate table: {e}"));
-                    return;
+                    let why = format!("cannot create the rate table: {e}");
+                    self.systemd_reload_failed(&why);
+                    return Err(why);
                 }
             }
         } else {
@@ -1110,8 +1158,9 @@ impl Master {
             });
             if let Err(e) = rebound {
                 error!("reload failed, keeping the current configuration: {e:#}");
-                self.systemd_reload_failed(&format!("{e:#}"));
-                return;
+                let why = format!("{e:#}");
+                self.systemd_reload_failed(&why);
+                return Err(why);
             }
             if let Some(l) = &self.listeners {
                 log_listeners(l, new.server.accept);
@@ -1124,6 +1173,7 @@ impl Master {
                 error!("reload: {e}");
             }
         }
+        self.warn_control_changes(&new);
         if new.log.format != self.config.log.format {
             warn!("reload: log.format applies to new workers; the master keeps its format until restarted");
         }
@@ -1194,13 +1244,17 @@ impl Master {
             slot.recycle = None;
         }
         self.recycle_queue.clear();
+        let replacing = old.len();
         for (id, pid) in old {
             self.request_recycle(id, pid, RecycleReason::Reload, now);
         }
         info!(workers, "configuration reloaded; replacing workers");
+        Ok(format!(
+            "configuration reloaded; {workers} workers, replacing {replacing}"
+        ))
     }
 
-    /// USR2: starts the binary on disk as a new master with our listeners. This master keeps
+    /// USR2 and `supervisor upgrade`: starts the binary on disk as a new master with our listeners. This master keeps
     /// serving until the new one says every one of its workers is ready, then drains and
     /// exits; if the new one fails first, this one keeps serving and says why.
     pub fn begin_upgrade(&mut self) -> Result<String, String> {

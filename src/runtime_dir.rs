@@ -161,8 +161,14 @@ fn remove_stale(base: &Path) {
 }
 
 fn base(configured: &str) -> PathBuf {
+    chosen_base(configured).unwrap_or_else(std::env::temp_dir)
+}
+
+/// `server.runtime_dir`, else `$RUNTIME_DIRECTORY`, else `$XDG_RUNTIME_DIR`; `None` when none
+/// is set. Shared with the control socket's default location (`control::Location`).
+pub(crate) fn chosen_base(configured: &str) -> Option<PathBuf> {
     if !configured.is_empty() {
-        return PathBuf::from(configured);
+        return Some(PathBuf::from(configured));
     }
     for var in ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"] {
         if let Some(v) = std::env::var_os(var) {
@@ -174,11 +180,11 @@ fn base(configured: &str) -> PathBuf {
                 .unwrap_or("")
                 .to_string();
             if first.starts_with('/') {
-                return PathBuf::from(first);
+                return Some(PathBuf::from(first));
             }
         }
     }
-    std::env::temp_dir()
+    None
 }
 
 #[cfg(test)]

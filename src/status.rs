@@ -1,21 +1,26 @@
-//! `supervisor status`: reads a running master's scoreboard and prints it. No request goes to
+//! `supervisor status`: a running master's scoreboard, and how it is printed. No request goes to
 //! any worker: the scoreboard already holds every worker's state and counters.
 //!
-//! The scoreboard is a memfd with no name on disk; it is found through `/proc/PID/fd`, which
-//! needs the same user as the master (or root).
+//! Two ways in: the master builds a [`Status`] from its own scoreboard and sends it over the
+//! control socket (`control`), with what only the master knows added (`master`); or, with
+//! `--pid`, this module maps the scoreboard itself. It is a memfd with no name on disk, found
+//! through `/proc/PID/fd`, which needs the same user as the master (or root).
 
 use std::fs;
 use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use worker::cluster::RedisState;
 use worker::ratelimit::RateTable;
 use worker::scoreboard::{monotonic_ms, Scoreboard, SlotState, MEMFD_NAME};
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct Status {
     pub master_pid: u32,
+    /// What the master adds when it answers on the control socket; absent with `--pid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master: Option<MasterInfo>,
     pub global_inflight: u32,
     pub global_cap: u32,
     pub global_rejected: u64,
@@ -24,7 +29,32 @@ pub struct Status {
     pub workers: Vec<WorkerStatus>,
 }
 
-#[derive(Serialize)]
+/// The master's own view: its configuration's numbers and limits.
+#[derive(Serialize, Deserialize)]
+pub struct MasterInfo {
+    /// The number of workers it keeps (`server.workers`, changed by TTIN/TTOU and `scale`).
+    pub workers: u32,
+    /// Whether it is stopping.
+    pub stopping: bool,
+    /// Configurations applied since start (HUP, `reload`).
+    pub reloads: u64,
+    pub limits: LimitsInfo,
+    /// `redis.url` with any password hidden; empty: no Redis.
+    pub redis_url: String,
+}
+
+/// The limits in force (see `[limits]` in supervisor.toml(5)).
+#[derive(Serialize, Deserialize)]
+pub struct LimitsInfo {
+    pub max_concurrent_requests: u32,
+    pub cluster_max_concurrent_requests: u32,
+    pub worker_max_concurrent: u32,
+    pub rate: String,
+    pub queue: u32,
+    pub on_redis_error: String,
+}
+
+#[derive(Serialize, Deserialize)]
 pub struct RateStatus {
     /// Whether `limits.rate` is set.
     pub enabled: bool,
@@ -38,13 +68,13 @@ pub struct RateStatus {
     pub limited: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct WorkerStatus {
     pub record: usize,
     pub worker_id: u32,
     pub generation: u32,
     pub pid: u32,
-    pub state: &'static str,
+    pub state: String,
     pub requests: u64,
     pub inflight: u32,
     pub held_global: u32,
@@ -58,7 +88,7 @@ pub struct WorkerStatus {
     /// Requests refused after `limits.queue_timeout` in the queue.
     pub queue_timeouts: u64,
     /// This worker's view of Redis: "off", "connected" or "degraded".
-    pub redis: &'static str,
+    pub redis: String,
     /// Requests refused at `limits.cluster_max_concurrent_requests`.
     pub cluster_rejected: u64,
     /// Requests handled by `limits.on_redis_error` because Redis did not answer.
@@ -66,7 +96,10 @@ pub struct WorkerStatus {
     /// Memory of the worker and its descendants at the last sample.
     pub rss_bytes: u64,
     /// Why it is being replaced, if it is.
-    pub recycle_reason: Option<&'static str>,
+    pub recycle_reason: Option<String>,
+    /// Why the process before it in this worker number was replaced (from the master only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recycle: Option<String>,
     pub uptime_ms: u64,
     pub heartbeat_age_ms: u64,
     /// The worker's app process, if it runs one; 0 otherwise.
@@ -136,6 +169,11 @@ pub fn read(pid: Option<u32>) -> Result<Status> {
     };
     let board =
         open_board(pid)?.with_context(|| format!("process {pid} is not a supervisor master"))?;
+    Ok(snapshot(pid, &board, open_rates(pid).as_ref()))
+}
+
+/// The status of master `pid` from its scoreboard and rate table (read-only).
+pub fn snapshot(pid: u32, board: &Scoreboard, rates: Option<&RateTable>) -> Status {
     let h = board.header();
     let now = monotonic_ms();
     // The records are read one after another while the tree changes: a handover read half
@@ -151,21 +189,22 @@ pub fn read(pid: Option<u32>) -> Result<Status> {
             .collect::<Vec<_>>()
     };
     let mut before = states();
-    let mut workers = read_workers(&board, now);
+    let mut workers = read_workers(board, now);
     for _ in 0..100 {
         let after = states();
         if after == before {
             break;
         }
         before = after;
-        workers = read_workers(&board, now);
+        workers = read_workers(board, now);
     }
-    Ok(Status {
+    Status {
         master_pid: pid,
+        master: None,
         global_inflight: h.global_inflight.load(Ordering::Relaxed),
         global_cap: h.global_cap.load(Ordering::Relaxed),
         global_rejected: h.global_rejected.load(Ordering::Relaxed),
-        rate_limit: open_rates(pid).map(|t| RateStatus {
+        rate_limit: rates.map(|t| RateStatus {
             enabled: t.enabled(),
             capacity: t.capacity(),
             tracked: t.tracked(),
@@ -173,7 +212,7 @@ pub fn read(pid: Option<u32>) -> Result<Status> {
             limited: t.limited(),
         }),
         workers,
-    })
+    }
 }
 
 fn read_workers(board: &Scoreboard, now: u64) -> Vec<WorkerStatus> {
@@ -185,7 +224,7 @@ fn read_workers(board: &Scoreboard, now: u64) -> Vec<WorkerStatus> {
             worker_id: s.worker_id.load(Ordering::Relaxed),
             generation: s.generation.load(Ordering::Relaxed),
             pid: s.pid.load(Ordering::Relaxed),
-            state: s.state().as_str(),
+            state: s.state().as_str().to_string(),
             requests: s.requests.load(Ordering::Relaxed),
             inflight: s.inflight.load(Ordering::Relaxed),
             held_global: s.held_global.load(Ordering::Relaxed),
@@ -195,11 +234,14 @@ fn read_workers(board: &Scoreboard, now: u64) -> Vec<WorkerStatus> {
             queued: s.queued.load(Ordering::Relaxed),
             queue_full: s.queue_full.load(Ordering::Relaxed),
             queue_timeouts: s.queue_timeouts.load(Ordering::Relaxed),
-            redis: RedisState::from_u32(s.redis_state.load(Ordering::Relaxed)).as_str(),
+            redis: RedisState::from_u32(s.redis_state.load(Ordering::Relaxed))
+                .as_str()
+                .to_string(),
             cluster_rejected: s.cluster_rejected.load(Ordering::Relaxed),
             redis_degraded: s.redis_degraded.load(Ordering::Relaxed),
             rss_bytes: s.rss_bytes.load(Ordering::Relaxed),
-            recycle_reason: s.recycle_reason().map(|r| r.as_str()),
+            recycle_reason: s.recycle_reason().map(|r| r.as_str().to_string()),
+            last_recycle: None,
             uptime_ms: now.saturating_sub(s.started_ms.load(Ordering::Relaxed)),
             heartbeat_age_ms: now.saturating_sub(s.heartbeat_ms.load(Ordering::Relaxed)),
             app_pid: s.app_pid.load(Ordering::Relaxed),
@@ -220,10 +262,31 @@ pub fn print(status: &Status, json: bool) {
         "master {}  in flight {}/{} host-wide  rejected at the host-wide cap {}",
         status.master_pid, status.global_inflight, status.global_cap, status.global_rejected
     );
+    if let Some(m) = &status.master {
+        let l = &m.limits;
+        println!(
+            "workers {}{}  reloads {}  limits: host-wide {}  per worker {}  queue {}  rate {}  \
+             cluster-wide {}",
+            m.workers,
+            if m.stopping { " (stopping)" } else { "" },
+            m.reloads,
+            l.max_concurrent_requests,
+            l.worker_max_concurrent,
+            l.queue,
+            if l.rate.is_empty() { "none" } else { &l.rate },
+            match l.cluster_max_concurrent_requests {
+                0 => "none".to_string(),
+                n => format!("{n} (on redis error: {})", l.on_redis_error),
+            },
+        );
+        if !m.redis_url.is_empty() {
+            println!("redis {}", m.redis_url);
+        }
+    }
     let redis: Vec<&str> = status
         .workers
         .iter()
-        .map(|w| w.redis)
+        .map(|w| w.redis.as_str())
         .filter(|r| *r != "off")
         .collect();
     if !redis.is_empty() {
@@ -243,7 +306,7 @@ pub fn print(status: &Status, json: bool) {
         );
     }
     println!(
-        "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8}  recycling",
+        "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8}  last recycle",
         "worker",
         "gen",
         "pid",
@@ -278,7 +341,10 @@ pub fn print(status: &Status, json: bool) {
             } else {
                 w.app_pid.to_string()
             },
-            w.recycle_reason.unwrap_or("")
+            w.recycle_reason
+                .as_deref()
+                .or(w.last_recycle.as_deref())
+                .unwrap_or("-")
         );
     }
 }

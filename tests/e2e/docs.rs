@@ -70,7 +70,7 @@ fn bash_completion_script_is_valid_and_completes_commands_and_flags() {
     let out = Command::new("bash").args(["-c", &ask]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let out = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(out, "start status\n--log-level\n");
+    assert_eq!(out, "start status stop\n--log-level\n");
 }
 
 #[test]

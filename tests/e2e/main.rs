@@ -4,6 +4,7 @@ mod access_log;
 mod app;
 mod cli;
 mod cluster;
+mod control;
 mod docs;
 mod examples;
 mod lifecycle;

@@ -206,6 +206,24 @@ impl Server {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// The master's control socket, from its "control socket created" log line.
+    pub fn control_socket(&self) -> PathBuf {
+        let line = self
+            .log
+            .wait_for(Duration::from_secs(10), |l| {
+                l.contains("control socket created")
+            })
+            .expect("the master announces its control socket");
+        PathBuf::from(field(&line, "path").expect("a path= field"))
+    }
+
+    /// `supervisor ARGS... --socket SOCKET` (a control command for this master) to completion.
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let socket = self.control_socket();
+        let args = [args, &["--socket", socket.to_str().unwrap()]].concat();
+        run(&std::env::temp_dir(), &args, &[])
+    }
+
     /// Pids of the serving workers.
     pub fn serving_pids(&self) -> Vec<u32> {
         self.workers_in("serving")
@@ -379,6 +397,8 @@ pub fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, Str
     let mut child = cmd.spawn().unwrap();
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
+    // Killed if it outlives the bound (a start that should have failed and did not).
+    let mut child = KillOnDrop(child);
     let out_t = std::thread::spawn(move || {
         let mut s = String::new();
         out.read_to_string(&mut s).ok();
@@ -390,7 +410,7 @@ pub fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, Str
         s
     });
     let status = eventually(Duration::from_secs(30), "supervisor to exit", || {
-        child.try_wait().unwrap()
+        child.0.try_wait().unwrap()
     });
     let (o, e) = (out_t.join().unwrap(), err_t.join().unwrap());
     eprintln!("stdout:\n{o}\nstderr:\n{e}");

@@ -146,6 +146,11 @@ pub struct ServerConfig {
     pub user: String,
     /// ... and this group (a name or a gid); empty: the user's primary group.
     pub group: String,
+    /// File the master writes its pid to once its sockets are bound; empty: none.
+    pub pidfile: String,
+    /// The master's control socket (`supervisor status`, `reload`, ...); empty: a name derived
+    /// from `bind` in the runtime directory (see `supervisor check`).
+    pub control_socket: String,
 }
 
 impl Default for ServerConfig {
@@ -161,6 +166,8 @@ impl Default for ServerConfig {
             runtime_dir: String::new(),
             user: String::new(),
             group: String::new(),
+            pidfile: String::new(),
+            control_socket: String::new(),
         }
     }
 }

@@ -1,0 +1,206 @@
+//! What the master does for each control-socket request (`supervisor status`, `reload`, `stop`,
+//! `scale`, `upgrade`), and the files that say a master runs here: the control socket and the
+//! pidfile. The socket's mechanics (accepting, reading, the peer check) are `control`'s.
+
+use std::path::Path;
+
+use super::*;
+use crate::control::{self, Location, Reply, Request};
+use crate::pidfile;
+use crate::status::{self, LimitsInfo, MasterInfo};
+
+/// Before binding anything: refuse to start beside a live master named by `server.pidfile`.
+pub(super) fn refuse_if_pidfile_live(config: &Config) -> Result<()> {
+    if config.server.pidfile.is_empty() {
+        return Ok(());
+    }
+    pidfile::refuse_if_live(Path::new(&config.server.pidfile))
+}
+
+/// Once the listeners are bound: the control socket (refusing if another master answers on it)
+/// and the pidfile.
+/// The new master of an binary upgrade, once ready, takes the control socket and the pidfile
+/// over from the old one, which still answers on the socket: the new socket is renamed over
+/// the old one's path (the old master, seeing another file there, leaves it at exit), and the
+/// pidfile gets our pid (the old master removes it only while it holds its own).
+pub(super) fn take_over_control_and_pidfile(
+    config: &Config,
+) -> Result<(ControlServer, Option<PidFile>)> {
+    let server = ControlServer::bind(&Location::of(config))?;
+    let pidfile = if config.server.pidfile.is_empty() {
+        None
+    } else {
+        Some(PidFile::create(Path::new(&config.server.pidfile))?)
+    };
+    Ok((server, pidfile))
+}
+
+pub(super) fn claim_control_and_pidfile(
+    config: &Config,
+) -> Result<(ControlServer, Option<PidFile>)> {
+    let location = Location::of(config);
+    control::refuse_if_live(&location, std::process::id())?;
+    let server = ControlServer::bind(&location)?;
+    let pidfile = if config.server.pidfile.is_empty() {
+        None
+    } else {
+        Some(PidFile::create(Path::new(&config.server.pidfile))?)
+    };
+    Ok((server, pidfile))
+}
+
+impl Master {
+    /// Serves the control socket's clients after `poll` (`ready`: its part of the poll set).
+    pub(super) fn on_control(&mut self, ready: &[bool]) {
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        let requests = control.on_events(ready);
+        for (id, request) in requests {
+            let hold = matches!(request, Request::Stop { .. });
+            let reply = self.execute(request);
+            if let Some(control) = self.control.as_mut() {
+                control.answer(id, &reply, hold && reply.ok);
+            }
+        }
+    }
+
+    fn execute(&mut self, request: Request) -> Reply {
+        let outcome = |r: Result<String, String>| match r {
+            Ok(m) => Reply::ok(m),
+            Err(e) => Reply::err(e),
+        };
+        match request {
+            Request::Ping => Reply::ok("pong"),
+            Request::Status => {
+                let mut reply = Reply::ok("status");
+                reply.status = Some(self.status());
+                reply
+            }
+            Request::Reload => {
+                info!("control: reload requested");
+                outcome(self.reload())
+            }
+            Request::Stop { fast } => self.stop_requested(fast),
+            Request::Scale { workers } => {
+                let mut reply = outcome(self.scale(workers));
+                reply.workers = Some(self.slots.len() as u32);
+                reply
+            }
+            Request::Upgrade => {
+                info!("control: upgrade requested");
+                let mut reply = outcome(self.begin_upgrade());
+                if let Some(u) = self.upgrade.as_ref().filter(|_| reply.ok) {
+                    let pid = u.pid.as_raw() as u32;
+                    reply.new_master = Some(pid);
+                    reply.new_socket = Some(Location::of(&self.config).for_master(pid));
+                    let left = u
+                        .deadline
+                        .saturating_duration_since(std::time::Instant::now());
+                    reply.wait_ms = Some(left.as_millis() as u64);
+                }
+                reply
+            }
+        }
+    }
+
+    /// The scoreboard as `supervisor status` shows it, with what only the master knows.
+    fn status(&self) -> status::Status {
+        let mut s = status::snapshot(std::process::id(), &self.board, Some(&self.rates));
+        for w in &mut s.workers {
+            w.last_recycle = self
+                .slots
+                .iter()
+                .find(|slot| slot.id == w.worker_id)
+                .and_then(|slot| slot.last_recycle)
+                .map(|r| r.as_str().to_string());
+        }
+        let c = &self.config;
+        s.master = Some(MasterInfo {
+            workers: self.slots.len() as u32,
+            stopping: self.phase != Phase::Running,
+            reloads: self.config_gen,
+            limits: LimitsInfo {
+                max_concurrent_requests: c.limits.max_concurrent_requests,
+                cluster_max_concurrent_requests: c.limits.cluster_max_concurrent_requests,
+                worker_max_concurrent: c.worker.max_concurrent,
+                rate: c.limits.rate.clone(),
+                queue: c.limits.queue,
+                on_redis_error: c.limits.on_redis_error.as_str().to_string(),
+            },
+            redis_url: worker::cluster::redacted(&c.redis.url),
+        });
+        s
+    }
+
+    /// `supervisor stop [--fast]`: the TERM or QUIT path. The answer says how long the stop may
+    /// take; the connection stays open until the master exits.
+    fn stop_requested(&mut self, fast: bool) -> Reply {
+        let how = if fast { "fast" } else { "graceful" };
+        match self.phase {
+            Phase::Running => {
+                info!(fast, "control: {how} stop requested");
+                self.begin_stop(fast);
+            }
+            Phase::Stopping { fast: false, .. } if fast => {
+                info!("control: fast stop requested");
+                self.begin_stop(true);
+            }
+            Phase::Stopping { .. } => {}
+        }
+        let wait = match self.phase {
+            Phase::Stopping {
+                deadline, killed, ..
+            } => {
+                // Past the deadline stragglers get SIGKILL; a few seconds more for that.
+                let left = deadline.saturating_duration_since(Instant::now());
+                left + if killed {
+                    Duration::ZERO
+                } else {
+                    FAST_STOP_TIMEOUT
+                }
+            }
+            Phase::Running => Duration::ZERO,
+        };
+        let mut reply = Reply::ok(format!("{how} stop under way"));
+        reply.wait_ms = Some(wait.as_millis() as u64);
+        reply
+    }
+
+    /// `supervisor scale N`: as many TTIN or TTOU as it takes to have `workers` worker numbers.
+    fn scale(&mut self, workers: u32) -> Result<String, String> {
+        if self.phase != Phase::Running {
+            return Err("the master is stopping".to_string());
+        }
+        if !(1..=1024).contains(&workers) {
+            return Err(format!(
+                "cannot scale to {workers} workers: 1..=1024 allowed"
+            ));
+        }
+        let before = self.slots.len() as u32;
+        while (self.slots.len() as u32) < workers {
+            let id = self.slots.iter().map(|s| s.id).max().unwrap_or(0) + 1;
+            self.slots.push(WorkerSlot::new(id));
+        }
+        while (self.slots.len() as u32) > workers {
+            self.drop_last_slot();
+        }
+        info!(workers, before, "control: scaled");
+        Ok(format!("scaled from {before} to {workers} workers"))
+    }
+
+    /// On reload: the control socket and the pidfile stay where they are until a restart.
+    pub(super) fn warn_control_changes(&self, new: &Config) {
+        let now = self.control.as_ref().map(|c| c.path().to_path_buf());
+        let then = Location::of(new).for_master(std::process::id());
+        if let Some(now) = now.filter(|p| *p != then) {
+            warn!(
+                control_socket = %now.display(),
+                "reload: the control socket stays where it is until the master is restarted"
+            );
+        }
+        if new.server.pidfile != self.config.server.pidfile {
+            warn!("reload: server.pidfile applies when the master is restarted");
+        }
+    }
+}
