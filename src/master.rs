@@ -281,10 +281,9 @@ pub fn setup(
     rates.configure(!config.limits.rate.is_empty(), config.limits.idle_ttl);
     let janitor = Janitor::start(&config, board.header().instance.load(Ordering::Relaxed));
     let metrics = Metrics::start(&config.metrics, &board_fd)?;
-    if config.log.access && !config.log.access_file.is_empty() {
-        // Opened here once so that a bad path is a clear startup error, not a worker crash loop.
-        worker::access_log::open(&config.log.access_file)?;
-    }
+    // Opened here once so that a bad path is a clear startup error, not a worker crash loop,
+    // and given to server.user, who opens it in the workers.
+    crate::privileges::prepare_access_file(&config).map_err(anyhow::Error::msg)?;
 
     let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
     read.set_nonblocking(true)?;
@@ -1115,13 +1114,10 @@ impl Master {
                 return Err(e);
             }
         };
-        if new.log.access && !new.log.access_file.is_empty() {
-            if let Err(e) = worker::access_log::open(&new.log.access_file) {
-                error!("reload failed, keeping the current configuration: {e}");
-                let why = e.to_string();
-                self.systemd_reload_failed(&why);
-                return Err(why);
-            }
+        if let Err(why) = crate::privileges::prepare_access_file(&new) {
+            error!("reload failed, keeping the current configuration: {why}");
+            self.systemd_reload_failed(&why);
+            return Err(why);
         }
         // The rate table's size is fixed: another size means a new table for new workers
         // (draining ones keep the old one). Made first, so that a failure changes nothing.
@@ -1385,6 +1381,11 @@ impl Master {
                 }
                 Err(e) => error!("USR1: {e}"),
             }
+        }
+        // A rotated access log: the new file is created here (and given to server.user) before
+        // the workers reopen it by its path.
+        if let Err(e) = crate::privileges::prepare_access_file(&self.config) {
+            error!("USR1: {e}");
         }
         for pid in self.procs.keys() {
             let _ = kill(*pid, Signal::SIGUSR1);

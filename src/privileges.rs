@@ -50,6 +50,33 @@ pub fn give_log_file(config: &Config) -> Result<(), String> {
     })
 }
 
+/// With `log.access_file` and `server.user` both set, gives the access log file (opened, and
+/// created if need be, by the master) to the user: the workers open it by its path after they
+/// switch to the user, at start and again on USR1.
+pub fn give_access_file(config: &Config, file: &std::fs::File) -> Result<(), String> {
+    let Some(creds) = privileges::resolve(&config.server)? else {
+        return Ok(());
+    };
+    std::os::unix::fs::fchown(file, Some(creds.uid.as_raw()), Some(creds.gid.as_raw())).map_err(
+        |e| {
+            format!(
+                "cannot give the access log {} to server.user = {:?}: {e}",
+                config.log.access_file, creds.user
+            )
+        },
+    )
+}
+
+/// Opens (creating it if need be) the access log file for `config`, if it has one, and gives it
+/// to `server.user`: a bad path is then a clear error here rather than a worker crash loop.
+pub fn prepare_access_file(config: &Config) -> Result<(), String> {
+    if !config.log.access || config.log.access_file.is_empty() {
+        return Ok(());
+    }
+    let file = worker::access_log::open(&config.log.access_file).map_err(|e| e.to_string())?;
+    give_access_file(config, &file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -404,3 +404,51 @@ fn workers_reopen_the_log_file_as_the_user_after_a_rotation() {
     let all = read(&rotated) + &read(&log);
     assert!(!all.contains("cannot reopen"), "{all}");
 }
+
+#[test]
+fn workers_write_the_access_log_as_the_user_and_after_a_rotation() {
+    if skipped_without_root("workers_write_the_access_log_as_the_user_and_after_a_rotation") {
+        return;
+    }
+    // The directory is root's (0755): the workers, as nobody, could not create a file in it.
+    let dir = shared_dir();
+    let access = dir.path().join("access.log");
+    let set_access = format!("log.access_file={}", access.display());
+    let runtime = format!("server.runtime_dir={}", dir.path().display());
+    let s = Server::start(&[
+        "-w",
+        "1",
+        "--set",
+        "server.user=nobody",
+        "--set",
+        "log.access=true",
+        "--set",
+        &set_access,
+        "--set",
+        &runtime,
+    ]);
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    assert_eq!(s.get("/").status, 200);
+    eventually(WAIT, "the request in the access log", || {
+        read(&access)
+            .contains("\"GET / HTTP/1.1\" 200")
+            .then_some(())
+    });
+    assert_eq!(std::fs::metadata(&access).unwrap().uid(), NOBODY);
+
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&access, &rotated).unwrap();
+    s.signal(Signal::SIGUSR1);
+    // The master creates the new file for the user; a request after the worker has reopened it
+    // lands there (polled: the worker reopens on its own time).
+    eventually(WAIT, "a request in the new access log", || {
+        assert_eq!(s.get("/healthz").status, 200);
+        read(&access).contains("GET /healthz").then_some(())
+    });
+    assert_eq!(std::fs::metadata(&access).unwrap().uid(), NOBODY);
+    assert!(
+        !s.log.text().contains("cannot open the access log"),
+        "{}",
+        s.log.text()
+    );
+}
