@@ -218,8 +218,18 @@ pub fn setup(
     reload: Reload,
     log_level: LevelHandle,
     self_exec: SelfExec,
-    handover: Option<Handover>,
+    mut handover: Option<Handover>,
 ) -> Result<Master> {
+    // The metrics socket of an upgrading master, taken over only for the same metrics.bind
+    // (otherwise closed, and metrics.bind bound as configured).
+    let handed_metrics = match handover.as_mut().and_then(|h| h.metrics.take()) {
+        Some((bind, fd)) => {
+            let socket = sys::inherited_listener(fd)
+                .context("the metrics socket handed over by the old master")?;
+            (bind == config.metrics.bind).then(|| std::net::TcpListener::from(socket))
+        }
+        None => None,
+    };
     let workers = workers_of(&config);
     let mut upgrade_ready = None;
     // An upgrading master's pidfile names a live master (it): not a second instance.
@@ -280,7 +290,7 @@ pub fn setup(
         .context("cannot create the rate table")?;
     rates.configure(!config.limits.rate.is_empty(), config.limits.idle_ttl);
     let janitor = Janitor::start(&config, board.header().instance.load(Ordering::Relaxed));
-    let metrics = Metrics::start(&config.metrics, &board_fd)?;
+    let metrics = Metrics::start(&config.metrics, &board_fd, handed_metrics)?;
     // Opened here once so that a bad path is a clear startup error, not a worker crash loop,
     // and given to server.user, who opens it in the workers.
     crate::privileges::prepare_access_file(&config).map_err(anyhow::Error::msg)?;
@@ -1270,7 +1280,8 @@ impl Master {
             return Err("no listeners to hand over".into());
         };
         let within = self.config.app.ready_timeout + upgrade::READY_MARGIN;
-        match upgrade::start_new_master(&self.self_exec, listeners, within) {
+        let metrics = self.metrics.as_ref().map(|m| m.hand_over());
+        match upgrade::start_new_master(&self.self_exec, listeners, metrics, within) {
             Ok(u) => {
                 let msg = format!(
                     "new master pid {} started from {}; this master drains once it is ready",

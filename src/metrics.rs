@@ -108,6 +108,9 @@ pub struct Metrics {
     /// `metrics.bind` as configured, and the address it gave.
     bind: String,
     addr: SocketAddr,
+    /// A copy of the listening socket, for the new master of a binary upgrade to take over
+    /// (both serve scrapes until the old one exits).
+    listener: TcpListener,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -120,7 +123,13 @@ impl Metrics {
     /// Binds `[metrics] bind` and starts the metrics thread; `None` when metrics are off. A bind
     /// error is a startup error. `board` is the scoreboard's memfd (the thread maps it
     /// read-only).
-    pub fn start(config: &MetricsConfig, board: &OwnedFd) -> Result<Option<Metrics>> {
+    /// `inherited`: the socket an upgrading master served `metrics.bind` on (when the new
+    /// configuration has the same `metrics.bind`), taken over instead of binding it again.
+    pub fn start(
+        config: &MetricsConfig,
+        board: &OwnedFd,
+        inherited: Option<TcpListener>,
+    ) -> Result<Option<Metrics>> {
         if config.bind.is_empty() {
             return Ok(None);
         }
@@ -128,8 +137,14 @@ impl Metrics {
             .bind
             .parse()
             .with_context(|| format!("metrics.bind {:?} is not IP:PORT", config.bind))?;
-        let listener = TcpListener::bind(addr)
-            .with_context(|| format!("cannot listen on metrics.bind {addr}"))?;
+        let listener = match inherited {
+            Some(l) => l,
+            None => TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on metrics.bind {addr}"))?,
+        };
+        let copy = listener
+            .try_clone()
+            .context("cannot keep a copy of the metrics socket")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let board = Scoreboard::open(board, false).context("cannot map the scoreboard")?;
@@ -155,7 +170,15 @@ impl Metrics {
             state,
             bind: config.bind.clone(),
             addr,
+            listener: copy,
         }))
+    }
+
+    /// What a new master needs to take the metrics socket over: `metrics.bind` as configured
+    /// (it takes the socket only for the same setting) and the socket's fd.
+    pub fn hand_over(&self) -> (String, std::os::fd::RawFd) {
+        use std::os::fd::AsRawFd;
+        (self.bind.clone(), self.listener.as_raw_fd())
     }
 
     /// Master side, after reaping the process of record `index`: adds its counters to the
@@ -563,6 +586,7 @@ mod tests {
                 bind: "127.0.0.1:0".into(),
             },
             &fd,
+            None,
         )
         .unwrap()
         .unwrap();

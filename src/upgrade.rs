@@ -41,6 +41,9 @@ pub struct Handover {
     /// configuration says.
     #[serde(default)]
     pub adopted: bool,
+    /// `metrics.bind` as configured and the socket serving it, when metrics are on.
+    #[serde(default)]
+    pub metrics: Option<(String, RawFd)>,
 }
 
 /// How this process was started, captured first thing, so that an upgrade runs the binary now
@@ -127,6 +130,7 @@ pub struct InProgress {
 pub fn start_new_master(
     exec: &SelfExec,
     listeners: &mut Listeners,
+    metrics: Option<(String, RawFd)>,
     ready_within: Duration,
 ) -> Result<InProgress> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -137,6 +141,7 @@ pub fn start_new_master(
         ready_fd: write.as_raw_fd(),
         listeners: groups,
         adopted: listeners.is_adopted(),
+        metrics: metrics.clone(),
     };
     let mut cmd = Command::new(&exec.exe);
     cmd.arg0(&exec.argv0)
@@ -150,6 +155,7 @@ pub fn start_new_master(
         cmd.env_remove(var);
     }
     fds.push(write.as_raw_fd());
+    fds.extend(metrics.map(|(_, fd)| fd));
     crate::sys::prepare_upgrade_exec(&mut cmd, fds);
     let child = cmd
         .spawn()

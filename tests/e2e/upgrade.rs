@@ -202,3 +202,38 @@ fn a_failed_upgrade_leaves_the_old_master_serving_and_a_later_one_works() {
     assert_eq!(serving(next).len(), 2);
     assert_eq!(get(server.addr, "/").status, 200);
 }
+
+#[test]
+fn usr2_hands_the_metrics_socket_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, _bin) = start_copy(
+        dir,
+        "[server]\nworkers = 1\n[metrics]\nbind = \"127.0.0.1:0\"\n",
+    );
+    let serving_at = |nth: usize| -> std::net::SocketAddr {
+        eventually(Duration::from_secs(20), "metrics serving", || {
+            let lines = server.log.lines();
+            let line = lines
+                .iter()
+                .filter(|l| l.contains("metrics: serving"))
+                .nth(nth)?;
+            field(line, "addr")?.parse().ok()
+        })
+    };
+    let addr = serving_at(0);
+    assert_eq!(get(addr, "/metrics").status, 200);
+    server.signal(Signal::SIGUSR2);
+    let new = new_master(&server, 0);
+    let _stop_new = Adopted(new);
+    // The new master serves the same socket (binding it again would fail: the old one has it)...
+    assert_eq!(serving_at(1), addr);
+    assert!(server.wait_exit(Duration::from_secs(30)).success());
+    // ... and goes on serving it once the old one is gone.
+    let r = get(addr, "/metrics");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains("supervisor_requests_total"),
+        "{}",
+        r.text()
+    );
+}
