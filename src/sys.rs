@@ -65,26 +65,7 @@ pub fn count_signal(
 /// `inherit`ed fds (the listeners and its readiness pipe) and, unlike a worker, does not die
 /// with this master: it is to outlive it.
 pub fn prepare_upgrade_exec(cmd: &mut Command, inherit: Vec<RawFd>) {
-    let hook = move || -> io::Result<()> {
-        // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing; it marks every fd from 3
-        // up close-on-exec in the child's table only.
-        unsafe {
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
-            );
-        }
-        for &fd in &inherit {
-            // SAFETY: fcntl on an fd number is async-signal-safe; the fd is open in the parent,
-            // so it is open in the child.
-            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    };
+    let hook = move || worker::exec::inherit_only(&inherit);
     // SAFETY: the hook only performs async-signal-safe syscalls and does not allocate.
     unsafe {
         cmd.pre_exec(hook);

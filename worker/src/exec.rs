@@ -26,22 +26,7 @@ pub fn child_hook(
     parent_pid: u32,
 ) -> impl FnMut() -> io::Result<()> + Send + Sync + 'static {
     move || {
-        // SAFETY: close_range is a plain syscall; with CLOSE_RANGE_CLOEXEC it closes nothing.
-        unsafe {
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
-            );
-        }
-        for &fd in &inherit {
-            // SAFETY: fcntl on an fd number is async-signal-safe; the fd is open in the parent,
-            // so it is open in the child; clearing FD_CLOEXEC affects only the child's table.
-            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
-                return Err(io::Error::last_os_error());
-            }
-        }
+        inherit_only(&inherit)?;
         // SAFETY: prctl and getppid are async-signal-safe and touch no Rust state.
         unsafe {
             if libc::prctl(
@@ -61,4 +46,28 @@ pub fn child_hook(
         }
         Ok(())
     }
+}
+
+/// Between fork and exec: makes every fd above stderr close-on-exec, then the `inherit`ed ones
+/// inheritable again, in the child only, so that it gets exactly those (see `child_hook`; also
+/// the master's hook for the new master of a binary upgrade). Async-signal-safe: raw syscalls,
+/// no allocation.
+pub fn inherit_only(inherit: &[RawFd]) -> io::Result<()> {
+    // SAFETY: close_range is a plain syscall; with CLOSE_RANGE_CLOEXEC it closes nothing.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+        );
+    }
+    for &fd in inherit {
+        // SAFETY: fcntl on an fd number is async-signal-safe; the fd is open in the parent,
+        // so it is open in the child; clearing FD_CLOEXEC affects only the child's table.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
