@@ -206,16 +206,25 @@ impl Location {
 /// Where default control sockets go: the runtime directory's parent, with `/run` for root
 /// before the temporary directory.
 fn default_dir(runtime_dir: &str) -> PathBuf {
-    if let Some(dir) = crate::runtime_dir::chosen_base(runtime_dir) {
-        return dir;
+    // Not from $RUNTIME_DIRECTORY: a command run from a shell must find the socket of a master
+    // started by systemd, whose environment it does not share. /run/supervisor is what the
+    // shipped unit's RuntimeDirectory= creates, and what root uses anyway.
+    if !runtime_dir.is_empty() {
+        return PathBuf::from(runtime_dir);
     }
-    if nix::unistd::geteuid().is_root()
-        && nix::unistd::access("/run", nix::unistd::AccessFlags::W_OK).is_ok()
-    {
-        return PathBuf::from("/run");
+    let shared = Path::new(SHARED_DIR);
+    let writable = nix::unistd::access(shared, nix::unistd::AccessFlags::W_OK).is_ok();
+    if writable || nix::unistd::geteuid().is_root() {
+        return shared.to_path_buf();
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| Path::new(d).is_absolute()) {
+        return PathBuf::from(dir);
     }
     std::env::temp_dir()
 }
+
+/// The default directory of the control socket for root, or for a user it belongs to.
+const SHARED_DIR: &str = "/run/supervisor";
 
 /// FNV-1a (64 bits, the low 48 kept) over the sorted addresses: stable across builds and
 /// versions, unlike std's hasher.
