@@ -461,7 +461,7 @@ fn a_reload_that_moves_metrics_says_it_needs_a_restart() {
         "[metrics]\nbind = \"127.0.0.1:0\"\n",
     );
     let config = config.to_str().unwrap().to_string();
-    let s = Server::spawn_in(dir, &["-b", "127.0.0.1:0", "-w", "1", "-c", &config]);
+    let s = Server::spawn_in(dir, &["-b", "127.0.0.1:0", "-w", "1", "-c", &config]).wait_ready();
     let m = metrics_addr(&s);
     std::fs::write(&config, "[metrics]\nbind = \"127.0.0.1:1\"\n").unwrap();
     s.signal(Signal::SIGHUP);
