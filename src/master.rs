@@ -220,6 +220,18 @@ pub fn setup(
     self_exec: SelfExec,
     mut handover: Option<Handover>,
 ) -> Result<Master> {
+    // Signals first: one that comes while the rest is set up (a HUP from a service manager, a
+    // TERM) waits for the loop instead of killing the master with its default action.
+    let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
+    read.set_nonblocking(true)?;
+    write.set_nonblocking(true)?;
+    let signals = SignalDelivery::with_pipe(read, write, SignalOnly, HANDLED_SIGNALS)
+        .context("cannot install signal handlers")?;
+    let ttin = Arc::new(AtomicUsize::new(0));
+    let ttou = Arc::new(AtomicUsize::new(0));
+    sys::count_signal(SIGTTIN, ttin.clone()).context("cannot install signal handlers")?;
+    sys::count_signal(SIGTTOU, ttou.clone()).context("cannot install signal handlers")?;
+
     // The metrics socket of an upgrading master, taken over only for the same metrics.bind
     // (otherwise closed, and metrics.bind bound as configured).
     let handed_metrics = match handover.as_mut().and_then(|h| h.metrics.take()) {
@@ -294,16 +306,6 @@ pub fn setup(
     // Opened here once so that a bad path is a clear startup error, not a worker crash loop,
     // and given to server.user, who opens it in the workers.
     crate::privileges::prepare_access_file(&config).map_err(anyhow::Error::msg)?;
-
-    let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
-    read.set_nonblocking(true)?;
-    write.set_nonblocking(true)?;
-    let signals = SignalDelivery::with_pipe(read, write, SignalOnly, HANDLED_SIGNALS)
-        .context("cannot install signal handlers")?;
-    let ttin = Arc::new(AtomicUsize::new(0));
-    let ttou = Arc::new(AtomicUsize::new(0));
-    sys::count_signal(SIGTTIN, ttin.clone()).context("cannot install signal handlers")?;
-    sys::count_signal(SIGTTOU, ttou.clone()).context("cannot install signal handlers")?;
 
     Ok(Master {
         config_json: spawn::config_json(&config),
@@ -808,8 +810,18 @@ impl Master {
                 for t in self.slots.iter().filter_map(|s| s.respawn_at) {
                     wait = wait.min(t.saturating_duration_since(now));
                 }
-                for (_, t) in self.slots.iter().filter_map(|s| s.recycle) {
-                    wait = wait.min(t.saturating_duration_since(now));
+                // A recycle's time matters until its replacement is started; one that is due but
+                // waits for `max_recycling` is woken by a replacement's readiness, not a timer
+                // (a time in the past here would make the loop spin).
+                for (_, t) in self
+                    .slots
+                    .iter()
+                    .filter(|s| s.successor.is_none())
+                    .filter_map(|s| s.recycle)
+                {
+                    if t > now {
+                        wait = wait.min(t - now);
+                    }
                 }
                 wait = wait.min(self.next_rss_sample.saturating_duration_since(now));
                 if let Some(u) = self.upgrade.as_ref().filter(|u| !u.abandoned) {

@@ -453,3 +453,48 @@ fn hup_with_an_explicit_port_and_port_0_on_one_ip_keeps_serving() {
         "the master is still running"
     );
 }
+
+/// CPU time (user + system) of `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc).
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn the_master_idles_while_a_prepared_replacement_waits_for_the_limit() {
+    // max_requests = 100: the replacement is started after 50 requests and held until 100.
+    let server = Server::start(&["-w", "1", "--set", "worker.max_requests=100"]);
+    for _ in 0..60 {
+        assert_eq!(server.get("/").status, 200);
+    }
+    server
+        .log
+        .wait_for(Duration::from_secs(10), |l| {
+            l.contains("starting a replacement") && l.contains("reason=max_requests")
+        })
+        .expect("the replacement is prepared");
+    // The held replacement waits for 40 more requests that do not come: the master has nothing
+    // to do but wait. A master whose timers had it wake at once would burn its CPU meanwhile.
+    let before = cpu_ticks(server.pid());
+    let start = Instant::now();
+    // A sampling interval, not synchronisation: what is measured is the CPU used during it.
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(server.pid()) - before;
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as f64;
+    let share = used as f64 / ticks_per_s / start.elapsed().as_secs_f64();
+    assert!(
+        share < 0.2,
+        "the master used {:.0}% of a CPU while idle",
+        share * 100.0
+    );
+    assert_eq!(server.get("/").status, 200);
+}
