@@ -72,6 +72,12 @@ pub fn upgrade(args: ControlArgs) -> ExitCode {
             println!("master {new}: took over; master {old} drains its workers and exits");
             return ExitCode::SUCCESS;
         }
+        // The old master exits only after handing over (a new configuration may have moved
+        // the control socket where `socket` does not see it).
+        if !alive(old) && alive(new) {
+            println!("master {new}: took over; master {old} has exited");
+            return ExitCode::SUCCESS;
+        }
         if !alive(new) {
             return fail(
                 EXIT_FAILURE,

@@ -67,8 +67,9 @@ struct Group {
 pub struct Listeners {
     groups: Vec<Group>,
     backlog: i32,
-    /// Handed over to a new master (binary upgrade): the Unix socket files are its now, so
-    /// closing our copies must not remove them.
+    /// The Unix socket files are not ours to remove: handed over to a new master (binary
+    /// upgrade), or, in a new master, not yet taken over (its upgrade may still fail, and the
+    /// old master serves on them).
     handed_over: bool,
     /// The sockets came from systemd (`adopt`): kept as they are for the master's life.
     adopted: bool,
@@ -142,11 +143,12 @@ impl Listeners {
                 unix_path: h.unix_path,
             });
         }
-        // Sockets systemd passed the old master stay as they are (`rebind` keeps them).
+        // Sockets systemd passed the old master stay as they are (`rebind` keeps them). The
+        // Unix socket files stay the old master's until this one takes over (`take_ownership`).
         let mut listeners = Listeners {
             groups,
             backlog: 0,
-            handed_over: false,
+            handed_over: true,
             adopted,
         };
         listeners.rebind(binds, mode, workers, backlog, unix_mode)?;
@@ -185,6 +187,11 @@ impl Listeners {
     /// From now on a new master owns the Unix socket files: `close` leaves them.
     pub fn set_handed_over(&mut self) {
         self.handed_over = true;
+    }
+
+    /// The new master of an upgrade has taken over: the Unix socket files are its to remove.
+    pub fn take_ownership(&mut self) {
+        self.handed_over = false;
     }
 
     /// Keeps the sockets systemd passed (socket activation) instead of binding `server.bind`.
@@ -335,7 +342,7 @@ impl Listeners {
                 .iter()
                 .any(|n| n.unix_path.is_some() && n.unix_path == g.unix_path);
             drop(g.sockets);
-            if let (Some(p), false) = (g.unix_path, still_used) {
+            if let (Some(p), false, false) = (g.unix_path, still_used, self.handed_over) {
                 let _ = std::fs::remove_file(p);
             }
         }

@@ -302,7 +302,13 @@ pub fn setup(
         .context("cannot create the rate table")?;
     rates.configure(!config.limits.rate.is_empty(), config.limits.idle_ttl);
     let janitor = Janitor::start(&config, board.header().instance.load(Ordering::Relaxed));
-    let metrics = Metrics::start(&config.metrics, &board_fd, handed_metrics)?;
+    // The new master of an upgrade serves the metrics once it takes over (see `Metrics::gate`).
+    let metrics = Metrics::start(
+        &config.metrics,
+        &board_fd,
+        handed_metrics,
+        upgrade_ready.is_none(),
+    )?;
     // Opened here once so that a bad path is a clear startup error, not a worker crash loop,
     // and given to server.user, who opens it in the workers.
     crate::privileges::prepare_access_file(&config).map_err(anyhow::Error::msg)?;
@@ -824,8 +830,15 @@ impl Master {
                     }
                 }
                 wait = wait.min(self.next_rss_sample.saturating_duration_since(now));
-                if let Some(u) = self.upgrade.as_ref().filter(|u| !u.abandoned) {
-                    wait = wait.min(u.deadline.saturating_duration_since(now));
+                if let Some(u) = &self.upgrade {
+                    let next = if u.abandoned {
+                        u.kill_at
+                    } else {
+                        Some(u.deadline)
+                    };
+                    if let Some(t) = next {
+                        wait = wait.min(t.saturating_duration_since(now));
+                    }
                 }
             }
             Phase::Stopping {
@@ -1031,6 +1044,13 @@ impl Master {
                         error!("upgrade: cannot take the control socket or the pidfile over: {e:#}")
                     }
                 }
+                // From now on the Unix socket files and the metrics are this master's.
+                if let Some(l) = self.listeners.as_mut() {
+                    l.take_ownership();
+                }
+                if let Some(m) = &self.metrics {
+                    m.set_accepting(true);
+                }
                 match nix::unistd::write(&pipe, b"R") {
                     Ok(_) => info!(
                         old_master = parent,
@@ -1123,6 +1143,16 @@ impl Master {
     fn reload(&mut self) -> Result<String, String> {
         if self.phase != Phase::Running {
             return Err("the master is stopping".to_string());
+        }
+        if let Some(u) = &self.upgrade {
+            // The new master has read the configuration already; this one hands over soon.
+            let why = format!(
+                "a binary upgrade is under way (new master pid {}): reload that master once it \
+                 has taken over",
+                u.pid
+            );
+            warn!("reload refused: {why}");
+            return Err(why);
         }
         info!("HUP: reloading the configuration");
         self.systemd_reloading();
@@ -1288,6 +1318,21 @@ impl Master {
         if let Some(pid) = self.handed_over_to {
             return Err(format!("already handed over to master pid {pid}"));
         }
+        if let Some((_, old)) = &self.upgrade_ready {
+            return Err(format!(
+                "this master is the new master of an upgrade from master {old} and is not \
+                 ready yet"
+            ));
+        }
+        if std::process::id() == 1 {
+            // The old master exits once the new one is ready: as process 1 (a container's
+            // init), its exit would end the container.
+            return Err(
+                "this master is process 1 (a container's init): it cannot hand over \
+                        and exit; restart the container instead"
+                    .into(),
+            );
+        }
         let Some(listeners) = self.listeners.as_mut() else {
             return Err("no listeners to hand over".into());
         };
@@ -1343,6 +1388,9 @@ impl Master {
             if let Some(l) = self.listeners.as_mut() {
                 l.set_handed_over();
             }
+            if let Some(m) = &self.metrics {
+                m.set_accepting(false);
+            }
             // systemd: the new master is the service's main process from now on (allowed
             // under NotifyAccess=main because we are the main process until now).
             self.systemd_main_pid(pid.as_raw() as u32);
@@ -1355,10 +1403,25 @@ impl Master {
         let Some(u) = self.upgrade.as_mut() else {
             return;
         };
-        if u.abandoned || Instant::now() < u.deadline {
+        let now = Instant::now();
+        if u.abandoned {
+            // Told to stop and still there after a fast stop's time: killed (its workers die
+            // with it), so that a hung new master does not block later upgrades for good.
+            if u.kill_at.is_some_and(|t| now >= t) {
+                u.kill_at = None;
+                warn!(
+                    pid = u.pid.as_raw(),
+                    "upgrade: the stopped new master is still running; killing it"
+                );
+                let _ = kill(u.pid, Signal::SIGKILL);
+            }
+            return;
+        }
+        if now < u.deadline {
             return;
         }
         u.abandoned = true;
+        u.kill_at = Some(now + FAST_STOP_TIMEOUT * 2);
         error!(
             pid = u.pid.as_raw(),
             "upgrade failed: the new master did not get its workers ready in time; stopping it, \
@@ -1445,6 +1508,7 @@ impl Master {
                 "upgrade: stopping before the new master was ready; stopping it too"
             );
             u.abandoned = true;
+            u.kill_at = Some(Instant::now() + FAST_STOP_TIMEOUT * 2);
             let _ = kill(u.pid, sig);
         }
         let sig = if fast {

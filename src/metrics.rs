@@ -108,9 +108,12 @@ pub struct Metrics {
     /// `metrics.bind` as configured, and the address it gave.
     bind: String,
     addr: SocketAddr,
-    /// A copy of the listening socket, for the new master of a binary upgrade to take over
-    /// (both serve scrapes until the old one exits).
+    /// A copy of the listening socket, for the new master of a binary upgrade to take over.
     listener: TcpListener,
+    /// Whether this master accepts scrapes: during a binary upgrade only one of the two
+    /// masters sharing the socket does (the old one until the new one is ready), so that a
+    /// scraper never sees the counters of both in turn.
+    gate: tokio::sync::watch::Sender<bool>,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -129,6 +132,7 @@ impl Metrics {
         config: &MetricsConfig,
         board: &OwnedFd,
         inherited: Option<TcpListener>,
+        accepting: bool,
     ) -> Result<Option<Metrics>> {
         if config.bind.is_empty() {
             return Ok(None);
@@ -161,9 +165,10 @@ impl Metrics {
             state: state.clone(),
             board,
         });
+        let (gate, gate_rx) = tokio::sync::watch::channel(accepting);
         std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || runtime.block_on(serve(listener, shared)))
+            .spawn(move || runtime.block_on(serve(listener, shared, gate_rx)))
             .context("cannot start the metrics thread")?;
         info!(addr = %addr, "metrics: serving /metrics");
         Ok(Some(Metrics {
@@ -171,7 +176,13 @@ impl Metrics {
             bind: config.bind.clone(),
             addr,
             listener: copy,
+            gate,
         }))
+    }
+
+    /// Starts or stops accepting scrapes (a binary upgrade: see `gate`).
+    pub fn set_accepting(&self, on: bool) {
+        let _ = self.gate.send(on);
     }
 
     /// What a new master needs to take the metrics socket over: `metrics.bind` as configured
@@ -495,7 +506,11 @@ impl Shared {
     }
 }
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut gate: tokio::sync::watch::Receiver<bool>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -505,10 +520,22 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     };
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // Not accepting (see `Metrics::gate`): the connections wait in the socket's queue for
+        // the master that is.
+        if !*gate.borrow_and_update() {
+            if gate.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = gate.changed() => continue,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 debug!(error = %e, "metrics: accept failed");
@@ -587,6 +614,7 @@ mod tests {
             },
             &fd,
             None,
+            true,
         )
         .unwrap()
         .unwrap();

@@ -123,6 +123,8 @@ pub struct InProgress {
     pub deadline: Instant,
     /// Past the deadline, or this master stops: the new master was told to stop.
     pub abandoned: bool,
+    /// When an abandoned new master still running gets SIGKILL.
+    pub kill_at: Option<Instant>,
 }
 
 /// Starts the new master: the binary at `exec.exe`, the same arguments, this master's
@@ -166,5 +168,6 @@ pub fn start_new_master(
         ready: Some(read),
         deadline: Instant::now() + ready_within,
         abandoned: false,
+        kill_at: None,
     })
 }

@@ -94,10 +94,13 @@ impl Master {
                     let pid = u.pid.as_raw() as u32;
                     reply.new_master = Some(pid);
                     reply.new_socket = Some(Location::of(&self.config).for_master(pid));
+                    // Until the deadline, then the old master's drain (the command also counts
+                    // the old master's exit as the new one's success).
                     let left = u
                         .deadline
                         .saturating_duration_since(std::time::Instant::now());
-                    reply.wait_ms = Some(left.as_millis() as u64);
+                    let wait = left + self.config.server.graceful_timeout;
+                    reply.wait_ms = Some(wait.as_millis() as u64);
                 }
                 reply
             }
@@ -175,6 +178,13 @@ impl Master {
         if !(1..=1024).contains(&workers) {
             return Err(format!(
                 "cannot scale to {workers} workers: 1..=1024 allowed"
+            ));
+        }
+        if let Some(u) = &self.upgrade {
+            return Err(format!(
+                "a binary upgrade is under way (new master pid {}): scale that master once it \
+                 has taken over",
+                u.pid
             ));
         }
         let before = self.slots.len() as u32;

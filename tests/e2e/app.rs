@@ -33,7 +33,7 @@ fn app_pid(s: &Server) -> (u32, String) {
 }
 
 /// Children of `pid`, from /proc.
-fn children(pid: u32) -> Vec<u32> {
+pub(crate) fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap_or_default()
         .split_whitespace()

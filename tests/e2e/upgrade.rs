@@ -237,3 +237,133 @@ fn usr2_hands_the_metrics_socket_over() {
         r.text()
     );
 }
+
+#[test]
+fn while_the_new_master_is_not_ready_reload_scale_and_more_usr2_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let gate = d.join("gate");
+    std::fs::create_dir(&gate).unwrap();
+    std::fs::write(gate.join("open"), "").unwrap();
+    // Each app waits for the gate to be open before it listens: its worker is not ready before.
+    let app = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");
+    let script = format!(
+        "while [ ! -e '{}/open' ]; do sleep 0.02; done; exec python3 {app} --uds \"$1\"",
+        gate.display()
+    );
+    let sock = d.join("ctl.sock");
+    let conf = format!(
+        "[server]\nworkers = 1\ncontrol_socket = {:?}\n[app]\ncommand = [\"sh\", \"-c\", {:?}, \"sh\", \"{{socket}}\"]\n",
+        sock.to_str().unwrap(),
+        script
+    );
+    let (mut server, _bin) = start_copy(dir, &conf);
+    let ctl = |args: &[&str]| {
+        run(
+            &d,
+            &[args, &["--socket", sock.to_str().unwrap()]].concat(),
+            &[],
+        )
+    };
+
+    std::fs::remove_file(gate.join("open")).unwrap();
+    server.signal(Signal::SIGUSR2);
+    let new = new_master(&server, 0);
+    let _stop_new = Adopted(new);
+    // The new master's worker has started (and waits for its app) before anything is asked.
+    eventually(Duration::from_secs(20), "the new master's worker", || {
+        (!crate::app::children(new).is_empty()).then_some(())
+    });
+
+    let (code, _, err) = ctl(&["reload"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("upgrade is under way"), "{err}");
+    let (code, _, err) = ctl(&["scale", "2"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("upgrade is under way"), "{err}");
+    server.signal(Signal::SIGUSR2);
+    server
+        .log
+        .wait_for(Duration::from_secs(10), |l| l.contains("already under way"))
+        .expect("a second USR2 is refused");
+    kill(Pid::from_raw(new as i32), Signal::SIGUSR2).unwrap();
+    server
+        .log
+        .wait_for(Duration::from_secs(10), |l| {
+            l.contains("is the new master of an upgrade") && l.contains("not ready yet")
+        })
+        .expect("USR2 to the new master before it is ready is refused");
+    // The old master serves all along.
+    assert_eq!(server.get("/").status, 200);
+
+    std::fs::write(gate.join("open"), "").unwrap();
+    assert!(server.wait_exit(Duration::from_secs(30)).success());
+    assert_eq!(serving(new).len(), 1);
+    assert_eq!(
+        server
+            .log
+            .lines()
+            .iter()
+            .filter(|l| l.contains("upgrade: started the new master"))
+            .count(),
+        1,
+        "only one new master"
+    );
+}
+
+#[test]
+fn a_failed_upgrade_leaves_the_unix_socket_files_to_the_old_master() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let bin = d.join("supervisor");
+    std::fs::copy(BIN, &bin).unwrap();
+    let conf = write_file(&d, "s.toml", "[server]\nworkers = 1\n");
+    let unix = d.join("app.sock");
+    let unix_bind = format!("unix:{}", unix.display());
+    let mut server = Server::spawn_program(
+        &bin,
+        dir,
+        &[
+            "-c",
+            conf.to_str().unwrap(),
+            "-b",
+            "127.0.0.1:0",
+            "-b",
+            &unix_bind,
+        ],
+    )
+    .wait_ready();
+    assert_eq!(try_get_unix(&unix, "/").unwrap().status, 200);
+    // The new master takes the sockets over, then fails before it is ready (its app exits at
+    // once, so its worker never boots and it gives up): it must not remove the socket file,
+    // which the old master goes on serving.
+    std::fs::write(
+        &conf,
+        "[server]\nworkers = 1\n[app]\ncommand = [\"sh\", \"-c\", \"exit 3\", \"{socket}\"]\n",
+    )
+    .unwrap();
+    server.signal(Signal::SIGUSR2);
+    let new = new_master(&server, 0);
+    let _stop_new = Adopted(new);
+    server
+        .log
+        .wait_for(Duration::from_secs(20), |l| l.contains("upgrade failed"))
+        .expect("the failed upgrade is logged");
+    eventually(
+        Duration::from_secs(10),
+        "the failed new master gone",
+        || (!alive(new)).then_some(()),
+    );
+    assert_eq!(try_get_unix(&unix, "/").unwrap().status, 200);
+    // And a successful upgrade leaves it to the new master, which removes it when it stops.
+    std::fs::write(&conf, "[server]\nworkers = 1\n").unwrap();
+    server.signal(Signal::SIGUSR2);
+    let next = new_master(&server, 1);
+    let stop_next = Adopted(next);
+    assert!(server.wait_exit(Duration::from_secs(30)).success());
+    assert_eq!(try_get_unix(&unix, "/").unwrap().status, 200);
+    drop(stop_next);
+    eventually(Duration::from_secs(10), "the socket file removed", || {
+        (!unix.exists()).then_some(())
+    });
+}
