@@ -119,9 +119,11 @@ impl Notifier {
         self.status_pending = None;
     }
 
-    /// `MAINPID=`: see `main_pid`.
+    /// `MAINPID=` after a binary upgrade, with `READY=1` in the same message: were a reload
+    /// under way in systemd's eyes, it ends with the handover (the new master serves the
+    /// configuration it read).
     pub fn main_pid(&mut self, pid: u32) {
-        self.send(&format!("MAINPID={pid}"));
+        self.send(&format!("MAINPID={pid}\nREADY=1"));
     }
 
     /// Sets `STATUS=`: sent now if it changed and the last one is old enough, else once it is.
@@ -263,7 +265,7 @@ mod tests {
         n.ready();
         assert_eq!(receive(&sock), "READY=1");
         n.main_pid(4242);
-        assert_eq!(receive(&sock), "MAINPID=4242");
+        assert_eq!(receive(&sock), "MAINPID=4242\nREADY=1");
         n.reloading();
         let msg = receive(&sock);
         let usec: u64 = msg
