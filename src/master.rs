@@ -1156,7 +1156,7 @@ impl Master {
         }
         info!("HUP: reloading the configuration");
         self.systemd_reloading();
-        let new = match (self.reload)() {
+        let mut new = match (self.reload)() {
             Ok(c) => c,
             Err(e) => {
                 for line in e.lines() {
@@ -1231,6 +1231,9 @@ impl Master {
         } else if !new.metrics.bind.is_empty() {
             warn!(metrics.bind = %new.metrics.bind, "reload: metrics.bind changes at the next start; no metrics until then");
         }
+        // Read at start only: the new workers go on timing requests for the metrics this
+        // master serves (and not for metrics it does not), whatever the file says now.
+        new.metrics = self.config.metrics.clone();
         if new.redis != self.config.redis || new.limits != self.config.limits {
             self.janitor =
                 Janitor::start(&new, self.board.header().instance.load(Ordering::Relaxed));

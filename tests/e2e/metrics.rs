@@ -472,6 +472,21 @@ fn a_reload_that_moves_metrics_says_it_needs_a_restart() {
         .expect("a warning about metrics.bind");
     // Still served where it was.
     scrape(m);
+    // And still complete once the metrics are gone from the file: the replaced workers time
+    // every request as before (the histogram counts what the requests count).
+    let before = scrape(m).count(OK);
+    std::fs::write(&config, "").unwrap();
+    let old = s.serving_pids();
+    s.signal(Signal::SIGHUP);
+    eventually(WAIT, "the workers replaced", || {
+        let now = s.serving_pids();
+        (now.len() == 1 && !old.contains(&now[0])).then_some(())
+    });
+    for _ in 0..5 {
+        assert_eq!(s.get("/").status, 200);
+    }
+    let sc = wait_exactly(m, OK, before + 5);
+    assert_eq!(sc.count(COUNT), sc.count(OK), "every request timed");
 }
 
 #[test]
