@@ -136,23 +136,7 @@ impl Started {
 
     /// Pids of serving workers, from `supervisor status --json`.
     fn serving_pids(&self) -> Vec<u32> {
-        let out = Command::new(BIN)
-            .args(["status", "--json", "--pid", &self.pid().to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["state"] == "serving")
-            .map(|w| w["pid"].as_u64().unwrap() as u32)
-            .collect()
+        serving_pids_of(self.pid())
     }
 }
 
@@ -728,15 +712,10 @@ fn an_upgrade_moves_mainpid_to_the_new_master_and_the_old_one_does_not_say_stopp
         "{env:?}"
     );
     // The handover variable goes no further than the new master.
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--pid", &new.to_string()])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let workers = v["workers"].as_array().unwrap();
-    assert_eq!(workers.len(), 2, "{v}");
+    let workers = serving_pids_of(new);
+    assert_eq!(workers.len(), 2, "{workers:?}");
     for w in workers {
-        let env = environ(w["pid"].as_u64().unwrap() as u32);
+        let env = environ(w);
         assert!(
             !env.iter().any(|v| v.starts_with("SUPERVISOR_UPGRADE=")),
             "{env:?}"

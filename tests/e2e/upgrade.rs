@@ -2,14 +2,12 @@
 //! listeners, and drains once the new one is ready; or keeps serving when the new one fails.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::Value;
 
 use crate::recycling::{client, Tally, PACE};
 use crate::util::*;
@@ -35,27 +33,8 @@ impl Drop for Adopted {
     }
 }
 
-fn status_of(master: u32) -> Value {
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--pid", &master.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "status of {master}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn serving(master: u32) -> Vec<u64> {
-    status_of(master)["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|w| w["state"] == "serving")
-        .map(|w| w["pid"].as_u64().unwrap())
-        .collect()
+    serving_pids_of(master).into_iter().map(u64::from).collect()
 }
 
 fn exe_of(pid: u32) -> String {

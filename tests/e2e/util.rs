@@ -194,16 +194,7 @@ impl Server {
 
     /// `supervisor status --pid PID --json`.
     pub fn status(&self) -> Value {
-        let out = Command::new(BIN)
-            .args(["status", "--json", "--pid", &self.pid().to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        status_of(self.pid())
     }
 
     /// The master's control socket, from its "control socket created" log line.
@@ -476,4 +467,30 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `supervisor status --pid MASTER --json`, for any master (one the test did not start itself:
+/// the new master of an upgrade, one started through a wrapper).
+pub fn status_of(master: u32) -> Value {
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--pid", &master.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status of {master} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Pids of the serving workers of master `master`.
+pub fn serving_pids_of(master: u32) -> Vec<u32> {
+    status_of(master)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "serving")
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect()
 }
