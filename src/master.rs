@@ -1110,9 +1110,25 @@ impl Master {
         if self.phase != Phase::Running {
             return;
         }
+        self.push_slot();
+        info!(workers = self.slots.len(), "TTIN: one worker more");
+    }
+
+    /// One worker number more (the next one); its process starts at the next turn.
+    fn push_slot(&mut self) {
         let id = self.slots.iter().map(|s| s.id).max().unwrap_or(0) + 1;
         self.slots.push(WorkerSlot::new(id));
-        info!(workers = self.slots.len(), "TTIN: one worker more");
+    }
+
+    /// `workers` worker numbers: new numbers start as usual (at the next turn), extra ones (the
+    /// highest) drain away.
+    fn set_worker_count(&mut self, workers: u32) {
+        while (self.slots.len() as u32) < workers {
+            self.push_slot();
+        }
+        while (self.slots.len() as u32) > workers {
+            self.drop_last_slot();
+        }
     }
 
     fn remove_worker(&mut self) {
@@ -1256,14 +1272,7 @@ impl Master {
         self.config = new;
         self.config_gen += 1;
 
-        // Worker count: new numbers start as usual; extra numbers drain away.
-        while (self.slots.len() as u32) < workers {
-            let id = self.slots.iter().map(|s| s.id).max().unwrap_or(0) + 1;
-            self.slots.push(WorkerSlot::new(id));
-        }
-        while (self.slots.len() as u32) > workers {
-            self.drop_last_slot();
-        }
+        self.set_worker_count(workers);
         // Every process from an older configuration is replaced, a few at a time.
         let now = Instant::now();
         let old: Vec<(u32, Pid)> = self
@@ -1305,9 +1314,10 @@ impl Master {
         ))
     }
 
-    /// USR2 and `supervisor upgrade`: starts the binary on disk as a new master with our listeners. This master keeps
-    /// serving until the new one says every one of its workers is ready, then drains and
-    /// exits; if the new one fails first, this one keeps serving and says why.
+    /// USR2 and `supervisor upgrade`: starts the binary on disk as a new master with our
+    /// listeners. This master keeps serving until the new one says every one of its workers is
+    /// ready, then drains and exits; if the new one fails first, this one keeps serving and says
+    /// why.
     pub fn begin_upgrade(&mut self) -> Result<String, String> {
         if self.phase != Phase::Running {
             return Err("the master is stopping".into());
@@ -1423,14 +1433,12 @@ impl Master {
         if now < u.deadline {
             return;
         }
-        u.abandoned = true;
-        u.kill_at = Some(now + FAST_STOP_TIMEOUT * 2);
         error!(
             pid = u.pid.as_raw(),
             "upgrade failed: the new master did not get its workers ready in time; stopping it, \
              this master keeps serving"
         );
-        let _ = kill(u.pid, Signal::SIGQUIT);
+        u.abandon(Signal::SIGQUIT);
     }
 
     /// The new master of an upgrade exited. Before it took over, this is a failed upgrade.
@@ -1510,15 +1518,8 @@ impl Master {
                 pid = u.pid.as_raw(),
                 "upgrade: stopping before the new master was ready; stopping it too"
             );
-            u.abandoned = true;
-            u.kill_at = Some(Instant::now() + FAST_STOP_TIMEOUT * 2);
-            let _ = kill(u.pid, sig);
+            u.abandon(sig);
         }
-        let sig = if fast {
-            Signal::SIGQUIT
-        } else {
-            Signal::SIGTERM
-        };
         for pid in self.procs.keys() {
             let _ = kill(*pid, sig);
         }

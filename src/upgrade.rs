@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
@@ -126,6 +127,19 @@ pub struct InProgress {
     /// When an abandoned new master still running gets SIGKILL.
     pub kill_at: Option<Instant>,
 }
+
+impl InProgress {
+    /// Gives up on this new master: tells it to stop with `signal` (QUIT: fast, TERM:
+    /// graceful); `kill_at` is when it gets SIGKILL if still there.
+    pub fn abandon(&mut self, signal: Signal) {
+        self.abandoned = true;
+        self.kill_at = Some(Instant::now() + ABANDON_GRACE);
+        let _ = nix::sys::signal::kill(self.pid, signal);
+    }
+}
+
+/// How long an abandoned new master has to stop before SIGKILL: twice a fast stop's time.
+const ABANDON_GRACE: Duration = Duration::from_secs(10);
 
 /// Starts the new master: the binary at `exec.exe`, the same arguments, this master's
 /// listeners as inherited fds, and a pipe to say when it is ready.

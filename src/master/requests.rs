@@ -17,12 +17,11 @@ pub(super) fn refuse_if_pidfile_live(config: &Config) -> Result<()> {
     pidfile::refuse_if_live(Path::new(&config.server.pidfile))
 }
 
-/// Once the listeners are bound: the control socket (refusing if another master answers on it)
-/// and the pidfile.
-/// The new master of an binary upgrade, once ready, takes the control socket and the pidfile
-/// over from the old one, which still answers on the socket: the new socket is renamed over
-/// the old one's path (the old master, seeing another file there, leaves it at exit), and the
-/// pidfile gets our pid (the old master removes it only while it holds its own).
+/// The control socket and the pidfile, made ours. The new master of a binary upgrade calls
+/// this directly once it is ready, taking both over from the old master, which still answers on
+/// the socket: the new socket is renamed over the old one's path (the old master, seeing another
+/// file there, leaves it at exit), and the pidfile gets our pid (the old master removes it only
+/// while it holds its own).
 pub(super) fn take_over_control_and_pidfile(
     config: &Config,
 ) -> Result<(ControlServer, Option<PidFile>)> {
@@ -35,18 +34,13 @@ pub(super) fn take_over_control_and_pidfile(
     Ok((server, pidfile))
 }
 
+/// Once the listeners are bound: the control socket (refusing if another master answers on it)
+/// and the pidfile.
 pub(super) fn claim_control_and_pidfile(
     config: &Config,
 ) -> Result<(ControlServer, Option<PidFile>)> {
-    let location = Location::of(config);
-    control::refuse_if_live(&location, std::process::id())?;
-    let server = ControlServer::bind(&location)?;
-    let pidfile = if config.server.pidfile.is_empty() {
-        None
-    } else {
-        Some(PidFile::create(Path::new(&config.server.pidfile))?)
-    };
-    Ok((server, pidfile))
+    control::refuse_if_live(&Location::of(config), std::process::id())?;
+    take_over_control_and_pidfile(config)
 }
 
 impl Master {
@@ -188,13 +182,7 @@ impl Master {
             ));
         }
         let before = self.slots.len() as u32;
-        while (self.slots.len() as u32) < workers {
-            let id = self.slots.iter().map(|s| s.id).max().unwrap_or(0) + 1;
-            self.slots.push(WorkerSlot::new(id));
-        }
-        while (self.slots.len() as u32) > workers {
-            self.drop_last_slot();
-        }
+        self.set_worker_count(workers);
         info!(workers, before, "control: scaled");
         Ok(format!("scaled from {before} to {workers} workers"))
     }
