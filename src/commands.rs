@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{ControlArgs, ScaleArgs, StatusArgs, StopArgs};
 use crate::control::{self, Location, Reply, Request};
+use crate::pidfile::alive;
 use crate::{fail, status, EXIT_CONFIG, EXIT_DENIED, EXIT_FAILURE, EXIT_NO_MASTER};
 
 /// How long a command waits for an answer (a reload re-reads and validates the configuration
@@ -265,18 +266,5 @@ fn connect(path: &Path) -> Result<UnixStream, ExitCode> {
             EXIT_FAILURE,
             &format!("cannot identify who serves {}: {e}", path.display()),
         )),
-    }
-}
-
-/// True while `pid` exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !matches!(
-            stat.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next()),
-            Some("Z") | Some("X")
-        ),
-        Err(_) => false,
     }
 }

@@ -3,10 +3,10 @@
 //! wire protocol, and the master's side of the connections; what each request does is the
 //! master's business (`master::requests`), and the commands' side is `commands`.
 //!
-//! Where: `server.control_socket`, else `supervisor-<hash>.sock` in the runtime directory's
-//! parent (`server.runtime_dir`, `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR`, `/run` for root,
-//! else the temporary directory), `<hash>` a short hash of the resolved `server.bind`, so that a
-//! command run with the same configuration finds the same socket and two instances on different
+//! Where: `server.control_socket`, else `supervisor-<hash>.sock` in `server.runtime_dir`, else
+//! `/run/supervisor` (root, or a user who can write there), else `$XDG_RUNTIME_DIR`, else the
+//! temporary directory, `<hash>` a short hash of the resolved `server.bind`, so that a command
+//! run with the same configuration finds the same socket and two instances on different
 //! addresses do not collide. An address with port 0 does not say which instance it is (each
 //! gets its own port), so then the name also carries the master's pid,
 //! `supervisor-<hash>-<pid>.sock`, and a command picks the one such master that is alive.
@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 use worker::config::Config;
 
+use crate::pidfile::alive;
 use crate::status::Status;
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -180,7 +181,7 @@ impl Location {
         };
         let mut live: Vec<PathBuf> = per_pid_sockets(dir, prefix)
             .into_iter()
-            .filter(|(pid, _)| process_exists(*pid))
+            .filter(|(pid, _)| alive(*pid))
             .map(|(_, p)| p)
             .collect();
         live.sort();
@@ -203,8 +204,7 @@ impl Location {
     }
 }
 
-/// Where default control sockets go: the runtime directory's parent, with `/run` for root
-/// before the temporary directory.
+/// Where default control sockets go (see the module's comment).
 fn default_dir(runtime_dir: &str) -> PathBuf {
     // Not from $RUNTIME_DIRECTORY: a command run from a shell must find the socket of a master
     // started by systemd, whose environment it does not share. /run/supervisor is what the
@@ -243,10 +243,6 @@ fn has_port_zero(addr: &str) -> bool {
     !addr.starts_with("unix:") && addr.rsplit_once(':').is_some_and(|(_, port)| port == "0")
 }
 
-fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
 /// `<prefix>-<pid>.sock` entries of `dir`.
 fn per_pid_sockets(dir: &Path, prefix: &str) -> Vec<(u32, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -277,7 +273,7 @@ fn remove_dead_masters_sockets(location: &Location) {
     for (pid, path) in per_pid_sockets(dir, prefix) {
         let ours = std::fs::symlink_metadata(&path)
             .is_ok_and(|m| m.file_type().is_socket() && m.uid() == me);
-        if ours && !process_exists(pid) && std::fs::remove_file(&path).is_ok() {
+        if ours && !alive(pid) && std::fs::remove_file(&path).is_ok() {
             debug!(path = %path.display(), "removed a dead master's control socket");
         }
     }

@@ -147,7 +147,7 @@ fn remove_stale(base: &Path) {
             continue;
         };
         let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
-        if ours && !Path::new(&format!("/proc/{pid}")).exists() {
+        if ours && !crate::pidfile::alive(pid) {
             match std::fs::remove_dir_all(entry.path()) {
                 Ok(()) => {
                     tracing::debug!(path = %entry.path().display(), "removed a stale runtime directory")
@@ -161,14 +161,8 @@ fn remove_stale(base: &Path) {
 }
 
 fn base(configured: &str) -> PathBuf {
-    chosen_base(configured).unwrap_or_else(std::env::temp_dir)
-}
-
-/// `server.runtime_dir`, else `$RUNTIME_DIRECTORY`, else `$XDG_RUNTIME_DIR`; `None` when none
-/// is set. Shared with the control socket's default location (`control::Location`).
-pub(crate) fn chosen_base(configured: &str) -> Option<PathBuf> {
     if !configured.is_empty() {
-        return Some(PathBuf::from(configured));
+        return PathBuf::from(configured);
     }
     for var in ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"] {
         if let Some(v) = std::env::var_os(var) {
@@ -180,11 +174,11 @@ pub(crate) fn chosen_base(configured: &str) -> Option<PathBuf> {
                 .unwrap_or("")
                 .to_string();
             if first.starts_with('/') {
-                return Some(PathBuf::from(first));
+                return PathBuf::from(first);
             }
         }
     }
-    None
+    std::env::temp_dir()
 }
 
 #[cfg(test)]
