@@ -128,10 +128,7 @@ fn start(
     };
     if !loaded.config.log.file.is_empty() {
         // Workers inherit stderr, so this sends every process's log to the file.
-        if let Err(e) = worker::logfile::redirect_stderr(&loaded.config.log.file) {
-            return fail(EXIT_FAILURE, &e);
-        }
-        if let Err(e) = privileges::give_log_file(&loaded.config) {
+        if let Err(e) = privileges::log_to_file(&loaded.config) {
             return fail(EXIT_FAILURE, &e);
         }
     }

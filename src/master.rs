@@ -1231,10 +1231,8 @@ impl Master {
             }
         }
         if new.log.file != self.config.log.file && !new.log.file.is_empty() {
-            if let Err(e) = worker::logfile::redirect_stderr(&new.log.file) {
-                error!("reload: {e}; logging stays where it was");
-            } else if let Err(e) = crate::privileges::give_log_file(&new) {
-                error!("reload: {e}");
+            if let Err(e) = crate::privileges::log_to_file(&new) {
+                error!("reload: log.file: {e}");
             }
         }
         self.warn_control_changes(&new);
@@ -1469,13 +1467,8 @@ impl Master {
             return;
         }
         if !self.config.log.file.is_empty() {
-            match worker::logfile::redirect_stderr(&self.config.log.file) {
-                Ok(()) => {
-                    if let Err(e) = crate::privileges::give_log_file(&self.config) {
-                        error!("USR1: {e}");
-                    }
-                    info!(file = %self.config.log.file, "USR1: log file reopened")
-                }
+            match crate::privileges::log_to_file(&self.config) {
+                Ok(()) => info!(file = %self.config.log.file, "USR1: log file reopened"),
                 Err(e) => error!("USR1: {e}"),
             }
         }

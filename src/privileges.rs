@@ -1,6 +1,6 @@
 //! The master's side of `server.user` / `server.group` (the workers drop privileges themselves,
 //! see `worker::privileges`): refusing to start when the switch is impossible, keeping the
-//! user/group fixed across reloads, and handing the user the log file that workers reopen.
+//! user/group fixed across reloads, and handing the user the log files that workers open.
 
 use worker::config::{Config, ServerConfig};
 use worker::privileges::{self, Credentials};
@@ -26,55 +26,34 @@ pub fn check_reload(started: &ServerConfig, new: &ServerConfig) -> Result<(), St
     ))
 }
 
-/// With `log.file` and `server.user` both set, gives the open log file (this process's stderr)
-/// to the user: workers reopen it by its path on USR1, as that user (nginx does the same with
-/// its logs). The file this process has open, not the path, so that a file swapped in under
-/// the name meanwhile is not the one that changes owner.
-pub fn give_log_file(config: &Config) -> Result<(), String> {
-    if config.log.file.is_empty() {
-        return Ok(());
-    }
-    let Some(creds) = privileges::resolve(&config.server)? else {
-        return Ok(());
-    };
-    std::os::unix::fs::fchown(
-        std::io::stderr(),
-        Some(creds.uid.as_raw()),
-        Some(creds.gid.as_raw()),
-    )
-    .map_err(|e| {
-        format!(
-            "cannot give the log file {} to server.user = {:?}: {e}",
-            config.log.file, creds.user
-        )
-    })
+/// `log.file`: makes it this process's stderr (which the workers inherit) and, with
+/// `server.user`, gives it to the user: workers reopen it by its path on USR1, as that user
+/// (nginx does the same with its logs).
+pub fn log_to_file(config: &Config) -> Result<(), String> {
+    worker::logfile::redirect_stderr(&config.log.file).map_err(|e| e.to_string())?;
+    give(config, &config.log.file, std::io::stderr())
 }
 
-/// With `log.access_file` and `server.user` both set, gives the access log file (opened, and
-/// created if need be, by the master) to the user: the workers open it by its path after they
-/// switch to the user, at start and again on USR1.
-pub fn give_access_file(config: &Config, file: &std::fs::File) -> Result<(), String> {
-    let Some(creds) = privileges::resolve(&config.server)? else {
-        return Ok(());
-    };
-    std::os::unix::fs::fchown(file, Some(creds.uid.as_raw()), Some(creds.gid.as_raw())).map_err(
-        |e| {
-            format!(
-                "cannot give the access log {} to server.user = {:?}: {e}",
-                config.log.access_file, creds.user
-            )
-        },
-    )
-}
-
-/// Opens (creating it if need be) the access log file for `config`, if it has one, and gives it
-/// to `server.user`: a bad path is then a clear error here rather than a worker crash loop.
+/// With `log.access_file`: opens it (creating it if need be), so that a bad path is a clear
+/// error here rather than a worker crash loop, and gives it to `server.user`, as whom the
+/// workers open it by its path, at start and again on USR1.
 pub fn prepare_access_file(config: &Config) -> Result<(), String> {
     if !config.log.access || config.log.access_file.is_empty() {
         return Ok(());
     }
     let file = worker::access_log::open(&config.log.access_file).map_err(|e| e.to_string())?;
-    give_access_file(config, &file)
+    give(config, &config.log.access_file, &file)
+}
+
+/// Gives the open `file` (at `path`) to `server.user`, if set. The file this process has open,
+/// not the path, so that a file swapped in under the name meanwhile is not the one that changes
+/// owner.
+fn give(config: &Config, path: &str, file: impl std::os::fd::AsFd) -> Result<(), String> {
+    let Some(creds) = privileges::resolve(&config.server)? else {
+        return Ok(());
+    };
+    std::os::unix::fs::fchown(file, Some(creds.uid.as_raw()), Some(creds.gid.as_raw()))
+        .map_err(|e| format!("cannot give {path} to server.user = {:?}: {e}", creds.user))
 }
 
 #[cfg(test)]

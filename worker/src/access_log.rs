@@ -12,7 +12,7 @@
 //! status, the body bytes sent and the duration.
 
 use std::cell::RefCell;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -53,11 +53,7 @@ pub(crate) struct Entry {
 
 /// Opens `path` for appending, creating it if needed.
 pub fn open(path: &str) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open access log {path}: {e}")))
+    crate::logfile::open_append(path, "access log")
 }
 
 impl AccessLog {
