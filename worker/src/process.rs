@@ -44,6 +44,7 @@ pub const PARENT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 fn client_rate(
     config: &crate::config::Config,
     fd: &std::os::fd::OwnedFd,
+    trusted: Trusted,
 ) -> std::io::Result<Option<ClientRate>> {
     let limits = &config.limits;
     let Ok(Some(rate)) = Rate::parse(&limits.rate) else {
@@ -51,7 +52,6 @@ fn client_rate(
     };
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let key = RateKey::parse(&limits.key).map_err(invalid)?;
-    let trusted = Trusted::parse(&config.server.forwarded_allow_ips).map_err(invalid)?;
     Ok(Some(ClientRate::new(
         RateTable::open(fd, true)?,
         rate.count,
@@ -86,7 +86,16 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
     };
     // The mapping outlives the fd.
     drop(args.scoreboard);
-    let rate = match client_rate(&args.config, &args.rates) {
+    // Whose forwarding headers are believed, for `limits.rate` and the access log (the master
+    // checked the list; a worker that cannot read it refuses to start rather than trust anyone).
+    let trusted = match Trusted::parse(&args.config.server.forwarded_allow_ips) {
+        Ok(t) => t,
+        Err(e) => {
+            error!("server.forwarded_allow_ips: {e}");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    let rate = match client_rate(&args.config, &args.rates, trusted.clone()) {
         Ok(rate) => rate,
         Err(e) => {
             error!(error = %e, "cannot map the rate table");
@@ -153,7 +162,6 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
     );
     // The config was checked by the master (and the file opened once), so only opening the
     // file can fail here.
-    let trusted = Trusted::parse(&args.config.server.forwarded_allow_ips).unwrap_or(Trusted::Any);
     match AccessLog::new(&args.config.log, trusted, args.id) {
         Ok(Some(log)) => {
             let _ = worker.access.set(log);
@@ -311,10 +319,7 @@ async fn serve_until_done(
                 }
                 _ = int.recv() => return ExitCode::SUCCESS.into(),
                 _ = quit.recv() => return ExitCode::SUCCESS.into(),
-                _ = usr1.recv() => {
-                    reopen_log(log_file);
-                    reopen_access_log(worker);
-                }
+                _ = usr1.recv() => reopen_logs(log_file, worker),
                 _ = parent_check.tick() => {
                     if master_gone(master_pid) {
                         return ExitCode::from(EXIT_MASTER_GONE).into();
@@ -356,10 +361,7 @@ async fn serve_until_done(
                 info!("SIGQUIT: exiting now");
                 return ExitCode::SUCCESS.into();
             }
-            _ = usr1.recv() => {
-                    reopen_log(log_file);
-                    reopen_access_log(worker);
-                }
+            _ = usr1.recv() => reopen_logs(log_file, worker),
             _ = usr2.recv() => debug!("SIGUSR2: not held; ignored"),
             _ = parent_check.tick() => {
                 if master_gone(master_pid) {
@@ -458,34 +460,28 @@ fn master_gone(master_pid: u32) -> bool {
 }
 
 /// SIGUSR1: after a log rotation, points stderr (where the log goes) at a fresh open of
-/// `log.file`. A failure is logged to the old file and the worker keeps going.
-fn reopen_log(path: &str) {
-    if path.is_empty() {
-        debug!("SIGUSR1: logging to stderr, no log file to reopen; ignored");
-        return;
+/// `log.file`, and reopens `log.access_file` when the access log goes to a file. A failure is
+/// logged and the worker keeps writing to the old file.
+fn reopen_logs(log_file: &str, worker: &Worker) {
+    if log_file.is_empty() {
+        debug!("SIGUSR1: logging to stderr, no log file to reopen");
+    } else {
+        match crate::logfile::redirect_stderr(log_file) {
+            Ok(()) => info!(log.file = log_file, "SIGUSR1: log file reopened"),
+            Err(e) => error!(
+                log.file = log_file,
+                error = %e,
+                "SIGUSR1: cannot reopen the log file; still logging to the old one"
+            ),
+        }
     }
-    match crate::logfile::redirect_stderr(path) {
-        Ok(()) => info!(log.file = path, "SIGUSR1: log file reopened"),
-        Err(e) => error!(
-            log.file = path,
-            error = %e,
-            "SIGUSR1: cannot reopen the log file; still logging to the old one"
-        ),
-    }
-}
-
-/// SIGUSR1: reopens `log.access_file` too, when the access log goes to a file.
-fn reopen_access_log(worker: &Worker) {
-    let Some(log) = worker.access.get() else {
-        return;
-    };
-    match log.reopen() {
-        Ok(Some(path)) => info!(log.access_file = path, "SIGUSR1: access log reopened"),
-        Ok(None) => {}
-        Err(e) => error!(
+    match worker.access.get().map(|log| log.reopen()) {
+        Some(Ok(Some(path))) => info!(log.access_file = path, "SIGUSR1: access log reopened"),
+        Some(Err(e)) => error!(
             error = %e,
             "SIGUSR1: cannot reopen the access log; still writing to the old file"
         ),
+        Some(Ok(None)) | None => {}
     }
 }
 
