@@ -10,11 +10,10 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, Socket};
 use tracing::debug;
 
 use crate::listeners::BindAddr;
-use crate::sys;
 
 pub const LISTEN_PID: &str = "LISTEN_PID";
 pub const LISTEN_FDS: &str = "LISTEN_FDS";
@@ -64,7 +63,8 @@ pub fn from_env() -> Result<Option<Vec<Activated>>> {
         .unwrap_or_default();
     let mut sockets = Vec::with_capacity(count as usize);
     for (i, fd) in (FIRST_FD..FIRST_FD + count).enumerate() {
-        let socket = adopt_fd(fd)?;
+        let socket =
+            crate::listeners::inherited_listener(fd, &format!("socket activation ({LISTEN_FDS})"))?;
         let name = names.get(i).filter(|n| *n != "unknown").cloned();
         let addr = address_of(&socket, fd)?;
         sockets.push(Activated {
@@ -75,35 +75,6 @@ pub fn from_env() -> Result<Option<Vec<Activated>>> {
         });
     }
     Ok(Some(sockets))
-}
-
-/// Takes fd `fd` and checks it is a listening stream socket.
-fn adopt_fd(fd: RawFd) -> Result<Socket> {
-    let what = format!("socket activation ({LISTEN_FDS})");
-    let owned = sys::inherited_fd(fd, &what)?;
-    let socket = Socket::from(owned);
-    let kind = socket.r#type().map_err(|e| {
-        if e.raw_os_error() == Some(libc::ENOTSOCK) {
-            anyhow::anyhow!("{what}: fd {fd} is not a socket")
-        } else {
-            anyhow::Error::new(e).context(format!("{what}: cannot inspect fd {fd}"))
-        }
-    })?;
-    if kind != Type::STREAM {
-        let kind = match kind {
-            Type::DGRAM => "datagram",
-            Type::SEQPACKET => "seqpacket",
-            _ => "non-stream",
-        };
-        bail!("{what}: fd {fd} is a {kind} socket; supervisor serves HTTP on stream sockets only (ListenStream=)");
-    }
-    let listening = socket
-        .is_listener()
-        .with_context(|| format!("{what}: cannot inspect fd {fd}"))?;
-    if !listening {
-        bail!("{what}: fd {fd} is a stream socket that is not listening (SO_ACCEPTCONN is off)");
-    }
-    Ok(socket)
 }
 
 fn address_of(socket: &Socket, fd: RawFd) -> Result<BindAddr> {

@@ -129,9 +129,10 @@ impl Listeners {
             let mut sockets = Vec::with_capacity(h.fds.len());
             for fd in h.fds {
                 sockets.push(match fd {
-                    Some(fd) => Some(crate::sys::inherited_listener(fd).with_context(|| {
-                        format!("the listener for {} handed over by the old master", h.addr)
-                    })?),
+                    Some(fd) => Some(inherited_listener(
+                        fd,
+                        &format!("the listener for {} handed over by the old master", h.addr),
+                    )?),
                     None => None,
                 });
             }
@@ -159,8 +160,9 @@ impl Listeners {
     }
 
     /// What a new master needs to take these sockets over (see `inherit`), and the fds it must
-    /// inherit. From then on the Unix socket files are the new master's to remove.
-    pub fn hand_over(&mut self) -> (Vec<HandedGroup>, Vec<RawFd>) {
+    /// inherit. The Unix socket files become its to remove once it has taken over
+    /// (`set_handed_over`).
+    pub fn hand_over(&self) -> (Vec<HandedGroup>, Vec<RawFd>) {
         let mut fds = Vec::new();
         let groups = self
             .groups
@@ -405,6 +407,34 @@ impl Listeners {
             }
         }
     }
+}
+
+/// Takes fd `fd`, passed to this process by number (socket activation, a binary upgrade), and
+/// checks it is a listening stream socket; an error names `what` passed it and the fd.
+pub fn inherited_listener(fd: RawFd, what: &str) -> Result<Socket> {
+    let socket = Socket::from(crate::sys::inherited_fd(fd, what)?);
+    let kind = socket.r#type().map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTSOCK) {
+            anyhow::anyhow!("{what}: fd {fd} is not a socket")
+        } else {
+            anyhow::Error::new(e).context(format!("{what}: cannot inspect fd {fd}"))
+        }
+    })?;
+    if kind != Type::STREAM {
+        let kind = match kind {
+            Type::DGRAM => "datagram",
+            Type::SEQPACKET => "seqpacket",
+            _ => "non-stream",
+        };
+        bail!("{what}: fd {fd} is a {kind} socket; supervisor serves HTTP on stream sockets only (ListenStream=)");
+    }
+    let listening = socket
+        .is_listener()
+        .with_context(|| format!("{what}: cannot inspect fd {fd}"))?;
+    if !listening {
+        bail!("{what}: fd {fd} is a stream socket that is not listening (SO_ACCEPTCONN is off)");
+    }
+    Ok(socket)
 }
 
 fn local_tcp_addr(s: &Socket) -> Result<SocketAddr> {

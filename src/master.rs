@@ -236,8 +236,10 @@ pub fn setup(
     // (otherwise closed, and metrics.bind bound as configured).
     let handed_metrics = match handover.as_mut().and_then(|h| h.metrics.take()) {
         Some((bind, fd)) => {
-            let socket = sys::inherited_listener(fd)
-                .context("the metrics socket handed over by the old master")?;
+            let socket = crate::listeners::inherited_listener(
+                fd,
+                "the metrics socket handed over by the old master",
+            )?;
             (bind == config.metrics.bind).then(|| std::net::TcpListener::from(socket))
         }
         None => None,
@@ -1344,7 +1346,7 @@ impl Master {
                     .into(),
             );
         }
-        let Some(listeners) = self.listeners.as_mut() else {
+        let Some(listeners) = self.listeners.as_ref() else {
             return Err("no listeners to hand over".into());
         };
         let within = self.config.app.ready_timeout + upgrade::READY_MARGIN;

@@ -71,16 +71,3 @@ pub fn prepare_upgrade_exec(cmd: &mut Command, inherit: Vec<RawFd>) {
         cmd.pre_exec(hook);
     }
 }
-
-/// Takes ownership of a listening socket handed over by number (binary upgrade), after
-/// checking it is one: an open socket that listens.
-pub fn inherited_listener(fd: RawFd) -> io::Result<socket2::Socket> {
-    let socket = socket2::Socket::from(inherited_fd(fd, "listener")?);
-    match socket.is_listener() {
-        Ok(true) => Ok(socket),
-        Ok(false) => Err(io::Error::other(format!(
-            "fd {fd} is not a listening socket"
-        ))),
-        Err(e) => Err(io::Error::other(format!("fd {fd} is not a socket ({e})"))),
-    }
-}

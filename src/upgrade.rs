@@ -145,7 +145,7 @@ const ABANDON_GRACE: Duration = Duration::from_secs(10);
 /// listeners as inherited fds, and a pipe to say when it is ready.
 pub fn start_new_master(
     exec: &SelfExec,
-    listeners: &mut Listeners,
+    listeners: &Listeners,
     metrics: Option<(String, RawFd)>,
     ready_within: Duration,
 ) -> Result<InProgress> {
