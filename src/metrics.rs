@@ -125,9 +125,9 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 impl Metrics {
     /// Binds `[metrics] bind` and starts the metrics thread; `None` when metrics are off. A bind
     /// error is a startup error. `board` is the scoreboard's memfd (the thread maps it
-    /// read-only).
-    /// `inherited`: the socket an upgrading master served `metrics.bind` on (when the new
-    /// configuration has the same `metrics.bind`), taken over instead of binding it again.
+    /// read-only). `inherited`: the socket an upgrading master served `metrics.bind` on (when
+    /// the new configuration has the same `metrics.bind`), taken over instead of binding it
+    /// again. `accepting`: whether scrapes are served from the start (see `gate`).
     pub fn start(
         config: &MetricsConfig,
         board: &OwnedFd,
@@ -314,6 +314,24 @@ fn family<M: EncodeMetric>(
     Ok(())
 }
 
+/// One metric family whose samples differ by one label, `key`: `values` pairs each label value
+/// with its sample.
+fn by_label<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    key: &str,
+    values: Vec<(&str, M)>,
+) -> fmt::Result {
+    let labels: Vec<[(&str, &str); 1]> = values.iter().map(|(v, _)| [(key, *v)]).collect();
+    let samples: Vec<(&[(&str, &str)], M)> = labels
+        .iter()
+        .zip(values)
+        .map(|(l, (_, m))| (&l[..], m))
+        .collect();
+    family(encoder, name, help, &samples)
+}
+
 fn counter(v: u64) -> ConstCounter<u64> {
     ConstCounter::new(v)
 }
@@ -326,17 +344,12 @@ impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let c = &self.counters;
         let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-        let by_class: Vec<[(&str, &str); 1]> = classes.iter().map(|k| [("class", *k)]).collect();
-        let samples: Vec<(&[(&str, &str)], _)> = by_class
-            .iter()
-            .zip(c.classes)
-            .map(|(l, v)| (&l[..], counter(v)))
-            .collect();
-        family(
+        by_label(
             &mut e,
             "supervisor_requests",
             "Requests answered, by status class",
-            &samples,
+            "class",
+            classes.into_iter().zip(c.classes.map(counter)).collect(),
         )?;
 
         let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_US
@@ -369,17 +382,12 @@ impl Collector for Snapshot {
             ("queue_full", c.queue_full),
             ("queue_timeout", c.queue_timeouts),
         ];
-        let labels: Vec<[(&str, &str); 1]> = reasons.iter().map(|r| [("reason", r.0)]).collect();
-        let samples: Vec<(&[(&str, &str)], _)> = labels
-            .iter()
-            .zip(reasons)
-            .map(|(l, r)| (&l[..], counter(r.1)))
-            .collect();
-        family(
+        by_label(
             &mut e,
             "supervisor_rejections",
             "Requests refused by a limit (429 or 503), by the limit",
-            &samples,
+            "reason",
+            reasons.into_iter().map(|(r, n)| (r, counter(n))).collect(),
         )?;
         family(
             &mut e,
@@ -388,20 +396,16 @@ impl Collector for Snapshot {
             &[(&[], counter(c.timeouts))],
         )?;
 
-        let labels: Vec<[(&str, &str); 1]> = RECYCLE_REASONS
-            .iter()
-            .map(|r| [("reason", r.as_str())])
-            .collect();
-        let samples: Vec<(&[(&str, &str)], _)> = labels
-            .iter()
-            .zip(self.recycles)
-            .map(|(l, n)| (&l[..], counter(n)))
-            .collect();
-        family(
+        by_label(
             &mut e,
             "supervisor_recycles",
             "Workers replaced and exited, by reason",
-            &samples,
+            "reason",
+            RECYCLE_REASONS
+                .iter()
+                .map(|r| r.as_str())
+                .zip(self.recycles.map(counter))
+                .collect(),
         )?;
 
         let plain_gauges = [
@@ -441,40 +445,34 @@ impl Collector for Snapshot {
         }
 
         let ids: Vec<String> = self.memory.keys().map(u32::to_string).collect();
-        let labels: Vec<[(&str, &str); 1]> = ids.iter().map(|id| [("worker", &id[..])]).collect();
-        let samples: Vec<(&[(&str, &str)], _)> = labels
-            .iter()
-            .zip(self.memory.values())
-            .map(|(l, &v)| (&l[..], gauge(v)))
-            .collect();
-        family(
+        by_label(
             &mut e,
             "supervisor_worker_memory_bytes",
             "Memory of a worker number's processes and their apps, at the last sample",
-            &samples,
+            "worker",
+            ids.iter()
+                .map(String::as_str)
+                .zip(self.memory.values().map(|&v| gauge(v)))
+                .collect(),
         )?;
 
         let states = ["booting", "serving", "draining"];
-        let labels: Vec<[(&str, &str); 1]> = states.iter().map(|s| [("state", *s)]).collect();
-        let samples: Vec<(&[(&str, &str)], _)> = labels
-            .iter()
-            .zip(self.states)
-            .map(|(l, n)| (&l[..], gauge(n)))
-            .collect();
-        family(
+        by_label(
             &mut e,
             "supervisor_workers",
             "Worker processes, by state",
-            &samples,
+            "state",
+            states.into_iter().zip(self.states.map(gauge)).collect(),
         )?;
 
-        family(
+        by_label(
             &mut e,
             "supervisor_redis_workers",
             "Worker processes by their view of Redis (cluster-wide limits)",
-            &[
-                (&[("state", "connected")], gauge(self.redis_connected)),
-                (&[("state", "degraded")], gauge(self.redis_degraded)),
+            "state",
+            vec![
+                ("connected", gauge(self.redis_connected)),
+                ("degraded", gauge(self.redis_degraded)),
             ],
         )?;
         family(
