@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use humantime_serde::re::humantime;
 use hyper::header::{HeaderMap, HeaderValue, REFERER, USER_AGENT};
 use hyper::{Method, Uri, Version};
 
@@ -169,13 +170,12 @@ impl AccessLog {
             duration_us: u64,
             worker: u32,
         }
-        let mut time = [0u8; 24];
-        rfc3339(&mut time, started);
+        let time = rfc3339(started);
         let target = target(&e.uri);
         let _ = serde_json::to_writer(
             &mut *line,
             &Line {
-                time: std::str::from_utf8(&time).unwrap_or(""),
+                time: &time,
                 client: e.client,
                 method: e.method.as_str(),
                 path: &target,
@@ -278,47 +278,34 @@ fn clf_time(line: &mut Vec<u8>, secs: u64) {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != secs {
-            const MONTHS: [&str; 12] = [
-                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-            ];
-            let (y, m, d, hh, mm, ss) = civil(secs);
             let mut buf = [0u8; 26];
-            let text = format!(
-                "{d:02}/{}/{y:04}:{hh:02}:{mm:02}:{ss:02} +0000",
-                MONTHS[m as usize - 1]
-            );
-            buf.copy_from_slice(&text.as_bytes()[..26]);
+            buf.copy_from_slice(clf(secs).as_bytes());
             *c = (secs, buf);
         }
         line.extend_from_slice(&c.1);
     });
 }
 
-/// `2026-11-27T06:00:00.123Z` into `out`.
-fn rfc3339(out: &mut [u8; 24], t: Duration) {
-    let (y, m, d, hh, mm, ss) = civil(t.as_secs());
-    let text = format!(
-        "{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{:03}Z",
-        t.subsec_millis()
-    );
-    out.copy_from_slice(&text.as_bytes()[..24]);
+/// The date and time of `secs` after the Unix epoch in the common log format, rearranged from
+/// humantime's RFC 3339 (`2026-11-27T06:00:00Z`).
+fn clf(secs: u64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let t = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string();
+    let month: usize = t[5..7].parse().unwrap_or(1);
+    format!(
+        "{}/{}/{}:{} +0000",
+        &t[8..10],
+        MONTHS[month.clamp(1, 12) - 1],
+        &t[0..4],
+        &t[11..19]
+    )
 }
 
-/// UTC date and time of `secs` after the Unix epoch: (year, month 1-12, day, hour, min, sec).
-/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian calendar).
-fn civil(secs: u64) -> (u64, u64, u64, u64, u64, u64) {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60)
+/// `2026-11-27T06:00:00.123Z`: `t` after the Unix epoch.
+fn rfc3339(t: Duration) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + t).to_string()
 }
 
 #[cfg(test)]
@@ -346,14 +333,15 @@ mod tests {
 
     #[test]
     fn dates_are_civil_utc() {
-        assert_eq!(civil(0), (1970, 1, 1, 0, 0, 0));
+        assert_eq!(clf(0), "01/Jan/1970:00:00:00 +0000");
         // 2026-11-27T06:00:00Z
-        assert_eq!(civil(1_795_759_200), (2026, 11, 27, 6, 0, 0));
+        assert_eq!(clf(1_795_759_200), "27/Nov/2026:06:00:00 +0000");
         // A leap day.
-        assert_eq!(civil(951_782_400), (2000, 2, 29, 0, 0, 0));
-        let mut out = [0u8; 24];
-        rfc3339(&mut out, Duration::from_millis(1_795_759_200_123));
-        assert_eq!(&out, b"2026-11-27T06:00:00.123Z");
+        assert_eq!(clf(951_782_400), "29/Feb/2000:00:00:00 +0000");
+        assert_eq!(
+            rfc3339(Duration::from_millis(1_795_759_200_123)),
+            "2026-11-27T06:00:00.123Z"
+        );
     }
 
     #[test]
