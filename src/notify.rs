@@ -105,16 +105,18 @@ impl Notifier {
     /// A reload that changed nothing (the new configuration is invalid): ready again at once,
     /// saying why in the status.
     pub fn reload_failed(&mut self, status: &str) {
-        let msg = format!("READY=1\nSTATUS={}", one_line(status));
-        self.send(&msg);
-        self.status = one_line(status);
-        self.status_sent = Some(Instant::now());
-        self.status_pending = None;
+        self.send_with_status("READY=1", status);
     }
 
     pub fn stopping(&mut self, status: &str) {
-        self.send(&format!("STOPPING=1\nSTATUS={}", one_line(status)));
-        self.status = one_line(status);
+        self.send_with_status("STOPPING=1", status);
+    }
+
+    /// `head` and a `STATUS=` in one message; the status counts as sent.
+    fn send_with_status(&mut self, head: &str, status: &str) {
+        let status = one_line(status);
+        self.send(&format!("{head}\nSTATUS={status}"));
+        self.status = status;
         self.status_sent = Some(Instant::now());
         self.status_pending = None;
     }
