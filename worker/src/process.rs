@@ -464,7 +464,7 @@ fn master_gone(master_pid: u32) -> bool {
 /// logged and the worker keeps writing to the old file.
 fn reopen_logs(log_file: &str, worker: &Worker) {
     if log_file.is_empty() {
-        debug!("SIGUSR1: logging to stderr, no log file to reopen");
+        debug!("SIGUSR1: logging to stderr, no log file to reopen; ignored");
     } else {
         match crate::logfile::redirect_stderr(log_file) {
             Ok(()) => info!(log.file = log_file, "SIGUSR1: log file reopened"),
