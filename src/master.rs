@@ -36,7 +36,7 @@ use worker::scoreboard::{monotonic_ms, RecycleReason, Scoreboard, SlotState};
 use crate::control::ControlServer;
 use crate::listeners::Listeners;
 use crate::logging::LevelHandle;
-use crate::metrics::Metrics;
+use crate::metrics::{Death, Metrics};
 use crate::pidfile::PidFile;
 use crate::recycle::{self, Observed, Plan};
 use crate::runtime_dir::RuntimeDir;
@@ -671,8 +671,21 @@ impl Master {
             Some((reason, _)) => Some(reason),
             None => proc.hung.then_some(RecycleReason::Hung),
         };
+        let stopping = matches!(self.phase, Phase::Stopping { .. });
+        let current = self.slots.iter().position(|s| s.pid == Some(pid));
+        let successor_of = self.slots.iter().position(|s| s.successor == Some(pid));
+        // Nobody asked this worker to go: not a recycle, a stop, a TTOU or a hung kill.
+        let unasked = recycled.is_none()
+            && !stopping
+            && !proc.killed_by_us
+            && (current.is_some() || successor_of.is_some());
         let returned = match &self.metrics {
-            Some(m) => m.reap(&self.board, proc.record, recycled),
+            Some(m) => m.reap(
+                &self.board,
+                proc.record,
+                recycled,
+                unasked.then(|| exit.death()),
+            ),
             None => self.board.reclaim(proc.record),
         };
         if let Some(janitor) = &self.janitor {
@@ -688,9 +701,6 @@ impl Master {
             );
         }
         let how = exit.describe(proc.killed_by_us);
-        let stopping = matches!(self.phase, Phase::Stopping { .. });
-        let current = self.slots.iter().position(|s| s.pid == Some(pid));
-        let successor_of = self.slots.iter().position(|s| s.successor == Some(pid));
 
         if let Some((reason, _)) = proc.retiring {
             if exit.is_clean() {
@@ -1579,6 +1589,15 @@ impl Exit {
                     .to_string()
             }
             Exit::Signal(s) => format!("killed by signal {}", s.as_str()),
+        }
+    }
+
+    /// The cause `supervisor_worker_deaths_total` counts a worker's unasked death under.
+    fn death(self) -> Death {
+        match self {
+            Exit::Code(_) => Death::Exited,
+            Exit::Signal(Signal::SIGKILL) => Death::Killed,
+            Exit::Signal(_) => Death::Signaled,
         }
     }
 }

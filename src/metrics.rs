@@ -54,6 +54,23 @@ const RECYCLE_REASONS: [RecycleReason; 5] = [
     RecycleReason::Hung,
 ];
 
+/// How a worker died without being asked to stop, for `supervisor_worker_deaths_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Death {
+    /// It exited by itself (a crash that exits, a failed boot).
+    Exited,
+    /// A SIGKILL the master did not send: the kernel's OOM killer or an operator.
+    Killed,
+    /// Any other signal (SIGSEGV, SIGABRT, a SIGTERM from elsewhere, ...).
+    Signaled,
+}
+
+const DEATHS: [(Death, &str); 3] = [
+    (Death::Exited, "exit"),
+    (Death::Killed, "sigkill"),
+    (Death::Signaled, "signal"),
+];
+
 /// Counters of one record, or of many added up.
 #[derive(Clone, Debug, Default)]
 struct Counters {
@@ -68,6 +85,7 @@ struct Counters {
     timeouts: u64,
     redis_degraded_requests: u64,
     redis_degraded_ms: u64,
+    app_restarts: u64,
 }
 
 impl Counters {
@@ -88,6 +106,7 @@ impl Counters {
         self.timeouts += load(&slot.timeouts);
         self.redis_degraded_requests += load(&slot.redis_degraded);
         self.redis_degraded_ms += slot.redis_degraded_total_ms(now_ms);
+        self.app_restarts += u64::from(slot.app_restarts.load(Ordering::Relaxed));
     }
 }
 
@@ -97,6 +116,8 @@ struct State {
     retired: Counters,
     /// Replaced workers that have exited, by reason (`RECYCLE_REASONS` order).
     recycles: [u64; 5],
+    /// Workers that died unasked, by cause (`DEATHS` order).
+    deaths: [u64; 3],
     /// Highest degraded time shown so far: a worker's period is read from two atomics, and a
     /// read between the worker's two updates may come out a few ms short.
     degraded_ms_shown: u64,
@@ -155,6 +176,7 @@ impl Metrics {
         let state = Arc::new(Mutex::new(State {
             retired: Counters::default(),
             recycles: [0; 5],
+            deaths: [0; 3],
             degraded_ms_shown: 0,
         }));
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -193,14 +215,26 @@ impl Metrics {
     }
 
     /// Master side, after reaping the process of record `index`: adds its counters to the
-    /// totals (and its recycle, if it was replaced, to the recycle counts) and frees the record,
-    /// atomically for a scrape. Returns what `Scoreboard::reclaim` returns.
-    pub fn reap(&self, board: &Scoreboard, index: usize, recycled: Option<RecycleReason>) -> u32 {
+    /// totals (and its recycle, if it was replaced, to the recycle counts, or its death, if it
+    /// died unasked, to the death counts) and frees the record, atomically for a scrape.
+    /// Returns what `Scoreboard::reclaim` returns.
+    pub fn reap(
+        &self,
+        board: &Scoreboard,
+        index: usize,
+        recycled: Option<RecycleReason>,
+        died: Option<Death>,
+    ) -> u32 {
         let mut state = lock(&self.state);
         state.retired.add(board.slot(index), monotonic_ms());
         if let Some(reason) = recycled {
             if let Some(i) = RECYCLE_REASONS.iter().position(|&r| r == reason) {
                 state.recycles[i] += 1;
+            }
+        }
+        if let Some(death) = died {
+            if let Some(i) = DEATHS.iter().position(|&(d, _)| d == death) {
+                state.deaths[i] += 1;
             }
         }
         board.reclaim(index)
@@ -229,6 +263,7 @@ struct Shared {
 struct Snapshot {
     counters: Counters,
     recycles: [u64; 5],
+    deaths: [u64; 3],
     inflight: u64,
     queued: u64,
     connections: u64,
@@ -251,6 +286,7 @@ impl Shared {
         let mut snap = Snapshot {
             counters: Counters::default(),
             recycles: state.recycles,
+            deaths: state.deaths,
             inflight: 0,
             queued: 0,
             connections: 0,
@@ -406,6 +442,23 @@ impl Collector for Snapshot {
                 .map(|r| r.as_str())
                 .zip(self.recycles.map(counter))
                 .collect(),
+        )?;
+        by_label(
+            &mut e,
+            "supervisor_worker_deaths",
+            "Workers that died without being asked to stop (crash, failed boot, OOM kill), by cause",
+            "cause",
+            DEATHS
+                .iter()
+                .map(|&(_, label)| label)
+                .zip(self.deaths.map(counter))
+                .collect(),
+        )?;
+        family(
+            &mut e,
+            "supervisor_app_restarts",
+            "App processes restarted by their worker after they exited",
+            &[(&[], counter(c.app_restarts))],
         )?;
 
         let plain_gauges = [
@@ -623,6 +676,7 @@ mod tests {
         }
         slot.record_response(404, Some(10));
         slot.rate_limited.fetch_add(2, Ordering::Relaxed);
+        slot.app_restarts.fetch_add(2, Ordering::Relaxed);
         let ok = "supervisor_requests_total{class=\"2xx\"}";
         let before = exposition_of(&m, &fd);
         assert_eq!(value(&before, ok), 3);
@@ -632,7 +686,7 @@ mod tests {
         );
         assert_eq!(value(&before, "supervisor_workers{state=\"serving\"}"), 1);
 
-        assert_eq!(m.reap(&board, 1, Some(RecycleReason::MaxRss)), 0);
+        assert_eq!(m.reap(&board, 1, Some(RecycleReason::MaxRss), None), 0);
         assert_eq!(board.slot(1).state(), SlotState::Free);
         let after = exposition_of(&m, &fd);
         assert_eq!(value(&after, ok), 3);
@@ -655,6 +709,22 @@ mod tests {
             value(&after, "supervisor_recycles_total{reason=\"max_rss\"}"),
             1
         );
+        assert_eq!(value(&after, "supervisor_app_restarts_total"), 2);
         assert_eq!(value(&after, "supervisor_workers{state=\"serving\"}"), 0);
+        let sigkill = "supervisor_worker_deaths_total{cause=\"sigkill\"}";
+        assert_eq!(value(&after, sigkill), 0, "a recycle is not a death");
+
+        board.slot(0).set_state(SlotState::Serving);
+        m.reap(&board, 0, None, Some(Death::Killed));
+        let died = exposition_of(&m, &fd);
+        assert_eq!(value(&died, sigkill), 1);
+        assert_eq!(
+            value(&died, "supervisor_worker_deaths_total{cause=\"exit\"}"),
+            0
+        );
+        assert_eq!(
+            value(&died, "supervisor_recycles_total{reason=\"max_rss\"}"),
+            1
+        );
     }
 }

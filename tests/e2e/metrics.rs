@@ -208,6 +208,10 @@ fn rejections(reason: &str) -> String {
     format!("supervisor_rejections_total{{reason=\"{reason}\"}}")
 }
 
+fn deaths(cause: &str) -> String {
+    format!("supervisor_worker_deaths_total{{cause=\"{cause}\"}}")
+}
+
 #[test]
 fn request_counters_and_the_histogram_match_the_requests_sent() {
     let (s, m) = start(&["-w", "2"]);
@@ -273,6 +277,9 @@ fn counters_do_not_go_back_when_workers_die_or_are_replaced() {
         "the dead worker's requests are still counted"
     );
     assert_eq!(sc.count(COUNT), 10);
+    // The death is counted, as a SIGKILL the master did not send.
+    assert_eq!(sc.count(&deaths("sigkill")), 1);
+    assert_eq!(sc.count(&deaths("exit")) + sc.count(&deaths("signal")), 0);
 
     // A reload replaces both workers: two recycles, and still every request.
     s.signal(Signal::SIGHUP);
@@ -282,9 +289,40 @@ fn counters_do_not_go_back_when_workers_die_or_are_replaced() {
         sc.count("supervisor_recycles_total{reason=\"max_requests\"}"),
         0
     );
+    assert_eq!(sc.count(&deaths("sigkill")), 1, "a recycle is not a death");
     assert_eq!(s.get("/").status, 200);
     let sc = wait_exactly(m, OK, 11);
     assert_eq!(sc.count(COUNT), 11);
+}
+
+#[test]
+fn app_restarts_are_counted_and_kept_when_the_worker_is_replaced() {
+    const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");
+    let (s, m) = start(&["-w", "1", "--", "python3", APP, "--uds", "{socket}"]);
+    let app_pid = || -> u32 {
+        let r = s.get("/");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text().rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let first = app_pid();
+    assert_eq!(scrape(m).count("supervisor_app_restarts_total"), 0);
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    wait_exactly(m, "supervisor_app_restarts_total", 1);
+    eventually(WAIT, "the restarted app to serve", || {
+        try_get(s.addr, "/")
+            .ok()
+            .filter(|r| r.status == 200)
+            .map(|_| ())
+    });
+    assert_ne!(app_pid(), first);
+    // The worker is replaced (with its app): its restart stays counted, and the app's death
+    // was not the worker's.
+    s.signal(Signal::SIGHUP);
+    let sc = wait_exactly(m, "supervisor_recycles_total{reason=\"reload\"}", 1);
+    assert_eq!(sc.count("supervisor_app_restarts_total"), 1);
+    for cause in ["exit", "sigkill", "signal"] {
+        assert_eq!(sc.count(&deaths(cause)), 0, "{cause}");
+    }
 }
 
 #[test]
