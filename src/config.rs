@@ -134,7 +134,11 @@ const RULES: &[Rule] = &[
     Rule {
         key: "server.workers",
         allowed: "\"auto\" or an integer 1..=1024",
-        check: |c| c.server.workers.map_or(Ok(()), |n| within(n, 1..=1024)),
+        check: |c| {
+            c.server
+                .workers
+                .map_or(Ok(()), |n| within(n, 1..=MAX_WORKERS))
+        },
     },
     Rule {
         key: "server.accept",
@@ -1032,9 +1036,32 @@ fn check_together(config: &Config) -> Result<(), String> {
                 .to_string(),
         );
     }
-    let workers = config.server.workers.unwrap_or_else(default_workers);
-    let uses_redis = cap > 0 || !config.limits.rate.is_empty();
-    if uses_redis && redis && workers + 1 > config.redis.max_connections {
+    redis_budget_fits(
+        config,
+        config.server.workers.unwrap_or_else(default_workers),
+    )
+}
+
+/// The most workers `server.workers`, `supervisor scale` and TTIN allow.
+pub const MAX_WORKERS: u32 = 1024;
+
+/// Whether this configuration allows `workers` workers: at most `MAX_WORKERS`, and, when
+/// limits go through Redis, few enough that they and the master fit `redis.max_connections`
+/// (one connection each). `Err` says why not.
+pub fn workers_fit(config: &Config, workers: u32) -> Result<(), String> {
+    if !(1..=MAX_WORKERS).contains(&workers) {
+        return Err(format!("{workers} workers: 1..={MAX_WORKERS} allowed"));
+    }
+    redis_budget_fits(config, workers)
+}
+
+fn redis_budget_fits(config: &Config, workers: u32) -> Result<(), String> {
+    let uses_redis =
+        config.limits.cluster_max_concurrent_requests > 0 || !config.limits.rate.is_empty();
+    if uses_redis
+        && config.redis.enabled(&config.sentinel)
+        && workers + 1 > config.redis.max_connections
+    {
         return Err(format!(
             "redis.max_connections = {} is fewer than the {workers} workers plus the master \
              need (one connection each)",

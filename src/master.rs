@@ -1122,6 +1122,11 @@ impl Master {
         if self.phase != Phase::Running {
             return;
         }
+        let more = self.slots.len() as u32 + 1;
+        if let Err(why) = crate::config::workers_fit(&self.config, more) {
+            warn!("TTIN: not starting a worker more: {why}; ignored");
+            return;
+        }
         self.push_slot();
         info!(workers = self.slots.len(), "TTIN: one worker more");
     }

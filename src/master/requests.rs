@@ -169,11 +169,8 @@ impl Master {
         if self.phase != Phase::Running {
             return Err("the master is stopping".to_string());
         }
-        if !(1..=1024).contains(&workers) {
-            return Err(format!(
-                "cannot scale to {workers} workers: 1..=1024 allowed"
-            ));
-        }
+        crate::config::workers_fit(&self.config, workers)
+            .map_err(|why| format!("cannot scale to {workers} workers: {why}"))?;
         if let Some(u) = &self.upgrade {
             return Err(format!(
                 "a binary upgrade is under way (new master pid {}): scale that master once it \

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::util::*;
@@ -254,6 +255,44 @@ fn scale_sets_the_number_of_workers() {
     // 0 is refused before anything is sent.
     let (code, _, err) = server.ctl(&["scale", "0"]);
     assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn scale_and_ttin_stay_within_the_redis_connection_budget() {
+    // Cluster limits through a Redis that is not there (the start is degraded): 2 workers and
+    // the master use the 3 connections allowed.
+    let server = Server::start(&[
+        "-w",
+        "2",
+        "--set",
+        "redis.url=redis://127.0.0.1:1",
+        "--set",
+        "limits.cluster_max_concurrent_requests=10",
+        "--set",
+        "redis.max_connections=3",
+    ]);
+    let (code, _, err) = server.ctl(&["scale", "3"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot scale to 3 workers: redis.max_connections = 3 is fewer than the 3 workers plus the master need"),
+        "{err}"
+    );
+    server.signal(Signal::SIGTTIN);
+    server
+        .log
+        .wait_for(WAIT, |l| {
+            l.contains("TTIN: not starting a worker more: redis.max_connections = 3")
+        })
+        .expect("the refused TTIN logged");
+    let s = status(&server);
+    assert_eq!(s["master"]["workers"], 2, "{s}");
+    // Down is still allowed, and back up to the budget.
+    let (code, _, err) = server.ctl(&["scale", "1"]);
+    assert_eq!(code, 0, "{err}");
+    server.signal(Signal::SIGTTIN);
+    eventually(WAIT, "2 workers again", || {
+        (status(&server)["master"]["workers"] == 2).then_some(())
+    });
 }
 
 #[test]
