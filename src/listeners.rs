@@ -168,10 +168,12 @@ impl Listeners {
             .groups
             .iter()
             .map(|g| {
+                // A socket no worker listens on yet holds no connection: the new master makes
+                // its own for that worker number.
                 let own: Vec<Option<RawFd>> = g
                     .sockets
                     .iter()
-                    .map(|s| s.as_ref().map(|s| s.as_raw_fd()))
+                    .map(|s| s.as_ref().filter(|s| listening(s)).map(|s| s.as_raw_fd()))
                     .collect();
                 fds.extend(own.iter().flatten());
                 HandedGroup {
@@ -292,7 +294,7 @@ impl Listeners {
             let group = match a {
                 BindAddr::Tcp(sa) => {
                     let per_worker = per_worker_for(a);
-                    let first = bind_tcp(*sa, backlog)?;
+                    let first = bind_tcp(*sa, Some(backlog))?;
                     let actual = local_tcp_addr(&first)?;
                     let mut g = Group {
                         addr: BindAddr::Tcp(actual),
@@ -303,7 +305,7 @@ impl Listeners {
                     };
                     if per_worker {
                         for _ in 1..workers {
-                            g.sockets.push(Some(bind_tcp(actual, backlog)?));
+                            g.sockets.push(Some(bind_tcp(actual, Some(backlog))?));
                         }
                     }
                     g
@@ -328,8 +330,10 @@ impl Listeners {
                 Next::Keep(i) => {
                     let g = old[i].take().expect("each old group is kept at most once");
                     if backlog != self.backlog {
-                        for s in g.sockets.iter().flatten() {
-                            let _ = s.listen(backlog); // updates the queue length in place
+                        // Updates the queue length in place; a socket whose worker has not
+                        // listened yet is left to it.
+                        for s in g.sockets.iter().flatten().filter(|s| listening(s)) {
+                            let _ = s.listen(backlog);
                         }
                     }
                     g
@@ -360,9 +364,12 @@ impl Listeners {
     }
 
     /// The fds worker number `id` (1-based) serves; creates its reuseport sockets if it has
-    /// none (a new worker number, or one whose sockets were released).
+    /// none (a new worker number, or one whose sockets were released). Sockets created here are
+    /// bound but not listening: a reuseport socket joins the group, and gets its share of new
+    /// connections, only at `listen()`, which the worker calls once it is ready to accept (its
+    /// app is up). Until then the connections go to the workers that serve, instead of waiting
+    /// for a boot that may take seconds or fail.
     pub fn fds_for(&mut self, id: u32) -> Result<Vec<RawFd>> {
-        let backlog = self.backlog;
         let index = id as usize - 1;
         let mut fds = Vec::with_capacity(self.groups.len());
         for g in &mut self.groups {
@@ -374,7 +381,7 @@ impl Listeners {
                     g.sockets.resize_with(index + 1, || None);
                 }
                 if g.sockets[index].is_none() {
-                    g.sockets[index] = Some(bind_tcp(addr, backlog)?);
+                    g.sockets[index] = Some(bind_tcp(addr, None)?);
                 }
                 &g.sockets[index]
             } else {
@@ -502,7 +509,13 @@ fn probe_free(addr: &BindAddr) -> Result<()> {
     }
 }
 
-fn bind_tcp(sa: SocketAddr, backlog: i32) -> Result<Socket> {
+fn listening(s: &Socket) -> bool {
+    s.is_listener().unwrap_or(false)
+}
+
+/// A reuseport TCP socket bound to `sa`; listening with `backlog`, or (`None`) left for the
+/// worker to listen on (see `Listeners::fds_for`).
+fn bind_tcp(sa: SocketAddr, backlog: Option<i32>) -> Result<Socket> {
     let s = Socket::new(Domain::for_address(sa), Type::STREAM.cloexec(), None)?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
@@ -516,8 +529,10 @@ fn bind_tcp(sa: SocketAddr, backlog: i32) -> Result<Socket> {
             anyhow::Error::new(e).context(format!("cannot bind {sa}"))
         }
     })?;
-    s.listen(backlog)
-        .with_context(|| format!("cannot listen on {sa}"))?;
+    if let Some(backlog) = backlog {
+        s.listen(backlog)
+            .with_context(|| format!("cannot listen on {sa}"))?;
+    }
     Ok(s)
 }
 

@@ -223,6 +223,37 @@ fn killed_app_gives_502_then_is_restarted() {
 }
 
 #[test]
+fn a_new_worker_gets_no_connection_before_its_app_is_up() {
+    // Every app takes 3 s to listen: the first before the start is done, the second while
+    // the test runs.
+    let s = start_app(1, &[], &["--ready-delay-ms", "3000"]);
+    s.signal(Signal::SIGTTIN);
+    let booting = |s: &Server| {
+        s.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["worker_id"] == 2 && w["state"] == "booting")
+    };
+    eventually(WAIT, "worker 2 booting", || booting(&s).then_some(()));
+    // Its reuseport socket takes no connection before it is ready: each of these (a new
+    // connection each) is answered by worker 1 at once, none waits for worker 2's boot.
+    for _ in 0..20 {
+        let r = s.get("/");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-worker-id"), Some("1"));
+    }
+    assert!(
+        booting(&s),
+        "worker 2 was ready before the requests were done"
+    );
+    // Once ready, it takes its share.
+    eventually(WAIT, "a request served by worker 2", || {
+        (s.get("/").header("x-worker-id") == Some("2")).then_some(())
+    });
+}
+
+#[test]
 fn app_ignoring_term_is_killed_after_the_grace_period() {
     let mut s = start_app(
         1,

@@ -25,10 +25,12 @@ pub(crate) enum Listener {
 }
 
 impl Listener {
-    /// Wraps an inherited listening socket. Must run inside the tokio runtime (the socket is
+    /// Wraps an inherited socket to accept on. Must run inside the tokio runtime (the socket is
     /// registered with its reactor). The fd's blocking mode is unknown, so it is made
-    /// non-blocking here.
-    pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Listener> {
+    /// non-blocking here. A socket that is not listening yet (the master leaves a new worker
+    /// number's reuseport sockets so, until this worker is ready) is made to listen with
+    /// `backlog`; one that is keeps its queue and its length (systemd's `Backlog=`, say).
+    pub(crate) fn from_fd(fd: OwnedFd, backlog: u32) -> io::Result<Listener> {
         let socket = Socket::from(fd);
         if socket.r#type()? != Type::STREAM {
             return Err(io::Error::new(
@@ -37,10 +39,19 @@ impl Listener {
             ));
         }
         if !socket.is_listener()? {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "listener fd is not listening (listen() was not called)",
-            ));
+            // listen() on an unbound socket would pick a random port: refuse it instead.
+            let bound = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .is_some_and(|a| a.port() != 0);
+            if !bound {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "listener fd is not listening and not bound to a port",
+                ));
+            }
+            socket.listen(backlog.min(i32::MAX as u32) as i32)?;
         }
         let domain = socket.domain()?;
         socket.set_nonblocking(true)?;

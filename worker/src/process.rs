@@ -268,17 +268,6 @@ async fn serve_until_done(
         }
     };
 
-    let mut listeners = Vec::with_capacity(fds.len());
-    for fd in fds {
-        match Listener::from_fd(fd) {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                error!(error = %e, "unusable listener");
-                return ExitCode::from(EXIT_STARTUP).into();
-            }
-        }
-    }
-
     spawn_heartbeat(slot);
     // The app (a process or an upstream) before readiness: a worker is ready when its app is.
     // It may take up to `app.ready_timeout`: a stop meanwhile ends the boot (the app, if it
@@ -329,6 +318,18 @@ async fn serve_until_done(
         }
     }
 
+    // Only now, with the app up (and a held worker released), do this worker's own sockets
+    // start listening: see `Listener::from_fd`.
+    let mut listeners = Vec::with_capacity(fds.len());
+    for fd in fds {
+        match Listener::from_fd(fd, config.server.backlog) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                error!(error = %e, "unusable listener");
+                return ExitCode::from(EXIT_STARTUP).into();
+            }
+        }
+    }
     let server = Server::start(worker, listeners);
     slot.set_state(SlotState::Serving);
     // The pipe stays open after this: `request` sends `MAX_REQUESTS` on it later.

@@ -171,10 +171,35 @@ fn refuses_sockets_that_are_not_listening_streams() {
         .unwrap();
     let _g = rt.enter();
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    assert!(crate::listener::Listener::from_fd(OwnedFd::from(udp)).is_err());
+    assert!(crate::listener::Listener::from_fd(OwnedFd::from(udp), 16).is_err());
     let unbound = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let err = crate::listener::Listener::from_fd(OwnedFd::from(unbound)).unwrap_err();
+    let err = crate::listener::Listener::from_fd(OwnedFd::from(unbound), 16).unwrap_err();
     assert!(err.to_string().contains("not listening"), "{err}");
+}
+
+#[test]
+fn a_bound_socket_that_is_not_listening_yet_is_made_to_listen() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let bound = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    bound
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    let addr = bound.local_addr().unwrap().as_socket().unwrap();
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "nothing listens yet"
+    );
+    let _l = crate::listener::Listener::from_fd(OwnedFd::from(bound), 16).unwrap();
+    std::net::TcpStream::connect(addr).expect("listening once wrapped");
 }
 
 #[tokio::test]

@@ -74,7 +74,7 @@ pub(crate) fn build(listener: OwnedFd, host_cap: u32, tweak: impl FnOnce(&mut Co
     tweak(&mut config);
     let (board, memfd) = Scoreboard::create(2, host_cap).unwrap();
     let view = Scoreboard::open(&memfd, false).unwrap();
-    let listener = Listener::from_fd(listener).unwrap();
+    let listener = Listener::from_fd(listener, config.server.backlog).unwrap();
     let (master, pipe) = master_pipe();
     let max_requests = config.worker.max_requests;
     let worker = Worker::new(
