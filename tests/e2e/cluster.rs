@@ -367,10 +367,16 @@ fn starting_while_redis_is_down_serves_with_local_limits() {
 #[test]
 fn a_killed_workers_leases_are_returned_at_once() {
     let redis = Redis::start();
+    // Leases that would outlive the test: only the master's purge can take them back in time.
     let s = start(
         &redis,
         "1",
-        &["--set", "limits.cluster_max_concurrent_requests=5"],
+        &[
+            "--set",
+            "limits.cluster_max_concurrent_requests=5",
+            "--set",
+            "redis.lease_ttl=1h",
+        ],
     );
     let worker = s.serving_pids()[0];
     let _held: Vec<_> = (0..3)
@@ -383,16 +389,10 @@ fn a_killed_workers_leases_are_returned_at_once() {
         (redis.leases() == 3).then_some(())
     });
     kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
-    // The master purges them when it reaps the worker, long before redis.lease_ttl (30 s).
-    let killed = Instant::now();
+    // The master purges them when it reaps the worker, an hour before they would expire.
     eventually(WAIT, "the dead worker's leases gone", || {
         (redis.leases() == 0).then_some(())
     });
-    assert!(
-        killed.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        killed.elapsed()
-    );
 }
 
 #[test]
@@ -464,10 +464,16 @@ fn script_calls(redis: &Redis) -> u64 {
 #[test]
 fn one_after_another_requests_reuse_their_workers_lease_then_give_it_back() {
     let redis = Redis::start();
+    // Leases that would outlive the test: only the pool can give one back in time.
     let s = start(
         &redis,
         "1",
-        &["--set", "limits.cluster_max_concurrent_requests=5"],
+        &[
+            "--set",
+            "limits.cluster_max_concurrent_requests=5",
+            "--set",
+            "redis.lease_ttl=1h",
+        ],
     );
     assert_eq!(cli(&redis.socket(), &["CONFIG", "RESETSTAT"]), "OK");
     let mut n = 0;
@@ -480,16 +486,10 @@ fn one_after_another_requests_reuse_their_workers_lease_then_give_it_back() {
     // it. A slow moment on a busy machine may cost a few more calls, not one per request.
     let calls = script_calls(&redis);
     assert!(calls <= n / 4, "{calls} script calls for {n} requests");
-    // Unused, it goes back to Redis soon after.
-    let stopped = Instant::now();
+    // Unused, it goes back to Redis soon after (not at its expiry, an hour away).
     eventually(WAIT, "the pooled lease given back", || {
         (redis.leases() == 0).then_some(())
     });
-    assert!(
-        stopped.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        stopped.elapsed()
-    );
 }
 
 #[test]
