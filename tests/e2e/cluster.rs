@@ -14,13 +14,13 @@ use crate::util::*;
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A `redis-server` of the test's own, on a Unix socket in a temporary directory.
-struct Redis {
+pub(crate) struct Redis {
     process: Option<KillOnDrop>,
     dir: tempfile::TempDir,
 }
 
 impl Redis {
-    fn start() -> Redis {
+    pub(crate) fn start() -> Redis {
         let mut r = Redis {
             process: None,
             dir: tempfile::tempdir().unwrap(),
@@ -33,7 +33,7 @@ impl Redis {
         self.dir.path().join("redis.sock")
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("unix://{}", self.socket().display())
     }
 

@@ -528,6 +528,32 @@ fn a_reload_that_moves_metrics_says_it_needs_a_restart() {
 }
 
 #[test]
+fn workers_on_a_live_redis_are_counted_connected_then_degraded_when_it_goes() {
+    let redis = crate::cluster::Redis::start();
+    let url = format!("redis.url={}", redis.url());
+    let (s, m) = start(&[
+        "-w",
+        "2",
+        "--set",
+        &url,
+        "--set",
+        "limits.cluster_max_concurrent_requests=5",
+    ]);
+    let connected = "supervisor_redis_workers{state=\"connected\"}";
+    let degraded = "supervisor_redis_workers{state=\"degraded\"}";
+    let sc = wait_exactly(m, connected, 2);
+    assert_eq!(sc.count(degraded), 0);
+    assert_eq!(sc.count("supervisor_redis_degraded_requests_total"), 0);
+    drop(redis); // SIGKILL, socket gone
+                 // Each worker finds out at its next call (a request, or its idle probe).
+    eventually(WAIT, "both workers degraded", || {
+        let _ = try_get(s.addr, "/");
+        let sc = scrape(m);
+        (sc.count(degraded) == 2 && sc.count(connected) == 0).then_some(())
+    });
+}
+
+#[test]
 fn time_degraded_without_redis_is_counted_and_kept_across_a_worker_death() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("redis.url=unix://{}/nothing.sock", dir.path().display());
