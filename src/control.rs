@@ -412,38 +412,7 @@ impl ControlServer {
         let pid = std::process::id();
         remove_dead_masters_sockets(location);
         let path = location.for_master(pid);
-        let what = || format!("cannot create the control socket {}", path.display());
-        let parent = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if !parent.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .with_context(what)?;
-        }
-        // Bound in a private directory, made 0600, then renamed into place: nobody else can
-        // reach it before its mode is right, whatever the umask.
-        // An unpredictable name: in a shared directory nobody can take it first.
-        let private = parent.join(format!(".sv{:08x}", fastrand::u32(..)));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&private)
-            .with_context(what)?;
-        let made = (|| -> Result<(UnixListener, (u64, u64))> {
-            std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
-            let temp = private.join("s");
-            let listener = UnixListener::bind(&temp)?;
-            std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))?;
-            std::fs::rename(&temp, &path)?;
-            let meta = std::fs::symlink_metadata(&path)?;
-            Ok((listener, (meta.dev(), meta.ino())))
-        })();
-        let _ = std::fs::remove_dir_all(&private);
-        let (listener, file_id) = made.with_context(what)?;
-        listener.set_nonblocking(true).with_context(what)?;
+        let (listener, file_id) = make_socket(&path)?;
         info!(path = %path.display(), "control socket created");
         Ok(ControlServer {
             listener,
@@ -457,6 +426,64 @@ impl ControlServer {
         })
     }
 
+    /// Whether the file at our path is still the socket we made.
+    fn is_ours(&self) -> bool {
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file_id)
+    }
+
+    /// After a failed binary upgrade: the new master may have put its socket at our path
+    /// before it died (taking it with it). If the file there is not ours, a new socket is made
+    /// there; clients already connected stay. Says whether one was made.
+    pub fn restore(&mut self) -> Result<bool> {
+        if self.is_ours() {
+            return Ok(false);
+        }
+        let (listener, file_id) = make_socket(&self.path)?;
+        self.listener = listener;
+        self.file_id = file_id;
+        Ok(true)
+    }
+}
+
+/// A new socket at `path`, mode 0600 (its directory made 0700 if missing), non-blocking; with
+/// the file's device and inode.
+fn make_socket(path: &Path) -> Result<(UnixListener, (u64, u64))> {
+    let what = || format!("cannot create the control socket {}", path.display());
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(what)?;
+    }
+    // Bound in a private directory, made 0600, then renamed into place: nobody else can
+    // reach it before its mode is right, whatever the umask.
+    // An unpredictable name: in a shared directory nobody can take it first.
+    let private = parent.join(format!(".sv{:08x}", fastrand::u32(..)));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(what)?;
+    let made = (|| -> Result<(UnixListener, (u64, u64))> {
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
+        let temp = private.join("s");
+        let listener = UnixListener::bind(&temp)?;
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&temp, path)?;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok((listener, (meta.dev(), meta.ino())))
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    let (listener, file_id) = made.with_context(what)?;
+    listener.set_nonblocking(true).with_context(what)?;
+    Ok((listener, file_id))
+}
+
+impl ControlServer {
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -604,9 +631,7 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        let ours =
-            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file_id);
-        if ours {
+        if self.is_ours() {
             if let Err(e) = std::fs::remove_file(&self.path) {
                 warn!(path = %self.path.display(), error = %e, "cannot remove the control socket");
             }

@@ -180,7 +180,7 @@ pub struct Master {
     /// `supervisor status`, `reload`, ... connect here; removed when the master is dropped.
     control: Option<ControlServer>,
     /// `server.pidfile`; removed when the master is dropped.
-    _pidfile: Option<PidFile>,
+    pidfile: Option<PidFile>,
 }
 
 fn unix_mode(config: &Config) -> Result<u32> {
@@ -346,7 +346,7 @@ pub fn setup(
         upgrade_ready,
         systemd: systemd::Systemd::from_env(),
         control,
-        _pidfile: pidfile,
+        pidfile,
     })
 }
 
@@ -1050,7 +1050,7 @@ impl Master {
                 match requests::take_over_control_and_pidfile(&self.config) {
                     Ok((control, pidfile)) => {
                         self.control = Some(control);
-                        self._pidfile = pidfile;
+                        self.pidfile = pidfile;
                     }
                     Err(e) => {
                         error!("upgrade: cannot take the control socket or the pidfile over: {e:#}")
@@ -1470,8 +1470,36 @@ impl Master {
                     exit.describe(false)
                 );
             }
+            self.restore_control_and_pidfile();
         } else if self.handed_over_to == Some(pid) {
             warn!(pid = pid.as_raw(), exit = %exit.describe(false), "the new master exited");
+        }
+    }
+
+    /// After a failed upgrade. The new master takes the control socket and the pidfile over just
+    /// before it says it is ready; one that died (or was stopped) in between took them with it.
+    fn restore_control_and_pidfile(&mut self) {
+        if let Some(control) = self.control.as_mut() {
+            match control.restore() {
+                Ok(true) => warn!(
+                    path = %control.path().display(),
+                    "upgrade: the control socket had gone with the new master; made again"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    error!("upgrade: the control socket is gone and cannot be made again: {e:#}")
+                }
+            }
+        }
+        if let Some(pidfile) = &self.pidfile {
+            match pidfile.restore() {
+                Ok(true) => warn!(
+                    path = %pidfile.path().display(),
+                    "upgrade: the pidfile had gone with the new master; written again"
+                ),
+                Ok(false) => {}
+                Err(e) => error!("upgrade: {e:#}"),
+            }
         }
     }
 

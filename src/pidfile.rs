@@ -122,6 +122,21 @@ impl PidFile {
             pid,
         })
     }
+
+    /// After a failed binary upgrade: the new master may have written its pid here before it
+    /// died (and removed the file). Writes ours again if the file does not hold it; says whether
+    /// it had to.
+    pub fn restore(&self) -> Result<bool> {
+        if read(&self.path) == Some(self.pid) {
+            return Ok(false);
+        }
+        write(&self.path, self.pid)?;
+        Ok(true)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 impl Drop for PidFile {

@@ -218,6 +218,47 @@ fn usr2_hands_the_metrics_socket_over() {
 }
 
 #[test]
+fn a_failed_upgrade_gives_the_control_socket_and_pidfile_back_to_the_old_master() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let sock = d.join("ctl.sock");
+    let pidfile = d.join("sv.pid");
+    let good = format!(
+        "[server]\nworkers = 1\ncontrol_socket = {:?}\npidfile = {:?}\n",
+        sock.to_str().unwrap(),
+        pidfile.to_str().unwrap()
+    );
+    let (server, _bin) = start_copy(dir, &good);
+    let ctl = |args: &[&str]| {
+        run(
+            &d,
+            &[args, &["--socket", sock.to_str().unwrap()]].concat(),
+            &[],
+        )
+    };
+    assert_eq!(ctl(&["status"]).0, 0);
+    // What a new master leaves when it dies right after taking both over: neither file.
+    std::fs::remove_file(&sock).unwrap();
+    std::fs::remove_file(&pidfile).unwrap();
+    std::fs::write(d.join("s.toml"), format!("{good}wokers = 3\n")).unwrap();
+    server.signal(Signal::SIGUSR2);
+    let _stop_new = Adopted(new_master(&server, 0));
+    server
+        .log
+        .wait_for(Duration::from_secs(20), |l| l.contains("upgrade failed"))
+        .expect("the failed upgrade is logged");
+    eventually(Duration::from_secs(10), "the control socket back", || {
+        (ctl(&["status"]).0 == 0).then_some(())
+    });
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap().trim(),
+        server.pid().to_string()
+    );
+    assert!(server.log.text().contains("made again"));
+    assert!(server.log.text().contains("written again"));
+}
+
+#[test]
 fn while_the_new_master_is_not_ready_reload_scale_and_more_usr2_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
