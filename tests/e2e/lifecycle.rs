@@ -162,3 +162,31 @@ fn workers_inherit_only_their_own_fds() {
 fn fd_links(pid: u32) -> Vec<String> {
     fd_targets(pid).into_iter().map(|(_, t)| t).collect()
 }
+
+#[test]
+fn usr1_and_usr2_during_a_workers_boot_do_not_kill_it() {
+    let server = Server::spawn(&["-w", "1"]);
+    // The worker, once it runs its own program (after the exec), early in its boot: before it
+    // has its own signal handlers, the default action of both would kill it.
+    let booting = eventually(Duration::from_secs(20), "a booting worker", || {
+        let pid = *crate::app::children(server.pid()).first()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let mut args = cmdline.split(|&b| b == 0);
+        (args.nth(1) == Some(b"worker".as_slice())).then_some(pid)
+    });
+    // What the master sends a worker: USR1 to reopen logs, USR2 to release a held one.
+    kill(Pid::from_raw(booting as i32), Signal::SIGUSR1).unwrap();
+    kill(Pid::from_raw(booting as i32), Signal::SIGUSR2).unwrap();
+    let server = server.wait_ready();
+    assert_eq!(
+        server.serving_pids(),
+        vec![booting],
+        "the same worker serves"
+    );
+    assert_eq!(server.get("/").status, 200);
+    assert!(
+        !server.log.text().contains("killed by signal"),
+        "{}",
+        server.log.text()
+    );
+}

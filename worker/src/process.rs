@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use nix::sys::signal::{SigSet, Signal};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, info_span, warn};
@@ -267,6 +268,12 @@ async fn serve_until_done(
             return ExitCode::from(EXIT_STARTUP).into();
         }
     };
+    // The master starts workers with these two blocked (see the master's worker exec): handled
+    // from here on, they may come through, including one sent during the boot.
+    if let Err(e) = SigSet::from_iter([Signal::SIGUSR1, Signal::SIGUSR2]).thread_unblock() {
+        error!(error = %e, "cannot unblock USR1 and USR2");
+        return ExitCode::from(EXIT_STARTUP).into();
+    }
 
     spawn_heartbeat(slot);
     // The app (a process or an upstream) before readiness: a worker is ready when its app is.
