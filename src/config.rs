@@ -1050,7 +1050,7 @@ pub const MAX_WORKERS: u32 = 1024;
 /// (one connection each). `Err` says why not.
 pub fn workers_fit(config: &Config, workers: u32) -> Result<(), String> {
     if !(1..=MAX_WORKERS).contains(&workers) {
-        return Err(format!("{workers} workers: 1..={MAX_WORKERS} allowed"));
+        return Err(format!("1..={MAX_WORKERS} workers allowed"));
     }
     redis_budget_fits(config, workers)
 }

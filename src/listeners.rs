@@ -262,6 +262,10 @@ impl Listeners {
         }
         let per_worker_for =
             |a: &BindAddr| matches!(a, BindAddr::Tcp(_)) && mode == AcceptMode::Reuseport;
+        // At the start every worker number's socket listens at once: nothing serves yet, and
+        // connections wait for the first workers. Later (a reload, a binary upgrade) a new
+        // address's reuseport sockets wait for their workers, like `fds_for`'s.
+        let listen_now = (self.groups.is_empty() && !self.handed_over).then_some(backlog);
         // An address we already listen on: asked for the same way ("port 0" again keeps the
         // port we got), or an explicit port that is the one a "port 0" got.
         let held = |a: &BindAddr| {
@@ -294,7 +298,14 @@ impl Listeners {
             let group = match a {
                 BindAddr::Tcp(sa) => {
                     let per_worker = per_worker_for(a);
-                    let first = bind_tcp(*sa, Some(backlog))?;
+                    let first = bind_tcp(
+                        *sa,
+                        if per_worker {
+                            listen_now
+                        } else {
+                            Some(backlog)
+                        },
+                    )?;
                     let actual = local_tcp_addr(&first)?;
                     let mut g = Group {
                         addr: BindAddr::Tcp(actual),
@@ -305,7 +316,7 @@ impl Listeners {
                     };
                     if per_worker {
                         for _ in 1..workers {
-                            g.sockets.push(Some(bind_tcp(actual, Some(backlog))?));
+                            g.sockets.push(Some(bind_tcp(actual, listen_now)?));
                         }
                     }
                     g
@@ -390,6 +401,19 @@ impl Listeners {
             fds.push(socket.as_ref().expect("present").as_raw_fd());
         }
         Ok(fds)
+    }
+
+    /// Worker `id` reported ready, so its own sockets listen, with the `server.backlog` of the
+    /// configuration it started with: brings them to the current one (a reload may have
+    /// changed it while the worker booted).
+    pub fn sync_backlog(&self, id: u32) {
+        for g in self.groups.iter().filter(|g| g.per_worker) {
+            if let Some(Some(s)) = g.sockets.get(id as usize - 1) {
+                if listening(s) {
+                    let _ = s.listen(self.backlog);
+                }
+            }
+        }
     }
 
     /// Closes the master's copy of worker `id`'s own (reuseport) sockets. A reuseport socket

@@ -268,7 +268,11 @@ pub fn setup(
             let ready = sys::inherited_fd(h.ready_fd, "upgrade readiness pipe")
                 .context("cannot take over from the upgrading master")?;
             upgrade_ready = Some((ready, h.parent));
-            let sockets: usize = h.listeners.iter().map(|g| g.fds.len()).sum();
+            let sockets: usize = h
+                .listeners
+                .iter()
+                .map(|g| g.fds.iter().flatten().count())
+                .sum();
             let listeners = Listeners::inherit(
                 h.listeners,
                 h.adopted,
@@ -961,6 +965,9 @@ impl Master {
     /// master announces readiness once every worker number has a ready process.
     fn on_ready(&mut self, id: u32, pid: Pid) {
         let Some(i) = self.slot_index(id) else { return };
+        if let Some(l) = self.listeners.as_ref() {
+            l.sync_backlog(id);
+        }
         if self.slots[i].successor == Some(pid) {
             // Replacing a worker for max_requests: the old one serves up to its limit, sharing
             // its sockets with the ready replacement, and is drained when it reports the limit.

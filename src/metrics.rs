@@ -57,11 +57,12 @@ const RECYCLE_REASONS: [RecycleReason; 5] = [
 /// How a worker died without being asked to stop, for `supervisor_worker_deaths_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Death {
-    /// It exited by itself (a crash that exits, a failed boot).
+    /// It exited: a crash that exits, a failed boot, or a TERM, INT or QUIT from elsewhere
+    /// (a worker exits when told to by anyone).
     Exited,
     /// A SIGKILL the master did not send: the kernel's OOM killer or an operator.
     Killed,
-    /// Any other signal (SIGSEGV, SIGABRT, a SIGTERM from elsewhere, ...).
+    /// Any other signal that killed it (SIGSEGV, SIGABRT, ...).
     Signaled,
 }
 

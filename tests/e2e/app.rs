@@ -224,9 +224,16 @@ fn killed_app_gives_502_then_is_restarted() {
 
 #[test]
 fn a_new_worker_gets_no_connection_before_its_app_is_up() {
-    // Every app takes 3 s to listen: the first before the start is done, the second while
-    // the test runs.
-    let s = start_app(1, &[], &["--ready-delay-ms", "3000"]);
+    // Each app waits for the gate to be open before it listens: its worker is not ready before.
+    let gate = tempfile::tempdir().unwrap();
+    let open = gate.path().join("open");
+    std::fs::write(&open, "").unwrap();
+    let script = format!(
+        "while [ ! -e '{}' ]; do sleep 0.02; done; exec python3 {APP} --uds \"$1\"",
+        open.display()
+    );
+    let s = Server::start(&["-w", "1", "--", "sh", "-c", &script, "sh", "{socket}"]);
+    std::fs::remove_file(&open).unwrap();
     s.signal(Signal::SIGTTIN);
     let booting = |s: &Server| {
         s.status()["workers"]
@@ -243,11 +250,9 @@ fn a_new_worker_gets_no_connection_before_its_app_is_up() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.header("x-worker-id"), Some("1"));
     }
-    assert!(
-        booting(&s),
-        "worker 2 was ready before the requests were done"
-    );
+    assert!(booting(&s), "worker 2 became ready with its gate shut");
     // Once ready, it takes its share.
+    std::fs::write(&open, "").unwrap();
     eventually(WAIT, "a request served by worker 2", || {
         (s.get("/").header("x-worker-id") == Some("2")).then_some(())
     });
