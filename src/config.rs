@@ -236,6 +236,11 @@ const RULES: &[Rule] = &[
         check: |c| positive(c.worker.request_timeout),
     },
     Rule {
+        key: "worker.client_timeout",
+        allowed: DURATION_GT_0,
+        check: |c| positive(c.worker.client_timeout),
+    },
+    Rule {
         key: "worker.max_header_bytes",
         // hyper refuses a read buffer under 8 KiB, and the head must fit in it.
         allowed: "a size 8KiB..=1MiB, like \"16KiB\"",
@@ -1253,7 +1258,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 62);
+        assert_eq!(known.len(), 63);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),
@@ -1860,6 +1865,12 @@ mod tests {
             (
                 "worker.header_timeout",
                 &["\"0s\"", "5"],
+                &["\"1ms\""],
+                DURATION_GT_0,
+            ),
+            (
+                "worker.client_timeout",
+                &["\"0s\""],
                 &["\"1ms\""],
                 DURATION_GT_0,
             ),

@@ -29,6 +29,7 @@ use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::http::request::Parts;
 use hyper::{Method, Response, StatusCode};
 
+use crate::client_body::ClientBody;
 use crate::response::{text, Body};
 use crate::server::Worker;
 
@@ -93,7 +94,10 @@ pub(crate) fn call(
                 .cloned()
                 .unwrap_or(OCTET_STREAM);
             let limit = usize::try_from(worker.limits.max_body_bytes).unwrap_or(usize::MAX);
-            let mut res = Response::new(Body::stream(Limited::new(body, limit)));
+            let mut res = Response::new(Body::stream(ClientBody::new(
+                Limited::new(body, limit),
+                worker.limits.client_timeout,
+            )));
             res.headers_mut().insert(CONTENT_TYPE, content_type);
             res
         }

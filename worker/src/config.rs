@@ -199,6 +199,10 @@ pub struct WorkerConfig {
     /// A request (head to end of response head) taking longer gets 504.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// A client that leaves the worker waiting this long in the middle of a request (no byte of
+    /// a body it announced, or none of the response read) is cut off.
+    #[serde(with = "humantime_serde")]
+    pub client_timeout: Duration,
     /// Size of the request line plus headers; past it -> 431.
     pub max_header_bytes: ByteSize,
     /// Number of request headers; past it -> 431.
@@ -240,6 +244,7 @@ impl Default for WorkerConfig {
             header_timeout: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(120),
+            client_timeout: Duration::from_secs(30),
             max_header_bytes: ByteSize(16 * 1024),
             max_headers: 100,
             max_body_bytes: ByteSize(10 * 1024 * 1024),

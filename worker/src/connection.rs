@@ -26,8 +26,13 @@
 //!   connection known to be HTTP/2, frames between requests (PINGs, SETTINGS) are no head: it
 //!   goes idle at `keepalive_timeout` like one that sends nothing.
 //!
-//! The two never fight: the keep-alive timer hands over to the header timeout as soon as bytes
-//! arrive. Both count from the moment the connection went idle, so a head that starts arriving
+//! A third deadline, `client_timeout`, covers the client that stops reading: while a write to
+//! its socket is blocked (the socket's send buffer full) for that long, the connection is cut,
+//! which ends its requests and frees their permits. (A client that stops sending a body it
+//! announced is `client_body`'s.)
+//!
+//! The two idle timers never fight: the keep-alive timer hands over to the header timeout as
+//! soon as bytes arrive. Both count from the moment the connection went idle, so a head that starts arriving
 //! late has less than `header_timeout` to complete; configure `keepalive_timeout <=
 //! header_timeout` (the defaults are 5 s and 10 s).
 
@@ -45,7 +50,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::listener::Stream;
 use crate::request;
@@ -66,13 +71,20 @@ pub(crate) struct Activity {
     read_since_idle: AtomicBool,
     /// The connection speaks HTTP/2 (seen on its first request).
     http2: AtomicBool,
+    /// Milliseconds after `opened` since which a write to the client has been blocked (its
+    /// socket full); `NOT_BLOCKED` while writes go through.
+    write_blocked_ms: AtomicU64,
 }
+
+const NOT_BLOCKED: u64 = u64::MAX;
 
 /// Connection-level timeouts, in milliseconds.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct IdleLimits {
     pub(crate) keepalive_ms: u64,
     pub(crate) header_ms: u64,
+    /// `worker.client_timeout`: the longest a write to the client may stay blocked.
+    pub(crate) client_ms: u64,
 }
 
 /// What the idle timer should do when it fires.
@@ -98,6 +110,25 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             read_since_idle: AtomicBool::new(false),
             http2: AtomicBool::new(false),
+            write_blocked_ms: AtomicU64::new(NOT_BLOCKED),
+        }
+    }
+
+    /// Notes how a write to the client went: blocked (from when, if it was not already), or
+    /// through. Only a blocked write reads the clock.
+    fn wrote<T>(&self, res: &Poll<io::Result<T>>) {
+        match res {
+            Poll::Pending => {
+                if self.write_blocked_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
+                    self.write_blocked_ms
+                        .store(self.ms_since_open(), Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(_) => {
+                if self.write_blocked_ms.load(Ordering::Relaxed) != NOT_BLOCKED {
+                    self.write_blocked_ms.store(NOT_BLOCKED, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -226,7 +257,10 @@ impl AsyncWrite for TrackedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.activity.wrote(&res);
+        res
     }
 
     fn poll_write_vectored(
@@ -234,7 +268,10 @@ impl AsyncWrite for TrackedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.activity.wrote(&res);
+        res
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -242,6 +279,7 @@ impl AsyncWrite for TrackedIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // TCP and Unix sockets have nothing to flush: writes alone say whether the client reads.
         Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
@@ -300,10 +338,27 @@ pub(crate) async fn serve(
     // deadline from when the connection went idle. Only when it fires mid-request is the next
     // deadline unknown; then it is re-armed as soon as the request ends (`busy`).
     let mut busy = false;
+    // Armed (for this deadline) only while a write to the client is blocked.
+    let mut stall = pin!(tokio::time::sleep_until(activity.opened));
+    let mut stall_deadline = NOT_BLOCKED;
+    let mut stalled = false;
 
     let result = poll_fn(|cx: &mut Context<'_>| 'poll: loop {
         if let Poll::Ready(res) = conn.as_mut().poll(cx) {
             return Poll::Ready(Some(res));
+        }
+        // Even during a shutdown: a client that reads nothing would hold it open for ever.
+        let blocked = activity.write_blocked_ms.load(Ordering::Relaxed);
+        if blocked != NOT_BLOCKED {
+            let deadline = blocked.saturating_add(limits.client_ms);
+            if deadline != stall_deadline {
+                stall_deadline = deadline;
+                stall.as_mut().reset(activity.at(deadline));
+            }
+            if stall.as_mut().poll(cx).is_ready() {
+                stalled = true;
+                return Poll::Ready(None);
+            }
         }
         if shutdown.is_some() {
             return Poll::Pending;
@@ -363,6 +418,10 @@ pub(crate) async fn serve(
         Some(Ok(())) => debug!(shutdown = ?shutdown, "connection closed"),
         // Client resets, slow or abandoned heads, cancelled protocol detection: expected noise.
         Some(Err(e)) => debug!(shutdown = ?shutdown, error = %e, "connection ended with an error"),
+        None if stalled => info!(
+            peer = ?peer,
+            "the client read nothing of the response for worker.client_timeout; connection cut"
+        ),
         None => debug!("no complete request head within worker.header_timeout; connection cut"),
     }
     drop(guard);
@@ -375,6 +434,7 @@ mod tests {
     const LIMITS: IdleLimits = IdleLimits {
         keepalive_ms: 5_000,
         header_ms: 10_000,
+        client_ms: 30_000,
     };
 
     #[test]
@@ -422,6 +482,7 @@ mod tests {
         let limits = IdleLimits {
             keepalive_ms: 300,
             header_ms: 1_500,
+            client_ms: 30_000,
         };
         let a = Activity::new(Instant::now());
         a.http2.store(true, Ordering::Relaxed);
@@ -438,6 +499,7 @@ mod tests {
         let limits = IdleLimits {
             keepalive_ms: 10_000,
             header_ms: 300,
+            client_ms: 30_000,
         };
         let a = Activity::new(Instant::now());
         // Woken at the header deadline in case bytes arrived by then; none did: keep waiting.

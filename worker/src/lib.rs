@@ -24,6 +24,7 @@ mod admission;
 mod app;
 mod appconn;
 mod child;
+mod client_body;
 mod client_rate;
 pub mod cluster;
 mod connection;

@@ -34,6 +34,7 @@ use tracing::{debug, warn};
 
 use crate::appconn::AppStream;
 use crate::child::AppProcess;
+use crate::client_body::{ClientBody, ClientBodyError};
 use crate::config::{AppConfig, Trusted, Upstream};
 use crate::response::{text, Body};
 use crate::scoreboard::coarse_monotonic_ms;
@@ -71,7 +72,7 @@ const POOL_IDLE: Duration = Duration::from_millis(1500);
 /// breaks off becomes a 502 instead of a cut connection.
 const SMALL_BODY: u64 = 16 * 1024;
 
-type Outgoing = Either<Limited<Incoming>, Full<Bytes>>;
+type Outgoing = Either<ClientBody<Limited<Incoming>>, Full<Bytes>>;
 
 /// What the worker proxies to, for the life of the worker.
 pub(crate) struct Proxy {
@@ -234,23 +235,19 @@ impl Proxy {
             },
             None => None,
         };
+        let body = ClientBody::new(
+            Limited::new(body, self.max_body),
+            worker.limits.client_timeout,
+        );
         let body = if self.buffer_requests {
-            match Limited::new(body, self.max_body).collect().await {
+            match body.collect().await {
                 Ok(collected) => Either::Right(Full::new(collected.to_bytes())),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    return too_large(self.max_body_bytes)
-                }
-                Err(e) => {
-                    debug!(error = %e, "client stopped sending the request body");
-                    return text(
-                        StatusCode::BAD_REQUEST,
-                        Bytes::from_static(b"incomplete request body\n"),
-                    );
-                }
+                Err(e) if caused_by_body_limit(&e) => return too_large(self.max_body_bytes),
+                Err(e) => return client_body_failed(&e),
             }
         } else {
             // A body without Content-Length (chunked) is cut off at the limit as it streams.
-            Either::Left(Limited::new(body, self.max_body))
+            Either::Left(body)
         };
         let mut req = Request::new(body);
         *req.method_mut() = method;
@@ -264,6 +261,10 @@ impl Proxy {
                 return too_large(self.max_body_bytes);
             }
             Err(e) => {
+                // The client's side of the body failed (it broke off or stalled): not the app.
+                if let Some(fault) = ClientBodyError::find(&e) {
+                    return client_body_failed(fault);
+                }
                 let why = error_chain(&e);
                 self.warn_bad_gateway(&why);
                 return bad_gateway(format!("the app did not answer: {why}"));
@@ -428,6 +429,20 @@ fn too_large(limit: u64) -> Response<Body> {
             "request body larger than the limit of {limit} bytes (worker.max_body_bytes)\n"
         )),
     )
+}
+
+/// The client's request body failed before the app answered: 408 if it stalled (the client
+/// may try again), 400 if it broke off or was malformed. Logged at debug: the client's doing.
+fn client_body_failed(fault: &ClientBodyError) -> Response<Body> {
+    debug!(error = %fault, "request body failed on the client's side");
+    let status = match fault {
+        ClientBodyError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+        ClientBodyError::Broken(_) => StatusCode::BAD_REQUEST,
+    };
+    let mut res = text(status, Bytes::from(format!("{fault}\n")));
+    res.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    res
 }
 
 fn bad_gateway(why: String) -> Response<Body> {

@@ -208,6 +208,18 @@ pub(crate) fn handle(
         }
     }
 
+    if !http1 && req.headers().len() > worker.limits.max_headers {
+        let body = format!(
+            "more than {} request headers (worker.max_headers)\n",
+            worker.limits.max_headers
+        );
+        let res = crate::response::text(
+            hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            bytes::Bytes::from(body),
+        );
+        return Handled::now(finish(res, guard));
+    }
+
     // A declared length (Content-Length, on HTTP/1 and HTTP/2 alike) shows up as the lower
     // bound of the body's size hint; bodies without one are limited while they stream (`app`).
     if req.body().size_hint().lower() > worker.limits.max_body_bytes {

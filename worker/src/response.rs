@@ -18,6 +18,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
+use crate::client_body::ClientBody;
 use crate::config::ByteSize;
 use crate::request::RequestGuard;
 
@@ -37,7 +38,7 @@ pub(crate) struct Body {
 
 enum Kind {
     Full(Option<Bytes>),
-    Stream(Limited<Incoming>),
+    Stream(ClientBody<Limited<Incoming>>),
     /// The app's response body, with the `app.concurrency` permit it holds until sent.
     Proxied {
         body: Incoming,
@@ -71,8 +72,9 @@ impl Body {
         }
     }
 
-    /// The request body streamed back, cut off with an error past `worker.max_body_bytes`.
-    pub(crate) fn stream(body: Limited<Incoming>) -> Body {
+    /// The request body streamed back, cut off with an error past `worker.max_body_bytes` or
+    /// when the client stalls (`worker.client_timeout`).
+    pub(crate) fn stream(body: ClientBody<Limited<Incoming>>) -> Body {
         Body {
             kind: Kind::Stream(body),
             guard: None,
@@ -95,7 +97,9 @@ impl hyper::body::Body for Body {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Kind::Stream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Stream(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
             Kind::Proxied { body, .. } => Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),

@@ -35,6 +35,11 @@ const MIN_HEADER_BYTES: u64 = 8192;
 pub(crate) struct Limits {
     pub(crate) max_body_bytes: u64,
     pub(crate) request_timeout: Duration,
+    /// `worker.client_timeout`: for request bodies (`client_body`); the write side is in
+    /// `idle`.
+    pub(crate) client_timeout: Duration,
+    /// `worker.max_headers`, which hyper enforces on HTTP/1 only: `request` counts HTTP/2's.
+    pub(crate) max_headers: usize,
     pub(crate) idle: IdleLimits,
 }
 
@@ -146,9 +151,12 @@ impl Worker {
             limits: Limits {
                 max_body_bytes: w.max_body_bytes.bytes(),
                 request_timeout: w.request_timeout,
+                client_timeout: w.client_timeout,
+                max_headers: w.max_headers as usize,
                 idle: IdleLimits {
                     keepalive_ms: w.keepalive_timeout.as_millis() as u64,
                     header_ms: w.header_timeout.as_millis() as u64,
+                    client_ms: w.client_timeout.as_millis() as u64,
                 },
             },
             http,

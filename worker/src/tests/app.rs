@@ -233,3 +233,23 @@ async fn work_spins_off_the_event_loop_and_stops_with_its_request() {
     let r = get(s.addr, "/work?ms=5&inline=1").await;
     assert_eq!((r.status, r.text()), (200, "worked\n"));
 }
+
+#[tokio::test]
+async fn h2_requests_with_more_than_max_headers_get_431() {
+    let s = start(50, |c| c.worker.max_headers = 20);
+    let mut h2 = H2::connect(s.addr).await;
+    let mut req = h2_get("/");
+    for i in 0..25 {
+        req.headers_mut().insert(
+            hyper::header::HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+            hyper::header::HeaderValue::from_static("a"),
+        );
+    }
+    let (head, body) = h2.send(req).await;
+    assert_eq!(head.status, 431, "{body:?}");
+    assert!(String::from_utf8_lossy(&body).contains("worker.max_headers"));
+    // Within the limit: served.
+    let (head, _) = h2.send(h2_get("/")).await;
+    assert_eq!(head.status, 200);
+    s.assert_settles_to_zero().await;
+}

@@ -164,3 +164,76 @@ async fn slow_http2_preface_is_cut_after_header_timeout() {
     assert!(took < Duration::from_secs(3), "{took:?}");
     assert_eq!(get(s.addr, "/").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_after_client_timeout_and_frees_its_permit() {
+    // One host-wide permit: while the stalled request holds it, everyone else gets 503.
+    let s = start(1, |c| {
+        c.worker.client_timeout = Duration::from_millis(300);
+    });
+    let mut stalled = H1::connect(s.addr).await;
+    stalled
+        .send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await;
+    super::eventually(Duration::from_secs(3), "the upload admitted", || {
+        s.inflight() == 1
+    })
+    .await;
+    assert_eq!(get(s.addr, "/").await.status, 503, "the permit is held");
+    // 90 bytes never come: past client_timeout the request ends and the connection is cut.
+    s.assert_settles_to_zero().await;
+    assert_eq!(get(s.addr, "/").await.status, 200);
+    // Its connection is closed (at EOF, or reset for its unread input), not left open.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::io::AsyncReadExt::read_to_end(&mut stalled.stream, &mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "the stalled connection is still open");
+}
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_cut_after_client_timeout() {
+    let s = start(1, |c| {
+        c.worker.client_timeout = Duration::from_millis(300);
+    });
+    // A small receive window, and a body echoed back that is far larger than every buffer on
+    // the way: the worker's writes block once they are full.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(s.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let body = vec![b'x'; 9 * 1024 * 1024];
+    let upload = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let head = format!(
+            "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        wr.write_all(head.as_bytes()).await?;
+        // Stops when the worker cuts the connection (or, failing the test, never).
+        wr.write_all(&body).await?;
+        std::io::Result::Ok(wr)
+    });
+    super::eventually(Duration::from_secs(3), "the echo admitted", || {
+        s.inflight() == 1
+    })
+    .await;
+    // The client never reads: once the worker's writes have been blocked for client_timeout,
+    // the connection is cut and the permit comes back.
+    s.assert_settles_to_zero().await;
+    assert_eq!(get(s.addr, "/").await.status, 200);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut rd, &mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection was not closed");
+    let _ = tokio::time::timeout(Duration::from_secs(5), upload).await;
+}
