@@ -475,6 +475,13 @@ fn finish(mut res: Response<Body>, mut guard: RequestGuard) -> Response<Body> {
         res.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
+    // A response already complete in memory needs no more work: its permits go back now rather
+    // than once it is sent, which a client that reads slowly, or an HTTP/2 client that grants
+    // no flow-control window, could put off for as long as it likes. The guard stays with the
+    // body for the counts and the access log.
+    if res.body().is_complete() {
+        guard.admitted = None;
+    }
     res.body_mut().set_guard(guard);
     res
 }

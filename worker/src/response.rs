@@ -84,6 +84,11 @@ impl Body {
     pub(crate) fn set_guard(&mut self, guard: RequestGuard) {
         self.guard = Some(guard);
     }
+
+    /// The whole body is here (nothing more to produce, only to send).
+    pub(crate) fn is_complete(&self) -> bool {
+        matches!(self.kind, Kind::Full(_))
+    }
 }
 
 impl hyper::body::Body for Body {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::client::{get, h2_get, H1, H2};
 use super::{build, eventually, start, Built, ID, SLOT};
@@ -252,4 +253,30 @@ async fn h2_requests_with_more_than_max_headers_get_431() {
     let (head, _) = h2.send(h2_get("/")).await;
     assert_eq!(head.status, 200);
     s.assert_settles_to_zero().await;
+}
+
+#[tokio::test]
+async fn an_h2_client_that_grants_no_window_does_not_hold_a_permit() {
+    // One host-wide permit. The client's streams get no flow-control window: a response's
+    // head goes out, its body never can.
+    let s = start(1, |_| {});
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let _conn = tokio::spawn(conn);
+    let mut heads = Vec::new();
+    for _ in 0..3 {
+        let res = tokio::time::timeout(Duration::from_secs(5), sender.send_request(h2_get("/")))
+            .await
+            .expect("a response head")
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        heads.push(res); // bodies left unread, and unsendable
+    }
+    // Their permits are back: another client is served.
+    s.assert_settles_to_zero().await;
+    assert_eq!(get(s.addr, "/").await.status, 200);
 }
