@@ -259,6 +259,31 @@ fn a_new_worker_gets_no_connection_before_its_app_is_up() {
 }
 
 #[test]
+fn a_clients_broken_or_stalled_body_is_the_clients_fault_not_a_502() {
+    let s = start_app(1, &["--set", "worker.client_timeout=300ms"], &[]);
+    let ask = |raw: &[u8]| {
+        let r = exchange(s.addr, raw).expect("a response");
+        (r.status, r.text())
+    };
+    // A body that stops short of its Content-Length: 408 once client_timeout passes.
+    let (status, text) =
+        ask(b"POST /consume HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc");
+    assert_eq!(status, 408, "{text}");
+    assert!(text.contains("worker.client_timeout"), "{text}");
+    // A malformed chunked body: 400.
+    let (status, text) =
+        ask(b"POST /consume HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n");
+    assert_eq!(status, 400, "{text}");
+    // Neither is logged as the app's failure, and the app still serves.
+    assert_eq!(s.get("/").status, 200);
+    assert!(
+        !s.log.text().contains("the app did not answer"),
+        "{}",
+        s.log.text()
+    );
+}
+
+#[test]
 fn app_ignoring_term_is_killed_after_the_grace_period() {
     let mut s = start_app(
         1,
