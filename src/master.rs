@@ -363,6 +363,10 @@ impl Master {
             "starting"
         );
         loop {
+            // Signals already here first: a stop signal sent to the whole process group (a
+            // terminal's Ctrl-C) also reaches the workers, and their exits must be seen as part
+            // of that stop, not as deaths.
+            self.on_signals();
             self.reap();
             if let Phase::Stopping { .. } = self.phase {
                 if self.procs.is_empty() {

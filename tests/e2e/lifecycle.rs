@@ -190,3 +190,16 @@ fn usr1_and_usr2_during_a_workers_boot_do_not_kill_it() {
         server.log.text()
     );
 }
+
+#[test]
+fn ctrl_c_to_the_process_group_is_a_clean_fast_stop() {
+    let mut server = Server::start_in_own_group(&["-w", "3"]);
+    // What a terminal's Ctrl-C does: SIGINT to every process of the foreground group, the
+    // workers included, at once.
+    kill(Pid::from_raw(-(server.pid() as i32)), Signal::SIGINT).unwrap();
+    assert!(server.wait_exit(Duration::from_secs(20)).success());
+    let log = server.log.text();
+    assert!(log.contains("fast stop"), "{log}");
+    assert!(!log.contains("worker died"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}

@@ -133,6 +133,14 @@ impl Server {
         Server::launch_program(program, &path, Some(dir), args)
     }
 
+    /// Like `start`, in a process group of its own (which its workers join), for signals to the
+    /// whole group, as a terminal's Ctrl-C sends them.
+    pub fn start_in_own_group(args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        Server::launch_with(Path::new(BIN), &path, Some(dir), args, true).ready()
+    }
+
     /// Waits until it logs "ready".
     pub fn wait_ready(self) -> Server {
         self.ready()
@@ -148,7 +156,21 @@ impl Server {
         dir: Option<tempfile::TempDir>,
         args: &[&str],
     ) -> Server {
-        let mut child = supervisor_at(program, cwd)
+        Server::launch_with(program, cwd, dir, args, false)
+    }
+
+    fn launch_with(
+        program: &Path,
+        cwd: &Path,
+        dir: Option<tempfile::TempDir>,
+        args: &[&str],
+        own_group: bool,
+    ) -> Server {
+        let mut cmd = supervisor_at(program, cwd);
+        if own_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
+        let mut child = cmd
             .arg("start")
             .args(args)
             .stdin(Stdio::null())
