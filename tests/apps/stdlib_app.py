@@ -11,6 +11,7 @@ one thread per connection. Routes:
   GET  /sleep?ms=N       waits, then answers
   GET  /stats            {"max_concurrent_sleeps": N}: most /sleep requests in progress at once
   GET  /truncated        promises 100 bytes, sends 10, closes the connection
+  GET  /both-lengths     Content-Length: 50 and Transfer-Encoding: chunked, body "ok" (chunked)
   GET  /exit             the process exits at once (status 3), no answer
   GET  /leak?mb=N        keeps N MiB more, touched, for the rest of its life
   GET  /ws               WebSocket: echoes every text or binary message
@@ -97,6 +98,12 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0123456789")
             self.wfile.flush()
             self.close_connection = True
+        elif path == "/both-lengths":
+            self.send_response(200)
+            self.send_header("Content-Length", "50")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"2\r\nok\r\n0\r\n\r\n")
         elif path == "/stats":
             self.reply(200, json.dumps({"max_concurrent_sleeps": BUSY["max"]}).encode(),
                        "application/json")

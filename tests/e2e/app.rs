@@ -284,6 +284,31 @@ fn a_clients_broken_or_stalled_body_is_the_clients_fault_not_a_502() {
 }
 
 #[test]
+fn headers_that_would_make_the_two_sides_read_a_message_differently() {
+    let s = start_app(1, &[], &[]);
+    // The app's response with both lengths was read as chunked: its Content-Length does not
+    // reach the client, which gets the 2 bytes whole.
+    let r = s.get("/both-lengths");
+    assert_eq!((r.status, r.text()), (200, "ok".to_string()));
+    assert_ne!(r.header("content-length"), Some("50"));
+    // Two Host headers: 400, before the app sees anything.
+    let r = exchange(
+        s.addr,
+        b"GET /headers HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    // Connection cannot name Host away.
+    let r = exchange(
+        s.addr,
+        b"GET /headers HTTP/1.1\r\nHost: h.example\r\nConnection: close, Host\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("\"host\": \"h.example\""), "{}", r.text());
+}
+
+#[test]
 fn app_ignoring_term_is_killed_after_the_grace_period() {
     let mut s = start_app(
         1,
