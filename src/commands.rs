@@ -183,9 +183,17 @@ fn call(args: &ControlArgs, request: &Request) -> Result<(Reply, UnixStream, Pat
     let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
     let _ = stream.set_write_timeout(Some(ANSWER_TIMEOUT));
     let reply = control::exchange(&mut stream, request).map_err(|e| {
+        // A read timeout on a socket shows as EAGAIN ("Resource temporarily unavailable").
+        let why = match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                "none within {}s (is the master stopped or stuck?)",
+                ANSWER_TIMEOUT.as_secs()
+            ),
+            _ => e.to_string(),
+        };
         fail(
             EXIT_FAILURE,
-            &format!("no answer from the master on {}: {e}", path.display()),
+            &format!("no answer from the master on {}: {why}", path.display()),
         )
     })?;
     if reply.denied {
