@@ -299,13 +299,7 @@ fn scale_and_ttin_stay_within_the_redis_connection_budget() {
 fn upgrade_waits_for_the_outcome_and_the_control_socket_and_pidfile_move_over() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
-    let sock = d.join("ctl.sock");
-    let pidfile = d.join("sv.pid");
-    let good = format!(
-        "[server]\nworkers = 1\ncontrol_socket = {:?}\npidfile = {:?}\n",
-        sock.to_str().unwrap(),
-        pidfile.to_str().unwrap()
-    );
+    let (sock, pidfile, good) = control_and_pidfile_config(&d);
     let conf = write_file(&d, "sv.toml", &good);
     let mut server =
         Server::spawn_in(dir, &["-c", conf.to_str().unwrap(), "-b", "127.0.0.1:0"]).wait_ready();

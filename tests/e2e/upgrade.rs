@@ -221,13 +221,7 @@ fn usr2_hands_the_metrics_socket_over() {
 fn a_failed_upgrade_gives_the_control_socket_and_pidfile_back_to_the_old_master() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
-    let sock = d.join("ctl.sock");
-    let pidfile = d.join("sv.pid");
-    let good = format!(
-        "[server]\nworkers = 1\ncontrol_socket = {:?}\npidfile = {:?}\n",
-        sock.to_str().unwrap(),
-        pidfile.to_str().unwrap()
-    );
+    let (sock, pidfile, good) = control_and_pidfile_config(&d);
     let (server, _bin) = start_copy(dir, &good);
     let ctl = |args: &[&str]| {
         run(

@@ -491,6 +491,19 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A one-worker configuration with its control socket and pidfile in `dir`: their paths, and
+/// the TOML.
+pub fn control_and_pidfile_config(dir: &Path) -> (PathBuf, PathBuf, String) {
+    let sock = dir.join("ctl.sock");
+    let pidfile = dir.join("sv.pid");
+    let toml = format!(
+        "[server]\nworkers = 1\ncontrol_socket = {:?}\npidfile = {:?}\n",
+        sock.to_str().unwrap(),
+        pidfile.to_str().unwrap()
+    );
+    (sock, pidfile, toml)
+}
+
 /// `supervisor status --pid MASTER --json`, for any master (one the test did not start itself:
 /// the new master of an upgrade, one started through a wrapper).
 pub fn status_of(master: u32) -> Value {
