@@ -32,9 +32,9 @@
 //! announced is `client_body`'s.)
 //!
 //! The two idle timers never fight: the keep-alive timer hands over to the header timeout as
-//! soon as bytes arrive. Both count from the moment the connection went idle, so a head that starts arriving
-//! late has less than `header_timeout` to complete; configure `keepalive_timeout <=
-//! header_timeout` (the defaults are 5 s and 10 s).
+//! soon as bytes arrive. Both count from the moment the connection went idle, so a head that
+//! starts arriving late has less than `header_timeout` to complete; configure
+//! `keepalive_timeout <= header_timeout` (the defaults are 5 s and 10 s).
 
 use std::future::{poll_fn, Future};
 use std::io;
