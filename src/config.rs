@@ -122,7 +122,7 @@ struct Rule {
 }
 
 const DURATION_GT_0: &str = "a duration > 0, like \"30s\", \"2m\" or \"1500ms\"";
-const INTEGER_GE_1: &str = "an integer >= 1";
+const INTEGER_GE_1: &str = "an integer 1..=4294967295";
 
 const RULES: &[Rule] = &[
     Rule {
@@ -1513,12 +1513,12 @@ mod tests {
         assert_eq!(
             err("MAX_CONCURRENT_REQUESTS", "0"),
             "environment variable MAX_CONCURRENT_REQUESTS=\"0\": \
-             limits.max_concurrent_requests: expected an integer >= 1"
+             limits.max_concurrent_requests: expected an integer 1..=4294967295"
         );
         assert_eq!(
             err("MAX_ACTIVE_INSTANCES", "-3"),
             "environment variable MAX_ACTIVE_INSTANCES=\"-3\": \
-             limits.max_active_instances: expected an integer >= 1"
+             limits.max_active_instances: expected an integer 1..=4294967295"
         );
     }
 
@@ -1559,7 +1559,7 @@ mod tests {
     fn set_errors_say_what_is_wrong() {
         assert_eq!(
             set_err("worker.max_connections=x"),
-            "--set worker.max_connections=x: expected an integer >= 1"
+            "--set worker.max_connections=x: expected an integer 1..=4294967295"
         );
         assert_eq!(
             set_err("server.wokers=4"),
