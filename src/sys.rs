@@ -14,7 +14,7 @@ use std::process::Command;
 /// `worker::exec::child_hook`). It starts with USR1 and USR2 blocked: the master sends them to
 /// workers (log reopening, the release of a held replacement), and until the worker has its
 /// handlers their default action would kill it. The worker unblocks them once it handles them,
-/// and one that came meanwhile is delivered then.
+/// and one that came meanwhile is delivered then. Nothing else is blocked.
 pub fn prepare_worker_exec(cmd: &mut Command, inherit: Vec<RawFd>, master_pid: u32) {
     let mut hook = worker::exec::child_hook(inherit, master_pid);
     // Built before the fork: the hook below must not allocate.
@@ -29,7 +29,7 @@ pub fn prepare_worker_exec(cmd: &mut Command, inherit: Vec<RawFd>, master_pid: u
     let hook = move || {
         hook()?;
         // SAFETY: sigprocmask is async-signal-safe; the set was built before the fork. The mask
-        // survives the exec (std has already reset it to empty before running this hook).
+        // survives the exec; `child_hook` above has just emptied it.
         if unsafe { libc::sigprocmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut()) } == -1 {
             return Err(io::Error::last_os_error());
         }

@@ -12,6 +12,7 @@ use std::os::fd::RawFd;
 ///   in the child only: it gets exactly those, and nothing else this process holds leaks into
 ///   it (Linux >= 5.11; on older kernels `close_range` fails and only fds that were already
 ///   close-on-exec are kept out);
+/// - no signal blocked (the worker's own hook then blocks USR1 and USR2 until it handles them);
 /// - `PR_SET_PDEATHSIG(SIGKILL)`: the kernel kills the child when the thread that forked it
 ///   dies, which for our single-threaded master, and for the worker's event-loop thread, means
 ///   "when this process dies". A parent that died before the `prctl` is caught by the `getppid`
@@ -27,8 +28,16 @@ pub fn child_hook(
 ) -> impl FnMut() -> io::Result<()> + Send + Sync + 'static {
     move || {
         inherit_only(&inherit)?;
-        // SAFETY: prctl and getppid are async-signal-safe and touch no Rust state.
+        // SAFETY: sigprocmask, prctl and getppid are async-signal-safe and touch no Rust state;
+        // the empty set lives on this stack frame.
         unsafe {
+            // The child starts with no signal blocked, whatever this thread blocks (std's
+            // Command passes the spawning thread's mask on).
+            let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(none.as_mut_ptr());
+            if libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut()) == -1 {
+                return Err(io::Error::last_os_error());
+            }
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
