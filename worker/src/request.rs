@@ -208,21 +208,6 @@ pub(crate) fn handle(
         }
     }
 
-    // RFC 9112 3.2: more than one Host is a 400 (two hosts would be read differently by the
-    // app and by whatever looked at the first).
-    if req
-        .headers()
-        .get_all(hyper::header::HOST)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
-        let res = crate::response::text(
-            hyper::StatusCode::BAD_REQUEST,
-            bytes::Bytes::from_static(b"more than one Host header\n"),
-        );
-        return Handled::now(finish(res, guard));
-    }
     if !http1 && req.headers().len() > worker.limits.max_headers {
         let body = format!(
             "more than {} request headers (worker.max_headers)\n",
