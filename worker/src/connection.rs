@@ -74,6 +74,12 @@ pub(crate) struct Activity {
     /// Milliseconds after `opened` since which a write to the client has been blocked (its
     /// socket full); `NOT_BLOCKED` while writes go through.
     write_blocked_ms: AtomicU64,
+    /// Streamed response bodies that handed hyper a frame and have not been asked for the next
+    /// one yet: on HTTP/2, a stream the client grants no window stays so, with no socket write
+    /// ever blocking.
+    unclaimed: AtomicU32,
+    /// When (coarse clock) a streamed body was last asked for its next frame.
+    last_claim_ms: AtomicU64,
 }
 
 const NOT_BLOCKED: u64 = u64::MAX;
@@ -111,7 +117,17 @@ impl Activity {
             read_since_idle: AtomicBool::new(false),
             http2: AtomicBool::new(false),
             write_blocked_ms: AtomicU64::new(NOT_BLOCKED),
+            unclaimed: AtomicU32::new(0),
+            last_claim_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Frames are waiting to be sent, and none has been taken for `client_ms`: the client
+    /// grants no flow-control window (HTTP/2) and the connection is stuck on it.
+    fn streams_stuck(&self, client_ms: u64) -> bool {
+        self.unclaimed.load(Ordering::Relaxed) > 0
+            && coarse_monotonic_ms().saturating_sub(self.last_claim_ms.load(Ordering::Relaxed))
+                >= client_ms
     }
 
     /// Notes how a write to the client went: blocked (from when, if it was not already), or
@@ -215,6 +231,22 @@ impl ActivityGuard {
     /// Records that the connection speaks HTTP/2 (a drain can then send GOAWAY at once).
     pub(crate) fn set_http2(&self) {
         self.0.http2.store(true, Ordering::Relaxed);
+    }
+
+    /// A streamed response body handed hyper a frame (`true`), or was asked for the next one
+    /// after that (`false`); see `Activity::unclaimed`.
+    pub(crate) fn frame_out(&self, out: bool) {
+        let a = &self.0;
+        if out {
+            if a.unclaimed.fetch_add(1, Ordering::Relaxed) == 0 {
+                a.last_claim_ms
+                    .store(coarse_monotonic_ms(), Ordering::Relaxed);
+            }
+        } else {
+            a.unclaimed.fetch_sub(1, Ordering::Relaxed);
+            a.last_claim_ms
+                .store(coarse_monotonic_ms(), Ordering::Relaxed);
+        }
     }
 }
 
@@ -393,6 +425,10 @@ pub(crate) async fn serve(
             match activity.check(now, limits) {
                 IdleCheck::Wait(deadline) => timer.as_mut().reset(activity.at(deadline)),
                 IdleCheck::Busy => {
+                    if activity.streams_stuck(limits.client_ms) {
+                        stalled = true;
+                        return Poll::Ready(None);
+                    }
                     // Normally re-armed above when the request ends (that happens inside
                     // `conn.poll`, or wakes it); this later check is only a backstop.
                     busy = true;

@@ -60,6 +60,13 @@ pub(crate) struct RequestGuard {
     _activity: ActivityGuard,
 }
 
+impl RequestGuard {
+    /// The connection's activity, for the response body's part in it.
+    pub(crate) fn activity(&self) -> &ActivityGuard {
+        &self._activity
+    }
+}
+
 /// What an admitted request holds until it is answered, fails or is abandoned: its permits and
 /// its entry in the scoreboard's list of requests in flight.
 struct Admitted {

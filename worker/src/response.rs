@@ -34,6 +34,9 @@ pub(crate) struct Body {
     /// Dropped when hyper is done with the body (fully sent, or the client went away): that is
     /// what releases the request's permits.
     guard: Option<RequestGuard>,
+    /// A streamed body handed hyper a frame and has not been asked for the next one yet (see
+    /// `connection::Activity::unclaimed`).
+    out: bool,
 }
 
 enum Kind {
@@ -51,6 +54,7 @@ impl Body {
         Body {
             kind: Kind::Full(Some(data)),
             guard: None,
+            out: false,
         }
     }
 
@@ -58,6 +62,7 @@ impl Body {
         Body {
             kind: Kind::Full(None),
             guard: None,
+            out: false,
         }
     }
 
@@ -69,6 +74,7 @@ impl Body {
                 _permit: permit,
             },
             guard: None,
+            out: false,
         }
     }
 
@@ -78,6 +84,7 @@ impl Body {
         Body {
             kind: Kind::Stream(body),
             guard: None,
+            out: false,
         }
     }
 
@@ -91,6 +98,24 @@ impl Body {
     }
 }
 
+impl Body {
+    /// Notes a streamed frame handed out (`true`) or the next one asked for (`false`).
+    fn frame_out(&mut self, out: bool) {
+        if self.out != out {
+            self.out = out;
+            if let Some(guard) = &self.guard {
+                guard.activity().frame_out(out);
+            }
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        self.frame_out(false);
+    }
+}
+
 impl hyper::body::Body for Body {
     type Data = Bytes;
     type Error = BoxError;
@@ -100,6 +125,7 @@ impl hyper::body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        this.frame_out(false);
         let polled = match &mut this.kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Kind::Stream(body) => Pin::new(body)
@@ -117,6 +143,8 @@ impl hyper::body::Body for Body {
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             // Done (or failed): release the permits now rather than whenever hyper drops us.
             this.guard = None;
+        } else if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.is_complete() {
+            this.frame_out(true);
         }
         polled
     }

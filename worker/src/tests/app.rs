@@ -280,3 +280,38 @@ async fn an_h2_client_that_grants_no_window_does_not_hold_a_permit() {
     s.assert_settles_to_zero().await;
     assert_eq!(get(s.addr, "/").await.status, 200);
 }
+
+#[tokio::test]
+async fn an_h2_client_that_grants_a_streamed_response_no_window_is_cut_off() {
+    // `/echo` streams: its permit is held until the body is sent, which a client that grants
+    // no flow-control window never lets happen. Past client_timeout the connection is cut.
+    let s = start(1, |c| {
+        c.worker.client_timeout = Duration::from_millis(300);
+        c.worker.keepalive_timeout = Duration::from_millis(300);
+    });
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::post("http://test/echo")
+        .body(Full::new(Bytes::from_static(b"stuck")))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+        .await
+        .expect("a response head")
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        get(s.addr, "/").await.status,
+        503,
+        "the echo holds the permit"
+    );
+    s.assert_settles_to_zero().await;
+    assert_eq!(get(s.addr, "/").await.status, 200);
+    // The connection itself was closed.
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "the stuck connection is still open");
+}
