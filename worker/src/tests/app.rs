@@ -255,18 +255,29 @@ async fn h2_requests_with_more_than_max_headers_get_431() {
     s.assert_settles_to_zero().await;
 }
 
+/// An HTTP/2 connection whose streams get no flow-control window: response heads come, bodies
+/// never can. The connection's task is returned to watch it end.
+async fn h2_granting_no_window(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 #[tokio::test]
 async fn an_h2_client_that_grants_no_window_does_not_hold_a_permit() {
     // One host-wide permit. The client's streams get no flow-control window: a response's
     // head goes out, its body never can.
     let s = start(1, |_| {});
-    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(0)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let _conn = tokio::spawn(conn);
+    let (mut sender, _conn) = h2_granting_no_window(s.addr).await;
     let mut heads = Vec::new();
     for _ in 0..3 {
         let res = tokio::time::timeout(Duration::from_secs(5), sender.send_request(h2_get("/")))
@@ -289,13 +300,7 @@ async fn an_h2_client_that_grants_a_streamed_response_no_window_is_cut_off() {
         c.worker.client_timeout = Duration::from_millis(300);
         c.worker.keepalive_timeout = Duration::from_millis(300);
     });
-    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(0)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2_granting_no_window(s.addr).await;
     let req = hyper::Request::post("http://test/echo")
         .body(Full::new(Bytes::from_static(b"stuck")))
         .unwrap();
