@@ -16,25 +16,7 @@ use std::process::Command;
 /// handlers their default action would kill it. The worker unblocks them once it handles them,
 /// and one that came meanwhile is delivered then. Nothing else is blocked.
 pub fn prepare_worker_exec(cmd: &mut Command, inherit: Vec<RawFd>, master_pid: u32) {
-    let mut hook = worker::exec::child_hook(inherit, master_pid);
-    // Built before the fork: the hook below must not allocate.
-    let mut blocked = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-    // SAFETY: sigemptyset initialises the set; sigaddset adds valid signal numbers to it.
-    let blocked = unsafe {
-        libc::sigemptyset(blocked.as_mut_ptr());
-        libc::sigaddset(blocked.as_mut_ptr(), libc::SIGUSR1);
-        libc::sigaddset(blocked.as_mut_ptr(), libc::SIGUSR2);
-        blocked.assume_init()
-    };
-    let hook = move || {
-        hook()?;
-        // SAFETY: sigprocmask is async-signal-safe; the set was built before the fork. The mask
-        // survives the exec; `child_hook` above has just emptied it.
-        if unsafe { libc::sigprocmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut()) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
+    let hook = worker::exec::child_hook(inherit, master_pid, &[libc::SIGUSR1, libc::SIGUSR2]);
     // SAFETY: the hook only performs async-signal-safe syscalls and does not allocate.
     unsafe {
         cmd.pre_exec(hook);

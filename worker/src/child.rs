@@ -434,7 +434,7 @@ fn spawn(launch: &Launch) -> io::Result<Child> {
     // The app gets none of the worker's fds (its listeners and pipe to the master are already
     // close-on-exec since the worker adopted them; the hook also covers anything else), and
     // dies with the worker.
-    let hook = crate::exec::child_hook(Vec::new(), std::process::id());
+    let hook = crate::exec::child_hook(Vec::new(), std::process::id(), &[]);
     // SAFETY: the hook only makes async-signal-safe syscalls and does not allocate.
     unsafe {
         cmd.pre_exec(hook);

@@ -12,7 +12,9 @@ use std::os::fd::RawFd;
 ///   in the child only: it gets exactly those, and nothing else this process holds leaks into
 ///   it (Linux >= 5.11; on older kernels `close_range` fails and only fds that were already
 ///   close-on-exec are kept out);
-/// - no signal blocked (the worker's own hook then blocks USR1 and USR2 until it handles them);
+/// - exactly the signals in `blocked` blocked, whatever the spawning thread blocks (std's
+///   `Command` passes its mask on); the master's workers start with USR1 and USR2 blocked until
+///   they handle them, an app with none;
 /// - `PR_SET_PDEATHSIG(SIGKILL)`: the kernel kills the child when the thread that forked it
 ///   dies, which for our single-threaded master, and for the worker's event-loop thread, means
 ///   "when this process dies". A parent that died before the `prctl` is caught by the `getppid`
@@ -25,17 +27,24 @@ use std::os::fd::RawFd;
 pub fn child_hook(
     inherit: Vec<RawFd>,
     parent_pid: u32,
+    blocked: &[libc::c_int],
 ) -> impl FnMut() -> io::Result<()> + Send + Sync + 'static {
+    // Built before the fork: the hook must not allocate.
+    let mut mask = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set; sigaddset adds signal numbers to it.
+    let mask = unsafe {
+        libc::sigemptyset(mask.as_mut_ptr());
+        for &sig in blocked {
+            libc::sigaddset(mask.as_mut_ptr(), sig);
+        }
+        mask.assume_init()
+    };
     move || {
         inherit_only(&inherit)?;
         // SAFETY: sigprocmask, prctl and getppid are async-signal-safe and touch no Rust state;
-        // the empty set lives on this stack frame.
+        // the mask was built before the fork. The mask survives the exec.
         unsafe {
-            // The child starts with no signal blocked, whatever this thread blocks (std's
-            // Command passes the spawning thread's mask on).
-            let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-            libc::sigemptyset(none.as_mut_ptr());
-            if libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut()) == -1 {
+            if libc::sigprocmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut()) == -1 {
                 return Err(io::Error::last_os_error());
             }
             if libc::prctl(
