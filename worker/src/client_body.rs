@@ -48,20 +48,6 @@ impl StdError for ClientBodyError {
     }
 }
 
-impl ClientBodyError {
-    /// The `ClientBodyError` somewhere in `e`'s chain of causes, if any.
-    pub(crate) fn find<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a ClientBodyError> {
-        let mut cause = Some(e);
-        while let Some(c) = cause {
-            if let Some(found) = c.downcast_ref::<ClientBodyError>() {
-                return Some(found);
-            }
-            cause = c.source();
-        }
-        None
-    }
-}
-
 /// `inner` (the client's body), failing with [`ClientBodyError::Stalled`] when no frame comes
 /// for `timeout` while one is awaited.
 pub(crate) struct ClientBody<B> {

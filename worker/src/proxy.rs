@@ -271,7 +271,7 @@ impl Proxy {
             }
             Err(e) => {
                 // The client's side of the body failed (it broke off or stalled): not the app.
-                if let Some(fault) = ClientBodyError::find(&e) {
+                if let Some(fault) = find_cause::<ClientBodyError>(&e) {
                     return client_body_failed(fault);
                 }
                 let why = error_chain(&e);
@@ -428,15 +428,22 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Whether sending failed because the request body passed `worker.max_body_bytes`.
-fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+/// The first error of type `T` in `e`'s chain of causes.
+fn find_cause<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cause = Some(e);
     while let Some(c) = cause {
-        if c.is::<http_body_util::LengthLimitError>() {
-            return true;
+        if let Some(found) = c.downcast_ref::<T>() {
+            return Some(found);
         }
         cause = c.source();
     }
-    false
+    None
+}
+
+fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    find_cause::<http_body_util::LengthLimitError>(e).is_some()
 }
 
 fn too_large(limit: u64) -> Response<Body> {
