@@ -32,12 +32,17 @@ pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const MIN_HEADER_BYTES: u64 = 8192;
 
 /// Per-request limits, in the units the hot path uses.
+impl Limits {
+    /// `worker.client_timeout`, for request bodies (`client_body`); the connection's write side
+    /// reads it from `idle`.
+    pub(crate) fn client_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle.client_ms)
+    }
+}
+
 pub(crate) struct Limits {
     pub(crate) max_body_bytes: u64,
     pub(crate) request_timeout: Duration,
-    /// `worker.client_timeout`: for request bodies (`client_body`); the write side is in
-    /// `idle`.
-    pub(crate) client_timeout: Duration,
     /// `worker.max_headers`, which hyper enforces on HTTP/1 only: `request` counts HTTP/2's.
     pub(crate) max_headers: usize,
     pub(crate) idle: IdleLimits,
@@ -151,7 +156,6 @@ impl Worker {
             limits: Limits {
                 max_body_bytes: w.max_body_bytes.bytes(),
                 request_timeout: w.request_timeout,
-                client_timeout: w.client_timeout,
                 max_headers: w.max_headers as usize,
                 idle: IdleLimits {
                     keepalive_ms: w.keepalive_timeout.as_millis() as u64,
