@@ -443,47 +443,7 @@ impl ControlServer {
         self.file_id = file_id;
         Ok(true)
     }
-}
 
-/// A new socket at `path`, mode 0600 (its directory made 0700 if missing), non-blocking; with
-/// the file's device and inode.
-fn make_socket(path: &Path) -> Result<(UnixListener, (u64, u64))> {
-    let what = || format!("cannot create the control socket {}", path.display());
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !parent.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)
-            .with_context(what)?;
-    }
-    // Bound in a private directory, made 0600, then renamed into place: nobody else can
-    // reach it before its mode is right, whatever the umask.
-    // An unpredictable name: in a shared directory nobody can take it first.
-    let private = parent.join(format!(".sv{:08x}", fastrand::u32(..)));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&private)
-        .with_context(what)?;
-    let made = (|| -> Result<(UnixListener, (u64, u64))> {
-        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
-        let temp = private.join("s");
-        let listener = UnixListener::bind(&temp)?;
-        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&temp, path)?;
-        let meta = std::fs::symlink_metadata(path)?;
-        Ok((listener, (meta.dev(), meta.ino())))
-    })();
-    let _ = std::fs::remove_dir_all(&private);
-    let (listener, file_id) = made.with_context(what)?;
-    listener.set_nonblocking(true).with_context(what)?;
-    Ok((listener, file_id))
-}
-
-impl ControlServer {
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -627,6 +587,44 @@ impl ControlServer {
             });
         }
     }
+}
+
+/// A new socket at `path`, mode 0600 (its directory made 0700 if missing), non-blocking; with
+/// the file's device and inode.
+fn make_socket(path: &Path) -> Result<(UnixListener, (u64, u64))> {
+    let what = || format!("cannot create the control socket {}", path.display());
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(what)?;
+    }
+    // Bound in a private directory, made 0600, then renamed into place: nobody else can
+    // reach it before its mode is right, whatever the umask.
+    // An unpredictable name: in a shared directory nobody can take it first.
+    let private = parent.join(format!(".sv{:08x}", fastrand::u32(..)));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(what)?;
+    let made = (|| -> Result<(UnixListener, (u64, u64))> {
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
+        let temp = private.join("s");
+        let listener = UnixListener::bind(&temp)?;
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&temp, path)?;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok((listener, (meta.dev(), meta.ino())))
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    let (listener, file_id) = made.with_context(what)?;
+    listener.set_nonblocking(true).with_context(what)?;
+    Ok((listener, file_id))
 }
 
 impl Drop for ControlServer {

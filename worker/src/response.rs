@@ -96,9 +96,7 @@ impl Body {
     pub(crate) fn is_complete(&self) -> bool {
         matches!(self.kind, Kind::Full(_))
     }
-}
 
-impl Body {
     /// Notes a streamed frame handed out (`true`) or the next one asked for (`false`).
     fn frame_out(&mut self, out: bool) {
         if self.out != out {
