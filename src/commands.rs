@@ -57,7 +57,7 @@ pub fn upgrade(args: ControlArgs) -> ExitCode {
         Err(code) => return code,
     };
     let old = reply.master_pid;
-    println!(
+    outln!(
         "master {old}: {}",
         reply.message.as_deref().unwrap_or("upgrading")
     );
@@ -70,13 +70,13 @@ pub fn upgrade(args: ControlArgs) -> ExitCode {
     let deadline = Instant::now() + Duration::from_millis(reply.wait_ms.unwrap_or(0)) + GONE_GRACE;
     loop {
         if matches!(control::probe(&socket), Ok(Some(pid)) if pid == new) {
-            println!("master {new}: took over; master {old} drains its workers and exits");
+            outln!("master {new}: took over; master {old} drains its workers and exits");
             return ExitCode::SUCCESS;
         }
         // The old master exits only after handing over (a new configuration may have moved
         // the control socket where `socket` does not see it).
         if !alive(old) && alive(new) {
-            println!("master {new}: took over; master {old} has exited");
+            outln!("master {new}: took over; master {old} has exited");
             return ExitCode::SUCCESS;
         }
         if !alive(new) {
@@ -114,7 +114,7 @@ pub fn stop(args: StopArgs) -> ExitCode {
         Err(code) => return code,
     };
     let pid = reply.master_pid;
-    println!(
+    outln!(
         "master {pid}: {}",
         reply.message.as_deref().unwrap_or("stopping")
     );
@@ -156,7 +156,7 @@ pub fn stop(args: StopArgs) -> ExitCode {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!("master {pid}: stopped");
+    outln!("master {pid}: stopped");
     ExitCode::SUCCESS
 }
 
@@ -164,7 +164,7 @@ pub fn stop(args: StopArgs) -> ExitCode {
 fn simple(args: &ControlArgs, request: &Request) -> ExitCode {
     match call(args, request) {
         Ok((reply, _, _)) => {
-            println!(
+            outln!(
                 "master {}: {}",
                 reply.master_pid,
                 reply.message.as_deref().unwrap_or("done")
@@ -222,7 +222,7 @@ fn socket_path(args: &ControlArgs) -> Result<PathBuf, ExitCode> {
     }
     let loaded = crate::load_config(&args.config, &[]).map_err(|e| {
         let code = fail(EXIT_CONFIG, &e);
-        eprintln!("supervisor: (the control socket is found from the configuration; --socket PATH names it directly)");
+        errln!("supervisor: (the control socket is found from the configuration; --socket PATH names it directly)");
         code
     })?;
     Location::of(&loaded.config)

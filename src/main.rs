@@ -6,6 +6,33 @@
 
 #![deny(unsafe_code)]
 
+/// `println!` for what a command prints: a reader that went away (`supervisor status | head -1`,
+/// a closed pipe) is not an error and never a panic. The output is dropped and the command goes
+/// on to its own exit code (documented in man/supervisor.1). Rust ignores SIGPIPE, so such a
+/// write fails with EPIPE, which `println!` would turn into a panic (exit 101).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `print!`, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `eprintln!`, as [`outln!`] (standard error may be a closed pipe too: `2>&1 | true`).
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod activation;
 mod cli;
 mod commands;
@@ -57,7 +84,10 @@ fn main() -> ExitCode {
         Command::Scale(args) => commands::scale(args),
         Command::Upgrade(args) => commands::upgrade(args),
         Command::Completions(args) => {
-            completions::write(args.shell, &mut std::io::stdout());
+            // Made in memory first: clap_complete panics on a failed write.
+            let mut script = Vec::new();
+            completions::write(args.shell, &mut script);
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &script);
             ExitCode::SUCCESS
         }
         Command::Worker(args) => run_worker(args),
@@ -67,7 +97,7 @@ fn main() -> ExitCode {
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
     // A config error may list several problems, one per line: each gets the prefix.
     for line in format!("{e:#}").lines() {
-        eprintln!("supervisor: error: {line}");
+        errln!("supervisor: error: {line}");
     }
     ExitCode::from(code)
 }
@@ -93,8 +123,8 @@ fn check(args: ConfigArgs) -> ExitCode {
     match load_config(&args, &[]) {
         Ok(loaded) => {
             match &loaded.source {
-                Some(p) => eprintln!("supervisor: {} is valid", p.display()),
-                None => eprintln!("supervisor: no config file; defaults and overrides are valid"),
+                Some(p) => errln!("supervisor: {} is valid", p.display()),
+                None => errln!("supervisor: no config file; defaults and overrides are valid"),
             }
             // A Redis password is not printed either.
             let mut shown = loaded.config.clone();
@@ -102,8 +132,8 @@ fn check(args: ConfigArgs) -> ExitCode {
             for node in &mut shown.sentinel.nodes {
                 *node = worker::cluster::redacted(node);
             }
-            print!("{}", config::to_toml(&shown));
-            eprintln!(
+            out!("{}", config::to_toml(&shown));
+            errln!(
                 "supervisor: control socket: {}",
                 control::Location::of(&loaded.config).describe()
             );

@@ -252,19 +252,22 @@ fn read_workers(board: &Scoreboard, now: u64) -> Vec<WorkerStatus> {
 
 pub fn print(status: &Status, json: bool) {
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(status).expect("status serializes")
         );
         return;
     }
-    println!(
+    outln!(
         "master {}  in flight {}/{} host-wide  rejected at the host-wide cap {}",
-        status.master_pid, status.global_inflight, status.global_cap, status.global_rejected
+        status.master_pid,
+        status.global_inflight,
+        status.global_cap,
+        status.global_rejected
     );
     if let Some(m) = &status.master {
         let l = &m.limits;
-        println!(
+        outln!(
             "workers {}{}  reloads {}  limits: host-wide {}  per worker {}  queue {}  rate {}  \
              cluster-wide {}",
             m.workers,
@@ -280,7 +283,7 @@ pub fn print(status: &Status, json: bool) {
             },
         );
         if !m.redis_url.is_empty() {
-            println!("redis {}", m.redis_url);
+            outln!("redis {}", m.redis_url);
         }
     }
     let redis: Vec<&str> = status
@@ -291,7 +294,7 @@ pub fn print(status: &Status, json: bool) {
         .collect();
     if !redis.is_empty() {
         let degraded = redis.iter().filter(|r| **r == "degraded").count();
-        println!(
+        outln!(
             "redis: {} workers connected, {degraded} degraded  refused at the cluster-wide cap {}  \
              handled while redis was away {}",
             redis.len() - degraded,
@@ -300,12 +303,15 @@ pub fn print(status: &Status, json: bool) {
         );
     }
     if let Some(r) = status.rate_limit.as_ref().filter(|r| r.enabled) {
-        println!(
+        outln!(
             "clients tracked {}/{}  evicted {}  refused by limits.rate (429) {}",
-            r.tracked, r.capacity, r.evictions, r.limited
+            r.tracked,
+            r.capacity,
+            r.evictions,
+            r.limited
         );
     }
-    println!(
+    outln!(
         "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8}  last recycle",
         "worker",
         "gen",
@@ -322,7 +328,7 @@ pub fn print(status: &Status, json: bool) {
         "app pid"
     );
     for w in &status.workers {
-        println!(
+        outln!(
             "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>8}s {:>8}  {}",
             w.worker_id,
             w.generation,

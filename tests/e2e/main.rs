@@ -10,6 +10,7 @@ mod examples;
 mod lifecycle;
 mod limits;
 mod metrics;
+mod papercuts;
 mod privileges;
 mod queue;
 mod ratelimit;

@@ -1,0 +1,82 @@
+//! Operations papercuts: output to a reader that went away.
+
+use std::os::fd::OwnedFd;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::util::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A pipe whose reading end is already closed: every write to it fails with EPIPE, as when
+/// the reader of `supervisor status | head -1` has gone.
+fn closed_pipe() -> OwnedFd {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    write
+}
+
+/// `supervisor ARGS...` with standard output (and, with `stderr_too`, standard error) into a
+/// closed pipe; its exit code and what it wrote on standard error otherwise.
+fn run_into_closed_pipe(args: &[&str], stderr_too: bool) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir.path())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(closed_pipe()));
+    if stderr_too {
+        cmd.stderr(Stdio::from(closed_pipe()));
+    } else {
+        cmd.stderr(Stdio::piped());
+    }
+    let child = KillOnDrop(cmd.spawn().unwrap());
+    let mut child = child;
+    let err = child.0.stderr.take().map(|mut e| {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut e, &mut s).ok();
+        s
+    });
+    let status = eventually(WAIT, "the command to exit", || child.0.try_wait().unwrap());
+    let err = err.unwrap_or_default();
+    eprintln!("{args:?} (stderr closed too: {stderr_too}): {status:?}\n{err}");
+    (status.code(), err)
+}
+
+#[track_caller]
+fn assert_quiet(args: &[&str], want: i32) {
+    for stderr_too in [false, true] {
+        let (code, err) = run_into_closed_pipe(args, stderr_too);
+        assert_eq!(
+            code,
+            Some(want),
+            "{args:?} into a closed pipe (stderr too: {stderr_too}): {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn output_to_a_closed_pipe_is_dropped_and_the_exit_code_is_the_commands() {
+    let server = Server::start(&["-w", "1"]);
+    let socket = server.control_socket();
+    let socket = socket.to_str().unwrap();
+    let pid = server.pid().to_string();
+    assert_quiet(&["status", "--socket", socket], 0);
+    assert_quiet(&["status", "--json", "--socket", socket], 0);
+    assert_quiet(&["status", "--pid", &pid], 0);
+    assert_quiet(&["scale", "1", "--socket", socket], 0);
+    assert_quiet(&["check", "-b", "127.0.0.1:0"], 0);
+    assert_quiet(&["check", "--set", "server.workers=many"], 2);
+    assert_quiet(&["status", "--socket", "/nonexistent/x.sock"], 3);
+    assert_quiet(&["completions", "bash"], 0);
+    assert_quiet(&["--help"], 0);
+    assert_quiet(&["--version"], 0);
+    // A stop whose output nobody reads still waits for the master to be gone.
+    let (code, err) = run_into_closed_pipe(&["stop", "--socket", socket], false);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        !alive(server.pid()),
+        "stop returned before the master exited"
+    );
+}
