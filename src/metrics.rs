@@ -241,6 +241,11 @@ impl Metrics {
         board.reclaim(index)
     }
 
+    /// The address it serves on (a port 0 resolved).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// HUP: the metrics socket stays as it is; a new address needs a restart.
     pub fn reload(&self, new: &MetricsConfig) {
         if new.bind != self.bind {

@@ -32,6 +32,16 @@ pub struct Status {
 /// The master's own view: its configuration's numbers and limits.
 #[derive(Serialize, Deserialize)]
 pub struct MasterInfo {
+    /// The addresses it listens on, as bound (a port 0 resolved), `unix:PATH` for a Unix
+    /// socket: which master answered, when several run.
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Its control socket.
+    #[serde(default)]
+    pub control_socket: String,
+    /// Where it serves `/metrics` (`metrics.bind`, as bound); empty: no metrics.
+    #[serde(default)]
+    pub metrics: String,
     /// The number of workers it keeps (`server.workers`, changed by TTIN/TTOU and `scale`).
     pub workers: u32,
     /// Whether it is stopping.
@@ -266,6 +276,20 @@ pub fn print(status: &Status, json: bool) {
         status.global_rejected
     );
     if let Some(m) = &status.master {
+        outln!(
+            "listening on {}  control socket {}{}",
+            if m.listen.is_empty() {
+                "nothing".to_string()
+            } else {
+                m.listen.join(", ")
+            },
+            m.control_socket,
+            if m.metrics.is_empty() {
+                String::new()
+            } else {
+                format!("  metrics {}", m.metrics)
+            }
+        );
         let l = &m.limits;
         outln!(
             "workers {}{}  reloads {}  limits: host-wide {}  per worker {}  queue {}  rate {}  \

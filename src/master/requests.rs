@@ -114,6 +114,21 @@ impl Master {
         }
         let c = &self.config;
         s.master = Some(MasterInfo {
+            listen: self
+                .listeners
+                .iter()
+                .flat_map(|l| l.addresses().map(|(addr, _)| addr.to_string()))
+                .collect(),
+            control_socket: self
+                .control
+                .as_ref()
+                .map(|c| c.path().display().to_string())
+                .unwrap_or_default(),
+            metrics: self
+                .metrics
+                .as_ref()
+                .map(|m| m.addr().to_string())
+                .unwrap_or_default(),
             workers: self.slots.len() as u32,
             stopping: self.phase != Phase::Running,
             reloads: self.config_gen,

@@ -1,4 +1,5 @@
-//! Operations papercuts: output to a reader that went away.
+//! Operations papercuts: output to a reader that went away, and `status` saying which master
+//! it reached.
 
 use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
@@ -78,5 +79,49 @@ fn output_to_a_closed_pipe_is_dropped_and_the_exit_code_is_the_commands() {
     assert!(
         !alive(server.pid()),
         "stop returned before the master exited"
+    );
+}
+
+#[test]
+fn status_says_which_master_answered_and_where_it_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let unix = dir.path().join("http.sock");
+    let unix = format!("unix:{}", unix.display());
+    let server = Server::start(&["-w", "1", "-b", &unix, "--set", "metrics.bind=127.0.0.1:0"]);
+    let socket = server.control_socket();
+    let (code, out, err) = server.ctl(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let master = &status["master"];
+    assert_eq!(status["master_pid"], server.pid());
+    let listen: Vec<&str> = master["listen"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no listen addresses: {out}"))
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listen,
+        [server.addr.to_string(), unix.clone()],
+        "as bound, the port 0 resolved"
+    );
+    assert_eq!(master["control_socket"], socket.to_str().unwrap());
+    let metrics = master["metrics"].as_str().unwrap();
+    assert!(
+        metrics.starts_with("127.0.0.1:") && !metrics.ends_with(":0"),
+        "{metrics}"
+    );
+
+    let (code, out, err) = server.ctl(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("listening on "))
+        .unwrap_or_else(|| panic!("no listening line: {out}"));
+    assert!(
+        line.contains(&format!("{}, {unix}", server.addr))
+            && line.contains(&format!("control socket {}", socket.display()))
+            && line.contains(&format!("metrics {metrics}")),
+        "{line}"
     );
 }
