@@ -20,7 +20,9 @@
 //! except after `stop`, when it keeps the connection open until it exits, so that the command
 //! can wait for that. A client has `CLIENT_TIMEOUT` to send its request and read the answer;
 //! at most `MAX_CLIENTS` are served at once, and a request is at most `MAX_REQUEST_BYTES`: the
-//! master's loop never waits for a client.
+//! master's loop never waits for a client. When all `MAX_CLIENTS` are taken, the one that has
+//! been silent longest (no complete request yet) is closed to make room, so that connections
+//! that send nothing cannot lock the commands out until their deadline.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsFd;
@@ -504,7 +506,7 @@ impl ControlServer {
             self.accept_paused_until = None;
         }
         if ready.first().copied().unwrap_or(false) && self.accept_paused_until.is_none() {
-            self.accept(now);
+            self.accept(now, &mut requests);
         }
         requests
     }
@@ -529,7 +531,10 @@ impl ControlServer {
         }
     }
 
-    fn accept(&mut self, now: Instant) {
+    /// Accepts what is queued; a new client's request, if already there, is read at once (into
+    /// `requests`): a command writes it as soon as it is connected, and a request read cannot
+    /// be taken for silence by [`make_room`](Self::make_room).
+    fn accept(&mut self, now: Instant, requests: &mut Vec<(u64, Request)>) {
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -567,14 +572,14 @@ impl ControlServer {
                 let _ = (&stream).write(&encode(&reply));
                 continue;
             }
-            if self.clients.len() >= MAX_CLIENTS {
+            if self.clients.len() >= MAX_CLIENTS && !self.make_room() {
                 let _ = (&stream).write(&encode(&Reply::err(
                     "the master is busy with other control clients; try again",
                 )));
                 continue;
             }
             self.next_id += 1;
-            self.clients.push(Client {
+            let mut client = Client {
                 id: self.next_id,
                 stream,
                 input: Vec::new(),
@@ -584,8 +589,34 @@ impl ControlServer {
                 hold: false,
                 closed: false,
                 deadline: now + CLIENT_TIMEOUT,
-            });
+            };
+            if let Some(r) = read_request(&mut client) {
+                requests.push((client.id, r));
+            }
+            if !client.closed {
+                self.clients.push(client);
+            }
         }
+    }
+
+    /// Closes the client that has been connected longest without sending a complete request;
+    /// false if every client has asked (and is answered or being answered).
+    fn make_room(&mut self) -> bool {
+        // Oldest first: the list is in the order of acceptance.
+        let Some(i) = self
+            .clients
+            .iter()
+            .position(|c| !c.asked && c.output.is_empty())
+        else {
+            return false;
+        };
+        let c = self.clients.remove(i);
+        debug!(
+            client = c.id,
+            bytes = c.input.len(),
+            "control client sent no request; closed to make room for a new one"
+        );
+        true
     }
 }
 

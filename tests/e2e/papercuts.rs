@@ -1,9 +1,11 @@
-//! Operations papercuts: output to a reader that went away, and `status` saying which master
-//! it reached.
+//! Operations papercuts: output to a reader that went away, `status` saying which master it
+//! reached, and clients that connect and say nothing (control socket, metrics) holding up
+//! everyone else.
 
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::util::*;
 
@@ -124,4 +126,27 @@ fn status_says_which_master_answered_and_where_it_listens() {
             && line.contains(&format!("metrics {metrics}")),
         "{line}"
     );
+}
+
+#[test]
+fn silent_control_clients_do_not_lock_the_commands_out() {
+    let server = Server::start(&["-w", "1"]);
+    let socket = server.control_socket();
+    // More connections that never send a request than the master serves at once.
+    let silent: Vec<UnixStream> = (0..20)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    for _ in 0..3 {
+        let asked = Instant::now();
+        let (code, out, err) = server.ctl(&["status"]);
+        assert_eq!(code, 0, "status beside silent clients: {err}");
+        assert!(out.contains(&format!("master {}", server.pid())), "{out}");
+        // Well under the silent clients' 5 s deadline: they were not waited out.
+        assert!(
+            asked.elapsed() < Duration::from_secs(4),
+            "status took {:?}",
+            asked.elapsed()
+        );
+    }
+    drop(silent);
 }
