@@ -37,7 +37,8 @@ use worker::scoreboard::{
     monotonic_ms, RecycleReason, Scoreboard, Slot, SlotState, LATENCY_BUCKETS_US,
 };
 
-/// Scrapes served at once; more wait in the listen backlog.
+/// Connections served at once. When all are taken, the one that has sent no request for
+/// longest is closed to make room for a new one: silent connections never hold a scrape up.
 const MAX_CONNECTIONS: usize = 4;
 /// A scraper must send its request head within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -576,6 +577,8 @@ async fn serve(
         }
     };
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // The connections open, oldest first.
+    let mut open: std::collections::VecDeque<Arc<Scraper>> = Default::default();
     loop {
         // Not accepting (see `Metrics::gate`): the connections wait in the socket's queue for
         // the master that is.
@@ -585,9 +588,6 @@ async fn serve(
             }
             continue;
         }
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = gate.changed() => continue,
@@ -600,9 +600,26 @@ async fn serve(
                 continue;
             }
         };
+        // A task that has finished dropped its handle: only ours is left.
+        open.retain(|c| Arc::strong_count(c) > 1);
+        if open.len() >= MAX_CONNECTIONS {
+            if let Some(i) = open.iter().position(|c| !c.asked.load(Ordering::Relaxed)) {
+                let silent = open.remove(i).expect("found");
+                silent.close.notify_one();
+                debug!("metrics: closed a connection that sent no request, to make room");
+            }
+        }
+        // Waits only while every connection is a scrape being answered.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let scraper = Arc::new(Scraper::default());
+        open.push_back(scraper.clone());
         let shared = shared.clone();
         tokio::spawn(async move {
+            let asked = scraper.clone();
             let service = hyper::service::service_fn(move |req| {
+                asked.asked.store(true, Ordering::Relaxed);
                 let shared = shared.clone();
                 async move { Ok::<_, std::convert::Infallible>(answer(&shared, &req)) }
             });
@@ -611,12 +628,26 @@ async fn serve(
                 .header_read_timeout(HEADER_TIMEOUT)
                 .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
-                debug!(error = %e, "metrics: connection failed");
+            tokio::select! {
+                done = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => {
+                    if let Ok(Err(e)) = done {
+                        debug!(error = %e, "metrics: connection failed");
+                    }
+                }
+                _ = scraper.close.notified() => {}
             }
             drop(permit);
         });
     }
+}
+
+/// One metrics connection, as the accept loop sees it.
+#[derive(Default)]
+struct Scraper {
+    /// Its request has arrived: it is not closed to make room.
+    asked: std::sync::atomic::AtomicBool,
+    /// Closes it to make room for a new connection.
+    close: tokio::sync::Notify,
 }
 
 fn answer(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {

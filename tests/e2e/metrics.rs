@@ -616,3 +616,27 @@ fn idle_scrapers_are_cut_off_and_never_hold_up_the_server() {
     // ...and a real scrape gets through.
     wait_exactly(m, OK, 1);
 }
+
+#[test]
+fn silent_connections_do_not_delay_a_scrape() {
+    let (_s, m) = start(&["-w", "1"]);
+    // Twice as many connections that send nothing as the exporter serves at once.
+    let silent: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(m).unwrap())
+        .collect();
+    for _ in 0..3 {
+        // Well under the silent ones' 5 s header timeout: they are not waited out.
+        let mut c = std::net::TcpStream::connect(m).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        std::io::Write::write_all(
+            &mut c,
+            b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let r = read_response(&mut std::io::BufReader::new(c))
+            .expect("a scrape answered within 3 s beside silent connections");
+        assert_eq!(r.status, 200);
+        parse(&r.text());
+    }
+    drop(silent);
+}
