@@ -88,6 +88,7 @@ struct Counters {
     redis_degraded_requests: u64,
     redis_degraded_ms: u64,
     app_restarts: u64,
+    accept_errors: u64,
 }
 
 impl Counters {
@@ -109,6 +110,7 @@ impl Counters {
         self.redis_degraded_requests += load(&slot.redis_degraded);
         self.redis_degraded_ms += slot.redis_degraded_total_ms(now_ms);
         self.app_restarts += u64::from(slot.app_restarts.load(Ordering::Relaxed));
+        self.accept_errors += load(&slot.accept_errors);
     }
 }
 
@@ -437,6 +439,12 @@ impl Collector for Snapshot {
             "supervisor_request_timeouts",
             "Requests answered 504 after worker.request_timeout",
             &[(&[], counter(c.timeouts))],
+        )?;
+        family(
+            &mut e,
+            "supervisor_accept_errors",
+            "Failed accepts for want of resources (the fd limit, socket buffers, memory)",
+            &[(&[], counter(c.accept_errors))],
         )?;
 
         by_label(

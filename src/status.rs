@@ -115,6 +115,9 @@ pub struct WorkerStatus {
     /// The worker's app process, if it runs one; 0 otherwise.
     pub app_pid: u32,
     pub app_restarts: u32,
+    /// `accept` failures for want of resources (the fd limit, socket buffers, memory).
+    #[serde(default)]
+    pub accept_errors: u64,
 }
 
 /// Opens the scoreboard of master `pid` (read-only).
@@ -256,6 +259,7 @@ fn read_workers(board: &Scoreboard, now: u64) -> Vec<WorkerStatus> {
             heartbeat_age_ms: now.saturating_sub(s.heartbeat_ms.load(Ordering::Relaxed)),
             app_pid: s.app_pid.load(Ordering::Relaxed),
             app_restarts: s.app_restarts.load(Ordering::Relaxed),
+            accept_errors: s.accept_errors.load(Ordering::Relaxed),
         })
         .collect()
 }

@@ -150,3 +150,77 @@ fn silent_control_clients_do_not_lock_the_commands_out() {
     }
     drop(silent);
 }
+
+#[test]
+fn accept_failures_at_the_fd_limit_are_logged_rarely_and_counted() {
+    let server = Server::start(&["-w", "1"]);
+    let worker = server.serving_pids()[0];
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit with a valid pid, reading the limit into a live rlimit.
+    let rc = unsafe {
+        libc::prlimit(
+            worker as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    // The soft limit only: it can be raised again without privileges.
+    let set_limit = |n: u64| {
+        let limit = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: prlimit with a valid pid and a pointer to a live rlimit; old value not
+        // requested.
+        let rc = unsafe {
+            libc::prlimit(
+                worker as libc::pid_t,
+                libc::RLIMIT_NOFILE,
+                &limit,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    // Room for one more fd: one client is accepted, the others make every accept fail with
+    // EMFILE (the worker pauses 100 ms after each failure).
+    let open = fd_targets(worker).len() as u64;
+    set_limit(open + 1);
+    let clients: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(server.addr).unwrap())
+        .collect();
+    let errors = |s: &serde_json::Value| s["workers"][0]["accept_errors"].as_u64().unwrap_or(0);
+    eventually(WAIT, "25 failed accepts", || {
+        (errors(&server.status()) >= 25).then_some(())
+    });
+    let lines = server
+        .log
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} lines for 25 failures:\n{}",
+        server.log.text()
+    );
+    // Room again: the queued clients are accepted, and the log says how many failures it did
+    // not show.
+    set_limit(old.rlim_cur);
+    let line = server
+        .log
+        .wait_for(WAIT, |l| l.contains("accepting again"))
+        .expect("a line once accepting works again");
+    let unlogged: u64 = field(&line, "accept.failures_unlogged")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(unlogged >= 20, "{line}");
+    assert_eq!(server.get("/").status, 200);
+    drop(clients);
+}

@@ -122,6 +122,8 @@ pub struct Slot {
     pub app_pid: AtomicU32,
     /// Times the worker's app process was started after the first.
     pub app_restarts: AtomicU32,
+    /// `accept` failures for want of resources (fds, socket buffers, memory).
+    pub accept_errors: AtomicU64,
     /// Requests answered, by status class: `[1xx, 2xx, 3xx, 4xx, 5xx]` (metrics).
     pub status_classes: [AtomicU64; 5],
     /// Requests answered, by duration: one counter per bucket of [`LATENCY_BUCKETS_US`], the
@@ -478,6 +480,7 @@ impl Scoreboard {
         slot.recycle_reason.store(0, Ordering::Relaxed);
         slot.app_pid.store(0, Ordering::Relaxed);
         slot.app_restarts.store(0, Ordering::Relaxed);
+        slot.accept_errors.store(0, Ordering::Relaxed);
         for c in slot.status_classes.iter().chain(&slot.latency_buckets) {
             c.store(0, Ordering::Relaxed);
         }

@@ -7,7 +7,7 @@
 //! all of them are gone. It does not install signals or touch the process (that is `process`),
 //! and can be driven from a test with a plain listener, scoreboard and pipe.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -23,10 +23,13 @@ use crate::connection::{self, IdleLimits};
 use crate::listener::{AcceptError, Listener, Peer, Stream};
 use crate::pipe::MasterPipe;
 use crate::response::{self, Responses};
-use crate::scoreboard::{Scoreboard, SlotState};
+use crate::scoreboard::{monotonic_ms, Scoreboard, Slot, SlotState};
 
 /// How long an accept loop pauses after the process ran out of fds, buffers or memory.
 pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Such failures are logged at most this often per worker (with how many were not): at the fd
+/// limit every pause ends in another one, 10 a second per listener.
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// hyper refuses a read buffer smaller than this (it must hold a minimal request head).
 const MIN_HEADER_BYTES: u64 = 8192;
@@ -82,6 +85,53 @@ pub(crate) struct Worker {
     /// `limits.cluster_max_concurrent_requests` through `redis.url`, when both are set.
     pub(crate) cluster: Option<crate::cluster::Cluster>,
     connections: Semaphore,
+    accept_errors: AcceptErrors,
+}
+
+/// The log of accept failures for want of resources, shared by the worker's accept loops:
+/// one line per `ACCEPT_ERROR_LOG_EVERY`, saying how many failed since the last one. Touched
+/// only when an accept fails, and once when it works again after failures.
+#[derive(Default)]
+struct AcceptErrors {
+    /// When the next failure may be logged (`monotonic_ms`).
+    next_log_ms: AtomicU64,
+    /// Failures since the last line.
+    unlogged: AtomicU64,
+}
+
+impl AcceptErrors {
+    fn failed(&self, slot: &Slot, e: &std::io::Error, kind: AcceptError) {
+        slot.accept_errors.fetch_add(1, Ordering::Relaxed);
+        let now = monotonic_ms();
+        if now < self.next_log_ms.load(Ordering::Relaxed) {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.next_log_ms.store(
+            now + ACCEPT_ERROR_LOG_EVERY.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        warn!(
+            error = %e,
+            ?kind,
+            accept.failures_unlogged = self.unlogged.swap(0, Ordering::Relaxed),
+            "accept failed; pausing {}ms after each failure (logged at most every {}s)",
+            ACCEPT_BACKOFF.as_millis(),
+            ACCEPT_ERROR_LOG_EVERY.as_secs()
+        );
+    }
+
+    /// An accept worked after failures.
+    fn recovered(&self) {
+        let unlogged = self.unlogged.swap(0, Ordering::Relaxed);
+        self.next_log_ms.store(0, Ordering::Relaxed);
+        if unlogged > 0 {
+            info!(
+                accept.failures_unlogged = unlogged,
+                "accepting again after accept failures"
+            );
+        }
+    }
 }
 
 /// The limits that span workers or hosts, when configured.
@@ -176,11 +226,12 @@ impl Worker {
             rate: limiters.rate,
             cluster: limiters.cluster,
             connections: Semaphore::new(w.max_connections.max(1) as usize),
+            accept_errors: AcceptErrors::default(),
         };
         Box::leak(Box::new(worker))
     }
 
-    fn slot(&self) -> &crate::scoreboard::Slot {
+    fn slot(&self) -> &Slot {
         self.admission.slot()
     }
 }
@@ -299,6 +350,8 @@ async fn accept_loop(
     listener: Listener,
     mut drain: watch::Receiver<bool>,
 ) {
+    // Whether the last accept failed (see `AcceptErrors`).
+    let mut failing = false;
     loop {
         // The permit comes first: at `max_connections` the loop waits here and new clients
         // wait in the kernel's queue (where another worker may pick them up).
@@ -315,16 +368,18 @@ async fn accept_loop(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => spawn_connection(worker, stream, peer, Some(permit), &drain),
+            Ok((stream, peer)) => {
+                if failing {
+                    failing = false;
+                    worker.accept_errors.recovered();
+                }
+                spawn_connection(worker, stream, peer, Some(permit), &drain)
+            }
             Err(e) => match AcceptError::classify(&e) {
                 AcceptError::Connection => debug!(error = %e, "accept: connection failed"),
                 kind => {
-                    warn!(
-                        error = %e,
-                        ?kind,
-                        "accept failed; pausing {}ms",
-                        ACCEPT_BACKOFF.as_millis()
-                    );
+                    failing = true;
+                    worker.accept_errors.failed(worker.slot(), &e, kind);
                     drop(permit);
                     tokio::select! {
                         biased;
