@@ -64,12 +64,13 @@ fn status_counts_match_the_requests_sent() {
 #[test]
 fn status_table_and_check_find_the_socket_from_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
-    // A unix: address makes the default socket name this test's own.
+    // The default socket name, in a runtime directory of the test's own.
     let file = write_file(
         dir.path(),
         "sv.toml",
         &format!(
-            "[server]\nbind = [\"127.0.0.1:0\", \"unix:{}/http.sock\"]\nworkers = 2\n",
+            "[server]\nbind = [\"127.0.0.1:0\", \"unix:{0}/http.sock\"]\nworkers = 2\n\
+             runtime_dir = \"{0}\"\n",
             dir.path().display()
         ),
     );

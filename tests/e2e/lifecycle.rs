@@ -165,7 +165,7 @@ fn fd_links(pid: u32) -> Vec<String> {
 
 #[test]
 fn usr1_and_usr2_during_a_workers_boot_do_not_kill_it() {
-    let server = Server::spawn(&["-w", "1"]);
+    let server = Server::spawn(&["-b", "127.0.0.1:0", "-w", "1"]);
     // The worker, once it runs its own program (after the exec), early in its boot: before it
     // has its own signal handlers, the default action of both would kill it.
     let booting = eventually(Duration::from_secs(20), "a booting worker", || {

@@ -210,7 +210,9 @@ fn notify_sequence_across_start_reload_and_stop() {
         "[server]\nworkers = 2\nbind = [\"127.0.0.1:0\"]\n",
     );
     let mut cmd = supervisor_cmd(d);
-    cmd.args(["start", "-c", config.to_str().unwrap(), "--"])
+    cmd.args(["start", "-c", config.to_str().unwrap()])
+        .args(runtime_in(d))
+        .arg("--")
         .args(gated_app())
         .env("NOTIFY_SOCKET", d.join("notify"))
         .env("GATE_DIR", d);
@@ -317,6 +319,7 @@ fn a_reload_whose_workers_cannot_boot_gets_ready_with_the_reason() {
     let path = write_file(d, "supervisor.toml", &config(""));
     let mut cmd = supervisor_cmd(d);
     cmd.args(["start", "-c", path.to_str().unwrap()])
+        .args(runtime_in(d))
         .env("NOTIFY_SOCKET", d.join("notify"));
     let master = Started::spawn(&mut cmd);
     notes.wait_for(WAIT, "READY=1", |m| m == "READY=1");
@@ -362,6 +365,7 @@ fn watchdog_pings_repeat_and_workers_see_no_systemd_variables() {
     let mut notes = Notifications::bind_abstract(&name);
     let mut cmd = supervisor_cmd(d);
     cmd.args(["start", "-w", "2", "-b", "127.0.0.1:0"])
+        .args(runtime_in(d))
         .env("NOTIFY_SOCKET", format!("@{name}"))
         .env("WATCHDOG_USEC", "300000")
         // Activation meant for another process: ignored by the master, hidden from workers.
@@ -434,7 +438,8 @@ fn socket_activation_adopts_the_passed_socket_instead_of_binding() {
         .arg("-l")
         .arg(&activated_unix)
         .arg("--fdname=web:local")
-        .args([BIN, "start", "-c", config.to_str().unwrap()]);
+        .args([BIN, "start", "-c", config.to_str().unwrap()])
+        .args(runtime_in(d));
     let mut master = Started::spawn(&mut cmd);
     master.wait_log("Listening on");
     // systemd-socket-activate starts the program on the first connection.
@@ -510,9 +515,10 @@ fn start_with_fd3(dir: &Path, fd: RawFd) -> (i32, String) {
     // `$$` is the shell's pid, which `exec` hands to supervisor: LISTEN_PID names it.
     cmd.args([
         "-c",
-        "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" start -w 1 -b \"unix:$1\"",
+        "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" start -w 1 -b \"unix:$1\" --set \"$2\"",
         BIN,
         not_bound.to_str().unwrap(),
+        &runtime_in(dir)[1],
     ])
     .stdin(Stdio::null())
     .stdout(Stdio::null())
@@ -674,6 +680,7 @@ fn an_upgrade_moves_mainpid_to_the_new_master_and_the_old_one_does_not_say_stopp
     let mut notes = Notifications::bind(&d.join("notify"));
     let mut cmd = supervisor_cmd(d);
     cmd.args(["start", "-w", "2", "-b", "127.0.0.1:0"])
+        .args(runtime_in(d))
         .env("NOTIFY_SOCKET", d.join("notify"))
         .env("WATCHDOG_USEC", "60000000")
         // (systemd names the main process; any pid shows whether the new master inherits it)

@@ -89,6 +89,10 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The master's working directory if the test made it, removed when the test ends.
     _dir: Option<tempfile::TempDir>,
+    /// The master's runtime directory and control socket go here unless the test chose its
+    /// own: never the default locations, which another master on this host (or another test)
+    /// uses too. Removed when the test ends, with whatever a killed master left in it.
+    _private: tempfile::TempDir,
     exited: Option<ExitStatus>,
 }
 
@@ -113,7 +117,38 @@ impl Server {
             panic!("supervisor did not become ready (exit: {status:?})");
         }
         self.addr = self.tcp_addr().expect("a TCP listener");
+        self.assert_private();
         self
+    }
+
+    /// The guard behind `_private`: a test master uses no default port, control socket or
+    /// runtime directory, so that the suite passes beside a master serving on the defaults,
+    /// and leaves nothing in the default locations even when it is killed.
+    fn assert_private(&self) {
+        for line in self.log.lines().iter().filter(|l| l.contains("listening")) {
+            let addr = field(line, "addr").unwrap_or_default();
+            assert!(
+                !addr.ends_with(":8000"),
+                "a test master listens on the default port: {line}"
+            );
+        }
+        let socket = self.control_socket();
+        let shared = shared_locations();
+        assert!(
+            !socket
+                .parent()
+                .is_some_and(|p| shared.iter().any(|s| s == p)),
+            "a test master made its control socket in a shared directory: {}",
+            socket.display()
+        );
+        for base in &shared {
+            let runtime = base.join(format!("supervisor-{}", self.pid()));
+            assert!(
+                !runtime.exists(),
+                "a test master made its runtime directory in a shared directory: {}",
+                runtime.display()
+            );
+        }
     }
 
     /// Starts `supervisor start ARGS...` without waiting for anything.
@@ -138,7 +173,8 @@ impl Server {
     pub fn start_in_own_group(args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
-        Server::launch_with(Path::new(BIN), &path, Some(dir), args, true).ready()
+        let args = [&["-b", "127.0.0.1:0"], args].concat();
+        Server::launch_with(Path::new(BIN), &path, Some(dir), &args, true).ready()
     }
 
     /// Waits until it logs "ready".
@@ -166,12 +202,22 @@ impl Server {
         args: &[&str],
         own_group: bool,
     ) -> Server {
+        let private = private_dir();
         let mut cmd = supervisor_at(program, cwd);
         if own_group {
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         }
+        // The runtime directory's base when no server.runtime_dir is set.
+        cmd.env("RUNTIME_DIRECTORY", private.path());
+        cmd.arg("start");
+        if !chooses_its_locations(cwd, args) {
+            // The control socket's too (see `_private`).
+            cmd.arg("--set").arg(format!(
+                "server.runtime_dir={}",
+                private.path().to_str().unwrap()
+            ));
+        }
         let mut child = cmd
-            .arg("start")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -184,6 +230,7 @@ impl Server {
             log,
             addr: "0.0.0.0:0".parse().unwrap(),
             _dir: dir,
+            _private: private,
             exited: None,
         }
     }
@@ -376,6 +423,44 @@ pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
     })
 }
 
+/// A directory of the test's own for a master's runtime directory and control socket; 0711, so
+/// that `server.user` can pass through it to the runtime directory.
+pub fn private_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix("sv-run").tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    dir
+}
+
+/// `--set server.runtime_dir=DIR`, for a master started without the harness's `Server`.
+pub fn runtime_in(dir: &Path) -> [String; 2] {
+    [
+        "--set".to_string(),
+        format!("server.runtime_dir={}", dir.to_str().unwrap()),
+    ]
+}
+
+/// Where masters put their control sockets and runtime directories by default.
+fn shared_locations() -> Vec<PathBuf> {
+    let mut dirs = vec![PathBuf::from("/run/supervisor"), std::env::temp_dir()];
+    dirs.extend(std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from));
+    dirs
+}
+
+/// Whether a start with `args` in `cwd` names its own runtime directory or control socket, in
+/// the arguments or in its configuration file.
+fn chooses_its_locations(cwd: &Path, args: &[&str]) -> bool {
+    let names = |text: &str| text.contains("runtime_dir") || text.contains("control_socket");
+    if args.iter().any(|a| names(a)) {
+        return true;
+    }
+    let file = args
+        .windows(2)
+        .find(|w| w[0] == "-c" || w[0] == "--config")
+        .map_or_else(|| cwd.join("supervisor.toml"), |w| cwd.join(w[1]));
+    std::fs::read_to_string(file).is_ok_and(|t| names(&t))
+}
+
 /// The binary, run in `dir`, without the environment variables it reads (the test runner's
 /// own environment must not leak into a test's configuration).
 fn supervisor(dir: &Path) -> Command {
@@ -400,6 +485,9 @@ fn supervisor_at(program: &Path, dir: &Path) -> Command {
 /// `supervisor ARGS...` to completion (for `check` and failing starts), with a bound.
 pub fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = supervisor(dir);
+    // A start's runtime directory, unless it sets server.runtime_dir.
+    let private = private_dir();
+    cmd.env("RUNTIME_DIRECTORY", private.path());
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
