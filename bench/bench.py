@@ -3,7 +3,8 @@
 Run through `bench/run` (which installs everything first):
 
     bench/run                 every scenario, full length (~30 minutes on 2 cores)
-    bench/run --quick         every scenario, one short round each (smoke check, < 3 minutes)
+    bench/run --quick         every scenario, one short round each (smoke check, < 3 minutes),
+                              results in bench/.build/results-quick
     bench/run hello balance   only these scenarios
 
 Each scenario runs its systems interleaved (A B C, A B C, ...), keeps every raw measurement in
@@ -1594,8 +1595,10 @@ def main() -> int:
     ap.add_argument("--only", metavar="KEY[,KEY...]",
                     help="run only these systems of a scenario (keys as in the results, e.g. "
                          "supervisor-w1-quota,nginx-w1-quota)")
-    ap.add_argument("--out", default=str(h.BENCH / "results"),
-                    help="where results go (default bench/results)")
+    ap.add_argument("--out",
+                    help="where results go (default bench/results; with --quick "
+                         "bench/.build/results-quick, so that a smoke check never replaces the "
+                         "results of full runs)")
     ap.add_argument("--report-only", action="store_true",
                     help="redraw the .md and .png files from the .json results already there")
     args = ap.parse_args()
@@ -1603,6 +1606,8 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     scenarios = args.scenarios or SCENARIOS
+    if not args.out:
+        args.out = str(h.BUILD / "results-quick" if args.quick else h.BENCH / "results")
     out = Path(args.out)
     if args.report_only:
         for name in scenarios:
