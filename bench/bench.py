@@ -289,6 +289,9 @@ def sup(key: str, label: str, **settings) -> h.System:
 NGINX = h.System("nginx", "nginx", "nginx")
 GRANIAN = h.System("granian", "granian", "granian")
 GUNICORN = h.System("gunicorn", "gunicorn+uvicorn", "gunicorn")
+# The deployment supervisor replaces: nginx (one worker process, keep-alive upstream) in front of
+# gunicorn+UvicornWorker on a Unix socket, all on the servers' CPUs.
+NGINX_GUNICORN = h.System("nginx-gunicorn", "nginx + gunicorn+uvicorn", "nginx-gunicorn")
 
 
 def disturbance(m) -> float:
@@ -832,8 +835,10 @@ SLEEP_RPS_TARGET = 0.95
 
 def scenario_proxy(ctx: Ctx) -> dict:
     """supervisor with W workers, each proxying to one uvicorn child on a private Unix socket,
-    against gunicorn+UvicornWorker and granian with the same W app processes, on bench/app.py:
-    closed-loop throughput and latency at a fixed rate on `GET /` and `GET /sleep?ms=5`. Then the
+    against what it replaces, nginx (1 worker process, keep-alive upstream) in front of
+    gunicorn+UvicornWorker on a Unix socket, and against gunicorn+UvicornWorker and granian
+    alone, with the same W app processes, on bench/app.py: closed-loop throughput and latency at
+    a fixed rate on `GET /` and `GET /sleep?ms=5`. Then the
     hop alone: uvicorn by itself on a TCP port against supervisor with 1 worker + 1 uvicorn
     child, at c=1, on `GET /`: what the extra hop adds per request, in latency and server CPU."""
     W = ctx.default_workers
@@ -845,8 +850,9 @@ def scenario_proxy(ctx: Ctx) -> dict:
     sup_app = h.System("supervisor", f"supervisor + uvicorn (workers={W})", "supervisor", cap,
                        app=app)
     entries = [
-        (f"gunicorn-w{W}", GUNICORN, W),
         (f"supervisor-w{W}", sup_app, W),
+        (f"nginx-gunicorn-w{W}", NGINX_GUNICORN, W),
+        (f"gunicorn-w{W}", GUNICORN, W),
         (f"granian-w{W}", GRANIAN, W),
     ]
     hop_entries = [
@@ -872,7 +878,7 @@ def scenario_proxy(ctx: Ctx) -> dict:
             run.stop()
 
     attempts = []
-    # (with --only naming none of the three systems, there is nothing to measure at a rate)
+    # (with --only naming none of the systems, there is nothing to measure at a rate)
     wanted = not ctx.only or any(key in ctx.only for key, _, _ in entries)
     for attempt in range(1 + ctx.retries if wanted else 0):
         if ctx.quiet_wait:
@@ -892,7 +898,15 @@ def scenario_proxy(ctx: Ctx) -> dict:
         "app": "bench/app.py (plain ASGI) under uvicorn with uvloop and httptools in every "
                "system: supervisor's workers each start one `" + " ".join(
                    ["uvicorn"] + app[1:]).replace(str(h.BENCH), "bench") + "` and proxy to it; "
-               "gunicorn runs UvicornWorker; granian its own ASGI server",
+               "gunicorn runs UvicornWorker, alone on TCP or behind nginx on a Unix socket; "
+               "granian its own ASGI server",
+        "nginx_gunicorn": f"nginx with 1 worker process in front of gunicorn "
+                          f"with {W} UvicornWorkers on a Unix socket, both on the servers' CPU(s): "
+                          f"upstream with `keepalive {h.NGINX_UPSTREAM_KEEPALIVE}` and "
+                          f"`keepalive_requests 1000000`, `proxy_http_version 1.1`, "
+                          f"`proxy_set_header Connection \"\"`, Host, X-Forwarded-For and "
+                          f"-Proto passed on (gunicorn's documented nginx setup); gunicorn "
+                          f"`--keep-alive 75` (over nginx's 60 s upstream keepalive_timeout)",
         "closed": f"wrk -t1 -c{conns} closed loop, {d_closed}s per path, after {warmup}s warm-up",
         "open": f"oha -q RATE --latency-correction -c{conns}, {d_open}s per path; RATE = "
                 f"{PROXY_RATE_SHARE:.0%} of gunicorn+uvicorn's closed-loop req/s on that path "
@@ -985,8 +999,9 @@ def scenario_proxy(ctx: Ctx) -> dict:
                     (f"{name}_cpu_us_per_req", f"{name} CPU µs/req"),
                     (f"{name}_open_p50_ms", f"{name} p50 at rate"),
                     (f"{name}_open_p99_ms", f"{name} p99 at rate")]
-    ratios = ratios_table(rows, [f"supervisor-w{W}"], [f"gunicorn-w{W}", f"granian-w{W}"],
-                          metrics, runs)
+    ratios = ratios_table(rows, [f"supervisor-w{W}"],
+                          [f"nginx-gunicorn-w{W}", f"gunicorn-w{W}", f"granian-w{W}"], metrics,
+                          runs)
 
     hop_rows = []
     for key, system, workers in hop_entries:
