@@ -3,7 +3,8 @@
 Run through `bench/run` (which installs everything first):
 
     bench/run                 every scenario, full length (~30 minutes on 2 cores)
-    bench/run --quick         every scenario, one short round each (smoke check, < 3 minutes)
+    bench/run --quick         every scenario, one short round each (smoke check, < 3 minutes),
+                              results in bench/.build/results-quick
     bench/run hello balance   only these scenarios
 
 Each scenario runs its systems interleaved (A B C, A B C, ...), keeps every raw measurement in
@@ -288,6 +289,9 @@ def sup(key: str, label: str, **settings) -> h.System:
 NGINX = h.System("nginx", "nginx", "nginx")
 GRANIAN = h.System("granian", "granian", "granian")
 GUNICORN = h.System("gunicorn", "gunicorn+uvicorn", "gunicorn")
+# The deployment supervisor replaces: nginx (one worker process, keep-alive upstream) in front of
+# gunicorn+UvicornWorker on a Unix socket, all on the servers' CPUs.
+NGINX_GUNICORN = h.System("nginx-gunicorn", "nginx + gunicorn+uvicorn", "nginx-gunicorn")
 
 
 def disturbance(m) -> float:
@@ -831,8 +835,10 @@ SLEEP_RPS_TARGET = 0.95
 
 def scenario_proxy(ctx: Ctx) -> dict:
     """supervisor with W workers, each proxying to one uvicorn child on a private Unix socket,
-    against gunicorn+UvicornWorker and granian with the same W app processes, on bench/app.py:
-    closed-loop throughput and latency at a fixed rate on `GET /` and `GET /sleep?ms=5`. Then the
+    against what it replaces, nginx (1 worker process, keep-alive upstream) in front of
+    gunicorn+UvicornWorker on a Unix socket, and against gunicorn+UvicornWorker and granian
+    alone, with the same W app processes, on bench/app.py: closed-loop throughput and latency at
+    a fixed rate on `GET /` and `GET /sleep?ms=5`. Then the
     hop alone: uvicorn by itself on a TCP port against supervisor with 1 worker + 1 uvicorn
     child, at c=1, on `GET /`: what the extra hop adds per request, in latency and server CPU."""
     W = ctx.default_workers
@@ -844,8 +850,9 @@ def scenario_proxy(ctx: Ctx) -> dict:
     sup_app = h.System("supervisor", f"supervisor + uvicorn (workers={W})", "supervisor", cap,
                        app=app)
     entries = [
-        (f"gunicorn-w{W}", GUNICORN, W),
         (f"supervisor-w{W}", sup_app, W),
+        (f"nginx-gunicorn-w{W}", NGINX_GUNICORN, W),
+        (f"gunicorn-w{W}", GUNICORN, W),
         (f"granian-w{W}", GRANIAN, W),
     ]
     hop_entries = [
@@ -871,7 +878,7 @@ def scenario_proxy(ctx: Ctx) -> dict:
             run.stop()
 
     attempts = []
-    # (with --only naming none of the three systems, there is nothing to measure at a rate)
+    # (with --only naming none of the systems, there is nothing to measure at a rate)
     wanted = not ctx.only or any(key in ctx.only for key, _, _ in entries)
     for attempt in range(1 + ctx.retries if wanted else 0):
         if ctx.quiet_wait:
@@ -891,7 +898,15 @@ def scenario_proxy(ctx: Ctx) -> dict:
         "app": "bench/app.py (plain ASGI) under uvicorn with uvloop and httptools in every "
                "system: supervisor's workers each start one `" + " ".join(
                    ["uvicorn"] + app[1:]).replace(str(h.BENCH), "bench") + "` and proxy to it; "
-               "gunicorn runs UvicornWorker; granian its own ASGI server",
+               "gunicorn runs UvicornWorker, alone on TCP or behind nginx on a Unix socket; "
+               "granian its own ASGI server",
+        "nginx_gunicorn": f"nginx with 1 worker process in front of gunicorn "
+                          f"with {W} UvicornWorkers on a Unix socket, both on the servers' CPU(s): "
+                          f"upstream with `keepalive {h.NGINX_UPSTREAM_KEEPALIVE}` and "
+                          f"`keepalive_requests 1000000`, `proxy_http_version 1.1`, "
+                          f"`proxy_set_header Connection \"\"`, Host, X-Forwarded-For and "
+                          f"-Proto passed on (gunicorn's documented nginx setup); gunicorn "
+                          f"`--keep-alive 75` (over nginx's 60 s upstream keepalive_timeout)",
         "closed": f"wrk -t1 -c{conns} closed loop, {d_closed}s per path, after {warmup}s warm-up",
         "open": f"oha -q RATE --latency-correction -c{conns}, {d_open}s per path; RATE = "
                 f"{PROXY_RATE_SHARE:.0%} of gunicorn+uvicorn's closed-loop req/s on that path "
@@ -984,8 +999,9 @@ def scenario_proxy(ctx: Ctx) -> dict:
                     (f"{name}_cpu_us_per_req", f"{name} CPU µs/req"),
                     (f"{name}_open_p50_ms", f"{name} p50 at rate"),
                     (f"{name}_open_p99_ms", f"{name} p99 at rate")]
-    ratios = ratios_table(rows, [f"supervisor-w{W}"], [f"gunicorn-w{W}", f"granian-w{W}"],
-                          metrics, runs)
+    ratios = ratios_table(rows, [f"supervisor-w{W}"],
+                          [f"nginx-gunicorn-w{W}", f"gunicorn-w{W}", f"granian-w{W}"], metrics,
+                          runs)
 
     hop_rows = []
     for key, system, workers in hop_entries:
@@ -1594,8 +1610,10 @@ def main() -> int:
     ap.add_argument("--only", metavar="KEY[,KEY...]",
                     help="run only these systems of a scenario (keys as in the results, e.g. "
                          "supervisor-w1-quota,nginx-w1-quota)")
-    ap.add_argument("--out", default=str(h.BENCH / "results"),
-                    help="where results go (default bench/results)")
+    ap.add_argument("--out",
+                    help="where results go (default bench/results; with --quick "
+                         "bench/.build/results-quick, so that a smoke check never replaces the "
+                         "results of full runs)")
     ap.add_argument("--report-only", action="store_true",
                     help="redraw the .md and .png files from the .json results already there")
     args = ap.parse_args()
@@ -1603,6 +1621,8 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     scenarios = args.scenarios or SCENARIOS
+    if not args.out:
+        args.out = str(h.BUILD / "results-quick" if args.quick else h.BENCH / "results")
     out = Path(args.out)
     if args.report_only:
         for name in scenarios:

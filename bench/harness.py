@@ -8,8 +8,10 @@ exit, on Ctrl-C and on errors. Nothing here touches a process it did not start.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -413,22 +415,32 @@ class Running:
     tmp: Path | None = None
     cgroup: Path | None = None
     tree: list = field(default_factory=list)  # (pid, start time) of the tree once ready
+    # Processes behind `proc` that belong to the system and that we started apart (gunicorn
+    # behind nginx): their CPU counts as the server's, and they are stopped after `proc`.
+    backends: list = field(default_factory=list)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     @property
+    def roots(self) -> list[int]:
+        """The pids whose process trees make up the system: the front process and its backends."""
+        return [self.proc.pid] + [b.pid for b in self.backends]
+
+    @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
     def stop(self) -> None:
-        stop(self.proc)
+        # The front first (it stops taking requests), then what it forwarded to.
+        for proc in [self.proc] + self.backends:
+            stop(proc)
         # An app under supervisor runs in a process group of its own, out of reach of the
         # killpg in stop(): whatever of the tree we started outlived its master is killed here
         # (the same pid with the same start time, so never a recycled pid) and recorded.
         def survivors():
-            return [pid for pid, started in self.tree if pid != self.proc.pid
+            return [pid for pid, started in self.tree if pid not in self.roots
                     and started is not None and start_time(pid) == started and not _zombie(pid)]
 
         deadline = time.monotonic() + 2.0  # the master is gone; its descendants may be exiting
@@ -484,10 +496,23 @@ class System:
                     "--workers", str(workers), "--log-level", "warning", "--no-ws",
                     "--working-dir", str(BENCH), "app:app"], BENCH
         if self.kind == "gunicorn":
-            return [str(py / "gunicorn"), "-w", str(workers), "-k", "uvicorn_worker.UvicornWorker",
-                    "-b", f"{HOST}:{port}", "--log-level", "warning", "--graceful-timeout", "5",
-                    "--chdir", str(BENCH), "app:app"], BENCH
+            return gunicorn_command(workers, f"{HOST}:{port}"), BENCH
+        if self.kind == "nginx-gunicorn":
+            # nginx in front; gunicorn (backend_command) behind it on a Unix socket.
+            conf = tmp / "nginx.conf"
+            conf.write_text(nginx_proxy_conf(port, gunicorn_socket(tmp), tmp))
+            return [nginx_bin(), "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")], tmp
         raise ValueError(self.kind)
+
+    def backend_command(self, workers: int, tmp: Path) -> list[str] | None:
+        """What the front process forwards to, started before it, or None when there is no such
+        process of its own (nginx-gunicorn: gunicorn with the `workers` on a Unix socket)."""
+        if self.kind == "nginx-gunicorn":
+            # Longer than nginx's idle upstream connections live (keepalive_timeout, 60 s), as
+            # gunicorn's docs advise behind a proxy: nginx, not gunicorn, closes an idle one,
+            # and never sends a request into a connection that gunicorn is closing.
+            return gunicorn_command(workers, f"unix:{gunicorn_socket(tmp)}", keep_alive_s=75)
+        return None
 
     def expected_processes(self, workers: int) -> int | None:
         if self.kind == "uvicorn":
@@ -500,22 +525,31 @@ class System:
         port = free_port()
         tmp = Path(tempfile.mkdtemp(prefix=f"bench-{self.key}-", dir=BUILD))
         cmd, cwd = self.command(port, workers, tmp)
+        backend_cmd = self.backend_command(workers, tmp)
         log = LOGS / f"{name or self.key}-w{workers}-{port}.log"
+        backend_log = log.with_suffix(".backend.log")
         env = dict(os.environ)
         env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
         started = time.monotonic()
+        # On the same CPUs as the front: the whole system shares the servers' CPUs.
+        backends = [spawn(pin.server_prefix() + backend_cmd, backend_log, cwd=BENCH, env=env)
+                    ] if backend_cmd else []
         proc = spawn(pin.server_prefix() + cmd, log, cwd=cwd, env=env)
-        run = Running(self, proc, port, workers, log, started, tmp=tmp)
+        run = Running(self, proc, port, workers, log, started, tmp=tmp, backends=backends)
         deadline = started + timeout
         try:
+            if backends:
+                wait_unix_socket(gunicorn_socket(tmp), deadline, backends[0])
             run.first_200 = wait_http_200(port, deadline, proc)
             self._wait_all_workers(run, deadline)
-            run.tree = [(pid, start_time(pid)) for pid in process_tree(proc.pid)]
+            run.tree = [(pid, start_time(pid)) for root in run.roots for pid in process_tree(root)]
             if cpu_quota:
                 # Every process of the tree now exists; respawned ones would inherit the cgroup.
-                run.cgroup = apply_cpu_quota(process_tree(proc.pid), cpu_quota)
+                run.cgroup = apply_cpu_quota([pid for pid, _ in run.tree], cpu_quota)
         except Exception as e:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            # (nginx writes its errors to a file in tmp, which stop() removes)
+            tail = "".join(f.read_text(errors="replace")[-2000:]
+                           for f in (log, backend_log, tmp / "error.log") if f.exists())
             run.stop()
             raise RuntimeError(f"{self.key} with {workers} worker(s) did not start: {e}\n{tail}")
         return run
@@ -525,9 +559,18 @@ class System:
         while time.monotonic() < deadline:
             if run.proc.poll() is not None:
                 raise RuntimeError(f"exited with {run.proc.returncode}")
+            for backend in run.backends:
+                if backend.poll() is not None:
+                    raise RuntimeError(f"its backend exited with {backend.returncode}")
             if self.kind == "supervisor":
                 # The master logs ` ready workers=N` once every worker has said it accepts.
                 if re.search(rf" ready workers={run.workers}\b", run.log.read_text(errors="replace")):
+                    run.all_ready = time.monotonic()
+                    return
+            elif self.kind == "nginx-gunicorn":
+                # nginx's master and its one worker; gunicorn's master and its `workers`.
+                if (len(process_tree(run.pid)) >= 2
+                        and len(process_tree(run.backends[0].pid)) >= run.workers + 1):
                     run.all_ready = time.monotonic()
                     return
             elif len(process_tree(run.pid)) >= want:
@@ -537,9 +580,18 @@ class System:
         raise RuntimeError("not every worker came up in time")
 
 
-def nginx_conf(port: int, workers: int, tmp: Path) -> str:
+NGINX_HELLO = """default_type "text/plain; charset=utf-8";
+            return 200 "Hello, World!";"""
+
+# Idle connections to gunicorn each nginx worker keeps (`keepalive` of the upstream): as many
+# as the proxy scenario's client connections, so that no request waits for a new connection.
+NGINX_UPSTREAM_KEEPALIVE = 64
+
+
+def nginx_conf(port: int, workers: int, tmp: Path, location: str = NGINX_HELLO,
+               http_extra: str = "", main_extra: str = "") -> str:
     return f"""# generated by bench/: nginx as a plain process of ours, never the system service
-daemon off;
+daemon off;{main_extra}
 master_process on;
 worker_processes {workers};
 pid {tmp}/nginx.pid;
@@ -552,16 +604,75 @@ http {{
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+    scgi_temp_path {tmp}/scgi;{http_extra}
     server {{
         listen {HOST}:{port} reuseport;
         location / {{
-            default_type "text/plain; charset=utf-8";
-            return 200 "Hello, World!";
+            {location}
         }}
     }}
 }}
 """
+
+
+def nginx_proxy_conf(port: int, sock: Path, tmp: Path) -> str:
+    """nginx in front of gunicorn as gunicorn's docs deploy it (upstream on a Unix socket, the
+    client's Host, X-Forwarded-For and -Proto passed on), with one worker process and the
+    upstream connections kept alive: HTTP/1.1 to gunicorn, `Connection` cleared, up to
+    NGINX_UPSTREAM_KEEPALIVE idle connections cached and, as for clients, no limit on the
+    requests one connection carries."""
+    upstream = f"""
+    upstream app {{
+        server unix:{sock} fail_timeout=0;
+        keepalive {NGINX_UPSTREAM_KEEPALIVE};
+        keepalive_requests 1000000;
+    }}"""
+    location = """proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_redirect off;"""
+    # Started by root, nginx runs its workers as `nobody`, who cannot reach gunicorn's socket in
+    # our private temp dir (a deployment gives nginx's user access to it instead): here the
+    # workers run as the user who started the bench, which changes nothing in what they do.
+    user = ""
+    if os.geteuid() == 0:
+        pw = pwd.getpwuid(os.geteuid())
+        user = f"\nuser {pw.pw_name} {grp.getgrgid(pw.pw_gid).gr_name};"
+    return nginx_conf(port, 1, tmp, location, upstream, user)
+
+
+def gunicorn_command(workers: int, bind: str, keep_alive_s: int | None = None) -> list[str]:
+    """gunicorn with `workers` UvicornWorkers serving bench/app.py on `bind` (host:port or
+    unix:path)."""
+    cmd = [str(VENV / "bin" / "gunicorn"), "-w", str(workers), "-k",
+           "uvicorn_worker.UvicornWorker", "-b", bind, "--log-level", "warning",
+           "--graceful-timeout", "5", "--chdir", str(BENCH)]
+    if keep_alive_s is not None:
+        cmd += ["--keep-alive", str(keep_alive_s)]
+    return cmd + ["app:app"]
+
+
+def gunicorn_socket(tmp: Path) -> Path:
+    sock = tmp / "gunicorn.sock"
+    if len(str(sock)) > 107:  # sun_path holds 108 bytes with the final NUL
+        raise ValueError(f"Unix socket path too long ({len(str(sock))} bytes, at most 107): "
+                         f"{sock}; run bench/ from a shorter path")
+    return sock
+
+
+def wait_unix_socket(path: Path, deadline: float, proc: subprocess.Popen) -> None:
+    """Polls until `proc` has created the Unix socket `path`."""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the process that should listen on {path} exited with "
+                               f"{proc.returncode}")
+        if path.is_socket():
+            return
+        time.sleep(0.01)
+    raise RuntimeError(f"no Unix socket {path} in time")
 
 
 def supervisor_bin() -> Path:
@@ -640,14 +751,19 @@ class Around:
     companion_cpu: float | None
 
 
+def server_cpu_seconds(server: Running | None) -> float:
+    """CPU of a system so far: every process tree it is made of (nginx's and gunicorn's)."""
+    return sum(tree_cpu_seconds(root) for root in server.roots) if server else 0.0
+
+
 def run_loads(tool: str, cmds: list[list[str]], pin: Pinning, servers: list[Running | None],
               timeout: float, companions: tuple[int, ...] = ()) -> tuple[list[Loaded], Around]:
     """Runs load generators side by side, `cmds[i]` against `servers[i]`, all on the load CPUs,
     until every one has finished (each bounded by `timeout`). The processes of every server, of
     the load generators and the `companions` (and their trees) are ours: their CPU never counts
     as other processes' (which would make the measurement look disturbed)."""
-    roots = [s.pid for s in servers if s]
-    srv_before = [tree_cpu_seconds(s.pid) if s else 0.0 for s in servers]
+    roots = [pid for s in servers if s for pid in s.roots]
+    srv_before = [server_cpu_seconds(s) for s in servers]
     comp_before = sum(tree_cpu_seconds(p) for p in companions)
     procs_before = cpu_by_process()
     retrans_before = tcp_retransmits()
@@ -689,7 +805,7 @@ def run_loads(tool: str, cmds: list[list[str]], pin: Pinning, servers: list[Runn
             PROCESSES.pop(proc.pid, None)
     wall = time.monotonic() - t0
     ticks_after = cpu_busy_ticks()
-    srv_after = [tree_cpu_seconds(s.pid) if s else 0.0 for s in servers]
+    srv_after = [server_cpu_seconds(s) for s in servers]
     ours = {os.getpid()} | {p.pid for p in procs}
     for root in roots + list(companions):
         ours |= set(process_tree(root))

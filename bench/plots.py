@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import lifecycle  # noqa: E402
 
 # First match wins: the more specific keys first.
-COLORS = {"supervisor-redis": "#e67e22", "supervisor": "#c0392b", "nginx": "#27ae60", "granian": "#2980b9",
+COLORS = {"supervisor-redis": "#e67e22", "supervisor": "#c0392b", "nginx-gunicorn": "#2c3e50",
+          "nginx": "#27ae60", "granian": "#2980b9",
           "gunicorn": "#8e44ad", "uvicorn": "#16a085"}
 
 
@@ -227,7 +228,7 @@ def draw_proxy(result, path):
     paths = c["paths"]
     labels = [r["label"] for r in rows]
     cols = [color(r["system"]) for r in rows]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(15, 9.5))
     for ax, name in zip(axes[0], paths):
         _bars(ax, labels, [r[name]["rps"] for r in rows], cols,
               [_runs(result, r["system"], f"{name}_rps") for r in rows])
@@ -245,7 +246,10 @@ def draw_proxy(result, path):
         for x, v in zip(xs, vals):
             ax.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{r['system']}\n{paths[name]}" for name, r in groups], fontsize=7)
+    # (every system has the same workers: the key without its "-wN" is short enough to fit)
+    suffix = f"-w{c['workers']}"
+    ax.set_xticklabels([f"{r['system'].removesuffix(suffix)}\n{paths[name]}"
+                        for name, r in groups], fontsize=7)
     top = max((r[name]["open_p99.9_ms"] or 0 for name, r in groups), default=0)
     if top:
         ax.set_yscale("log")

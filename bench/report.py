@@ -249,9 +249,11 @@ def md_proxy(r: dict) -> str:
                  "–" if x["met"] is None else ("**met**" if x["met"] else "**not met**"),
                  x["by"]] for x in s.get("targets", [])])
     rates = ", ".join(f"`{paths[k]}` {fmt(v)} req/s" for k, v in c["rates_rps"].items())
+    peers = " vs ".join(x["label"] for x in rows if not x["system"].startswith("supervisor"))
+    front = f"nginx + gunicorn+uvicorn: {c['nginx_gunicorn']}.\n\n" if "nginx_gunicorn" in c else ""
     return (f"## proxy: the app behind supervisor (uvicorn children on Unix sockets) vs "
-            f"gunicorn+uvicorn vs granian, {c['workers']} app processes each\n\n"
-            f"{c['app']}.\n\n{tt}\n\n"
+            f"{peers}, {c['workers']} app processes each\n\n"
+            f"{c['app']}.\n\n{front}{tt}\n\n"
             f"### Throughput: {c['closed']}\n\n{t1}\n\n"
             f"### Latency at a fixed rate ({rates}): {c['open']}\n\n{t2}\n\n"
             f"Ratios supervisor / peer (req/s: higher is better for supervisor; CPU and latency: "
