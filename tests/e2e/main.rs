@@ -15,6 +15,7 @@ mod queue;
 mod ratelimit;
 mod recycling;
 mod redis_ha;
+mod runtime_dir;
 mod serving;
 mod systemd;
 mod upgrade;

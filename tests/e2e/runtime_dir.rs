@@ -1,0 +1,64 @@
+//! The master's runtime directory (its apps' sockets): owned through a lock held for the
+//! master's life, so that another master sharing the base directory (another pid namespace: a
+//! container sharing `/tmp`) never removes a live one's, and gone masters' are still swept.
+
+use std::fs::File;
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::util::{eventually, Server};
+
+const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");
+const WAIT: Duration = Duration::from_secs(20);
+
+fn start_app_in(base: &std::path::Path) -> Server {
+    let set = format!("server.runtime_dir={}", base.display());
+    Server::start(&[
+        "-w", "1", "--set", &set, "--", "python3", APP, "--uds", "{socket}",
+    ])
+}
+
+#[test]
+fn a_directory_whose_lock_is_held_is_never_swept_whatever_its_pid() {
+    let base = tempfile::tempdir().unwrap();
+    // A live master of another pid namespace: its pid means nothing here (no process has pid
+    // 2^22 + 1, above pid_max), but it holds its lock.
+    let other = base.path().join("supervisor-4194305");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("app-1-1.sock"), b"").unwrap();
+    let _held = Flock::lock(
+        File::create(other.join(".lock")).unwrap(),
+        FlockArg::LockExclusiveNonblock,
+    )
+    .unwrap();
+    // A master that is gone (kill -9) and whose pid a live process has now (pid 1 always
+    // lives): its lock is free.
+    let gone = base.path().join("supervisor-1");
+    std::fs::create_dir(&gone).unwrap();
+    std::fs::write(gone.join(".lock"), b"").unwrap();
+    std::fs::write(gone.join("app-1-1.sock"), b"").unwrap();
+
+    let first = start_app_in(base.path());
+    let second = start_app_in(base.path());
+    assert!(
+        other.join("app-1-1.sock").exists(),
+        "a directory whose lock is held stays, with its sockets"
+    );
+    assert!(!gone.exists(), "a directory whose lock is free is removed");
+    for s in [&first, &second] {
+        let own = base.path().join(format!("supervisor-{}", s.pid()));
+        assert!(own.join(".lock").exists(), "{}", own.display());
+        assert_eq!(s.get("/").status, 200);
+    }
+    // A master that exits removes its own directory; the other's stays.
+    let first_dir = base.path().join(format!("supervisor-{}", first.pid()));
+    let mut first = first;
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(first.wait_exit(WAIT).success());
+    eventually(WAIT, "the stopped master's directory to go", || {
+        (!first_dir.exists()).then_some(())
+    });
+    assert!(other.exists());
+    assert_eq!(second.get("/").status, 200);
+}
