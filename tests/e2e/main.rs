@@ -4,6 +4,7 @@ mod access_log;
 mod app;
 mod cli;
 mod cluster;
+mod config_bounds;
 mod control;
 mod docs;
 mod examples;
