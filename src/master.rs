@@ -137,7 +137,8 @@ enum Phase {
 
 pub struct Master {
     config: Config,
-    config_json: String,
+    /// The configuration for new workers (`spawn::config_fd`).
+    config_fd: OwnedFd,
     config_gen: u64,
     reload: Reload,
     log_level: LevelHandle,
@@ -320,7 +321,7 @@ pub fn setup(
     crate::privileges::prepare_access_file(&config).map_err(anyhow::Error::msg)?;
 
     Ok(Master {
-        config_json: spawn::config_json(&config),
+        config_fd: spawn::config_fd(&config)?,
         config,
         config_gen: 0,
         reload,
@@ -451,7 +452,7 @@ impl Master {
             listen_fds: &listen_fds,
             scoreboard: &self.board_fd,
             rates: &self.rates_fd,
-            config_json: &self.config_json,
+            config: &self.config_fd,
             max_requests: plan.max_requests,
             hold,
             runtime_dir: self.runtime_dir.apps(),
@@ -1215,6 +1216,19 @@ impl Master {
             self.systemd_reload_failed(&why);
             return Err(why);
         }
+        // What the workers get, made first so that a failure changes nothing (with the metrics
+        // as at start, see below).
+        let mut for_workers = new.clone();
+        for_workers.metrics = self.config.metrics.clone();
+        let config_fd = match spawn::config_fd(&for_workers) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let why = format!("{e:#}");
+                error!("reload failed, keeping the current configuration: {why}");
+                self.systemd_reload_failed(&why);
+                return Err(why);
+            }
+        };
         // The rate table's size is fixed: another size means a new table for new workers
         // (draining ones keep the old one). Made first, so that a failure changes nothing.
         let new_rates = if new.limits.max_active_instances
@@ -1294,7 +1308,7 @@ impl Master {
             .header()
             .global_cap
             .store(new.limits.max_concurrent_requests, Ordering::Relaxed);
-        self.config_json = spawn::config_json(&new);
+        self.config_fd = config_fd;
         self.config = new;
         self.config_gen += 1;
 

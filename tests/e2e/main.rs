@@ -21,3 +21,4 @@ mod serving;
 mod systemd;
 mod upgrade;
 mod util;
+mod worker_config;
