@@ -16,6 +16,7 @@ mod queue;
 mod ratelimit;
 mod recycling;
 mod redis_ha;
+mod reload;
 mod runtime_dir;
 mod serving;
 mod systemd;
