@@ -62,3 +62,48 @@ fn a_directory_whose_lock_is_held_is_never_swept_whatever_its_pid() {
     assert!(other.exists());
     assert_eq!(second.get("/").status, 200);
 }
+
+#[test]
+fn an_app_whose_socket_is_removed_is_restarted_and_serves_again() {
+    let base = tempfile::tempdir().unwrap();
+    let s = start_app_in(base.path());
+    assert_eq!(s.get("/").status, 200);
+    let dir = base.path().join(format!("supervisor-{}", s.pid()));
+    let sockets: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .collect();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    // What another master's sweep, or a tmp cleaner, did before the lock.
+    std::fs::remove_file(&sockets[0]).unwrap();
+    // Pooled connections still reach the app; new ones cannot. Three requests at once need
+    // more than the one pooled connection, so the worker connects again.
+    let addr = s.addr;
+    eventually(
+        WAIT,
+        "requests to be answered 200 by a restarted app",
+        || {
+            let three: Vec<_> = (0..3)
+                .map(|_| std::thread::spawn(move || crate::util::try_get(addr, "/sleep?ms=100")))
+                .collect();
+            let all_ok = three
+                .into_iter()
+                .all(|t| t.join().unwrap().is_ok_and(|r| r.status == 200));
+            (all_ok && s.log.text().contains("restarting it")).then_some(())
+        },
+    );
+    let line = s
+        .log
+        .wait_for(WAIT, |l| l.contains("the app cannot be reached"))
+        .unwrap();
+    assert!(
+        line.contains(&format!("its socket {} is gone", sockets[0].display())),
+        "{line}"
+    );
+    assert!(
+        sockets[0].exists(),
+        "the restarted app made its socket again"
+    );
+}
