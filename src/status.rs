@@ -105,6 +105,17 @@ pub struct WorkerStatus {
     /// The worker's app process, if it runs one; 0 otherwise.
     pub app_pid: u32,
     pub app_restarts: u32,
+    /// Requests in a row its app (or upstream) did not answer (502s); 0 after an answer.
+    #[serde(default)]
+    pub app_502_streak: u32,
+    /// False while its app answers nothing but 502s (the last
+    /// `APP_UNHEALTHY_AFTER_502S` requests or more).
+    #[serde(default = "yes")]
+    pub app_healthy: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Opens the scoreboard of master `pid` (read-only).
@@ -246,6 +257,8 @@ fn read_workers(board: &Scoreboard, now: u64) -> Vec<WorkerStatus> {
             heartbeat_age_ms: now.saturating_sub(s.heartbeat_ms.load(Ordering::Relaxed)),
             app_pid: s.app_pid.load(Ordering::Relaxed),
             app_restarts: s.app_restarts.load(Ordering::Relaxed),
+            app_502_streak: s.app_502_streak.load(Ordering::Relaxed),
+            app_healthy: s.app_healthy(),
         })
         .collect()
 }
@@ -303,6 +316,18 @@ pub fn print(status: &Status, json: bool) {
         println!(
             "clients tracked {}/{}  evicted {}  refused by limits.rate (429) {}",
             r.tracked, r.capacity, r.evictions, r.limited
+        );
+    }
+    let unhealthy: Vec<String> = status
+        .workers
+        .iter()
+        .filter(|w| !w.app_healthy)
+        .map(|w| format!("{} ({} in a row)", w.worker_id, w.app_502_streak))
+        .collect();
+    if !unhealthy.is_empty() {
+        println!(
+            "app unhealthy (answers only 502s) behind worker {}",
+            unhealthy.join(", ")
         );
     }
     println!(

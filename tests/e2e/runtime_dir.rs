@@ -107,3 +107,54 @@ fn an_app_whose_socket_is_removed_is_restarted_and_serves_again() {
         "the restarted app made its socket again"
     );
 }
+
+/// The value of an unlabelled series in a metrics scrape.
+fn metric(addr: std::net::SocketAddr, name: &str) -> Option<u64> {
+    let text = crate::util::get(addr, "/metrics").text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+}
+
+#[test]
+fn an_app_that_answers_only_502s_shows_unhealthy_in_status_and_metrics() {
+    // An upstream that is down: every request is a 502.
+    let s = Server::start(&[
+        "-w",
+        "1",
+        "--set",
+        "app.upstream=http://127.0.0.1:1",
+        "--set",
+        "metrics.bind=127.0.0.1:0",
+    ]);
+    let line = s
+        .log
+        .wait_for(WAIT, |l| l.contains("metrics: serving /metrics"))
+        .expect("the metrics line");
+    let m: std::net::SocketAddr = crate::util::field(&line, "addr").unwrap().parse().unwrap();
+    let healthy = |s: &Server| s.status()["workers"][0]["app_healthy"].as_bool();
+    assert_eq!(healthy(&s), Some(true), "healthy until it fails");
+    assert_eq!(metric(m, "supervisor_apps_unhealthy"), Some(0));
+    for _ in 0..3 {
+        assert_eq!(s.get("/").status, 502);
+    }
+    assert_eq!(healthy(&s), Some(false), "{}", s.status());
+    assert_eq!(s.status()["workers"][0]["app_502_streak"], 3);
+    assert_eq!(metric(m, "supervisor_apps_unhealthy"), Some(1));
+    let (code, out, _) = s.ctl(&["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("app unhealthy (answers only 502s) behind worker 1 (3 in a row)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn an_app_that_answers_is_healthy() {
+    let base = tempfile::tempdir().unwrap();
+    let s = start_app_in(base.path());
+    for _ in 0..3 {
+        assert_eq!(s.get("/").status, 200);
+    }
+    assert_eq!(s.status()["workers"][0]["app_healthy"], true);
+    assert_eq!(s.status()["workers"][0]["app_502_streak"], 0);
+}
