@@ -158,3 +158,35 @@ fn an_app_that_answers_is_healthy() {
     assert_eq!(s.status()["workers"][0]["app_healthy"], true);
     assert_eq!(s.status()["workers"][0]["app_502_streak"], 0);
 }
+
+#[test]
+fn an_upgrade_leaves_the_old_masters_directory_to_it_until_it_exits() {
+    let base = tempfile::tempdir().unwrap();
+    let conf = format!(
+        "[server]\nworkers = 1\nruntime_dir = {:?}\n[app]\ncommand = [\"python3\", {APP:?}, \
+         \"--uds\", \"{{socket}}\"]\n",
+        base.path().to_str().unwrap()
+    );
+    let (mut old, _bin) = crate::upgrade::start_copy(tempfile::tempdir().unwrap(), &conf);
+    let old_dir = base.path().join(format!("supervisor-{}", old.pid()));
+    assert!(old_dir.join(".lock").exists());
+    old.signal(nix::sys::signal::Signal::SIGUSR2);
+    let new = crate::upgrade::new_master(&old, 0);
+    let _stop_new = crate::upgrade::Adopted(new);
+    let new_dir = base.path().join(format!("supervisor-{new}"));
+    eventually(WAIT, "the new master's directory", || {
+        new_dir.join(".lock").exists().then_some(())
+    });
+    // The new master swept the base at its start: the old master's directory, locked, stayed.
+    assert!(
+        old_dir.exists(),
+        "the old master's directory stays while it runs"
+    );
+    assert!(old.wait_exit(WAIT).success());
+    assert!(
+        !old_dir.exists(),
+        "the old master removes its directory at exit"
+    );
+    assert!(new_dir.join(".lock").exists());
+    assert_eq!(crate::util::get(old.addr, "/").status, 200);
+}
