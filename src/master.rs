@@ -1720,6 +1720,11 @@ impl Master {
             killed: false,
         };
         self.systemd_stopping(fast);
+        if let Some(p) = self.pending_reload.as_mut() {
+            let clients = std::mem::take(&mut p.clients);
+            let why = format!("{}; then the master began to stop", p.message);
+            self.answer_reload(&clients, Err(&why));
+        }
         if let Some(l) = self.listeners.take() {
             l.close();
         }
