@@ -113,8 +113,9 @@ pub struct ScaleArgs {
 }
 
 /// How the master hands a worker its resources: file descriptors it inherits and its identity.
-/// The resolved configuration travels in the environment (`SUPERVISOR_WORKER_CONFIG`), not in
-/// argv, because argv is readable by every user on the host.
+/// The resolved configuration travels in an inherited sealed memfd (`--config-fd`), not in argv
+/// (readable by every user on the host) nor in the environment (size-limited by exec, and shown
+/// in `/proc/PID/environ`).
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     #[arg(long)]
@@ -131,6 +132,9 @@ pub struct WorkerArgs {
     pub scoreboard_fd: i32,
     #[arg(long)]
     pub rates_fd: i32,
+    /// The resolved configuration: JSON in a sealed memfd (see `spawn::config_fd`).
+    #[arg(long)]
+    pub config_fd: i32,
     /// Requests after which the worker asks to be recycled, jitter included; 0: never.
     #[arg(long, default_value_t = 0)]
     pub max_requests: u64,

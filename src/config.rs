@@ -121,8 +121,19 @@ struct Rule {
     check: fn(&Config) -> Result<(), String>,
 }
 
-const DURATION_GT_0: &str = "a duration > 0, like \"30s\", \"2m\" or \"1500ms\"";
+const DURATION_GT_0: &str = "a duration > 0 and at most 3650d, like \"30s\", \"2m\" or \"1500ms\"";
 const INTEGER_GE_1: &str = "an integer 1..=4294967295";
+
+/// The longest duration any key takes: ten years is "never" in practice, and far enough from
+/// the limits of `Instant` and of timers that no deadline computed from a key can overflow
+/// (`u64::MAX` seconds made the master panic).
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
+/// The largest size any key takes (1 PiB), for the same reason.
+pub const MAX_SIZE: ByteSize = ByteSize(1 << 50);
+
+/// The most clients the per-client rate table holds (8 bytes each).
+const MAX_ACTIVE_INSTANCES: u32 = 10_000_000;
 
 const RULES: &[Rule] = &[
     Rule {
@@ -152,8 +163,8 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "server.graceful_timeout",
-        allowed: "a duration, like \"30s\", \"2m\" or \"0s\"",
-        check: |_| Ok(()),
+        allowed: "a duration 0s..=3650d, like \"30s\", \"2m\" or \"0s\"",
+        check: |c| within(c.server.graceful_timeout, Duration::ZERO..=MAX_DURATION),
     },
     Rule {
         key: "server.unix_mode",
@@ -223,22 +234,22 @@ const RULES: &[Rule] = &[
     Rule {
         key: "worker.header_timeout",
         allowed: DURATION_GT_0,
-        check: |c| positive(c.worker.header_timeout),
+        check: |c| positive_duration(c.worker.header_timeout),
     },
     Rule {
         key: "worker.keepalive_timeout",
         allowed: DURATION_GT_0,
-        check: |c| positive(c.worker.keepalive_timeout),
+        check: |c| positive_duration(c.worker.keepalive_timeout),
     },
     Rule {
         key: "worker.request_timeout",
         allowed: DURATION_GT_0,
-        check: |c| positive(c.worker.request_timeout),
+        check: |c| positive_duration(c.worker.request_timeout),
     },
     Rule {
         key: "worker.client_timeout",
         allowed: DURATION_GT_0,
-        check: |c| positive(c.worker.client_timeout),
+        check: |c| positive_duration(c.worker.client_timeout),
     },
     Rule {
         key: "worker.max_header_bytes",
@@ -258,14 +269,14 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "worker.max_body_bytes",
-        allowed: "a size, like \"10MiB\" or 1048576",
-        check: |_| Ok(()),
+        allowed: "a size up to 1PiB, like \"10MiB\" or 1048576",
+        check: |c| within(c.worker.max_body_bytes, ByteSize(0)..=MAX_SIZE),
     },
     Rule {
         key: "worker.timeout",
         // Heartbeats come every second: anything shorter than two would kill healthy workers.
-        allowed: "a duration >= 2s, like \"2m\"",
-        check: |c| within(c.worker.timeout, Duration::from_secs(2)..=Duration::MAX),
+        allowed: "a duration 2s..=3650d, like \"2m\"",
+        check: |c| within(c.worker.timeout, Duration::from_secs(2)..=MAX_DURATION),
     },
     Rule {
         key: "worker.max_requests",
@@ -279,8 +290,8 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "worker.max_rss",
-        allowed: "a size, like \"512MiB\" (0: no limit)",
-        check: |_| Ok(()),
+        allowed: "a size up to 1PiB, like \"512MiB\" (0: no limit)",
+        check: |c| within(c.worker.max_rss, ByteSize(0)..=MAX_SIZE),
     },
     Rule {
         key: "worker.rss_interval",
@@ -299,18 +310,18 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "worker.max_lifetime",
-        allowed: "a duration, like \"6h\" (0s: never)",
-        check: |_| Ok(()),
+        allowed: "a duration 0s..=3650d, like \"6h\" (0s: never)",
+        check: |c| within(c.worker.max_lifetime, Duration::ZERO..=MAX_DURATION),
     },
     Rule {
         key: "worker.max_lifetime_jitter",
-        allowed: "a duration, like \"10m\"",
-        check: |_| Ok(()),
+        allowed: "a duration 0s..=3650d, like \"10m\"",
+        check: |c| within(c.worker.max_lifetime_jitter, Duration::ZERO..=MAX_DURATION),
     },
     Rule {
         key: "worker.min_lifetime",
-        allowed: "a duration, like \"10s\"",
-        check: |_| Ok(()),
+        allowed: "a duration 0s..=3650d, like \"10s\"",
+        check: |c| within(c.worker.min_lifetime, Duration::ZERO..=MAX_DURATION),
     },
     Rule {
         key: "worker.max_recycling",
@@ -337,7 +348,7 @@ const RULES: &[Rule] = &[
     Rule {
         key: "app.ready_timeout",
         allowed: DURATION_GT_0,
-        check: |c| positive(c.app.ready_timeout),
+        check: |c| positive_duration(c.app.ready_timeout),
     },
     Rule {
         key: "app.concurrency",
@@ -361,8 +372,10 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "limits.max_active_instances",
-        allowed: INTEGER_GE_1,
-        check: |c| within(c.limits.max_active_instances, 1..=u32::MAX),
+        // 80 MB of table at most: the master sweeps it whole, and u32::MAX (32 GiB, touched
+        // page by page) took the master and `status` minutes and the host's memory.
+        allowed: "an integer 1..=10000000",
+        check: |c| within(c.limits.max_active_instances, 1..=MAX_ACTIVE_INSTANCES),
     },
     Rule {
         key: "limits.rate",
@@ -397,7 +410,7 @@ const RULES: &[Rule] = &[
     Rule {
         key: "limits.queue_timeout",
         allowed: DURATION_GT_0,
-        check: |c| positive(c.limits.queue_timeout),
+        check: |c| positive_duration(c.limits.queue_timeout),
     },
     Rule {
         key: "limits.cluster_max_concurrent_requests",
@@ -449,8 +462,8 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "redis.lease_ttl",
-        allowed: "a duration >= 1s, like \"30s\"",
-        check: |c| within(c.redis.lease_ttl, Duration::from_secs(1)..=Duration::MAX),
+        allowed: "a duration 1s..=3650d, like \"30s\"",
+        check: |c| within(c.redis.lease_ttl, Duration::from_secs(1)..=MAX_DURATION),
     },
     Rule {
         key: "redis.tls_ca_file",
@@ -581,6 +594,12 @@ fn positive(d: Duration) -> Result<(), String> {
     } else {
         Ok(())
     }
+}
+
+/// `> 0` and at most `MAX_DURATION`.
+fn positive_duration(d: Duration) -> Result<(), String> {
+    positive(d)?;
+    within(d, Duration::ZERO..=MAX_DURATION)
 }
 
 fn check_mode(mode: &str) -> Result<(), String> {
@@ -1518,7 +1537,7 @@ mod tests {
         assert_eq!(
             err("MAX_ACTIVE_INSTANCES", "-3"),
             "environment variable MAX_ACTIVE_INSTANCES=\"-3\": \
-             limits.max_active_instances: expected an integer 1..=4294967295"
+             limits.max_active_instances: expected an integer 1..=10000000"
         );
     }
 
@@ -1856,9 +1875,51 @@ mod tests {
             ),
             (
                 "server.graceful_timeout",
-                &["\"soon\"", "30"],
-                &["\"0s\""],
-                "a duration, like \"30s\", \"2m\" or \"0s\"",
+                &["\"soon\"", "30", "\"3651d\"", "\"18446744073709551615s\""],
+                &["\"0s\"", "\"3650d\""],
+                "a duration 0s..=3650d, like \"30s\", \"2m\" or \"0s\"",
+            ),
+            (
+                "worker.max_lifetime",
+                &["\"18446744073709551615s\"", "\"3650d 1s\""],
+                &["\"0s\"", "\"3650d\""],
+                "a duration 0s..=3650d, like \"6h\" (0s: never)",
+            ),
+            (
+                "worker.max_lifetime_jitter",
+                &["\"3651d\""],
+                &["\"3650d\""],
+                "a duration 0s..=3650d, like \"10m\"",
+            ),
+            (
+                "worker.min_lifetime",
+                &["\"3651d\""],
+                &["\"3650d\""],
+                "a duration 0s..=3650d, like \"10s\"",
+            ),
+            (
+                "worker.timeout",
+                &["\"1s\"", "\"3651d\""],
+                &["\"2s\"", "\"3650d\""],
+                "a duration 2s..=3650d, like \"2m\"",
+            ),
+            (
+                "redis.lease_ttl",
+                &["\"999ms\"", "\"3651d\""],
+                &["\"1s\"", "\"3650d\""],
+                "a duration 1s..=3650d, like \"30s\"",
+            ),
+            (
+                "app.ready_timeout",
+                &["\"0s\"", "\"3651d\""],
+                &["\"1ns\"", "\"3650d\""],
+                DURATION_GT_0,
+            ),
+            (
+                "worker.max_rss",
+                &["\"1025TiB\"", "1125899906842625"],
+                &["0", "\"1PiB\""],
+                "a size up to 1PiB, like \"512MiB\" (0: no limit)",
             ),
             ("worker.max_connections", &["0"], &["1"], INTEGER_GE_1),
             ("worker.max_concurrent", &["0"], &["1"], INTEGER_GE_1),
@@ -1882,7 +1943,7 @@ mod tests {
             ),
             (
                 "worker.request_timeout",
-                &["\"0ms\""],
+                &["\"0ms\"", "\"3651d\""],
                 &["\"1ms\""],
                 DURATION_GT_0,
             ),
@@ -1900,9 +1961,9 @@ mod tests {
             ),
             (
                 "worker.max_body_bytes",
-                &["-1", "true"],
-                &["0"],
-                "a size, like \"10MiB\" or 1048576",
+                &["-1", "true", "1125899906842625"],
+                &["0", "1125899906842624"],
+                "a size up to 1PiB, like \"10MiB\" or 1048576",
             ),
             (
                 "limits.max_concurrent_requests",
@@ -1910,7 +1971,12 @@ mod tests {
                 &["1"],
                 INTEGER_GE_1,
             ),
-            ("limits.max_active_instances", &["0"], &["1"], INTEGER_GE_1),
+            (
+                "limits.max_active_instances",
+                &["0", "10000001"],
+                &["1", "10000000"],
+                "an integer 1..=10000000",
+            ),
             (
                 "limits.rate",
                 &["\"10\"", "\"0/s\"", "\"5/fortnight\"", "\"200000/s\"", "5"],

@@ -190,20 +190,17 @@ fn start(
 }
 
 fn run_worker(args: cli::WorkerArgs) -> ExitCode {
-    let json = match std::env::var(spawn::CONFIG_ENV) {
-        Ok(j) => j,
-        Err(_) => {
+    let config = match sys::inherited_fd(args.config_fd, "configuration")
+        .map_err(anyhow::Error::from)
+        .and_then(spawn::read_config)
+    {
+        Ok(c) => c,
+        Err(e) => {
             return fail(
                 EXIT_CONFIG,
-                &"the worker mode is started by `supervisor start` only",
+                &format!("{e:#} (the worker mode is started by `supervisor start` only)"),
             )
         }
-    };
-    // Not for the worker's own children (its app process) to see.
-    std::env::remove_var(spawn::CONFIG_ENV);
-    let config: worker::config::Config = match serde_json::from_str(&json) {
-        Ok(c) => c,
-        Err(e) => return fail(EXIT_CONFIG, &format!("bad worker config: {e}")),
     };
     let _ = logging::init(&config.log);
     let fds = (|| -> std::io::Result<_> {

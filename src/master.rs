@@ -135,10 +135,35 @@ enum Phase {
     },
 }
 
+/// A reload whose new workers have not yet shown that they can start. The first of them to
+/// report ready settles it; one that fails to boot first undoes it for the workers: the
+/// previous configuration comes back for every worker started from then on, the reload's
+/// other replacements stop, and the old workers go on serving.
+struct PendingReload {
+    gen: u64,
+    previous: Config,
+    previous_fd: OwnedFd,
+    previous_gen: u64,
+    previous_workers: u32,
+    /// What `supervisor reload` is told once the new workers start.
+    message: String,
+    /// Control clients (`supervisor reload`) waiting for the outcome.
+    clients: Vec<u64>,
+    /// They get an answer by then at the latest (the command waits 30 s).
+    answer_by: Instant,
+}
+
+/// How long `supervisor reload` waits for the first new worker before it is told the reload
+/// is under way (less than the command's own 30 s).
+const RELOAD_ANSWER_WITHIN: Duration = Duration::from_secs(20);
+
 pub struct Master {
     config: Config,
-    config_json: String,
+    /// The configuration for new workers (`spawn::config_fd`).
+    config_fd: OwnedFd,
     config_gen: u64,
+    /// The last reload, until its new workers show they can start.
+    pending_reload: Option<PendingReload>,
     reload: Reload,
     log_level: LevelHandle,
     listeners: Option<Listeners>,
@@ -320,9 +345,10 @@ pub fn setup(
     crate::privileges::prepare_access_file(&config).map_err(anyhow::Error::msg)?;
 
     Ok(Master {
-        config_json: spawn::config_json(&config),
+        config_fd: spawn::config_fd(&config)?,
         config,
         config_gen: 0,
+        pending_reload: None,
         reload,
         log_level,
         listeners: Some(listeners),
@@ -377,6 +403,7 @@ impl Master {
                 self.spawn_due();
                 self.check_workers();
                 self.start_replacements();
+                self.check_pending_reload();
                 self.check_upgrade();
                 if self.phase != Phase::Running {
                     continue; // spawning gave up: go straight to stopping
@@ -451,7 +478,7 @@ impl Master {
             listen_fds: &listen_fds,
             scoreboard: &self.board_fd,
             rates: &self.rates_fd,
-            config_json: &self.config_json,
+            config: &self.config_fd,
             max_requests: plan.max_requests,
             hold,
             runtime_dir: self.runtime_dir.apps(),
@@ -709,6 +736,14 @@ impl Master {
             );
         }
         let how = exit.describe(proc.killed_by_us);
+        // A worker of a reload's configuration that could not boot: the reload failed.
+        let disproves = !stopping
+            && !proc.acked
+            && !proc.killed_by_us
+            && self
+                .pending_reload
+                .as_ref()
+                .is_some_and(|p| p.gen == proc.config_gen);
 
         if let Some((reason, _)) = proc.retiring {
             if exit.is_clean() {
@@ -743,6 +778,9 @@ impl Master {
             }
             error!(worker.id = proc.id, pid = pid.as_raw(), retry_in = ?delay, "replacement worker failed to boot: {how}");
             self.systemd_replacement_failed(proc.id, &how);
+            if disproves {
+                self.reload_disproved(proc.id, &how);
+            }
             return;
         }
         let i = current.expect("checked above");
@@ -771,6 +809,9 @@ impl Master {
                 retry_in = ?delay,
                 "worker failed to boot: {how}"
             );
+            if disproves {
+                self.reload_disproved(proc.id, &how);
+            }
             self.boot_failures_fatal(failures);
             return;
         }
@@ -949,6 +990,7 @@ impl Master {
             proc.acked = true;
             let boot = proc.started.elapsed();
             info!(worker.id = id, pid = pid.as_raw(), boot = ?boot, "worker ready");
+            self.reload_proved(pid);
             self.on_ready(id, pid);
         }
         if reached {
@@ -1215,6 +1257,19 @@ impl Master {
             self.systemd_reload_failed(&why);
             return Err(why);
         }
+        // What the workers get, made first so that a failure changes nothing (with the metrics
+        // as at start, see below).
+        let mut for_workers = new.clone();
+        for_workers.metrics = self.config.metrics.clone();
+        let config_fd = match spawn::config_fd(&for_workers) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let why = format!("{e:#}");
+                error!("reload failed, keeping the current configuration: {why}");
+                self.systemd_reload_failed(&why);
+                return Err(why);
+            }
+        };
         // The rate table's size is fixed: another size means a new table for new workers
         // (draining ones keep the old one). Made first, so that a failure changes nothing.
         let new_rates = if new.limits.max_active_instances
@@ -1294,8 +1349,10 @@ impl Master {
             .header()
             .global_cap
             .store(new.limits.max_concurrent_requests, Ordering::Relaxed);
-        self.config_json = spawn::config_json(&new);
-        self.config = new;
+        let previous_fd = std::mem::replace(&mut self.config_fd, config_fd);
+        let previous = std::mem::replace(&mut self.config, new);
+        let previous_gen = self.config_gen;
+        let previous_workers = self.slots.len() as u32;
         self.config_gen += 1;
 
         self.set_worker_count(workers);
@@ -1335,9 +1392,119 @@ impl Master {
             self.request_recycle(id, pid, RecycleReason::Reload, now);
         }
         info!(workers, "configuration reloaded; replacing workers");
-        Ok(format!(
-            "configuration reloaded; {workers} workers, replacing {replacing}"
-        ))
+        let message = format!("configuration reloaded; {workers} workers, replacing {replacing}");
+        let mut pending = PendingReload {
+            gen: self.config_gen,
+            previous,
+            previous_fd,
+            previous_gen,
+            previous_workers,
+            message: message.clone(),
+            clients: Vec::new(),
+            answer_by: now + RELOAD_ANSWER_WITHIN,
+        };
+        if let Some(earlier) = self.pending_reload.take() {
+            // Not proven yet either: what to go back to is still what ran before it.
+            self.answer_reload(&earlier.clients, Ok(&earlier.message));
+            pending.previous = earlier.previous;
+            pending.previous_fd = earlier.previous_fd;
+            pending.previous_gen = earlier.previous_gen;
+            pending.previous_workers = earlier.previous_workers;
+        }
+        self.pending_reload = Some(pending);
+        Ok(message)
+    }
+
+    /// `supervisor reload` from control client `id`: answered once the reload's outcome is
+    /// known (see `PendingReload`), or at once if it is refused.
+    pub(super) fn reload_for(&mut self, id: u64) -> Option<Result<String, String>> {
+        let result = self.reload();
+        match (&result, self.pending_reload.as_mut()) {
+            (Ok(_), Some(p)) if p.gen == self.config_gen => {
+                p.clients.push(id);
+                None
+            }
+            _ => Some(result),
+        }
+    }
+
+    fn answer_reload(&mut self, clients: &[u64], outcome: Result<&str, &str>) {
+        let reply = match outcome {
+            Ok(m) => crate::control::Reply::ok(m),
+            Err(e) => crate::control::Reply::err(e),
+        };
+        if let Some(c) = self.control.as_mut() {
+            for &id in clients {
+                c.answer(id, &reply, false);
+            }
+        }
+    }
+
+    /// A worker of the pending reload's configuration is ready: the reload stands.
+    fn reload_proved(&mut self, pid: Pid) {
+        let gen = self.procs.get(&pid).map(|p| p.config_gen);
+        if self.pending_reload.as_ref().map(|p| p.gen) != gen {
+            return;
+        }
+        let p = self.pending_reload.take().expect("checked");
+        self.answer_reload(&p.clients, Ok(&p.message));
+    }
+
+    /// Clients still waiting past `answer_by` are told the reload is under way.
+    fn check_pending_reload(&mut self) {
+        let Some(p) = self.pending_reload.as_mut() else {
+            return;
+        };
+        if p.clients.is_empty() || Instant::now() < p.answer_by {
+            return;
+        }
+        let clients = std::mem::take(&mut p.clients);
+        let message = format!(
+            "{}; the new workers are still starting (see supervisor status)",
+            p.message
+        );
+        self.answer_reload(&clients, Ok(&message));
+    }
+
+    /// A worker of the pending reload's configuration failed to boot before any was ready:
+    /// the reload is undone for the workers (see `PendingReload`) and reported as failed.
+    fn reload_disproved(&mut self, id: u32, how: &str) {
+        let Some(p) = self.pending_reload.take() else {
+            return;
+        };
+        let why = format!(
+            "reload failed: the new workers cannot start (worker {id}: {how}); the old workers \
+             keep serving with the previous configuration"
+        );
+        error!("{why}");
+        // The reload's other replacements stop: booting ones are killed, queued ones dropped.
+        for slot in &mut self.slots {
+            if slot
+                .recycle
+                .is_some_and(|(r, _)| r == RecycleReason::Reload)
+            {
+                slot.recycle = None;
+            }
+            let Some(next) = slot.successor else { continue };
+            if let Some(proc) = self.procs.get_mut(&next) {
+                if proc.config_gen == p.gen {
+                    proc.killed_by_us = true;
+                    let _ = kill(next, Signal::SIGKILL);
+                    slot.successor = None;
+                }
+            }
+        }
+        let slots = &self.slots;
+        self.recycle_queue
+            .retain(|id| slots.iter().any(|s| s.id == *id && s.recycle.is_some()));
+        self.config = p.previous;
+        self.config_fd = p.previous_fd;
+        self.config_gen = p.previous_gen;
+        if self.phase == Phase::Running {
+            self.set_worker_count(p.previous_workers);
+        }
+        self.systemd_reload_failed(&why);
+        self.answer_reload(&p.clients, Err(&why));
     }
 
     /// USR2 and `supervisor upgrade`: starts the binary on disk as a new master with our
@@ -1553,6 +1720,11 @@ impl Master {
             killed: false,
         };
         self.systemd_stopping(fast);
+        if let Some(p) = self.pending_reload.as_mut() {
+            let clients = std::mem::take(&mut p.clients);
+            let why = format!("{}; then the master began to stop", p.message);
+            self.answer_reload(&clients, Err(&why));
+        }
         if let Some(l) = self.listeners.take() {
             l.close();
         }

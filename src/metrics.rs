@@ -285,6 +285,8 @@ struct Snapshot {
     host_inflight: u64,
     host_cap: u64,
     host_rejected: u64,
+    /// Workers whose app answers only 502s (`Slot::app_healthy`).
+    apps_unhealthy: u64,
 }
 
 impl Shared {
@@ -306,6 +308,7 @@ impl Shared {
             host_inflight: 0,
             host_cap: 0,
             host_rejected: 0,
+            apps_unhealthy: 0,
         };
         for (_, slot) in self.board.slots() {
             // A free record is all zeroes: adding it changes nothing, so no record is skipped
@@ -321,6 +324,7 @@ impl Shared {
             let id = slot.worker_id.load(Ordering::Relaxed);
             *snap.memory.entry(id).or_default() += slot.rss_bytes.load(Ordering::Relaxed);
             snap.states[s as usize - 1] += 1;
+            snap.apps_unhealthy += u64::from(!slot.app_healthy());
             match RedisState::from_u32(slot.redis_state.load(Ordering::Relaxed)) {
                 RedisState::Connected => snap.redis_connected += 1,
                 RedisState::Degraded => snap.redis_degraded += 1,
@@ -501,6 +505,12 @@ impl Collector for Snapshot {
                 "supervisor_host_requests_limit",
                 "The host-wide cap, limits.max_concurrent_requests",
                 self.host_cap,
+            ),
+            (
+                "supervisor_apps_unhealthy",
+                "Worker processes whose app (or upstream) answers only 502s: the last 3 \
+                 requests or more in a row",
+                self.apps_unhealthy,
             ),
             (
                 "supervisor_memory_bytes",

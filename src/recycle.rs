@@ -23,10 +23,16 @@ impl Plan {
             0 => 0,
             n => n.saturating_add(fastrand::u64(0..=cfg.max_requests_jitter)),
         };
-        let lifetime_end = (!cfg.max_lifetime.is_zero()).then(|| {
-            let jitter_ms = fastrand::u64(0..=cfg.max_lifetime_jitter.as_millis() as u64);
-            started + cfg.max_lifetime + Duration::from_millis(jitter_ms)
-        });
+        // Checked although the config bounds both durations (3650d): a lifetime past what an
+        // Instant can hold is no lifetime limit, not a panic.
+        let lifetime_end = (!cfg.max_lifetime.is_zero())
+            .then(|| {
+                let jitter_ms = fastrand::u64(0..=cfg.max_lifetime_jitter.as_millis() as u64);
+                started
+                    .checked_add(cfg.max_lifetime)?
+                    .checked_add(Duration::from_millis(jitter_ms))
+            })
+            .flatten();
         Plan {
             max_requests,
             lifetime_end,
@@ -81,6 +87,16 @@ pub fn due(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lifetime_past_what_an_instant_holds_is_no_limit() {
+        let c = WorkerConfig {
+            max_lifetime: Duration::MAX,
+            max_lifetime_jitter: Duration::from_secs(10),
+            ..Default::default()
+        };
+        assert!(Plan::draw(&c, Instant::now()).lifetime_end.is_none());
+    }
     use worker::config::ByteSize;
 
     fn cfg() -> WorkerConfig {

@@ -5,6 +5,16 @@
 //! (systemd's `RuntimeDirectory=`), else `$XDG_RUNTIME_DIR`, else the system temporary
 //! directory. Removed when the master exits.
 //!
+//! Ownership is a lock, not a pid: the master holds an exclusive `flock` on `<dir>/.lock` for
+//! its whole life (close-on-exec, so no worker, app or upgraded master holds it too), and a
+//! master starting up removes only the directories whose lock it can take, that is, whose
+//! master is gone (`kill -9`, a crash). A pid would not do: a master in another pid namespace
+//! sharing the base (two containers sharing `/tmp`, both pid 1) has pids that mean nothing
+//! here, and the same name; a locked directory of our name makes us take `supervisor-<pid>-<n>`.
+//! Directories without a lock file (older versions, or one being made this instant) fall back
+//! to the pid test; the maker checks, once it holds its lock, that its directory is still the
+//! one at that path, and starts again if a sweep took it meanwhile.
+//!
 //! With `server.user`, workers and their apps run as that user, so their sockets go in a
 //! subdirectory `apps` that the user owns (0700), and this directory becomes 0711: the user
 //! may pass through it, nobody but root may list it or put anything else in it.
@@ -12,36 +22,81 @@
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::fs::File;
+use std::io::ErrorKind;
+use std::os::unix::fs::OpenOptionsExt;
+
 use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use worker::config::ServerConfig;
 use worker::privileges::Credentials;
+
+/// The file whose lock says the directory's master is alive.
+const LOCK_FILE: &str = ".lock";
+
+/// How many times `create` starts over (a name taken, a sweep removing the directory it just
+/// made) before giving up.
+const CREATE_ATTEMPTS: u32 = 32;
 
 /// The directory, removed (with what is left in it) on drop.
 pub struct RuntimeDir {
     path: PathBuf,
     /// The `apps` subdirectory owned by `server.user`, when set.
     apps: Option<PathBuf>,
+    /// Held until the directory is removed (`Drop` runs before the fields are dropped).
+    _lock: Flock<File>,
 }
 
 impl RuntimeDir {
     pub fn create(configured: &str) -> Result<RuntimeDir> {
         let base = base(configured);
-        remove_stale(&base);
-        let path = base.join(format!("supervisor-{}", std::process::id()));
-        // A directory of that name belongs to a dead process that had our pid.
-        if path.exists() {
-            std::fs::remove_dir_all(&path)
-                .with_context(|| format!("cannot remove the stale {}", path.display()))?;
-        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&path)
-            .with_context(|| format!("cannot create the runtime directory {}", path.display()))?;
-        // The umask may have taken bits off; make it exact.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-        Ok(RuntimeDir { path, apps: None })
+            .create(&base)
+            .with_context(|| format!("cannot create the runtime directory {}", base.display()))?;
+        remove_stale(&base);
+        let pid = std::process::id();
+        let mut suffix = 0u32;
+        for _ in 0..CREATE_ATTEMPTS {
+            let name = match suffix {
+                0 => format!("supervisor-{pid}"),
+                n => format!("supervisor-{pid}-{n}"),
+            };
+            let path = base.join(name);
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => {}
+                // A live master's (another pid namespace's, or one whose lock file is not
+                // there yet): never ours to take.
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    suffix += 1;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot create the runtime directory {}", path.display())
+                    })
+                }
+            }
+            let Some(lock) = lock_new(&path)? else {
+                // Another master's sweep removed it before we held its lock: start again.
+                continue;
+            };
+            // The umask may have taken bits off; make it exact.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+            return Ok(RuntimeDir {
+                path,
+                apps: None,
+                _lock: lock,
+            });
+        }
+        bail!(
+            "cannot create a runtime directory in {}: {CREATE_ATTEMPTS} attempts found the name \
+             taken or the directory removed by another master",
+            base.display()
+        )
     }
 
     pub fn path(&self) -> &Path {
@@ -129,33 +184,91 @@ impl Drop for RuntimeDir {
     }
 }
 
+/// Makes the lock file in the new directory `dir` and locks it. `None` when a sweep removed
+/// `dir` before the lock was held (the lock then belongs to a file no longer there).
+fn lock_new(dir: &Path) -> Result<Option<Flock<File>>> {
+    let path = dir.join(LOCK_FILE);
+    // Close-on-exec (std's default): workers, apps and an upgraded master must not share it.
+    let file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+    };
+    // Blocking: a sweep that took it first holds it only while it removes the directory.
+    let lock = Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| std::io::Error::from(e))
+        .with_context(|| format!("cannot lock {}", path.display()))?;
+    let held = lock
+        .metadata()
+        .context("cannot stat the runtime directory's lock")?;
+    let still_there =
+        std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == (held.dev(), held.ino()));
+    Ok(still_there.then_some(lock))
+}
+
+/// Whether `name` is one `create` makes: `supervisor-PID` or `supervisor-PID-N`; the PID.
+fn runtime_dir_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("supervisor-")?;
+    let (pid, n) = match rest.split_once('-') {
+        Some((pid, n)) => (pid, Some(n)),
+        None => (rest, None),
+    };
+    if n.is_some_and(|n| n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit())) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
 /// Removes the directories of masters that are gone without cleaning up (`kill -9`, a crash):
-/// `supervisor-PID` where no process PID exists. Others' directories are left alone (they are
-/// not ours to remove, and removing fails anyway).
+/// those whose lock is free (see the module's comment). Others' directories are left alone
+/// (they are not ours to remove, and removing fails anyway).
 fn remove_stale(base: &Path) {
     let Ok(entries) = std::fs::read_dir(base) else {
         return;
     };
     let me = nix::unistd::getuid().as_raw();
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("supervisor-"))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(runtime_dir_pid) else {
             continue;
         };
+        // Not following a symlink: the entry itself must be our directory.
         let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
-        if ours && !crate::pidfile::alive(pid) {
-            match std::fs::remove_dir_all(entry.path()) {
-                Ok(()) => {
-                    tracing::debug!(path = %entry.path().display(), "removed a stale runtime directory")
+        if !ours {
+            continue;
+        }
+        let dir = entry.path();
+        match File::open(dir.join(LOCK_FILE)) {
+            Ok(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                // Its master is gone; the lock is held while removing, so that a master
+                // making a directory of that name meanwhile waits and then sees it gone.
+                Ok(_lock) => remove(&dir),
+                Err((_, Errno::EWOULDBLOCK)) => {}
+                Err((_, e)) => {
+                    tracing::debug!(path = %dir.display(), error = %e, "cannot lock a runtime directory; leaving it")
                 }
-                Err(e) => {
-                    tracing::debug!(path = %entry.path().display(), error = %e, "cannot remove a stale runtime directory")
+            },
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                if !crate::pidfile::alive(pid) {
+                    remove(&dir);
                 }
             }
+            Err(e) => {
+                tracing::debug!(path = %dir.display(), error = %e, "cannot open a runtime directory's lock; leaving it")
+            }
+        }
+    }
+}
+
+fn remove(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => tracing::debug!(path = %dir.display(), "removed a stale runtime directory"),
+        Err(e) => {
+            tracing::debug!(path = %dir.display(), error = %e, "cannot remove a stale runtime directory")
         }
     }
 }
@@ -202,6 +315,53 @@ mod tests {
         assert_eq!(dir.path(), live);
         assert!(!dead.exists(), "a dead master's directory is removed");
         assert!(other.exists(), "unrelated directories stay");
+    }
+
+    #[test]
+    fn a_locked_directory_of_our_name_is_left_to_its_master() {
+        // Another pid namespace's master with our pid, alive: we take the next name.
+        let base = tempfile::tempdir().unwrap();
+        let taken = base
+            .path()
+            .join(format!("supervisor-{}", std::process::id()));
+        std::fs::create_dir(&taken).unwrap();
+        let _held = Flock::lock(
+            File::create(taken.join(LOCK_FILE)).unwrap(),
+            FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
+        let dir = RuntimeDir::create(base.path().to_str().unwrap()).unwrap();
+        assert_eq!(
+            dir.path(),
+            base.path()
+                .join(format!("supervisor-{}-1", std::process::id()))
+        );
+        assert!(taken.join(LOCK_FILE).exists());
+        // Ours is locked in turn: a second master leaves it alone too.
+        let again = RuntimeDir::create(base.path().to_str().unwrap()).unwrap();
+        assert!(dir.path().exists());
+        assert_eq!(
+            again.path(),
+            base.path()
+                .join(format!("supervisor-{}-2", std::process::id()))
+        );
+        drop(dir);
+        drop(again);
+        assert!(taken.exists());
+    }
+
+    #[test]
+    fn runtime_directory_names() {
+        assert_eq!(runtime_dir_pid("supervisor-12"), Some(12));
+        assert_eq!(runtime_dir_pid("supervisor-12-3"), Some(12));
+        for other in [
+            "supervisor-12-",
+            "supervisor-12-x",
+            "supervisor-x",
+            "supervisor-ab.sock",
+        ] {
+            assert_eq!(runtime_dir_pid(other), None, "{other}");
+        }
     }
 
     fn nobody() -> Credentials {

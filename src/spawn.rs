@@ -5,18 +5,19 @@
 //! its logging state and any lock another thread happened to hold; exec gives the worker a clean
 //! process image, so the worker is an ordinary single-purpose program.
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
+use nix::fcntl::{FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::unistd::Pid;
 use worker::config::Config;
 
 use crate::sys;
-
-/// Environment variable carrying the resolved config (JSON) from master to worker.
-pub const CONFIG_ENV: &str = "SUPERVISOR_WORKER_CONFIG";
 
 /// Variables systemd sets for the service's main process only.
 const SYSTEMD_ENV: [&str; 6] = [
@@ -42,7 +43,8 @@ pub struct SpawnRequest<'a> {
     pub scoreboard: &'a OwnedFd,
     /// The per-client rate table.
     pub rates: &'a OwnedFd,
-    pub config_json: &'a str,
+    /// The resolved configuration, from `config_fd`.
+    pub config: &'a OwnedFd,
     /// Requests after which the worker asks to be recycled (0: never).
     pub max_requests: u64,
     /// Start held: ready but not accepting until SIGUSR2.
@@ -81,6 +83,8 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
         .arg(req.scoreboard.as_raw_fd().to_string())
         .arg("--rates-fd")
         .arg(req.rates.as_raw_fd().to_string())
+        .arg("--config-fd")
+        .arg(req.config.as_raw_fd().to_string())
         .arg("--max-requests")
         .arg(req.max_requests.to_string())
         .arg("--runtime-dir")
@@ -91,7 +95,7 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
     for fd in req.listen_fds {
         cmd.arg("--listen-fd").arg(fd.to_string());
     }
-    cmd.env(CONFIG_ENV, req.config_json).stdin(Stdio::null());
+    cmd.stdin(Stdio::null());
     // systemd's variables are the master's: a worker (or its app) that saw them could send
     // READY=1 for the service or take fds 3.. for sockets passed to the master.
     for var in SYSTEMD_ENV {
@@ -102,6 +106,7 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
     inherit.push(ready_write.as_raw_fd());
     inherit.push(req.scoreboard.as_raw_fd());
     inherit.push(req.rates.as_raw_fd());
+    inherit.push(req.config.as_raw_fd());
     sys::prepare_worker_exec(&mut cmd, inherit, master_pid);
 
     let child = cmd.spawn().context("cannot start a worker process")?;
@@ -113,7 +118,68 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
     })
 }
 
-/// Serializes the config for `SpawnRequest::config_json`.
-pub fn config_json(config: &Config) -> String {
-    serde_json::to_string(config).expect("the config always serializes")
+/// The resolved config for `SpawnRequest::config`: JSON in a memfd sealed against any change,
+/// made once per configuration and inherited by every worker, which reads it at offset 0.
+///
+/// Not an environment variable (as it was): exec limits one string to 128 KiB (20,000
+/// `server.forwarded_allow_ips` made every worker start fail), and a worker's and its app's
+/// `/proc/PID/environ` would show the Redis password to anyone who may read them.
+pub fn config_fd(config: &Config) -> Result<OwnedFd> {
+    let json = serde_json::to_vec(config).expect("the config always serializes");
+    let fd = memfd_create(
+        c"supervisor-config",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .context("cannot create the memfd for the workers' configuration")?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(&json)
+        .context("cannot write the workers' configuration")?;
+    nix::fcntl::fcntl(
+        &file,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SEAL
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_WRITE,
+        ),
+    )
+    .context("cannot seal the workers' configuration")?;
+    Ok(file.into())
+}
+
+/// Reads the config a worker inherited as `config_fd` (the worker side of `config_fd`): at
+/// offset 0, whatever the shared file offset.
+pub fn read_config(fd: OwnedFd) -> Result<Config> {
+    let file = std::fs::File::from(fd);
+    let len = file
+        .metadata()
+        .context("cannot stat the configuration")?
+        .len();
+    let mut json = vec![0; usize::try_from(len).context("configuration too large")?];
+    file.read_exact_at(&mut json, 0)
+        .context("cannot read the configuration")?;
+    serde_json::from_slice(&json).context("bad worker config")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_goes_through_a_sealed_memfd_and_reads_back_at_any_offset() {
+        let mut config = Config::default();
+        config.server.forwarded_allow_ips = (0..20_000)
+            .map(|i| format!("10.{}.{}.1", i / 256, i % 256))
+            .collect();
+        let fd = config_fd(&config).unwrap();
+        let mut file = std::fs::File::from(fd.try_clone().unwrap());
+        // Another worker's read moved the shared offset.
+        std::io::Read::read(&mut file, &mut [0; 100]).unwrap();
+        assert!(file.write_all(b"x").is_err(), "sealed against writes");
+        let back = read_config(fd).unwrap();
+        assert_eq!(
+            back.server.forwarded_allow_ips,
+            config.server.forwarded_allow_ips
+        );
+    }
 }

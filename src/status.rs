@@ -118,6 +118,17 @@ pub struct WorkerStatus {
     /// `accept` failures for want of resources (the fd limit, socket buffers, memory).
     #[serde(default)]
     pub accept_errors: u64,
+    /// Requests in a row its app (or upstream) did not answer (502s); 0 after an answer.
+    #[serde(default)]
+    pub app_502_streak: u32,
+    /// False while its app answers nothing but 502s (the last
+    /// `APP_UNHEALTHY_AFTER_502S` requests or more).
+    #[serde(default = "yes")]
+    pub app_healthy: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Opens the scoreboard of master `pid` (read-only).
@@ -260,6 +271,8 @@ fn read_workers(board: &Scoreboard, now: u64) -> Vec<WorkerStatus> {
             app_pid: s.app_pid.load(Ordering::Relaxed),
             app_restarts: s.app_restarts.load(Ordering::Relaxed),
             accept_errors: s.accept_errors.load(Ordering::Relaxed),
+            app_502_streak: s.app_502_streak.load(Ordering::Relaxed),
+            app_healthy: s.app_healthy(),
         })
         .collect()
 }
@@ -337,6 +350,18 @@ pub fn print(status: &Status, json: bool) {
             r.capacity,
             r.evictions,
             r.limited
+        );
+    }
+    let unhealthy: Vec<String> = status
+        .workers
+        .iter()
+        .filter(|w| !w.app_healthy)
+        .map(|w| format!("{} ({} in a row)", w.worker_id, w.app_502_streak))
+        .collect();
+    if !unhealthy.is_empty() {
+        outln!(
+            "app unhealthy (answers only 502s) behind worker {}",
+            unhealthy.join(", ")
         );
     }
     outln!(

@@ -52,6 +52,20 @@ impl Master {
         let requests = control.on_events(ready);
         for (id, request) in requests {
             let hold = matches!(request, Request::Stop { .. });
+            if matches!(request, Request::Reload) {
+                info!("control: reload requested");
+                // Answered once the new workers start or fail (see `PendingReload`).
+                if let Some(r) = self.reload_for(id) {
+                    let reply = match r {
+                        Ok(m) => Reply::ok(m),
+                        Err(e) => Reply::err(e),
+                    };
+                    if let Some(control) = self.control.as_mut() {
+                        control.answer(id, &reply, false);
+                    }
+                }
+                continue;
+            }
             let reply = self.execute(request);
             if let Some(control) = self.control.as_mut() {
                 control.answer(id, &reply, hold && reply.ok);
@@ -71,10 +85,8 @@ impl Master {
                 reply.status = Some(self.status());
                 reply
             }
-            Request::Reload => {
-                info!("control: reload requested");
-                outcome(self.reload())
-            }
+            // Answered in `on_control` once the outcome is known; here only if called directly.
+            Request::Reload => outcome(self.reload()),
             Request::Stop { fast } => self.stop_requested(fast),
             Request::Scale { workers } => {
                 let mut reply = outcome(self.scale(workers));

@@ -45,7 +45,7 @@ fn exe_of(pid: u32) -> String {
 }
 
 /// The pid in the "started the new master" line, for the `nth` upgrade (0-based).
-fn new_master(server: &Server, nth: usize) -> u32 {
+pub(crate) fn new_master(server: &Server, nth: usize) -> u32 {
     eventually(Duration::from_secs(20), "the new master's pid", || {
         let lines = server.log.lines();
         let line = lines
@@ -57,7 +57,7 @@ fn new_master(server: &Server, nth: usize) -> u32 {
 }
 
 /// Copies the test binary into `dir` and starts it there with a config file.
-fn start_copy(dir: tempfile::TempDir, conf: &str) -> (Server, std::path::PathBuf) {
+pub(crate) fn start_copy(dir: tempfile::TempDir, conf: &str) -> (Server, std::path::PathBuf) {
     let bin = dir.path().join("supervisor");
     std::fs::copy(BIN, &bin).unwrap();
     let conf = write_file(dir.path(), "s.toml", conf);

@@ -37,7 +37,10 @@ impl AppUnix {
     pub(crate) async fn connect(path: &Path) -> io::Result<AppUnix> {
         // tokio's connect waits for a connect that is in progress; then the socket leaves
         // tokio's registration for ours.
-        let stream = tokio::net::UnixStream::connect(path).await?.into_std()?;
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .inspect_err(crate::child::connect_failed)?
+            .into_std()?;
         Ok(AppUnix {
             socket: register(stream, Interest::READABLE)?,
             waiting_write: None,

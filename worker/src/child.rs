@@ -4,6 +4,11 @@
 //! Owns the app's process group and its lifecycle; the `proxy` module only asks for its health
 //! (to wait for it, or fail fast while it crash-loops) and for a kill (`app.kill_on_timeout`).
 //!
+//! An app whose socket file is gone (removed by someone else: another supervisor sweeping its
+//! runtime directory, a tmp cleaner) or refuses connections while it runs can never be reached
+//! again: connects that fail so wake the supervising task (`connect_failed`), which checks the
+//! socket and restarts the app, saying why.
+//!
 //! The app runs in its own process group, so that a stop reaches whatever it forked (an app
 //! server with its own workers) and the terminal's Ctrl-C reaches the worker, which decides.
 //! It gets `PR_SET_PDEATHSIG(SIGKILL)`: if its worker dies, even by `kill -9`, the kernel kills
@@ -39,6 +44,46 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// After this many failures in a row, requests stop waiting for the app and fail at once.
 const FAILING_AFTER: u32 = 3;
+
+/// Woken when a connect to a Unix socket found no socket file or no listener on it (see
+/// `connect_failed`). Only waiters are woken, so that the connects that fail while the app
+/// starts (it does not listen yet) leave nothing behind.
+static CONNECT_FAILED: Notify = Notify::const_new();
+
+/// Called by every failed connect to a Unix socket: not found or refused wakes the app's
+/// supervising task, which checks its socket (a cheap no-op for anything else).
+pub(crate) fn connect_failed(e: &io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+    ) {
+        CONNECT_FAILED.notify_waiters();
+    }
+}
+
+/// Why the app at `address` cannot be reached while it runs, if it cannot: its socket file is
+/// gone, or nothing listens on it. (A connect that does not finish in time, a full backlog, is
+/// not a reason.)
+async fn unreachable(address: &Upstream) -> Option<String> {
+    let Upstream::Unix(path) = address else {
+        return None;
+    };
+    let connect = tokio::net::UnixStream::connect(path);
+    match tokio::time::timeout(Duration::from_millis(100), connect)
+        .await
+        .ok()?
+    {
+        Ok(_) => None,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Some(format!("its socket {} is gone", path.display()))
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Some(format!(
+            "nothing listens on its socket {} any more",
+            path.display()
+        )),
+        Err(_) => None,
+    }
+}
 
 /// Everything needed to start the app, placeholders already replaced.
 #[derive(Clone, Debug)]
@@ -295,19 +340,29 @@ async fn run_once(
         let _ = boot.send(Ok(()));
     }
 
-    tokio::select! {
-        status = child.wait() => {
-            // Whatever it forked goes with it, so that the restart starts clean.
-            kill_group(pid, Signal::SIGKILL);
-            let status = describe(status);
-            error!(app.pid = pid, status = %status, "the app exited; its requests in flight get 502");
-            // Not `Ready` any more; `supervise` says what it is now.
-            health.send_replace(Health::Starting);
-            End::Exited(format!("exited ({status})"))
-        }
-        _ = shared.stop.notified() => {
-            stop_child(&mut child, pid, shared.grace()).await;
-            End::Stopped
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                // Whatever it forked goes with it, so that the restart starts clean.
+                kill_group(pid, Signal::SIGKILL);
+                let status = describe(status);
+                error!(app.pid = pid, status = %status, "the app exited; its requests in flight get 502");
+                // Not `Ready` any more; `supervise` says what it is now.
+                health.send_replace(Health::Starting);
+                return End::Exited(format!("exited ({status})"));
+            }
+            _ = CONNECT_FAILED.notified() => {
+                let Some(why) = unreachable(&launch.address).await else { continue };
+                error!(app.pid = pid, "the app cannot be reached: {why}; restarting it");
+                health.send_replace(Health::Starting);
+                kill_group(pid, Signal::SIGKILL);
+                let _ = child.wait().await;
+                return End::Exited(why);
+            }
+            _ = shared.stop.notified() => {
+                stop_child(&mut child, pid, shared.grace()).await;
+                return End::Stopped;
+            }
         }
     }
 }

@@ -265,7 +265,10 @@ impl Proxy {
         *req.headers_mut() = headers;
 
         let mut res = match self.client.request(req).await {
-            Ok(res) => res,
+            Ok(res) => {
+                worker.admission.slot().app_answered();
+                res
+            }
             Err(e) if caused_by_body_limit(&e) => {
                 return too_large(self.max_body_bytes);
             }
@@ -275,6 +278,7 @@ impl Proxy {
                     return client_body_failed(fault);
                 }
                 let why = error_chain(&e);
+                worker.admission.slot().app_failed();
                 self.warn_bad_gateway(&why);
                 return bad_gateway(format!("the app did not answer: {why}"));
             }

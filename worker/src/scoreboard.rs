@@ -19,7 +19,7 @@ use std::time::Duration;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
-const MAGIC: u64 = 0x5355_5056_5342_0004; // "SUPVSB" + layout version 4
+const MAGIC: u64 = 0x5355_5056_5342_0005; // "SUPVSB" + layout version 5
 
 /// Name of the memfd, visible in `/proc/PID/fd` as `/memfd:supervisor-scoreboard (deleted)`;
 /// `supervisor status` finds the master's scoreboard by it.
@@ -124,6 +124,9 @@ pub struct Slot {
     pub app_restarts: AtomicU32,
     /// `accept` failures for want of resources (fds, socket buffers, memory).
     pub accept_errors: AtomicU64,
+    /// Requests in a row that the app (or upstream) did not answer (502s); 0 after any answer
+    /// from it. See [`Slot::app_healthy`].
+    pub app_502_streak: AtomicU32,
     /// Requests answered, by status class: `[1xx, 2xx, 3xx, 4xx, 5xx]` (metrics).
     pub status_classes: [AtomicU64; 5],
     /// Requests answered, by duration: one counter per bucket of [`LATENCY_BUCKETS_US`], the
@@ -197,7 +200,29 @@ impl RecycleReason {
     }
 }
 
+/// After this many 502s in a row, a worker's app counts as unhealthy (`status`, metrics).
+pub const APP_UNHEALTHY_AFTER_502S: u32 = 3;
+
 impl Slot {
+    /// The app answered a request (any status of its own).
+    #[inline]
+    pub fn app_answered(&self) {
+        // Read first: the common case writes nothing.
+        if self.app_502_streak.load(Ordering::Relaxed) != 0 {
+            self.app_502_streak.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The app did not answer a request (a 502).
+    pub fn app_failed(&self) {
+        self.app_502_streak.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// False while the app's last `APP_UNHEALTHY_AFTER_502S` requests or more were all 502s.
+    pub fn app_healthy(&self) -> bool {
+        self.app_502_streak.load(Ordering::Relaxed) < APP_UNHEALTHY_AFTER_502S
+    }
+
     pub fn state(&self) -> SlotState {
         SlotState::from_u32(self.state.load(Ordering::Acquire))
     }
@@ -481,6 +506,7 @@ impl Scoreboard {
         slot.app_pid.store(0, Ordering::Relaxed);
         slot.app_restarts.store(0, Ordering::Relaxed);
         slot.accept_errors.store(0, Ordering::Relaxed);
+        slot.app_502_streak.store(0, Ordering::Relaxed);
         for c in slot.status_classes.iter().chain(&slot.latency_buckets) {
             c.store(0, Ordering::Relaxed);
         }
