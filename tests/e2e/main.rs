@@ -11,6 +11,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod privileges;
+mod proxy_faults;
 mod queue;
 mod ratelimit;
 mod recycling;

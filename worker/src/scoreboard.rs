@@ -19,7 +19,7 @@ use std::time::Duration;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
-const MAGIC: u64 = 0x5355_5056_5342_0004; // "SUPVSB" + layout version 4
+const MAGIC: u64 = 0x5355_5056_5342_0005; // "SUPVSB" + layout version 5
 
 /// Name of the memfd, visible in `/proc/PID/fd` as `/memfd:supervisor-scoreboard (deleted)`;
 /// `supervisor status` finds the master's scoreboard by it.
@@ -131,6 +131,9 @@ pub struct Slot {
     pub latency_sum_us: AtomicU64,
     /// Requests answered 429 because the client's rate (`limits.rate`) was spent.
     pub rate_limited: AtomicU64,
+    /// Requests whose client left before its response was sent (logged 499); the app still
+    /// finished them, with their permits held.
+    pub client_gone: AtomicU64,
     /// Time this worker spent with Redis degraded, in ms, up to its last recovery.
     pub redis_degraded_ms: AtomicU64,
     /// When the current degraded period began (coarse CLOCK_MONOTONIC ms); 0 when not degraded.
@@ -483,6 +486,7 @@ impl Scoreboard {
         }
         slot.latency_sum_us.store(0, Ordering::Relaxed);
         slot.rate_limited.store(0, Ordering::Relaxed);
+        slot.client_gone.store(0, Ordering::Relaxed);
         slot.redis_degraded_ms.store(0, Ordering::Relaxed);
         slot.redis_degraded_since_ms.store(0, Ordering::Relaxed);
         for e in &slot.current {
