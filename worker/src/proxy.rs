@@ -532,7 +532,7 @@ async fn tunnel(client: OnUpgrade, app: OnUpgrade, idle: Duration) {
         io: TokioIo::new(app),
         last: &last,
     };
-    let idle_ms = idle.as_millis() as u64;
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
     let copy = tokio::io::copy_bidirectional(&mut client, &mut app);
     let mut copy = std::pin::pin!(copy);
     loop {
@@ -605,11 +605,20 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<'_, T> 
 /// drops it when the client leaves), the rest runs on in a task of its own with the request's
 /// permits, until the app has answered; the answer is then discarded (see `Body::discard`).
 /// Only a request whose client leaves pays for the task.
-pub(crate) struct Exchange(Option<Pin<Box<dyn Future<Output = Response<Body>> + Send>>>);
+pub(crate) struct Exchange {
+    answer: Option<Pin<Box<dyn Future<Output = Response<Body>> + Send>>>,
+    worker: &'static Worker,
+}
 
 impl Exchange {
-    pub(crate) fn new(answer: Pin<Box<dyn Future<Output = Response<Body>> + Send>>) -> Exchange {
-        Exchange(Some(answer))
+    pub(crate) fn new(
+        worker: &'static Worker,
+        answer: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
+    ) -> Exchange {
+        Exchange {
+            answer: Some(answer),
+            worker,
+        }
     }
 }
 
@@ -618,21 +627,27 @@ impl Future for Exchange {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
         let this = self.get_mut();
-        let answer = this.0.as_mut().expect("polled after completion");
+        let answer = this.answer.as_mut().expect("polled after completion");
         let res = std::task::ready!(answer.as_mut().poll(cx));
-        this.0 = None;
+        this.answer = None;
         Poll::Ready(res)
     }
 }
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        let Some(rest) = self.0.take() else {
+        let Some(rest) = self.answer.take() else {
             return;
         };
         // Outside a runtime (it is shutting down) there is nothing left to finish it on.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { rest.await.into_body().discard().await });
+            // A draining worker waits for it (up to `server.graceful_timeout`) like for a
+            // connection: its permits are the app's work.
+            let hold = self.worker.drain_watch.get().map(|tx| tx.subscribe());
+            runtime.spawn(async move {
+                rest.await.into_body().discard().await;
+                drop(hold);
+            });
         }
     }
 }

@@ -403,9 +403,8 @@ fn serve(
     if let Some(proxy) = worker.proxy.get() {
         let client = guard.activity().connection();
         let answer = proxy.forward(worker, &mut head, body, peer, client);
-        return Handled::Proxied(crate::proxy::Exchange::new(Box::pin(later(
-            worker, head, answer, guard,
-        ))));
+        let answer = Box::pin(later(worker, head, answer, guard));
+        return Handled::Proxied(crate::proxy::Exchange::new(worker, answer));
     }
     match catch_unwind(AssertUnwindSafe(|| app::call(worker, &head, body))) {
         Ok(Ok(app::Reply::Now(res))) => Handled::now(finish(res, guard)),

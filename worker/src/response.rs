@@ -121,9 +121,14 @@ impl Drop for Body {
                 (self.guard.take(), tokio::runtime::Handle::try_current())
             {
                 let kind = std::mem::replace(&mut self.kind, Kind::Full(None));
+                // A draining worker waits for it (up to `server.graceful_timeout`).
+                let hold = guard.worker().drain_watch.get().map(|tx| tx.subscribe());
                 // What is spawned has no `Drop` of its own: a runtime that is shutting down
                 // drops it unpolled without spawning again.
-                runtime.spawn(discard(kind, guard));
+                runtime.spawn(async move {
+                    discard(kind, guard).await;
+                    drop(hold);
+                });
             }
         }
     }
