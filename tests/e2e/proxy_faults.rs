@@ -6,7 +6,7 @@ use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::util::{eventually, read_response, Response, Server};
+use crate::util::{eventually, field, read_response, Response, Server};
 
 const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");
 const APPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps");
@@ -76,7 +76,7 @@ fn a_client_that_leaves_keeps_its_permits_until_the_app_is_done() {
         ],
         &[],
     );
-    let inflight = clients_leave(&s, 3000);
+    let inflight = clients_leave(&s, 5000);
     assert!(
         inflight >= 1,
         "the request its client left is still in flight while the app works on it"
@@ -101,13 +101,21 @@ fn a_client_that_leaves_keeps_its_permits_until_the_app_is_done() {
     assert_eq!(r.status, 200, "{}", r.text());
     // A client that left is logged 499.
     s.log
-        .wait_for(WAIT, |l| l.contains("GET /sleep?ms=3000 HTTP/1.1\" 499 "))
+        .wait_for(WAIT, |l| l.contains("GET /sleep?ms=5000 HTTP/1.1\" 499 "))
         .expect("an access log line with 499");
 }
 
 #[test]
 fn a_client_that_leaves_mid_response_keeps_its_permits_until_the_app_has_sent_it() {
-    let s = start_app(&["--set", "log.access=true"], &[]);
+    let s = start_app(
+        &[
+            "--set",
+            "log.access=true",
+            "--set",
+            "metrics.bind=127.0.0.1:0",
+        ],
+        &[],
+    );
     let mut c = TcpStream::connect(s.addr).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();
     // 30 bytes, one every 100 ms: 3 s of the app's work.
@@ -131,6 +139,18 @@ fn a_client_that_leaves_mid_response_keeps_its_permits_until_the_app_has_sent_it
             l.contains("GET /drip?n=30&ms=100 HTTP/1.1\" 499 ")
         })
         .expect("an access log line with 499");
+    // And counted.
+    let line = s
+        .log
+        .wait_for(WAIT, |l| l.contains("metrics: serving /metrics"))
+        .expect("the metrics line");
+    let metrics = field(&line, "addr").unwrap().parse().unwrap();
+    eventually(WAIT, "the client counted as gone", || {
+        let text = crate::util::get(metrics, "/metrics").text();
+        text.lines()
+            .any(|l| l == "supervisor_requests_client_gone_total 1")
+            .then_some(())
+    });
 }
 
 #[test]
