@@ -366,6 +366,29 @@ const RULES: &[Rule] = &[
         check: |_| Ok(()),
     },
     Rule {
+        key: "app.upgrades",
+        allowed: "an array of Upgrade protocol names (tokens, like \"websocket\"), not \"h2c\"",
+        check: |c| {
+            for p in &c.app.upgrades {
+                let token = !p.is_empty()
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                if !token {
+                    return Err(format!("{p:?} is not a protocol name"));
+                }
+                if p.eq_ignore_ascii_case("h2c") {
+                    return Err("h2c upgrades are never forwarded".to_string());
+                }
+            }
+            Ok(())
+        },
+    },
+    Rule {
+        key: "app.upgrade_idle_timeout",
+        allowed: DURATION_GT_0,
+        check: |c| positive(c.app.upgrade_idle_timeout),
+    },
+    Rule {
         key: "limits.max_concurrent_requests",
         allowed: INTEGER_GE_1,
         check: |c| within(c.limits.max_concurrent_requests, 1..=u32::MAX),
@@ -1277,7 +1300,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 63);
+        assert_eq!(known.len(), 65);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),
@@ -1934,6 +1957,18 @@ mod tests {
                 &["\"0s\""],
                 &["\"1ms\""],
                 DURATION_GT_0,
+            ),
+            (
+                "app.upgrade_idle_timeout",
+                &["\"0s\""],
+                &["\"1ms\""],
+                DURATION_GT_0,
+            ),
+            (
+                "app.upgrades",
+                &["[\"h2c\"]", "[\"websocket\", \"H2C\"]", "[\"\"]", "[\"web socket\"]"],
+                &["[]", "[\"websocket\", \"TLS\"]"],
+                "an array of Upgrade protocol names (tokens, like \"websocket\"), not \"h2c\"",
             ),
             (
                 "worker.keepalive_timeout",

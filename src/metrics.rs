@@ -80,6 +80,7 @@ struct Counters {
     buckets: [u64; BUCKETS],
     latency_sum_us: u64,
     rate_limited: u64,
+    client_gone: u64,
     rejected_local: u64,
     queue_full: u64,
     queue_timeouts: u64,
@@ -102,6 +103,7 @@ impl Counters {
         }
         self.latency_sum_us += load(&slot.latency_sum_us);
         self.rate_limited += load(&slot.rate_limited);
+        self.client_gone += load(&slot.client_gone);
         self.rejected_local += load(&slot.rejected_local);
         self.queue_full += load(&slot.queue_full);
         self.queue_timeouts += load(&slot.queue_timeouts);
@@ -449,6 +451,12 @@ impl Collector for Snapshot {
             "supervisor_accept_errors",
             "Failed accepts for want of resources (the fd limit, socket buffers, memory)",
             &[(&[], counter(c.accept_errors))],
+        )?;
+        family(
+            &mut e,
+            "supervisor_requests_client_gone",
+            "Requests whose client left before the response was sent (logged 499); the app finished them with their permits held",
+            &[(&[], counter(c.client_gone))],
         )?;
 
         by_label(

@@ -9,16 +9,25 @@ one thread per connection. Routes:
   POST /consume          reads the whole body (Content-Length or chunked), then answers
   GET  /download?mb=N    N MiB of bytes, streamed
   GET  /sleep?ms=N       waits, then answers
-  GET  /stats            {"max_concurrent_sleeps": N}: most /sleep requests in progress at once
+  GET  /stats            {"max_concurrent_sleeps": N, "sleeps": M}: most /sleep requests in
+                         progress at once, and how many the app started
   GET  /truncated        promises 100 bytes, sends 10, closes the connection
   GET  /both-lengths     Content-Length: 50 and Transfer-Encoding: chunked, body "ok" (chunked)
   GET  /exit             the process exits at once (status 3), no answer
   GET  /leak?mb=N        keeps N MiB more, touched, for the rest of its life
   GET  /ws               WebSocket: echoes every text or binary message
+  GET  /boom             500, then 20 ms later closes the connection without having said so (no
+                         Connection: close), as uvicorn does after an exception once the response
+                         has gone out
+  POST /count            reads the body, answers how many POST /count requests it has seen
+                         (?close=1: closes the connection instead of answering)
+  GET  /count            that number, without counting
+  GET  /drip?n=N&ms=M    N one-byte chunks (chunked), one every M ms
 
 Options: --ignore-term (SIGTERM is ignored), --fail-start (prints a line and exits 3),
 --ready-delay-ms N (waits before listening), --die-after-ms N (exits N ms after listening,
-every time it is started: a crash loop).
+every time it is started: a crash loop), --single-thread (one connection at a time, as a
+sync server with one thread: others wait in the listen backlog; backlog of 8).
 """
 
 import argparse
@@ -37,8 +46,9 @@ from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 LEAKED = []
-BUSY = {"now": 0, "max": 0}
+BUSY = {"now": 0, "max": 0, "total": 0}
 BUSY_LOCK = threading.Lock()
+POSTS = {"count": 0}
 WORKER = os.environ.get("SUPERVISOR_WORKER_ID", "?")
 CHUNK = 64 * 1024
 
@@ -85,6 +95,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/sleep":
             with BUSY_LOCK:
                 BUSY["now"] += 1
+                BUSY["total"] += 1
                 BUSY["max"] = max(BUSY["max"], BUSY["now"])
             time.sleep(self.query("ms") / 1000)
             with BUSY_LOCK:
@@ -105,7 +116,8 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"2\r\nok\r\n0\r\n\r\n")
         elif path == "/stats":
-            self.reply(200, json.dumps({"max_concurrent_sleeps": BUSY["max"]}).encode(),
+            self.reply(200, json.dumps({"max_concurrent_sleeps": BUSY["max"],
+                                        "sleeps": BUSY["total"]}).encode(),
                        "application/json")
         elif path == "/exit":
             print("exiting on request", flush=True)
@@ -118,12 +130,42 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, f"holding {sum(len(b) for b in LEAKED) // (1024 * 1024)} MiB".encode())
         elif path == "/ws":
             self.websocket()
+        elif path == "/boom":
+            self.reply(500, b"boom")
+            self.wfile.flush()
+            # Closes a moment later, as uvicorn does once it has logged the exception: a
+            # request sent on the connection meanwhile is never read.
+            time.sleep(0.02)
+            self.close_connection = True
+        elif path == "/count":
+            self.reply(200, str(POSTS["count"]).encode())
+        elif path == "/drip":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for _ in range(self.query("n")):
+                    self.wfile.write(b"1\r\nx\r\n")
+                    self.wfile.flush()
+                    time.sleep(self.query("ms") / 1000)
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                self.close_connection = True
         else:
             self.reply(404, b"not found")
 
     def do_POST(self):
         if urlsplit(self.path).path == "/consume":
             self.consume()
+            return
+        if urlsplit(self.path).path == "/count":
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            with BUSY_LOCK:
+                POSTS["count"] += 1
+            if self.query("close"):
+                self.close_connection = True
+                return
+            self.reply(200, str(POSTS["count"]).encode())
             return
         if urlsplit(self.path).path != "/echo":
             self.reply(404, b"not found")
@@ -206,6 +248,15 @@ class TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
 
 
+class SingleUnixServer(socketserver.UnixStreamServer):
+    request_queue_size = 8
+
+
+class SingleTcpServer(socketserver.TCPServer):
+    allow_reuse_address = True
+    request_queue_size = 8
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--uds")
@@ -214,6 +265,7 @@ def main():
     ap.add_argument("--fail-start", action="store_true")
     ap.add_argument("--ready-delay-ms", type=int, default=0)
     ap.add_argument("--die-after-ms", type=int, default=0)
+    ap.add_argument("--single-thread", action="store_true")
     args = ap.parse_args()
     if args.fail_start:
         print("stdlib_app: cannot start: configuration missing (on purpose)", file=sys.stderr,
@@ -225,11 +277,12 @@ def main():
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     time.sleep(args.ready_delay_ms / 1000)
     if args.uds:
-        server = UnixServer(args.uds, Handler)
+        server = (SingleUnixServer if args.single_thread else UnixServer)(args.uds, Handler)
         where = f"unix:{args.uds}"
     else:
         # --port 0: the kernel picks a free port, and the line below says which.
-        server = TcpServer(("127.0.0.1", args.port), Handler)
+        server = (SingleTcpServer if args.single_thread else TcpServer)(("127.0.0.1", args.port),
+                                                                        Handler)
         where = f"127.0.0.1:{server.server_address[1]}"
     print(f"stdlib_app worker {WORKER} pid {os.getpid()} listening on {where}", flush=True)
     if args.die_after_ms:

@@ -13,6 +13,7 @@ mod limits;
 mod metrics;
 mod papercuts;
 mod privileges;
+mod proxy_faults;
 mod queue;
 mod ratelimit;
 mod recycling;

@@ -390,6 +390,12 @@ pub struct AppConfig {
     /// Kill and restart the app process when one of its requests passes
     /// `worker.request_timeout`.
     pub kill_on_timeout: bool,
+    /// The `Upgrade` protocols passed to the app (lower case, names without versions); others
+    /// are removed and the request goes on as a plain one. `h2c` never passes.
+    pub upgrades: Vec<String>,
+    /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub upgrade_idle_timeout: Duration,
 }
 
 impl Default for AppConfig {
@@ -401,6 +407,8 @@ impl Default for AppConfig {
             concurrency: 0,
             buffer_requests: false,
             kill_on_timeout: false,
+            upgrades: vec!["websocket".to_string()],
+            upgrade_idle_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -2,7 +2,9 @@
 //! part in a graceful drain.
 //!
 //! Owns the per-connection task and the bookkeeping it needs (requests in flight on this
-//! connection, when it went idle, whether the client sent bytes since). It must not make
+//! connection, when it went idle, whether the client sent bytes since, whether it has ended),
+//! and runs the tunnel of an upgraded connection (which `proxy` builds) in that same task, so
+//! that a WebSocket stays a counted, drained connection. It must not make
 //! per-request decisions (that is `request`) nor accept sockets (that is `server`).
 //!
 //! # Timeouts: why this module runs its own, and hyper's are off
@@ -80,7 +82,15 @@ pub(crate) struct Activity {
     unclaimed: AtomicU32,
     /// When (coarse clock) a streamed body was last asked for its next frame.
     last_claim_ms: AtomicU64,
+    /// The connection has ended (its client is gone), for the requests that outlive it.
+    closed: AtomicBool,
+    /// An upgraded connection's tunnel (`proxy`), run by this connection's task once hyper
+    /// hands the socket over, so that it stays counted and drained like the connection.
+    tunnel: std::sync::Mutex<Option<Tunnel>>,
 }
+
+/// The copy loop of an upgraded connection.
+pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 const NOT_BLOCKED: u64 = u64::MAX;
 
@@ -119,6 +129,8 @@ impl Activity {
             write_blocked_ms: AtomicU64::new(NOT_BLOCKED),
             unclaimed: AtomicU32::new(0),
             last_claim_ms: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            tunnel: std::sync::Mutex::new(None),
         }
     }
 
@@ -227,7 +239,37 @@ impl Activity {
 /// One request in flight on a connection.
 pub(crate) struct ActivityGuard(Arc<Activity>);
 
+/// A request's view of its connection, which it may outlive (a proxied request whose client
+/// left goes on until the app is done).
+pub(crate) struct ClientConnection(Arc<Activity>);
+
+impl ClientConnection {
+    /// The client's connection has ended.
+    pub(crate) fn gone(&self) -> bool {
+        self.0.closed.load(Ordering::Relaxed)
+    }
+
+    /// Hands the connection's task the tunnel to run once the upgrade completes; `Err` gives
+    /// it back if the connection cannot take it (HTTP/2, or one is already set).
+    pub(crate) fn set_tunnel(&self, tunnel: Tunnel) -> Result<(), Tunnel> {
+        if self.0.http2.load(Ordering::Relaxed) {
+            return Err(tunnel);
+        }
+        let mut slot = self.0.tunnel.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return Err(tunnel);
+        }
+        *slot = Some(tunnel);
+        Ok(())
+    }
+}
+
 impl ActivityGuard {
+    /// The request's connection, for work that may outlive the request's place on it.
+    pub(crate) fn connection(&self) -> ClientConnection {
+        ClientConnection(Arc::clone(&self.0))
+    }
+
     /// Records that the connection speaks HTTP/2 (a drain can then send GOAWAY at once).
     pub(crate) fn set_http2(&self) {
         self.0.http2.store(true, Ordering::Relaxed);
@@ -459,6 +501,17 @@ pub(crate) async fn serve(
             "the client read nothing of the response for worker.client_timeout; connection cut"
         ),
         None => debug!("no complete request head within worker.header_timeout; connection cut"),
+    }
+    activity.closed.store(true, Ordering::Relaxed);
+    // An upgrade (WebSocket): the socket is the tunnel's now; the connection stays counted
+    // (`guard`, under worker.max_connections) and holds the drain until it ends.
+    let tunnel = activity
+        .tunnel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(tunnel) = tunnel {
+        tunnel.await;
     }
     drop(guard);
 }

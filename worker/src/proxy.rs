@@ -3,9 +3,15 @@
 //!
 //! Owns the connection pool to the app (hyper-util's pooled client over a Unix socket or TCP),
 //! what changes in a request and its response on the way (hop-by-hop headers, the
-//! `X-Forwarded-*` headers), `app.concurrency`, `app.buffer_requests`, WebSocket and other
-//! upgrades, and the 502/503 answers when the app cannot answer. Bodies stream both ways; the
+//! `X-Forwarded-*` headers), `app.concurrency`, `app.buffer_requests`, upgrades (`app.upgrades`,
+//! the tunnel and its idle timeout), the one retry on a new connection when a pooled one turns
+//! out dead, and the 502/503 answers when the app cannot answer. Bodies stream both ways; the
 //! request pipeline (`request`) still owns admission, the request timeout and the permits.
+//!
+//! A request to the app outlives its client: `Exchange` (the answer still on its way) and
+//! `response::Body` (the app's body still streaming) hand what is left to a task of its own when
+//! hyper drops them early, so the permits are held until the app is done with the request. Only
+//! a request whose client leaves pays for that task.
 
 use std::future::Future;
 use std::io;
@@ -25,7 +31,7 @@ use hyper::header::{
 };
 use hyper::http::request::Parts;
 use hyper::upgrade::OnUpgrade;
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -36,7 +42,8 @@ use crate::appconn::AppStream;
 use crate::child::AppProcess;
 use crate::client_body::{ClientBody, ClientBodyError};
 use crate::config::{AppConfig, Trusted, Upstream};
-use crate::response::{text, Body};
+use crate::connection::ClientConnection;
+use crate::response::{text, Body, BoxError};
 use crate::scoreboard::coarse_monotonic_ms;
 use crate::server::Worker;
 
@@ -46,11 +53,12 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 const HTTP: HeaderValue = HeaderValue::from_static("http");
 
 /// Headers that describe one hop and never pass through (RFC 9110 7.6.1), plus the non-standard
-/// ones that clients still send.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// ones that clients still send, and h2c's `HTTP2-Settings` (RFC 7540 3.2.1: connection-specific).
+const HOP_BY_HOP: [HeaderName; 10] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -60,6 +68,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     TRAILER,
     TRANSFER_ENCODING,
     UPGRADE,
+    HTTP2_SETTINGS,
 ];
 
 /// How long an idle pooled connection to the app is kept. Shorter than the idle timeout of
@@ -86,6 +95,13 @@ pub(crate) struct Proxy {
     trusted: Trusted,
     /// The app process (`app.command`); `None` for `app.upstream`.
     app: Option<AppProcess>,
+    /// Where requests go, for a connection outside the pool (the retry of a request that met
+    /// a pooled connection the app had closed).
+    upstream: Arc<Upstream>,
+    /// `app.upgrades`, in lower case.
+    upgrades: Vec<String>,
+    /// `app.upgrade_idle_timeout`.
+    upgrade_idle: Duration,
     /// For messages: where requests go.
     target: String,
     /// When a 502 was last logged (coarse ms), and how many went unlogged since: an app or
@@ -108,12 +124,13 @@ impl Proxy {
         app: Option<AppProcess>,
     ) -> Proxy {
         let described = target.to_string();
+        let upstream = Arc::new(target);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .pool_timer(TokioTimer::new())
             // The Host header is the client's, set below; the URI's authority is a pool key.
             .set_host(false)
-            .build(Connector(Arc::new(target)));
+            .build(Connector(Arc::clone(&upstream)));
         Proxy {
             client,
             concurrency: (config.concurrency > 0)
@@ -124,6 +141,13 @@ impl Proxy {
             max_body: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
             trusted,
             app,
+            upstream,
+            upgrades: config
+                .upgrades
+                .iter()
+                .map(|p| p.to_ascii_lowercase())
+                .collect(),
+            upgrade_idle: config.upgrade_idle_timeout,
             target: described,
             last_502_log_ms: AtomicU64::new(0),
             unlogged_502: AtomicU64::new(0),
@@ -168,16 +192,21 @@ impl Proxy {
         head: &mut Parts,
         body: Incoming,
         peer: Option<IpAddr>,
+        client: ClientConnection,
     ) -> impl Future<Output = Response<Body>> + Send + 'static {
         let mut headers = std::mem::take(&mut head.headers);
         // RFC 9112 3.2: more than one Host is a 400: the app and whatever looked at the first
         // one could each take another for the request's host.
         let two_hosts = headers.get_all(HOST).iter().nth(1).is_some();
-        let upgrade = is_upgrade(&headers).then(|| head.extensions.remove::<OnUpgrade>());
-        let upgrade_to = upgrade
-            .is_some()
-            .then(|| headers.get(UPGRADE).cloned())
+        // Only HTTP/1.1 upgrades, to the protocols `app.upgrades` allows: any other `Upgrade`
+        // goes with the hop-by-hop headers and the request is a plain one (RFC 9110 7.8 lets a
+        // server ignore it). h2c never passes: a tunnel past every limit to an app that takes it.
+        let upgrade_to = (head.version == Version::HTTP_11 && is_upgrade(&headers))
+            .then(|| self.allowed_upgrade(&headers))
             .flatten();
+        let upgrade = upgrade_to
+            .is_some()
+            .then(|| head.extensions.remove::<OnUpgrade>());
         strip_hop_by_hop(&mut headers);
         if let Some(protocol) = upgrade_to {
             headers.insert(UPGRADE, protocol);
@@ -217,11 +246,47 @@ impl Proxy {
                 Ok(uri) => uri,
                 Err(e) => return bad_gateway(format!("cannot pass on the request target: {e}")),
             };
-            self.send(worker, method, uri, headers, body, upgrade.flatten())
-                .await
+            self.send(
+                worker,
+                method,
+                uri,
+                headers,
+                body,
+                upgrade.flatten(),
+                client,
+            )
+            .await
         }
     }
 
+    /// The protocols of the request's `Upgrade` that `app.upgrades` allows, as the header to
+    /// pass on; `None` if there are none.
+    fn allowed_upgrade(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+        let offered = headers.get(UPGRADE)?.to_str().ok()?;
+        let mut allowed = String::new();
+        for protocol in offered.split(',').map(str::trim) {
+            let name = protocol.split('/').next().unwrap_or("").trim();
+            if name.eq_ignore_ascii_case("h2c")
+                || !self.upgrades.iter().any(|u| name.eq_ignore_ascii_case(u))
+            {
+                continue;
+            }
+            if !allowed.is_empty() {
+                allowed.push_str(", ");
+            }
+            allowed.push_str(protocol);
+        }
+        if allowed.is_empty() {
+            debug!(
+                upgrade = offered,
+                "Upgrade not in app.upgrades; passed on as a plain request"
+            );
+            return None;
+        }
+        HeaderValue::from_str(&allowed).ok()
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn send(
         &'static self,
         worker: &'static Worker,
@@ -230,6 +295,7 @@ impl Proxy {
         headers: HeaderMap,
         body: Incoming,
         client_upgrade: Option<OnUpgrade>,
+        client: ClientConnection,
     ) -> Response<Body> {
         if let Some(app) = &self.app {
             if let Err(why) = app.ready().await {
@@ -244,11 +310,23 @@ impl Proxy {
             },
             None => None,
         };
+        // The client left while the request waited for the app: nothing to send it for.
+        if client.gone() {
+            return text(
+                StatusCode::from_u16(crate::request::CLIENT_GONE).expect("a valid status"),
+                Bytes::new(),
+            );
+        }
+        // No body, or one read whole: the request can be sent again if the pooled connection
+        // it went out on turns out dead (below). A streamed body cannot.
+        let empty = hyper::body::Body::is_end_stream(&body);
         let body = ClientBody::new(
             Limited::new(body, self.max_body),
             worker.limits.client_timeout(),
         );
-        let body = if self.buffer_requests {
+        let body = if empty {
+            Either::Right(Full::new(Bytes::new()))
+        } else if self.buffer_requests {
             match body.collect().await {
                 Ok(collected) => Either::Right(Full::new(collected.to_bytes())),
                 Err(e) if caused_by_body_limit(&e) => return too_large(self.max_body_bytes),
@@ -258,26 +336,45 @@ impl Proxy {
             // A body without Content-Length (chunked) is cut off at the limit as it streams.
             Either::Left(body)
         };
-        let mut req = Request::new(body);
-        *req.method_mut() = method;
-        *req.uri_mut() = uri;
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = headers;
+        let replay = match &body {
+            Either::Right(full) if empty || method.is_idempotent() => {
+                Some((method.clone(), uri.clone(), headers.clone(), full.clone()))
+            }
+            _ => None,
+        };
+        let req = outgoing(method, uri, headers, body);
 
-        let mut res = match self.client.request(req).await {
+        let sent: Result<Response<Incoming>, BoxError> = match self.client.request(req).await {
+            Ok(res) => Ok(res),
+            Err(e) => match replay {
+                Some((method, uri, headers, body)) if dead_connection(&e) => {
+                    // A pooled connection the app had closed (uvicorn closes after an
+                    // exception once its 500 is out, without saying so): once more, on a
+                    // connection of its own.
+                    debug!(
+                        error = %error_chain(&e),
+                        "the app's pooled connection was dead; sending again on a new one"
+                    );
+                    self.send_fresh(outgoing(method, uri, headers, Either::Right(body)))
+                        .await
+                }
+                _ => Err(Box::new(e)),
+            },
+        };
+        let mut res = match sent {
             Ok(res) => {
                 worker.admission.slot().app_answered();
                 res
             }
-            Err(e) if caused_by_body_limit(&e) => {
+            Err(e) if caused_by_body_limit(&*e) => {
                 return too_large(self.max_body_bytes);
             }
             Err(e) => {
                 // The client's side of the body failed (it broke off or stalled): not the app.
-                if let Some(fault) = find_cause::<ClientBodyError>(&e) {
+                if let Some(fault) = find_cause::<ClientBodyError>(&*e) {
                     return client_body_failed(fault);
                 }
-                let why = error_chain(&e);
+                let why = error_chain(&*e);
                 worker.admission.slot().app_failed();
                 self.warn_bad_gateway(&why);
                 return bad_gateway(format!("the app did not answer: {why}"));
@@ -285,12 +382,19 @@ impl Proxy {
         };
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             match client_upgrade {
-                Some(client) => {
+                Some(upgraded) => {
                     let app = hyper::upgrade::on(&mut res);
-                    // The tunnel holds a drain receiver: a draining worker waits for open
-                    // tunnels (WebSockets) up to `server.graceful_timeout` before it exits.
-                    let hold = worker.drain_watch.get().map(|tx| tx.subscribe());
-                    tokio::spawn(tunnel(client, app, hold));
+                    // The client's connection runs the tunnel once hyper hands it over: it
+                    // stays counted under worker.max_connections, and a draining worker waits
+                    // for it up to `server.graceful_timeout` before it exits.
+                    let copy = Box::pin(tunnel(upgraded, app, self.upgrade_idle));
+                    if let Err(copy) = client.set_tunnel(copy) {
+                        let hold = worker.drain_watch.get().map(|tx| tx.subscribe());
+                        tokio::spawn(async move {
+                            copy.await;
+                            drop(hold);
+                        });
+                    }
                     // Upgrade and Connection belong to this 101: they stay.
                     let (parts, _) = res.into_parts();
                     return Response::from_parts(parts, Body::empty());
@@ -320,6 +424,24 @@ impl Proxy {
             };
         }
         Response::from_parts(parts, Body::proxied(body, permit))
+    }
+
+    /// Sends `req` on a new connection of its own, outside the pool (closed after its
+    /// response).
+    async fn send_fresh(&self, mut req: Request<Outgoing>) -> Result<Response<Incoming>, BoxError> {
+        // On a connection of its own the target is origin-form.
+        if let Some(pq) = req.uri().path_and_query().cloned() {
+            *req.uri_mut() = Uri::from(pq);
+        }
+        let stream = AppStream::connect(&self.upstream).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Outgoing>(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "connection to the app (retry) ended with an error");
+            }
+        });
+        Ok(sender.send_request(req).await?)
     }
 
     /// `X-Forwarded-For`, `-Proto`, `-Host`: passed on from a trusted peer (the peer appended to
@@ -395,12 +517,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Copies bytes both ways between an upgraded client connection and the app's.
-async fn tunnel(
-    client: OnUpgrade,
-    app: OnUpgrade,
-    _hold: Option<tokio::sync::watch::Receiver<bool>>,
-) {
+/// Copies bytes both ways between an upgraded client connection and the app's, until either
+/// side closes or no byte has passed either way for `idle` (`app.upgrade_idle_timeout`).
+async fn tunnel(client: OnUpgrade, app: OnUpgrade, idle: Duration) {
     let (client, app) = match tokio::try_join!(client, app) {
         Ok(both) => both,
         Err(e) => {
@@ -408,15 +527,164 @@ async fn tunnel(
             return;
         }
     };
-    let (mut client, mut app) = (TokioIo::new(client), TokioIo::new(app));
-    match tokio::io::copy_bidirectional(&mut client, &mut app).await {
-        Ok((up, down)) => debug!(
-            bytes.up = up,
-            bytes.down = down,
-            "upgraded connection closed"
-        ),
-        Err(e) => debug!(error = %e, "upgraded connection ended with an error"),
+    let last = AtomicU64::new(coarse_monotonic_ms());
+    let mut client = Watched {
+        io: TokioIo::new(client),
+        last: &last,
+    };
+    let mut app = Watched {
+        io: TokioIo::new(app),
+        last: &last,
+    };
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut app);
+    let mut copy = std::pin::pin!(copy);
+    loop {
+        let quiet = coarse_monotonic_ms().saturating_sub(last.load(Ordering::Relaxed));
+        if quiet >= idle_ms {
+            debug!(
+                app.upgrade_idle_timeout = ?idle,
+                "upgraded connection idle; closed"
+            );
+            return;
+        }
+        tokio::select! {
+            done = &mut copy => {
+                match done {
+                    Ok((up, down)) => debug!(
+                        bytes.up = up,
+                        bytes.down = down,
+                        "upgraded connection closed"
+                    ),
+                    Err(e) => debug!(error = %e, "upgraded connection ended with an error"),
+                }
+                return;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(idle_ms - quiet)) => {}
+        }
     }
+}
+
+/// One side of a tunnel, noting when it last received bytes.
+struct Watched<'a, T> {
+    io: T,
+    last: &'a AtomicU64,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last.store(coarse_monotonic_ms(), Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// A proxied request's answer, which outlives its client: dropped before it completes (hyper
+/// drops it when the client leaves), the rest runs on in a task of its own with the request's
+/// permits, until the app has answered; the answer is then discarded (see `Body::discard`).
+/// Only a request whose client leaves pays for the task.
+pub(crate) struct Exchange {
+    answer: Option<Pin<Box<dyn Future<Output = Response<Body>> + Send>>>,
+    worker: &'static Worker,
+}
+
+impl Exchange {
+    pub(crate) fn new(
+        worker: &'static Worker,
+        answer: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
+    ) -> Exchange {
+        Exchange {
+            answer: Some(answer),
+            worker,
+        }
+    }
+}
+
+impl Future for Exchange {
+    type Output = Response<Body>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        let this = self.get_mut();
+        let answer = this.answer.as_mut().expect("polled after completion");
+        let res = std::task::ready!(answer.as_mut().poll(cx));
+        this.answer = None;
+        Poll::Ready(res)
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let Some(rest) = self.answer.take() else {
+            return;
+        };
+        // Outside a runtime (it is shutting down) there is nothing left to finish it on.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // A draining worker waits for it (up to `server.graceful_timeout`) like for a
+            // connection: its permits are the app's work.
+            let hold = self.worker.drain_watch.get().map(|tx| tx.subscribe());
+            runtime.spawn(async move {
+                rest.await.into_body().discard().await;
+                drop(hold);
+            });
+        }
+    }
+}
+
+/// The request as it goes to the app.
+fn outgoing(method: Method, uri: Uri, headers: HeaderMap, body: Outgoing) -> Request<Outgoing> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// Whether sending failed on a connection that the app had closed or reset, before any byte of
+/// a response: hyper's "connection closed before message completed", a reset or a broken pipe
+/// (not a failed connect: a new connection would meet the same).
+fn dead_connection(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    if find_cause::<hyper::Error>(e).is_some_and(|h| h.is_incomplete_message() || h.is_canceled()) {
+        return true;
+    }
+    find_cause::<io::Error>(e).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::UnexpectedEof
+        )
+    })
 }
 
 /// The error and its causes, on one line.

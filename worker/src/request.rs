@@ -40,7 +40,9 @@ use crate::server::Worker;
 
 /// Everything one request holds while it is served. It travels inside the response body, so it
 /// lives until hyper has finished sending the response or has given up on it (client gone); if
-/// no response is produced (the connection dropped mid-handler), it dies with the handler.
+/// no response is produced (the connection dropped mid-handler), it dies with the handler. A
+/// request to the app is the exception: whatever the client does, it lives until the app has
+/// finished with the request (`proxy::Exchange`, `Body::discard`), and then counts as 499.
 pub(crate) struct RequestGuard {
     worker: &'static Worker,
     /// HTTP/1.x: a draining worker ends the connection after this response.
@@ -65,7 +67,26 @@ impl RequestGuard {
     pub(crate) fn activity(&self) -> &ActivityGuard {
         &self._activity
     }
+
+    pub(crate) fn worker(&self) -> &'static Worker {
+        self.worker
+    }
+
+    /// The client left before its response was sent: the request is logged and counted as
+    /// 499 (nginx's "client closed request") when it ends, which is when the app is done.
+    pub(crate) fn client_gone(&mut self) {
+        debug!("the client left; its request is finished with the app before the permits go");
+        self.status = CLIENT_GONE;
+        self.worker
+            .admission
+            .slot()
+            .client_gone
+            .fetch_add(1, Ordering::Relaxed);
+    }
 }
+
+/// The status logged and counted for a request whose client left before its response went out.
+pub(crate) const CLIENT_GONE: u16 = 499;
 
 /// What an admitted request holds until it is answered, fails or is abandoned: its permits and
 /// its entry in the scoreboard's list of requests in flight.
@@ -161,6 +182,8 @@ fn tell_master(worker: &'static Worker, done: u64, message: u8) {
 pub(crate) enum Handled {
     Ready(Option<Response<Body>>),
     Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+    /// A request to the app, which goes on if the client leaves (see `proxy::Exchange`).
+    Proxied(crate::proxy::Exchange),
 }
 
 impl Handled {
@@ -176,6 +199,7 @@ impl Future for Handled {
         match self.get_mut() {
             Handled::Ready(res) => Poll::Ready(Ok(res.take().expect("polled after completion"))),
             Handled::Later(fut) => fut.as_mut().poll(cx).map(Ok),
+            Handled::Proxied(exchange) => Pin::new(exchange).poll(cx).map(Ok),
         }
     }
 }
@@ -377,8 +401,10 @@ fn serve(
 ) -> Handled {
     let (mut head, body) = req.into_parts();
     if let Some(proxy) = worker.proxy.get() {
-        let answer = proxy.forward(worker, &mut head, body, peer);
-        return Handled::Later(Box::pin(later(worker, head, answer, guard)));
+        let client = guard.activity().connection();
+        let answer = proxy.forward(worker, &mut head, body, peer, client);
+        let answer = Box::pin(later(worker, head, answer, guard));
+        return Handled::Proxied(crate::proxy::Exchange::new(worker, answer));
     }
     match catch_unwind(AssertUnwindSafe(|| app::call(worker, &head, body))) {
         Ok(Ok(app::Reply::Now(res))) => Handled::now(finish(res, guard)),

@@ -1,9 +1,10 @@
 //! Response bodies and the worker's own responses.
 //!
-//! Owns the one body type every response uses (a static/full body or the streamed, size-limited
-//! request body of `/echo`), which also carries the request's guard so that permits live exactly
-//! as long as the response; and the precomputed pieces of the responses the worker writes itself
-//! (`X-Worker-Id`, 413/503/504 bodies). Nothing here allocates on the hot path: values are built
+//! Owns the one body type every response uses (a static/full body, the streamed, size-limited
+//! request body of `/echo`, or the app's body), which also carries the request's guard so that
+//! permits live exactly as long as the response (the app's body, if the client leaves first, as
+//! long as the app still sends it: `Body::discard`); and the precomputed pieces of the responses
+//! the worker writes itself (`X-Worker-Id`, 413/503/504 bodies). Nothing here allocates on the hot path: values are built
 //! once at start. It must not decide *when* to answer what; `request` does.
 
 use std::error::Error as StdError;
@@ -111,6 +112,68 @@ impl Body {
 impl Drop for Body {
     fn drop(&mut self) {
         self.frame_out(false);
+        // hyper gave up on the app's response before its end: the client is gone. The app is
+        // still sending it, so the rest is read (and discarded) before the permits go back.
+        let unfinished = matches!(&self.kind, Kind::Proxied { body, .. }
+            if !hyper::body::Body::is_end_stream(body));
+        if unfinished {
+            if let (Some(guard), Ok(runtime)) =
+                (self.guard.take(), tokio::runtime::Handle::try_current())
+            {
+                let kind = std::mem::replace(&mut self.kind, Kind::Full(None));
+                // A draining worker waits for it (up to `server.graceful_timeout`).
+                let hold = guard.worker().drain_watch.get().map(|tx| tx.subscribe());
+                // What is spawned has no `Drop` of its own: a runtime that is shutting down
+                // drops it unpolled without spawning again.
+                runtime.spawn(async move {
+                    discard(kind, guard).await;
+                    drop(hold);
+                });
+            }
+        }
+    }
+}
+
+impl Body {
+    /// The response of a request whose client left (see `discard`).
+    pub(crate) fn discard(mut self) -> impl std::future::Future<Output = ()> + Send {
+        let kind = std::mem::replace(&mut self.kind, Kind::Full(None));
+        let guard = self.guard.take();
+        async move {
+            if let Some(guard) = guard {
+                discard(kind, guard).await;
+            }
+        }
+    }
+}
+
+/// The response of a request whose client left: the request is counted and logged as 499, and
+/// the rest of the app's response is read and discarded, within `worker.request_timeout` (past
+/// it, `app.kill_on_timeout` applies), so that the request keeps its permits (the guard's, and
+/// the `app.concurrency` one in `kind`) until the app has finished with it.
+async fn discard(mut kind: Kind, mut guard: RequestGuard) {
+    guard.client_gone();
+    let worker = guard.worker();
+    if let Kind::Proxied { body, .. } = &mut kind {
+        let read = async {
+            while let Some(frame) = http_body_util::BodyExt::frame(body).await {
+                if frame.is_err() {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(worker.limits.request_timeout, read)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the app was still sending the response of a client that left after \
+                 worker.request_timeout; connection to the app dropped"
+            );
+            if let Some(proxy) = worker.proxy.get() {
+                proxy.timed_out();
+            }
+        }
     }
 }
 

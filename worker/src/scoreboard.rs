@@ -136,6 +136,9 @@ pub struct Slot {
     pub latency_sum_us: AtomicU64,
     /// Requests answered 429 because the client's rate (`limits.rate`) was spent.
     pub rate_limited: AtomicU64,
+    /// Requests whose client left before its response was sent (logged 499); the app still
+    /// finished them, with their permits held.
+    pub client_gone: AtomicU64,
     /// Time this worker spent with Redis degraded, in ms, up to its last recovery.
     pub redis_degraded_ms: AtomicU64,
     /// When the current degraded period began (coarse CLOCK_MONOTONIC ms); 0 when not degraded.
@@ -512,6 +515,7 @@ impl Scoreboard {
         }
         slot.latency_sum_us.store(0, Ordering::Relaxed);
         slot.rate_limited.store(0, Ordering::Relaxed);
+        slot.client_gone.store(0, Ordering::Relaxed);
         slot.redis_degraded_ms.store(0, Ordering::Relaxed);
         slot.redis_degraded_since_ms.store(0, Ordering::Relaxed);
         for e in &slot.current {
