@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod control;
 mod docs;
+mod edge;
 mod examples;
 mod lifecycle;
 mod limits;
