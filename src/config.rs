@@ -123,6 +123,7 @@ struct Rule {
 
 const DURATION_GT_0: &str = "a duration > 0, like \"30s\", \"2m\" or \"1500ms\"";
 const INTEGER_GE_1: &str = "an integer 1..=4294967295";
+const DATA_RATE: &str = "bytes per second, like 240, \"240B/s\" or \"1KiB/s\" (0: no minimum)";
 
 const RULES: &[Rule] = &[
     Rule {
@@ -239,6 +240,27 @@ const RULES: &[Rule] = &[
         key: "worker.client_timeout",
         allowed: DURATION_GT_0,
         check: |c| positive(c.worker.client_timeout),
+    },
+    Rule {
+        key: "worker.min_request_rate",
+        allowed: DATA_RATE,
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "worker.min_response_rate",
+        allowed: DATA_RATE,
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "worker.min_rate_grace",
+        // Zero would judge a body on its first wait, before any byte could come.
+        allowed: "a duration 100ms..=1h, like \"5s\"",
+        check: |c| {
+            within(
+                c.worker.min_rate_grace,
+                Duration::from_millis(100)..=Duration::from_secs(3600),
+            )
+        },
     },
     Rule {
         key: "worker.max_header_bytes",
@@ -1258,7 +1280,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 63);
+        assert_eq!(known.len(), 66);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),
@@ -1873,6 +1895,18 @@ mod tests {
                 &["\"0s\""],
                 &["\"1ms\""],
                 DURATION_GT_0,
+            ),
+            (
+                "worker.min_request_rate",
+                &["-1"],
+                &["0", "\"240B/s\"", "\"1KiB/s\"", "100"],
+                DATA_RATE,
+            ),
+            (
+                "worker.min_rate_grace",
+                &["\"0s\"", "\"2h\""],
+                &["\"100ms\"", "\"1h\""],
+                "a duration 100ms..=1h, like \"5s\"",
             ),
             (
                 "worker.keepalive_timeout",

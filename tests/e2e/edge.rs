@@ -4,9 +4,11 @@
 
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::util::{read_response, Response, Server};
+use crate::util::{assert_cut, eventually, read_response, Response, Server};
+
+const WAIT: Duration = Duration::from_secs(20);
 
 const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");
 
@@ -63,4 +65,120 @@ fn half_closed_clients_are_answered_by_the_builtin_app() {
 fn half_closed_clients_are_answered_through_the_proxy() {
     let s = start_app(&[]);
     all_half_closed_answered(&s, "/");
+}
+
+/// The minimum rates in these tests: 100 bytes/s after 1 s for bodies, 1 MiB/s after 1 s for
+/// responses, with the host-wide cap at 1 so that a held permit shows.
+const RATES: [&str; 8] = [
+    "--set",
+    "worker.min_request_rate=100",
+    "--set",
+    "worker.min_rate_grace=1s",
+    "--set",
+    "limits.max_concurrent_requests=1",
+    "--set",
+    "worker.min_response_rate=1MiB/s",
+];
+
+/// Sends the head of `POST path` with a 1000-byte body, then the body a byte every 200 ms
+/// (5 bytes/s, far below 100 bytes/s) until the server stops it or 60 bytes (12 s) have gone:
+/// returns the response (or the error that ended it) and how long it took.
+fn trickle(addr: SocketAddr, path: &str) -> (std::io::Result<Response>, Duration) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = Instant::now();
+    s.write_all(
+        format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for _ in 0..60 {
+            if w.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let res = read_response(&mut BufReader::new(s));
+    let took = started.elapsed();
+    // The writer ends at its next write once the connection is gone (or after its 60 bytes).
+    drop(writer);
+    (res, took)
+}
+
+/// Waits until a request holds the one permit, and checks that another is refused meanwhile.
+fn wait_cap_held(s: &Server) {
+    eventually(WAIT, "a request holding the cap", || {
+        (s.status()["global_inflight"] == 1).then_some(())
+    });
+    assert_eq!(s.get("/").status, 503, "the cap is held");
+}
+
+#[test]
+fn a_trickled_body_through_the_proxy_gets_408_and_frees_the_cap() {
+    let s = start_app(&RATES);
+    let addr = s.addr;
+    let slow = std::thread::spawn(move || trickle(addr, "/consume"));
+    wait_cap_held(&s);
+    let (res, took) = slow.join().unwrap();
+    let r = res.expect("an answer to the trickled body");
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert!(r.text().contains("worker.min_request_rate"), "{}", r.text());
+    // 1 s of grace, then the average (5 bytes/s) is far below 100 bytes/s.
+    assert!(took < Duration::from_secs(4), "cut after {took:?}");
+    // The permit came back: the next request is admitted.
+    assert_eq!(s.get("/").status, 200);
+}
+
+#[test]
+fn a_trickled_body_on_the_builtin_echo_is_cut_and_frees_the_cap() {
+    let s = start_builtin(&RATES);
+    let addr = s.addr;
+    let slow = std::thread::spawn(move || trickle(addr, "/echo"));
+    wait_cap_held(&s);
+    // /echo has sent its 200 head already: the connection is cut mid-body.
+    let (res, took) = slow.join().unwrap();
+    assert_cut(res, "a body below worker.min_request_rate");
+    assert!(took < Duration::from_secs(4), "cut after {took:?}");
+    assert_eq!(s.get("/").status, 200);
+}
+
+/// `GET path`, then reads the response 16 KiB every 50 ms (320 KiB/s, below the tests' 1 MiB/s)
+/// until the server cuts the connection or 20 s pass: how long until the cut, if there was one.
+fn slow_read(addr: SocketAddr, path: &str) -> Option<Duration> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut buf = vec![0; 16 * 1024];
+    while started.elapsed() < Duration::from_secs(20) {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) | Err(_) => return Some(started.elapsed()),
+            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    None
+}
+
+#[test]
+fn a_slow_reader_of_a_large_response_is_cut_and_frees_the_cap() {
+    let s = start_app(&RATES);
+    let addr = s.addr;
+    let slow = std::thread::spawn(move || slow_read(addr, "/download?mb=256"));
+    wait_cap_held(&s);
+    let took = slow.join().unwrap();
+    let took = took.expect("the slow reader was not cut within 20 s");
+    // 1 s of grace, then 320 KiB/s is below 1 MiB/s (client_timeout is 30 s). The cut is a
+    // reset: the megabytes still in the kernel's buffers are not sent on at the client's pace.
+    assert!(took < Duration::from_secs(4), "cut after {took:?}");
+    assert!(
+        s.log
+            .text()
+            .contains("slower than worker.min_response_rate"),
+        "{}",
+        s.log.text()
+    );
+    assert_eq!(s.get("/").status, 200);
 }

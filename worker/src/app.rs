@@ -96,7 +96,7 @@ pub(crate) fn call(
             let limit = usize::try_from(worker.limits.max_body_bytes).unwrap_or(usize::MAX);
             let mut res = Response::new(Body::stream(ClientBody::new(
                 Limited::new(body, limit),
-                worker.limits.client_timeout(),
+                worker.limits.body_timing(),
             )));
             res.headers_mut().insert(CONTENT_TYPE, content_type);
             res

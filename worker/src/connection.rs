@@ -29,7 +29,11 @@
 //! A third deadline, `client_timeout`, covers the client that stops reading: while a write to
 //! its socket is blocked (the socket's send buffer full) for that long, the connection is cut,
 //! which ends its requests and frees their permits. (A client that stops sending a body it
-//! announced is `client_body`'s.)
+//! announced is `client_body`'s.) The same timer enforces `min_response_rate` (see
+//! `RateWindow`): a client that reads, but too slowly, is cut at the instant its average falls
+//! below the rate. Both cuts reset the connection, dropping what the kernel still holds for it.
+//! All of this costs a plain counter per write; the clock and the kernel are asked only while a
+//! write is blocked.
 //!
 //! The two idle timers never fight: the keep-alive timer hands over to the header timeout as
 //! soon as bytes arrive. Both count from the moment the connection went idle, so a head that
@@ -52,7 +56,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::listener::Stream;
+use crate::listener::{reset_on_close, unsent_bytes, Stream};
 use crate::request;
 use crate::scoreboard::{coarse_monotonic_ms, coarse_tick_ms};
 use crate::server::{ConnectionGuard, Worker};
@@ -80,6 +84,8 @@ pub(crate) struct Activity {
     unclaimed: AtomicU32,
     /// When (coarse clock) a streamed body was last asked for its next frame.
     last_claim_ms: AtomicU64,
+    /// Bytes written to the client's socket so far.
+    written: AtomicU64,
 }
 
 const NOT_BLOCKED: u64 = u64::MAX;
@@ -91,6 +97,50 @@ pub(crate) struct IdleLimits {
     pub(crate) header_ms: u64,
     /// `worker.client_timeout`: the longest a write to the client may stay blocked.
     pub(crate) client_ms: u64,
+    /// `worker.min_response_rate`, bytes per second (0: none), and `worker.min_rate_grace`.
+    pub(crate) min_response_rate: u64,
+    pub(crate) rate_grace_ms: u64,
+}
+
+/// `worker.min_response_rate` on one connection (as Kestrel's `MinResponseDataRate`): the
+/// bytes the client has taken, divided by the time since the worker's writes started waiting
+/// for it, must stay above the rate once `rate_grace_ms` has passed. Bytes count once the
+/// client's side has them (written minus what the kernel still holds, `unsent_bytes`), so the
+/// socket's send buffer, megabytes on a fast link, earns a slow reader no credit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RateWindow {
+    /// When the window opened: the start of a blocked write (ms after `opened`).
+    start_ms: u64,
+    /// Bytes the client had taken by then.
+    start_taken: u64,
+}
+
+impl IdleLimits {
+    /// The instant (ms after `opened`) by which a client that has taken `taken` bytes falls
+    /// below the minimum response rate in `window`.
+    fn rate_deadline(&self, window: RateWindow, taken: u64) -> u64 {
+        let earned = taken
+            .saturating_sub(window.start_taken)
+            .saturating_mul(1000)
+            / self.min_response_rate;
+        window
+            .start_ms
+            .saturating_add(earned.max(self.rate_grace_ms))
+    }
+
+    /// The window a write blocked at `blocked_ms` (the client having taken `taken`) counts
+    /// in: the current one, if the client has kept pace so far, or a new one. A client that
+    /// took everything before its deadline owes nothing for the time the worker had nothing to
+    /// send: that time is no wait for it.
+    fn window_at(&self, current: Option<RateWindow>, blocked_ms: u64, taken: u64) -> RateWindow {
+        match current {
+            Some(w) if blocked_ms < self.rate_deadline(w, taken) => w,
+            _ => RateWindow {
+                start_ms: blocked_ms,
+                start_taken: taken,
+            },
+        }
+    }
 }
 
 /// What the idle timer should do when it fires.
@@ -119,6 +169,7 @@ impl Activity {
             write_blocked_ms: AtomicU64::new(NOT_BLOCKED),
             unclaimed: AtomicU32::new(0),
             last_claim_ms: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         }
     }
 
@@ -131,8 +182,14 @@ impl Activity {
     }
 
     /// Notes how a write to the client went: blocked (from when, if it was not already), or
-    /// through. Only a blocked write reads the clock.
-    fn wrote<T>(&self, res: &Poll<io::Result<T>>) {
+    /// through (and how much). Only a blocked write reads the clock.
+    fn wrote(&self, res: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = res {
+            // One thread: a plain load and store, no locked instruction.
+            let written = self.written.load(Ordering::Relaxed);
+            self.written
+                .store(written.wrapping_add(*n as u64), Ordering::Relaxed);
+        }
         match res {
             Poll::Pending => {
                 if self.write_blocked_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
@@ -339,6 +396,7 @@ pub(crate) async fn serve(
 ) {
     let limits = worker.limits.idle;
     let activity = Arc::new(Activity::new(Instant::now()));
+    let fd = stream.raw_fd();
     let io = TokioIo::new(TrackedIo {
         stream,
         activity: Arc::clone(&activity),
@@ -374,6 +432,17 @@ pub(crate) async fn serve(
     let mut stall = pin!(tokio::time::sleep_until(activity.opened));
     let mut stall_deadline = NOT_BLOCKED;
     let mut stalled = false;
+    // `worker.min_response_rate`: the window the current blocked write counts in, the block it
+    // was last checked for, and the instant the client falls below the rate.
+    let rate_on = limits.min_response_rate > 0;
+    let mut window: Option<RateWindow> = None;
+    let mut window_block = NOT_BLOCKED;
+    let mut rate_deadline = NOT_BLOCKED;
+    let mut too_slow = false;
+    let taken = |activity: &Activity| {
+        let written = activity.written.load(Ordering::Relaxed);
+        written.saturating_sub(unsent_bytes(fd).unwrap_or(0))
+    };
 
     let result = poll_fn(|cx: &mut Context<'_>| 'poll: loop {
         if let Poll::Ready(res) = conn.as_mut().poll(cx) {
@@ -382,13 +451,33 @@ pub(crate) async fn serve(
         // Even during a shutdown: a client that reads nothing would hold it open for ever.
         let blocked = activity.write_blocked_ms.load(Ordering::Relaxed);
         if blocked != NOT_BLOCKED {
-            let deadline = blocked.saturating_add(limits.client_ms);
+            if rate_on && blocked != window_block {
+                window_block = blocked;
+                let taken = taken(&activity);
+                let w = limits.window_at(window, blocked, taken);
+                window = Some(w);
+                rate_deadline = limits.rate_deadline(w, taken);
+            }
+            let deadline = blocked.saturating_add(limits.client_ms).min(rate_deadline);
             if deadline != stall_deadline {
                 stall_deadline = deadline;
                 stall.as_mut().reset(activity.at(deadline));
             }
             if stall.as_mut().poll(cx).is_ready() {
+                if deadline == rate_deadline {
+                    // The client may have taken more since the deadline was set: judge on
+                    // what it has now.
+                    let w = window.expect("set with rate_deadline");
+                    rate_deadline = limits.rate_deadline(w, taken(&activity));
+                    if rate_deadline > activity.ms_since_open() {
+                        continue 'poll;
+                    }
+                    too_slow = true;
+                }
                 stalled = true;
+                // What the kernel still holds for this client would go on trickling to it
+                // for as long as it likes after the close: a reset drops it.
+                reset_on_close(fd);
                 return Poll::Ready(None);
             }
         }
@@ -454,6 +543,11 @@ pub(crate) async fn serve(
         Some(Ok(())) => debug!(shutdown = ?shutdown, "connection closed"),
         // Client resets, slow or abandoned heads, cancelled protocol detection: expected noise.
         Some(Err(e)) => debug!(shutdown = ?shutdown, error = %e, "connection ended with an error"),
+        None if too_slow => info!(
+            peer = ?peer,
+            bytes.written = activity.written.load(Ordering::Relaxed),
+            "the client took the response slower than worker.min_response_rate; connection cut"
+        ),
         None if stalled => info!(
             peer = ?peer,
             "the client read nothing of the response for worker.client_timeout; connection cut"
@@ -471,6 +565,8 @@ mod tests {
         keepalive_ms: 5_000,
         header_ms: 10_000,
         client_ms: 30_000,
+        min_response_rate: 0,
+        rate_grace_ms: 5_000,
     };
 
     #[test]
@@ -514,11 +610,49 @@ mod tests {
     }
 
     #[test]
+    fn the_response_rate_is_averaged_over_a_window_of_blocked_writes() {
+        let limits = IdleLimits {
+            min_response_rate: 1000,
+            rate_grace_ms: 5_000,
+            ..LIMITS
+        };
+        // A write blocks at 100 ms, the client having taken 50 000 bytes: a window opens.
+        let w = limits.window_at(None, 100, 50_000);
+        assert_eq!(
+            w,
+            RateWindow {
+                start_ms: 100,
+                start_taken: 50_000
+            }
+        );
+        // Nothing taken since: the grace, then the client is too slow.
+        assert_eq!(limits.rate_deadline(w, 50_000), 5_100);
+        // 1000 bytes/s earn a second each: 20 000 bytes taken, 20 s.
+        assert_eq!(limits.rate_deadline(w, 70_000), 20_100);
+        // Blocked again at 15 s with those 20 000 taken: still in pace, same window (its
+        // credit and debt carry on).
+        assert_eq!(limits.window_at(Some(w), 15_000, 70_000), w);
+        // Blocked again at 30 s: the client had taken everything by its deadline, and the time
+        // since was the worker's (nothing to send): a new window, with a new grace.
+        let w2 = limits.window_at(Some(w), 30_000, 70_000);
+        assert_eq!(
+            w2,
+            RateWindow {
+                start_ms: 30_000,
+                start_taken: 70_000
+            }
+        );
+        assert_eq!(limits.rate_deadline(w2, 70_000), 35_000);
+    }
+
+    #[test]
     fn http2_frames_between_requests_are_no_head() {
         let limits = IdleLimits {
             keepalive_ms: 300,
             header_ms: 1_500,
             client_ms: 30_000,
+            min_response_rate: 0,
+            rate_grace_ms: 5_000,
         };
         let a = Activity::new(Instant::now());
         a.http2.store(true, Ordering::Relaxed);
@@ -536,6 +670,8 @@ mod tests {
             keepalive_ms: 10_000,
             header_ms: 300,
             client_ms: 30_000,
+            min_response_rate: 0,
+            rate_grace_ms: 5_000,
         };
         let a = Activity::new(Instant::now());
         // Woken at the header deadline in case bytes arrived by then; none did: keep waiting.

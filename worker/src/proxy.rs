@@ -246,7 +246,7 @@ impl Proxy {
         };
         let body = ClientBody::new(
             Limited::new(body, self.max_body),
-            worker.limits.client_timeout(),
+            worker.limits.body_timing(),
         );
         let body = if self.buffer_requests {
             match body.collect().await {
