@@ -6,7 +6,7 @@ use std::io::{BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::util::{assert_cut, eventually, read_response, Response, Server};
+use crate::util::{assert_cut, eventually, exchange, read_response, Response, Server};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -181,4 +181,104 @@ fn a_slow_reader_of_a_large_response_is_cut_and_frees_the_cap() {
         s.log.text()
     );
     assert_eq!(s.get("/").status, 200);
+}
+
+/// What the server answers to `raw` (sent whole, then the response read).
+fn answer(s: &Server, raw: &str) -> (u16, String) {
+    let r = exchange(s.addr, raw.as_bytes()).unwrap_or_else(|e| panic!("{raw:?}: {e}"));
+    (r.status, r.text())
+}
+
+/// The malformed requests of RFC 9110/9112 that nginx refuses, and what each gets. `post` is a
+/// route that reads a request body.
+fn strict_edge_cases(post: &str) -> Vec<(String, u16)> {
+    vec![
+        // HTTP/1.1 without Host, and with two.
+        ("GET / HTTP/1.1\r\nConnection: close\r\n\r\n".into(), 400),
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n".into(),
+            400,
+        ),
+        // HTTP/1.0 may leave Host out.
+        ("GET / HTTP/1.0\r\n\r\n".into(), 200),
+        // Nothing here tunnels.
+        (
+            "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n".into(),
+            405,
+        ),
+        // A transfer coding other than chunked alone.
+        (
+            format!(
+                "POST {post} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\
+                 Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            ),
+            501,
+        ),
+        // A chunk size past 2^64: a 400, not a silent close.
+        (
+            format!(
+                "POST {post} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\
+                 Connection: close\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        // A malformed chunk size.
+        (
+            format!(
+                "POST {post} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\
+                 Connection: close\r\n\r\nZZ\r\nhello\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+    ]
+}
+
+fn assert_strict(s: &Server, post: &str) {
+    let mut wrong = Vec::new();
+    for (raw, want) in strict_edge_cases(post) {
+        match exchange(s.addr, raw.as_bytes()) {
+            Ok(r) if r.status == want => {}
+            Ok(r) => wrong.push(format!("{raw:?}: {} (want {want}) {}", r.status, r.text())),
+            Err(e) => wrong.push(format!("{raw:?}: {e} (want {want})")),
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn the_builtin_app_has_a_strict_edge() {
+    let s = start_builtin(&[]);
+    assert_strict(&s, "/echo");
+    // An absolute-form target is served (its authority is the host).
+    let (status, text) = answer(
+        &s,
+        "GET http://a.example/ HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!((status, text.as_str()), (200, "Hello, World!"));
+}
+
+#[test]
+fn the_proxy_has_a_strict_edge() {
+    let s = start_app(&[]);
+    assert_strict(&s, "/consume");
+    let headers = |raw: &str| -> serde_json::Value {
+        let (status, text) = answer(&s, raw);
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).unwrap()
+    };
+    // The absolute-form target's authority wins over Host, and is what the app sees.
+    let h = headers(
+        "GET http://a.example/headers HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(h["host"], "a.example", "{h}");
+    // Header names with underscores never reach the app (which could fold them into their
+    // dashed twins, past the forwarded headers the proxy sets).
+    let h = headers(
+        "GET /headers HTTP/1.1\r\nHost: t\r\nX_Forwarded_For: 6.6.6.6\r\nX-Real_IP: 6.6.6.6\r\n\
+         Content_Length: 5\r\nX-Kept: 1\r\nConnection: close\r\n\r\n",
+    );
+    let text = h.to_string();
+    assert!(!text.contains("6.6.6.6") && !text.contains('_'), "{h}");
+    assert_eq!(h["x-kept"], "1", "{h}");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{h}");
 }

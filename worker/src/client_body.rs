@@ -121,6 +121,8 @@ pub(crate) struct ClientBody<B> {
     /// Data bytes received so far, and the time spent waiting for them.
     received: u64,
     waited: Duration,
+    /// A frame read ahead by `first_frame`, handed out next.
+    ahead: Option<Frame<Bytes>>,
 }
 
 impl<B> ClientBody<B> {
@@ -133,6 +135,27 @@ impl<B> ClientBody<B> {
             rate_deadline: false,
             received: 0,
             waited: Duration::ZERO,
+            ahead: None,
+        }
+    }
+}
+
+impl<B> ClientBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Waits for the body's first frame (kept, and handed out first) or its end, so that a
+    /// body that is malformed or stalls from the start fails before the response has begun and
+    /// can still be answered with a status.
+    pub(crate) async fn first_frame(&mut self) -> Result<(), ClientBodyError> {
+        match std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await {
+            Some(Ok(frame)) => {
+                self.ahead = Some(frame);
+                Ok(())
+            }
+            Some(Err(e)) => Err(e),
+            None => Ok(()),
         }
     }
 }
@@ -150,6 +173,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         let this = self.get_mut();
+        if let Some(frame) = this.ahead.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 if let Some(since) = this.waiting.take() {
@@ -203,11 +229,19 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ahead.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        if let Some(data) = self.ahead.as_ref().and_then(Frame::data_ref) {
+            let n = data.len() as u64;
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper.saturating_add(n));
+            }
+            hint.set_lower(hint.lower().saturating_add(n));
+        }
+        hint
     }
 }
 

@@ -170,9 +170,6 @@ impl Proxy {
         peer: Option<IpAddr>,
     ) -> impl Future<Output = Response<Body>> + Send + 'static {
         let mut headers = std::mem::take(&mut head.headers);
-        // RFC 9112 3.2: more than one Host is a 400: the app and whatever looked at the first
-        // one could each take another for the request's host.
-        let two_hosts = headers.get_all(HOST).iter().nth(1).is_some();
         let upgrade = is_upgrade(&headers).then(|| head.extensions.remove::<OnUpgrade>());
         let upgrade_to = upgrade
             .is_some()
@@ -207,12 +204,6 @@ impl Proxy {
         let uri = Uri::from_parts(parts);
         let method = head.method.clone();
         async move {
-            if two_hosts {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    Bytes::from_static(b"more than one Host header\n"),
-                );
-            }
             let uri = match uri {
                 Ok(uri) => uri,
                 Err(e) => return bad_gateway(format!("cannot pass on the request target: {e}")),
