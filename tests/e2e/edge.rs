@@ -59,6 +59,45 @@ fn all_half_closed_answered(s: &Server, path: &str) {
 fn half_closed_clients_are_answered_by_the_builtin_app() {
     let s = start_builtin(&[]);
     all_half_closed_answered(&s, "/");
+    // One whose answer takes a while: still answered, and the connection then closes at
+    // once (no keep-alive wait for a client that said it sends no more).
+    for _ in 0..5 {
+        let mut c = TcpStream::connect(s.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET /sleep?ms=200 HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut r = BufReader::new(c);
+        assert_eq!(read_response(&mut r).unwrap().status, 200);
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// A client that resets its connection mid-request is gone: its request ends and its permit
+/// comes back at once (with `request_timeout` 120 s, nothing else could end it).
+#[test]
+fn a_client_that_resets_mid_request_frees_its_permit() {
+    let s = start_builtin(&["--set", "limits.max_concurrent_requests=1"]);
+    let c = TcpStream::connect(s.addr).unwrap();
+    (&c).write_all(b"GET /sleep?ms=60000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    wait_cap_held(&s);
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    eventually(WAIT, "the permit back", || {
+        (s.status()["global_inflight"] == 0).then_some(())
+    });
+    assert_eq!(s.get("/").status, 200);
 }
 
 #[test]

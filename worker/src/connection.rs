@@ -35,6 +35,10 @@
 //! All of this costs a plain counter per write; the clock and the kernel are asked only while a
 //! write is blocked.
 //!
+//! A client may close its sending side once its request is out (half-close, RFC 9112 9.6):
+//! the end of input is held back from hyper until the request is over, so it is answered; a
+//! client that is gone resets the connection, which ends its requests at once.
+//!
 //! The two idle timers never fight: the keep-alive timer hands over to the header timeout as
 //! soon as bytes arrive. Both count from the moment the connection went idle, so a head that
 //! starts arriving late has less than `header_timeout` to complete; configure
@@ -86,6 +90,10 @@ pub(crate) struct Activity {
     last_claim_ms: AtomicU64,
     /// Bytes written to the client's socket so far.
     written: AtomicU64,
+    /// The client closed its sending side mid-request (see `TrackedIo::poll_read`): the
+    /// connection's task, to wake when the last request ends so that hyper sees the end.
+    eof_held: AtomicBool,
+    eof_waker: std::sync::Mutex<Option<std::task::Waker>>,
 }
 
 const NOT_BLOCKED: u64 = u64::MAX;
@@ -170,6 +178,8 @@ impl Activity {
             unclaimed: AtomicU32::new(0),
             last_claim_ms: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            eof_held: AtomicBool::new(false),
+            eof_waker: std::sync::Mutex::new(None),
         }
     }
 
@@ -314,6 +324,11 @@ impl Drop for ActivityGuard {
         if finished == a.started.load(Ordering::Relaxed) {
             a.idle_since_ms.store(a.ended_ms(), Ordering::Relaxed);
             a.read_since_idle.store(false, Ordering::Relaxed);
+            if a.eof_held.swap(false, Ordering::Relaxed) {
+                if let Some(waker) = a.eof_waker.lock().ok().and_then(|mut w| w.take()) {
+                    waker.wake();
+                }
+            }
         }
     }
 }
@@ -335,6 +350,21 @@ impl AsyncRead for TrackedIo {
         let res = Pin::new(&mut this.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
             this.activity.read_since_idle.store(true, Ordering::Relaxed);
+        } else if matches!(res, Poll::Ready(Ok(()))) && buf.remaining() > 0 {
+            // End of input. With a request in flight on HTTP/1, that is a client that closed
+            // its sending side after its request (half-close, RFC 9112 9.6): it still waits
+            // for the answer, so hyper, which would take it for a client gone, is told nothing
+            // yet; it sees the end once the request is over. A client that is really gone
+            // resets the connection, an error that goes through. (hyper's own `half_close`
+            // stops reading altogether mid-request, so it would miss that reset too.)
+            let a = &this.activity;
+            if a.inflight() > 0 && !a.http2.load(Ordering::Relaxed) {
+                if let Ok(mut waker) = a.eof_waker.lock() {
+                    *waker = Some(cx.waker().clone());
+                }
+                a.eof_held.store(true, Ordering::Relaxed);
+                return Poll::Pending;
+            }
         }
         res
     }

@@ -126,16 +126,12 @@ impl Worker {
         // once per idle period rather than once per request. `writev(false)`: the response head
         // and body are copied into one buffer and sent with one `write`, which measured 4-5%
         // less CPU per small response than a vectored write of the two (bench/, A/B paired
-        // with nginx); bodies still go out in bounded pieces (`max_buf_size`). `half_close`: a
-        // client may close its sending side once its request is out (RFC 9112 9.6 allows it,
-        // `printf ... | nc` does it) and still gets its answer; without it hyper took the EOF
-        // for a client gone and dropped the request. The price: a client that closes altogether
-        // mid-request is noticed only when its response is written (a FIN says no more), so
-        // its request runs on within `worker.request_timeout`, as it would behind nginx.
+        // with nginx); bodies still go out in bounded pieces (`max_buf_size`). A client that
+        // closes its sending side after its request is answered: `connection` holds the end of
+        // input back from hyper until the request is over.
         http.http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
-            .half_close(true)
             .header_read_timeout(None)
             .writev(false)
             .max_buf_size(header_bytes)
