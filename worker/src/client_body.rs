@@ -234,6 +234,15 @@ where
 
     fn size_hint(&self) -> SizeHint {
         let mut hint = self.inner.size_hint();
+        if self.ahead.is_none() {
+            return hint;
+        }
+        // `Limited` says "exactly 0 more" once its limit is reached, while a chunked body may
+        // still go on (and fail at the limit): with the frame read ahead added, that would
+        // promise a complete body of that length.
+        if hint.exact() == Some(0) && !self.inner.is_end_stream() {
+            hint = SizeHint::new();
+        }
         if let Some(data) = self.ahead.as_ref().and_then(Frame::data_ref) {
             let n = data.len() as u64;
             if let Some(upper) = hint.upper() {
