@@ -324,7 +324,9 @@ impl Drop for ActivityGuard {
         if finished == a.started.load(Ordering::Relaxed) {
             a.idle_since_ms.store(a.ended_ms(), Ordering::Relaxed);
             a.read_since_idle.store(false, Ordering::Relaxed);
-            if a.eof_held.swap(false, Ordering::Relaxed) {
+            // A plain load first: this runs at the end of every request.
+            if a.eof_held.load(Ordering::Relaxed) {
+                a.eof_held.store(false, Ordering::Relaxed);
                 if let Some(waker) = a.eof_waker.lock().ok().and_then(|mut w| w.take()) {
                     waker.wake();
                 }
