@@ -123,6 +123,8 @@ struct Rule {
 
 const DURATION_GT_0: &str = "a duration > 0 and at most 3650d, like \"30s\", \"2m\" or \"1500ms\"";
 const INTEGER_GE_1: &str = "an integer 1..=4294967295";
+const DATA_RATE: &str =
+    "bytes per second up to 1PiB/s, like 240, \"240B/s\" or \"1KiB/s\" (0: no minimum)";
 
 /// The longest duration any key takes: ten years is "never" in practice, and far enough from
 /// the limits of `Instant` and of timers that no deadline computed from a key can overflow
@@ -250,6 +252,37 @@ const RULES: &[Rule] = &[
         key: "worker.client_timeout",
         allowed: DURATION_GT_0,
         check: |c| positive_duration(c.worker.client_timeout),
+    },
+    Rule {
+        key: "worker.min_request_rate",
+        allowed: DATA_RATE,
+        check: |c| {
+            within(
+                c.worker.min_request_rate.bytes_per_second(),
+                0..=MAX_SIZE.bytes(),
+            )
+        },
+    },
+    Rule {
+        key: "worker.min_response_rate",
+        allowed: DATA_RATE,
+        check: |c| {
+            within(
+                c.worker.min_response_rate.bytes_per_second(),
+                0..=MAX_SIZE.bytes(),
+            )
+        },
+    },
+    Rule {
+        key: "worker.min_rate_grace",
+        // Zero would judge a body on its first wait, before any byte could come.
+        allowed: "a duration 100ms..=1h, like \"5s\"",
+        check: |c| {
+            within(
+                c.worker.min_rate_grace,
+                Duration::from_millis(100)..=Duration::from_secs(3600),
+            )
+        },
     },
     Rule {
         key: "worker.max_header_bytes",
@@ -386,7 +419,7 @@ const RULES: &[Rule] = &[
     Rule {
         key: "app.upgrade_idle_timeout",
         allowed: DURATION_GT_0,
-        check: |c| positive(c.app.upgrade_idle_timeout),
+        check: |c| positive_duration(c.app.upgrade_idle_timeout),
     },
     Rule {
         key: "limits.max_concurrent_requests",
@@ -1300,7 +1333,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 65);
+        assert_eq!(known.len(), 68);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),
@@ -1969,6 +2002,18 @@ mod tests {
                 &["[\"h2c\"]", "[\"websocket\", \"H2C\"]", "[\"\"]", "[\"web socket\"]"],
                 &["[]", "[\"websocket\", \"TLS\"]"],
                 "an array of Upgrade protocol names (tokens, like \"websocket\"), not \"h2c\"",
+            ),
+            (
+                "worker.min_request_rate",
+                &["-1"],
+                &["0", "\"240B/s\"", "\"1KiB/s\"", "100"],
+                DATA_RATE,
+            ),
+            (
+                "worker.min_rate_grace",
+                &["\"0s\"", "\"2h\""],
+                &["\"100ms\"", "\"1h\""],
+                "a duration 100ms..=1h, like \"5s\"",
             ),
             (
                 "worker.keepalive_timeout",

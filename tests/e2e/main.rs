@@ -7,6 +7,7 @@ mod cluster;
 mod config_bounds;
 mod control;
 mod docs;
+mod edge;
 mod examples;
 mod lifecycle;
 mod limits;

@@ -25,11 +25,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Limited;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::http::request::Parts;
 use hyper::{Method, Response, StatusCode};
 
-use crate::client_body::ClientBody;
+use crate::client_body::{ClientBody, ClientBodyError};
 use crate::response::{text, Body};
 use crate::server::Worker;
 
@@ -94,12 +94,17 @@ pub(crate) fn call(
                 .cloned()
                 .unwrap_or(OCTET_STREAM);
             let limit = usize::try_from(worker.limits.max_body_bytes).unwrap_or(usize::MAX);
-            let mut res = Response::new(Body::stream(ClientBody::new(
-                Limited::new(body, limit),
-                worker.limits.client_timeout(),
-            )));
-            res.headers_mut().insert(CONTENT_TYPE, content_type);
-            res
+            let mut body = ClientBody::new(Limited::new(body, limit), worker.limits.body_timing());
+            // The answer waits for the body's first frame: a body malformed (a bad chunk size)
+            // or stalled from the start gets its 400 or 408 instead of a cut connection.
+            return Ok(Reply::Later(Box::pin(async move {
+                if let Err(e) = body.first_frame().await {
+                    return client_body_failed(&e);
+                }
+                let mut res = Response::new(Body::stream(body));
+                res.headers_mut().insert(CONTENT_TYPE, content_type);
+                res
+            })));
         }
         "/sleep" if is_get => match millis(head) {
             Ok(d) => {
@@ -146,6 +151,24 @@ pub(crate) fn call(
         ),
     };
     Ok(Reply::Now(res))
+}
+
+/// The answer to a request body that failed before the response began: 408 if the client
+/// stalled, 400 if it broke off or was malformed (past `max_body_bytes`: 413). The connection
+/// closes after it: the rest of the body cannot be found in what is left.
+#[cold]
+fn client_body_failed(e: &ClientBodyError) -> Response<Body> {
+    let status = match e {
+        ClientBodyError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+        ClientBodyError::Broken(cause) if cause.is::<http_body_util::LengthLimitError>() => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        ClientBodyError::Broken(_) => StatusCode::BAD_REQUEST,
+    };
+    let mut res = text(status, Bytes::from(format!("{e}\n")));
+    res.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    res
 }
 
 fn not_allowed(allow: HeaderValue) -> Response<Body> {

@@ -203,6 +203,16 @@ pub struct WorkerConfig {
     /// a body it announced, or none of the response read) is cut off.
     #[serde(with = "humantime_serde")]
     pub client_timeout: Duration,
+    /// The slowest a client may send a request body, averaged over the time the worker waits
+    /// for it, once `min_rate_grace` has passed (0: no minimum). Below it: 408 (or the
+    /// connection is cut when the response has started), permits back.
+    pub min_request_rate: DataRate,
+    /// The slowest a client may take a response, averaged over the time the worker's writes
+    /// wait for it, once `min_rate_grace` has passed (0: no minimum). Below it: connection cut.
+    pub min_response_rate: DataRate,
+    /// How long a body or response may run below its minimum rate before the rate counts.
+    #[serde(with = "humantime_serde")]
+    pub min_rate_grace: Duration,
     /// Size of the request line plus headers; past it -> 431.
     pub max_header_bytes: ByteSize,
     /// Number of request headers; past it -> 431.
@@ -245,6 +255,9 @@ impl Default for WorkerConfig {
             keepalive_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(120),
             client_timeout: Duration::from_secs(30),
+            min_request_rate: DataRate(240),
+            min_response_rate: DataRate(240),
+            min_rate_grace: Duration::from_secs(5),
             max_header_bytes: ByteSize(16 * 1024),
             max_headers: 100,
             max_body_bytes: ByteSize(10 * 1024 * 1024),
@@ -544,6 +557,61 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         d.deserialize_any(Visitor)
     }
+}
+
+/// A data rate in bytes per second: `240`, `"240B/s"` or `"1KiB/s"` (0: no minimum).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DataRate(pub u64);
+
+impl DataRate {
+    pub fn bytes_per_second(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for DataRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/s", ByteSize(self.0))
+    }
+}
+
+impl std::str::FromStr for DataRate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let size = s.strip_suffix("/s").unwrap_or(s);
+        size.parse::<ByteSize>()
+            .map(|b| DataRate(b.bytes()))
+            .map_err(|_| {
+                format!(
+                    "invalid rate {s:?}: expected bytes per second as an integer or a size per \
+                 second, like \"240B/s\" or \"1KiB/s\""
+                )
+            })
+    }
+}
+
+impl Serialize for DataRate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DataRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match ByteSizeOrText::deserialize(d)? {
+            ByteSizeOrText::Number(n) => Ok(DataRate(n)),
+            ByteSizeOrText::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ByteSizeOrText {
+    Number(u64),
+    Text(String),
 }
 
 /// `server.bind` written as `"a"` is read as `["a"]`.

@@ -31,7 +31,15 @@
 //! A third deadline, `client_timeout`, covers the client that stops reading: while a write to
 //! its socket is blocked (the socket's send buffer full) for that long, the connection is cut,
 //! which ends its requests and frees their permits. (A client that stops sending a body it
-//! announced is `client_body`'s.)
+//! announced is `client_body`'s.) The same timer enforces `min_response_rate` (see
+//! `RateWindow`): a client that reads, but too slowly, is cut at the instant its average falls
+//! below the rate. Both cuts reset the connection, dropping what the kernel still holds for it.
+//! All of this costs a plain counter per write; the clock and the kernel are asked only while a
+//! write is blocked.
+//!
+//! A client may close its sending side once its request is out (half-close, RFC 9112 9.6):
+//! the end of input is held back from hyper until the request is over, so it is answered; a
+//! client that is gone resets the connection, which ends its requests at once.
 //!
 //! The two idle timers never fight: the keep-alive timer hands over to the header timeout as
 //! soon as bytes arrive. Both count from the moment the connection went idle, so a head that
@@ -54,7 +62,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::listener::Stream;
+use crate::listener::{reset_on_close, unsent_bytes, Stream};
 use crate::request;
 use crate::scoreboard::{coarse_monotonic_ms, coarse_tick_ms};
 use crate::server::{ConnectionGuard, Worker};
@@ -87,6 +95,12 @@ pub(crate) struct Activity {
     /// An upgraded connection's tunnel (`proxy`), run by this connection's task once hyper
     /// hands the socket over, so that it stays counted and drained like the connection.
     tunnel: std::sync::Mutex<Option<Tunnel>>,
+    /// Bytes written to the client's socket so far.
+    written: AtomicU64,
+    /// The client closed its sending side mid-request (see `TrackedIo::poll_read`): the
+    /// connection's task, to wake when the last request ends so that hyper sees the end.
+    eof_held: AtomicBool,
+    eof_waker: std::sync::Mutex<Option<std::task::Waker>>,
 }
 
 /// The copy loop of an upgraded connection.
@@ -101,6 +115,50 @@ pub(crate) struct IdleLimits {
     pub(crate) header_ms: u64,
     /// `worker.client_timeout`: the longest a write to the client may stay blocked.
     pub(crate) client_ms: u64,
+    /// `worker.min_response_rate`, bytes per second (0: none), and `worker.min_rate_grace`.
+    pub(crate) min_response_rate: u64,
+    pub(crate) rate_grace_ms: u64,
+}
+
+/// `worker.min_response_rate` on one connection (as Kestrel's `MinResponseDataRate`): the
+/// bytes the client has taken, divided by the time since the worker's writes started waiting
+/// for it, must stay above the rate once `rate_grace_ms` has passed. Bytes count once the
+/// client's side has them (written minus what the kernel still holds, `unsent_bytes`), so the
+/// socket's send buffer, megabytes on a fast link, earns a slow reader no credit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RateWindow {
+    /// When the window opened: the start of a blocked write (ms after `opened`).
+    start_ms: u64,
+    /// Bytes the client had taken by then.
+    start_taken: u64,
+}
+
+impl IdleLimits {
+    /// The instant (ms after `opened`) by which a client that has taken `taken` bytes falls
+    /// below the minimum response rate in `window`.
+    fn rate_deadline(&self, window: RateWindow, taken: u64) -> u64 {
+        let earned = taken
+            .saturating_sub(window.start_taken)
+            .saturating_mul(1000)
+            / self.min_response_rate;
+        window
+            .start_ms
+            .saturating_add(earned.max(self.rate_grace_ms))
+    }
+
+    /// The window a write blocked at `blocked_ms` (the client having taken `taken`) counts
+    /// in: the current one, if the client has kept pace so far, or a new one. A client that
+    /// took everything before its deadline owes nothing for the time the worker had nothing to
+    /// send: that time is no wait for it.
+    fn window_at(&self, current: Option<RateWindow>, blocked_ms: u64, taken: u64) -> RateWindow {
+        match current {
+            Some(w) if blocked_ms < self.rate_deadline(w, taken) => w,
+            _ => RateWindow {
+                start_ms: blocked_ms,
+                start_taken: taken,
+            },
+        }
+    }
 }
 
 /// What the idle timer should do when it fires.
@@ -131,6 +189,9 @@ impl Activity {
             last_claim_ms: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             tunnel: std::sync::Mutex::new(None),
+            written: AtomicU64::new(0),
+            eof_held: AtomicBool::new(false),
+            eof_waker: std::sync::Mutex::new(None),
         }
     }
 
@@ -143,8 +204,14 @@ impl Activity {
     }
 
     /// Notes how a write to the client went: blocked (from when, if it was not already), or
-    /// through. Only a blocked write reads the clock.
-    fn wrote<T>(&self, res: &Poll<io::Result<T>>) {
+    /// through (and how much). Only a blocked write reads the clock.
+    fn wrote(&self, res: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = res {
+            // One thread: a plain load and store, no locked instruction.
+            let written = self.written.load(Ordering::Relaxed);
+            self.written
+                .store(written.wrapping_add(*n as u64), Ordering::Relaxed);
+        }
         match res {
             Poll::Pending => {
                 if self.write_blocked_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
@@ -299,6 +366,13 @@ impl Drop for ActivityGuard {
         if finished == a.started.load(Ordering::Relaxed) {
             a.idle_since_ms.store(a.ended_ms(), Ordering::Relaxed);
             a.read_since_idle.store(false, Ordering::Relaxed);
+            // A plain load first: this runs at the end of every request.
+            if a.eof_held.load(Ordering::Relaxed) {
+                a.eof_held.store(false, Ordering::Relaxed);
+                if let Some(waker) = a.eof_waker.lock().ok().and_then(|mut w| w.take()) {
+                    waker.wake();
+                }
+            }
         }
     }
 }
@@ -320,6 +394,21 @@ impl AsyncRead for TrackedIo {
         let res = Pin::new(&mut this.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
             this.activity.read_since_idle.store(true, Ordering::Relaxed);
+        } else if matches!(res, Poll::Ready(Ok(()))) && buf.remaining() > 0 {
+            // End of input. With a request in flight on HTTP/1, that is a client that closed
+            // its sending side after its request (half-close, RFC 9112 9.6): it still waits
+            // for the answer, so hyper, which would take it for a client gone, is told nothing
+            // yet; it sees the end once the request is over. A client that is really gone
+            // resets the connection, an error that goes through. (hyper's own `half_close`
+            // stops reading altogether mid-request, so it would miss that reset too.)
+            let a = &this.activity;
+            if a.inflight() > 0 && !a.http2.load(Ordering::Relaxed) {
+                if let Ok(mut waker) = a.eof_waker.lock() {
+                    *waker = Some(cx.waker().clone());
+                }
+                a.eof_held.store(true, Ordering::Relaxed);
+                return Poll::Pending;
+            }
         }
         res
     }
@@ -381,6 +470,7 @@ pub(crate) async fn serve(
 ) {
     let limits = worker.limits.idle;
     let activity = Arc::new(Activity::new(Instant::now()));
+    let fd = stream.raw_fd();
     let io = TokioIo::new(TrackedIo {
         stream,
         activity: Arc::clone(&activity),
@@ -416,6 +506,17 @@ pub(crate) async fn serve(
     let mut stall = pin!(tokio::time::sleep_until(activity.opened));
     let mut stall_deadline = NOT_BLOCKED;
     let mut stalled = false;
+    // `worker.min_response_rate`: the window the current blocked write counts in, the block it
+    // was last checked for, and the instant the client falls below the rate.
+    let rate_on = limits.min_response_rate > 0;
+    let mut window: Option<RateWindow> = None;
+    let mut window_block = NOT_BLOCKED;
+    let mut rate_deadline = NOT_BLOCKED;
+    let mut too_slow = false;
+    let taken = |activity: &Activity| {
+        let written = activity.written.load(Ordering::Relaxed);
+        written.saturating_sub(unsent_bytes(fd).unwrap_or(0))
+    };
 
     let result = poll_fn(|cx: &mut Context<'_>| 'poll: loop {
         if let Poll::Ready(res) = conn.as_mut().poll(cx) {
@@ -424,13 +525,33 @@ pub(crate) async fn serve(
         // Even during a shutdown: a client that reads nothing would hold it open for ever.
         let blocked = activity.write_blocked_ms.load(Ordering::Relaxed);
         if blocked != NOT_BLOCKED {
-            let deadline = blocked.saturating_add(limits.client_ms);
+            if rate_on && blocked != window_block {
+                window_block = blocked;
+                let taken = taken(&activity);
+                let w = limits.window_at(window, blocked, taken);
+                window = Some(w);
+                rate_deadline = limits.rate_deadline(w, taken);
+            }
+            let deadline = blocked.saturating_add(limits.client_ms).min(rate_deadline);
             if deadline != stall_deadline {
                 stall_deadline = deadline;
                 stall.as_mut().reset(activity.at(deadline));
             }
             if stall.as_mut().poll(cx).is_ready() {
+                if deadline == rate_deadline {
+                    // The client may have taken more since the deadline was set: judge on
+                    // what it has now.
+                    let w = window.expect("set with rate_deadline");
+                    rate_deadline = limits.rate_deadline(w, taken(&activity));
+                    if rate_deadline > activity.ms_since_open() {
+                        continue 'poll;
+                    }
+                    too_slow = true;
+                }
                 stalled = true;
+                // What the kernel still holds for this client would go on trickling to it
+                // for as long as it likes after the close: a reset drops it.
+                reset_on_close(fd);
                 return Poll::Ready(None);
             }
         }
@@ -496,6 +617,11 @@ pub(crate) async fn serve(
         Some(Ok(())) => debug!(shutdown = ?shutdown, "connection closed"),
         // Client resets, slow or abandoned heads, cancelled protocol detection: expected noise.
         Some(Err(e)) => debug!(shutdown = ?shutdown, error = %e, "connection ended with an error"),
+        None if too_slow => info!(
+            peer = ?peer,
+            bytes.written = activity.written.load(Ordering::Relaxed),
+            "the client took the response slower than worker.min_response_rate; connection cut"
+        ),
         None if stalled => info!(
             peer = ?peer,
             "the client read nothing of the response for worker.client_timeout; connection cut"
@@ -524,6 +650,8 @@ mod tests {
         keepalive_ms: 5_000,
         header_ms: 10_000,
         client_ms: 30_000,
+        min_response_rate: 0,
+        rate_grace_ms: 5_000,
     };
 
     #[test]
@@ -567,11 +695,49 @@ mod tests {
     }
 
     #[test]
+    fn the_response_rate_is_averaged_over_a_window_of_blocked_writes() {
+        let limits = IdleLimits {
+            min_response_rate: 1000,
+            rate_grace_ms: 5_000,
+            ..LIMITS
+        };
+        // A write blocks at 100 ms, the client having taken 50 000 bytes: a window opens.
+        let w = limits.window_at(None, 100, 50_000);
+        assert_eq!(
+            w,
+            RateWindow {
+                start_ms: 100,
+                start_taken: 50_000
+            }
+        );
+        // Nothing taken since: the grace, then the client is too slow.
+        assert_eq!(limits.rate_deadline(w, 50_000), 5_100);
+        // 1000 bytes/s earn a second each: 20 000 bytes taken, 20 s.
+        assert_eq!(limits.rate_deadline(w, 70_000), 20_100);
+        // Blocked again at 15 s with those 20 000 taken: still in pace, same window (its
+        // credit and debt carry on).
+        assert_eq!(limits.window_at(Some(w), 15_000, 70_000), w);
+        // Blocked again at 30 s: the client had taken everything by its deadline, and the time
+        // since was the worker's (nothing to send): a new window, with a new grace.
+        let w2 = limits.window_at(Some(w), 30_000, 70_000);
+        assert_eq!(
+            w2,
+            RateWindow {
+                start_ms: 30_000,
+                start_taken: 70_000
+            }
+        );
+        assert_eq!(limits.rate_deadline(w2, 70_000), 35_000);
+    }
+
+    #[test]
     fn http2_frames_between_requests_are_no_head() {
         let limits = IdleLimits {
             keepalive_ms: 300,
             header_ms: 1_500,
             client_ms: 30_000,
+            min_response_rate: 0,
+            rate_grace_ms: 5_000,
         };
         let a = Activity::new(Instant::now());
         a.http2.store(true, Ordering::Relaxed);
@@ -589,6 +755,8 @@ mod tests {
             keepalive_ms: 10_000,
             header_ms: 300,
             client_ms: 30_000,
+            min_response_rate: 0,
+            rate_grace_ms: 5_000,
         };
         let a = Activity::new(Instant::now());
         // Woken at the header deadline in case bytes arrived by then; none did: keep waiting.

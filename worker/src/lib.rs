@@ -28,6 +28,7 @@ mod client_body;
 mod client_rate;
 pub mod cluster;
 mod connection;
+mod edge;
 mod listener;
 mod process;
 mod proxy;

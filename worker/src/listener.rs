@@ -9,7 +9,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -195,6 +195,39 @@ impl<U> Stream<U> {
         s.set_nodelay(true)?;
         Ok(Stream::Tcp(s))
     }
+}
+
+impl Stream {
+    /// The client socket's descriptor, for `unsent_bytes`.
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// Bytes written to the socket `fd` that its peer has not taken yet (for TCP: not yet
+/// acknowledged), from the kernel (`TIOCOUTQ`, alias `SIOCOUTQ`); `None` if it cannot say.
+/// One system call: for the few moments a write to a client is blocked, never per request.
+#[allow(unsafe_code)]
+pub(crate) fn unsent_bytes(fd: RawFd) -> Option<u64> {
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one `c_int` through the pointer, which points to one. A stale or
+    // reused `fd` can only make the call fail or answer for another socket: no memory is at
+    // stake, and the caller keeps its connection (and so the fd) open meanwhile.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut unsent) };
+    (rc == 0).then(|| u64::try_from(unsent).unwrap_or(0))
+}
+
+/// Makes the close of socket `fd` a reset (`SO_LINGER` 0) that drops whatever the kernel still
+/// holds to send: for a client cut off for not reading, which would otherwise be sent it after
+/// the close, at its pace.
+#[allow(unsafe_code)]
+pub(crate) fn reset_on_close(fd: RawFd) {
+    // SAFETY: the caller keeps the connection, and so `fd`, open for the borrow's short life.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
 }
 
 impl<U: AsyncRead + Unpin> AsyncRead for Stream<U> {

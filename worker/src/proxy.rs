@@ -195,9 +195,6 @@ impl Proxy {
         client: ClientConnection,
     ) -> impl Future<Output = Response<Body>> + Send + 'static {
         let mut headers = std::mem::take(&mut head.headers);
-        // RFC 9112 3.2: more than one Host is a 400: the app and whatever looked at the first
-        // one could each take another for the request's host.
-        let two_hosts = headers.get_all(HOST).iter().nth(1).is_some();
         // Only HTTP/1.1 upgrades, to the protocols `app.upgrades` allows: any other `Upgrade`
         // goes with the hop-by-hop headers and the request is a plain one (RFC 9110 7.8 lets a
         // server ignore it). h2c never passes: a tunnel past every limit to an app that takes it.
@@ -236,12 +233,6 @@ impl Proxy {
         let uri = Uri::from_parts(parts);
         let method = head.method.clone();
         async move {
-            if two_hosts {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    Bytes::from_static(b"more than one Host header\n"),
-                );
-            }
             let uri = match uri {
                 Ok(uri) => uri,
                 Err(e) => return bad_gateway(format!("cannot pass on the request target: {e}")),
@@ -322,7 +313,7 @@ impl Proxy {
         let empty = hyper::body::Body::is_end_stream(&body);
         let body = ClientBody::new(
             Limited::new(body, self.max_body),
-            worker.limits.client_timeout(),
+            worker.limits.body_timing(),
         );
         let body = if empty {
             Either::Right(Full::new(Bytes::new()))

@@ -32,6 +32,7 @@ use crate::client_rate::ClientRate;
 use crate::cluster::{Lease, Verdict};
 use crate::config::OnRedisError;
 use crate::connection::ActivityGuard;
+use crate::edge;
 use crate::pipe;
 use crate::ratelimit::Decision;
 use crate::response::{self, Body, X_WORKER_ID};
@@ -209,9 +210,11 @@ pub(crate) fn handle(
     worker: &'static Worker,
     activity: ActivityGuard,
     peer: Option<IpAddr>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Handled {
     let started = worker.timed.then(Instant::now);
+    // Before anything (the access log, the limits) reads the request: see `edge`.
+    let malformed = edge::check(&mut req).err();
     let http1 = req.version() < Version::HTTP_2;
     if !http1 {
         activity.set_http2();
@@ -231,6 +234,9 @@ pub(crate) fn handle(
         access,
         _activity: activity,
     };
+    if let Some(res) = malformed {
+        return Handled::now(finish(res.response(), guard));
+    }
 
     let counted_in_redis = worker.cluster.as_ref().is_some_and(|c| c.has_rate());
     if let Some(limit) = worker.rate.as_ref().filter(|_| !counted_in_redis) {

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::admission::Admission;
 use crate::app;
+use crate::client_body::BodyTiming;
 use crate::config::Config;
 use crate::connection::{self, IdleLimits};
 use crate::listener::{AcceptError, Listener, Peer, Stream};
@@ -36,10 +37,10 @@ const MIN_HEADER_BYTES: u64 = 8192;
 
 /// Per-request limits, in the units the hot path uses.
 impl Limits {
-    /// `worker.client_timeout`, for request bodies (`client_body`); the connection's write side
-    /// reads it from `idle`.
-    pub(crate) fn client_timeout(&self) -> Duration {
-        Duration::from_millis(self.idle.client_ms)
+    /// `worker.client_timeout`, `worker.min_request_rate` and `worker.min_rate_grace`, for
+    /// request bodies (`client_body`); the connection's write side reads its own from `idle`.
+    pub(crate) fn body_timing(&self) -> BodyTiming {
+        self.body
     }
 }
 
@@ -49,6 +50,7 @@ pub(crate) struct Limits {
     /// `worker.max_headers`, which hyper enforces on HTTP/1 only: `request` counts HTTP/2's.
     pub(crate) max_headers: usize,
     pub(crate) idle: IdleLimits,
+    body: BodyTiming,
 }
 
 /// What every connection and request of this worker process shares. Built once and leaked:
@@ -174,7 +176,9 @@ impl Worker {
         // once per idle period rather than once per request. `writev(false)`: the response head
         // and body are copied into one buffer and sent with one `write`, which measured 4-5%
         // less CPU per small response than a vectored write of the two (bench/, A/B paired
-        // with nginx); bodies still go out in bounded pieces (`max_buf_size`).
+        // with nginx); bodies still go out in bounded pieces (`max_buf_size`). A client that
+        // closes its sending side after its request is answered: `connection` holds the end of
+        // input back from hyper until the request is over.
         http.http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
@@ -211,6 +215,13 @@ impl Worker {
                     keepalive_ms: w.keepalive_timeout.as_millis() as u64,
                     header_ms: w.header_timeout.as_millis() as u64,
                     client_ms: w.client_timeout.as_millis() as u64,
+                    min_response_rate: w.min_response_rate.bytes_per_second(),
+                    rate_grace_ms: w.min_rate_grace.as_millis() as u64,
+                },
+                body: BodyTiming {
+                    timeout: w.client_timeout,
+                    min_rate: w.min_request_rate.bytes_per_second(),
+                    grace: w.min_rate_grace,
                 },
             },
             http,

@@ -124,7 +124,8 @@ async fn requests_in_flight_are_described_until_they_end() {
     .await;
 
     // A client that disconnects mid-request (the request timeout is 120 s: only the
-    // disconnect can clear it here).
+    // disconnect can clear it here). An abortive close (a reset): a plain close only says the
+    // client sends no more, which is allowed mid-request (half-close), and is answered.
     let mut gone = H1::connect(s.addr).await;
     gone.send(b"GET /sleep?ms=60000 HTTP/1.1\r\nHost: t\r\n\r\n")
         .await;
@@ -132,6 +133,9 @@ async fn requests_in_flight_are_described_until_they_end() {
         s.in_flight() == ["GET /sleep?ms=60000"]
     })
     .await;
+    socket2::SockRef::from(&gone.stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(gone);
     eventually(SETTLE, "description cleared after a disconnect", || {
         s.in_flight().is_empty()

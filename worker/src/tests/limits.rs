@@ -162,7 +162,8 @@ async fn every_permit_comes_back_after_mixed_outcomes() {
     assert_eq!(get(s.addr, "/panic").await.status, 500);
     assert_eq!(get(s.addr, "/sleep?ms=5000").await.status, 504);
 
-    // A client that disconnects mid-request.
+    // A client that disconnects mid-request (a reset: a plain close is a half-close, which is
+    // answered).
     let mut gone = H1::connect(s.addr).await;
     gone.send(b"GET /sleep?ms=5000 HTTP/1.1\r\nHost: t\r\n\r\n")
         .await;
@@ -170,6 +171,9 @@ async fn every_permit_comes_back_after_mixed_outcomes() {
         s.inflight() == 1 && s.global_inflight() == 1
     })
     .await;
+    socket2::SockRef::from(&gone.stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(gone);
 
     s.assert_settles_to_zero().await;
