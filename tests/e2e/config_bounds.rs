@@ -125,12 +125,15 @@ const BOUNDS: &[(&str, &str, &str, &str)] = &[
     ("redis.lease_ttl", "\"1s\"", "\"3650d\"", "\"3650d 1s\""),
 ];
 
-/// Keys of the reference `supervisor.toml` whose default is a number, a duration or a size.
+/// Keys of the reference `supervisor.toml` whose default is a number, a duration, a size or a
+/// data rate.
 fn numeric_keys() -> BTreeSet<String> {
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/supervisor.toml")).unwrap();
     let table: toml::Table = text.parse().unwrap();
     let quantity = |s: &str| {
+        // A data rate ("240B/s") is a size per second.
+        let s = s.strip_suffix("/s").unwrap_or(s);
         let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
         !digits.is_empty() && digits.len() < s.len() && digits.bytes().all(|b| b.is_ascii_digit())
     };
