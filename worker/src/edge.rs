@@ -81,6 +81,9 @@ pub(crate) fn check<B: hyper::body::Body>(req: &mut Request<B>) -> Result<(), Ma
                 transfer_encoding(te, req.headers())?;
             }
         }
+    } else if req.headers().get_all(HOST).iter().nth(1).is_some() {
+        // HTTP/2 names the host in `:authority`; a request may still carry Host, once.
+        return Err(Malformed::TwoHosts);
     }
     if req.headers().keys().any(|k| k.as_str().contains('_')) {
         drop_underscored(req.headers_mut());
@@ -182,6 +185,7 @@ mod tests {
         assert_eq!(status(check(&mut req(&two, "/", v11))), 400);
         // HTTP/2 names the host in :authority.
         assert_eq!(status(check(&mut req(&[], "/", Version::HTTP_2))), 200);
+        assert_eq!(status(check(&mut req(&two, "/", Version::HTTP_2))), 400);
         let mut abs = req(&[("host", "b.example")], "http://a.example/x", v11);
         assert_eq!(status(check(&mut abs)), 200);
         assert_eq!(abs.headers()[HOST], "a.example");
