@@ -243,7 +243,7 @@ fn uvicorn_closing_after_an_exception_costs_the_next_request_nothing() {
 }
 
 #[test]
-fn a_post_whose_body_the_app_consumed_is_never_sent_twice() {
+fn a_post_the_app_may_have_acted_on_is_never_sent_twice() {
     for settings in [&[][..], &["--set", "app.buffer_requests=true"][..]] {
         let s = start_app(settings, &[]);
         let mut c = keepalive_client(&s);
@@ -255,6 +255,19 @@ fn a_post_whose_body_the_app_consumed_is_never_sent_twice() {
         assert_eq!(r.status, 502, "{settings:?}: {}", r.text());
         let r = s.get("/count");
         assert_eq!(r.text(), "1", "{settings:?}: the app saw the POST once");
+        // Nor one without a body: a POST is not idempotent, whatever it carries.
+        let mut c = keepalive_client(&s);
+        let r = ask(
+            &mut c,
+            b"POST /count?close=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(r.status, 502, "{settings:?}: {}", r.text());
+        let r = s.get("/count");
+        assert_eq!(
+            r.text(),
+            "2",
+            "{settings:?}: the app saw the empty POST once"
+        );
     }
 }
 

@@ -328,7 +328,9 @@ impl Proxy {
             Either::Left(body)
         };
         let replay = match &body {
-            Either::Right(full) if empty || method.is_idempotent() => {
+            // Never a method the app may have acted on (a POST without a body included), nor
+            // an upgrade (the client may already have its 101).
+            Either::Right(full) if method.is_idempotent() && client_upgrade.is_none() => {
                 Some((method.clone(), uri.clone(), headers.clone(), full.clone()))
             }
             _ => None,
