@@ -613,7 +613,7 @@ pub(crate) async fn serve(
     })
     .await;
 
-    match result {
+    match &result {
         Some(Ok(())) => debug!(shutdown = ?shutdown, "connection closed"),
         // Client resets, slow or abandoned heads, cancelled protocol detection: expected noise.
         Some(Err(e)) => debug!(shutdown = ?shutdown, error = %e, "connection ended with an error"),
@@ -636,7 +636,10 @@ pub(crate) async fn serve(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
-    if let Some(tunnel) = tunnel {
+    // Only after a connection that ended cleanly: hyper hands the socket over then. After an
+    // error or a cut (the 101 could not be written), the upgrade never completes and the
+    // tunnel is dropped unrun.
+    if let (Some(tunnel), Some(Ok(()))) = (tunnel, result) {
         tunnel.await;
     }
     drop(guard);

@@ -513,13 +513,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Copies bytes both ways between an upgraded client connection and the app's, until either
 /// side closes or no byte has passed either way for `idle` (`app.upgrade_idle_timeout`).
 async fn tunnel(client: OnUpgrade, app: OnUpgrade, idle: Duration) {
-    let (client, app) = match tokio::try_join!(client, app) {
-        Ok(both) => both,
-        Err(e) => {
-            debug!(error = %e, "upgrade did not complete");
-            return;
-        }
-    };
+    // Bounded: an upgrade that hyper never completes must not hold the connection for ever.
+    let (client, app) =
+        match tokio::time::timeout(idle, async { tokio::try_join!(client, app) }).await {
+            Ok(Ok(both)) => both,
+            Ok(Err(e)) => {
+                debug!(error = %e, "upgrade did not complete");
+                return;
+            }
+            Err(_) => {
+                debug!(app.upgrade_idle_timeout = ?idle, "upgrade did not complete in time");
+                return;
+            }
+        };
     let last = AtomicU64::new(coarse_monotonic_ms());
     let mut client = Watched {
         io: TokioIo::new(client),
