@@ -50,6 +50,10 @@ const FAILING_AFTER: u32 = 3;
 /// starts (it does not listen yet) leave nothing behind.
 static CONNECT_FAILED: Notify = Notify::const_new();
 
+/// How long an app found unreachable is given before it is checked again, and restarted if it
+/// still is.
+const UNREACHABLE_RECHECK: Duration = Duration::from_millis(250);
+
 /// Called by every failed connect to a Unix socket: not found or refused wakes the app's
 /// supervising task, which checks its socket (a cheap no-op for anything else).
 pub(crate) fn connect_failed(e: &io::Error) {
@@ -352,6 +356,17 @@ async fn run_once(
                 return End::Exited(format!("exited ({status})"));
             }
             _ = CONNECT_FAILED.notified() => {
+                // Restarted only if it still cannot be reached a moment later: a refused
+                // connect can pass (seen once under CI load with an app that was up and then
+                // served), and a healthy app must not be killed for it.
+                if unreachable(&launch.address).await.is_none() {
+                    continue;
+                }
+                tokio::time::sleep(UNREACHABLE_RECHECK).await;
+                // It exited meanwhile: that is what to say (the loop's `wait` has its status).
+                if !matches!(child.try_wait(), Ok(None)) {
+                    continue;
+                }
                 let Some(why) = unreachable(&launch.address).await else { continue };
                 error!(app.pid = pid, "the app cannot be reached: {why}; restarting it");
                 health.send_replace(Health::Starting);
