@@ -8,7 +8,10 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::util::{alive, eventually, exchange, fd_targets, get, run, try_get, KillOnDrop, Server};
+use crate::util::{
+    alive, eventually, exchange, exchange_answered_early, fd_targets, get, run, try_get,
+    KillOnDrop, Server,
+};
 
 const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");
 const WAIT: Duration = Duration::from_secs(20);
@@ -387,20 +390,7 @@ fn websocket_echo_through_the_proxy() {
         }
     }
     assert_eq!(accept.as_deref(), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
-    let mut ws_echo = |message: &str| {
-        // A masked text frame, as clients send.
-        let mask = [1u8, 2, 3, 4];
-        let mut frame = vec![0x81, 0x80 | message.len() as u8];
-        frame.extend_from_slice(&mask);
-        frame.extend(message.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        c.write_all(&frame).unwrap();
-        let mut head = [0u8; 2];
-        r.read_exact(&mut head).unwrap();
-        assert_eq!(head[0], 0x81);
-        let mut data = vec![0u8; head[1] as usize];
-        r.read_exact(&mut data).unwrap();
-        assert_eq!(data, message.as_bytes());
-    };
+    let mut ws_echo = |message: &str| crate::util::ws_echo(&mut c, &mut r, message);
     ws_echo("hello");
     ws_echo("through the worker");
 
@@ -616,7 +606,7 @@ fn body_limit_holds_for_streamed_and_buffered_bodies() {
             "buffered={buffered}"
         );
         // Past it, with no Content-Length to refuse it up front: 413, not a truncated upload.
-        let r = exchange(s.addr, &chunked()).unwrap();
+        let r = exchange_answered_early(s.addr, &chunked()).unwrap();
         assert_eq!(r.status, 413, "buffered={buffered}: {}", r.text());
         assert!(r.text().contains("worker.max_body_bytes"), "{}", r.text());
     }

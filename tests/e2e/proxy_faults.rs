@@ -290,17 +290,8 @@ fn read_head(c: &mut TcpStream) -> std::io::Result<String> {
 }
 
 fn ws_echo(c: &mut TcpStream, message: &str) {
-    let mask = [1u8, 2, 3, 4];
-    let mut frame = vec![0x81, 0x80 | message.len() as u8];
-    frame.extend_from_slice(&mask);
-    frame.extend(message.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    c.write_all(&frame).unwrap();
-    let mut head = [0u8; 2];
-    c.read_exact(&mut head).unwrap();
-    assert_eq!(head[0], 0x81);
-    let mut data = vec![0u8; head[1] as usize];
-    c.read_exact(&mut data).unwrap();
-    assert_eq!(data, message.as_bytes());
+    let (mut w, mut r): (&TcpStream, &TcpStream) = (c, c);
+    crate::util::ws_echo(&mut w, &mut r, message);
 }
 
 #[test]
