@@ -463,3 +463,84 @@ fn a_stop_is_not_held_past_graceful_timeout_by_an_open_websocket() {
         "the tunnel ended with the stop"
     );
 }
+
+/// The host-wide permits held right now.
+fn held(s: &Server) -> u64 {
+    s.status()["global_inflight"].as_u64().unwrap()
+}
+
+/// Permits come back when the app is done with the request: not while it still works on it
+/// (a client that reset its connection), not later (a half-closed client, once answered), and
+/// at once when the app dies (not at `worker.request_timeout`, an hour here).
+#[test]
+fn permits_come_back_when_the_app_is_done_not_before_and_not_after() {
+    let s = start_app(
+        &[
+            "--set",
+            "limits.max_concurrent_requests=5",
+            "--set",
+            "worker.request_timeout=1h",
+        ],
+        &[],
+    );
+    // A client that resets 100 ms into a 2 s request: held until the app answers.
+    let c = TcpStream::connect(s.addr).unwrap();
+    (&c).write_all(b"GET /sleep?ms=2000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let sent = Instant::now();
+    eventually(WAIT, "the request to hold its permit", || {
+        (held(&s) == 1).then_some(())
+    });
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    eventually(
+        Duration::from_secs(10),
+        "the permit back once the app answered",
+        || (held(&s) == 0).then_some(()),
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1900),
+        "the permit came back {:?} after the request, before the app's 2 s were up",
+        sent.elapsed()
+    );
+
+    // A client that half-closes after its request: answered, then nothing is held.
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(b"GET /sleep?ms=300 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = read_response(&mut BufReader::new(&c)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually(
+        Duration::from_secs(10),
+        "no permit held after the answer",
+        || (held(&s) == 0).then_some(()),
+    );
+
+    // The app dies under a request whose client has gone: the permit comes back with the
+    // app's death, an hour before worker.request_timeout.
+    let app = worker_record(&s)["app_pid"].as_u64().unwrap();
+    let c = TcpStream::connect(s.addr).unwrap();
+    (&c).write_all(b"GET /sleep?ms=3600000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    eventually(WAIT, "the request to hold its permit", || {
+        (held(&s) == 1).then_some(())
+    });
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(app as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the permit back when the app died",
+        || (held(&s) == 0).then_some(()),
+    );
+}
