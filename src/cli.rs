@@ -141,6 +141,9 @@ pub struct WorkerArgs {
     /// Accept nothing until SIGUSR2 (a replacement prepared ahead of time).
     #[arg(long)]
     pub hold: bool,
+    /// Run one app process of the pool (an app host) instead of an HTTP worker.
+    #[arg(long)]
+    pub app: bool,
     /// The master's private runtime directory (app sockets).
     #[arg(long)]
     pub runtime_dir: Option<PathBuf>,

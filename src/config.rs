@@ -85,6 +85,12 @@ const ENV_VARS: &[EnvVar] = &[
             Err(_) => Err("expected a port number 0..=65535".to_string()),
         },
     },
+    // Heroku's and Render's name for the number of app processes; WORKERS, after it, wins.
+    EnvVar {
+        name: "WEB_CONCURRENCY",
+        key: "server.workers",
+        value: |raw| Ok(scalar(raw)),
+    },
     EnvVar {
         name: "WORKERS",
         key: "server.workers",
@@ -150,6 +156,15 @@ const RULES: &[Rule] = &[
         check: |c| {
             c.server
                 .workers
+                .map_or(Ok(()), |n| within(n, 1..=MAX_WORKERS))
+        },
+    },
+    Rule {
+        key: "server.http_workers",
+        allowed: "\"auto\" or an integer 1..=1024",
+        check: |c| {
+            c.server
+                .http_workers
                 .map_or(Ok(()), |n| within(n, 1..=MAX_WORKERS))
         },
     },
@@ -1136,6 +1151,8 @@ pub fn workers_fit(config: &Config, workers: u32) -> Result<(), String> {
 }
 
 fn redis_budget_fits(config: &Config, workers: u32) -> Result<(), String> {
+    // Only HTTP workers talk to Redis (app hosts do not).
+    let workers = config.processes(workers).http;
     let uses_redis =
         config.limits.cluster_max_concurrent_requests > 0 || !config.limits.rate.is_empty();
     if uses_redis

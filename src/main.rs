@@ -221,6 +221,7 @@ fn run_worker(args: cli::WorkerArgs) -> ExitCode {
     worker::run(worker::WorkerArgs {
         id: args.id,
         slot: args.slot,
+        app_host: args.app,
         master_pid: args.master_pid,
         listeners,
         ready,

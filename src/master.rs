@@ -31,7 +31,7 @@ use worker::cluster::Janitor;
 use worker::config::{default_workers, AcceptMode, Config};
 use worker::pipe;
 use worker::ratelimit::RateTable;
-use worker::scoreboard::{monotonic_ms, RecycleReason, Scoreboard, SlotState};
+use worker::scoreboard::{monotonic_ms, Kind, RecycleReason, Scoreboard, SlotState};
 
 use crate::control::ControlServer;
 use crate::listeners::Listeners;
@@ -188,6 +188,8 @@ pub struct Master {
     /// When the rate table is next cleared of forgotten clients (`RateTable::sweep`).
     next_rate_sweep: Instant,
     phase: Phase,
+    /// A graceful stop has told the app processes to drain (after the HTTP workers).
+    apps_told_to_stop: bool,
     announced_ready: bool,
     exit_code: i32,
     /// Where app sockets go; removed when the master is dropped.
@@ -217,8 +219,39 @@ fn unix_mode(config: &Config) -> Result<u32> {
     })
 }
 
+/// The count `-w` names: app processes with `app.command`, HTTP workers otherwise.
 fn workers_of(config: &Config) -> u32 {
     config.server.workers.unwrap_or_else(default_workers)
+}
+
+/// App processes are numbered from here in the master's bookkeeping (HTTP workers are 1..=1024),
+/// so that one number names one slot whatever its kind; logs, `status` and the processes
+/// themselves see the app's own number (1..).
+const APP_IDS: u32 = 1 << 16;
+
+fn is_app(id: u32) -> bool {
+    id > APP_IDS
+}
+
+/// A slot's number as shown: `3` for HTTP worker 3, `app-3` for app process 3.
+struct Shown(u32);
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if is_app(self.0) {
+            write!(f, "app-{}", self.0 - APP_IDS)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+/// The slots of a configuration: HTTP workers 1.., then app processes.
+fn slots_for(p: worker::config::Processes) -> Vec<WorkerSlot> {
+    (1..=p.http)
+        .chain((1..=p.apps).map(|n| APP_IDS + n))
+        .map(WorkerSlot::new)
+        .collect()
 }
 
 fn log_listeners(listeners: &Listeners, mode: AcceptMode) {
@@ -270,6 +303,7 @@ pub fn setup(
         None => None,
     };
     let workers = workers_of(&config);
+    let processes = config.processes(workers);
     let mut upgrade_ready = None;
     // An upgrading master's pidfile names a live master (it): not a second instance.
     if handover.is_none() {
@@ -285,7 +319,7 @@ pub fn setup(
         (None, None) => Listeners::bind(
             &config.server.bind,
             config.server.accept,
-            workers,
+            processes.http,
             config.server.backlog,
             unix_mode(&config)?,
         )?,
@@ -303,7 +337,7 @@ pub fn setup(
                 h.adopted,
                 &config.server.bind,
                 config.server.accept,
-                workers,
+                processes.http,
                 config.server.backlog,
                 unix_mode(&config)?,
             )
@@ -361,12 +395,13 @@ pub fn setup(
         signals,
         ttin,
         ttou,
-        slots: (1..=workers).map(WorkerSlot::new).collect(),
+        slots: slots_for(processes),
         procs: HashMap::new(),
         recycle_queue: VecDeque::new(),
         next_rss_sample: Instant::now(),
         next_rate_sweep: Instant::now() + RATE_SWEEP_EVERY,
         phase: Phase::Running,
+        apps_told_to_stop: false,
         announced_ready: false,
         exit_code: 0,
         runtime_dir,
@@ -383,8 +418,10 @@ pub fn setup(
 impl Master {
     /// Runs until the master stops; returns the process exit code.
     pub fn run(mut self) -> i32 {
+        let p = self.processes();
         info!(
-            workers = self.slots.len(),
+            workers = p.http,
+            apps = p.apps,
             pid = std::process::id(),
             "starting"
         );
@@ -398,6 +435,7 @@ impl Master {
                 if self.procs.is_empty() {
                     break;
                 }
+                self.stop_apps_after_http();
                 self.enforce_stop_deadline();
             } else {
                 self.spawn_due();
@@ -423,6 +461,26 @@ impl Master {
         self.slots.iter().position(|s| s.id == id)
     }
 
+    /// The processes kept now, by kind.
+    fn processes(&self) -> worker::config::Processes {
+        let apps = self.slots.iter().filter(|s| is_app(s.id)).count() as u32;
+        worker::config::Processes {
+            http: self.slots.len() as u32 - apps,
+            apps,
+        }
+    }
+
+    /// The count `-w`, TTIN/TTOU and `supervisor scale` change: app processes with
+    /// `app.command`, HTTP workers otherwise.
+    fn workers(&self) -> u32 {
+        let p = self.processes();
+        if self.config.app_pool() {
+            p.apps
+        } else {
+            p.http
+        }
+    }
+
     /// Starts every worker number that has no process and whose backoff (if any) has passed.
     fn spawn_due(&mut self) {
         let now = Instant::now();
@@ -440,8 +498,8 @@ impl Master {
                     self.slots[i].failures += 1;
                     let (id, failures) = (self.slots[i].id, self.slots[i].failures);
                     let delay = self.schedule_respawn(i, backoff(failures));
-                    error!(worker.id = id, retry_in = ?delay, "cannot start worker: {e:#}");
-                    if self.boot_failures_fatal(failures) {
+                    error!(worker.id = %Shown(id), retry_in = ?delay, "cannot start worker: {e:#}");
+                    if self.boot_failures_fatal(id, failures) {
                         return;
                     }
                 }
@@ -457,23 +515,35 @@ impl Master {
         };
         let index = self.slot_index(id).context("no such worker number")?;
         let generation = self.slots[index].generation;
-        let listen_fds = self
-            .listeners
-            .as_mut()
-            .context("listeners are closed")?
-            .fds_for(id)?;
+        let app_host = is_app(id);
+        let listen_fds = if app_host {
+            Vec::new()
+        } else {
+            self.listeners
+                .as_mut()
+                .context("listeners are closed")?
+                .fds_for(id)?
+        };
         let started = Instant::now();
         let plan = Plan::draw(&self.config.worker, started);
         // Identity first, pid after the fork: the worker only ever moves the state forward from
         // Booting, so the master must not write the state once the worker may be running.
         let rec = self.board.slot(record);
-        rec.worker_id.store(id, Ordering::Relaxed);
+        let number = if app_host { id - APP_IDS } else { id };
+        let kind = if app_host { Kind::App } else { Kind::Http };
+        rec.kind.store(kind as u32, Ordering::Relaxed);
+        rec.worker_id.store(number, Ordering::Relaxed);
+        self.board
+            .header()
+            .records_used
+            .fetch_max(record as u32 + 1, Ordering::AcqRel);
         rec.generation.store(generation, Ordering::Relaxed);
         rec.started_ms.store(monotonic_ms(), Ordering::Relaxed);
         rec.heartbeat_ms.store(monotonic_ms(), Ordering::Relaxed);
         rec.set_state(SlotState::Booting);
         let spawned = spawn::spawn_worker(SpawnRequest {
-            id,
+            id: number,
+            app_host,
             slot: record,
             listen_fds: &listen_fds,
             scoreboard: &self.board_fd,
@@ -493,7 +563,7 @@ impl Master {
         rec.pid
             .store(spawned.pid.as_raw() as u32, Ordering::Release);
         debug!(
-            worker.id = id,
+            worker.id = %Shown(id),
             pid = spawned.pid.as_raw(),
             generation,
             "worker spawned"
@@ -558,7 +628,7 @@ impl Master {
                     .map(|(started, what)| format!("{what} ({}ms)", now_ms.saturating_sub(started)))
                     .collect();
                 error!(
-                    worker.id = proc.id,
+                    worker.id = %Shown(proc.id),
                     pid = pid.as_raw(),
                     heartbeat_age_ms = age,
                     requests.inflight = rec.inflight.load(Ordering::Relaxed),
@@ -575,7 +645,7 @@ impl Master {
             if let Some((reason, deadline)) = proc.retiring {
                 if now >= deadline && !proc.killed_by_us {
                     warn!(
-                        worker.id = proc.id,
+                        worker.id = %Shown(proc.id),
                         pid = pid.as_raw(),
                         reason = %reason.as_str(),
                         "worker still draining after server.graceful_timeout; killing it"
@@ -622,7 +692,7 @@ impl Master {
                 .recycle_reason
                 .store(reason as u32, Ordering::Relaxed);
         }
-        debug!(worker.id = id, pid = pid.as_raw(), reason = %reason.as_str(), "recycle requested");
+        debug!(worker.id = %Shown(id), pid = pid.as_raw(), reason = %reason.as_str(), "recycle requested");
     }
 
     /// Starts replacements for queued recycles, at most `max_recycling` at a time.
@@ -659,7 +729,7 @@ impl Master {
             match self.spawn(id, hold) {
                 Ok(pid) => {
                     info!(
-                        worker.id = id,
+                        worker.id = %Shown(id),
                         pid = pid.as_raw(),
                         reason = %reason.as_str(),
                         "starting a replacement"
@@ -670,7 +740,7 @@ impl Master {
                     self.slots[i].failures += 1;
                     let delay = backoff(self.slots[i].failures);
                     self.slots[i].recycle = Some((reason, now + delay));
-                    error!(worker.id = id, retry_in = ?delay, "cannot start a replacement: {e:#}");
+                    error!(worker.id = %Shown(id), retry_in = ?delay, "cannot start a replacement: {e:#}");
                     waiting.push_back(id);
                 }
             }
@@ -729,7 +799,7 @@ impl Master {
         let uptime = proc.started.elapsed();
         if returned > 0 {
             warn!(
-                worker.id = proc.id,
+                worker.id = %Shown(proc.id),
                 pid = pid.as_raw(),
                 permits = returned,
                 "returned host-wide permits held by the dead worker"
@@ -747,18 +817,18 @@ impl Master {
 
         if let Some((reason, _)) = proc.retiring {
             if exit.is_clean() {
-                info!(worker.id = proc.id, pid = pid.as_raw(), reason = %reason.as_str(), uptime = ?uptime, "worker recycled");
+                info!(worker.id = %Shown(proc.id), pid = pid.as_raw(), reason = %reason.as_str(), uptime = ?uptime, "worker recycled");
             } else {
-                warn!(worker.id = proc.id, pid = pid.as_raw(), reason = %reason.as_str(), "worker recycled: {how}");
+                warn!(worker.id = %Shown(proc.id), pid = pid.as_raw(), reason = %reason.as_str(), "worker recycled: {how}");
             }
             return;
         }
         if stopping || (current.is_none() && successor_of.is_none()) {
             if exit.is_clean() {
-                info!(worker.id = proc.id, pid = pid.as_raw(), "worker stopped");
+                info!(worker.id = %Shown(proc.id), pid = pid.as_raw(), "worker stopped");
             } else {
                 warn!(
-                    worker.id = proc.id,
+                    worker.id = %Shown(proc.id),
                     pid = pid.as_raw(),
                     "worker stopped: {how}"
                 );
@@ -776,7 +846,7 @@ impl Master {
                 slot.recycle = Some((reason, Instant::now() + delay));
                 self.recycle_queue.push_back(slot.id);
             }
-            error!(worker.id = proc.id, pid = pid.as_raw(), retry_in = ?delay, "replacement worker failed to boot: {how}");
+            error!(worker.id = %Shown(proc.id), pid = pid.as_raw(), retry_in = ?delay, "replacement worker failed to boot: {how}");
             self.systemd_replacement_failed(proc.id, &how);
             if disproves {
                 self.reload_disproved(proc.id, &how);
@@ -790,7 +860,7 @@ impl Master {
             self.slots[i].recycle = None;
             self.release(next);
             error!(
-                worker.id = proc.id,
+                worker.id = %Shown(proc.id),
                 pid = pid.as_raw(),
                 "worker died while being replaced: {how}"
             );
@@ -803,7 +873,7 @@ impl Master {
             let failures = self.slots[i].failures;
             let delay = self.schedule_respawn(i, backoff(failures));
             error!(
-                worker.id = proc.id,
+                worker.id = %Shown(proc.id),
                 pid = pid.as_raw(),
                 failures,
                 retry_in = ?delay,
@@ -812,7 +882,7 @@ impl Master {
             if disproves {
                 self.reload_disproved(proc.id, &how);
             }
-            self.boot_failures_fatal(failures);
+            self.boot_failures_fatal(proc.id, failures);
             return;
         }
         let slot = &mut self.slots[i];
@@ -827,10 +897,10 @@ impl Master {
         };
         let delay = self.schedule_respawn(i, delay);
         if proc.hung {
-            error!(worker.id = proc.id, pid = pid.as_raw(), uptime = ?uptime, respawn_in = ?delay, "worker killed as hung");
+            error!(worker.id = %Shown(proc.id), pid = pid.as_raw(), uptime = ?uptime, respawn_in = ?delay, "worker killed as hung");
         } else {
             error!(
-                worker.id = proc.id,
+                worker.id = %Shown(proc.id),
                 pid = pid.as_raw(),
                 uptime = ?uptime,
                 respawn_in = ?delay,
@@ -845,7 +915,7 @@ impl Master {
     fn schedule_respawn(&mut self, index: usize, delay: Duration) -> Duration {
         let slot = &mut self.slots[index];
         slot.respawn_at = Some(Instant::now() + delay);
-        if !delay.is_zero() {
+        if !delay.is_zero() && !is_app(slot.id) {
             if let Some(l) = self.listeners.as_mut() {
                 l.release(slot.id);
             }
@@ -855,8 +925,12 @@ impl Master {
 
     /// After a boot failure: if nothing serves and this worker keeps failing, further retries
     /// would only spin, so stop with one clear error and exit 1.
-    fn boot_failures_fatal(&mut self, failures: u32) -> bool {
-        let serving = self.procs.values().any(|p| p.acked);
+    fn boot_failures_fatal(&mut self, id: u32, failures: u32) -> bool {
+        // App processes that never start make the HTTP workers useless, and the reverse.
+        let serving = self
+            .procs
+            .values()
+            .any(|p| p.acked && is_app(p.id) == is_app(id));
         if failures >= MAX_BOOT_FAILURES && !serving {
             error!(
                 failures,
@@ -989,7 +1063,7 @@ impl Master {
         if bytes.contains(&pipe::READY) && !proc.acked {
             proc.acked = true;
             let boot = proc.started.elapsed();
-            info!(worker.id = id, pid = pid.as_raw(), boot = ?boot, "worker ready");
+            info!(worker.id = %Shown(id), pid = pid.as_raw(), boot = ?boot, "worker ready");
             self.reload_proved(pid);
             self.on_ready(id, pid);
         }
@@ -1011,7 +1085,7 @@ impl Master {
     /// master announces readiness once every worker number has a ready process.
     fn on_ready(&mut self, id: u32, pid: Pid) {
         let Some(i) = self.slot_index(id) else { return };
-        if let Some(l) = self.listeners.as_ref() {
+        if let Some(l) = self.listeners.as_ref().filter(|_| !is_app(id)) {
             l.sync_backlog(id);
         }
         if self.slots[i].successor == Some(pid) {
@@ -1081,7 +1155,7 @@ impl Master {
                 .slot(p.record)
                 .recycle_reason
                 .store(reason as u32, Ordering::Relaxed);
-            debug!(worker.id = p.id, pid = pid.as_raw(), reason = %reason.as_str(), "draining the replaced worker");
+            debug!(worker.id = %Shown(p.id), pid = pid.as_raw(), reason = %reason.as_str(), "draining the replaced worker");
         }
         let _ = kill(pid, Signal::SIGTERM);
     }
@@ -1097,7 +1171,8 @@ impl Master {
         });
         if all {
             self.announced_ready = true;
-            info!(workers = self.slots.len(), "ready");
+            let p = self.processes();
+            info!(workers = p.http, apps = p.apps, "ready");
             self.systemd_ready();
             if let Some((pipe, parent)) = self.upgrade_ready.take() {
                 match requests::take_over_control_and_pidfile(&self.config) {
@@ -1175,48 +1250,72 @@ impl Master {
         if self.phase != Phase::Running {
             return;
         }
-        let more = self.slots.len() as u32 + 1;
+        let more = self.workers() + 1;
         if let Err(why) = crate::config::workers_fit(&self.config, more) {
             warn!("TTIN: not starting a worker more: {why}; ignored");
             return;
         }
-        self.push_slot();
-        info!(workers = self.slots.len(), "TTIN: one worker more");
+        self.set_worker_count(more);
+        let p = self.processes();
+        info!(workers = p.http, apps = p.apps, "TTIN: one worker more");
     }
 
-    /// One worker number more (the next one); its process starts at the next turn.
-    fn push_slot(&mut self) {
-        let id = self.slots.iter().map(|s| s.id).max().unwrap_or(0) + 1;
+    /// One number more of this kind (the next one); its process starts at the next turn.
+    fn push_slot(&mut self, app: bool) {
+        let id = self
+            .slots
+            .iter()
+            .map(|s| s.id)
+            .filter(|&id| is_app(id) == app)
+            .max()
+            .unwrap_or(if app { APP_IDS } else { 0 })
+            + 1;
         self.slots.push(WorkerSlot::new(id));
     }
 
-    /// `workers` worker numbers: new numbers start as usual (at the next turn), extra ones (the
-    /// highest) drain away.
+    /// `workers` as `-w` means it (see `Config::processes`): new numbers start as usual (at
+    /// the next turn), extra ones (the highest of their kind) drain away.
     fn set_worker_count(&mut self, workers: u32) {
-        while (self.slots.len() as u32) < workers {
-            self.push_slot();
-        }
-        while (self.slots.len() as u32) > workers {
-            self.drop_last_slot();
+        let want = self.config.processes(workers);
+        for (app, n) in [(false, want.http), (true, want.apps)] {
+            let count =
+                |slots: &[WorkerSlot]| slots.iter().filter(|s| is_app(s.id) == app).count() as u32;
+            while count(&self.slots) < n {
+                self.push_slot(app);
+            }
+            while count(&self.slots) > n {
+                self.drop_last_slot(app);
+            }
         }
     }
 
     fn remove_worker(&mut self) {
-        if self.phase != Phase::Running || self.slots.len() <= 1 {
-            if self.slots.len() <= 1 {
+        let workers = self.workers();
+        if self.phase != Phase::Running || workers <= 1 {
+            if workers <= 1 {
                 warn!("TTOU: already at one worker; ignored");
             }
             return;
         }
-        self.drop_last_slot();
-        info!(workers = self.slots.len(), "TTOU: one worker fewer");
+        self.set_worker_count(workers - 1);
+        let p = self.processes();
+        info!(workers = p.http, apps = p.apps, "TTOU: one worker fewer");
     }
 
-    /// Removes the highest worker number: its processes drain, its sockets leave the group.
-    fn drop_last_slot(&mut self) {
-        let slot = self.slots.pop().expect("a slot to remove");
-        if let Some(l) = self.listeners.as_mut() {
-            l.release(slot.id);
+    /// Removes the highest number of this kind: its processes drain, its sockets leave the
+    /// group.
+    fn drop_last_slot(&mut self, app: bool) {
+        let Some(i) = (0..self.slots.len())
+            .filter(|&i| is_app(self.slots[i].id) == app)
+            .max_by_key(|&i| self.slots[i].id)
+        else {
+            return;
+        };
+        let slot = self.slots.remove(i);
+        if !app {
+            if let Some(l) = self.listeners.as_mut() {
+                l.release(slot.id);
+            }
         }
         for pid in [slot.pid, slot.successor].into_iter().flatten() {
             let _ = kill(pid, Signal::SIGTERM);
@@ -1288,6 +1387,7 @@ impl Master {
             None
         };
         let workers = workers_of(&new);
+        let http = new.processes(workers).http;
         let sockets_changed = new.server.bind != self.config.server.bind
             || new.server.accept != self.config.server.accept
             || new.server.backlog != self.config.server.backlog
@@ -1298,7 +1398,7 @@ impl Master {
                 l.rebind(
                     &new.server.bind,
                     new.server.accept,
-                    workers,
+                    http,
                     new.server.backlog,
                     mode,
                 )
@@ -1352,7 +1452,7 @@ impl Master {
         let previous_fd = std::mem::replace(&mut self.config_fd, config_fd);
         let previous = std::mem::replace(&mut self.config, new);
         let previous_gen = self.config_gen;
-        let previous_workers = self.slots.len() as u32;
+        let previous_workers = self.workers();
         self.config_gen += 1;
 
         self.set_worker_count(workers);
@@ -1473,8 +1573,9 @@ impl Master {
             return;
         };
         let why = format!(
-            "reload failed: the new workers cannot start (worker {id}: {how}); the old workers \
-             keep serving with the previous configuration"
+            "reload failed: the new workers cannot start (worker {}: {how}); the old workers \
+             keep serving with the previous configuration",
+            Shown(id)
         );
         error!("{why}");
         // The reload's other replacements stop: booting ones are killed, queued ones dropped.
@@ -1741,8 +1842,26 @@ impl Master {
             );
             u.abandon(sig);
         }
+        // HTTP workers first: app processes keep taking the requests they drain, and are told
+        // to drain in turn once no HTTP worker is left (`stop_apps_after_http`). A fast stop
+        // stops everything at once.
+        let http_left = self.procs.values().any(|p| !is_app(p.id));
+        self.apps_told_to_stop = fast || !http_left;
+        for (pid, p) in &self.procs {
+            if self.apps_told_to_stop || !is_app(p.id) {
+                let _ = kill(*pid, sig);
+            }
+        }
+    }
+
+    /// During a graceful stop: once the last HTTP worker has exited, the app processes drain.
+    fn stop_apps_after_http(&mut self) {
+        if self.apps_told_to_stop || self.procs.values().any(|p| !is_app(p.id)) {
+            return;
+        }
+        self.apps_told_to_stop = true;
         for pid in self.procs.keys() {
-            let _ = kill(*pid, sig);
+            let _ = kill(*pid, Signal::SIGTERM);
         }
     }
 

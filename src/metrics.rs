@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 use worker::cluster::RedisState;
 use worker::config::MetricsConfig;
 use worker::scoreboard::{
-    monotonic_ms, RecycleReason, Scoreboard, Slot, SlotState, LATENCY_BUCKETS_US,
+    monotonic_ms, Kind, RecycleReason, Scoreboard, Slot, SlotState, LATENCY_BUCKETS_US,
 };
 
 /// Connections served at once. When all are taken, the one that has sent no request for
@@ -278,10 +278,13 @@ struct Snapshot {
     inflight: u64,
     queued: u64,
     connections: u64,
-    /// Memory by worker number (a worker being replaced counts both its processes).
-    memory: BTreeMap<u32, u64>,
-    /// Processes by state: booting, serving, draining.
+    /// Memory by worker number, `app-N` for app process N (a process being replaced counts
+    /// both its processes).
+    memory: BTreeMap<(u32, u32), u64>,
+    /// HTTP workers by state: booting, serving, draining.
     states: [u64; 3],
+    /// App processes (their hosts) by state.
+    app_states: [u64; 3],
     redis_connected: u64,
     redis_degraded: u64,
     host_inflight: u64,
@@ -305,6 +308,7 @@ impl Shared {
             connections: 0,
             memory: BTreeMap::new(),
             states: [0; 3],
+            app_states: [0; 3],
             redis_connected: 0,
             redis_degraded: 0,
             host_inflight: 0,
@@ -324,8 +328,13 @@ impl Shared {
             snap.queued += u64::from(slot.queued.load(Ordering::Relaxed));
             snap.connections += u64::from(slot.connections.load(Ordering::Relaxed));
             let id = slot.worker_id.load(Ordering::Relaxed);
-            *snap.memory.entry(id).or_default() += slot.rss_bytes.load(Ordering::Relaxed);
-            snap.states[s as usize - 1] += 1;
+            let kind = slot.kind();
+            *snap.memory.entry((kind as u32, id)).or_default() +=
+                slot.rss_bytes.load(Ordering::Relaxed);
+            match kind {
+                Kind::Http => snap.states[s as usize - 1] += 1,
+                Kind::App => snap.app_states[s as usize - 1] += 1,
+            }
             snap.apps_unhealthy += u64::from(!slot.app_healthy());
             match RedisState::from_u32(slot.redis_state.load(Ordering::Relaxed)) {
                 RedisState::Connected => snap.redis_connected += 1,
@@ -530,11 +539,19 @@ impl Collector for Snapshot {
             family(&mut e, name, help, &[(&[], gauge(v))])?;
         }
 
-        let ids: Vec<String> = self.memory.keys().map(u32::to_string).collect();
+        let ids: Vec<String> = self
+            .memory
+            .keys()
+            .map(|&(kind, id)| match Kind::from_u32(kind) {
+                Kind::Http => id.to_string(),
+                Kind::App => format!("app-{id}"),
+            })
+            .collect();
         by_label(
             &mut e,
             "supervisor_worker_memory_bytes",
-            "Memory of a worker number's processes and their apps, at the last sample",
+            "Memory of a worker number's processes (worker=\"app-N\": app process N and its \
+             host), at the last sample",
             "worker",
             ids.iter()
                 .map(String::as_str)
@@ -546,9 +563,16 @@ impl Collector for Snapshot {
         by_label(
             &mut e,
             "supervisor_workers",
-            "Worker processes, by state",
+            "HTTP worker processes, by state",
             "state",
             states.into_iter().zip(self.states.map(gauge)).collect(),
+        )?;
+        by_label(
+            &mut e,
+            "supervisor_app_processes",
+            "App processes of the pool (app.command), by state of their host",
+            "state",
+            states.into_iter().zip(self.app_states.map(gauge)).collect(),
         )?;
 
         by_label(

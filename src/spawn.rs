@@ -49,6 +49,8 @@ pub struct SpawnRequest<'a> {
     pub max_requests: u64,
     /// Start held: ready but not accepting until SIGUSR2.
     pub hold: bool,
+    /// An app host (one app process of the pool) rather than an HTTP worker.
+    pub app_host: bool,
     /// The master's private runtime directory.
     pub runtime_dir: &'a std::path::Path,
 }
@@ -91,6 +93,9 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
         .arg(req.runtime_dir);
     if req.hold {
         cmd.arg("--hold");
+    }
+    if req.app_host {
+        cmd.arg("--app");
     }
     for fd in req.listen_fds {
         cmd.arg("--listen-fd").arg(fd.to_string());

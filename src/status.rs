@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use worker::cluster::RedisState;
 use worker::ratelimit::RateTable;
-use worker::scoreboard::{monotonic_ms, Scoreboard, SlotState, MEMFD_NAME};
+use worker::scoreboard::{monotonic_ms, Kind, Scoreboard, Slot, SlotState, MEMFD_NAME};
 
 #[derive(Serialize, Deserialize)]
 pub struct Status {
@@ -26,7 +26,12 @@ pub struct Status {
     pub global_rejected: u64,
     /// The per-client rate table (`limits.rate`); absent if the master has none.
     pub rate_limit: Option<RateStatus>,
+    /// The HTTP workers.
     pub workers: Vec<WorkerStatus>,
+    /// The app processes (`app.command`), each behind its app host: `pid` is the host's,
+    /// `app_pid` the app's, `requests` those sent to it, `inflight` those it has now.
+    #[serde(default)]
+    pub apps: Vec<WorkerStatus>,
 }
 
 /// The master's own view: its configuration's numbers and limits.
@@ -42,8 +47,13 @@ pub struct MasterInfo {
     /// Where it serves `/metrics` (`metrics.bind`, as bound); empty: no metrics.
     #[serde(default)]
     pub metrics: String,
-    /// The number of workers it keeps (`server.workers`, changed by TTIN/TTOU and `scale`).
+    /// The number of HTTP workers it keeps (`server.workers` without `app.command`, changed
+    /// by TTIN/TTOU and `scale`; `server.http_workers` with it).
     pub workers: u32,
+    /// The number of app processes it keeps (`server.workers` with `app.command`, changed by
+    /// TTIN/TTOU and `scale`); 0 without one.
+    #[serde(default)]
+    pub apps: u32,
     /// Whether it is stopping.
     pub stopping: bool,
     /// Configurations applied since start (HUP, `reload`).
@@ -213,15 +223,17 @@ pub fn snapshot(pid: u32, board: &Scoreboard, rates: Option<&RateTable>) -> Stat
             .collect::<Vec<_>>()
     };
     let mut before = states();
-    let mut workers = read_workers(board, now);
+    let mut all = read_workers(board, now);
     for _ in 0..100 {
         let after = states();
         if after == before {
             break;
         }
         before = after;
-        workers = read_workers(board, now);
+        all = read_workers(board, now);
     }
+    let (apps, workers) = all.into_iter().partition(|(kind, _)| *kind == Kind::App);
+    let strip = |v: Vec<(Kind, WorkerStatus)>| v.into_iter().map(|(_, w)| w).collect();
     Status {
         master_pid: pid,
         master: None,
@@ -235,46 +247,60 @@ pub fn snapshot(pid: u32, board: &Scoreboard, rates: Option<&RateTable>) -> Stat
             evictions: t.evictions(),
             limited: t.limited(),
         }),
-        workers,
+        workers: strip(workers),
+        apps: strip(apps),
     }
 }
 
-fn read_workers(board: &Scoreboard, now: u64) -> Vec<WorkerStatus> {
+fn read_workers(board: &Scoreboard, now: u64) -> Vec<(Kind, WorkerStatus)> {
     board
         .slots()
         .filter(|(_, s)| s.state() != SlotState::Free)
-        .map(|(record, s)| WorkerStatus {
-            record,
-            worker_id: s.worker_id.load(Ordering::Relaxed),
-            generation: s.generation.load(Ordering::Relaxed),
-            pid: s.pid.load(Ordering::Relaxed),
-            state: s.state().as_str().to_string(),
-            requests: s.requests.load(Ordering::Relaxed),
-            inflight: s.inflight.load(Ordering::Relaxed),
-            held_global: s.held_global.load(Ordering::Relaxed),
-            connections: s.connections.load(Ordering::Relaxed),
-            rejected_local: s.rejected_local.load(Ordering::Relaxed),
-            timeouts: s.timeouts.load(Ordering::Relaxed),
-            queued: s.queued.load(Ordering::Relaxed),
-            queue_full: s.queue_full.load(Ordering::Relaxed),
-            queue_timeouts: s.queue_timeouts.load(Ordering::Relaxed),
-            redis: RedisState::from_u32(s.redis_state.load(Ordering::Relaxed))
-                .as_str()
-                .to_string(),
-            cluster_rejected: s.cluster_rejected.load(Ordering::Relaxed),
-            redis_degraded: s.redis_degraded.load(Ordering::Relaxed),
-            rss_bytes: s.rss_bytes.load(Ordering::Relaxed),
-            recycle_reason: s.recycle_reason().map(|r| r.as_str().to_string()),
-            last_recycle: None,
-            uptime_ms: now.saturating_sub(s.started_ms.load(Ordering::Relaxed)),
-            heartbeat_age_ms: now.saturating_sub(s.heartbeat_ms.load(Ordering::Relaxed)),
-            app_pid: s.app_pid.load(Ordering::Relaxed),
-            app_restarts: s.app_restarts.load(Ordering::Relaxed),
-            accept_errors: s.accept_errors.load(Ordering::Relaxed),
-            app_502_streak: s.app_502_streak.load(Ordering::Relaxed),
-            app_healthy: s.app_healthy(),
-        })
+        .map(|(record, s)| (s.kind(), read_one(record, s, now)))
         .collect()
+}
+
+fn read_one(record: usize, s: &Slot, now: u64) -> WorkerStatus {
+    let app = s.kind() == Kind::App;
+    WorkerStatus {
+        record,
+        worker_id: s.worker_id.load(Ordering::Relaxed),
+        generation: s.generation.load(Ordering::Relaxed),
+        pid: s.pid.load(Ordering::Relaxed),
+        state: s.state().as_str().to_string(),
+        requests: if app {
+            s.app_sent.load(Ordering::Relaxed)
+        } else {
+            s.requests.load(Ordering::Relaxed)
+        },
+        inflight: if app {
+            s.app_load().inflight
+        } else {
+            s.inflight.load(Ordering::Relaxed)
+        },
+        held_global: s.held_global.load(Ordering::Relaxed),
+        connections: s.connections.load(Ordering::Relaxed),
+        rejected_local: s.rejected_local.load(Ordering::Relaxed),
+        timeouts: s.timeouts.load(Ordering::Relaxed),
+        queued: s.queued.load(Ordering::Relaxed),
+        queue_full: s.queue_full.load(Ordering::Relaxed),
+        queue_timeouts: s.queue_timeouts.load(Ordering::Relaxed),
+        redis: RedisState::from_u32(s.redis_state.load(Ordering::Relaxed))
+            .as_str()
+            .to_string(),
+        cluster_rejected: s.cluster_rejected.load(Ordering::Relaxed),
+        redis_degraded: s.redis_degraded.load(Ordering::Relaxed),
+        rss_bytes: s.rss_bytes.load(Ordering::Relaxed),
+        recycle_reason: s.recycle_reason().map(|r| r.as_str().to_string()),
+        last_recycle: None,
+        uptime_ms: now.saturating_sub(s.started_ms.load(Ordering::Relaxed)),
+        heartbeat_age_ms: now.saturating_sub(s.heartbeat_ms.load(Ordering::Relaxed)),
+        app_pid: s.app_pid.load(Ordering::Relaxed),
+        app_restarts: s.app_restarts.load(Ordering::Relaxed),
+        accept_errors: s.accept_errors.load(Ordering::Relaxed),
+        app_502_streak: s.app_502_streak.load(Ordering::Relaxed),
+        app_healthy: s.app_healthy(),
+    }
 }
 
 pub fn print(status: &Status, json: bool) {
@@ -309,9 +335,14 @@ pub fn print(status: &Status, json: bool) {
         );
         let l = &m.limits;
         outln!(
-            "workers {}{}  reloads {}  limits: host-wide {}  per worker {}  queue {}  rate {}  \
+            "workers {}{}{}  reloads {}  limits: host-wide {}  per worker {}  queue {}  rate {}  \
              cluster-wide {}",
             m.workers,
+            if m.apps > 0 {
+                format!("  app processes {}", m.apps)
+            } else {
+                String::new()
+            },
             if m.stopping { " (stopping)" } else { "" },
             m.reloads,
             l.max_concurrent_requests,
@@ -364,6 +395,18 @@ pub fn print(status: &Status, json: bool) {
             unhealthy.join(", ")
         );
     }
+    let unhealthy: Vec<String> = status
+        .apps
+        .iter()
+        .filter(|w| !w.app_healthy)
+        .map(|w| format!("{} ({} in a row)", w.worker_id, w.app_502_streak))
+        .collect();
+    if !unhealthy.is_empty() {
+        outln!(
+            "app process unhealthy (answers only 502s): {}",
+            unhealthy.join(", ")
+        );
+    }
     outln!(
         "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8}  last recycle",
         "worker",
@@ -380,10 +423,15 @@ pub fn print(status: &Status, json: bool) {
         "uptime",
         "app pid"
     );
-    for w in &status.workers {
+    let rows = status.workers.iter().map(|w| (w.worker_id.to_string(), w));
+    let apps = status
+        .apps
+        .iter()
+        .map(|w| (format!("app-{}", w.worker_id), w));
+    for (id, w) in rows.chain(apps) {
         outln!(
             "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>8}s {:>8}  {}",
-            w.worker_id,
+            id,
             w.generation,
             w.pid,
             w.state,

@@ -90,7 +90,7 @@ impl Master {
             Request::Stop { fast } => self.stop_requested(fast),
             Request::Scale { workers } => {
                 let mut reply = outcome(self.scale(workers));
-                reply.workers = Some(self.slots.len() as u32);
+                reply.workers = Some(self.workers());
                 reply
             }
             Request::Upgrade => {
@@ -116,11 +116,16 @@ impl Master {
     /// The scoreboard as `supervisor status` shows it, with what only the master knows.
     fn status(&self) -> status::Status {
         let mut s = status::snapshot(std::process::id(), &self.board, Some(&self.rates));
-        for w in &mut s.workers {
+        for (w, base) in s
+            .workers
+            .iter_mut()
+            .map(|w| (w, 0))
+            .chain(s.apps.iter_mut().map(|w| (w, super::APP_IDS)))
+        {
             w.last_recycle = self
                 .slots
                 .iter()
-                .find(|slot| slot.id == w.worker_id)
+                .find(|slot| slot.id == base + w.worker_id)
                 .and_then(|slot| slot.last_recycle)
                 .map(|r| r.as_str().to_string());
         }
@@ -141,7 +146,8 @@ impl Master {
                 .as_ref()
                 .map(|m| m.addr().to_string())
                 .unwrap_or_default(),
-            workers: self.slots.len() as u32,
+            workers: self.processes().http,
+            apps: self.processes().apps,
             stopping: self.phase != Phase::Running,
             reloads: self.config_gen,
             limits: LimitsInfo {
@@ -205,7 +211,7 @@ impl Master {
                 u.pid
             ));
         }
-        let before = self.slots.len() as u32;
+        let before = self.workers();
         self.set_worker_count(workers);
         info!(workers, before, "control: scaled");
         Ok(format!("scaled from {before} to {workers} workers"))

@@ -171,10 +171,16 @@ impl Master {
                 }
             }
         }
-        let mut s = format!(
-            "serving {serving}/{} workers, {inflight} in flight",
-            self.slots.len()
-        );
+        let p = self.processes();
+        let mut s = match p.apps {
+            0 => format!("serving {serving}/{} workers, {inflight} in flight", p.http),
+            apps => format!(
+                "serving {serving}/{} workers and app processes ({} + {apps}), {inflight} in \
+                 flight",
+                p.http + apps,
+                p.http
+            ),
+        };
         let cap = self.board.header().global_cap.load(Ordering::Relaxed);
         if cap > 0 {
             s.push_str(&format!(" (host cap {cap})"));

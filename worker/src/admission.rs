@@ -82,6 +82,11 @@ impl Admission {
         self.board.slot(self.slot)
     }
 
+    /// This worker's record in the scoreboard.
+    pub(crate) fn slot_index(&self) -> usize {
+        self.slot
+    }
+
     /// Takes the worker permit, then the host-wide one: the cheap local check first, and a
     /// request refused locally never touches (or briefly holds) a host-wide permit. `Err` with
     /// the limit that refused, counted, when there is no queue; with a queue, `Err(None)`: the

@@ -54,6 +54,12 @@ static CONNECT_FAILED: Notify = Notify::const_new();
 /// still is.
 const UNREACHABLE_RECHECK: Duration = Duration::from_millis(250);
 
+/// Asks the app's supervising task to check that the app can still be reached (an app host,
+/// when HTTP workers report requests its app did not answer).
+pub(crate) fn check_reachable() {
+    CONNECT_FAILED.notify_waiters();
+}
+
 /// Called by every failed connect to a Unix socket: not found or refused wakes the app's
 /// supervising task, which checks its socket (a cheap no-op for anything else).
 pub(crate) fn connect_failed(e: &io::Error) {
@@ -158,32 +164,9 @@ impl AppProcess {
         }
     }
 
-    /// Waits until the app is ready; `Err` with the reason when it is failing or stopped.
-    pub(crate) async fn ready(&self) -> Result<(), Arc<str>> {
-        let mut health = self.health.clone();
-        let seen = health
-            .wait_for(|h| !matches!(h, Health::Starting))
-            .await
-            .map(|h| h.clone());
-        match seen {
-            Ok(Health::Ready) => Ok(()),
-            Ok(Health::Failing(why)) => Err(why),
-            Ok(Health::Stopped) | Err(_) => Err(Arc::from("the app is stopped")),
-            Ok(Health::Starting) => unreachable!("waited for a state other than Starting"),
-        }
-    }
-
-    /// Kills the running app, which is then restarted like after a crash:
-    /// `app.kill_on_timeout`.
-    pub(crate) fn kill(&self) {
-        let pid = self.shared.pid.load(Ordering::Relaxed);
-        if pid != 0 {
-            warn!(
-                app.pid = pid,
-                "killing the app: a request passed worker.request_timeout (app.kill_on_timeout)"
-            );
-            kill_group(pid, Signal::SIGKILL);
-        }
+    /// What requests should expect of the app, as it changes.
+    pub(crate) fn health(&self) -> watch::Receiver<Health> {
+        self.health.clone()
     }
 
     /// Stops the app for good: TERM to its process group, KILL after `grace`; then removes its
@@ -454,7 +437,7 @@ async fn stop_child(child: &mut Child, pid: u32, timeout: Duration) {
     kill_group(pid, Signal::SIGKILL);
 }
 
-fn kill_group(pid: u32, signal: Signal) {
+pub(crate) fn kill_group(pid: u32, signal: Signal) {
     if pid == 0 {
         return;
     }

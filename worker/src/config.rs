@@ -122,9 +122,15 @@ pub struct ServerConfig {
     #[serde(deserialize_with = "one_or_many")]
     pub bind: Vec<String>,
     /// Number of worker processes; `None` means 2 x CPU + 1 ([`default_workers`]), written
-    /// `"auto"` in a config file.
+    /// `"auto"` in a config file. With `app.command`, the number of app processes (copies of
+    /// the app, as gunicorn's `-w`); see [`Config::processes`].
     #[serde(with = "workers_serde")]
     pub workers: Option<u32>,
+    /// With `app.command`: the number of HTTP workers in front of the app processes; `None`
+    /// (`"auto"`) is the number of CPUs the process may use, never more than the app
+    /// processes. Without `app.command` it is not used.
+    #[serde(with = "workers_serde")]
+    pub http_workers: Option<u32>,
     /// How workers share the listening sockets.
     pub accept: AcceptMode,
     /// Listen backlog of every socket.
@@ -158,6 +164,7 @@ impl Default for ServerConfig {
         ServerConfig {
             bind: vec!["0.0.0.0:8000".to_string()],
             workers: None,
+            http_workers: None,
             accept: AcceptMode::Reuseport,
             backlog: 2048,
             graceful_timeout: Duration::from_secs(30),
@@ -777,8 +784,45 @@ pub fn check_app_command(command: &[String]) -> Result<(), String> {
 /// Number of worker processes when `server.workers` is not set: 2 x CPU + 1, where CPU is the
 /// available parallelism (the standard library already honours cgroup CPU quotas and affinity).
 pub fn default_workers() -> u32 {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (2 * cpus + 1) as u32
+    2 * cpus() + 1
+}
+
+/// The CPUs this process may use (affinity and cgroup quota honoured).
+pub fn cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+/// How many processes of each kind the master keeps (see [`Config::processes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Processes {
+    /// HTTP workers: they accept connections and run the request path.
+    pub http: u32,
+    /// App processes (`app.command`), each behind an app host of its own; 0 without one.
+    pub apps: u32,
+}
+
+impl Config {
+    /// Whether the master runs a pool of app processes (`app.command`) behind its HTTP workers.
+    pub fn app_pool(&self) -> bool {
+        !self.app.command.is_empty()
+    }
+
+    /// The process counts this configuration asks for, with `workers` (`server.workers`, or the
+    /// number TTIN/TTOU or `supervisor scale` set) as the count that `-w` names: app processes
+    /// with `app.command`, HTTP workers otherwise.
+    pub fn processes(&self, workers: u32) -> Processes {
+        if !self.app_pool() {
+            return Processes {
+                http: workers,
+                apps: 0,
+            };
+        }
+        let http = self.server.http_workers.unwrap_or_else(cpus);
+        Processes {
+            http: http.clamp(1, workers.max(1)),
+            apps: workers,
+        }
+    }
 }
 
 #[cfg(test)]

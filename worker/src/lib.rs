@@ -23,6 +23,7 @@ pub mod scoreboard;
 mod admission;
 mod app;
 mod appconn;
+mod apphost;
 mod child;
 mod client_body;
 mod client_rate;
@@ -30,6 +31,7 @@ pub mod cluster;
 mod connection;
 mod edge;
 mod listener;
+mod pool;
 mod process;
 mod proxy;
 mod redis_target;
@@ -57,6 +59,9 @@ pub struct WorkerArgs {
     pub id: u32,
     /// Index of this process's record in the scoreboard.
     pub slot: usize,
+    /// An app host (one app process of the pool, see `apphost`) rather than an HTTP worker;
+    /// `id` is then the app process's number.
+    pub app_host: bool,
     /// The worker exits when its parent is no longer this process.
     pub master_pid: u32,
     /// Already bound and listening sockets (TCP v4/v6 or Unix stream); blocking mode unknown.
@@ -85,5 +90,9 @@ pub struct WorkerArgs {
 /// `log.file` (when set) as stderr. Tracing must already be initialised, writing to stderr;
 /// this installs a panic hook that logs through it.
 pub fn run(args: WorkerArgs) -> ExitCode {
-    process::run(args)
+    if args.app_host {
+        apphost::run(args)
+    } else {
+        process::run(args)
+    }
 }

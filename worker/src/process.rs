@@ -16,16 +16,16 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::access_log::AccessLog;
-use crate::child::{AppProcess, Launch};
 use crate::client_rate::ClientRate;
 use crate::cluster::Cluster;
 use crate::config::{Config, Rate, RateKey, Trusted, Upstream};
 use crate::listener::Listener;
 use crate::pipe::{self, MasterPipe};
+use crate::pool::AppPool;
 use crate::proxy::Proxy;
 use crate::ratelimit::RateTable;
 use crate::scoreboard::{self, Scoreboard, Slot, SlotState};
@@ -198,43 +198,7 @@ async fn serve(
     if let Some(cluster) = &worker.cluster {
         cluster.start(worker.admission.slot()).await;
     }
-    let ended = serve_until_done(worker, fds, master_pid, config, runtime_dir, hold).await;
-    if let Some(app) = worker.proxy.get().and_then(|p| p.app()) {
-        // After a SIGTERM (a drain, or a held worker) the app gets the rest of the grace; after
-        // SIGINT, SIGQUIT or the master's disappearance it is killed at once, as the worker
-        // exits.
-        let grace = ended.term_at.map_or(Duration::ZERO, |at| {
-            app_grace(config.server.graceful_timeout, at)
-        });
-        app.stop(grace).await;
-    }
-    ended.code
-}
-
-/// How serving ended: the exit status, and when SIGTERM came if the stop is a graceful one.
-struct Ended {
-    code: ExitCode,
-    term_at: Option<Instant>,
-}
-
-impl From<ExitCode> for Ended {
-    fn from(code: ExitCode) -> Ended {
-        Ended {
-            code,
-            term_at: None,
-        }
-    }
-}
-
-/// What is left of `server.graceful_timeout` for the app to exit after SIGTERM (received at
-/// `term_at`): the master kills the worker (and with it the app) when the whole stop has taken
-/// `graceful_timeout` since its TERM, so the app's SIGKILL must come a little earlier, from the
-/// worker, which can then say so.
-fn app_grace(graceful_timeout: Duration, term_at: Instant) -> Duration {
-    let margin = (graceful_timeout / 5).min(Duration::from_millis(500));
-    graceful_timeout
-        .saturating_sub(margin)
-        .saturating_sub(term_at.elapsed())
+    serve_until_done(worker, fds, master_pid, config, runtime_dir, hold).await
 }
 
 async fn serve_until_done(
@@ -244,7 +208,7 @@ async fn serve_until_done(
     config: &Config,
     runtime_dir: Option<&Path>,
     hold: bool,
-) -> Ended {
+) -> ExitCode {
     let graceful_timeout = config.server.graceful_timeout;
     let log_file = config.log.file.as_str();
     let slot = worker.admission.slot();
@@ -265,14 +229,14 @@ async fn serve_until_done(
         | (_, _, _, Err(e), _)
         | (_, _, _, _, Err(e)) => {
             error!(error = %e, "cannot install signal handlers");
-            return ExitCode::from(EXIT_STARTUP).into();
+            return ExitCode::from(EXIT_STARTUP);
         }
     };
     // The master starts workers with these two blocked (see the master's worker exec): handled
     // from here on, they may come through, including one sent during the boot.
     if let Err(e) = SigSet::from_iter([Signal::SIGUSR1, Signal::SIGUSR2]).thread_unblock() {
         error!(error = %e, "cannot unblock USR1 and USR2");
-        return ExitCode::from(EXIT_STARTUP).into();
+        return ExitCode::from(EXIT_STARTUP);
     }
 
     spawn_heartbeat(slot);
@@ -283,15 +247,15 @@ async fn serve_until_done(
         started = start_app(worker, config, runtime_dir) => {
             if let Err(why) = started {
                 error!("{why}");
-                return ExitCode::from(EXIT_STARTUP).into();
+                return ExitCode::from(EXIT_STARTUP)
             }
         }
         _ = term.recv() => {
             info!("SIGTERM while the app starts: exiting");
-            return ExitCode::SUCCESS.into();
+            return ExitCode::SUCCESS
         }
-        _ = int.recv() => return ExitCode::SUCCESS.into(),
-        _ = quit.recv() => return ExitCode::SUCCESS.into(),
+        _ = int.recv() => return ExitCode::SUCCESS,
+        _ = quit.recv() => return ExitCode::SUCCESS,
     }
     let mut parent_check = tokio::time::interval(PARENT_CHECK_INTERVAL);
     parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -303,7 +267,7 @@ async fn serve_until_done(
     if hold {
         if let Err(e) = worker.master.send(pipe::READY) {
             error!(error = %e, "cannot acknowledge readiness to the master");
-            return ExitCode::from(EXIT_STARTUP).into();
+            return ExitCode::from(EXIT_STARTUP);
         }
         debug!("worker ready; held until the master releases it");
         loop {
@@ -311,14 +275,14 @@ async fn serve_until_done(
                 _ = usr2.recv() => break,
                 _ = term.recv() => {
                     info!("SIGTERM while held: exiting");
-                    return Ended { code: ExitCode::SUCCESS, term_at: Some(Instant::now()) };
+                    return ExitCode::SUCCESS;
                 }
-                _ = int.recv() => return ExitCode::SUCCESS.into(),
-                _ = quit.recv() => return ExitCode::SUCCESS.into(),
+                _ = int.recv() => return ExitCode::SUCCESS,
+                _ = quit.recv() => return ExitCode::SUCCESS,
                 _ = usr1.recv() => reopen_logs(log_file, worker),
                 _ = parent_check.tick() => {
                     if master_gone(master_pid) {
-                        return ExitCode::from(EXIT_MASTER_GONE).into();
+                        return ExitCode::from(EXIT_MASTER_GONE)
                     }
                 }
             }
@@ -333,7 +297,7 @@ async fn serve_until_done(
             Ok(l) => listeners.push(l),
             Err(e) => {
                 error!(error = %e, "unusable listener");
-                return ExitCode::from(EXIT_STARTUP).into();
+                return ExitCode::from(EXIT_STARTUP);
             }
         }
     }
@@ -343,19 +307,17 @@ async fn serve_until_done(
     if !hold {
         if let Err(e) = worker.master.send(pipe::READY) {
             error!(error = %e, "cannot acknowledge readiness to the master");
-            return ExitCode::from(EXIT_STARTUP).into();
+            return ExitCode::from(EXIT_STARTUP);
         }
     }
     info!(pid = std::process::id(), "worker serving");
 
     let mut server = Some(server);
-    let mut term_at = None;
     let mut draining: Option<Pin<Box<dyn Future<Output = DrainSummary> + Send>>> = None;
     loop {
         tokio::select! {
             _ = term.recv() => match server.take() {
                 Some(s) => {
-                    term_at = Some(Instant::now());
                     info!("SIGTERM: draining");
                     draining = Some(Box::pin(s.drain(graceful_timeout)));
                 }
@@ -363,24 +325,24 @@ async fn serve_until_done(
             },
             _ = int.recv() => {
                 info!("SIGINT: exiting now");
-                return ExitCode::SUCCESS.into();
+                return ExitCode::SUCCESS
             }
             _ = quit.recv() => {
                 info!("SIGQUIT: exiting now");
-                return ExitCode::SUCCESS.into();
+                return ExitCode::SUCCESS
             }
             _ = usr1.recv() => reopen_logs(log_file, worker),
             _ = usr2.recv() => debug!("SIGUSR2: not held; ignored"),
             _ = parent_check.tick() => {
                 if master_gone(master_pid) {
-                    return ExitCode::from(EXIT_MASTER_GONE).into();
+                    return ExitCode::from(EXIT_MASTER_GONE)
                 }
             }
             summary = async { draining.as_mut().expect("guarded").await }, if draining.is_some() => {
                 if summary.remaining > 0 {
                     warn!(connections.remaining = summary.remaining, "exiting after drain timeout");
                 }
-                return Ended { code: ExitCode::SUCCESS, term_at };
+                return ExitCode::SUCCESS;
             }
         }
     }
@@ -400,46 +362,21 @@ async fn start_app(
     let trusted = Trusted::parse(&config.server.forwarded_allow_ips)
         .map_err(|e| format!("server.forwarded_allow_ips: {e}"))?;
     let max_body = config.worker.max_body_bytes.bytes();
-    let id = worker.admission.slot().worker_id.load(Ordering::Relaxed);
-    let (target, process) = if app.command.is_empty() {
+    let (target, pool) = if app.command.is_empty() {
         let upstream = Upstream::parse(&app.upstream).map_err(|e| format!("app.upstream: {e}"))?;
         info!(app.upstream = %upstream, "proxying to the upstream");
         (upstream, None)
     } else {
-        let (address, socket, port) = if app.command.iter().any(|a| a.contains("{socket}")) {
-            let dir = runtime_dir.ok_or("no runtime directory for the app's {socket}")?;
-            let path = dir.join(format!("app-{id}-{}.sock", std::process::id()));
-            let socket = path.display().to_string();
-            (Upstream::Unix(path), socket, String::new())
-        } else {
-            let port = free_loopback_port()
-                .map_err(|e| format!("no free port for the app's {{port}}: {e}"))?;
-            (
-                Upstream::Tcp(format!("127.0.0.1:{port}")),
-                String::new(),
-                port.to_string(),
-            )
-        };
-        let worker_id = id.to_string();
-        let argv = app
-            .command
-            .iter()
-            .map(|a| {
-                a.replace("{socket}", &socket)
-                    .replace("{port}", &port)
-                    .replace("{worker}", &worker_id)
-            })
-            .collect();
-        let launch = Launch {
-            argv,
-            address: address.clone(),
-            worker_id: id,
-            ready_timeout: app.ready_timeout,
-        };
-        let process = AppProcess::start(launch, worker.admission.slot()).await?;
-        (address, Some(process))
+        // The app processes run apart (`apphost`); any of them takes any request.
+        let dir = runtime_dir.ok_or("no runtime directory for the app processes")?;
+        let pool = AppPool::new(
+            app.concurrency,
+            worker.admission.slot_index(),
+            dir.to_path_buf(),
+        );
+        (Upstream::Unix(dir.to_path_buf()), Some(pool))
     };
-    let proxy = Proxy::new(app, trusted, max_body, target, process);
+    let proxy = Proxy::new(app, trusted, max_body, target, pool);
     if worker.proxy.set(proxy).is_err() {
         return Err("the app was set up twice".to_string());
     }
@@ -448,13 +385,13 @@ async fn start_app(
 
 /// A loopback port free right now, for `{port}`. (Another process may take it before the app
 /// binds it; the app then fails to start, which is reported and retried.)
-fn free_loopback_port() -> std::io::Result<u16> {
+pub(crate) fn free_loopback_port() -> std::io::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
 
 /// Whether this worker was re-parented, i.e. its master is gone (logged once, here).
-fn master_gone(master_pid: u32) -> bool {
+pub(crate) fn master_gone(master_pid: u32) -> bool {
     let ppid = nix::unistd::getppid().as_raw() as u32;
     if ppid == master_pid {
         return false;

@@ -1,5 +1,5 @@
-//! Passing requests to the app: the worker's own app process (`app.command`, see `child`) or a
-//! server started elsewhere (`app.upstream`).
+//! Passing requests to the app: the pool of app processes (`app.command`; `pool` chooses one
+//! per request) or a server started elsewhere (`app.upstream`).
 //!
 //! Owns the connection pool to the app (hyper-util's pooled client over a Unix socket or TCP),
 //! what changes in a request and its response on the way (hop-by-hop headers, the
@@ -39,10 +39,10 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::{debug, warn};
 
 use crate::appconn::AppStream;
-use crate::child::AppProcess;
 use crate::client_body::{ClientBody, ClientBodyError};
 use crate::config::{AppConfig, Trusted, Upstream};
 use crate::connection::ClientConnection;
+use crate::pool::{AppLease, AppPool, NoApp};
 use crate::response::{text, Body, BoxError};
 use crate::scoreboard::coarse_monotonic_ms;
 use crate::server::Worker;
@@ -93,8 +93,8 @@ pub(crate) struct Proxy {
     /// `max_body_bytes` as the body limiters take it.
     max_body: usize,
     trusted: Trusted,
-    /// The app process (`app.command`); `None` for `app.upstream`.
-    app: Option<AppProcess>,
+    /// The app processes (`app.command`); `None` for `app.upstream`.
+    pool: Option<AppPool>,
     /// Where requests go, for a connection outside the pool (the retry of a request that met
     /// a pooled connection the app had closed).
     upstream: Arc<Upstream>,
@@ -114,23 +114,31 @@ pub(crate) struct Proxy {
 const BAD_GATEWAY_LOG_EVERY_MS: u64 = 1000;
 
 impl Proxy {
-    /// A proxy to `target`: `app.upstream`, or where the worker's app process (`app`, already up)
-    /// listens.
+    /// A proxy to `target` (`app.upstream`), or with `pool`, to the app processes.
     pub(crate) fn new(
         config: &AppConfig,
         trusted: Trusted,
         max_body_bytes: u64,
         target: Upstream,
-        app: Option<AppProcess>,
+        pool: Option<AppPool>,
     ) -> Proxy {
-        let described = target.to_string();
+        let described = match pool {
+            Some(_) => "the app processes".to_string(),
+            None => target.to_string(),
+        };
         let upstream = Arc::new(target);
+        let connector = Connector {
+            fixed: Arc::clone(&upstream),
+            pool: pool
+                .as_ref()
+                .map(|p| Arc::new(p.runtime_dir().to_path_buf())),
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .pool_timer(TokioTimer::new())
             // The Host header is the client's, set below; the URI's authority is a pool key.
             .set_host(false)
-            .build(Connector(Arc::clone(&upstream)));
+            .build(connector);
         Proxy {
             client,
             concurrency: (config.concurrency > 0)
@@ -140,7 +148,7 @@ impl Proxy {
             max_body_bytes,
             max_body: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
             trusted,
-            app,
+            pool,
             upstream,
             upgrades: config
                 .upgrades
@@ -171,16 +179,17 @@ impl Proxy {
         );
     }
 
-    pub(crate) fn app(&self) -> Option<&AppProcess> {
-        self.app.as_ref()
+    /// Whether a request that passes `worker.request_timeout` kills its app process: the
+    /// request then carries a ticket (see `timed_out`).
+    pub(crate) fn kills_on_timeout(&self) -> bool {
+        self.kill_on_timeout && self.pool.is_some()
     }
 
-    /// Called when a request to the app passed `worker.request_timeout`.
-    pub(crate) fn timed_out(&self) {
-        if self.kill_on_timeout {
-            if let Some(app) = &self.app {
-                app.kill();
-            }
+    /// Called when a request to the app passed `worker.request_timeout`, with the ticket
+    /// its app slot wrote (`AppLease::ticket`).
+    pub(crate) fn timed_out(&self, worker: &Worker, ticket: u64) {
+        if self.kills_on_timeout() {
+            crate::pool::kill_app_of(worker.admission.board(), ticket);
         }
     }
 
@@ -193,6 +202,7 @@ impl Proxy {
         body: Incoming,
         peer: Option<IpAddr>,
         client: ClientConnection,
+        ticket: Option<Arc<AtomicU64>>,
     ) -> impl Future<Output = Response<Body>> + Send + 'static {
         let mut headers = std::mem::take(&mut head.headers);
         // Only HTTP/1.1 upgrades, to the protocols `app.upgrades` allows: any other `Upgrade`
@@ -220,7 +230,7 @@ impl Proxy {
         self.set_forwarded(&mut headers, peer);
 
         // The app sees the client's path and query as they came; the authority is only the
-        // pool's key (the connector ignores it).
+        // connection pool's key (with app processes, the one chosen; see `Connector`).
         let mut parts = hyper::http::uri::Parts::default();
         parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
         parts.authority = Some(hyper::http::uri::Authority::from_static("app"));
@@ -245,6 +255,7 @@ impl Proxy {
                 body,
                 upgrade.flatten(),
                 client,
+                ticket,
             )
             .await
         }
@@ -287,20 +298,34 @@ impl Proxy {
         body: Incoming,
         client_upgrade: Option<OnUpgrade>,
         client: ClientConnection,
+        ticket: Option<Arc<AtomicU64>>,
     ) -> Response<Body> {
-        if let Some(app) = &self.app {
-            if let Err(why) = app.ready().await {
-                return unavailable(&why);
-            }
-        }
-        // Waits its turn (first come, first served) within the request timeout.
-        let permit = match &self.concurrency {
-            Some(s) => match s.acquire().await {
-                Ok(p) => Some(p),
-                Err(_) => return unavailable("the app is stopping"),
+        // Waits its turn (first come, first served, host-wide with app processes) within the
+        // request timeout.
+        let mut uri = uri;
+        let lease = match &self.pool {
+            Some(pool) => match pool.acquire(worker.admission.board()).await {
+                Ok(lease) => {
+                    if let Some(ticket) = &ticket {
+                        ticket.store(lease.ticket(), Ordering::Relaxed);
+                    }
+                    uri = with_authority(uri, &lease.authority());
+                    Some(lease)
+                }
+                Err(NoApp::Failing) => {
+                    return unavailable("every app process keeps failing to start")
+                }
             },
             None => None,
         };
+        let sem = match &self.concurrency {
+            Some(s) if self.pool.is_none() => match s.acquire().await {
+                Ok(p) => Some(p),
+                Err(_) => return unavailable("the app is stopping"),
+            },
+            _ => None,
+        };
+        let permit = AppPermit { _sem: sem, lease };
         // The client left while the request waited for the app: nothing to send it for.
         if client.gone() {
             return text(
@@ -348,7 +373,11 @@ impl Proxy {
                         error = %error_chain(&e),
                         "the app's pooled connection was dead; sending again on a new one"
                     );
-                    self.send_fresh(outgoing(method, uri, headers, Either::Right(body)))
+                    let target = match &permit.lease {
+                        Some(lease) => Arc::new(lease.upstream()),
+                        None => Arc::clone(&self.upstream),
+                    };
+                    self.send_fresh(&target, outgoing(method, uri, headers, Either::Right(body)))
                         .await
                 }
                 _ => Err(Box::new(e)),
@@ -357,6 +386,9 @@ impl Proxy {
         let mut res = match sent {
             Ok(res) => {
                 worker.admission.slot().app_answered();
+                if let Some(lease) = &permit.lease {
+                    lease.slot().app_answered();
+                }
                 res
             }
             Err(e) if caused_by_body_limit(&*e) => {
@@ -369,6 +401,9 @@ impl Proxy {
                 }
                 let why = error_chain(&*e);
                 worker.admission.slot().app_failed();
+                if let Some(lease) = &permit.lease {
+                    lease.slot().app_failed();
+                }
                 self.warn_bad_gateway(&why);
                 return bad_gateway(format!("the app did not answer: {why}"));
             }
@@ -421,12 +456,16 @@ impl Proxy {
 
     /// Sends `req` on a new connection of its own, outside the pool (closed after its
     /// response).
-    async fn send_fresh(&self, mut req: Request<Outgoing>) -> Result<Response<Incoming>, BoxError> {
+    async fn send_fresh(
+        &self,
+        target: &Upstream,
+        mut req: Request<Outgoing>,
+    ) -> Result<Response<Incoming>, BoxError> {
         // On a connection of its own the target is origin-form.
         if let Some(pq) = req.uri().path_and_query().cloned() {
             *req.uri_mut() = Uri::from(pq);
         }
-        let stream = AppStream::connect(&self.upstream).await?;
+        let stream = AppStream::connect(target).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake::<_, Outgoing>(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
@@ -756,7 +795,13 @@ fn unavailable(why: &str) -> Response<Body> {
 
 /// The pool's connector: every connection goes to the one target, whatever the URI says.
 #[derive(Clone)]
-pub(crate) struct Connector(Arc<Upstream>);
+/// Connects the pooled client: to `app.upstream`, or with app processes, to the one a request's
+/// authority names (`AppLease::authority`), so that each app process has a pool of its own.
+pub(crate) struct Connector {
+    fixed: Arc<Upstream>,
+    /// The runtime directory, with app processes.
+    pool: Option<Arc<std::path::PathBuf>>,
+}
 
 impl tower_service::Service<Uri> for Connector {
     type Response = TokioIo<AppStream>;
@@ -767,8 +812,13 @@ impl tower_service::Service<Uri> for Connector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let target = Arc::clone(&self.0);
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let target = match (&self.pool, uri.authority()) {
+            (Some(dir), Some(authority)) => {
+                Arc::new(crate::pool::upstream_of(dir, authority.as_str()))
+            }
+            _ => Arc::clone(&self.fixed),
+        };
         Box::pin(async move { Ok(TokioIo::new(AppStream::connect(&target).await?)) })
     }
 }
@@ -779,8 +829,29 @@ impl Connection for AppStream {
     }
 }
 
-/// The permit of `app.concurrency`, held by the response body until it is sent.
-pub(crate) type AppPermit = Option<SemaphorePermit<'static>>;
+/// The app's slot a request holds (`app.concurrency` toward an upstream, a slot of one app
+/// process of the pool), held by the response body until it is sent.
+pub(crate) struct AppPermit {
+    _sem: Option<SemaphorePermit<'static>>,
+    lease: Option<AppLease>,
+}
+
+impl AppPermit {
+    /// The ticket of the app process slot held (`AppLease::ticket`); 0: none.
+    pub(crate) fn ticket(&self) -> u64 {
+        self.lease.as_ref().map_or(0, AppLease::ticket)
+    }
+}
+
+/// `uri` with its authority (the connection pool's key) replaced.
+fn with_authority(uri: Uri, authority: &str) -> Uri {
+    let mut parts = uri.into_parts();
+    match hyper::http::uri::Authority::try_from(authority) {
+        Ok(a) => parts.authority = Some(a),
+        Err(_) => return Uri::from_static("/"),
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
 
 #[cfg(test)]
 mod tests {

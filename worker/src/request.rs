@@ -408,14 +408,18 @@ fn serve(
     let (mut head, body) = req.into_parts();
     if let Some(proxy) = worker.proxy.get() {
         let client = guard.activity().connection();
-        let answer = proxy.forward(worker, &mut head, body, peer, client);
-        let answer = Box::pin(later(worker, head, answer, guard));
+        // Which app process took the request, for `app.kill_on_timeout` (only then).
+        let ticket = proxy
+            .kills_on_timeout()
+            .then(|| std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        let answer = proxy.forward(worker, &mut head, body, peer, client, ticket.clone());
+        let answer = Box::pin(later(worker, head, answer, guard, ticket));
         return Handled::Proxied(crate::proxy::Exchange::new(worker, answer));
     }
     match catch_unwind(AssertUnwindSafe(|| app::call(worker, &head, body))) {
         Ok(Ok(app::Reply::Now(res))) => Handled::now(finish(res, guard)),
         Ok(Ok(app::Reply::Later(wait))) => {
-            Handled::Later(Box::pin(later(worker, head, wait, guard)))
+            Handled::Later(Box::pin(later(worker, head, wait, guard, None)))
         }
         Ok(Err(e)) => Handled::now(failed(&head, e, guard)),
         Err(panic) => Handled::now(panicked(&head, panic, guard)),
@@ -429,6 +433,7 @@ async fn later(
     head: Parts,
     wait: impl Future<Output = Response<Body>> + Send,
     mut guard: RequestGuard,
+    ticket: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 ) -> Response<Body> {
     let mut wait = pin!(wait);
     let caught = poll_fn(
@@ -444,7 +449,8 @@ async fn later(
         Err(_) => {
             guard.admitted = None;
             if let Some(proxy) = worker.proxy.get() {
-                proxy.timed_out();
+                let ticket = ticket.map_or(0, |t| t.load(Ordering::Relaxed));
+                proxy.timed_out(worker, ticket);
             }
             worker
                 .admission

@@ -154,7 +154,7 @@ impl Body {
 async fn discard(mut kind: Kind, mut guard: RequestGuard) {
     guard.client_gone();
     let worker = guard.worker();
-    if let Kind::Proxied { body, .. } = &mut kind {
+    if let Kind::Proxied { body, _permit } = &mut kind {
         let read = async {
             while let Some(frame) = http_body_util::BodyExt::frame(body).await {
                 if frame.is_err() {
@@ -171,7 +171,7 @@ async fn discard(mut kind: Kind, mut guard: RequestGuard) {
                  worker.request_timeout; connection to the app dropped"
             );
             if let Some(proxy) = worker.proxy.get() {
-                proxy.timed_out();
+                proxy.timed_out(worker, _permit.ticket());
             }
         }
     }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
-const MAGIC: u64 = 0x5355_5056_5342_0005; // "SUPVSB" + layout version 5
+const MAGIC: u64 = 0x5355_5056_5342_0006; // "SUPVSB" + layout version 6
 
 /// Name of the memfd, visible in `/proc/PID/fd` as `/memfd:supervisor-scoreboard (deleted)`;
 /// `supervisor status` finds the master's scoreboard by it.
@@ -41,6 +41,11 @@ pub struct Header {
     /// Random, drawn by the master at start: names this master's Redis leases apart from those
     /// of any other master, on this host (another PID namespace) or elsewhere.
     pub instance: AtomicU64,
+    /// One more than the highest record the master has ever given a process: HTTP workers look
+    /// for app processes below it (master writes).
+    pub records_used: AtomicU32,
+    /// Requests waiting host-wide for an app process with a free slot (see `pool`).
+    pub app_waiters: AtomicU32,
 }
 
 /// What a worker record's process is doing, in lifecycle order.
@@ -139,6 +144,25 @@ pub struct Slot {
     /// Requests whose client left before its response was sent (logged 499); the app still
     /// finished them, with their permits held.
     pub client_gone: AtomicU64,
+    /// What the record's process is ([`Kind`]); written by the master before the fork.
+    pub kind: AtomicU32,
+    /// App host records: the app process's load as HTTP workers see it, one word so that
+    /// taking a slot, closing to new requests and a new process in the record are never seen
+    /// half done: the app host's pid (high 32 bits), [`APP_OPEN`] (it takes new requests), and
+    /// the requests in flight to it (low 31 bits). See [`Slot::app_take`].
+    pub app_load: AtomicU64,
+    /// App host records: the loopback port the app listens on (`{port}`); 0 for `{socket}`.
+    pub app_port: AtomicU32,
+    /// App host records: 1 while the app fails to start again and again (requests stop waiting
+    /// for it).
+    pub app_failing: AtomicU32,
+    /// App host records: requests sent to the app process (the count `max_requests` recycles
+    /// by); written by HTTP workers.
+    pub app_sent: AtomicU64,
+    /// HTTP worker records: when the request at the head of this worker's queue for an app
+    /// process began to wait (µs of CLOCK_MONOTONIC); 0 when none waits. The oldest head
+    /// host-wide goes first.
+    pub app_wait_since_us: AtomicU64,
     /// Time this worker spent with Redis degraded, in ms, up to its last recovery.
     pub redis_degraded_ms: AtomicU64,
     /// When the current degraded period began (coarse CLOCK_MONOTONIC ms); 0 when not degraded.
@@ -203,6 +227,56 @@ impl RecycleReason {
     }
 }
 
+/// What a record's process is.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// An HTTP worker (with the built-in app, an upstream, or in front of app processes).
+    Http = 0,
+    /// An app host: supervises one app process (`app.command`) of the pool.
+    App = 1,
+}
+
+impl Kind {
+    pub fn from_u32(v: u32) -> Kind {
+        if v == 1 {
+            Kind::App
+        } else {
+            Kind::Http
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Http => "http",
+            Kind::App => "app",
+        }
+    }
+}
+
+/// The bit of [`Slot::app_load`] that says the app process takes new requests.
+pub const APP_OPEN: u64 = 1 << 31;
+const APP_INFLIGHT: u64 = APP_OPEN - 1;
+
+/// An app process's load, as read from [`Slot::app_load`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppLoad {
+    /// Its app host's pid; 0 for a free record.
+    pub pid: u32,
+    pub open: bool,
+    pub inflight: u32,
+}
+
+impl AppLoad {
+    pub fn of(word: u64) -> AppLoad {
+        AppLoad {
+            pid: (word >> 32) as u32,
+            open: word & APP_OPEN != 0,
+            inflight: (word & APP_INFLIGHT) as u32,
+        }
+    }
+}
+
 /// After this many 502s in a row, a worker's app counts as unhealthy (`status`, metrics).
 pub const APP_UNHEALTHY_AFTER_502S: u32 = 3;
 
@@ -228,6 +302,56 @@ impl Slot {
 
     pub fn state(&self) -> SlotState {
         SlotState::from_u32(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn kind(&self) -> Kind {
+        Kind::from_u32(self.kind.load(Ordering::Relaxed))
+    }
+
+    pub fn app_load(&self) -> AppLoad {
+        AppLoad::of(self.app_load.load(Ordering::Acquire))
+    }
+
+    /// App host side: names its process in its record, closed to requests.
+    pub fn app_init(&self, pid: u32) {
+        self.app_load.store(u64::from(pid) << 32, Ordering::Release);
+    }
+
+    /// App host side: opens (or closes) the app process to new requests. Requests in flight go
+    /// on; a closed app whose in-flight count reaches 0 is done with.
+    pub fn app_set_open(&self, open: bool) {
+        if open {
+            self.app_load.fetch_or(APP_OPEN, Ordering::AcqRel);
+        } else {
+            self.app_load.fetch_and(!APP_OPEN, Ordering::AcqRel);
+        }
+    }
+
+    /// HTTP worker side: takes one request slot of the app process whose host is `pid`, if it
+    /// is still that process, open, and below `limit` requests in flight (0: no limit).
+    pub fn app_take(&self, pid: u32, limit: u32) -> bool {
+        self.app_load
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                let l = AppLoad::of(w);
+                let room = if limit == 0 {
+                    u64::from(l.inflight) < APP_INFLIGHT
+                } else {
+                    l.inflight < limit
+                };
+                (l.pid == pid && l.open && room).then_some(w + 1)
+            })
+            .is_ok()
+    }
+
+    /// HTTP worker side: gives back a slot taken with `app_take(pid, _)`; nothing if the
+    /// record has a new process since (the master cleared it when it reaped the old one).
+    pub fn app_give_back(&self, pid: u32) {
+        let _ = self
+            .app_load
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                let l = AppLoad::of(w);
+                (l.pid == pid && l.inflight > 0).then_some(w - 1)
+            });
     }
 
     pub fn set_state(&self, state: SlotState) {
@@ -518,6 +642,12 @@ impl Scoreboard {
         slot.client_gone.store(0, Ordering::Relaxed);
         slot.redis_degraded_ms.store(0, Ordering::Relaxed);
         slot.redis_degraded_since_ms.store(0, Ordering::Relaxed);
+        slot.kind.store(0, Ordering::Relaxed);
+        slot.app_load.store(0, Ordering::Release);
+        slot.app_port.store(0, Ordering::Relaxed);
+        slot.app_failing.store(0, Ordering::Relaxed);
+        slot.app_sent.store(0, Ordering::Relaxed);
+        slot.app_wait_since_us.store(0, Ordering::Relaxed);
         for e in &slot.current {
             e.started_ms.store(0, Ordering::Relaxed);
         }
@@ -539,6 +669,13 @@ impl Drop for Scoreboard {
             let _ = munmap(self.base.cast(), self.len);
         }
     }
+}
+
+/// Microseconds of CLOCK_MONOTONIC: the same clock in every process on the host.
+pub fn monotonic_us() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available on Linux");
+    ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1_000
 }
 
 /// Milliseconds of CLOCK_MONOTONIC: the same clock in every process on the host.

@@ -44,6 +44,7 @@ fn child() {
     let code = run(WorkerArgs {
         id: 1,
         slot: 0,
+        app_host: false,
         master_pid: nix::unistd::getppid().as_raw() as u32,
         listeners: vec![listener.into()],
         ready: ready.into(),

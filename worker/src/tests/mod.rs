@@ -206,6 +206,7 @@ mod process {
         WorkerArgs {
             id: 1,
             slot,
+            app_host: false,
             master_pid: std::process::id(),
             listeners: Vec::new(),
             ready: OwnedFd::from(ready),

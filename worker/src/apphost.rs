@@ -1,0 +1,310 @@
+//! An app host: the process the master runs for one app process of the pool (`app.command`).
+//!
+//! The master treats it as it treats an HTTP worker (spawn, readiness on the pipe, heartbeat,
+//! held start, drain, recycling by `max_requests`, `max_rss`, `max_lifetime`, hang, crash
+//! backoff), so the app processes get the whole lifecycle without a second one in the master.
+//! The app host starts the app (`child`), passes its output to the log under `app.id`, and says
+//! in its scoreboard record whether HTTP workers may send it requests ([`Slot::app_load`]): open
+//! once the app is up (and a held host released), closed while the app restarts or once the
+//! host drains. It counts nothing on the request path: HTTP workers count the requests they
+//! send it, which the host compares with its `max_requests`.
+//!
+//! Draining (SIGTERM): closed to new requests, it waits until the requests in flight to its app
+//! are done (within `server.graceful_timeout`), then stops the app and exits.
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, error, info, info_span, warn};
+
+use crate::child::{AppProcess, Health, Launch};
+use crate::config::{Config, Upstream};
+use crate::pipe::{self, MasterPipe};
+use crate::scoreboard::{Scoreboard, Slot, SlotState};
+use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
+
+/// How often the host looks at what HTTP workers wrote in its record: requests sent (for
+/// `max_requests`), failed requests (the app may be unreachable), the end of a drain.
+const LOOK_EVERY: Duration = Duration::from_millis(20);
+
+pub(crate) fn run(args: WorkerArgs) -> ExitCode {
+    let span = info_span!("app", app.id = args.id);
+    let _entered = span.enter();
+    let board = match Scoreboard::open(&args.scoreboard, true) {
+        Ok(board) if args.slot < board.capacity() => board,
+        Ok(_) => {
+            error!(slot = args.slot, "scoreboard record out of range");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+        Err(e) => {
+            error!(error = %e, "cannot map the scoreboard");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    drop(args.scoreboard);
+    drop(args.rates);
+    if let Err(e) = crate::privileges::drop_privileges(&args.config.server, args.master_pid) {
+        error!("{e}");
+        return ExitCode::from(EXIT_STARTUP);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the event loop");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    let master = match MasterPipe::new(args.ready) {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            error!(error = %e, "unusable pipe to the master");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    // The record lives as long as the process: the mapping is never unmapped before exit.
+    let board: &'static Scoreboard = Box::leak(Box::new(board));
+    let slot = board.slot(args.slot);
+    let host = Host {
+        slot,
+        master,
+        id: args.id,
+        master_pid: args.master_pid,
+        max_requests: args.max_requests,
+        config: &args.config,
+    };
+    let code = runtime.block_on(host.serve(args.runtime_dir.as_deref(), args.hold));
+    drop(runtime);
+    code
+}
+
+struct Host<'a> {
+    slot: &'static Slot,
+    master: MasterPipe,
+    id: u32,
+    master_pid: u32,
+    max_requests: u64,
+    config: &'a Config,
+}
+
+impl Host<'_> {
+    async fn serve(&self, runtime_dir: Option<&std::path::Path>, hold: bool) -> ExitCode {
+        let (mut term, mut int, mut quit, mut usr1, mut usr2) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::user_defined2()),
+        ) {
+            (Ok(t), Ok(i), Ok(q), Ok(u), Ok(u2)) => (t, i, q, u, u2),
+            _ => {
+                error!("cannot install signal handlers");
+                return ExitCode::from(EXIT_STARTUP);
+            }
+        };
+        if let Err(e) = nix::sys::signal::SigSet::from_iter([
+            nix::sys::signal::Signal::SIGUSR1,
+            nix::sys::signal::Signal::SIGUSR2,
+        ])
+        .thread_unblock()
+        {
+            error!(error = %e, "cannot unblock USR1 and USR2");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+        crate::process::spawn_heartbeat(self.slot);
+        self.slot.app_init(std::process::id());
+
+        let launch = match launch(self.config, self.id, runtime_dir) {
+            Ok(l) => l,
+            Err(why) => {
+                error!("{why}");
+                return ExitCode::from(EXIT_STARTUP);
+            }
+        };
+        if let Upstream::Tcp(addr) = &launch.address {
+            if let Some(port) = addr.rsplit(':').next().and_then(|p| p.parse().ok()) {
+                self.slot.app_port.store(port, Ordering::Relaxed);
+            }
+        }
+        let app = tokio::select! {
+            started = AppProcess::start(launch, self.slot) => match started {
+                Ok(app) => app,
+                Err(why) => {
+                    error!("{why}");
+                    return ExitCode::from(EXIT_STARTUP);
+                }
+            },
+            _ = term.recv() => {
+                info!("SIGTERM while the app starts: exiting");
+                return ExitCode::SUCCESS;
+            }
+            _ = int.recv() => return ExitCode::SUCCESS,
+            _ = quit.recv() => return ExitCode::SUCCESS,
+        };
+        if let Err(e) = self.master.send(pipe::READY) {
+            error!(error = %e, "cannot acknowledge readiness to the master");
+            app.stop(Duration::ZERO).await;
+            return ExitCode::from(EXIT_STARTUP);
+        }
+        let mut released = !hold;
+        if released {
+            self.slot.set_state(SlotState::Serving);
+        }
+        debug!(held = hold, "app host ready");
+
+        let mut health = app.health();
+        let mut look = tokio::time::interval(LOOK_EVERY);
+        look.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut parent_check = tokio::time::interval(crate::PARENT_CHECK_INTERVAL);
+        parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let prepare_at = pipe::prepare_at(self.max_requests);
+        let (mut told_soon, mut told_reached) = (false, false);
+        let mut drain: Option<Instant> = None;
+        let mut failed_seen = 0u32;
+        loop {
+            let ready = matches!(*health.borrow(), Health::Ready);
+            let failing = matches!(*health.borrow(), Health::Failing(_));
+            self.slot
+                .app_failing
+                .store(u32::from(failing), Ordering::Relaxed);
+            self.slot.app_set_open(ready && released && drain.is_none());
+            if let Some(since) = drain {
+                let grace = self.config.server.graceful_timeout;
+                let done = self.slot.app_load().inflight == 0;
+                if done || since.elapsed() >= grace {
+                    if !done {
+                        warn!(
+                            requests.inflight = self.slot.app_load().inflight,
+                            "requests still in flight to the app after server.graceful_timeout"
+                        );
+                    }
+                    app.stop(app_grace(grace, since)).await;
+                    return ExitCode::SUCCESS;
+                }
+            }
+            tokio::select! {
+                changed = health.changed() => {
+                    if changed.is_err() {
+                        error!("the app's supervising task ended");
+                        return ExitCode::from(EXIT_STARTUP);
+                    }
+                }
+                _ = look.tick() => {
+                    let sent = self.slot.app_sent.load(Ordering::Relaxed);
+                    if drain.is_none() && prepare_at > 0 && !told_soon && sent >= prepare_at {
+                        told_soon = true;
+                        let _ = self.master.send(pipe::MAX_REQUESTS_SOON);
+                    }
+                    if drain.is_none() && self.max_requests > 0 && !told_reached && sent >= self.max_requests {
+                        told_reached = true;
+                        let _ = self.master.send(pipe::MAX_REQUESTS);
+                    }
+                    // HTTP workers count the requests the app did not answer in its record: the
+                    // app's socket may be gone or dead, which the app's task checks.
+                    let failed = self.slot.app_502_streak.load(Ordering::Relaxed);
+                    if failed > failed_seen {
+                        crate::child::check_reachable();
+                    }
+                    failed_seen = failed;
+                }
+                _ = term.recv() => {
+                    if drain.is_none() {
+                        info!("SIGTERM: draining (no new requests; waiting for those in flight)");
+                        drain = Some(Instant::now());
+                        self.slot.set_state(SlotState::Draining);
+                    }
+                }
+                _ = usr2.recv() => {
+                    if !released {
+                        released = true;
+                        self.slot.set_state(SlotState::Serving);
+                        debug!("SIGUSR2: released");
+                    }
+                }
+                _ = int.recv() => {
+                    app.stop(Duration::ZERO).await;
+                    return ExitCode::SUCCESS;
+                }
+                _ = quit.recv() => {
+                    app.stop(Duration::ZERO).await;
+                    return ExitCode::SUCCESS;
+                }
+                _ = usr1.recv() => reopen_log(&self.config.log.file),
+                _ = parent_check.tick() => {
+                    if crate::process::master_gone(self.master_pid) {
+                        app.stop(Duration::ZERO).await;
+                        return ExitCode::from(EXIT_MASTER_GONE);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What is left of `graceful_timeout` (since the drain began) for the app to exit: a little
+/// less than the master's own deadline, so the app's SIGKILL comes from here and is logged.
+fn app_grace(graceful_timeout: Duration, since: Instant) -> Duration {
+    let margin = (graceful_timeout / 5).min(Duration::from_millis(500));
+    graceful_timeout
+        .saturating_sub(margin)
+        .saturating_sub(since.elapsed())
+}
+
+/// The app's command line with its placeholders replaced, and where it will listen.
+fn launch(
+    config: &Config,
+    id: u32,
+    runtime_dir: Option<&std::path::Path>,
+) -> Result<Launch, String> {
+    let app = &config.app;
+    let (address, socket, port) = if app.command.iter().any(|a| a.contains("{socket}")) {
+        let dir = runtime_dir.ok_or("no runtime directory for the app's {socket}")?;
+        // The name HTTP workers derive from the record (`pool::AppLease::authority`).
+        let path = dir.join(format!("app-{id}-{}.sock", std::process::id()));
+        let socket = path.display().to_string();
+        (Upstream::Unix(path), socket, String::new())
+    } else {
+        let port = crate::process::free_loopback_port()
+            .map_err(|e| format!("no free port for the app's {{port}}: {e}"))?;
+        (
+            Upstream::Tcp(format!("127.0.0.1:{port}")),
+            String::new(),
+            port.to_string(),
+        )
+    };
+    let worker_id = id.to_string();
+    let argv = app
+        .command
+        .iter()
+        .map(|a| {
+            a.replace("{socket}", &socket)
+                .replace("{port}", &port)
+                .replace("{worker}", &worker_id)
+        })
+        .collect();
+    Ok(Launch {
+        argv,
+        address,
+        worker_id: id,
+        ready_timeout: app.ready_timeout,
+    })
+}
+
+fn reopen_log(log_file: &str) {
+    if log_file.is_empty() {
+        return;
+    }
+    match crate::logfile::redirect_stderr(log_file) {
+        Ok(()) => info!(log.file = log_file, "SIGUSR1: log file reopened"),
+        Err(e) => error!(
+            log.file = log_file,
+            error = %e,
+            "SIGUSR1: cannot reopen the log file; still logging to the old one"
+        ),
+    }
+}

@@ -1,0 +1,302 @@
+//! The app processes as one pool: which app process an HTTP worker sends a request to.
+//!
+//! With `app.command`, the master runs the app processes apart from the HTTP workers, each
+//! behind an app host of its own (`apphost`), and publishes each one's load in its scoreboard
+//! record ([`Slot::app_load`]: the host's pid, whether it takes new requests, the requests in
+//! flight to it). Any HTTP worker sends any request to the least busy open app process with a
+//! free slot (`app.concurrency`; 0: no limit per app), so a request stuck in one app process
+//! never holds up others while another one is free.
+//!
+//! When every app process is busy, requests wait in one host-wide queue, first come first
+//! served: each worker keeps its own waiters in order, the head of each publishes when it began
+//! to wait, and only the oldest head host-wide may take a slot that frees up (merging ordered
+//! queues by their oldest head is one ordered queue). A slot freed in this worker wakes its head
+//! at once; one freed in another worker is seen within [`RETRY`]. The wait is part of the
+//! request's `worker.request_timeout`.
+//!
+//! Owns choosing and counting; the `proxy` module owns the connection to the chosen process.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::config::Upstream;
+use crate::scoreboard::{monotonic_us, Kind, Scoreboard, Slot};
+
+/// How often a waiting request looks again for a free app process: other workers free their
+/// slots without telling this one.
+const RETRY: Duration = Duration::from_millis(1);
+
+/// The HTTP worker's view of the app processes.
+pub(crate) struct AppPool {
+    /// Requests in flight to one app process; 0: no limit.
+    concurrency: u32,
+    /// This worker's record (where its queue's head publishes its arrival).
+    own: usize,
+    /// Where `{socket}` apps listen (`app-<id>-<host pid>.sock`).
+    runtime_dir: PathBuf,
+    /// Where the next scan starts, so that equally loaded app processes share the work.
+    next: AtomicUsize,
+    /// This worker's requests waiting for an app process.
+    waiting: AtomicU32,
+    /// A slot was given back in this worker: the head of the queue looks again.
+    freed: Notify,
+    /// Held by the request at the head of this worker's queue: tokio's mutex hands itself over
+    /// in the order it was asked for.
+    turn: tokio::sync::Mutex<()>,
+}
+
+/// One request slot of one app process, given back when dropped.
+pub(crate) struct AppLease {
+    board: &'static Scoreboard,
+    pool: &'static AppPool,
+    record: usize,
+    host_pid: u32,
+}
+
+/// Why no app process was found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NoApp {
+    /// Every app process fails to start again and again.
+    Failing,
+}
+
+impl AppPool {
+    pub(crate) fn new(concurrency: u32, own: usize, runtime_dir: PathBuf) -> AppPool {
+        AppPool {
+            concurrency,
+            own,
+            runtime_dir,
+            next: AtomicUsize::new(0),
+            waiting: AtomicU32::new(0),
+            freed: Notify::new(),
+            turn: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn runtime_dir(&self) -> &std::path::Path {
+        &self.runtime_dir
+    }
+
+    /// A slot in the least busy open app process, waiting for one (first come, first served,
+    /// host-wide) while all are busy or none is up yet. Cancel-safe: a request dropped while it
+    /// waits leaves the queue.
+    pub(crate) async fn acquire(
+        &'static self,
+        board: &'static Scoreboard,
+    ) -> Result<AppLease, NoApp> {
+        // Nobody waits, here or elsewhere: take one if there is one.
+        if self.waiting.load(Ordering::Relaxed) == 0
+            && board.header().app_waiters.load(Ordering::Relaxed) == 0
+        {
+            if let Some(lease) = self.try_take(board) {
+                return Ok(lease);
+            }
+        }
+        let _waiter = Waiter::new(self, board);
+        let _turn = self.turn.lock().await;
+        let arrived = monotonic_us().max(1);
+        let own = board.slot(self.own);
+        own.app_wait_since_us.store(arrived, Ordering::Relaxed);
+        let _head = Head(own);
+        loop {
+            if self.oldest_head(board, arrived) {
+                if let Some(lease) = self.try_take(board) {
+                    return Ok(lease);
+                }
+            }
+            if all_failing(board) {
+                return Err(NoApp::Failing);
+            }
+            let freed = self.freed.notified();
+            tokio::select! {
+                _ = freed => {}
+                _ = tokio::time::sleep(RETRY) => {}
+            }
+        }
+    }
+
+    /// Whether no other worker's queue has a head that began to wait before `arrived` (ties:
+    /// the lower record first).
+    fn oldest_head(&self, board: &Scoreboard, arrived: u64) -> bool {
+        let used = records_used(board);
+        (0..used).filter(|&r| r != self.own).all(|r| {
+            let since = board.slot(r).app_wait_since_us.load(Ordering::Relaxed);
+            since == 0 || since > arrived || (since == arrived && r > self.own)
+        })
+    }
+
+    /// Takes a slot in the least busy open app process with room, if there is one.
+    fn try_take(&'static self, board: &'static Scoreboard) -> Option<AppLease> {
+        let used = records_used(board);
+        if used == 0 {
+            return None;
+        }
+        // A few tries: another worker may take the chosen slot between the look and the take.
+        for _ in 0..4 {
+            let start = self.next.fetch_add(1, Ordering::Relaxed) % used;
+            let mut best: Option<(usize, u32, u32)> = None;
+            for i in 0..used {
+                let r = (start + i) % used;
+                let slot = board.slot(r);
+                if slot.kind() != Kind::App {
+                    continue;
+                }
+                let load = slot.app_load();
+                if load.pid == 0 || !load.open {
+                    continue;
+                }
+                if self.concurrency > 0 && load.inflight >= self.concurrency {
+                    continue;
+                }
+                if best.is_none_or(|(_, _, n)| load.inflight < n) {
+                    best = Some((r, load.pid, load.inflight));
+                    if load.inflight == 0 {
+                        break;
+                    }
+                }
+            }
+            let (record, pid, _) = best?;
+            let slot = board.slot(record);
+            if slot.app_take(pid, self.concurrency) {
+                slot.app_sent.fetch_add(1, Ordering::Relaxed);
+                return Some(AppLease {
+                    board,
+                    pool: self,
+                    record,
+                    host_pid: pid,
+                });
+            }
+        }
+        None
+    }
+}
+
+fn records_used(board: &Scoreboard) -> usize {
+    (board.header().records_used.load(Ordering::Acquire) as usize).min(board.capacity())
+}
+
+/// Whether there are app processes and every one of them fails to start again and again.
+fn all_failing(board: &Scoreboard) -> bool {
+    let mut apps = 0;
+    for r in 0..records_used(board) {
+        let slot = board.slot(r);
+        if slot.kind() != Kind::App || slot.pid.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        if slot.app_failing.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        apps += 1;
+    }
+    apps > 0
+}
+
+/// Counts a request as waiting, here and host-wide, while it lives.
+struct Waiter {
+    pool: &'static AppPool,
+    board: &'static Scoreboard,
+}
+
+impl Waiter {
+    fn new(pool: &'static AppPool, board: &'static Scoreboard) -> Waiter {
+        pool.waiting.fetch_add(1, Ordering::Relaxed);
+        board.header().app_waiters.fetch_add(1, Ordering::Relaxed);
+        Waiter { pool, board }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.pool.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.board
+            .header()
+            .app_waiters
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Clears the published arrival of this worker's queue head when it stops waiting.
+struct Head<'a>(&'a Slot);
+
+impl Drop for Head<'_> {
+    fn drop(&mut self) {
+        self.0.app_wait_since_us.store(0, Ordering::Relaxed);
+    }
+}
+
+impl AppLease {
+    /// Where the app process listens, as the authority of a request URI: the connection
+    /// pool's key (see `proxy::Connector`), one pool per app process.
+    pub(crate) fn authority(&self) -> String {
+        let slot = self.board.slot(self.record);
+        match slot.app_port.load(Ordering::Relaxed) {
+            0 => format!(
+                "app-{}-{}",
+                slot.worker_id.load(Ordering::Relaxed),
+                self.host_pid
+            ),
+            port => format!("127.0.0.1:{port}"),
+        }
+    }
+
+    /// The address for a connection of its own (the retry on a fresh connection).
+    pub(crate) fn upstream(&self) -> Upstream {
+        upstream_of(&self.pool.runtime_dir, &self.authority())
+    }
+
+    /// The app host's record (where the app's health is counted).
+    pub(crate) fn slot(&self) -> &'static Slot {
+        self.board.slot(self.record)
+    }
+
+    /// The record and host pid packed in one word, to find the app process again after the
+    /// request is gone (`app.kill_on_timeout`, see [`kill_app_of`]).
+    pub(crate) fn ticket(&self) -> u64 {
+        ((self.record as u64 + 1) << 32) | u64::from(self.host_pid)
+    }
+}
+
+impl Drop for AppLease {
+    fn drop(&mut self) {
+        self.board.slot(self.record).app_give_back(self.host_pid);
+        self.pool.freed.notify_one();
+    }
+}
+
+/// The address of the app process named by a pool key (`AppLease::authority`).
+pub(crate) fn upstream_of(runtime_dir: &std::path::Path, authority: &str) -> Upstream {
+    if authority.starts_with("app-") {
+        Upstream::Unix(runtime_dir.join(format!("{authority}.sock")))
+    } else {
+        Upstream::Tcp(authority.to_string())
+    }
+}
+
+/// Kills the app process named by `ticket` ([`AppLease::ticket`]; 0: none) if its host is still
+/// the same process: `app.kill_on_timeout`. Its host restarts it as after a crash.
+pub(crate) fn kill_app_of(board: &Scoreboard, ticket: u64) {
+    let Some(record) = ((ticket >> 32) as usize).checked_sub(1) else {
+        return;
+    };
+    let host_pid = ticket as u32;
+    if record >= board.capacity() {
+        return;
+    }
+    let slot = board.slot(record);
+    if slot.app_load().pid != host_pid {
+        return;
+    }
+    let app = slot.app_pid.load(Ordering::Relaxed);
+    if app != 0 {
+        tracing::warn!(
+            app.id = slot.worker_id.load(Ordering::Relaxed),
+            app.pid = app,
+            "killing the app process: a request passed worker.request_timeout \
+             (app.kill_on_timeout)"
+        );
+        crate::child::kill_group(app, nix::sys::signal::Signal::SIGKILL);
+    }
+}
