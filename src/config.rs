@@ -1350,7 +1350,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 68);
+        assert_eq!(known.len(), 69);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),
