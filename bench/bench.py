@@ -1680,7 +1680,11 @@ def main() -> int:
         for name in scenarios:
             path = out / f"{name}.json"
             if path.exists():
-                report.write(json.loads(path.read_text()), out)
+                try:
+                    report.write(json.loads(path.read_text()), out)
+                except KeyError as e:  # written by an older bench/ whose tables differ
+                    h.log(f"{path}: no field {e} (made by an older bench/): run "
+                          f"`bench/run {name}` again to redraw it")
         report.write_index(out)
         return 0
 
