@@ -307,7 +307,7 @@ def disturbance(m) -> float:
 
 
 # Scenarios whose --quick smoke check leaves granian out (the other peer still runs).
-QUICK_WITHOUT_GRANIAN = {"lifecycle", "proxy", "overload"}
+QUICK_WITHOUT_GRANIAN = {"lifecycle", "overload"}
 
 
 def interleave(ctx: Ctx, entries: list[tuple], measure, what: str) -> list[dict]:
@@ -827,79 +827,123 @@ def scenario_footprint(ctx: Ctx) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Scenario 7: proxy (the user's app behind supervisor)
 
-PROXY_PATHS = {"hello": "/", "sleep": "/sleep?ms=5"}
-PROXY_RATE_SHARE = 0.5  # fixed rate = this share of gunicorn+uvicorn's closed-loop req/s
-HOP_TARGET_US = 50.0
-SLEEP_RPS_TARGET = 0.95
+# Every load of this scenario runs at a fixed rate (open loop, latency from when each request was
+# due), the same for every system, except /sleep's throughput (closed loop, c=PROXY_CONNS).
+PROXY_CONNS = 64
+HELLO_PATH, SLEEP_PATH = "/", "/sleep?ms=5"
+# GET /: half of what the slowest system served closed loop on one CPU of this machine
+# (supervisor with one app per worker, ~10,000 req/s; nginx + gunicorn ~15,000), so that the
+# latency is the path's, not a queue's. The issue's 10,000 req/s saturated some of them here.
+HELLO_RATE = 5_000
+# /sleep?ms=5: about half of what every system serves closed loop on one CPU (7,000-10,000).
+SLEEP_RATE = 4_000
+# The mix: 95% GET /, 5% GET /block?ms=100 (time.sleep in the async route: the app process's
+# event loop stops for 100 ms). At MIX_RATE the blocking requests keep 5% x 100 x 0.1 s = 0.5
+# app-seconds per second busy, a sixth of the 3 app processes: each app process is blocked a
+# sixth of the time, all three at once (Poisson arrivals) under 1.5% of the time. A fast request
+# that waits ~100 ms thus mostly waited behind a blocked process it was tied to (by its worker or
+# its connection) while another process was free: the topology's doing, not the load's.
+MIX_RATE = 100
+MIX_BLOCK_MS = 100
+MIX_SLOW_PATH = "/block"
+# The memory while recycling: GET / at MEM_RATE with max_requests set so that each app process
+# is recycled about MEM_RECYCLES_PER_APP times during the run (10% jitter).
+MEM_RATE = 1_000
+MEM_RECYCLES_PER_APP = 3
+MEM_SAMPLE_S = 0.2
+# The issue's bars (supervisor / peer).
+HELLO_LATENCY_TARGET = 1.0  # GET / p50 and p99 at the rate vs nginx + gunicorn+uvicorn
+HELLO_CPU_TARGET = 1.1  # GET / server CPU per request at the rate vs nginx + gunicorn+uvicorn
+SLEEP_RPS_TARGET = 1.0  # /sleep?ms=5 closed-loop req/s vs gunicorn+uvicorn
+MIX_FAST_P99_TARGET = 0.5  # the mix's fast requests' p99 vs gunicorn+uvicorn
+
+
+def write_proxy_mix(path: Path, base: str) -> None:
+    # oha picks a line at random for every request: 19 fast + 1 blocking = 5% blocking.
+    lines = [f"{base}/"] * 19 + [f"{base}{MIX_SLOW_PATH}?ms={MIX_BLOCK_MS}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def open_metrics(res: h.LoadResult, pin: h.Pinning, duration: float, rate: float) -> dict:
+    """oha_metrics of a fixed-rate run, with the server's CPU per request (its whole process
+    tree's CPU during the run over the requests answered)."""
+    m = oha_metrics(res, pin, duration, rate)
+    if m["server_tree_cpu_s"] and m["responses"]:
+        m["server_cpu_us_per_req"] = round(m["server_tree_cpu_s"] / m["responses"] * 1e6, 2)
+    return m
+
+
+def memory_summary(sampler: h.MemorySampler, start_pids: set[int]) -> dict:
+    """Peak and median of the tree's PSS and RSS over the samples, and how many processes the
+    tree gained meanwhile (replacements started by recycling)."""
+    s = sampler.samples
+    mib = lambda kib: None if kib is None else round(kib / 1024, 1)  # noqa: E731
+    out = {"samples": len(s), "interval_s": sampler.interval,
+           "processes_max": max((x["processes"] for x in s), default=None),
+           "processes_min": min((x["processes"] for x in s), default=None),
+           "new_processes": len(sampler.pids - start_pids),
+           "series": [[x["t"], mib(x["pss_kib"]), mib(x["rss_kib"]), x["processes"]] for x in s]}
+    for k in ("pss", "rss"):
+        vals = [x[f"{k}_kib"] for x in s]
+        out[f"{k}_peak_mib"] = mib(max(vals, default=None))
+        out[f"{k}_median_mib"] = mib(h.median(vals))
+    return out
 
 
 def scenario_proxy(ctx: Ctx) -> dict:
-    """supervisor with W workers, each proxying to one uvicorn child on a private Unix socket,
-    against what it replaces, nginx (1 worker process, keep-alive upstream) in front of
-    gunicorn+UvicornWorker on a Unix socket, and against gunicorn+UvicornWorker and granian
-    alone, with the same W app processes, on bench/app.py: closed-loop throughput and latency at
-    a fixed rate on `GET /` and `GET /sleep?ms=5`. Then the
-    hop alone: uvicorn by itself on a TCP port against supervisor with 1 worker + 1 uvicorn
-    child, at c=1, on `GET /`: what the extra hop adds per request, in latency and server CPU."""
+    """The app (bench/app.py under uvicorn) behind supervisor, against what supervisor replaces,
+    nginx (1 worker process, keep-alive upstream) in front of gunicorn+UvicornWorker on a Unix
+    socket, and against gunicorn+UvicornWorker and granian alone, with the same W app processes
+    in every system: GET / at a fixed rate (p50, p99, CPU per request); /sleep?ms=5 closed loop
+    (req/s) and at a fixed rate (p99); a mix of 95% GET / and 5% requests that block their app
+    process for 100 ms, at a fixed rate (p50/p99 of the fast ones and of the blocking ones);
+    then, started again with recycling by request count, the process tree's memory during a
+    fixed-rate run (peak and median)."""
     W = ctx.default_workers
-    conns = 64
-    d_closed, d_open, warmup = ctx.secs(10, 1), ctx.secs(10, 1), ctx.secs(2, 0.5)
-    d_hop = ctx.secs(10, 1)
+    conns = PROXY_CONNS
+    d_open, d_closed, warmup = ctx.secs(8, 1), ctx.secs(6, 1), ctx.secs(1, 0.5)
+    # The mix runs longest: its fast p99 rests on the few fast requests that met a blocked app.
+    d_mix, d_mem = ctx.secs(25, 3), ctx.secs(12, 3)
+    max_requests = max(10, round(MEM_RATE / W * d_mem / MEM_RECYCLES_PER_APP))
+    jitter = max(1, max_requests // 10)
     cap = {"limits.max_concurrent_requests": 1024}
     app = h.uvicorn_app_command()
-    sup_app = h.System("supervisor", f"supervisor + uvicorn (workers={W})", "supervisor", cap,
-                       app=app)
+    # With app.command, -w (server.workers) is the number of app processes and
+    # server.http_workers (left at "auto") the HTTP workers in front of them: the servers' CPUs.
+    sup_label = f"supervisor + uvicorn ({W} app processes)"
+    sup_app = h.System("supervisor", sup_label, "supervisor", cap, app=app)
+    # granian's "auto" loop is uvloop when rloop is not installed; named, so that it stays so.
+    granian = h.System("granian", "granian", "granian", args=["--loop", "uvloop"])
     entries = [
         (f"supervisor-w{W}", sup_app, W),
         (f"nginx-gunicorn-w{W}", NGINX_GUNICORN, W),
         (f"gunicorn-w{W}", GUNICORN, W),
-        (f"granian-w{W}", GRANIAN, W),
+        (f"granian-w{W}", granian, W),
     ]
-    hop_entries = [
-        ("uvicorn-w1", h.System("uvicorn", "uvicorn alone (TCP)", "uvicorn"), 1),
-        ("supervisor-w1", h.System("supervisor", "supervisor (1 worker) + uvicorn", "supervisor",
-                                   cap, app=app), 1),
-    ]
+    gunicorn_recycle = ["--max-requests", str(max_requests), "--max-requests-jitter", str(jitter)]
+    # The same systems started again for the memory run, recycling app processes by request
+    # count. granian has no such setting (only --workers-lifetime, at least 60 s, and
+    # --workers-max-rss): it is left out of that run.
+    recycling = {
+        f"supervisor-w{W}": h.System(
+            "supervisor", sup_label, "supervisor",
+            {**cap, "worker.max_requests": max_requests, "worker.max_requests_jitter": jitter},
+            app=app),
+        f"nginx-gunicorn-w{W}": h.System("nginx-gunicorn", NGINX_GUNICORN.label,
+                                         "nginx-gunicorn", args=gunicorn_recycle),
+        f"gunicorn-w{W}": h.System("gunicorn", GUNICORN.label, "gunicorn", args=gunicorn_recycle),
+    }
     left_before = len(h.LEFT_BEHIND)
-
-    # The fixed rate per path: PROXY_RATE_SHARE of gunicorn's closed-loop req/s, measured here
-    # first (one run on a quiet machine), and the same for every system.
-    # Like a measurement in interleave(): on a quiet machine if it gets quiet, and repeated (at
-    # most ctx.retries times) when other processes disturbed it; the least disturbed counts.
-    def measure_rates():
-        run = GUNICORN.start(W, ctx.pin)
-        try:
-            out = {}
-            for name, path in PROXY_PATHS.items():
-                h.wrk(run, path, conns, warmup, ctx.pin)
-                out[name] = wrk_metrics(h.wrk(run, path, conns, ctx.secs(6, 2), ctx.pin), ctx.pin)
-            return out
-        finally:
-            run.stop()
-
-    attempts = []
-    # (with --only naming none of the systems, there is nothing to measure at a rate)
-    wanted = not ctx.only or any(key in ctx.only for key, _, _ in entries)
-    for attempt in range(1 + ctx.retries if wanted else 0):
-        if ctx.quiet_wait:
-            h.wait_for_quiet(ctx.quiet_wait)
-        h.log(f"[proxy] measuring gunicorn+uvicorn's closed-loop req/s (wrk, c={conns}, "
-              f"workers={W}) for the fixed rates" + (f", attempt {attempt + 1}" if attempt else ""))
-        attempts.append(measure_rates())
-        if disturbance(attempts[-1]) < DISTURBED:
-            break
-    gun_runs = min(attempts, key=disturbance) if attempts else {}
-    gmax = {name: m["rps"] for name, m in gun_runs.items()}
-    rates = {name: round(gmax[name] * PROXY_RATE_SHARE) if name in gmax else None
-             for name in PROXY_PATHS}
-
+    slow = f"{MIX_SLOW_PATH}?ms={MIX_BLOCK_MS}"
+    lat = f"oha -q RATE --latency-correction -c{conns} (latency from when each request was due)"
     result = header(ctx, "proxy", {
-        "workers": W, "server_cpus": ctx.C, "paths": PROXY_PATHS,
+        "workers": W, "server_cpus": ctx.C,
         "app": "bench/app.py (plain ASGI) under uvicorn with uvloop and httptools in every "
-               "system: supervisor's workers each start one `" + " ".join(
-                   ["uvicorn"] + app[1:]).replace(str(h.BENCH), "bench") + "` and proxy to it; "
-               "gunicorn runs UvicornWorker, alone on TCP or behind nginx on a Unix socket; "
-               "granian its own ASGI server",
+               "system: supervisor runs `" + " ".join(["uvicorn"] + app[1:]).replace(
+                   str(h.BENCH), "bench") + f"` as its app processes (`-w {W}`: {W} app "
+               "processes; `server.http_workers` left at \"auto\", the HTTP workers being as "
+               "many as the CPUs it may use); gunicorn runs UvicornWorker, alone on TCP or "
+               "behind nginx on a Unix socket; granian its own ASGI server (`--loop uvloop`)",
         "nginx_gunicorn": f"nginx with 1 worker process in front of gunicorn "
                           f"with {W} UvicornWorkers on a Unix socket, both on the servers' CPU(s): "
                           f"upstream with `keepalive {h.NGINX_UPSTREAM_KEEPALIVE}` and "
@@ -907,142 +951,172 @@ def scenario_proxy(ctx: Ctx) -> dict:
                           f"`proxy_set_header Connection \"\"`, Host, X-Forwarded-For and "
                           f"-Proto passed on (gunicorn's documented nginx setup); gunicorn "
                           f"`--keep-alive 75` (over nginx's 60 s upstream keepalive_timeout)",
-        "closed": f"wrk -t1 -c{conns} closed loop, {d_closed}s per path, after {warmup}s warm-up",
-        "open": f"oha -q RATE --latency-correction -c{conns}, {d_open}s per path; RATE = "
-                f"{PROXY_RATE_SHARE:.0%} of gunicorn+uvicorn's closed-loop req/s on that path "
-                f"(measured first, wrk c={conns}), the same for every system",
-        "rates_rps": rates, "gunicorn_max_rps": gmax,
-        "hop": f"wrk -t1 -c1 closed loop on GET /, {d_hop}s after {warmup}s warm-up: uvicorn "
-               f"alone (1 process, TCP) vs supervisor with 1 worker proxying to 1 uvicorn on a "
-               f"Unix socket; p50 from wrk, mean = 1 / (req/s) (wall time per request at c=1; "
-               f"wrk's own mean adds synthetic samples for stalls); added = supervisor - "
-               f"uvicorn, per round (paired), median over rounds; CPU = the server's process "
-               f"tree (/proc), per request",
+        "hello": f"GET {HELLO_PATH} at {HELLO_RATE:,} req/s, {d_open}s after {warmup}s at the "
+                 f"same rate, {lat}; CPU per request = the CPU time of the server's whole "
+                 f"process tree(s) during the run (/proc: utime+stime, reaped children included) "
+                 f"over the requests answered",
+        "sleep": f"GET {SLEEP_PATH}: req/s with wrk -t1 -c{conns} closed loop, {d_closed}s after "
+                 f"{warmup}s; p99 at {SLEEP_RATE:,} req/s, {d_open}s, {lat}",
+        "mix": f"95% GET {HELLO_PATH}, 5% GET {slow} (time.sleep in the async route: it blocks "
+               f"its app process's event loop {MIX_BLOCK_MS} ms), picked at random per request, "
+               f"{MIX_RATE:,} req/s in all for {d_mix}s, {lat}; percentiles of each path apart",
+        "memory": f"each system started again with its app processes recycled after "
+                  f"{max_requests} requests (+0..{jitter} jitter: supervisor "
+                  f"`worker.max_requests`/`worker.max_requests_jitter`, gunicorn "
+                  f"`--max-requests`/`--max-requests-jitter`), GET {HELLO_PATH} at "
+                  f"{MEM_RATE:,} req/s for {d_mem}s (each app process recycled about "
+                  f"{MEM_RECYCLES_PER_APP} times); PSS and RSS summed over the whole process "
+                  f"tree(s) (/proc/PID/smaps_rollup) every {MEM_SAMPLE_S}s; granian has no "
+                  f"recycling by request count (only --workers-lifetime, at least 60 s, and "
+                  f"--workers-max-rss), so it is not in this run",
+        "rates_rps": {"hello": HELLO_RATE, "sleep": SLEEP_RATE, "mix": MIX_RATE,
+                      "memory": MEM_RATE},
+        "max_requests": max_requests, "max_requests_jitter": jitter,
         "supervisor_settings": cap})
+
+    def fixed(run, path, duration, rate, **kw):
+        res = h.oha(run, path, duration, ctx.pin, rate=rate, connections=conns, timeout_s=10,
+                    **kw)
+        return open_metrics(res, ctx.pin, duration, rate)
+
+    def measure_memory(key):
+        run = recycling[key].start(W, ctx.pin, name=f"{key}-recycling")
+        try:
+            start_pids = {pid for pid, _ in run.tree}
+            with h.MemorySampler(run, ctx.pin, MEM_SAMPLE_S) as sampler:
+                m = fixed(run, HELLO_PATH, d_mem, MEM_RATE)
+        finally:
+            run.stop()
+        m.pop("by_path", None)
+        m["memory"] = memory_summary(sampler, start_pids)
+        return m
 
     def measure(key, system, workers, rnd):
         run = system.start(workers, ctx.pin)
-        out = {}
+        mix = h.BUILD / f"proxy-mix-{run.port}.txt"
+        # The system's processes once ready (masters, workers, app processes): its topology.
+        out = {"processes": len(run.tree)}
         try:
-            for name, path in PROXY_PATHS.items():
-                h.wrk(run, path, conns, warmup, ctx.pin)
-                m = wrk_metrics(h.wrk(run, path, conns, d_closed, ctx.pin), ctx.pin)
-                out[f"closed_{name}"] = m
-            for name, path in PROXY_PATHS.items():
-                res = h.oha(run, path, d_open, ctx.pin, rate=rates[name], connections=conns,
-                            timeout_s=10)
-                m = oha_metrics(res, ctx.pin, d_open, rates[name])
-                m.pop("by_path", None)
-                out[f"open_{name}"] = m
+            fixed(run, HELLO_PATH, warmup, HELLO_RATE)
+            out["hello"] = fixed(run, HELLO_PATH, d_open, HELLO_RATE)
+            h.wrk(run, SLEEP_PATH, conns, warmup, ctx.pin)
+            out["sleep_closed"] = wrk_metrics(h.wrk(run, SLEEP_PATH, conns, d_closed, ctx.pin),
+                                              ctx.pin)
+            out["sleep"] = fixed(run, SLEEP_PATH, d_open, SLEEP_RATE)
+            write_proxy_mix(mix, run.url)
+            out["mix"] = fixed(run, HELLO_PATH, d_mix, MIX_RATE, urls_file=mix)
         finally:
             run.stop()
-        for name in PROXY_PATHS:  # flat copies, for the per-round (paired) ratios
-            c, o = out[f"closed_{name}"], out[f"open_{name}"]
-            out[f"{name}_rps"] = c["rps"]
-            out[f"{name}_cpu_us_per_req"] = c.get("server_cpu_us_per_req")
-            out[f"{name}_closed_p99_ms"] = c["p99_ms"]
-            for k in ("p50_ms", "p99_ms", "p99.9_ms"):
-                out[f"{name}_open_{k}"] = o[k]
+            mix.unlink(missing_ok=True)
+        for name in ("hello", "sleep"):
+            out[name].pop("by_path", None)
+        if key in recycling:
+            out["memory"] = run_one(ctx, f"{key} recycling", lambda: measure_memory(key))
+        # Flat copies, for the medians and the per-round (paired) ratios.
+        hello, sleep, mix_m = out["hello"], out["sleep"], out["mix"]
+        fast = mix_m["by_path"].get(HELLO_PATH, {})
+        blocking = mix_m["by_path"].get(MIX_SLOW_PATH, {})
+        mem = (out.get("memory") or {}).get("memory") or {}
+        out.update({
+            "hello_p50_ms": hello["p50_ms"], "hello_p99_ms": hello["p99_ms"],
+            "hello_cpu_us_per_req": hello.get("server_cpu_us_per_req"),
+            "sleep_rps": out["sleep_closed"]["rps"], "sleep_p99_ms": sleep["p99_ms"],
+            "sleep_cpu_us_per_req": out["sleep_closed"].get("server_cpu_us_per_req"),
+            "mix_fast_p50_ms": fast.get("p50_ms"), "mix_fast_p99_ms": fast.get("p99_ms"),
+            "mix_fast_max_ms": fast.get("max_ms"), "mix_fast_n": fast.get("n"),
+            "mix_slow_p50_ms": blocking.get("p50_ms"), "mix_slow_p99_ms": blocking.get("p99_ms"),
+            "mix_slow_n": blocking.get("n"),
+            "mem_pss_peak_mib": mem.get("pss_peak_mib"),
+            "mem_pss_median_mib": mem.get("pss_median_mib"),
+            "mem_rss_peak_mib": mem.get("rss_peak_mib"),
+            "mem_rss_median_mib": mem.get("rss_median_mib"),
+        })
         return out
 
-    def measure_hop(key, system, workers, rnd):
-        run = system.start(workers, ctx.pin)
-        try:
-            h.wrk(run, "/", 1, warmup, ctx.pin)
-            m = wrk_metrics(h.wrk(run, "/", 1, d_hop, ctx.pin), ctx.pin)
-        finally:
-            run.stop()
-        # At c=1 the mean time per request is wall time / requests = 1 / (req/s). Not wrk's
-        # mean: wrk "corrects" its latency samples for coordinated omission (each sample over
-        # twice the mean interval gets synthetic ones added), so one stall of a few ms weighs
-        # as dozens of requests and its mean can exceed 1 / (req/s) by 2x at c=1.
-        return {"c1": m, "p50_us": round(m["p50_ms"] * 1000, 1),
-                "mean_us": round(1e6 / m["rps"], 1) if m["rps"] else None,
-                "wrk_mean_us": round(m["mean_ms"] * 1000, 1),
-                "cpu_us_per_req": m.get("server_cpu_us_per_req"), "rps": m["rps"]}
-
     runs = interleave(ctx, entries, measure, "proxy")
-    hop_runs = interleave(ctx, hop_entries, measure_hop, "proxy hop")
-    result["runs"] = runs + hop_runs
+    result["runs"] = runs
 
+    flat = ["hello_p50_ms", "hello_p99_ms", "hello_cpu_us_per_req", "sleep_rps", "sleep_p99_ms",
+            "sleep_cpu_us_per_req", "mix_fast_p50_ms", "mix_fast_p99_ms", "mix_fast_max_ms",
+            "mix_slow_p50_ms", "mix_slow_p99_ms", "mem_pss_peak_mib", "mem_pss_median_mib",
+            "mem_rss_peak_mib", "mem_rss_median_mib"]
     rows = []
     for key, system, workers in entries:
         ms = by_system(runs, key)
-        row = {"system": key, "label": system.label, "workers": workers, "n": len(ms)}
-        for name in PROXY_PATHS:
-            c = [m[f"closed_{name}"] for m in ms]
-            o = [m[f"open_{name}"] for m in ms]
-            row[name] = {
-                "rps": med(c, "rps"), "rps_min": min((m["rps"] for m in c), default=None),
-                "rps_max": max((m["rps"] for m in c), default=None),
-                "closed_p50_ms": med(c, "p50_ms"), "closed_p99_ms": med(c, "p99_ms"),
-                "cpu_us_per_req": med(c, "server_cpu_us_per_req"),
-                "closed_loadgen_cpu_util": med(c, "loadgen_cpu_util"),
-                "offered_rps": rates[name], "achieved_rps": med(o, "rps"),
-                "achieved_fraction": med(o, "achieved_fraction"),
-                "open_p50_ms": med(o, "p50_ms"), "open_p99_ms": med(o, "p99_ms"),
-                "open_p99.9_ms": med(o, "p99.9_ms"), "open_max_ms": med(o, "max_ms"),
-                "open_loadgen_cpu_util": med(o, "loadgen_cpu_util"),
-                "non_2xx": sum(m["non_2xx"] for m in c)
-                + sum(m["responses"] - m["ok"] for m in o),
-                "errors": sum(m["errors"] for m in o)
-                + sum(sum(m["socket_errors"].values()) for m in c),
+        row = {"system": key, "label": system.label, "workers": workers, "n": len(ms),
+               "recycling": key in recycling, "processes": med(ms, "processes"),
+               **{k: med(ms, k) for k in flat}}
+        # Each load's details: medians over rounds.
+        for load in ("hello", "sleep", "mix", "memory"):
+            ls = [m[load] for m in ms if isinstance(m.get(load), dict) and "error" not in m[load]]
+            row[load] = {
+                "n": len(ls), "offered_rps": med(ls, "offered_rps"), "achieved_rps": med(ls, "rps"),
+                "achieved_fraction": med(ls, "achieved_fraction"),
+                "p50_ms": med(ls, "p50_ms"), "p99_ms": med(ls, "p99_ms"),
+                "p99.9_ms": med(ls, "p99.9_ms"), "max_ms": med(ls, "max_ms"),
+                "server_cpu_us_per_req": med(ls, "server_cpu_us_per_req"),
+                "loadgen_cpu_util": med(ls, "loadgen_cpu_util"),
+                "failed": sum(x["responses"] - x["ok"] + x["errors"] for x in ls),
             }
-        for name in PROXY_PATHS:  # flat copies (as in each run's metrics), for ratios_table
-            for k in ("rps", "cpu_us_per_req", "closed_p99_ms", "open_p50_ms", "open_p99_ms",
-                      "open_p99.9_ms"):
-                row[f"{name}_{k}"] = row[name][k]
+        c = [m["sleep_closed"] for m in ms]
+        row["sleep_closed"] = {
+            "n": len(c), "rps": med(c, "rps"), "rps_min": min((x["rps"] for x in c), default=None),
+            "rps_max": max((x["rps"] for x in c), default=None), "p50_ms": med(c, "p50_ms"),
+            "p99_ms": med(c, "p99_ms"), "server_cpu_us_per_req": med(c, "server_cpu_us_per_req"),
+            "loadgen_cpu_util": med(c, "loadgen_cpu_util"),
+            "failed": sum(x["non_2xx"] + sum(x["socket_errors"].values()) for x in c)}
+        mems = [m["memory"]["memory"] for m in ms
+                if isinstance(m.get("memory"), dict) and "memory" in m["memory"]]
+        row["memory"].update({
+            "processes_max": med(mems, "processes_max"), "processes_min": med(mems, "processes_min"),
+            "new_processes": med(mems, "new_processes")})
+        row["mix"]["slow_n"] = sum(m["mix_slow_n"] or 0 for m in ms)
+        row["mix"]["fast_n"] = sum(m["mix_fast_n"] or 0 for m in ms)
         rows.append(row)
-    metrics = []
-    for name in PROXY_PATHS:
-        metrics += [(f"{name}_rps", f"{name} req/s"),
-                    (f"{name}_cpu_us_per_req", f"{name} CPU µs/req"),
-                    (f"{name}_open_p50_ms", f"{name} p50 at rate"),
-                    (f"{name}_open_p99_ms", f"{name} p99 at rate")]
+    metrics = [("hello_p50_ms", "GET / p50"), ("hello_p99_ms", "GET / p99"),
+               ("hello_cpu_us_per_req", "GET / CPU µs/req"), ("sleep_rps", "/sleep req/s"),
+               ("sleep_p99_ms", "/sleep p99"), ("mix_fast_p50_ms", "mix fast p50"),
+               ("mix_fast_p99_ms", "mix fast p99"), ("mix_slow_p99_ms", "mix blocking p99"),
+               ("mem_pss_peak_mib", "PSS peak"), ("mem_pss_median_mib", "PSS median")]
     ratios = ratios_table(rows, [f"supervisor-w{W}"],
                           [f"nginx-gunicorn-w{W}", f"gunicorn-w{W}", f"granian-w{W}"], metrics,
                           runs)
+    result["summary"] = {"rows": rows, "ratios": ratios, "targets": proxy_targets(ratios, W)}
 
-    hop_rows = []
-    for key, system, workers in hop_entries:
-        ms = by_system(hop_runs, key)
-        c1 = [m["c1"] for m in ms]
-        hop_rows.append({"system": key, "label": system.label, "workers": workers, "n": len(ms),
-                         "rps": med(c1, "rps"), "p50_us": med(ms, "p50_us"),
-                         "mean_us": med(ms, "mean_us"), "p99_us": _us(med(c1, "p99_ms")),
-                         "cpu_us_per_req": med(ms, "cpu_us_per_req"),
-                         "loadgen_cpu_util": med(c1, "loadgen_cpu_util"),
-                         "non_2xx": sum(m["non_2xx"] for m in c1)})
-    hop = hop_cost(hop_runs, hop_rows)
-    result["summary"] = {"rows": rows, "ratios": ratios, "hop_rows": hop_rows, "hop": hop}
-    result["summary"]["targets"] = proxy_targets(rows, ratios, hop, W)
-
-    result["rate_runs"] = {"metrics": gun_runs, "attempts": len(attempts),
-                           "disturbance": round(disturbance(gun_runs), 3)}
-    collect_warnings(result, [{"system": f"gunicorn-w{W}", "round": "0 (fixed rates)",
-                               "metrics": gun_runs}], "proxy")
     collect_warnings(result, runs, "proxy")
-    collect_warnings(result, hop_runs, "proxy hop")
+    for r in runs:  # the memory runs' own load generator, other processes, retransmits
+        mem = (r.get("metrics") or {}).get("memory")
+        if isinstance(mem, dict):
+            if "error" in mem:
+                result["warnings"].append(f"proxy: {r['system']} round {r['round']}: the memory "
+                                          f"run failed: {mem['error'].splitlines()[0]}")
+            elif mem["memory"]["new_processes"] == 0:
+                result["warnings"].append(f"proxy: {r['system']} round {r['round']}: no process "
+                                          f"was replaced during the memory run (no recycling)")
+    loads = {"hello": f"GET {HELLO_PATH} at {HELLO_RATE:,} req/s",
+             "sleep": f"GET {SLEEP_PATH} at {SLEEP_RATE:,} req/s",
+             "mix": f"the mix at {MIX_RATE:,} req/s",
+             "memory": f"the memory run (recycling) at {MEM_RATE:,} req/s",
+             "sleep_closed": f"GET {SLEEP_PATH} closed loop"}
     for r in rows:
-        for name in PROXY_PATHS:
-            x = r[name]
-            if x["non_2xx"] or x["errors"]:
-                result["warnings"].append(f"proxy: {r['system']} {PROXY_PATHS[name]}: "
-                                          f"{x['non_2xx']} non-2xx, {x['errors']} errors")
-            if x["achieved_fraction"] is not None and x["achieved_fraction"] < 0.95:
+        for load, what in loads.items():
+            x = r[load]
+            if x.get("failed"):
+                result["warnings"].append(f"proxy: {r['system']}: {what}: {x['failed']} "
+                                          f"requests failed (errors or non-2xx)")
+            frac = x.get("achieved_fraction")
+            if frac is not None and frac < 0.95:
                 result["warnings"].append(
-                    f"proxy: {r['system']} served {x['achieved_fraction']:.0%} of the offered "
-                    f"{rates[name]} req/s on {PROXY_PATHS[name]}: the rate is above its "
+                    f"proxy: {r['system']} served {frac:.0%} of {what}: the rate is above its "
                     f"capacity, so its latency there is queueing time")
-            elif x["rps"] and rates[name] >= 0.9 * x["rps"]:
-                result["warnings"].append(
-                    f"proxy: the fixed rate on {PROXY_PATHS[name]} ({rates[name]} req/s) is "
-                    f"{rates[name] / x['rps']:.0%} of {r['system']}'s own closed-loop req/s "
-                    f"({x['rps']:.0f}): near its capacity, so its latency there is mostly "
-                    f"queueing time")
-    for r in hop_rows:
-        if r["non_2xx"]:
-            result["warnings"].append(f"proxy hop: {r['system']} answered {r['non_2xx']} non-2xx")
+        closed = r["sleep_closed"]["rps"]
+        if closed and SLEEP_RATE >= 0.9 * closed:
+            result["warnings"].append(
+                f"proxy: {r['system']}: the fixed rate on {SLEEP_PATH} ({SLEEP_RATE:,} req/s) is "
+                f"{SLEEP_RATE / closed:.0%} of its own closed-loop req/s ({closed:,.0f}): near its "
+                f"capacity, so its latency there is mostly queueing time")
+        if r["n"] and not r["mix"]["slow_n"]:
+            result["warnings"].append(f"proxy: {r['system']}: the mix sent no blocking request")
     for x in h.LEFT_BEHIND[left_before:]:
         result["warnings"].append(f"proxy: {x['system']}: process {x['comm']} (pid {x['pid']}) "
                                   f"outlived its master and was killed by the harness")
@@ -1519,32 +1593,6 @@ def scenario_redis(ctx: Ctx) -> dict:
     return result
 
 
-def _us(ms):
-    return None if ms is None else round(ms * 1000, 1)
-
-
-def hop_cost(hop_runs: list[dict], hop_rows: list[dict]) -> dict:
-    """supervisor-w1 minus uvicorn-w1, in µs: the difference of the medians and the median of
-    the differences within each round (paired: back to back, same drift)."""
-    by = {r["system"]: r for r in hop_rows}
-    a, b = by.get("supervisor-w1"), by.get("uvicorn-w1")
-    out = {}
-    for k in ("p50_us", "mean_us", "cpu_us_per_req"):
-        out[f"added_{k}"] = (round(a[k] - b[k], 2) if a and b and a[k] is not None
-                             and b[k] is not None else None)
-        per_round = []
-        for rnd in sorted({r["round"] for r in hop_runs}):
-            x = [r["metrics"].get(k) for r in hop_runs
-                 if r["system"] == "supervisor-w1" and r["round"] == rnd and "metrics" in r]
-            y = [r["metrics"].get(k) for r in hop_runs
-                 if r["system"] == "uvicorn-w1" and r["round"] == rnd and "metrics" in r]
-            if x and y and x[0] is not None and y[0] is not None:
-                per_round.append(round(x[0] - y[0], 2))
-        out[f"added_{k}_paired"] = h.median(per_round)
-        out[f"added_{k}_rounds"] = per_round
-    return out
-
-
 def _target(name: str, measured: str, value, limit, higher_is_better: bool, unit: str) -> dict:
     if value is None:
         return {"target": name, "measured": measured, "met": None, "by": "not measured"}
@@ -1559,25 +1607,30 @@ def _target(name: str, measured: str, value, limit, higher_is_better: bool, unit
     return {"target": name, "measured": measured, "met": met, "by": by}
 
 
-def proxy_targets(rows, ratios, hop, W) -> list[dict]:
-    g = next((x for x in ratios if x["peer"] == f"gunicorn-w{W}"), {})
+def proxy_targets(ratios, W) -> list[dict]:
+    """The issue's bars, supervisor / peer, on the ratio of the medians (the paired ratio,
+    the median of the per-round ratios, shown beside it)."""
+    def peer(key):
+        return next((x for x in ratios if x["peer"] == f"{key}-w{W}"), {})
+
     out = []
-    rps, rps_p = g.get("sleep req/s"), g.get("sleep req/s paired")
-    out.append(_target(f"/sleep?ms=5: closed-loop req/s >= {SLEEP_RPS_TARGET}x gunicorn+uvicorn",
-                       f"{fmt_x(rps)} (paired {fmt_x(rps_p)})", rps, SLEEP_RPS_TARGET, True, "x"))
-    p99, p99_p = g.get("sleep p99 at rate"), g.get("sleep p99 at rate paired")
-    out.append(_target("/sleep?ms=5: p99 at the fixed rate no worse than gunicorn+uvicorn "
-                       "(<= 1.00x)", f"{fmt_x(p99)} (paired {fmt_x(p99_p)})", p99, 1.0, False,
-                       "x"))
-    lat = [hop.get("added_p50_us_paired"), hop.get("added_mean_us_paired")]
-    worst = max(lat) if None not in lat else None
-    out.append(_target(f"GET /: the hop's added latency < {HOP_TARGET_US:.0f} µs per request "
-                       f"(c=1, worse of p50 and mean, paired)",
-                       f"p50 {fmt_us(lat[0])} µs, mean {fmt_us(lat[1])} µs", worst,
-                       HOP_TARGET_US, False, "µs"))
-    cpu = hop.get("added_cpu_us_per_req_paired")
-    out.append(_target(f"GET /: the hop's added server CPU < {HOP_TARGET_US:.0f} µs per request "
-                       f"(c=1, paired)", f"{fmt_us(cpu)} µs", cpu, HOP_TARGET_US, False, "µs"))
+    for key, label, metric, limit, higher, what in [
+        ("nginx-gunicorn", "nginx + gunicorn+uvicorn", "GET / p50", HELLO_LATENCY_TARGET, False,
+         f"GET / at {HELLO_RATE:,} req/s: p50"),
+        ("nginx-gunicorn", "nginx + gunicorn+uvicorn", "GET / p99", HELLO_LATENCY_TARGET, False,
+         f"GET / at {HELLO_RATE:,} req/s: p99"),
+        ("nginx-gunicorn", "nginx + gunicorn+uvicorn", "GET / CPU µs/req", HELLO_CPU_TARGET,
+         False, f"GET / at {HELLO_RATE:,} req/s: server CPU per request"),
+        ("gunicorn", "gunicorn+uvicorn", "/sleep req/s", SLEEP_RPS_TARGET, True,
+         f"{SLEEP_PATH}: closed-loop req/s"),
+        ("gunicorn", "gunicorn+uvicorn", "mix fast p99", MIX_FAST_P99_TARGET, False,
+         f"the 5% blocking mix at {MIX_RATE:,} req/s: p99 of the fast requests"),
+    ]:
+        p = peer(key)
+        v, paired = p.get(metric), p.get(f"{metric} paired")
+        sign = ">=" if higher else "<="
+        out.append(_target(f"{what} {sign} {limit:g}x {label}'s",
+                           f"{fmt_x(v)} (paired {fmt_x(paired)})", v, limit, higher, "x"))
     return out
 
 
@@ -1628,7 +1681,11 @@ def main() -> int:
         for name in scenarios:
             path = out / f"{name}.json"
             if path.exists():
-                report.write(json.loads(path.read_text()), out)
+                try:
+                    report.write(json.loads(path.read_text()), out)
+                except KeyError as e:  # written by an older bench/ whose tables differ
+                    h.log(f"{path}: no field {e} (made by an older bench/): run "
+                          f"`bench/run {name}` again to redraw it")
         report.write_index(out)
         return 0
 

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -183,7 +184,11 @@ def smaps_rollup(pid: int) -> dict[str, int]:
 
 
 def tree_memory(root: int) -> dict:
-    pids = process_tree(root)
+    return processes_memory(process_tree(root))
+
+
+def processes_memory(pids: list[int]) -> dict:
+    """PSS, RSS and USS (kB) summed over `pids`."""
     pss = rss = uss = 0
     for pid in pids:
         r = smaps_rollup(pid)
@@ -191,6 +196,41 @@ def tree_memory(root: int) -> dict:
         rss += r.get("Rss", 0)
         uss += r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)
     return {"processes": len(pids), "pss_kib": pss, "rss_kib": rss, "uss_kib": uss}
+
+
+class MemorySampler:
+    """Samples the memory of a running system, summed over every process tree it is made of
+    (nginx's and gunicorn's), every `interval` s in a thread, for as long as the `with` block
+    lasts (a load run). `pids` collects every process seen. The thread runs on the load
+    generator's CPUs, so that reading /proc takes nothing from the servers'."""
+
+    def __init__(self, run: "Running", pin: "Pinning", interval: float = 0.2):
+        self.run, self.pin, self.interval = run, pin, interval
+        self.samples: list[dict] = []
+        self.pids: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        if self.pin.enabled:
+            os.sched_setaffinity(0, self.pin.load_cpus)  # 0: this thread only
+        t0 = time.monotonic()
+        while True:
+            pids = [pid for root in self.run.roots for pid in process_tree(root)]
+            self.pids.update(pids)
+            m = processes_memory(pids)
+            m["t"] = round(time.monotonic() - t0, 3)
+            self.samples.append(m)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 def cpu_by_process() -> dict[int, tuple[str, int]]:
@@ -470,6 +510,9 @@ class System:
     # supervisor only: the app each worker starts (after `--`, e.g. uvicorn_app_command());
     # empty: the built-in app. Keyword-only, so subclasses' positional fields stay as they are.
     app: list = field(default_factory=list, kw_only=True)
+    # Peers only: extra command-line arguments for gunicorn (also behind nginx) or granian, like
+    # `--max-requests 1000` or `--loop uvloop`.
+    args: list = field(default_factory=list, kw_only=True)
 
     def command(self, port: int, workers: int, tmp: Path) -> tuple[list[str], Path | None]:
         py = VENV / "bin"
@@ -494,9 +537,9 @@ class System:
         if self.kind == "granian":
             return [str(py / "granian"), "--interface", "asgi", "--host", HOST, "--port", str(port),
                     "--workers", str(workers), "--log-level", "warning", "--no-ws",
-                    "--working-dir", str(BENCH), "app:app"], BENCH
+                    "--working-dir", str(BENCH), *self.args, "app:app"], BENCH
         if self.kind == "gunicorn":
-            return gunicorn_command(workers, f"{HOST}:{port}"), BENCH
+            return gunicorn_command(workers, f"{HOST}:{port}", extra=self.args), BENCH
         if self.kind == "nginx-gunicorn":
             # nginx in front; gunicorn (backend_command) behind it on a Unix socket.
             conf = tmp / "nginx.conf"
@@ -511,7 +554,8 @@ class System:
             # Longer than nginx's idle upstream connections live (keepalive_timeout, 60 s), as
             # gunicorn's docs advise behind a proxy: nginx, not gunicorn, closes an idle one,
             # and never sends a request into a connection that gunicorn is closing.
-            return gunicorn_command(workers, f"unix:{gunicorn_socket(tmp)}", keep_alive_s=75)
+            return gunicorn_command(workers, f"unix:{gunicorn_socket(tmp)}", keep_alive_s=75,
+                                    extra=self.args)
         return None
 
     def expected_processes(self, workers: int) -> int | None:
@@ -563,8 +607,10 @@ class System:
                 if backend.poll() is not None:
                     raise RuntimeError(f"its backend exited with {backend.returncode}")
             if self.kind == "supervisor":
-                # The master logs ` ready workers=N` once every worker has said it accepts.
-                if re.search(rf" ready workers={run.workers}\b", run.log.read_text(errors="replace")):
+                # The master logs `INFO ready ...` once every child it runs (workers, and app
+                # processes when it has a pool of them) has said it is ready; the counts that
+                # follow depend on the topology, the line's start does not.
+                if re.search(r"\bINFO ready\b", run.log.read_text(errors="replace")):
                     run.all_ready = time.monotonic()
                     return
             elif self.kind == "nginx-gunicorn":
@@ -644,15 +690,16 @@ def nginx_proxy_conf(port: int, sock: Path, tmp: Path) -> str:
     return nginx_conf(port, 1, tmp, location, upstream, user)
 
 
-def gunicorn_command(workers: int, bind: str, keep_alive_s: int | None = None) -> list[str]:
+def gunicorn_command(workers: int, bind: str, keep_alive_s: int | None = None,
+                     extra: list[str] = ()) -> list[str]:
     """gunicorn with `workers` UvicornWorkers serving bench/app.py on `bind` (host:port or
-    unix:path)."""
+    unix:path), with `extra` arguments."""
     cmd = [str(VENV / "bin" / "gunicorn"), "-w", str(workers), "-k",
            "uvicorn_worker.UvicornWorker", "-b", bind, "--log-level", "warning",
            "--graceful-timeout", "5", "--chdir", str(BENCH)]
     if keep_alive_s is not None:
         cmd += ["--keep-alive", str(keep_alive_s)]
-    return cmd + ["app:app"]
+    return cmd + list(extra) + ["app:app"]
 
 
 def gunicorn_socket(tmp: Path) -> Path:

@@ -222,71 +222,59 @@ def draw_footprint(result, path):
     plt.close(fig)
 
 
+def _grouped(ax, rows, metrics, log=True, fmt="{:.2f}"):
+    """Bars per system, one per metric (key, label), each system in its colour."""
+    width = 0.8 / len(metrics)
+    for i, (k, label) in enumerate(metrics):
+        xs = [x + (i - (len(metrics) - 1) / 2) * width for x in range(len(rows))]
+        vals = [r.get(k) or 0 for r in rows]
+        ax.bar(xs, vals, width, color=[color(r["system"]) for r in rows],
+               alpha=0.4 + 0.5 * i / max(1, len(metrics) - 1), label=label)
+        for x, v in zip(xs, vals):
+            if v:
+                ax.annotate(fmt.format(v), (x, v), ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["label"] for r in rows], rotation=15, ha="right", fontsize=7)
+    if log and any(r.get(k) for r in rows for k, _ in metrics):
+        ax.set_yscale("log")
+    ax.legend(title="bars, left to right", fontsize=7, title_fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def draw_proxy(result, path):
     s, c = result["summary"], result["config"]
     rows = [r for r in s["rows"] if r.get("n", 1)]
-    paths = c["paths"]
-    labels = [r["label"] for r in rows]
-    cols = [color(r["system"]) for r in rows]
+    rates = c["rates_rps"]
     fig, axes = plt.subplots(2, 2, figsize=(15, 9.5))
-    for ax, name in zip(axes[0], paths):
-        _bars(ax, labels, [r[name]["rps"] for r in rows], cols,
-              [_runs(result, r["system"], f"{name}_rps") for r in rows])
-        ax.set_title(f"closed loop c=64, GET {paths[name]}: req/s (median; dots: rounds)",
-                     fontsize=9)
-    ax = axes[1][0]
-    width = 0.27
-    groups = [(name, r) for name in paths for r in rows]
-    for i, (k, label) in enumerate([("open_p50_ms", "p50"), ("open_p99_ms", "p99"),
-                                    ("open_p99.9_ms", "p99.9")]):
-        xs = [x + (i - 1) * width for x in range(len(groups))]
-        vals = [r[name][k] or 0 for name, r in groups]
-        ax.bar(xs, vals, width, label=label, color=[color(r["system"]) for _, r in groups],
-               alpha=0.35 + 0.3 * i)
-        for x, v in zip(xs, vals):
-            ax.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=6)
-    ax.set_xticks(range(len(groups)))
-    # (every system has the same workers: the key without its "-wN" is short enough to fit)
-    suffix = f"-w{c['workers']}"
-    ax.set_xticklabels([f"{r['system'].removesuffix(suffix)}\n{paths[name]}"
-                        for name, r in groups], fontsize=7)
-    top = max((r[name]["open_p99.9_ms"] or 0 for name, r in groups), default=0)
-    if top:
-        ax.set_yscale("log")
-        ax.set_ylim(top=top * 6)  # room for the legend above the bars
+    ax = axes[0][0]
+    _grouped(ax, rows, [("hello_p50_ms", "p50"), ("hello_p99_ms", "p99")])
     ax.set_ylabel("ms (log)")
-    ax.legend(title="bars: p50, p99, p99.9", fontsize=7, title_fontsize=7, loc="upper left",
-              ncol=3)
-    ax.grid(axis="y", alpha=0.3)
-    rates = ", ".join(f"{paths[k]} {v:,}/s" for k, v in c["rates_rps"].items() if v)
-    ax.set_title(f"latency at a fixed rate ({rates}), latency-corrected", fontsize=9)
+    ax.set_title(f"GET / at {rates['hello']:,} req/s, latency-corrected: p50, p99", fontsize=9)
+    ax = axes[0][1]
+    _bars(ax, [r["label"] for r in rows], [r["sleep_rps"] for r in rows],
+          [color(r["system"]) for r in rows], [_runs(result, r["system"], "sleep_rps")
+                                               for r in rows])
+    ax.set_title("/sleep?ms=5, closed loop c=64: req/s (median; dots: rounds)", fontsize=9)
+    ax = axes[1][0]
+    _grouped(ax, rows, [("mix_fast_p50_ms", "fast p50"), ("mix_fast_p99_ms", "fast p99"),
+                        ("mix_slow_p99_ms", "blocking p99")])
+    ax.set_ylabel("ms (log)")
+    ax.set_title(f"95% GET / + 5% /block?ms=100 at {rates['mix']:,} req/s", fontsize=9)
     ax = axes[1][1]
-    hop_rows = [r for r in s["hop_rows"] if r.get("n", 1)]
-    metrics = [("p50_us", "p50 latency"), ("mean_us", "mean latency (1 / req/s)"),
-               ("cpu_us_per_req", "server CPU / req")]
-    width = 0.8 / max(1, len(hop_rows))
-    for j, r in enumerate(hop_rows):
-        xs = [x + (j - (len(hop_rows) - 1) / 2) * width for x in range(len(metrics))]
-        vals = [r[k] or 0 for k, _ in metrics]
-        ax.bar(xs, vals, width, color=color(r["system"]), alpha=0.85, label=r["label"])
-        for x, v in zip(xs, vals):
-            ax.annotate(f"{v:.1f}", (x, v), ha="center", va="bottom", fontsize=7)
-        for x, (k, _) in zip(xs, metrics):
-            rv = _runs(result, r["system"], k)
-            ax.scatter([x] * len(rv), rv, color="black", s=8, zorder=3)
-    ax.set_xticks(range(len(metrics)))
-    ax.set_xticklabels([m[1] for m in metrics], fontsize=8)
-    ax.set_ylabel("µs")
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    hop = s["hop"]
-
-    def f(v):
-        return "–" if v is None else f"{v:+.1f}"
-
-    ax.set_title(f"the hop alone, GET / at c=1: added p50 {f(hop.get('added_p50_us_paired'))} "
-                 f"µs, mean {f(hop.get('added_mean_us_paired'))} µs, CPU "
-                 f"{f(hop.get('added_cpu_us_per_req_paired'))} µs/req (paired)", fontsize=9)
+    for r in rows:
+        series = [run["metrics"]["memory"]["memory"]["series"] for run in result["runs"]
+                  if run["system"] == r["system"] and "metrics" in run
+                  and "memory" in (run["metrics"].get("memory") or {})]
+        if series:  # the first round's
+            ax.plot([p[0] for p in series[0]], [p[1] for p in series[0]],
+                    color=color(r["system"]), label=r["label"])
+    ax.set_xlabel("s")
+    ax.set_ylabel("PSS of the process tree(s), MiB")
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+    ax.set_title(f"memory while recycling every {c['max_requests']} requests, GET / at "
+                 f"{rates['memory']:,} req/s (first round)", fontsize=9)
     _title(fig, result, f"proxy: bench/app.py under uvicorn, {c['workers']} app processes each")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

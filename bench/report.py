@@ -190,76 +190,74 @@ def md_footprint(r: dict) -> str:
 def md_proxy(r: dict) -> str:
     s, c = r["summary"], r["config"]
     rows = measured(s["rows"])
-    paths = c["paths"]
-    tput = []
-    for name, path in paths.items():
-        for x in rows:
-            y = x[name]
-            tput.append([f"`{path}`", x["label"], x["workers"], y["rps"],
-                         f"{fmt(y['rps_min'])}–{fmt(y['rps_max'])}", y["closed_p50_ms"],
-                         y["closed_p99_ms"], y["cpu_us_per_req"],
-                         pct(y["closed_loadgen_cpu_util"])])
-    t1 = table(["path", "system", "app processes", "req/s (median)", "req/s range", "p50 ms",
-                "p99 ms", "server CPU µs/req", "load gen CPU"], tput)
-    fixed = []
-    for name, path in paths.items():
-        for x in rows:
-            y = x[name]
-            fixed.append([f"`{path}`", x["label"], y["offered_rps"], y["achieved_rps"],
-                          y["open_p50_ms"], y["open_p99_ms"], y["open_p99.9_ms"],
-                          y["open_max_ms"], y["errors"] + y["non_2xx"],
-                          pct(y["open_loadgen_cpu_util"])])
-    t2 = table(["path", "system", "offered req/s", "served req/s", "p50 ms", "p99 ms",
-                "p99.9 ms", "max ms", "errors+non-2xx (both loads)", "load gen CPU"], fixed)
-    ratios = some_ratio(s["ratios"])
-    rt_rows = []
-    for x in ratios:
-        for name, path in paths.items():
-            rt_rows.append([x["supervisor"], x["peer"], f"`{path}`", x.get(f"{name} req/s"),
-                            x.get(f"{name} req/s paired"), x.get(f"{name} CPU µs/req"),
-                            x.get(f"{name} p50 at rate"), x.get(f"{name} p99 at rate"),
-                            x.get(f"{name} p99 at rate paired")])
-    rt = table(["supervisor", "peer", "path", "req/s ratio", "req/s ratio, paired",
-                "CPU µs/req ratio", "p50 ratio at rate", "p99 ratio at rate",
-                "p99 ratio at rate, paired"], rt_rows)
-    hop_rows = measured(s["hop_rows"])
-    ht = table(["system", "req/s (c=1)", "p50 µs", "mean µs (1 / req/s)", "p99 µs",
-                "server CPU µs/req",
-                "load gen CPU", "non-2xx"],
-               [[x["label"], x["rps"], x["p50_us"], x["mean_us"], x["p99_us"],
-                 x["cpu_us_per_req"], pct(x["loadgen_cpu_util"]), x["non_2xx"]]
-                for x in hop_rows])
-    hop = s["hop"]
-
-    def us(v):
-        return "–" if v is None else f"{v:+.1f}"
-
-    def rounds(k):
-        v = hop.get(f"added_{k}_rounds") or []
-        return ", ".join(f"{x:+.1f}" for x in v) or "–"
-
-    hop_t = table(["added by the hop", "µs, paired (median of per-round differences)",
-                   "µs, difference of the medians", "per round"],
-                  [[label, us(hop.get(f"added_{k}_paired")), us(hop.get(f"added_{k}")),
-                    rounds(k)]
-                   for k, label in (("p50_us", "latency, p50"), ("mean_us", "latency, mean (1 / req/s)"),
-                                    ("cpu_us_per_req", "server CPU per request"))])
+    main = table(
+        ["system", "app processes", "processes in all", "GET / p50 ms", "GET / p99 ms", "GET / CPU µs/req",
+         "/sleep p99 ms", "/sleep max req/s", "mix fast p50 ms", "mix fast p99 ms",
+         "mix blocking p99 ms", "PSS peak MiB (recycling)", "PSS median MiB (recycling)"],
+        [[x["label"], x["workers"], x.get("processes"), x["hello_p50_ms"], x["hello_p99_ms"],
+          x["hello_cpu_us_per_req"], x["sleep_p99_ms"], x["sleep_rps"], x["mix_fast_p50_ms"],
+          x["mix_fast_p99_ms"], x["mix_slow_p99_ms"],
+          x["mem_pss_peak_mib"] if x["recycling"] else "n/a (no recycling by requests)",
+          x["mem_pss_median_mib"] if x["recycling"] else "n/a"] for x in rows])
     tt = table(["target", "measured", "met?", "by how much"],
                [[x["target"], x["measured"],
                  "–" if x["met"] is None else ("**met**" if x["met"] else "**not met**"),
                  x["by"]] for x in s.get("targets", [])])
-    rates = ", ".join(f"`{paths[k]}` {fmt(v)} req/s" for k, v in c["rates_rps"].items())
+    names = ["GET / p50", "GET / p99", "GET / CPU µs/req", "/sleep req/s", "/sleep p99",
+             "mix fast p50", "mix fast p99", "mix blocking p99", "PSS peak", "PSS median"]
+
+    def both(x, k):
+        v, p = x.get(k), x.get(f"{k} paired")
+        return "–" if v is None else f"{fmt(v)} ({fmt(p)})"
+
+    rt = table(["supervisor", "peer", *names],
+               [[x["supervisor"], x["peer"], *[both(x, k) for k in names]]
+                for x in some_ratio(s["ratios"])])
+    loads = [("hello", "GET /"), ("sleep", "`/sleep?ms=5`"), ("mix", "mix"),
+             ("memory", "GET /, recycling")]
+    detail = []
+    for name, what in loads:
+        for x in rows:
+            y = x[name]
+            if not y["n"]:
+                continue
+            detail.append([what, x["label"], y["offered_rps"], y["achieved_rps"], y["p50_ms"],
+                           y["p99_ms"], y["p99.9_ms"], y["max_ms"], y["server_cpu_us_per_req"],
+                           y["failed"], pct(y["loadgen_cpu_util"])])
+    dt = table(["load", "system", "offered req/s", "served req/s", "p50 ms", "p99 ms",
+                "p99.9 ms", "max ms", "server CPU µs/req", "failed", "load gen CPU"], detail)
+    closed = table(["system", "req/s (median)", "req/s range", "p50 ms", "p99 ms",
+                    "server CPU µs/req", "failed", "load gen CPU"],
+                   [[x["label"], x["sleep_closed"]["rps"],
+                     f"{fmt(x['sleep_closed']['rps_min'])}–{fmt(x['sleep_closed']['rps_max'])}",
+                     x["sleep_closed"]["p50_ms"], x["sleep_closed"]["p99_ms"],
+                     x["sleep_closed"]["server_cpu_us_per_req"], x["sleep_closed"]["failed"],
+                     pct(x["sleep_closed"]["loadgen_cpu_util"])] for x in rows])
+    mix = table(["system", "fast requests", "fast p50 ms", "fast p99 ms", "fast max ms",
+                 "blocking requests", "blocking p99 ms"],
+                [[x["label"], x["mix"]["fast_n"], x["mix_fast_p50_ms"], x["mix_fast_p99_ms"],
+                  x["mix_fast_max_ms"], x["mix"]["slow_n"], x["mix_slow_p99_ms"]]
+                 for x in rows])
+    mem = table(["system", "PSS peak MiB", "PSS median MiB", "RSS peak MiB", "RSS median MiB",
+                 "processes (min–max)", "processes replaced meanwhile", "failed requests"],
+                [[x["label"], x["mem_pss_peak_mib"], x["mem_pss_median_mib"],
+                  x["mem_rss_peak_mib"], x["mem_rss_median_mib"],
+                  f"{fmt(x['memory']['processes_min'])}–{fmt(x['memory']['processes_max'])}",
+                  x["memory"]["new_processes"], x["memory"]["failed"]]
+                 for x in rows if x["recycling"]])
     peers = " vs ".join(x["label"] for x in rows if not x["system"].startswith("supervisor"))
-    front = f"nginx + gunicorn+uvicorn: {c['nginx_gunicorn']}.\n\n" if "nginx_gunicorn" in c else ""
-    return (f"## proxy: the app behind supervisor (uvicorn children on Unix sockets) vs "
-            f"{peers}, {c['workers']} app processes each\n\n"
-            f"{c['app']}.\n\n{front}{tt}\n\n"
-            f"### Throughput: {c['closed']}\n\n{t1}\n\n"
-            f"### Latency at a fixed rate ({rates}): {c['open']}\n\n{t2}\n\n"
-            f"Ratios supervisor / peer (req/s: higher is better for supervisor; CPU and latency: "
-            f"lower is better). \"ratio\" divides the medians; \"paired\" is the median of the "
-            f"ratios within each round.\n\n{rt}\n\n"
-            f"### The hop alone, `GET /`: {c['hop']}\n\n{ht}\n\n{hop_t}\n")
+    return (f"## proxy: the app behind supervisor vs {peers}, {c['workers']} app processes "
+            f"each\n\n{c['app']}.\n\nnginx + gunicorn+uvicorn: {c['nginx_gunicorn']}.\n\n"
+            f"Medians over the rounds. GET /: {c['hello']}. /sleep: {c['sleep']}. Mix: "
+            f"{c['mix']}. Memory: {c['memory']}.\n\n{main}\n\n"
+            f"The issue's targets (ratios of the medians; paired: the median of the ratios "
+            f"within each round):\n\n{tt}\n\n"
+            f"Ratios supervisor / peer, of the medians (paired in brackets): req/s higher is "
+            f"better for supervisor, the rest lower.\n\n{rt}\n\n"
+            f"### Every fixed-rate load\n\n{dt}\n\n"
+            f"### `/sleep?ms=5` closed loop (max throughput)\n\n{closed}\n\n"
+            f"### The mix, each path apart\n\n{mix}\n\n"
+            f"### Memory while recycling\n\n{mem}\n")
 
 
 def md_redis(r: dict) -> str:
