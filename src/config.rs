@@ -1569,6 +1569,18 @@ mod tests {
         assert_eq!(c.limits.max_concurrent_requests, 7);
         assert_eq!(c.limits.max_active_instances, 8);
         assert_eq!(env(&[("WORKERS", "12")]).unwrap().server.workers, Some(12));
+        // Heroku's and Render's name, unless WORKERS says otherwise.
+        assert_eq!(
+            env(&[("WEB_CONCURRENCY", "4")]).unwrap().server.workers,
+            Some(4)
+        );
+        assert_eq!(
+            env(&[("WEB_CONCURRENCY", "4"), ("WORKERS", "6")])
+                .unwrap()
+                .server
+                .workers,
+            Some(6)
+        );
         assert_eq!(
             env(&[("LOG_LEVEL", "Warn")]).unwrap().log.level,
             LogLevel::Warn

@@ -525,7 +525,13 @@ impl Master {
                 .fds_for(id)?
         };
         let started = Instant::now();
-        let plan = Plan::draw(&self.config.worker, started);
+        let mut plan = Plan::draw(&self.config.worker, started);
+        if self.config.app_pool() && !app_host {
+            // `max_requests` is the app's (gunicorn's meaning): an HTTP worker in front of app
+            // processes leaks nothing by serving, and at thousands of requests a second its own
+            // count would recycle it several times a second.
+            plan.max_requests = 0;
+        }
         // Identity first, pid after the fork: the worker only ever moves the state forward from
         // Booting, so the master must not write the state once the worker may be running.
         let rec = self.board.slot(record);
@@ -719,7 +725,14 @@ impl Master {
                 self.slots[i].recycle = None; // died meanwhile: its respawn is the replacement
                 continue;
             }
-            if in_progress >= limit || now < not_before {
+            // With app processes, a reload shows it can start by an app process of the new
+            // configuration (the part that fails: the app); the HTTP workers follow once it
+            // has, so that a reload that cannot start leaves them as they were.
+            let unproved = reason == RecycleReason::Reload
+                && !is_app(id)
+                && self.config.app_pool()
+                && self.pending_reload.is_some();
+            if in_progress >= limit || now < not_before || unproved {
                 waiting.push_back(id);
                 continue;
             }
@@ -1542,6 +1555,10 @@ impl Master {
 
     /// A worker of the pending reload's configuration is ready: the reload stands.
     fn reload_proved(&mut self, pid: Pid) {
+        // With app processes, only one of them proves it (see `start_replacements`).
+        if self.config.app_pool() && self.procs.get(&pid).is_some_and(|p| !is_app(p.id)) {
+            return;
+        }
         let gen = self.procs.get(&pid).map(|p| p.config_gen);
         if self.pending_reload.as_ref().map(|p| p.gen) != gen {
             return;

@@ -104,7 +104,10 @@ impl Master {
         }
         self.systemd.reloading = false;
         self.systemd.reload_stalled = true;
-        let why = format!("the replacement for worker {id} failed to boot ({how})");
+        let why = format!(
+            "the replacement for worker {} failed to boot ({how})",
+            super::Shown(id)
+        );
         let status = format!("reload incomplete, retrying; the old workers keep serving: {why}");
         self.systemd.notifier.reload_failed(&status);
         self.systemd.reload_error = Some(why);

@@ -44,42 +44,71 @@ pub(crate) fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn every_worker_runs_its_own_app_process() {
-    let s = start_app(2, &[], &[]);
-    let workers = s.serving_pids();
-    assert_eq!(workers.len(), 2);
-    // Each worker has exactly one child, its app, and `status` names it.
-    let apps: Vec<u32> = workers.iter().flat_map(|&w| children(w)).collect();
-    assert_eq!(apps.len(), 2, "one app per worker: {apps:?}");
-    let mut listed: Vec<u32> = s
-        .workers_in("serving")
+/// The app processes, from `status`: (app number, host pid, app pid).
+pub(crate) fn app_processes(s: &Server) -> Vec<(u64, u32, u32)> {
+    s.status()["apps"]
+        .as_array()
+        .unwrap()
         .iter()
-        .map(|w| w["app_pid"].as_u64().unwrap() as u32)
-        .collect();
-    let mut expected = apps.clone();
-    listed.sort_unstable();
-    expected.sort_unstable();
-    assert_eq!(listed, expected, "status shows each worker's app pid");
-    // Requests reach both apps, through both workers (reuseport spreads connections).
-    let mut seen = std::collections::BTreeMap::new();
-    eventually(WAIT, "both apps to answer", || {
-        let (pid, worker) = app_pid(&s);
-        assert!(apps.contains(&pid), "answered by {pid}, not an app of ours");
-        seen.insert(worker, pid);
-        (seen.len() == 2).then_some(())
+        .filter(|a| a["state"] == "serving")
+        .map(|a| {
+            (
+                a["worker_id"].as_u64().unwrap(),
+                a["pid"].as_u64().unwrap() as u32,
+                a["app_pid"].as_u64().unwrap() as u32,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn app_processes_run_apart_and_any_worker_sends_them_requests() {
+    let s = start_app(2, &["--set", "server.http_workers=2"], &[]);
+    let workers = s.serving_pids();
+    assert_eq!(workers.len(), 2, "two HTTP workers");
+    for &w in &workers {
+        assert!(children(w).is_empty(), "an HTTP worker runs no app");
+    }
+    // Each app process runs under a host of its own, which `status` names with it.
+    let apps = eventually(WAIT, "two app processes with their pids", || {
+        let apps = app_processes(&s);
+        (apps.len() == 2 && apps.iter().all(|a| a.2 != 0)).then_some(apps)
     });
-    // The app's output goes to the log, tagged with the worker.
+    for &(_, host, app) in &apps {
+        assert_eq!(
+            children(host),
+            vec![app],
+            "the host's only child is its app"
+        );
+    }
+    // The master counts both kinds.
+    let (code, out, err) = s.ctl(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["master"]["apps"], 2, "{out}");
+    assert_eq!(status["master"]["workers"], 2, "{out}");
+    // Requests reach both apps, through both workers.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut through = std::collections::BTreeSet::new();
+    eventually(WAIT, "both apps and both workers to answer", || {
+        let (pid, worker) = app_pid(&s);
+        assert!(
+            apps.iter().any(|a| a.2 == pid),
+            "answered by {pid}, not an app of ours"
+        );
+        seen.insert(pid);
+        through.insert(worker);
+        (seen.len() == 2 && through.len() == 2).then_some(())
+    });
+    // The app's output goes to the log, tagged with its app process's number.
     let line = s
         .log
         .wait_for(WAIT, |l| l.contains("stdlib_app worker 2 pid"))
         .expect("the app's output in the log");
     assert!(
-        line.contains("worker{worker.id=2}"),
-        "tagged with its worker: {line}"
+        line.contains("app{app.id=2}"),
+        "tagged with its app process: {line}"
     );
-    let ids: std::collections::BTreeSet<_> = seen.values().collect();
-    assert_eq!(ids.len(), 2, "two distinct app processes");
 }
 
 #[test]
@@ -226,8 +255,8 @@ fn killed_app_gives_502_then_is_restarted() {
 }
 
 #[test]
-fn a_new_worker_gets_no_connection_before_its_app_is_up() {
-    // Each app waits for the gate to be open before it listens: its worker is not ready before.
+fn a_new_app_process_gets_no_request_before_it_is_up() {
+    // Each app waits for the gate to be open before it listens: its host is not ready before.
     let gate = tempfile::tempdir().unwrap();
     let open = gate.path().join("open");
     std::fs::write(&open, "").unwrap();
@@ -239,26 +268,32 @@ fn a_new_worker_gets_no_connection_before_its_app_is_up() {
     std::fs::remove_file(&open).unwrap();
     s.signal(Signal::SIGTTIN);
     let booting = |s: &Server| {
-        s.status()["workers"]
+        s.status()["apps"]
             .as_array()
             .unwrap()
             .iter()
             .any(|w| w["worker_id"] == 2 && w["state"] == "booting")
     };
-    eventually(WAIT, "worker 2 booting", || booting(&s).then_some(()));
-    // Its reuseport socket takes no connection before it is ready: each of these (a new
-    // connection each) is answered by worker 1 at once, none waits for worker 2's boot.
+    eventually(WAIT, "app process 2 booting", || booting(&s).then_some(()));
+    // No request goes to it before it is ready: each of these is answered by app process 1 at
+    // once, none waits for app process 2's boot.
     for _ in 0..20 {
         let r = s.get("/");
         assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.header("x-worker-id"), Some("1"));
+        assert!(r.text().starts_with("app 1 "), "{}", r.text());
     }
-    assert!(booting(&s), "worker 2 became ready with its gate shut");
-    // Once ready, it takes its share.
+    assert!(booting(&s), "app process 2 became ready with its gate shut");
+    // Once ready, it takes its share: while a request holds app process 1, the next goes to 2.
     std::fs::write(&open, "").unwrap();
-    eventually(WAIT, "a request served by worker 2", || {
-        (s.get("/").header("x-worker-id") == Some("2")).then_some(())
+    eventually(WAIT, "app process 2 serving", || {
+        (app_processes(&s).len() == 2).then_some(())
     });
+    let addr = s.addr;
+    let busy = std::thread::spawn(move || get(addr, "/sleep?ms=2000"));
+    eventually(WAIT, "a request served by app process 2", || {
+        s.get("/").text().starts_with("app 2 ").then_some(())
+    });
+    assert_eq!(busy.join().unwrap().status, 200);
 }
 
 #[test]
@@ -331,8 +366,10 @@ fn app_ignoring_term_is_killed_after_the_grace_period() {
 #[test]
 fn no_app_survives_a_killed_master() {
     let mut s = start_app(2, &[], &[]);
-    let apps: Vec<u32> = s.serving_pids().iter().flat_map(|&w| children(w)).collect();
-    assert_eq!(apps.len(), 2);
+    let apps: Vec<u32> = eventually(WAIT, "both app processes up", || {
+        let apps: Vec<u32> = app_processes(&s).iter().map(|a| a.2).collect();
+        (apps.len() == 2 && !apps.contains(&0)).then_some(apps)
+    });
     s.signal(Signal::SIGKILL);
     s.wait_exit(WAIT);
     eventually(WAIT, "every app process to be gone", || {
@@ -657,7 +694,7 @@ fn crash_looping_app_gets_fast_503s_and_backoff_not_a_spin() {
     assert!(line.contains("ERROR"), "{line}");
     // Backoff, not a spin: restarts double their delay (0.1, 0.2, 0.4, 0.8 s ...).
     let started = std::time::Instant::now();
-    let restarts = |s: &Server| s.status()["workers"][0]["app_restarts"].as_u64().unwrap();
+    let restarts = |s: &Server| s.status()["apps"][0]["app_restarts"].as_u64().unwrap();
     let before = restarts(&s);
     eventually(Duration::from_secs(30), "two more restarts", || {
         (restarts(&s) >= before + 2).then_some(())
@@ -741,8 +778,13 @@ fn the_app_inherits_none_of_the_workers_descriptors() {
     let s = start_app(1, &[], &[]);
     let (app, _) = app_pid(&s);
     let worker = s.serving_pids()[0];
-    let worker_fds: std::collections::BTreeSet<String> =
-        fd_targets(worker).into_iter().map(|(_, t)| t).collect();
+    let host = app_processes(&s)[0].1;
+    // Neither the HTTP worker's (its listener) nor its host's (pipe, scoreboard).
+    let worker_fds: std::collections::BTreeSet<String> = fd_targets(worker)
+        .into_iter()
+        .chain(fd_targets(host))
+        .map(|(_, t)| t)
+        .collect();
     assert!(
         worker_fds.iter().any(|t| t.starts_with("socket:")),
         "the worker holds its listener: {worker_fds:?}"

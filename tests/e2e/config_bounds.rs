@@ -13,9 +13,11 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Every key of `supervisor.toml` that takes a number, a duration or a size: the least and the
 /// most it allows, and a value just past the most ("" when TOML cannot write one), as TOML.
 /// `server.workers` is the one exception: its most (1024) is 1024 processes, more than a shared
-/// test machine should start; 3 stands in for it.
+/// test machine should start; 3 stands in for it. (`server.http_workers` applies with
+/// `app.command` only, which this configuration has not: its most starts nothing.)
 const BOUNDS: &[(&str, &str, &str, &str)] = &[
     ("server.workers", "1", "3", "1025"),
+    ("server.http_workers", "1", "1024", "1025"),
     ("server.backlog", "1", "65535", "65536"),
     (
         "server.graceful_timeout",

@@ -315,10 +315,10 @@ fn app_restarts_are_counted_and_kept_when_the_worker_is_replaced() {
             .map(|_| ())
     });
     assert_ne!(app_pid(), first);
-    // The worker is replaced (with its app): its restart stays counted, and the app's death
-    // was not the worker's.
+    // The app process and the HTTP worker are replaced: its restart stays counted, and the
+    // app's death was not its host's.
     s.signal(Signal::SIGHUP);
-    let sc = wait_exactly(m, "supervisor_recycles_total{reason=\"reload\"}", 1);
+    let sc = wait_exactly(m, "supervisor_recycles_total{reason=\"reload\"}", 2);
     assert_eq!(sc.count("supervisor_app_restarts_total"), 1);
     for cause in ["exit", "sigkill", "signal"] {
         assert_eq!(sc.count(&deaths(cause)), 0, "{cause}");

@@ -222,8 +222,9 @@ fn notify_sequence_across_start_reload_and_stop() {
     eventually(WAIT, "both app processes at the gate", || {
         (waiting(d) == 2).then_some(())
     });
+    // The HTTP workers wait for an app process too.
     notes.wait_for(WAIT, "STATUS= with no worker serving", |m| {
-        m.starts_with("STATUS=serving 0/2 workers")
+        m.starts_with("STATUS=serving 0/4 workers and app processes (2 + 2)")
     });
     assert!(
         !notes
@@ -237,10 +238,10 @@ fn notify_sequence_across_start_reload_and_stop() {
     write_file(d, "open", "");
     notes.wait_for(WAIT, "READY=1", |m| m == "READY=1");
     // The master logs each ACK, then "ready", then notifies; the log reader may lag behind.
-    master.wait_log(" ready workers=2");
-    assert_eq!(master.count("worker ready"), 2, "{}", master.log.text());
+    master.wait_log(" ready workers=2 apps=2");
+    assert_eq!(master.count("worker ready"), 4, "{}", master.log.text());
     notes.wait_for(WAIT, "STATUS= with both workers serving", |m| {
-        m.starts_with("STATUS=serving 2/2 workers, 0 in flight")
+        m.starts_with("STATUS=serving 4/4 workers and app processes (2 + 2), 0 in flight")
     });
     let before = master.serving_pids();
 
@@ -352,7 +353,7 @@ fn a_reload_whose_workers_cannot_boot_gets_ready_with_the_reason() {
         .iter()
         .any(|m| m.starts_with("RELOADING=1")));
     notes.wait_for(WAIT, "STATUS= without the failure", |m| {
-        m.starts_with("STATUS=serving 1/1 workers") && !m.contains("failed")
+        m.starts_with("STATUS=serving 2/2 workers") && !m.contains("failed")
     });
 }
 

@@ -59,9 +59,16 @@ fn the_redis_password_is_in_no_environment_or_command_line() {
     assert_eq!(s.get("/").status, 200);
     let workers = s.serving_pids();
     assert_eq!(workers.len(), 2);
-    let apps: Vec<u32> = eventually(Duration::from_secs(20), "each worker's app", || {
-        let apps: Vec<u32> = workers.iter().flat_map(|&w| children(w)).collect();
-        (apps.len() == 2).then_some(apps)
+    // The app hosts and their apps.
+    let apps: Vec<u32> = eventually(Duration::from_secs(20), "both app processes", || {
+        let hosts: Vec<u32> = s.status()["apps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["pid"].as_u64().unwrap() as u32)
+            .collect();
+        let apps: Vec<u32> = hosts.iter().flat_map(|&h| children(h)).collect();
+        (apps.len() == 2).then(|| [hosts, apps].concat())
     });
     for pid in [s.pid()].iter().chain(&workers).chain(&apps) {
         for what in ["environ", "cmdline"] {

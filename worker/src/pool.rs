@@ -174,6 +174,21 @@ impl AppPool {
     }
 }
 
+/// Waits until some app process takes requests (an HTTP worker's boot).
+pub(crate) async fn wait_for_an_app(board: &Scoreboard) {
+    let open = || {
+        (0..records_used(board)).any(|r| {
+            let slot = board.slot(r);
+            slot.kind() == Kind::App && slot.app_load().open
+        })
+    };
+    let mut pause = Duration::from_millis(2);
+    while !open() {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
 fn records_used(board: &Scoreboard) -> usize {
     (board.header().records_used.load(Ordering::Acquire) as usize).min(board.capacity())
 }

@@ -374,6 +374,9 @@ async fn start_app(
             worker.admission.slot_index(),
             dir.to_path_buf(),
         );
+        // Ready once an app process is: until then its connections would only wait, while
+        // those of a master it takes over from (an upgrade) are served at once.
+        crate::pool::wait_for_an_app(worker.admission.board()).await;
         (Upstream::Unix(dir.to_path_buf()), Some(pool))
     };
     let proxy = Proxy::new(app, trusted, max_body, target, pool);
