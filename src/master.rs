@@ -707,14 +707,21 @@ impl Master {
         let limit = self.config.worker.max_recycling as usize;
         let mut waiting = VecDeque::new();
         while let Some(id) = self.recycle_queue.pop_front() {
-            // Replacements still booting: one that is ready (waiting for its worker to reach
-            // max_requests) no longer costs a boot.
-            let in_progress = self
-                .slots
-                .iter()
-                .filter_map(|s| s.successor)
-                .filter(|p| self.procs.get(p).is_some_and(|p| !p.acked))
-                .count();
+            // HTTP workers: replacements still booting (one that is ready, waiting for its
+            // worker to reach max_requests, no longer costs a boot). App processes: every one
+            // beyond their number, booting, held ready or draining, is an extra app in memory,
+            // and at most `max_recycling` exist at any moment.
+            let in_progress = if is_app(id) {
+                let alive = self.procs.values().filter(|p| is_app(p.id)).count();
+                alive.saturating_sub(self.processes().apps as usize)
+            } else {
+                self.slots
+                    .iter()
+                    .filter(|s| !is_app(s.id))
+                    .filter_map(|s| s.successor)
+                    .filter(|p| self.procs.get(p).is_some_and(|p| !p.acked))
+                    .count()
+            };
             let Some(i) = self.slot_index(id) else {
                 continue;
             };
