@@ -25,9 +25,9 @@ app = FastAPI()
 
 # Per-session state. The original app kept it in a dict in process memory (whose unbounded
 # growth was its memory leak; worker.max_rss is the backstop for leaks like that). Under several
-# workers that cannot work: each app process would see only the sessions it created, and lose
-# them when its worker is recycled. So the sessions live in one SQLite file that every worker's
-# app shares (SESSIONS_DB, by default sessions.db in the working directory).
+# app processes that cannot work: each would see only the sessions it created, and lose them
+# when it is recycled. So the sessions live in one SQLite file that every app process shares
+# (SESSIONS_DB, by default sessions.db in the working directory).
 db = sqlite3.connect(SESSIONS_DB, isolation_level=None, timeout=10)  # autocommit
 db.execute("PRAGMA journal_mode=WAL")  # readers do not wait for writers in other processes
 db.execute("CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, created REAL)")
