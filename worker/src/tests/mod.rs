@@ -25,6 +25,7 @@ mod drain;
 mod lifecycle;
 mod limits;
 mod log_reopen;
+mod pool;
 mod timeouts;
 
 /// The record the server under test writes (not 0, to catch index mix-ups).

@@ -1,0 +1,153 @@
+//! The choice of an app process (`pool`) over a real scoreboard, without processes: the records
+//! are filled as app hosts and HTTP workers fill them.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::pool::AppPool;
+use crate::scoreboard::{Kind, Scoreboard};
+
+/// A scoreboard with HTTP worker records 0 and 1 and app hosts (pids 101, 102, 103) in records
+/// 2, 3 and 4, all open.
+fn board() -> &'static Scoreboard {
+    let (board, _fd) = Scoreboard::create(8, 100).unwrap();
+    let board: &'static Scoreboard = Box::leak(Box::new(board));
+    for (record, pid) in [(2, 101), (3, 102), (4, 103)] {
+        let slot = board.slot(record);
+        slot.kind.store(Kind::App as u32, Ordering::Relaxed);
+        slot.worker_id.store(record as u32 - 1, Ordering::Relaxed);
+        slot.pid.store(pid, Ordering::Relaxed);
+        slot.app_init(pid);
+        slot.app_set_open(true);
+    }
+    board.header().records_used.store(5, Ordering::Relaxed);
+    board
+}
+
+fn pool(concurrency: u32, own: usize) -> &'static AppPool {
+    Box::leak(Box::new(AppPool::new(
+        concurrency,
+        own,
+        "/nonexistent".into(),
+    )))
+}
+
+fn inflight(board: &Scoreboard, record: usize) -> u32 {
+    board.slot(record).app_load().inflight
+}
+
+#[tokio::test]
+async fn the_least_busy_open_app_process_is_chosen() {
+    let board = board();
+    let pool = pool(0, 0);
+    // Two requests in app 1 (record 2), one in app 3 (record 4): app 2 is the least busy.
+    assert!(board.slot(2).app_take(101, 0) && board.slot(2).app_take(101, 0));
+    assert!(board.slot(4).app_take(103, 0));
+    let lease = pool.acquire(board).await.unwrap();
+    assert_eq!(inflight(board, 3), 1, "app 2 took it");
+    assert_eq!(lease.authority(), "app-2-102");
+    assert_eq!(board.slot(3).app_sent.load(Ordering::Relaxed), 1);
+    // Given back when dropped.
+    drop(lease);
+    assert_eq!(inflight(board, 3), 0);
+    // A closed app process is never chosen, however idle.
+    board.slot(3).app_set_open(false);
+    let lease = pool.acquire(board).await.unwrap();
+    assert_eq!(inflight(board, 3), 0);
+    assert_eq!(
+        inflight(board, 4),
+        2,
+        "app 3 (one in flight) over app 1 (two)"
+    );
+    drop(lease);
+}
+
+#[tokio::test]
+async fn with_every_slot_taken_a_request_waits_for_one_to_free() {
+    let board = board();
+    let pool = pool(1, 0);
+    let leases: Vec<_> = [
+        pool.acquire(board).await.unwrap(),
+        pool.acquire(board).await.unwrap(),
+        pool.acquire(board).await.unwrap(),
+    ]
+    .into();
+    for record in 2..5 {
+        assert_eq!(
+            inflight(board, record),
+            1,
+            "one request each (app.concurrency = 1)"
+        );
+    }
+    // A fourth waits, counted host-wide, until a slot is given back.
+    let waiting = tokio::spawn(async move { pool.acquire(board).await.map(|l| l.authority()) });
+    let counted = async {
+        while board.header().app_waiters.load(Ordering::Relaxed) != 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), counted)
+        .await
+        .expect("the waiter is counted host-wide");
+    assert!(!waiting.is_finished());
+    let mut leases = leases;
+    drop(leases.remove(1)); // app 2's slot
+    let took = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiter takes the freed slot")
+        .unwrap();
+    assert_eq!(took.unwrap(), "app-2-102");
+    assert_eq!(board.header().app_waiters.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn an_older_head_in_another_worker_goes_first() {
+    let board = board();
+    let pool = pool(1, 0);
+    let leases: Vec<_> = [
+        pool.acquire(board).await.unwrap(),
+        pool.acquire(board).await.unwrap(),
+        pool.acquire(board).await.unwrap(),
+    ]
+    .into();
+    // HTTP worker 1 (record 1) has a request waiting since long ago.
+    board.slot(1).app_wait_since_us.store(1, Ordering::Relaxed);
+    board.header().app_waiters.fetch_add(1, Ordering::Relaxed);
+    let waiting = tokio::spawn(async move { pool.acquire(board).await.is_ok() });
+    drop(leases);
+    // Every slot is free, but the older head elsewhere has not taken one: this one waits.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiting.is_finished(), "jumped ahead of an older waiter");
+    // The other worker's head is served (it stops waiting): this one goes.
+    board.slot(1).app_wait_since_us.store(0, Ordering::Relaxed);
+    board.header().app_waiters.fetch_sub(1, Ordering::Relaxed);
+    let took = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served once the older head is");
+    assert!(took.unwrap());
+}
+
+#[test]
+fn a_slot_given_back_after_its_app_host_was_replaced_changes_nothing() {
+    let board = board();
+    let slot = board.slot(2);
+    assert!(slot.app_take(101, 0));
+    // The host died and the record went to a new one (pid 201), which has a request of its own.
+    board.reclaim(2);
+    slot.app_init(201);
+    slot.app_set_open(true);
+    assert!(slot.app_take(201, 0));
+    slot.app_give_back(101);
+    assert_eq!(
+        slot.app_load().inflight,
+        1,
+        "the old host's slot is not the new one's"
+    );
+    // A take for a pid that is not the record's fails.
+    assert!(!slot.app_take(101, 0));
+    // Closed: no take, but a give back still counts.
+    slot.app_set_open(false);
+    assert!(!slot.app_take(201, 0));
+    slot.app_give_back(201);
+    assert_eq!(slot.app_load().inflight, 0);
+}
