@@ -461,6 +461,17 @@ impl Master {
         self.slots.iter().position(|s| s.id == id)
     }
 
+    /// App hosts beyond one per app number, until they have exited: replacements (booting,
+    /// held or ready) and the processes they replaced while those drain. Each runs an app
+    /// process (memory, CPU, perhaps a database pool), so `max_recycling` bounds them all, not
+    /// only the booting ones.
+    fn extra_app_processes(&self) -> usize {
+        self.procs
+            .iter()
+            .filter(|(pid, p)| is_app(p.id) && !self.slots.iter().any(|s| s.pid == Some(**pid)))
+            .count()
+    }
+
     /// The processes kept now, by kind.
     fn processes(&self) -> worker::config::Processes {
         let apps = self.slots.iter().filter(|s| is_app(s.id)).count() as u32;
@@ -701,14 +712,18 @@ impl Master {
         let limit = self.config.worker.max_recycling as usize;
         let mut waiting = VecDeque::new();
         while let Some(id) = self.recycle_queue.pop_front() {
-            // Replacements still booting: one that is ready (waiting for its worker to reach
-            // max_requests) no longer costs a boot.
-            let in_progress = self
-                .slots
-                .iter()
-                .filter_map(|s| s.successor)
-                .filter(|p| self.procs.get(p).is_some_and(|p| !p.acked))
-                .count();
+            let in_progress = if is_app(id) {
+                self.extra_app_processes()
+            } else {
+                // HTTP workers' replacements still booting: one that is ready (waiting for its
+                // worker to reach max_requests) no longer costs a boot.
+                self.slots
+                    .iter()
+                    .filter(|s| !is_app(s.id))
+                    .filter_map(|s| s.successor)
+                    .filter(|p| self.procs.get(p).is_some_and(|p| !p.acked))
+                    .count()
+            };
             let Some(i) = self.slot_index(id) else {
                 continue;
             };
