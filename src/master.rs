@@ -461,6 +461,17 @@ impl Master {
         self.slots.iter().position(|s| s.id == id)
     }
 
+    /// App hosts beyond one per app number, until they have exited: replacements (booting,
+    /// held or ready) and the processes they replaced while those drain. Each runs an app
+    /// process (memory, CPU, perhaps a database pool), so `max_recycling` bounds them all, not
+    /// only the booting ones.
+    fn extra_app_processes(&self) -> usize {
+        self.procs
+            .iter()
+            .filter(|(pid, p)| is_app(p.id) && !self.slots.iter().any(|s| s.pid == Some(**pid)))
+            .count()
+    }
+
     /// The processes kept now, by kind.
     fn processes(&self) -> worker::config::Processes {
         let apps = self.slots.iter().filter(|s| is_app(s.id)).count() as u32;
@@ -707,14 +718,11 @@ impl Master {
         let limit = self.config.worker.max_recycling as usize;
         let mut waiting = VecDeque::new();
         while let Some(id) = self.recycle_queue.pop_front() {
-            // HTTP workers: replacements still booting (one that is ready, waiting for its
-            // worker to reach max_requests, no longer costs a boot). App processes: every one
-            // beyond their number, booting, held ready or draining, is an extra app in memory,
-            // and at most `max_recycling` exist at any moment.
             let in_progress = if is_app(id) {
-                let alive = self.procs.values().filter(|p| is_app(p.id)).count();
-                alive.saturating_sub(self.processes().apps as usize)
+                self.extra_app_processes()
             } else {
+                // HTTP workers' replacements still booting: one that is ready (waiting for its
+                // worker to reach max_requests) no longer costs a boot.
                 self.slots
                     .iter()
                     .filter(|s| !is_app(s.id))

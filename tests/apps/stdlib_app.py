@@ -23,6 +23,11 @@ one thread per connection. Routes:
                          (?close=1: closes the connection instead of answering)
   GET  /count            that number, without counting
   GET  /drip?n=N&ms=M    N one-byte chunks (chunked), one every M ms
+  GET  /block?file=PATH&ms=N
+                         holds the whole process (as sync code in an async route does): every
+                         other request to it waits until PATH exists (at most N ms, default
+                         10000); prints a line when it begins; answers "released PID" or
+                         "timed out PID"
 
 Options: --ignore-term (SIGTERM is ignored), --fail-start (prints a line and exits 3),
 --ready-delay-ms N (waits before listening), --die-after-ms N (exits N ms after listening,
@@ -50,6 +55,8 @@ BUSY = {"now": 0, "max": 0, "total": 0}
 BUSY_LOCK = threading.Lock()
 POSTS = {"count": 0}
 WORKER = os.environ.get("SUPERVISOR_WORKER_ID", "?")
+# Held by /block: every request waits for it first, so a /block holds up the whole process.
+GATE = threading.Lock()
 CHUNK = 64 * 1024
 
 
@@ -75,6 +82,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         path = urlsplit(self.path).path
+        if path == "/block":
+            self.block()
+            return
+        with GATE:
+            pass
         if path == "/":
             self.reply(200, f"app {WORKER} {os.getpid()}".encode())
         elif path == "/headers":
@@ -155,6 +167,8 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(404, b"not found")
 
     def do_POST(self):
+        with GATE:
+            pass
         if urlsplit(self.path).path == "/consume":
             self.consume()
             return
@@ -182,6 +196,16 @@ class Handler(BaseHTTPRequestHandler):
                 return
             self.wfile.write(data)
             left -= len(data)
+
+    def block(self):
+        path = parse_qs(urlsplit(self.path).query).get("file", [""])[0]
+        deadline = time.monotonic() + self.query("ms", 10000) / 1000
+        with GATE:
+            print(f"block: pid {os.getpid()} holds the process until {path} exists", flush=True)
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            released = os.path.exists(path)
+        self.reply(200, f"{'released' if released else 'timed out'} {os.getpid()}".encode())
 
     def consume(self):
         # Reads the whole body (Content-Length or chunked), then says how much it got.

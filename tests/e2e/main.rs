@@ -13,6 +13,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod papercuts;
+mod pool;
 mod privileges;
 mod proxy_faults;
 mod queue;

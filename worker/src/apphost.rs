@@ -6,8 +6,10 @@
 //! The app host starts the app (`child`), passes its output to the log under `app.id`, and says
 //! in its scoreboard record whether HTTP workers may send it requests ([`Slot::app_load`]): open
 //! once the app is up (and a held host released), closed while the app restarts or once the
-//! host drains. It counts nothing on the request path: HTTP workers count the requests they
-//! send it, which the host compares with its `max_requests`.
+//! host drains. An HTTP worker that finds the app dead before the host does (a refused
+//! connection, a kill for `app.kill_on_timeout`) closes it too, and the host leaves it closed
+//! until it has restarted the app. It counts nothing on the request path: HTTP workers count
+//! the requests they send it, which the host compares with its `max_requests`.
 //!
 //! Draining (SIGTERM): closed to new requests, it waits until the requests in flight to its app
 //! are done (within `server.graceful_timeout`), then stops the app and exits.
@@ -29,6 +31,9 @@ use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
 /// How often the host looks at what HTTP workers wrote in its record: requests sent (for
 /// `max_requests`), failed requests (the app may be unreachable), the end of a drain.
 const LOOK_EVERY: Duration = Duration::from_millis(20);
+/// How long an app that an HTTP worker closed to requests (see `pool::AppLease::unreachable`)
+/// stays closed while this host sees it run: its death is seen long before.
+const REOPEN_AFTER: Duration = Duration::from_secs(1);
 
 pub(crate) fn run(args: WorkerArgs) -> ExitCode {
     let span = info_span!("app", app.id = args.id);
@@ -166,13 +171,33 @@ impl Host<'_> {
         let (mut told_soon, mut told_reached) = (false, false);
         let mut drain: Option<Instant> = None;
         let mut failed_seen = 0u32;
+        // Whether this host last opened the app (and so, if it is closed, an HTTP worker closed
+        // it), and since when an HTTP worker has kept it closed.
+        let mut opened = false;
+        let mut closed_by_worker: Option<Instant> = None;
         loop {
             let ready = matches!(*health.borrow(), Health::Ready);
             let failing = matches!(*health.borrow(), Health::Failing(_));
             self.slot
                 .app_failing
                 .store(u32::from(failing), Ordering::Relaxed);
-            self.slot.app_set_open(ready && released && drain.is_none());
+            let open = ready && released && drain.is_none();
+            if open && opened && !self.slot.app_load().open {
+                // Closed by an HTTP worker that found the app dead before this host did (it
+                // refused a connection, or was killed for a request past request_timeout):
+                // closed until the app's task sees the exit, or if the app lives on after all,
+                // for a while.
+                let since = *closed_by_worker.get_or_insert_with(Instant::now);
+                if since.elapsed() >= REOPEN_AFTER {
+                    warn!("the app was found unreachable but runs on; taking requests again");
+                    closed_by_worker = None;
+                    self.slot.app_set_open(true);
+                }
+            } else {
+                closed_by_worker = None;
+                self.slot.app_set_open(open);
+            }
+            opened = open;
             if let Some(since) = drain {
                 let grace = self.config.server.graceful_timeout;
                 let done = self.slot.app_load().inflight == 0;

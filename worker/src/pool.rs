@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::config::Upstream;
-use crate::scoreboard::{monotonic_us, Kind, Scoreboard, Slot};
+use crate::scoreboard::{monotonic_us, AppLoad, Kind, Scoreboard, Slot, APP_OPEN};
 
 /// How often a waiting request looks again for a free app process: other workers free their
 /// slots without telling this one.
@@ -267,6 +267,14 @@ impl AppLease {
         self.board.slot(self.record)
     }
 
+    /// The app process refused a connection (it died and its host has not noticed yet, or its
+    /// socket is gone): no new request goes to it until its host opens it again, which it
+    /// does once it has seen the app die and restarted it (or after `apphost::REOPEN_AFTER` if
+    /// the app turns out to run on).
+    pub(crate) fn unreachable(&self) {
+        close(self.slot(), self.host_pid);
+    }
+
     /// The record and host pid packed in one word, to find the app process again after the
     /// request is gone (`app.kill_on_timeout`, see [`kill_app_of`]).
     pub(crate) fn ticket(&self) -> u64 {
@@ -281,6 +289,17 @@ impl Drop for AppLease {
     }
 }
 
+/// Closes the app process of `slot` to new requests if its host is still `host_pid` (see
+/// `AppLease::unreachable`).
+fn close(slot: &Slot, host_pid: u32) {
+    let _ = slot
+        .app_load
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            let load = AppLoad::of(w);
+            (load.pid == host_pid && load.open).then_some(w & !APP_OPEN)
+        });
+}
+
 /// The address of the app process named by a pool key (`AppLease::authority`).
 pub(crate) fn upstream_of(runtime_dir: &std::path::Path, authority: &str) -> Upstream {
     if authority.starts_with("app-") {
@@ -291,7 +310,9 @@ pub(crate) fn upstream_of(runtime_dir: &std::path::Path, authority: &str) -> Ups
 }
 
 /// Kills the app process named by `ticket` ([`AppLease::ticket`]; 0: none) if its host is still
-/// the same process: `app.kill_on_timeout`. Its host restarts it as after a crash.
+/// the same process: `app.kill_on_timeout`. Its host restarts it as after a crash; meanwhile no
+/// request goes to it (closed here before the kill: its host would only see the death a moment
+/// later, and requests sent to it in between would fail).
 pub(crate) fn kill_app_of(board: &Scoreboard, ticket: u64) {
     let Some(record) = ((ticket >> 32) as usize).checked_sub(1) else {
         return;
@@ -312,6 +333,7 @@ pub(crate) fn kill_app_of(board: &Scoreboard, ticket: u64) {
             "killing the app process: a request passed worker.request_timeout \
              (app.kill_on_timeout)"
         );
+        close(slot, host_pid);
         crate::child::kill_group(app, nix::sys::signal::Signal::SIGKILL);
     }
 }

@@ -75,6 +75,8 @@ const HOP_BY_HOP: [HeaderName; 10] = [
 /// common app servers (uvicorn 5 s, gunicorn 2 s), so that the worker drops a connection before
 /// the app does and never sends a request into one that the app is closing.
 const POOL_IDLE: Duration = Duration::from_millis(1500);
+/// How many times a request that an app process of the pool refused goes to another one.
+const MOVE_TRIES: u32 = 3;
 
 /// A response body of known length up to this size is read whole before the response goes out:
 /// the client gets head and body in one write, however the app split them, and a body that
@@ -325,7 +327,7 @@ impl Proxy {
             },
             _ => None,
         };
-        let permit = AppPermit { _sem: sem, lease };
+        let mut permit = AppPermit { _sem: sem, lease };
         // The client left while the request waited for the app: nothing to send it for.
         if client.gone() {
             return text(
@@ -352,36 +354,99 @@ impl Proxy {
             // A body without Content-Length (chunked) is cut off at the limit as it streams.
             Either::Left(body)
         };
+        // Never an upgrade (the client may already have its 101). A request that may have
+        // reached the app is sent again only if its method is idempotent (not a POST without
+        // a body either); one that never reached an app process of the pool (a refused
+        // connect) goes to another one whatever its method.
         let replay = match &body {
-            // Never a method the app may have acted on (a POST without a body included), nor
-            // an upgrade (the client may already have its 101).
-            Either::Right(full) if method.is_idempotent() && client_upgrade.is_none() => {
-                Some((method.clone(), uri.clone(), headers.clone(), full.clone()))
+            Either::Right(full)
+                if client_upgrade.is_none() && (method.is_idempotent() || self.pool.is_some()) =>
+            {
+                Some((
+                    method.is_idempotent(),
+                    method.clone(),
+                    uri.clone(),
+                    headers.clone(),
+                    full.clone(),
+                ))
             }
             _ => None,
         };
-        let req = outgoing(method, uri, headers, body);
-
-        let sent: Result<Response<Incoming>, BoxError> = match self.client.request(req).await {
-            Ok(res) => Ok(res),
-            Err(e) => match replay {
-                Some((method, uri, headers, body)) if dead_connection(&e) => {
-                    // A pooled connection the app had closed (uvicorn closes after an
-                    // exception once its 500 is out, without saying so): once more, on a
-                    // connection of its own.
-                    debug!(
-                        error = %error_chain(&e),
-                        "the app's pooled connection was dead; sending again on a new one"
-                    );
-                    let target = match &permit.lease {
-                        Some(lease) => Arc::new(lease.upstream()),
-                        None => Arc::clone(&self.upstream),
-                    };
-                    self.send_fresh(&target, outgoing(method, uri, headers, Either::Right(body)))
-                        .await
+        let mut req = outgoing(method, uri, headers, body);
+        let mut moved = 0;
+        let sent: Result<Response<Incoming>, BoxError> = loop {
+            // Sent on a connection that then died: the app may have acted on it (or died of
+            // it), so it never goes to another app process.
+            let mut maybe_seen = false;
+            let sent = match self.client.request(req).await {
+                Ok(res) => Ok(res),
+                Err(e) => match &replay {
+                    Some((true, method, uri, headers, body)) if dead_connection(&e) => {
+                        // A pooled connection the app had closed (uvicorn closes after an
+                        // exception once its 500 is out, without saying so): once more, on a
+                        // connection of its own.
+                        debug!(
+                            error = %error_chain(&e),
+                            "the app's pooled connection was dead; sending again on a new one"
+                        );
+                        let (target, uri) = match &permit.lease {
+                            Some(lease) => (
+                                Arc::new(lease.upstream()),
+                                with_authority(uri.clone(), &lease.authority()),
+                            ),
+                            None => (Arc::clone(&self.upstream), uri.clone()),
+                        };
+                        maybe_seen = true;
+                        let again = outgoing(
+                            method.clone(),
+                            uri,
+                            headers.clone(),
+                            Either::Right(body.clone()),
+                        );
+                        self.send_fresh(&target, again).await
+                    }
+                    _ => Err(Box::new(e) as BoxError),
+                },
+            };
+            // An app process of the pool that refused the connection died (its host has not
+            // noticed yet) or lost its socket: no new request goes to it from now on, and a
+            // request that never reached it goes to another one.
+            let (Err(e), Some(lease)) = (&sent, &permit.lease) else {
+                break sent;
+            };
+            if !never_sent(&**e) {
+                break sent;
+            }
+            lease.unreachable();
+            let (Some((_, method, uri, headers, body)), Some(pool)) = (&replay, &self.pool) else {
+                break sent;
+            };
+            if moved == MOVE_TRIES || maybe_seen {
+                break sent;
+            }
+            moved += 1;
+            debug!(
+                error = %error_chain(&**e),
+                "an app process refused the connection; sending to another one"
+            );
+            lease.slot().app_failed();
+            permit.lease = None;
+            let lease = match pool.acquire(worker.admission.board()).await {
+                Ok(lease) => lease,
+                Err(NoApp::Failing) => {
+                    return unavailable("every app process keeps failing to start")
                 }
-                _ => Err(Box::new(e)),
-            },
+            };
+            if let Some(ticket) = &ticket {
+                ticket.store(lease.ticket(), Ordering::Relaxed);
+            }
+            req = outgoing(
+                method.clone(),
+                with_authority(uri.clone(), &lease.authority()),
+                headers.clone(),
+                Either::Right(body.clone()),
+            );
+            permit.lease = Some(lease);
         };
         let mut res = match sent {
             Ok(res) => {
@@ -735,6 +800,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+/// Whether sending failed at the connect, so that the app never saw the request: nothing
+/// listens on its socket (refused), or the socket file is gone.
+fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
+    find_cause::<io::Error>(e).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+        )
+    })
 }
 
 /// Whether sending failed because the request body passed `worker.max_body_bytes`.
