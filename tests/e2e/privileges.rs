@@ -176,9 +176,16 @@ fn unprivileged_workers_and_apps_still_die_with_the_master() {
     let mut pids = Vec::new();
     for w in s.workers_in("serving") {
         pids.push(w["pid"].as_u64().unwrap() as u32);
-        pids.push(w["app_pid"].as_u64().unwrap() as u32);
     }
-    assert_eq!(pids.len(), 4);
+    let apps = eventually(WAIT, "both app processes up", || {
+        let apps: Vec<serde_json::Value> = s.status()["apps"].as_array().unwrap().clone();
+        (apps.len() == 2 && apps.iter().all(|a| a["app_pid"].as_u64() > Some(1))).then_some(apps)
+    });
+    for a in &apps {
+        pids.push(a["pid"].as_u64().unwrap() as u32);
+        pids.push(a["app_pid"].as_u64().unwrap() as u32);
+    }
+    assert!(pids.len() >= 5, "{pids:?}");
     assert_eq!(ids(pids[0]).0, [NOBODY; 4]);
     s.child.kill().unwrap(); // SIGKILL
     s.wait_exit(WAIT);

@@ -522,7 +522,9 @@ fn permits_come_back_when_the_app_is_done_not_before_and_not_after() {
 
     // The app dies under a request whose client has gone: the permit comes back with the
     // app's death, an hour before worker.request_timeout.
-    let app = worker_record(&s)["app_pid"].as_u64().unwrap();
+    let app = eventually(WAIT, "the app process's pid", || {
+        s.status()["apps"][0]["app_pid"].as_u64().filter(|&p| p > 1)
+    });
     let c = TcpStream::connect(s.addr).unwrap();
     (&c).write_all(b"GET /sleep?ms=3600000 HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
