@@ -214,7 +214,13 @@ impl Master {
         let before = self.workers();
         self.set_worker_count(workers);
         info!(workers, before, "control: scaled");
-        Ok(format!("scaled from {before} to {workers} workers"))
+        let what = if self.config.app_pool() {
+            let http = self.processes().http;
+            format!("app processes (behind {http} HTTP workers)")
+        } else {
+            "workers".to_string()
+        };
+        Ok(format!("scaled from {before} to {workers} {what}"))
     }
 
     /// On reload: the control socket and the pidfile stay where they are until a restart.
