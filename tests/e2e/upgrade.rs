@@ -141,6 +141,81 @@ fn usr2_under_load_hands_over_to_the_binary_on_disk_without_a_failed_request() {
     assert!(requests >= 20, "the new workers served {requests}");
 }
 
+/// The app processes of master `pid` that serve: (host pid, app pid).
+fn apps_of(master: u32) -> Vec<(u64, u64)> {
+    status_of(master)["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "serving" && a["app_pid"].as_u64() > Some(1))
+        .map(|a| (a["pid"].as_u64().unwrap(), a["app_pid"].as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn usr2_under_load_with_app_processes_replaces_them_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");
+    let conf = format!(
+        "[server]\nworkers = 2\nhttp_workers = 1\n[app]\ncommand = [\"python3\", {app:?}, \"--uds\", \"{{socket}}\"]\n"
+    );
+    let (mut server, _bin) = start_copy(dir, &conf);
+    let old_master = server.pid();
+    let old_apps = eventually(Duration::from_secs(10), "both app processes", || {
+        let apps = apps_of(old_master);
+        (apps.len() == 2).then_some(apps)
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let clients = [true, false].map(|keep_alive| {
+        client(
+            server.addr,
+            keep_alive,
+            u64::MAX,
+            PACE,
+            stop.clone(),
+            tally.clone(),
+        )
+    });
+    eventually(
+        Duration::from_secs(10),
+        "requests before the upgrade",
+        || (tally.ok.load(Ordering::Relaxed) >= 20).then_some(()),
+    );
+    server.signal(Signal::SIGUSR2);
+    let new = new_master(&server, 0);
+    let _stop_new = Adopted(new);
+    // The old master drains its HTTP workers, then its app processes, and exits cleanly once
+    // the new one is ready; its apps are gone with it.
+    let code = server.wait_exit(Duration::from_secs(30));
+    assert!(code.success(), "old master: {code:?}");
+    eventually(
+        Duration::from_secs(10),
+        "the old app processes gone",
+        || {
+            old_apps
+                .iter()
+                .all(|&(host, app)| !alive(host as u32) && !alive(app as u32))
+                .then_some(())
+        },
+    );
+    let new_apps = apps_of(new);
+    assert_eq!(new_apps.len(), 2, "{new_apps:?}");
+    assert!(new_apps.iter().all(|a| !old_apps.contains(a)));
+    let served = tally.ok.load(Ordering::Relaxed);
+    eventually(
+        Duration::from_secs(10),
+        "requests served by the new master",
+        || (tally.ok.load(Ordering::Relaxed) >= served + 20).then_some(()),
+    );
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(tally.failed.load(Ordering::Relaxed), 0, "failed requests");
+}
+
 #[test]
 fn a_failed_upgrade_leaves_the_old_master_serving_and_a_later_one_works() {
     let dir = tempfile::tempdir().unwrap();
