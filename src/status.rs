@@ -383,29 +383,20 @@ pub fn print(status: &Status, json: bool) {
             r.limited
         );
     }
-    let unhealthy: Vec<String> = status
-        .workers
-        .iter()
-        .filter(|w| !w.app_healthy)
-        .map(|w| format!("{} ({} in a row)", w.worker_id, w.app_502_streak))
-        .collect();
-    if !unhealthy.is_empty() {
-        outln!(
-            "app unhealthy (answers only 502s) behind worker {}",
-            unhealthy.join(", ")
-        );
+    // Those whose app answers only 502s, as "ID (N in a row)".
+    let unhealthy = |list: &[WorkerStatus]| -> String {
+        list.iter()
+            .filter(|w| !w.app_healthy)
+            .map(|w| format!("{} ({} in a row)", w.worker_id, w.app_502_streak))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (workers, apps) = (unhealthy(&status.workers), unhealthy(&status.apps));
+    if !workers.is_empty() {
+        outln!("app unhealthy (answers only 502s) behind worker {workers}");
     }
-    let unhealthy: Vec<String> = status
-        .apps
-        .iter()
-        .filter(|w| !w.app_healthy)
-        .map(|w| format!("{} ({} in a row)", w.worker_id, w.app_502_streak))
-        .collect();
-    if !unhealthy.is_empty() {
-        outln!(
-            "app process unhealthy (answers only 502s): {}",
-            unhealthy.join(", ")
-        );
+    if !apps.is_empty() {
+        outln!("app process unhealthy (answers only 502s): {apps}");
     }
     outln!(
         "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8}  last recycle",

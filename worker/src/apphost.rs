@@ -18,13 +18,13 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::child::{AppProcess, Health, Launch};
 use crate::config::{Config, Upstream};
 use crate::pipe::{self, MasterPipe};
+use crate::process::Signals;
 use crate::scoreboard::{Scoreboard, Slot, SlotState};
 use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
 
@@ -55,22 +55,9 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
         error!("{e}");
         return ExitCode::from(EXIT_STARTUP);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(error = %e, "cannot start the event loop");
-            return ExitCode::from(EXIT_STARTUP);
-        }
-    };
-    let master = match MasterPipe::new(args.ready) {
-        Ok(pipe) => pipe,
-        Err(e) => {
-            error!(error = %e, "unusable pipe to the master");
-            return ExitCode::from(EXIT_STARTUP);
-        }
+    let (runtime, master) = match crate::process::event_loop_and_pipe(args.ready) {
+        Ok(both) => both,
+        Err(code) => return code,
     };
     // The record lives as long as the process: the mapping is never unmapped before exit.
     let board: &'static Scoreboard = Box::leak(Box::new(board));
@@ -99,28 +86,16 @@ struct Host<'a> {
 
 impl Host<'_> {
     async fn serve(&self, runtime_dir: Option<&std::path::Path>, hold: bool) -> ExitCode {
-        let (mut term, mut int, mut quit, mut usr1, mut usr2) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::quit()),
-            signal(SignalKind::user_defined1()),
-            signal(SignalKind::user_defined2()),
-        ) {
-            (Ok(t), Ok(i), Ok(q), Ok(u), Ok(u2)) => (t, i, q, u, u2),
-            _ => {
-                error!("cannot install signal handlers");
-                return ExitCode::from(EXIT_STARTUP);
-            }
+        let Signals {
+            mut term,
+            mut int,
+            mut quit,
+            mut usr1,
+            mut usr2,
+        } = match Signals::install() {
+            Ok(s) => s,
+            Err(code) => return code,
         };
-        if let Err(e) = nix::sys::signal::SigSet::from_iter([
-            nix::sys::signal::Signal::SIGUSR1,
-            nix::sys::signal::Signal::SIGUSR2,
-        ])
-        .thread_unblock()
-        {
-            error!(error = %e, "cannot unblock USR1 and USR2");
-            return ExitCode::from(EXIT_STARTUP);
-        }
         crate::process::spawn_heartbeat(self.slot);
         self.slot.app_init(std::process::id());
 
@@ -259,7 +234,7 @@ impl Host<'_> {
                     app.stop(Duration::ZERO).await;
                     return ExitCode::SUCCESS;
                 }
-                _ = usr1.recv() => reopen_log(&self.config.log.file),
+                _ = usr1.recv() => crate::process::reopen_log_file(&self.config.log.file),
                 _ = parent_check.tick() => {
                     if crate::process::master_gone(self.master_pid) {
                         app.stop(Duration::ZERO).await;
@@ -318,18 +293,4 @@ fn launch(
         worker_id: id,
         ready_timeout: app.ready_timeout,
     })
-}
-
-fn reopen_log(log_file: &str) {
-    if log_file.is_empty() {
-        return;
-    }
-    match crate::logfile::redirect_stderr(log_file) {
-        Ok(()) => info!(log.file = log_file, "SIGUSR1: log file reopened"),
-        Err(e) => error!(
-            log.file = log_file,
-            error = %e,
-            "SIGUSR1: cannot reopen the log file; still logging to the old one"
-        ),
-    }
 }

@@ -135,22 +135,9 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
         return ExitCode::from(EXIT_STARTUP);
     }
 
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(error = %e, "cannot start the event loop");
-            return ExitCode::from(EXIT_STARTUP);
-        }
-    };
-    let master = match MasterPipe::new(args.ready) {
-        Ok(pipe) => pipe,
-        Err(e) => {
-            error!(error = %e, "unusable pipe to the master");
-            return ExitCode::from(EXIT_STARTUP);
-        }
+    let (runtime, master) = match event_loop_and_pipe(args.ready) {
+        Ok(both) => both,
+        Err(code) => return code,
     };
     let worker = Worker::new(
         &args.config,
@@ -215,29 +202,16 @@ async fn serve_until_done(
     // Signals first: from here on a TERM from the master drains instead of killing us, and a
     // USR1 (whose default action is to terminate) reopens the log instead.
     // USR2 releases a held worker (see below); a worker that is not held ignores it.
-    let (mut term, mut int, mut quit, mut usr1, mut usr2) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::quit()),
-        signal(SignalKind::user_defined1()),
-        signal(SignalKind::user_defined2()),
-    ) {
-        (Ok(t), Ok(i), Ok(q), Ok(u), Ok(u2)) => (t, i, q, u, u2),
-        (Err(e), _, _, _, _)
-        | (_, Err(e), _, _, _)
-        | (_, _, Err(e), _, _)
-        | (_, _, _, Err(e), _)
-        | (_, _, _, _, Err(e)) => {
-            error!(error = %e, "cannot install signal handlers");
-            return ExitCode::from(EXIT_STARTUP);
-        }
+    let Signals {
+        mut term,
+        mut int,
+        mut quit,
+        mut usr1,
+        mut usr2,
+    } = match Signals::install() {
+        Ok(s) => s,
+        Err(code) => return code,
     };
-    // The master starts workers with these two blocked (see the master's worker exec): handled
-    // from here on, they may come through, including one sent during the boot.
-    if let Err(e) = SigSet::from_iter([Signal::SIGUSR1, Signal::SIGUSR2]).thread_unblock() {
-        error!(error = %e, "cannot unblock USR1 and USR2");
-        return ExitCode::from(EXIT_STARTUP);
-    }
 
     spawn_heartbeat(slot);
     // The app (a process or an upstream) before readiness: a worker is ready when its app is.
@@ -411,18 +385,7 @@ pub(crate) fn master_gone(master_pid: u32) -> bool {
 /// `log.file`, and reopens `log.access_file` when the access log goes to a file. A failure is
 /// logged and the worker keeps writing to the old file.
 fn reopen_logs(log_file: &str, worker: &Worker) {
-    if log_file.is_empty() {
-        debug!("SIGUSR1: logging to stderr, no log file to reopen; ignored");
-    } else {
-        match crate::logfile::redirect_stderr(log_file) {
-            Ok(()) => info!(log.file = log_file, "SIGUSR1: log file reopened"),
-            Err(e) => error!(
-                log.file = log_file,
-                error = %e,
-                "SIGUSR1: cannot reopen the log file; still logging to the old one"
-            ),
-        }
-    }
+    reopen_log_file(log_file);
     match worker.access.get().map(|log| log.reopen()) {
         Some(Ok(Some(path))) => info!(log.access_file = path, "SIGUSR1: access log reopened"),
         Some(Err(e)) => error!(
@@ -462,4 +425,73 @@ fn install_panic_hook() {
             .unwrap_or_default();
         error!(panic.location = %location, panic.message = message, "panicked");
     }));
+}
+
+/// SIGUSR1's first half, for every kind of process the master runs: points stderr (where the log
+/// goes) at a fresh open of `log.file`. A failure is logged and the old file kept.
+pub(crate) fn reopen_log_file(log_file: &str) {
+    if log_file.is_empty() {
+        debug!("SIGUSR1: logging to stderr, no log file to reopen; ignored");
+        return;
+    }
+    match crate::logfile::redirect_stderr(log_file) {
+        Ok(()) => info!(log.file = log_file, "SIGUSR1: log file reopened"),
+        Err(e) => error!(
+            log.file = log_file,
+            error = %e,
+            "SIGUSR1: cannot reopen the log file; still logging to the old one"
+        ),
+    }
+}
+
+/// The single-threaded event loop and the pipe to the master, for every kind of process the
+/// master runs; `Err` with the exit status once the reason is logged.
+pub(crate) fn event_loop_and_pipe(
+    ready: std::os::fd::OwnedFd,
+) -> Result<(tokio::runtime::Runtime, MasterPipe), ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            error!(error = %e, "cannot start the event loop");
+            ExitCode::from(EXIT_STARTUP)
+        })?;
+    let master = MasterPipe::new(ready).map_err(|e| {
+        error!(error = %e, "unusable pipe to the master");
+        ExitCode::from(EXIT_STARTUP)
+    })?;
+    Ok((runtime, master))
+}
+
+/// The signals the master sends (see `run`), handled from here on.
+pub(crate) struct Signals {
+    pub(crate) term: tokio::signal::unix::Signal,
+    pub(crate) int: tokio::signal::unix::Signal,
+    pub(crate) quit: tokio::signal::unix::Signal,
+    pub(crate) usr1: tokio::signal::unix::Signal,
+    pub(crate) usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers, then lets USR1 and USR2 through: the master starts its children
+    /// with those two blocked, so that one sent during the boot waits for its handler. Must be
+    /// called inside the event loop; `Err` with the exit status once the reason is logged.
+    pub(crate) fn install() -> Result<Signals, ExitCode> {
+        let failed = |e: std::io::Error| {
+            error!(error = %e, "cannot install signal handlers");
+            ExitCode::from(EXIT_STARTUP)
+        };
+        let signals = Signals {
+            term: signal(SignalKind::terminate()).map_err(failed)?,
+            int: signal(SignalKind::interrupt()).map_err(failed)?,
+            quit: signal(SignalKind::quit()).map_err(failed)?,
+            usr1: signal(SignalKind::user_defined1()).map_err(failed)?,
+            usr2: signal(SignalKind::user_defined2()).map_err(failed)?,
+        };
+        if let Err(e) = SigSet::from_iter([Signal::SIGUSR1, Signal::SIGUSR2]).thread_unblock() {
+            error!(error = %e, "cannot unblock USR1 and USR2");
+            return Err(ExitCode::from(EXIT_STARTUP));
+        }
+        Ok(signals)
+    }
 }
