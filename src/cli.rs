@@ -45,7 +45,7 @@ pub struct ConfigArgs {
     /// Address to listen on: HOST:PORT, [V6]:PORT or unix:PATH; repeatable; replaces server.bind
     #[arg(short = 'b', long = "bind", value_name = "ADDR")]
     pub bind: Vec<String>,
-    /// Number of worker processes, or "auto" for 2 x CPU + 1
+    /// Number of worker processes (app processes with an app command), or "auto" for 2 x CPU + 1
     #[arg(short = 'w', long = "workers", value_name = "N")]
     pub workers: Option<String>,
     /// Log level: error, warn, info, debug or trace
