@@ -756,3 +756,152 @@ fn a_graceful_stop_finishes_requests_in_flight_and_waiting_then_leaves_no_proces
     let left: Vec<u32> = everything.into_iter().filter(|&p| alive(p)).collect();
     assert!(left.is_empty(), "processes left: {left:?}");
 }
+
+/// What the one HTTP worker and the one app process hold: (host-wide permits, requests in
+/// flight in the app process's slot).
+fn held_by(s: &Server) -> (u64, u64) {
+    let st = s.status();
+    (
+        st["global_inflight"].as_u64().unwrap(),
+        st["apps"][0]["inflight"].as_u64().unwrap(),
+    )
+}
+
+/// Sends `GET /block?file=FILE` on a connection of its own and waits until the app process
+/// holds it.
+fn send_block(s: &Server, file: &std::path::Path) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        c,
+        "GET /block?file={}&ms=600000 HTTP/1.1\r\nHost: t\r\n\r\n",
+        file.display()
+    )
+    .unwrap();
+    let needle = format!("until {} exists", file.display());
+    s.log
+        .wait_for(WAIT, |l| l.contains(&needle))
+        .expect("the app process holds the request");
+    c
+}
+
+/// The permits and the app process's slot (`app.concurrency = 1`: one leaked would leave the
+/// app unreachable) come back exactly when the app is done with the request: not while it still
+/// works on it, however the client behaves (reset, half-close, never reading, trickling its
+/// body), and not later, when it answers, crashes or closes its connection. "Still working" and
+/// "done" are ordered by the test (the app holds `/block` until the test creates a file), not by
+/// wall-clock speed.
+#[test]
+fn the_app_slot_and_the_permits_come_back_exactly_when_the_app_is_done() {
+    use std::io::{Read, Write};
+    let s = start_pool(
+        1,
+        1,
+        &[
+            "--set",
+            "app.concurrency=1",
+            "--set",
+            "limits.max_concurrent_requests=5",
+            "--set",
+            "worker.request_timeout=1h",
+            "--set",
+            "worker.min_rate_grace=1s",
+            "--set",
+            "worker.min_request_rate=100",
+            "--set",
+            "worker.min_response_rate=1MiB/s",
+        ],
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let idle = |what: &str| {
+        eventually(WAIT, what, || (held_by(&s) == (0, 0)).then_some(()));
+        // Nothing leaked: the one slot takes the next request at once.
+        assert_eq!(s.get("/").status, 200, "after: {what}");
+    };
+
+    // A client that resets while the app works: held until the app answers, then back.
+    let file = dir.path().join("reset");
+    let c = send_block(&s, &file);
+    assert_eq!(held_by(&s), (1, 1));
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    // The worker has seen the reset once the connection is gone from its count.
+    eventually(WAIT, "the reset connection gone", || {
+        (s.status()["workers"][0]["connections"] == 0).then_some(())
+    });
+    assert_eq!(held_by(&s), (1, 1), "released while the app still works");
+    std::fs::write(&file, "").unwrap();
+    idle("the app answered the reset client's request");
+
+    // A client that half-closes after its request: held while the app works, answered, back.
+    let file = dir.path().join("half");
+    let c = send_block(&s, &file);
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(held_by(&s), (1, 1));
+    std::fs::write(&file, "").unwrap();
+    let r = crate::util::read_response(&mut std::io::BufReader::new(&c)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    idle("the half-closed client answered");
+
+    // A client that never reads a large response: the app cannot finish sending it, so both
+    // stay held until the worker cuts the client below min_response_rate and reads the rest.
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    c.write_all(b"GET /download?mb=64 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    eventually(WAIT, "the download held", || {
+        (held_by(&s) == (1, 1)).then_some(())
+    });
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Reads nothing until cut: the worker resets the connection.
+    s.log
+        .wait_for(Duration::from_secs(20), |l| {
+            l.contains("slower than worker.min_response_rate")
+        })
+        .expect("the stalled reader cut");
+    let _ = c.read(&mut [0u8; 1]);
+    drop(c);
+    idle("the app sent the rest of the never-read response");
+
+    // A client that trickles its body: 408 below min_request_rate, then back.
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"POST /consume HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
+        .unwrap();
+    let mut trickle = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for _ in 0..60 {
+            if trickle.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200)); // the trickle itself, not a wait
+        }
+    });
+    eventually(WAIT, "the trickled request held", || {
+        (held_by(&s) == (1, 1)).then_some(())
+    });
+    let r = crate::util::read_response(&mut std::io::BufReader::new(&c)).unwrap();
+    assert_eq!(r.status, 408, "{}", r.text());
+    drop(c);
+    writer.join().unwrap();
+    idle("the trickled request refused");
+
+    // The app crashes under a request: back at once (502), an hour before request_timeout.
+    let app = serving_apps(&s, 1)[&1];
+    let file = dir.path().join("crash");
+    let c = send_block(&s, &file);
+    assert_eq!(held_by(&s), (1, 1));
+    kill(Pid::from_raw(app as i32), Signal::SIGKILL).unwrap();
+    let r = crate::util::read_response(&mut std::io::BufReader::new(&c)).unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    serving_apps(&s, 1);
+    idle("the app crashed under the request");
+
+    // The app closes its connection after its answer (uvicorn after an exception): the next
+    // request takes the same slot.
+    assert_eq!(s.get("/boom").status, 500);
+    idle("the app closed its connection after its answer");
+}

@@ -77,14 +77,16 @@ fn replace_binary(bin: &Path) {
     std::fs::rename(&next, bin).unwrap();
 }
 
-#[test]
-fn usr2_under_load_hands_over_to_the_binary_on_disk_without_a_failed_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut server, bin) = start_copy(dir, "[server]\nworkers = 2\n");
-    let old_master = server.pid();
-    let old_workers = server.serving_pids();
-    assert_eq!(old_workers.len(), 2);
-
+/// Two clients (one keep-alive, one not) sending requests at `PACE` until `stop`, once 20 are
+/// answered.
+#[allow(clippy::type_complexity)]
+fn load_until_stopped(
+    server: &Server,
+) -> (
+    Arc<AtomicBool>,
+    Arc<Tally>,
+    [std::thread::JoinHandle<()>; 2],
+) {
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let clients = [true, false].map(|keep_alive| {
@@ -102,6 +104,18 @@ fn usr2_under_load_hands_over_to_the_binary_on_disk_without_a_failed_request() {
         "requests before the upgrade",
         || (tally.ok.load(Ordering::Relaxed) >= 20).then_some(()),
     );
+    (stop, tally, clients)
+}
+
+#[test]
+fn usr2_under_load_hands_over_to_the_binary_on_disk_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, bin) = start_copy(dir, "[server]\nworkers = 2\n");
+    let old_master = server.pid();
+    let old_workers = server.serving_pids();
+    assert_eq!(old_workers.len(), 2);
+
+    let (stop, tally, clients) = load_until_stopped(&server);
 
     replace_binary(&bin);
     assert!(exe_of(old_master).ends_with("(deleted)"));
@@ -166,23 +180,7 @@ fn usr2_under_load_with_app_processes_replaces_them_without_a_failed_request() {
         (apps.len() == 2).then_some(apps)
     });
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let clients = [true, false].map(|keep_alive| {
-        client(
-            server.addr,
-            keep_alive,
-            u64::MAX,
-            PACE,
-            stop.clone(),
-            tally.clone(),
-        )
-    });
-    eventually(
-        Duration::from_secs(10),
-        "requests before the upgrade",
-        || (tally.ok.load(Ordering::Relaxed) >= 20).then_some(()),
-    );
+    let (stop, tally, clients) = load_until_stopped(&server);
     server.signal(Signal::SIGUSR2);
     let new = new_master(&server, 0);
     let _stop_new = Adopted(new);

@@ -32,6 +32,18 @@ fn pool(concurrency: u32, own: usize) -> &'static AppPool {
     )))
 }
 
+/// With `app.concurrency = 1`, one request in each of the three app processes.
+async fn take_every_slot(
+    pool: &'static AppPool,
+    board: &'static Scoreboard,
+) -> Vec<crate::pool::AppLease> {
+    let mut leases = Vec::new();
+    for _ in 0..3 {
+        leases.push(pool.acquire(board).await.unwrap());
+    }
+    leases
+}
+
 fn inflight(board: &Scoreboard, record: usize) -> u32 {
     board.slot(record).app_load().inflight
 }
@@ -66,12 +78,7 @@ async fn the_least_busy_open_app_process_is_chosen() {
 async fn with_every_slot_taken_a_request_waits_for_one_to_free() {
     let board = board();
     let pool = pool(1, 0);
-    let leases: Vec<_> = [
-        pool.acquire(board).await.unwrap(),
-        pool.acquire(board).await.unwrap(),
-        pool.acquire(board).await.unwrap(),
-    ]
-    .into();
+    let leases = take_every_slot(pool, board).await;
     for record in 2..5 {
         assert_eq!(
             inflight(board, record),
@@ -104,12 +111,7 @@ async fn with_every_slot_taken_a_request_waits_for_one_to_free() {
 async fn an_older_head_in_another_worker_goes_first() {
     let board = board();
     let pool = pool(1, 0);
-    let leases: Vec<_> = [
-        pool.acquire(board).await.unwrap(),
-        pool.acquire(board).await.unwrap(),
-        pool.acquire(board).await.unwrap(),
-    ]
-    .into();
+    let leases = take_every_slot(pool, board).await;
     // HTTP worker 1 (record 1) has a request waiting since long ago.
     board.slot(1).app_wait_since_us.store(1, Ordering::Relaxed);
     board.header().app_waiters.fetch_add(1, Ordering::Relaxed);
