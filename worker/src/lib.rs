@@ -19,6 +19,7 @@ pub mod pipe;
 pub mod privileges;
 pub mod ratelimit;
 pub mod scoreboard;
+mod shared_region;
 
 mod admission;
 mod app;

@@ -26,15 +26,13 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::io;
-use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use nix::sys::memfd::{memfd_create, MFdFlags};
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use siphasher::sip::SipHasher13;
+
+use crate::shared_region::{Region, Shared};
 
 const MAGIC: u64 = 0x5355_5056_5254_0001; // "SUPVRT" + layout version 1
 
@@ -80,22 +78,13 @@ struct Header {
 
 /// The shared table, mapped.
 pub struct RateTable {
-    base: NonNull<u8>,
-    len: usize,
+    region: Region,
     sets: usize,
     ways: usize,
 }
 
-// SAFETY: the mapping is only accessed through atomics.
-unsafe impl Send for RateTable {}
-unsafe impl Sync for RateTable {}
-
-impl Drop for RateTable {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`len` describe a mapping this value owns; nothing borrows it past `self`.
-        let _ = unsafe { munmap(self.base.cast(), self.len) };
-    }
-}
+// SAFETY: only atomics, in a `#[repr(C)]` struct: any bit pattern is valid.
+unsafe impl Shared for Header {}
 
 /// Sets and ways for at most `max_clients` words: sets of `WAYS`, or one smaller set.
 fn shape(max_clients: u32) -> (usize, usize) {
@@ -121,11 +110,9 @@ fn monotonic_ns() -> u64 {
 impl RateTable {
     /// Creates an empty table for at most `max_clients` clients (master side).
     pub fn create(max_clients: u32) -> io::Result<(RateTable, OwnedFd)> {
-        let fd = memfd_create(MEMFD_NAME, MFdFlags::MFD_CLOEXEC).map_err(io::Error::from)?;
         let (sets, ways) = shape(max_clients);
-        let len = region_len(sets, ways);
-        nix::unistd::ftruncate(&fd, len as i64).map_err(io::Error::from)?;
-        let table = Self::map(&fd, len, sets, ways, true)?;
+        let (region, fd) = Region::create(MEMFD_NAME, region_len(sets, ways))?;
+        let table = RateTable { region, sets, ways };
         let h = table.header();
         // Two independent random words from the standard library's per-process random keys.
         let random = || {
@@ -144,20 +131,17 @@ impl RateTable {
 
     /// Maps a table the master created (worker side, or `supervisor status` read-only).
     pub fn open(fd: impl AsFd, writable: bool) -> io::Result<RateTable> {
-        let len = std::fs::File::from(fd.as_fd().try_clone_to_owned()?)
-            .metadata()?
-            .len() as usize;
         let bad = || {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 "not a rate table of this version",
             )
         };
-        if len < std::mem::size_of::<Header>() {
+        let region = Region::open(fd, writable)?;
+        if region.len() < std::mem::size_of::<Header>() {
             return Err(bad());
         }
-        let probe = Self::map(&fd, len, 0, 0, writable)?;
-        let h = probe.header();
+        let h: &Header = region.get(0);
         let (sets, ways) = (
             h.sets.load(Ordering::Relaxed) as usize,
             h.ways.load(Ordering::Relaxed) as usize,
@@ -166,7 +150,7 @@ impl RateTable {
             .checked_mul(ways)
             .and_then(|n| n.checked_mul(std::mem::size_of::<AtomicU64>()))
             .and_then(|n| n.checked_add(std::mem::size_of::<Header>()))
-            == Some(len);
+            == Some(region.len());
         if h.magic.load(Ordering::Acquire) != MAGIC
             || sets == 0
             || !(1..=WAYS).contains(&ways)
@@ -174,39 +158,11 @@ impl RateTable {
         {
             return Err(bad());
         }
-        drop(probe);
-        Self::map(&fd, len, sets, ways, writable)
-    }
-
-    fn map(
-        fd: impl AsFd,
-        len: usize,
-        sets: usize,
-        ways: usize,
-        writable: bool,
-    ) -> io::Result<RateTable> {
-        let prot = if writable {
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
-        } else {
-            ProtFlags::PROT_READ
-        };
-        let size = NonZeroUsize::new(len).expect("the table is never empty");
-        // SAFETY: a fresh shared mapping of a memfd we hold; no existing memory is aliased. The
-        // region is only accessed through atomics (see `header`/`word`).
-        let ptr = unsafe { mmap(None, size, prot, MapFlags::MAP_SHARED, fd, 0) }
-            .map_err(io::Error::from)?;
-        Ok(RateTable {
-            base: ptr.cast(),
-            len,
-            sets,
-            ways,
-        })
+        Ok(RateTable { region, sets, ways })
     }
 
     fn header(&self) -> &Header {
-        // SAFETY: the mapping is at least `size_of::<Header>()` bytes, page-aligned, zeroed by
-        // the kernel (a valid bit pattern for atomics), and lives as long as `self`.
-        unsafe { &*(self.base.as_ptr() as *const Header) }
+        self.region.get(0)
     }
 
     fn word(&self, index: usize) -> &AtomicU64 {
@@ -214,16 +170,8 @@ impl RateTable {
             index < self.sets * self.ways,
             "rate table word out of range"
         );
-        // SAFETY: in bounds (checked above); the header's size is a multiple of 64, so the words
-        // after it are aligned for `AtomicU64`.
-        unsafe {
-            &*(self
-                .base
-                .as_ptr()
-                .add(std::mem::size_of::<Header>())
-                .cast::<AtomicU64>()
-                .add(index))
-        }
+        self.region
+            .get(std::mem::size_of::<Header>() + index * std::mem::size_of::<AtomicU64>())
     }
 
     /// How many clients the table can hold.

@@ -10,14 +10,11 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use nix::sys::memfd::{memfd_create, MFdFlags};
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use crate::shared_region::{Region, Shared};
 
 const MAGIC: u64 = 0x5355_5056_5342_0006; // "SUPVSB" + layout version 6
 
@@ -468,28 +465,21 @@ impl Slot {
 
 /// A mapped scoreboard. Cheap to share: every method takes `&self`.
 pub struct Scoreboard {
-    base: NonNull<u8>,
-    len: usize,
+    region: Region,
     capacity: usize,
 }
 
-// SAFETY: the mapping is only ever accessed through atomics, and it stays mapped until drop.
-unsafe impl Send for Scoreboard {}
-// SAFETY: as above; all shared access goes through `&AtomicXX`.
-unsafe impl Sync for Scoreboard {}
-
-fn region_len(capacity: usize) -> usize {
-    slot_offset(capacity)
-}
+// SAFETY: only atomics, in `#[repr(C)]` structs and arrays: any bit pattern is valid.
+unsafe impl Shared for Header {}
+// SAFETY: as above.
+unsafe impl Shared for Slot {}
 
 impl Scoreboard {
     /// Creates a zeroed region with room for `capacity` worker records (master side). The fd is
     /// close-on-exec; the spawner passes it to each worker explicitly.
     pub fn create(capacity: usize, global_cap: u32) -> io::Result<(Scoreboard, OwnedFd)> {
-        let fd = memfd_create(MEMFD_NAME, MFdFlags::MFD_CLOEXEC).map_err(io::Error::from)?;
-        let len = region_len(capacity);
-        nix::unistd::ftruncate(&fd, len as i64).map_err(io::Error::from)?;
-        let board = Self::map(&fd, len, capacity, true)?;
+        let (region, fd) = Region::create(MEMFD_NAME, slot_offset(capacity))?;
+        let board = Scoreboard { region, capacity };
         let h = board.header();
         h.capacity.store(capacity as u32, Ordering::Relaxed);
         h.master_pid.store(std::process::id(), Ordering::Relaxed);
@@ -505,8 +495,8 @@ impl Scoreboard {
 
     /// Maps an existing region (worker side, or `supervisor status` read-only).
     pub fn open(fd: impl AsFd, writable: bool) -> io::Result<Scoreboard> {
-        let meta = std::fs::File::from(fd.as_fd().try_clone_to_owned()?).metadata()?;
-        let len = meta.len() as usize;
+        let region = Region::open(fd, writable)?;
+        let len = region.len();
         if len < slot_offset(0) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -514,7 +504,7 @@ impl Scoreboard {
             ));
         }
         let capacity = (len - slot_offset(0)) / std::mem::size_of::<Slot>();
-        let board = Self::map(&fd, len, capacity, writable)?;
+        let board = Scoreboard { region, capacity };
         let h = board.header();
         if h.magic.load(Ordering::Acquire) != MAGIC
             || h.capacity.load(Ordering::Relaxed) as usize != capacity
@@ -527,33 +517,12 @@ impl Scoreboard {
         Ok(board)
     }
 
-    fn map(fd: impl AsFd, len: usize, capacity: usize, writable: bool) -> io::Result<Scoreboard> {
-        let prot = if writable {
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
-        } else {
-            ProtFlags::PROT_READ
-        };
-        let size = NonZeroUsize::new(len).expect("scoreboard length is never zero");
-        // SAFETY: a fresh shared mapping of a memfd we hold; no existing memory is aliased. The
-        // region is only accessed through atomics (see `header`/`slot`).
-        let ptr = unsafe { mmap(None, size, prot, MapFlags::MAP_SHARED, fd, 0) }
-            .map_err(io::Error::from)?;
-        Ok(Scoreboard {
-            base: ptr.cast(),
-            len,
-            capacity,
-        })
-    }
-
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
     pub fn header(&self) -> &Header {
-        // SAFETY: the mapping is at least `size_of::<Header>()` bytes, page-aligned (so aligned
-        // for `Header`), zero-initialised by the kernel (a valid bit pattern for atomics), and
-        // lives as long as `self`.
-        unsafe { &*(self.base.as_ptr() as *const Header) }
+        self.region.get(0)
     }
 
     /// Record `index`; panics if `index >= capacity` (a programming error).
@@ -562,12 +531,7 @@ impl Scoreboard {
             index < self.capacity,
             "scoreboard slot {index} out of range"
         );
-        // SAFETY: `index < capacity`, so the record lies inside the mapping; `Header`'s size is a
-        // multiple of 64 and `Slot`'s alignment is 128, so we check the offset is aligned.
-        unsafe {
-            let p = self.base.as_ptr().add(slot_offset(index)).cast::<Slot>();
-            &*p
-        }
+        self.region.get(slot_offset(index))
     }
 
     pub fn slots(&self) -> impl Iterator<Item = (usize, &Slot)> {
@@ -612,45 +576,100 @@ impl Scoreboard {
                 |n| Some(n.saturating_sub(held)),
             );
         }
-        slot.pid.store(0, Ordering::Relaxed);
-        slot.worker_id.store(0, Ordering::Relaxed);
-        slot.generation.store(0, Ordering::Relaxed);
-        slot.heartbeat_ms.store(0, Ordering::Relaxed);
-        slot.started_ms.store(0, Ordering::Relaxed);
-        slot.requests.store(0, Ordering::Relaxed);
-        slot.inflight.store(0, Ordering::Relaxed);
-        slot.connections.store(0, Ordering::Relaxed);
-        slot.rejected_local.store(0, Ordering::Relaxed);
-        slot.timeouts.store(0, Ordering::Relaxed);
-        slot.queued.store(0, Ordering::Relaxed);
-        slot.queue_full.store(0, Ordering::Relaxed);
-        slot.queue_timeouts.store(0, Ordering::Relaxed);
-        slot.redis_state.store(0, Ordering::Relaxed);
-        slot.cluster_rejected.store(0, Ordering::Relaxed);
-        slot.redis_degraded.store(0, Ordering::Relaxed);
-        slot.rss_bytes.store(0, Ordering::Relaxed);
-        slot.recycle_reason.store(0, Ordering::Relaxed);
-        slot.app_pid.store(0, Ordering::Relaxed);
-        slot.app_restarts.store(0, Ordering::Relaxed);
-        slot.accept_errors.store(0, Ordering::Relaxed);
-        slot.app_502_streak.store(0, Ordering::Relaxed);
-        for c in slot.status_classes.iter().chain(&slot.latency_buckets) {
-            c.store(0, Ordering::Relaxed);
+        // Every field is named (no `..`): a field added to `Slot` does not compile until it is
+        // cleared here too (or named as kept), so the record's next process never inherits a
+        // counter of the last one.
+        let Slot {
+            pid,
+            worker_id,
+            generation,
+            state: _, // set last, below
+            heartbeat_ms,
+            started_ms,
+            requests,
+            inflight,
+            held_global: _, // returned above
+            connections,
+            rejected_local,
+            timeouts,
+            queued,
+            queue_full,
+            queue_timeouts,
+            redis_state,
+            cluster_rejected,
+            redis_degraded,
+            rss_bytes,
+            recycle_reason,
+            app_pid,
+            app_restarts,
+            accept_errors,
+            app_502_streak,
+            status_classes,
+            latency_buckets,
+            latency_sum_us,
+            rate_limited,
+            client_gone,
+            kind,
+            app_load,
+            app_port,
+            app_failing,
+            app_sent,
+            app_wait_since_us,
+            redis_degraded_ms,
+            redis_degraded_since_ms,
+            current,
+        } = slot;
+        for field in [
+            pid,
+            worker_id,
+            generation,
+            inflight,
+            connections,
+            queued,
+            redis_state,
+            recycle_reason,
+            app_pid,
+            app_restarts,
+            app_502_streak,
+            kind,
+            app_port,
+            app_failing,
+        ] {
+            field.store(0, Ordering::Relaxed);
         }
-        slot.latency_sum_us.store(0, Ordering::Relaxed);
-        slot.rate_limited.store(0, Ordering::Relaxed);
-        slot.client_gone.store(0, Ordering::Relaxed);
-        slot.redis_degraded_ms.store(0, Ordering::Relaxed);
-        slot.redis_degraded_since_ms.store(0, Ordering::Relaxed);
-        slot.kind.store(0, Ordering::Relaxed);
-        slot.app_load.store(0, Ordering::Release);
-        slot.app_port.store(0, Ordering::Relaxed);
-        slot.app_failing.store(0, Ordering::Relaxed);
-        slot.app_sent.store(0, Ordering::Relaxed);
-        slot.app_wait_since_us.store(0, Ordering::Relaxed);
-        for e in &slot.current {
-            e.started_ms.store(0, Ordering::Relaxed);
+        let counters = [
+            heartbeat_ms,
+            started_ms,
+            requests,
+            rejected_local,
+            timeouts,
+            queue_full,
+            queue_timeouts,
+            cluster_rejected,
+            redis_degraded,
+            rss_bytes,
+            accept_errors,
+            latency_sum_us,
+            rate_limited,
+            client_gone,
+            app_sent,
+            app_wait_since_us,
+            redis_degraded_ms,
+            redis_degraded_since_ms,
+        ];
+        for field in counters
+            .into_iter()
+            .chain(status_classes)
+            .chain(latency_buckets)
+        {
+            field.store(0, Ordering::Relaxed);
         }
+        // An entry's text means nothing while it has no start time.
+        for entry in current {
+            entry.started_ms.store(0, Ordering::Relaxed);
+        }
+        // HTTP workers read the app's load without a lock: the pid goes with the rest of it.
+        app_load.store(0, Ordering::Release);
         slot.set_state(SlotState::Free);
         held
     }
@@ -659,16 +678,6 @@ impl Scoreboard {
 fn slot_offset(index: usize) -> usize {
     let header = std::mem::size_of::<Header>().next_multiple_of(std::mem::align_of::<Slot>());
     header + index * std::mem::size_of::<Slot>()
-}
-
-impl Drop for Scoreboard {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`len` are exactly what mmap returned; no reference into the region
-        // outlives `self` because every accessor borrows `self`.
-        unsafe {
-            let _ = munmap(self.base.cast(), self.len);
-        }
-    }
 }
 
 /// Microseconds of CLOCK_MONOTONIC: the same clock in every process on the host.
@@ -734,6 +743,113 @@ mod tests {
         assert_eq!(other.header().global_inflight.load(Ordering::Relaxed), 1);
         board.release_global(0);
         assert_eq!(board.header().global_inflight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn reclaim_leaves_nothing_of_the_last_process_in_the_record() {
+        use std::mem::size_of_val;
+        use std::os::unix::fs::FileExt;
+
+        let (board, fd) = Scoreboard::create(2, 1).unwrap();
+        let file = std::fs::File::from(fd);
+        let record = std::mem::size_of::<Slot>();
+        // Every byte of record 1 set, as a process that wrote every field would leave it.
+        file.write_at(&vec![0xff; record], slot_offset(1) as u64)
+            .unwrap();
+        board.reclaim(1);
+        let mut after = vec![0; record];
+        file.read_exact_at(&mut after, slot_offset(1) as u64)
+            .unwrap();
+        // Left as they were: the padding between fields, and the text of the request entries
+        // (meaningless once their start time is 0). Every field is named (no `..`), so a new
+        // field counts here as soon as it exists.
+        let Slot {
+            pid,
+            worker_id,
+            generation,
+            state,
+            heartbeat_ms,
+            started_ms,
+            requests,
+            inflight,
+            held_global,
+            connections,
+            rejected_local,
+            timeouts,
+            queued,
+            queue_full,
+            queue_timeouts,
+            redis_state,
+            cluster_rejected,
+            redis_degraded,
+            rss_bytes,
+            recycle_reason,
+            app_pid,
+            app_restarts,
+            accept_errors,
+            app_502_streak,
+            status_classes,
+            latency_buckets,
+            latency_sum_us,
+            rate_limited,
+            client_gone,
+            kind,
+            app_load,
+            app_port,
+            app_failing,
+            app_sent,
+            app_wait_since_us,
+            redis_degraded_ms,
+            redis_degraded_since_ms,
+            current,
+        } = board.slot(0);
+        let fields = size_of_val(pid)
+            + size_of_val(worker_id)
+            + size_of_val(generation)
+            + size_of_val(state)
+            + size_of_val(heartbeat_ms)
+            + size_of_val(started_ms)
+            + size_of_val(requests)
+            + size_of_val(inflight)
+            + size_of_val(held_global)
+            + size_of_val(connections)
+            + size_of_val(rejected_local)
+            + size_of_val(timeouts)
+            + size_of_val(queued)
+            + size_of_val(queue_full)
+            + size_of_val(queue_timeouts)
+            + size_of_val(redis_state)
+            + size_of_val(cluster_rejected)
+            + size_of_val(redis_degraded)
+            + size_of_val(rss_bytes)
+            + size_of_val(recycle_reason)
+            + size_of_val(app_pid)
+            + size_of_val(app_restarts)
+            + size_of_val(accept_errors)
+            + size_of_val(app_502_streak)
+            + size_of_val(status_classes)
+            + size_of_val(latency_buckets)
+            + size_of_val(latency_sum_us)
+            + size_of_val(rate_limited)
+            + size_of_val(client_gone)
+            + size_of_val(kind)
+            + size_of_val(app_load)
+            + size_of_val(app_port)
+            + size_of_val(app_failing)
+            + size_of_val(app_sent)
+            + size_of_val(app_wait_since_us)
+            + size_of_val(redis_degraded_ms)
+            + size_of_val(redis_degraded_since_ms)
+            + size_of_val(current);
+        let text = TRACKED_REQUESTS * REQUEST_TEXT_WORDS * 8;
+        let left = after.iter().filter(|&&b| b != 0).count();
+        assert_eq!(left, record - fields + text, "bytes of fields not cleared");
+        assert_eq!(board.slot(1).state(), SlotState::Free);
+        assert_eq!(
+            board.slot(0).pid.load(Ordering::Relaxed),
+            0,
+            "other records untouched"
+        );
     }
 
     #[test]
