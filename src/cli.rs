@@ -32,7 +32,7 @@ pub enum Command {
     Upgrade(ControlArgs),
     /// Internal: run one worker process. Started by the master only.
     #[command(hide = true)]
-    Worker(WorkerArgs),
+    Worker(worker::protocol::Handoff),
 }
 
 /// Options that resolve the configuration (shared by `start`, `check` and the control commands,
@@ -110,43 +110,6 @@ pub struct ScaleArgs {
     /// The number of workers, 1..=1024
     #[arg(id = "count", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
-}
-
-/// How the master hands a worker its resources: file descriptors it inherits and its identity.
-/// The resolved configuration travels in an inherited sealed memfd (`--config-fd`), not in argv
-/// (readable by every user on the host) nor in the environment (size-limited by exec, and shown
-/// in `/proc/PID/environ`).
-#[derive(Debug, Args)]
-pub struct WorkerArgs {
-    #[arg(long)]
-    pub id: u32,
-    #[arg(long)]
-    pub slot: usize,
-    #[arg(long)]
-    pub master_pid: u32,
-    #[arg(long = "listen-fd")]
-    pub listen_fds: Vec<i32>,
-    #[arg(long)]
-    pub ready_fd: i32,
-    #[arg(long)]
-    pub scoreboard_fd: i32,
-    #[arg(long)]
-    pub rates_fd: i32,
-    /// The resolved configuration: JSON in a sealed memfd (see `spawn::config_fd`).
-    #[arg(long)]
-    pub config_fd: i32,
-    /// Requests after which the worker asks to be recycled, jitter included; 0: never.
-    #[arg(long, default_value_t = 0)]
-    pub max_requests: u64,
-    /// Accept nothing until SIGUSR2 (a replacement prepared ahead of time).
-    #[arg(long)]
-    pub hold: bool,
-    /// Run one app process of the pool (an app host) instead of an HTTP worker.
-    #[arg(long)]
-    pub app: bool,
-    /// The master's private runtime directory (app sockets).
-    #[arg(long)]
-    pub runtime_dir: Option<PathBuf>,
 }
 
 #[cfg(test)]

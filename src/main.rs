@@ -189,7 +189,7 @@ fn start(
     }
 }
 
-fn run_worker(args: cli::WorkerArgs) -> ExitCode {
+fn run_worker(args: worker::protocol::Handoff) -> ExitCode {
     let config = match sys::inherited_fd(args.config_fd, "configuration")
         .map_err(anyhow::Error::from)
         .and_then(spawn::read_config)

@@ -29,7 +29,7 @@ use signal_hook::iterator::exfiltrator::SignalOnly;
 use tracing::{debug, error, info, warn};
 use worker::cluster::Janitor;
 use worker::config::{default_workers, AcceptMode, Config};
-use worker::pipe;
+use worker::protocol;
 use worker::ratelimit::RateTable;
 use worker::scoreboard::{monotonic_ms, Kind, RecycleReason, Scoreboard, SlotState};
 
@@ -1080,15 +1080,15 @@ impl Master {
             return;
         }
         let bytes = &buf[..n];
-        if bytes.contains(&pipe::MAX_REQUESTS_SOON) {
+        if bytes.contains(&protocol::MAX_REQUESTS_SOON) {
             proc.observed.max_requests_soon = true;
         }
-        let reached = bytes.contains(&pipe::MAX_REQUESTS);
+        let reached = bytes.contains(&protocol::MAX_REQUESTS);
         if reached {
             proc.observed.max_requests_reached = true;
         }
         let id = proc.id;
-        if bytes.contains(&pipe::READY) && !proc.acked {
+        if bytes.contains(&protocol::READY) && !proc.acked {
             proc.acked = true;
             let boot = proc.started.elapsed();
             info!(worker.id = %Shown(id), pid = pid.as_raw(), boot = ?boot, "worker ready");
@@ -1168,7 +1168,7 @@ impl Master {
             if p.held {
                 p.held = false;
                 self.board.slot(p.record).set_state(SlotState::Serving);
-                let _ = kill(pid, Signal::SIGUSR2);
+                let _ = kill(pid, protocol::RELEASE);
             }
         }
     }
@@ -1185,7 +1185,7 @@ impl Master {
                 .store(reason as u32, Ordering::Relaxed);
             debug!(worker.id = %Shown(p.id), pid = pid.as_raw(), reason = %reason.as_str(), "draining the replaced worker");
         }
-        let _ = kill(pid, Signal::SIGTERM);
+        let _ = kill(pid, protocol::DRAIN);
     }
 
     fn maybe_announce_ready(&mut self) {
@@ -1346,7 +1346,7 @@ impl Master {
             }
         }
         for pid in [slot.pid, slot.successor].into_iter().flatten() {
-            let _ = kill(pid, Signal::SIGTERM);
+            let _ = kill(pid, protocol::DRAIN);
         }
     }
 
@@ -1834,7 +1834,7 @@ impl Master {
             error!("USR1: {e}");
         }
         for pid in self.procs.keys() {
-            let _ = kill(*pid, Signal::SIGUSR1);
+            let _ = kill(*pid, protocol::REOPEN_LOGS);
         }
     }
 
@@ -1862,9 +1862,9 @@ impl Master {
             l.close();
         }
         let sig = if fast {
-            Signal::SIGQUIT
+            protocol::EXIT_NOW
         } else {
-            Signal::SIGTERM
+            protocol::DRAIN
         };
         // A new master that has not taken over yet must not outlive this stop.
         if let Some(u) = self.upgrade.as_mut().filter(|u| !u.abandoned) {
@@ -1893,7 +1893,7 @@ impl Master {
         }
         self.apps_told_to_stop = true;
         for pid in self.procs.keys() {
-            let _ = kill(*pid, Signal::SIGTERM);
+            let _ = kill(*pid, protocol::DRAIN);
         }
     }
 

@@ -16,6 +16,7 @@ use nix::fcntl::{FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::unistd::Pid;
 use worker::config::Config;
+use worker::protocol::Handoff;
 
 use crate::sys;
 
@@ -31,8 +32,7 @@ const SYSTEMD_ENV: [&str; 6] = [
 
 pub struct Spawned {
     pub pid: Pid,
-    /// Read end of the worker's pipe to the master: `R` when it accepts connections, `M` when
-    /// it has served its `max_requests`; EOF when it exits.
+    /// Read end of the worker's pipe to the master (see `worker::protocol`); EOF when it exits.
     pub pipe: OwnedFd,
 }
 
@@ -47,7 +47,7 @@ pub struct SpawnRequest<'a> {
     pub config: &'a OwnedFd,
     /// Requests after which the worker asks to be recycled (0: never).
     pub max_requests: u64,
-    /// Start held: ready but not accepting until SIGUSR2.
+    /// Start held: ready but not accepting until released (`worker::protocol::RELEASE`).
     pub hold: bool,
     /// An app host (one app process of the pool) rather than an HTTP worker.
     pub app_host: bool,
@@ -72,34 +72,21 @@ pub fn spawn_worker(req: SpawnRequest<'_>) -> Result<Spawned> {
             .next()
             .unwrap_or_else(|| "supervisor".into()),
     );
-    cmd.arg("worker")
-        .arg("--id")
-        .arg(req.id.to_string())
-        .arg("--slot")
-        .arg(req.slot.to_string())
-        .arg("--master-pid")
-        .arg(master_pid.to_string())
-        .arg("--ready-fd")
-        .arg(ready_write.as_raw_fd().to_string())
-        .arg("--scoreboard-fd")
-        .arg(req.scoreboard.as_raw_fd().to_string())
-        .arg("--rates-fd")
-        .arg(req.rates.as_raw_fd().to_string())
-        .arg("--config-fd")
-        .arg(req.config.as_raw_fd().to_string())
-        .arg("--max-requests")
-        .arg(req.max_requests.to_string())
-        .arg("--runtime-dir")
-        .arg(req.runtime_dir);
-    if req.hold {
-        cmd.arg("--hold");
-    }
-    if req.app_host {
-        cmd.arg("--app");
-    }
-    for fd in req.listen_fds {
-        cmd.arg("--listen-fd").arg(fd.to_string());
-    }
+    let handoff = Handoff {
+        id: req.id,
+        slot: req.slot,
+        master_pid,
+        listen_fds: req.listen_fds.to_vec(),
+        ready_fd: ready_write.as_raw_fd(),
+        scoreboard_fd: req.scoreboard.as_raw_fd(),
+        rates_fd: req.rates.as_raw_fd(),
+        config_fd: req.config.as_raw_fd(),
+        max_requests: req.max_requests,
+        hold: req.hold,
+        app: req.app_host,
+        runtime_dir: Some(req.runtime_dir.to_path_buf()),
+    };
+    cmd.arg("worker").args(handoff.to_args());
     cmd.stdin(Stdio::null());
     // systemd's variables are the master's: a worker (or its app) that saw them could send
     // READY=1 for the service or take fds 3.. for sockets passed to the master.

@@ -23,8 +23,8 @@ use tracing::{debug, error, info, info_span, warn};
 
 use crate::child::{AppProcess, Health, Launch};
 use crate::config::{Config, Upstream};
-use crate::pipe::{self, MasterPipe};
 use crate::process::Signals;
+use crate::protocol::{self, MasterPipe};
 use crate::scoreboard::{Scoreboard, Slot, SlotState};
 use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
 
@@ -87,11 +87,11 @@ struct Host<'a> {
 impl Host<'_> {
     async fn serve(&self, runtime_dir: Option<&std::path::Path>, hold: bool) -> ExitCode {
         let Signals {
-            mut term,
+            mut drain,
             mut int,
-            mut quit,
-            mut usr1,
-            mut usr2,
+            mut exit_now,
+            mut reopen_logs,
+            mut release,
         } = match Signals::install() {
             Ok(s) => s,
             Err(code) => return code,
@@ -119,14 +119,14 @@ impl Host<'_> {
                     return ExitCode::from(EXIT_STARTUP);
                 }
             },
-            _ = term.recv() => {
+            _ = drain.recv() => {
                 info!("SIGTERM while the app starts: exiting");
                 return ExitCode::SUCCESS;
             }
             _ = int.recv() => return ExitCode::SUCCESS,
-            _ = quit.recv() => return ExitCode::SUCCESS,
+            _ = exit_now.recv() => return ExitCode::SUCCESS,
         };
-        if let Err(e) = self.master.send(pipe::READY) {
+        if let Err(e) = self.master.send(protocol::READY) {
             error!(error = %e, "cannot acknowledge readiness to the master");
             app.stop(Duration::ZERO).await;
             return ExitCode::from(EXIT_STARTUP);
@@ -142,9 +142,9 @@ impl Host<'_> {
         look.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut parent_check = tokio::time::interval(crate::PARENT_CHECK_INTERVAL);
         parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let prepare_at = pipe::prepare_at(self.max_requests);
+        let prepare_at = protocol::prepare_at(self.max_requests);
         let (mut told_soon, mut told_reached) = (false, false);
-        let mut drain: Option<Instant> = None;
+        let mut draining_since: Option<Instant> = None;
         let mut failed_seen = 0u32;
         // Whether this host last opened the app (and so, if it is closed, an HTTP worker closed
         // it), and since when an HTTP worker has kept it closed.
@@ -156,7 +156,7 @@ impl Host<'_> {
             self.slot
                 .app_failing
                 .store(u32::from(failing), Ordering::Relaxed);
-            let open = ready && released && drain.is_none();
+            let open = ready && released && draining_since.is_none();
             if open && opened && !self.slot.app_load().open {
                 // Closed by an HTTP worker that found the app dead before this host did (it
                 // refused a connection, or was killed for a request past request_timeout):
@@ -173,7 +173,7 @@ impl Host<'_> {
                 self.slot.app_set_open(open);
             }
             opened = open;
-            if let Some(since) = drain {
+            if let Some(since) = draining_since {
                 let grace = self.config.server.graceful_timeout;
                 let done = self.slot.app_load().inflight == 0;
                 if done || since.elapsed() >= grace {
@@ -196,13 +196,13 @@ impl Host<'_> {
                 }
                 _ = look.tick() => {
                     let sent = self.slot.app_sent.load(Ordering::Relaxed);
-                    if drain.is_none() && prepare_at > 0 && !told_soon && sent >= prepare_at {
+                    if draining_since.is_none() && prepare_at > 0 && !told_soon && sent >= prepare_at {
                         told_soon = true;
-                        let _ = self.master.send(pipe::MAX_REQUESTS_SOON);
+                        let _ = self.master.send(protocol::MAX_REQUESTS_SOON);
                     }
-                    if drain.is_none() && self.max_requests > 0 && !told_reached && sent >= self.max_requests {
+                    if draining_since.is_none() && self.max_requests > 0 && !told_reached && sent >= self.max_requests {
                         told_reached = true;
-                        let _ = self.master.send(pipe::MAX_REQUESTS);
+                        let _ = self.master.send(protocol::MAX_REQUESTS);
                     }
                     // HTTP workers count the requests the app did not answer in its record: the
                     // app's socket may be gone or dead, which the app's task checks.
@@ -212,14 +212,14 @@ impl Host<'_> {
                     }
                     failed_seen = failed;
                 }
-                _ = term.recv() => {
-                    if drain.is_none() {
+                _ = drain.recv() => {
+                    if draining_since.is_none() {
                         info!("SIGTERM: draining (no new requests; waiting for those in flight)");
-                        drain = Some(Instant::now());
+                        draining_since = Some(Instant::now());
                         self.slot.set_state(SlotState::Draining);
                     }
                 }
-                _ = usr2.recv() => {
+                _ = release.recv() => {
                     if !released {
                         released = true;
                         self.slot.set_state(SlotState::Serving);
@@ -230,11 +230,11 @@ impl Host<'_> {
                     app.stop(Duration::ZERO).await;
                     return ExitCode::SUCCESS;
                 }
-                _ = quit.recv() => {
+                _ = exit_now.recv() => {
                     app.stop(Duration::ZERO).await;
                     return ExitCode::SUCCESS;
                 }
-                _ = usr1.recv() => crate::process::reopen_log_file(&self.config.log.file),
+                _ = reopen_logs.recv() => crate::process::reopen_log_file(&self.config.log.file),
                 _ = parent_check.tick() => {
                     if crate::process::master_gone(self.master_pid) {
                         app.stop(Duration::ZERO).await;

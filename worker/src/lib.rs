@@ -7,7 +7,7 @@
 //! runs one `connection` task per client (hyper, keep-alive), which runs `request` for every
 //! request (limits via `admission`, timeout, panics, the in-flight description in the
 //! scoreboard), which calls the built-in `app`. The worker talks to its master through the
-//! scoreboard and one byte at a time on a pipe ([`pipe`]).
+//! scoreboard and one byte at a time on a pipe, and the master to it through signals ([`protocol`]).
 
 #![deny(unsafe_code)]
 
@@ -15,8 +15,8 @@ pub mod access_log;
 pub mod config;
 pub mod exec;
 pub mod logfile;
-pub mod pipe;
 pub mod privileges;
+pub mod protocol;
 pub mod ratelimit;
 pub mod scoreboard;
 mod shared_region;
@@ -68,7 +68,7 @@ pub struct WorkerArgs {
     /// Already bound and listening sockets (TCP v4/v6 or Unix stream); blocking mode unknown.
     pub listeners: Vec<OwnedFd>,
     /// Write end of the pipe to the master, open for the worker's whole life: `b'R'` once the
-    /// worker accepts connections, `b'M'` once it has served `max_requests` (see [`pipe`]).
+    /// worker accepts connections, then `b'm'` and `b'M'` near and at `max_requests` (see [`protocol`]).
     pub ready: OwnedFd,
     /// Requests after which the worker asks to be recycled (jitter already added); 0: never.
     pub max_requests: u64,

@@ -16,6 +16,10 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 use tokio::signal::unix::{signal, SignalKind};
+
+fn listen(sig: Signal) -> std::io::Result<tokio::signal::unix::Signal> {
+    signal(SignalKind::from_raw(sig as i32))
+}
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, info_span, warn};
 
@@ -24,8 +28,8 @@ use crate::client_rate::ClientRate;
 use crate::cluster::Cluster;
 use crate::config::{Config, Rate, RateKey, Trusted, Upstream};
 use crate::listener::Listener;
-use crate::pipe::{self, MasterPipe};
 use crate::pool::AppPool;
+use crate::protocol::{self, MasterPipe};
 use crate::proxy::Proxy;
 use crate::ratelimit::RateTable;
 use crate::scoreboard::{self, Scoreboard, Slot, SlotState};
@@ -203,11 +207,11 @@ async fn serve_until_done(
     // USR1 (whose default action is to terminate) reopens the log instead.
     // USR2 releases a held worker (see below); a worker that is not held ignores it.
     let Signals {
-        mut term,
+        mut drain,
         mut int,
-        mut quit,
-        mut usr1,
-        mut usr2,
+        mut exit_now,
+        mut reopen_logs,
+        mut release,
     } = match Signals::install() {
         Ok(s) => s,
         Err(code) => return code,
@@ -224,12 +228,12 @@ async fn serve_until_done(
                 return ExitCode::from(EXIT_STARTUP)
             }
         }
-        _ = term.recv() => {
+        _ = drain.recv() => {
             info!("SIGTERM while the app starts: exiting");
             return ExitCode::SUCCESS
         }
         _ = int.recv() => return ExitCode::SUCCESS,
-        _ = quit.recv() => return ExitCode::SUCCESS,
+        _ = exit_now.recv() => return ExitCode::SUCCESS,
     }
     let mut parent_check = tokio::time::interval(PARENT_CHECK_INTERVAL);
     parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -239,21 +243,21 @@ async fn serve_until_done(
     // served its limit. Sharing the sockets earlier would split the old worker's traffic and
     // leave the count of either to chance.
     if hold {
-        if let Err(e) = worker.master.send(pipe::READY) {
+        if let Err(e) = worker.master.send(protocol::READY) {
             error!(error = %e, "cannot acknowledge readiness to the master");
             return ExitCode::from(EXIT_STARTUP);
         }
         debug!("worker ready; held until the master releases it");
         loop {
             tokio::select! {
-                _ = usr2.recv() => break,
-                _ = term.recv() => {
+                _ = release.recv() => break,
+                _ = drain.recv() => {
                     info!("SIGTERM while held: exiting");
                     return ExitCode::SUCCESS;
                 }
                 _ = int.recv() => return ExitCode::SUCCESS,
-                _ = quit.recv() => return ExitCode::SUCCESS,
-                _ = usr1.recv() => reopen_logs(log_file, worker),
+                _ = exit_now.recv() => return ExitCode::SUCCESS,
+                _ = reopen_logs.recv() => reopen_worker_logs(log_file, worker),
                 _ = parent_check.tick() => {
                     if master_gone(master_pid) {
                         return ExitCode::from(EXIT_MASTER_GONE)
@@ -279,7 +283,7 @@ async fn serve_until_done(
     slot.set_state(SlotState::Serving);
     // The pipe stays open after this: `request` sends `MAX_REQUESTS` on it later.
     if !hold {
-        if let Err(e) = worker.master.send(pipe::READY) {
+        if let Err(e) = worker.master.send(protocol::READY) {
             error!(error = %e, "cannot acknowledge readiness to the master");
             return ExitCode::from(EXIT_STARTUP);
         }
@@ -290,7 +294,7 @@ async fn serve_until_done(
     let mut draining: Option<Pin<Box<dyn Future<Output = DrainSummary> + Send>>> = None;
     loop {
         tokio::select! {
-            _ = term.recv() => match server.take() {
+            _ = drain.recv() => match server.take() {
                 Some(s) => {
                     info!("SIGTERM: draining");
                     draining = Some(Box::pin(s.drain(graceful_timeout)));
@@ -301,12 +305,12 @@ async fn serve_until_done(
                 info!("SIGINT: exiting now");
                 return ExitCode::SUCCESS
             }
-            _ = quit.recv() => {
+            _ = exit_now.recv() => {
                 info!("SIGQUIT: exiting now");
                 return ExitCode::SUCCESS
             }
-            _ = usr1.recv() => reopen_logs(log_file, worker),
-            _ = usr2.recv() => debug!("SIGUSR2: not held; ignored"),
+            _ = reopen_logs.recv() => reopen_worker_logs(log_file, worker),
+            _ = release.recv() => debug!("SIGUSR2: not held; ignored"),
             _ = parent_check.tick() => {
                 if master_gone(master_pid) {
                     return ExitCode::from(EXIT_MASTER_GONE)
@@ -384,7 +388,7 @@ pub(crate) fn master_gone(master_pid: u32) -> bool {
 /// SIGUSR1: after a log rotation, points stderr (where the log goes) at a fresh open of
 /// `log.file`, and reopens `log.access_file` when the access log goes to a file. A failure is
 /// logged and the worker keeps writing to the old file.
-fn reopen_logs(log_file: &str, worker: &Worker) {
+fn reopen_worker_logs(log_file: &str, worker: &Worker) {
     reopen_log_file(log_file);
     match worker.access.get().map(|log| log.reopen()) {
         Some(Ok(Some(path))) => info!(log.access_file = path, "SIGUSR1: access log reopened"),
@@ -463,13 +467,14 @@ pub(crate) fn event_loop_and_pipe(
     Ok((runtime, master))
 }
 
-/// The signals the master sends (see `run`), handled from here on.
+/// The signals the master sends (see `protocol`), handled from here on.
 pub(crate) struct Signals {
-    pub(crate) term: tokio::signal::unix::Signal,
+    pub(crate) drain: tokio::signal::unix::Signal,
+    /// SIGINT (a Ctrl-C reaches the whole process group): as [`protocol::EXIT_NOW`].
     pub(crate) int: tokio::signal::unix::Signal,
-    pub(crate) quit: tokio::signal::unix::Signal,
-    pub(crate) usr1: tokio::signal::unix::Signal,
-    pub(crate) usr2: tokio::signal::unix::Signal,
+    pub(crate) exit_now: tokio::signal::unix::Signal,
+    pub(crate) reopen_logs: tokio::signal::unix::Signal,
+    pub(crate) release: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -482,13 +487,14 @@ impl Signals {
             ExitCode::from(EXIT_STARTUP)
         };
         let signals = Signals {
-            term: signal(SignalKind::terminate()).map_err(failed)?,
-            int: signal(SignalKind::interrupt()).map_err(failed)?,
-            quit: signal(SignalKind::quit()).map_err(failed)?,
-            usr1: signal(SignalKind::user_defined1()).map_err(failed)?,
-            usr2: signal(SignalKind::user_defined2()).map_err(failed)?,
+            drain: listen(protocol::DRAIN).map_err(failed)?,
+            int: listen(Signal::SIGINT).map_err(failed)?,
+            exit_now: listen(protocol::EXIT_NOW).map_err(failed)?,
+            reopen_logs: listen(protocol::REOPEN_LOGS).map_err(failed)?,
+            release: listen(protocol::RELEASE).map_err(failed)?,
         };
-        if let Err(e) = SigSet::from_iter([Signal::SIGUSR1, Signal::SIGUSR2]).thread_unblock() {
+        let late = [protocol::REOPEN_LOGS, protocol::RELEASE];
+        if let Err(e) = SigSet::from_iter(late).thread_unblock() {
             error!(error = %e, "cannot unblock USR1 and USR2");
             return Err(ExitCode::from(EXIT_STARTUP));
         }

@@ -33,7 +33,7 @@ use crate::cluster::{Lease, Verdict};
 use crate::config::OnRedisError;
 use crate::connection::ActivityGuard;
 use crate::edge;
-use crate::pipe;
+use crate::protocol;
 use crate::ratelimit::Decision;
 use crate::response::{self, Body, X_WORKER_ID};
 use crate::scoreboard::{Slot, SlotState};
@@ -126,10 +126,10 @@ impl Drop for RequestGuard {
         // Equality, not `>=`: the counter only grows, so this is true for exactly one request,
         // and never when `max_requests` is 0.
         if done == self.worker.prepare_at {
-            tell_master(self.worker, done, pipe::MAX_REQUESTS_SOON);
+            tell_master(self.worker, done, protocol::MAX_REQUESTS_SOON);
         }
         if done == self.worker.max_requests {
-            tell_master(self.worker, done, pipe::MAX_REQUESTS);
+            tell_master(self.worker, done, protocol::MAX_REQUESTS);
         }
         // A request that never got a response (the client left first) has no status to count
         // or log.
@@ -160,7 +160,7 @@ fn tell_master(worker: &'static Worker, done: u64, message: u8) {
         );
         return;
     }
-    if message == pipe::MAX_REQUESTS {
+    if message == protocol::MAX_REQUESTS {
         info!(
             requests.total = done,
             "reached worker.max_requests; the replacement takes over once ready"

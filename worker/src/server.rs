@@ -22,7 +22,7 @@ use crate::client_body::BodyTiming;
 use crate::config::Config;
 use crate::connection::{self, IdleLimits};
 use crate::listener::{AcceptError, Listener, Peer, Stream};
-use crate::pipe::MasterPipe;
+use crate::protocol::MasterPipe;
 use crate::response::{self, Responses};
 use crate::scoreboard::{monotonic_ms, Scoreboard, Slot, SlotState};
 
@@ -227,7 +227,7 @@ impl Worker {
             http,
             master,
             max_requests,
-            prepare_at: crate::pipe::prepare_at(max_requests),
+            prepare_at: crate::protocol::prepare_at(max_requests),
             app: app::State::default(),
             draining: AtomicBool::new(false),
             proxy: std::sync::OnceLock::new(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::client::{get, h2_get, H1, H2, IO_LIMIT};
 use super::{eventually, start, ID};
-use crate::pipe;
+use crate::protocol;
 use crate::scoreboard::{coarse_monotonic_ms, monotonic_ms, Slot, SlotState};
 
 const SETTLE: Duration = Duration::from_secs(2);
@@ -24,11 +24,11 @@ async fn max_requests_sends_m_once_after_exactly_that_many_requests() {
     assert_eq!(c.get("/error").await.status, 500);
     assert_eq!(get(s.addr, "/healthz").await.status, 200);
     eventually(SETTLE, "4 requests completed", || s.requests() == 4).await;
-    // Well ahead of the limit (`pipe::prepare_at`), the master is asked to prepare.
-    assert_eq!(pipe::prepare_at(5), 1);
+    // Well ahead of the limit (`protocol::prepare_at`), the master is asked to prepare.
+    assert_eq!(protocol::prepare_at(5), 1);
     assert_eq!(
         s.pipe(),
-        [pipe::MAX_REQUESTS_SOON],
+        [protocol::MAX_REQUESTS_SOON],
         "m, and only m, before max_requests"
     );
 
@@ -39,7 +39,7 @@ async fn max_requests_sends_m_once_after_exactly_that_many_requests() {
         !got.is_empty()
     })
     .await;
-    assert_eq!(got, [pipe::MAX_REQUESTS]);
+    assert_eq!(got, [protocol::MAX_REQUESTS]);
     assert_eq!(s.requests(), 5, "sent when the 5th request completed");
 
     // The worker keeps serving normally until the master drains it, and asks only once.
@@ -58,7 +58,7 @@ async fn max_requests_reached_while_draining_sends_nothing() {
     eventually(SETTLE, "2 requests completed", || s.requests() == 2).await;
     assert_eq!(
         s.pipe(),
-        [pipe::MAX_REQUESTS_SOON],
+        [protocol::MAX_REQUESTS_SOON],
         "prepared after the first"
     );
     let mut busy = H1::connect(s.addr).await;

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::listener::Listener;
-use crate::pipe::MasterPipe;
+use crate::protocol::MasterPipe;
 use crate::scoreboard::{Scoreboard, Slot};
 use crate::server::{DrainSummary, Server, Worker};
 
