@@ -45,17 +45,15 @@ use crate::upgrade::{self, Handover, SelfExec};
 use crate::{rss, sys};
 
 mod requests;
+mod slots;
 mod systemd;
+
+use slots::{backoff, Exited, Verdict, WorkerSlot};
 
 /// Scoreboard records: room for the largest worker count plus as many replacements again.
 const SCOREBOARD_CAPACITY: usize = 2048;
 /// Consecutive failed boots of one worker, while no worker serves, before the master gives up.
 const MAX_BOOT_FAILURES: u32 = 5;
-/// First respawn delay after a crash; doubles per consecutive failure.
-const RESPAWN_BACKOFF_START: Duration = Duration::from_millis(100);
-const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A worker that served at least this long before dying is not part of a crash loop.
-const STABLE_UPTIME: Duration = Duration::from_secs(10);
 /// How long a fast stop (INT, QUIT) waits for workers before SIGKILL.
 const FAST_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound on one `poll` wait: hung-worker checks run at least this often.
@@ -70,38 +68,6 @@ pub const HANDLED_SIGNALS: [i32; 9] = [
 
 /// Re-reads the configuration from the same sources as at start (for HUP).
 pub type Reload = Box<dyn Fn() -> Result<Config, String>>;
-
-/// One worker number (1..=workers) and its history across respawns.
-struct WorkerSlot {
-    id: u32,
-    generation: u32,
-    /// The process serving this number (or booting to).
-    pid: Option<Pid>,
-    /// A replacement booting; it takes over from `pid` when it reports ready.
-    successor: Option<Pid>,
-    /// Consecutive failures (boot failures and early crashes) for the backoff.
-    failures: u32,
-    respawn_at: Option<Instant>,
-    /// A replacement is wanted, for this reason, not before this time.
-    recycle: Option<(RecycleReason, Instant)>,
-    /// Why the last process of this number was replaced (for `status`).
-    last_recycle: Option<RecycleReason>,
-}
-
-impl WorkerSlot {
-    fn new(id: u32) -> WorkerSlot {
-        WorkerSlot {
-            id,
-            generation: 0,
-            pid: None,
-            successor: None,
-            failures: 0,
-            respawn_at: None,
-            recycle: None,
-            last_recycle: None,
-        }
-    }
-}
 
 /// A live worker process.
 struct Proc {
@@ -800,18 +766,17 @@ impl Master {
     }
 
     fn on_exit(&mut self, pid: Pid, proc: Proc, exit: Exit) {
-        let recycled = match proc.retiring {
-            Some((reason, _)) => Some(reason),
-            None => proc.hung.then_some(RecycleReason::Hung),
+        let exited = Exited {
+            pid,
+            retiring: proc.retiring.map(|(reason, _)| reason),
+            hung: proc.hung,
+            acked: proc.acked,
+            killed_by_us: proc.killed_by_us,
+            uptime: proc.started.elapsed(),
         };
         let stopping = matches!(self.phase, Phase::Stopping { .. });
-        let current = self.slots.iter().position(|s| s.pid == Some(pid));
-        let successor_of = self.slots.iter().position(|s| s.successor == Some(pid));
-        // Nobody asked this worker to go: not a recycle, a stop, a TTOU or a hung kill.
-        let unasked = recycled.is_none()
-            && !stopping
-            && !proc.killed_by_us
-            && (current.is_some() || successor_of.is_some());
+        let recycled = exited.retiring.or(proc.hung.then_some(RecycleReason::Hung));
+        let unasked = slots::unasked(&self.slots, &exited, stopping);
         let returned = match &self.metrics {
             Some(m) => m.reap(
                 &self.board,
@@ -824,7 +789,6 @@ impl Master {
         if let Some(janitor) = &self.janitor {
             janitor.purge(pid.as_raw() as u32);
         }
-        let uptime = proc.started.elapsed();
         if returned > 0 {
             warn!(
                 worker.id = %Shown(proc.id),
@@ -833,7 +797,6 @@ impl Master {
                 "returned host-wide permits held by the dead worker"
             );
         }
-        let how = exit.describe(proc.killed_by_us);
         // A worker of a reload's configuration that could not boot: the reload failed.
         let disproves = !stopping
             && !proc.acked
@@ -842,98 +805,70 @@ impl Master {
                 .pending_reload
                 .as_ref()
                 .is_some_and(|p| p.gen == proc.config_gen);
+        let verdict = slots::on_exit(&mut self.slots, &exited, stopping);
+        self.carry_out_exit(&proc, &exited, exit, verdict, disproves);
+    }
 
-        if let Some((reason, _)) = proc.retiring {
-            if exit.is_clean() {
-                info!(worker.id = %Shown(proc.id), pid = pid.as_raw(), reason = %reason.as_str(), uptime = ?uptime, "worker recycled");
-            } else {
-                warn!(worker.id = %Shown(proc.id), pid = pid.as_raw(), reason = %reason.as_str(), "worker recycled: {how}");
+    /// Logs an exit and does what its verdict asks (`slots::on_exit` has updated the slot).
+    fn carry_out_exit(
+        &mut self,
+        proc: &Proc,
+        exited: &Exited,
+        exit: Exit,
+        verdict: Verdict,
+        disproves: bool,
+    ) {
+        let (id, pid, uptime) = (proc.id, exited.pid.as_raw(), exited.uptime);
+        let how = exit.describe(proc.killed_by_us);
+        match verdict {
+            Verdict::Recycled(reason) if exit.is_clean() => {
+                info!(worker.id = %Shown(id), pid, reason = %reason.as_str(), uptime = ?uptime, "worker recycled");
             }
-            return;
-        }
-        if stopping || (current.is_none() && successor_of.is_none()) {
-            if exit.is_clean() {
-                info!(worker.id = %Shown(proc.id), pid = pid.as_raw(), "worker stopped");
-            } else {
-                warn!(
-                    worker.id = %Shown(proc.id),
-                    pid = pid.as_raw(),
-                    "worker stopped: {how}"
-                );
+            Verdict::Recycled(reason) => {
+                warn!(worker.id = %Shown(id), pid, reason = %reason.as_str(), "worker recycled: {how}");
             }
-            return;
-        }
-        if let Some(i) = successor_of {
-            // A replacement died before taking over: the old process keeps serving, and the
-            // recycle is tried again after a backoff.
-            let slot = &mut self.slots[i];
-            slot.successor = None;
-            slot.failures += 1;
-            let delay = backoff(slot.failures);
-            if let Some((reason, _)) = slot.recycle {
-                slot.recycle = Some((reason, Instant::now() + delay));
-                self.recycle_queue.push_back(slot.id);
+            Verdict::Stopped if exit.is_clean() => {
+                info!(worker.id = %Shown(id), pid, "worker stopped");
             }
-            error!(worker.id = %Shown(proc.id), pid = pid.as_raw(), retry_in = ?delay, "replacement worker failed to boot: {how}");
-            self.systemd_replacement_failed(proc.id, &how);
-            if disproves {
-                self.reload_disproved(proc.id, &how);
+            Verdict::Stopped => warn!(worker.id = %Shown(id), pid, "worker stopped: {how}"),
+            Verdict::ReplacementFailed {
+                index,
+                retry_in,
+                retry,
+            } => {
+                if retry {
+                    self.recycle_queue.push_back(self.slots[index].id);
+                }
+                error!(worker.id = %Shown(id), pid, retry_in = ?retry_in, "replacement worker failed to boot: {how}");
+                self.systemd_replacement_failed(id, &how);
+                if disproves {
+                    self.reload_disproved(id, &how);
+                }
             }
-            return;
-        }
-        let i = current.expect("checked above");
-        if let Some(next) = self.slots[i].successor.take() {
-            // The worker died while its replacement was prepared: the replacement takes over.
-            self.slots[i].pid = Some(next);
-            self.slots[i].recycle = None;
-            self.release(next);
-            error!(
-                worker.id = %Shown(proc.id),
-                pid = pid.as_raw(),
-                "worker died while being replaced: {how}"
-            );
-            return;
-        }
-        self.slots[i].pid = None;
-        self.slots[i].recycle = None;
-        if !proc.acked && !proc.hung {
-            self.slots[i].failures += 1;
-            let failures = self.slots[i].failures;
-            let delay = self.schedule_respawn(i, backoff(failures));
-            error!(
-                worker.id = %Shown(proc.id),
-                pid = pid.as_raw(),
+            Verdict::SuccessorTakesOver { next, .. } => {
+                self.release(next);
+                error!(worker.id = %Shown(id), pid, "worker died while being replaced: {how}");
+            }
+            Verdict::BootFailed {
+                index,
                 failures,
-                retry_in = ?delay,
-                "worker failed to boot: {how}"
-            );
-            if disproves {
-                self.reload_disproved(proc.id, &how);
+                retry_in,
+            } => {
+                let delay = self.schedule_respawn(index, retry_in);
+                error!(worker.id = %Shown(id), pid, failures, retry_in = ?delay, "worker failed to boot: {how}");
+                if disproves {
+                    self.reload_disproved(id, &how);
+                }
+                self.boot_failures_fatal(id, failures);
             }
-            self.boot_failures_fatal(proc.id, failures);
-            return;
-        }
-        let slot = &mut self.slots[i];
-        if uptime >= STABLE_UPTIME {
-            slot.failures = 0;
-        } else {
-            slot.failures += 1;
-        }
-        let delay = match slot.failures {
-            0 => Duration::ZERO,
-            n => backoff(n),
-        };
-        let delay = self.schedule_respawn(i, delay);
-        if proc.hung {
-            error!(worker.id = %Shown(proc.id), pid = pid.as_raw(), uptime = ?uptime, respawn_in = ?delay, "worker killed as hung");
-        } else {
-            error!(
-                worker.id = %Shown(proc.id),
-                pid = pid.as_raw(),
-                uptime = ?uptime,
-                respawn_in = ?delay,
-                "worker died: {how}"
-            );
+            Verdict::Died { index, respawn_in } => {
+                let delay = self.schedule_respawn(index, respawn_in);
+                if exited.hung {
+                    error!(worker.id = %Shown(id), pid, uptime = ?uptime, respawn_in = ?delay, "worker killed as hung");
+                } else {
+                    error!(worker.id = %Shown(id), pid, uptime = ?uptime, respawn_in = ?delay, "worker died: {how}");
+                }
+            }
         }
     }
 
@@ -1925,13 +1860,6 @@ impl Master {
     }
 }
 
-fn backoff(failures: u32) -> Duration {
-    let exp = failures.saturating_sub(1).min(20);
-    RESPAWN_BACKOFF_START
-        .saturating_mul(1 << exp)
-        .min(RESPAWN_BACKOFF_MAX)
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Exit {
     Code(i32),
@@ -1976,14 +1904,6 @@ fn signal_name(sig: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        assert_eq!(backoff(1), Duration::from_millis(100));
-        assert_eq!(backoff(2), Duration::from_millis(200));
-        assert_eq!(backoff(4), Duration::from_millis(800));
-        assert_eq!(backoff(30), RESPAWN_BACKOFF_MAX);
-    }
 
     #[test]
     fn a_sigkill_we_did_not_send_is_called_out() {
