@@ -37,7 +37,7 @@ mod activation;
 mod cli;
 mod commands;
 mod completions;
-mod config;
+mod config_loader;
 mod control;
 mod listeners;
 mod logging;
@@ -47,9 +47,9 @@ mod master;
 mod metrics;
 mod notify;
 mod pidfile;
-mod privileges;
 mod recycle;
 mod rss;
+mod run_as;
 mod runtime_dir;
 mod spawn;
 mod status;
@@ -106,15 +106,15 @@ fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
 fn load_config(
     args: &ConfigArgs,
     app_command: &[String],
-) -> Result<config::Loaded, config::ConfigError> {
-    let overrides = config::Overrides {
+) -> Result<config_loader::Loaded, config_loader::ConfigError> {
+    let overrides = config_loader::Overrides {
         bind: args.bind.clone(),
         workers: args.workers.clone(),
         log_level: args.log_level.clone(),
         set: args.set.clone(),
         app_command: app_command.to_vec(),
     };
-    config::load(args.config.as_deref(), &overrides, &|name| {
+    config_loader::load(args.config.as_deref(), &overrides, &|name| {
         std::env::var(name).ok()
     })
 }
@@ -132,7 +132,7 @@ fn check(args: ConfigArgs) -> ExitCode {
             for node in &mut shown.sentinel.nodes {
                 *node = worker::cluster::redacted(node);
             }
-            out!("{}", config::to_toml(&shown));
+            out!("{}", config_loader::to_toml(&shown));
             errln!(
                 "supervisor: control socket: {}",
                 control::Location::of(&loaded.config).describe()
@@ -152,13 +152,13 @@ fn start(
         Ok(l) => l,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
-    let run_as = match privileges::check_start(&loaded.config) {
+    let run_as = match run_as::check_start(&loaded.config) {
         Ok(creds) => creds,
         Err(e) => return fail(EXIT_FAILURE, &e),
     };
     if !loaded.config.log.file.is_empty() {
         // Workers inherit stderr, so this sends every process's log to the file.
-        if let Err(e) = privileges::log_to_file(&loaded.config) {
+        if let Err(e) = run_as::log_to_file(&loaded.config) {
             return fail(EXIT_FAILURE, &e);
         }
     }
@@ -179,7 +179,7 @@ fn start(
         let config = load_config(&args.config, &args.command)
             .map(|l| l.config)
             .map_err(|e| e.to_string())?;
-        privileges::check_reload(&started, &config.server)?;
+        run_as::check_reload(&started, &config.server)?;
         Ok(config)
     });
     match master::setup(loaded.config, reload, level, self_exec, handover) {

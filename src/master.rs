@@ -342,7 +342,7 @@ pub fn setup(
     )?;
     // Opened here once so that a bad path is a clear startup error, not a worker crash loop,
     // and given to server.user, who opens it in the workers.
-    crate::privileges::prepare_access_file(&config).map_err(anyhow::Error::msg)?;
+    crate::run_as::prepare_access_file(&config).map_err(anyhow::Error::msg)?;
 
     Ok(Master {
         config_fd: spawn::config_fd(&config)?,
@@ -1214,7 +1214,7 @@ impl Master {
             return;
         }
         let more = self.workers() + 1;
-        if let Err(why) = crate::config::workers_fit(&self.config, more) {
+        if let Err(why) = crate::config_loader::workers_fit(&self.config, more) {
             warn!("TTIN: not starting a worker more: {why}; ignored");
             return;
         }
@@ -1314,7 +1314,7 @@ impl Master {
                 return Err(e);
             }
         };
-        if let Err(why) = crate::privileges::prepare_access_file(&new) {
+        if let Err(why) = crate::run_as::prepare_access_file(&new) {
             error!("reload failed, keeping the current configuration: {why}");
             self.systemd_reload_failed(&why);
             return Err(why);
@@ -1377,7 +1377,7 @@ impl Master {
             }
         }
         if new.log.file != self.config.log.file && !new.log.file.is_empty() {
-            if let Err(e) = crate::privileges::log_to_file(&new) {
+            if let Err(e) = crate::run_as::log_to_file(&new) {
                 error!("reload: log.file: {e}");
             }
         }
@@ -1758,14 +1758,14 @@ impl Master {
             return;
         }
         if !self.config.log.file.is_empty() {
-            match crate::privileges::log_to_file(&self.config) {
+            match crate::run_as::log_to_file(&self.config) {
                 Ok(()) => info!(file = %self.config.log.file, "USR1: log file reopened"),
                 Err(e) => error!("USR1: {e}"),
             }
         }
         // A rotated access log: the new file is created here (and given to server.user) before
         // the workers reopen it by its path.
-        if let Err(e) = crate::privileges::prepare_access_file(&self.config) {
+        if let Err(e) = crate::run_as::prepare_access_file(&self.config) {
             error!("USR1: {e}");
         }
         for pid in self.procs.keys() {

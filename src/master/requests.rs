@@ -202,7 +202,7 @@ impl Master {
         if self.phase != Phase::Running {
             return Err("the master is stopping".to_string());
         }
-        crate::config::workers_fit(&self.config, workers)
+        crate::config_loader::workers_fit(&self.config, workers)
             .map_err(|why| format!("cannot scale to {workers} workers: {why}"))?;
         if let Some(u) = &self.upgrade {
             return Err(format!(

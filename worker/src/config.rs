@@ -1,6 +1,6 @@
 //! The resolved configuration, shared by the master (which loads and validates it) and the
 //! workers (which receive it serialized). This module only defines the shape and the defaults;
-//! reading files, environment and command line lives in the binary's `config` module.
+//! reading files, environment and command line lives in the binary's `config_loader` module.
 
 use std::time::Duration;
 
@@ -148,7 +148,7 @@ pub struct ServerConfig {
     /// else `$XDG_RUNTIME_DIR`, else the system temporary directory.
     pub runtime_dir: String,
     /// Run workers and their apps as this user (a name or a uid); empty: as the master. The
-    /// master must be root (see `privileges`).
+    /// master must be root (see `worker::privileges`).
     pub user: String,
     /// ... and this group (a name or a gid); empty: the user's primary group.
     pub group: String,
