@@ -576,6 +576,15 @@ impl Scoreboard {
                 |n| Some(n.saturating_sub(held)),
             );
         }
+        slot.clear();
+        held
+    }
+}
+
+impl Slot {
+    /// Zeroes the record (state `free`), as [`Scoreboard::reclaim`] does once the host-wide
+    /// permits are back.
+    fn clear(&self) {
         // Every field is named (no `..`): a field added to `Slot` does not compile until it is
         // cleared here too (or named as kept), so the record's next process never inherits a
         // counter of the last one.
@@ -618,7 +627,7 @@ impl Scoreboard {
             redis_degraded_ms,
             redis_degraded_since_ms,
             current,
-        } = slot;
+        } = self;
         for field in [
             pid,
             worker_id,
@@ -670,8 +679,7 @@ impl Scoreboard {
         }
         // HTTP workers read the app's load without a lock: the pid goes with the rest of it.
         app_load.store(0, Ordering::Release);
-        slot.set_state(SlotState::Free);
-        held
+        self.set_state(SlotState::Free);
     }
 }
 
@@ -745,24 +753,10 @@ mod tests {
         assert_eq!(board.header().global_inflight.load(Ordering::Relaxed), 0);
     }
 
-    #[test]
-    fn reclaim_leaves_nothing_of_the_last_process_in_the_record() {
+    /// The bytes of a record that belong to a field (not padding). Every field is named (no
+    /// `..`), so a new one counts here as soon as it exists.
+    fn field_bytes(slot: &Slot) -> usize {
         use std::mem::size_of_val;
-        use std::os::unix::fs::FileExt;
-
-        let (board, fd) = Scoreboard::create(2, 1).unwrap();
-        let file = std::fs::File::from(fd);
-        let record = std::mem::size_of::<Slot>();
-        // Every byte of record 1 set, as a process that wrote every field would leave it.
-        file.write_at(&vec![0xff; record], slot_offset(1) as u64)
-            .unwrap();
-        board.reclaim(1);
-        let mut after = vec![0; record];
-        file.read_exact_at(&mut after, slot_offset(1) as u64)
-            .unwrap();
-        // Left as they were: the padding between fields, and the text of the request entries
-        // (meaningless once their start time is 0). Every field is named (no `..`), so a new
-        // field counts here as soon as it exists.
         let Slot {
             pid,
             worker_id,
@@ -802,8 +796,8 @@ mod tests {
             redis_degraded_ms,
             redis_degraded_since_ms,
             current,
-        } = board.slot(0);
-        let fields = size_of_val(pid)
+        } = slot;
+        size_of_val(pid)
             + size_of_val(worker_id)
             + size_of_val(generation)
             + size_of_val(state)
@@ -840,7 +834,26 @@ mod tests {
             + size_of_val(app_wait_since_us)
             + size_of_val(redis_degraded_ms)
             + size_of_val(redis_degraded_since_ms)
-            + size_of_val(current);
+            + size_of_val(current)
+    }
+
+    #[test]
+    fn reclaim_leaves_nothing_of_the_last_process_in_the_record() {
+        use std::os::unix::fs::FileExt;
+
+        let (board, fd) = Scoreboard::create(2, 1).unwrap();
+        let file = std::fs::File::from(fd);
+        let record = std::mem::size_of::<Slot>();
+        // Every byte of record 1 set, as a process that wrote every field would leave it.
+        file.write_at(&vec![0xff; record], slot_offset(1) as u64)
+            .unwrap();
+        board.reclaim(1);
+        let mut after = vec![0; record];
+        file.read_exact_at(&mut after, slot_offset(1) as u64)
+            .unwrap();
+        // Left as they were: the padding between fields, and the text of the request entries
+        // (meaningless once their start time is 0).
+        let fields = field_bytes(board.slot(0));
         let text = TRACKED_REQUESTS * REQUEST_TEXT_WORDS * 8;
         let left = after.iter().filter(|&&b| b != 0).count();
         assert_eq!(left, record - fields + text, "bytes of fields not cleared");
