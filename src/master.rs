@@ -44,10 +44,12 @@ use crate::spawn::{self, SpawnRequest};
 use crate::upgrade::{self, Handover, SelfExec};
 use crate::{rss, sys};
 
+mod health;
 mod requests;
 mod slots;
 mod systemd;
 
+use health::Health;
 use slots::{backoff, Exited, Verdict, WorkerSlot};
 
 /// Scoreboard records: room for the largest worker count plus as many replacements again.
@@ -584,7 +586,6 @@ impl Master {
     fn check_workers(&mut self) {
         let now = Instant::now();
         let now_ms = monotonic_ms();
-        let timeout_ms = self.config.worker.timeout.as_millis() as u64;
         let sample = now >= self.next_rss_sample;
         if sample {
             self.next_rss_sample = now + self.config.worker.rss_interval;
@@ -599,34 +600,41 @@ impl Master {
         let mut due = Vec::new();
         for (pid, proc) in self.procs.iter_mut() {
             let rec = self.board.slot(proc.record);
-            if proc.hung {
-                continue;
-            }
-            // Hung: no heartbeat for `timeout` (a booting worker is timed from its spawn).
+            // A booting worker is timed from its spawn (the master sets its first heartbeat).
             let age = now_ms.saturating_sub(rec.heartbeat_ms.load(Ordering::Relaxed));
-            if age > timeout_ms {
-                let doing: Vec<String> = rec
-                    .requests_in_flight()
-                    .into_iter()
-                    .map(|(started, what)| format!("{what} ({}ms)", now_ms.saturating_sub(started)))
-                    .collect();
-                error!(
-                    worker.id = %Shown(proc.id),
-                    pid = pid.as_raw(),
-                    heartbeat_age_ms = age,
-                    requests.inflight = rec.inflight.load(Ordering::Relaxed),
-                    requests = ?doing,
-                    "worker hung: no heartbeat for longer than worker.timeout; killing it"
-                );
-                proc.hung = true;
-                proc.killed_by_us = true;
-                rec.recycle_reason
-                    .store(RecycleReason::Hung as u32, Ordering::Relaxed);
-                let _ = kill(*pid, Signal::SIGKILL);
-                continue;
-            }
-            if let Some((reason, deadline)) = proc.retiring {
-                if now >= deadline && !proc.killed_by_us {
+            let pulse = health::Pulse {
+                heartbeat_age: Duration::from_millis(age),
+                hung: proc.hung,
+                retiring: proc.retiring,
+                killed_by_us: proc.killed_by_us,
+            };
+            match health::check(&pulse, self.config.worker.timeout, now) {
+                Health::Fine => {}
+                Health::Draining => continue,
+                Health::Hung => {
+                    let doing: Vec<String> = rec
+                        .requests_in_flight()
+                        .into_iter()
+                        .map(|(started, what)| {
+                            format!("{what} ({}ms)", now_ms.saturating_sub(started))
+                        })
+                        .collect();
+                    error!(
+                        worker.id = %Shown(proc.id),
+                        pid = pid.as_raw(),
+                        heartbeat_age_ms = age,
+                        requests.inflight = rec.inflight.load(Ordering::Relaxed),
+                        requests = ?doing,
+                        "worker hung: no heartbeat for longer than worker.timeout; killing it"
+                    );
+                    proc.hung = true;
+                    proc.killed_by_us = true;
+                    rec.recycle_reason
+                        .store(RecycleReason::Hung as u32, Ordering::Relaxed);
+                    let _ = kill(*pid, Signal::SIGKILL);
+                    continue;
+                }
+                Health::DrainOverdue(reason) => {
                     warn!(
                         worker.id = %Shown(proc.id),
                         pid = pid.as_raw(),
@@ -635,8 +643,8 @@ impl Master {
                     );
                     proc.killed_by_us = true;
                     let _ = kill(*pid, Signal::SIGKILL);
+                    continue;
                 }
-                continue;
             }
             if sample {
                 let bytes = rss::tree_rss(pid.as_raw() as u32);
