@@ -8,6 +8,10 @@
 //! reading only; a write goes straight to the socket and only a write that finds the buffer full
 //! (large uploads) registers a second handle, on a duplicate of the descriptor, for write
 //! readiness, and drops it once the write goes through.
+//!
+//! Also the signal that a connect to the app failed (`connect_failed`, `a_connect_failed`): the
+//! app's supervising task (`child`) waits on it to check the app's socket and restart an app
+//! that can no longer be reached.
 
 #![allow(unsafe_code)]
 
@@ -21,9 +25,37 @@ use std::task::{ready, Context, Poll};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use crate::config::Upstream;
 use crate::listener::Stream;
+
+/// Woken when a connect to a Unix socket found no socket file or no listener on it (see
+/// `connect_failed`). Only waiters are woken, so that the connects that fail while the app
+/// starts (it does not listen yet) leave nothing behind.
+static CONNECT_FAILED: Notify = Notify::const_new();
+
+/// Asks the app's supervising task to check that the app can still be reached (an app host,
+/// when HTTP workers report requests its app did not answer).
+pub(crate) fn check_reachable() {
+    CONNECT_FAILED.notify_waiters();
+}
+
+/// Called by every failed connect to a Unix socket: not found or refused wakes the app's
+/// supervising task, which checks its socket (a cheap no-op for anything else).
+pub(crate) fn connect_failed(e: &io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+    ) {
+        CONNECT_FAILED.notify_waiters();
+    }
+}
+
+/// Resolves at the next failed connect (or [`check_reachable`]) after it is first polled.
+pub(crate) fn a_connect_failed() -> tokio::sync::futures::Notified<'static> {
+    CONNECT_FAILED.notified()
+}
 
 #[derive(Debug)]
 pub(crate) struct AppUnix {
@@ -39,7 +71,7 @@ impl AppUnix {
         // tokio's registration for ours.
         let stream = tokio::net::UnixStream::connect(path)
             .await
-            .inspect_err(crate::child::connect_failed)?
+            .inspect_err(connect_failed)?
             .into_std()?;
         Ok(AppUnix {
             socket: register(stream, Interest::READABLE)?,

@@ -208,7 +208,7 @@ impl Host<'_> {
                     // app's socket may be gone or dead, which the app's task checks.
                     let failed = self.slot.app_502_streak.load(Ordering::Relaxed);
                     if failed > failed_seen {
-                        crate::child::check_reachable();
+                        crate::appconn::check_reachable();
                     }
                     failed_seen = failed;
                 }

@@ -6,7 +6,7 @@
 //!
 //! An app whose socket file is gone (removed by someone else: another supervisor sweeping its
 //! runtime directory, a tmp cleaner) or refuses connections while it runs can never be reached
-//! again: connects that fail so wake the supervising task (`connect_failed`), which checks the
+//! again: connects that fail so wake the supervising task (`appconn::connect_failed`), which checks the
 //! socket and restarts the app, saying why.
 //!
 //! The app runs in its own process group, so that a stop reaches whatever it forked (an app
@@ -45,31 +45,9 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// After this many failures in a row, requests stop waiting for the app and fail at once.
 const FAILING_AFTER: u32 = 3;
 
-/// Woken when a connect to a Unix socket found no socket file or no listener on it (see
-/// `connect_failed`). Only waiters are woken, so that the connects that fail while the app
-/// starts (it does not listen yet) leave nothing behind.
-static CONNECT_FAILED: Notify = Notify::const_new();
-
 /// How long an app found unreachable is given before it is checked again, and restarted if it
 /// still is.
 const UNREACHABLE_RECHECK: Duration = Duration::from_millis(250);
-
-/// Asks the app's supervising task to check that the app can still be reached (an app host,
-/// when HTTP workers report requests its app did not answer).
-pub(crate) fn check_reachable() {
-    CONNECT_FAILED.notify_waiters();
-}
-
-/// Called by every failed connect to a Unix socket: not found or refused wakes the app's
-/// supervising task, which checks its socket (a cheap no-op for anything else).
-pub(crate) fn connect_failed(e: &io::Error) {
-    if matches!(
-        e.kind(),
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-    ) {
-        CONNECT_FAILED.notify_waiters();
-    }
-}
 
 /// Why the app at `address` cannot be reached while it runs, if it cannot: its socket file is
 /// gone, or nothing listens on it. (A connect that does not finish in time, a full backlog, is
@@ -338,7 +316,7 @@ async fn run_once(
                 health.send_replace(Health::Starting);
                 return End::Exited(format!("exited ({status})"));
             }
-            _ = CONNECT_FAILED.notified() => {
+            _ = crate::appconn::a_connect_failed() => {
                 // Restarted only if it still cannot be reached a moment later: a refused
                 // connect can pass (seen once under CI load with an app that was up and then
                 // served), and a healthy app must not be killed for it.

@@ -34,6 +34,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::{OnRedisError, RedisConfig, SentinelConfig};
 use crate::ratelimit::{Decision, Gcra};
+/// For the binary's errors and `supervisor check` (`redis_target` is private).
+pub use crate::redis_target::redacted;
 use crate::redis_target::Target;
 use crate::scoreboard::{coarse_monotonic_ms, Slot};
 
@@ -202,55 +204,6 @@ pub fn check_target(redis: &RedisConfig, sentinel: &SentinelConfig) -> Result<()
 fn is_read_only(e: &RedisError) -> bool {
     // Redis 7 answers READONLY; Redis 6 wraps a script's error in ERR.
     e.code() == Some("READONLY") || e.detail().is_some_and(|d| d.contains("READONLY"))
-}
-
-/// `text` (a Redis URL, or a message that quotes one) with every password it holds replaced by
-/// `***`: the user-info of a URL (`redis://user:PASSWORD@host`, `redis://PASSWORD@host`) and
-/// `pass=`/`password=` parameters. For logs, errors and `supervisor check`.
-pub fn redacted(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find("://") {
-        let (head, tail) = rest.split_at(start + 3);
-        out.push_str(head);
-        // The authority ends at the first of these; a password is what precedes an `@` in it.
-        let end = tail
-            .find(|c: char| c == '/' || c == '?' || c == '"' || c.is_whitespace())
-            .unwrap_or(tail.len());
-        match tail[..end].rfind('@') {
-            Some(at) => {
-                let userinfo = &tail[..at];
-                match userinfo.find(':') {
-                    Some(colon) => {
-                        out.push_str(&userinfo[..=colon]);
-                        out.push_str("***");
-                    }
-                    None => out.push_str("***"),
-                }
-                rest = &tail[at..];
-            }
-            None => rest = tail,
-        }
-    }
-    out.push_str(rest);
-    let mut scrubbed = String::with_capacity(out.len());
-    let mut rest = out.as_str();
-    loop {
-        let found = ["password=", "pass="]
-            .iter()
-            .filter_map(|k| rest.find(k).map(|i| (i, k.len())))
-            .min();
-        let Some((i, len)) = found else { break };
-        scrubbed.push_str(&rest[..i + len]);
-        scrubbed.push_str("***");
-        let tail = &rest[i + len..];
-        let end = tail
-            .find(|c: char| c == '&' || c == '"' || c.is_whitespace())
-            .unwrap_or(tail.len());
-        rest = &tail[end..];
-    }
-    scrubbed.push_str(rest);
-    scrubbed
 }
 
 /// A request's wait for its answer. Dropped before the answer was read (the request went away
@@ -1146,28 +1099,3 @@ impl Drop for Lease {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_never_reach_the_logs() {
-        assert_eq!(
-            redacted("redis://user:s3cret@db:6379/0"),
-            "redis://user:***@db:6379/0"
-        );
-        assert_eq!(redacted("rediss://:s3cret@db"), "rediss://:***@db");
-        assert_eq!(redacted("redis://tok@db"), "redis://***@db");
-        assert_eq!(redacted("unix:///run/redis.sock"), "unix:///run/redis.sock");
-        assert_eq!(
-            redacted("unix:///run/redis.sock?db=1&pass=s3cret&x=1"),
-            "unix:///run/redis.sock?db=1&pass=***&x=1"
-        );
-        assert_eq!(
-            redacted(
-                "environment variable REDIS_URL=\"redis://:s3cret@db\": bad; also password=pw"
-            ),
-            "environment variable REDIS_URL=\"redis://:***@db\": bad; also password=***"
-        );
-    }
-}

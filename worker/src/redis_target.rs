@@ -5,6 +5,9 @@
 //! Each dial through Sentinel asks the Sentinels for the master's address and checks that the
 //! server there calls itself master (the `redis` crate's `SentinelClient` does both); the
 //! caller bounds the whole dial with its own timeout.
+//!
+//! Also [`redacted`]: a Redis URL (or a message that quotes one) with its passwords hidden, for
+//! every log line, error and `supervisor check` that shows one.
 
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
@@ -12,7 +15,6 @@ use redis::{
     TlsMode,
 };
 
-use crate::cluster::redacted;
 use crate::config::{RedisConfig, SentinelConfig};
 
 pub(crate) struct Target {
@@ -207,4 +209,79 @@ fn via_sentinel(
             nodes.join(",")
         ),
     })
+}
+
+/// `text` (a Redis URL, or a message that quotes one) with every password it holds replaced by
+/// `***`: the user-info of a URL (`redis://user:PASSWORD@host`, `redis://PASSWORD@host`) and
+/// `pass=`/`password=` parameters. For logs, errors and `supervisor check`.
+pub fn redacted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("://") {
+        let (head, tail) = rest.split_at(start + 3);
+        out.push_str(head);
+        // The authority ends at the first of these; a password is what precedes an `@` in it.
+        let end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '"' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                let userinfo = &tail[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..=colon]);
+                        out.push_str("***");
+                    }
+                    None => out.push_str("***"),
+                }
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    let mut scrubbed = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    loop {
+        let found = ["password=", "pass="]
+            .iter()
+            .filter_map(|k| rest.find(k).map(|i| (i, k.len())))
+            .min();
+        let Some((i, len)) = found else { break };
+        scrubbed.push_str(&rest[..i + len]);
+        scrubbed.push_str("***");
+        let tail = &rest[i + len..];
+        let end = tail
+            .find(|c: char| c == '&' || c == '"' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    scrubbed.push_str(rest);
+    scrubbed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_the_logs() {
+        assert_eq!(
+            redacted("redis://user:s3cret@db:6379/0"),
+            "redis://user:***@db:6379/0"
+        );
+        assert_eq!(redacted("rediss://:s3cret@db"), "rediss://:***@db");
+        assert_eq!(redacted("redis://tok@db"), "redis://***@db");
+        assert_eq!(redacted("unix:///run/redis.sock"), "unix:///run/redis.sock");
+        assert_eq!(
+            redacted("unix:///run/redis.sock?db=1&pass=s3cret&x=1"),
+            "unix:///run/redis.sock?db=1&pass=***&x=1"
+        );
+        assert_eq!(
+            redacted(
+                "environment variable REDIS_URL=\"redis://:s3cret@db\": bad; also password=pw"
+            ),
+            "environment variable REDIS_URL=\"redis://:***@db\": bad; also password=***"
+        );
+    }
 }
