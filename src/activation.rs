@@ -13,22 +13,13 @@ use anyhow::{bail, Context, Result};
 use socket2::{Domain, Socket};
 use tracing::debug;
 
-use crate::listeners::BindAddr;
+use crate::listeners::{Activated, BindAddr};
 
 pub const LISTEN_PID: &str = "LISTEN_PID";
 pub const LISTEN_FDS: &str = "LISTEN_FDS";
 pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 /// The first fd passed (`SD_LISTEN_FDS_START`).
 const FIRST_FD: RawFd = 3;
-
-/// One socket passed by the service manager.
-pub struct Activated {
-    pub socket: Socket,
-    pub addr: BindAddr,
-    pub fd: RawFd,
-    /// Its name from `LISTEN_FDNAMES` (`FileDescriptorName=` in the .socket unit), if given.
-    pub name: Option<String>,
-}
 
 /// The sockets passed to this process, or `None` if it was not socket-activated
 /// (`LISTEN_PID` absent or naming another process, no `LISTEN_FDS`).

@@ -64,6 +64,15 @@ struct Group {
     unix_path: Option<PathBuf>,
 }
 
+/// One socket passed by the service manager (see `activation::from_env`).
+pub struct Activated {
+    pub socket: Socket,
+    pub addr: BindAddr,
+    pub fd: RawFd,
+    /// Its name from `LISTEN_FDNAMES` (`FileDescriptorName=` in the .socket unit), if given.
+    pub name: Option<String>,
+}
+
 pub struct Listeners {
     groups: Vec<Group>,
     backlog: i32,
@@ -202,7 +211,7 @@ impl Listeners {
     /// systemd opens one socket per address, so each is shared by every worker, whatever
     /// `server.accept` says. Nothing is probed or bound, and no file is ever removed: the
     /// sockets, and their Unix socket files, belong to the .socket unit.
-    pub fn adopt(sockets: Vec<crate::activation::Activated>) -> Listeners {
+    pub fn adopt(sockets: Vec<Activated>) -> Listeners {
         let groups = sockets
             .into_iter()
             .map(|a| {

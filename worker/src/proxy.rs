@@ -331,7 +331,7 @@ impl Proxy {
         // The client left while the request waited for the app: nothing to send it for.
         if client.gone() {
             return text(
-                StatusCode::from_u16(crate::request::CLIENT_GONE).expect("a valid status"),
+                StatusCode::from_u16(crate::response::CLIENT_GONE).expect("a valid status"),
                 Bytes::new(),
             );
         }

@@ -77,7 +77,7 @@ impl RequestGuard {
     /// 499 (nginx's "client closed request") when it ends, which is when the app is done.
     pub(crate) fn client_gone(&mut self) {
         debug!("the client left; its request is finished with the app before the permits go");
-        self.status = CLIENT_GONE;
+        self.status = crate::response::CLIENT_GONE;
         self.worker
             .admission
             .slot()
@@ -86,8 +86,6 @@ impl RequestGuard {
     }
 }
 
-/// The status logged and counted for a request whose client left before its response went out.
-pub(crate) const CLIENT_GONE: u16 = 499;
 
 /// What an admitted request holds until it is answered, fails or is abandoned: its permits and
 /// its entry in the scoreboard's list of requests in flight.

@@ -27,6 +27,8 @@ pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
 pub(crate) const X_WORKER_ID: HeaderName = HeaderName::from_static("x-worker-id");
 pub(crate) const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+/// The status logged and counted for a request whose client left before its response went out.
+pub(crate) const CLIENT_GONE: u16 = 499;
 const RETRY_AFTER_1S: HeaderValue = HeaderValue::from_static("1");
 
 /// The body of every response this worker sends.
