@@ -686,48 +686,34 @@ impl Master {
         debug!(worker.id = %Shown(id), pid = pid.as_raw(), reason = %reason.as_str(), "recycle requested");
     }
 
-    /// Starts replacements for queued recycles, at most `max_recycling` at a time.
+    /// Starts replacements for queued recycles, at most `max_recycling` at a time (see
+    /// `slots::plan_replacements`).
     fn start_replacements(&mut self) {
+        if self.recycle_queue.is_empty() {
+            return;
+        }
         let now = Instant::now();
-        let limit = self.config.worker.max_recycling as usize;
-        let mut waiting = VecDeque::new();
-        while let Some(id) = self.recycle_queue.pop_front() {
-            let in_progress = if is_app(id) {
-                self.extra_app_processes()
-            } else {
-                // HTTP workers' replacements still booting: one that is ready (waiting for its
-                // worker to reach max_requests) no longer costs a boot.
-                self.slots
-                    .iter()
-                    .filter(|s| !is_app(s.id))
-                    .filter_map(|s| s.successor)
-                    .filter(|p| self.procs.get(p).is_some_and(|p| !p.acked))
-                    .count()
-            };
-            let Some(i) = self.slot_index(id) else {
+        let room = slots::Room {
+            limit: self.config.worker.max_recycling as usize,
+            extra_apps: self.extra_app_processes(),
+            booting_http: self
+                .slots
+                .iter()
+                .filter(|s| !is_app(s.id))
+                .filter_map(|s| s.successor)
+                .filter(|p| self.procs.get(p).is_some_and(|p| !p.acked))
+                .count(),
+            app_pool: self.config.app_pool(),
+            reload_unproved: self.pending_reload.is_some(),
+        };
+        let queue = std::mem::take(&mut self.recycle_queue);
+        let (start, mut waiting) =
+            slots::plan_replacements(queue, &mut self.slots, room, is_app, now);
+        for (i, hold) in start {
+            let id = self.slots[i].id;
+            let Some((reason, _)) = self.slots[i].recycle else {
                 continue;
             };
-            let Some((reason, not_before)) = self.slots[i].recycle else {
-                continue;
-            };
-            if self.slots[i].pid.is_none() {
-                self.slots[i].recycle = None; // died meanwhile: its respawn is the replacement
-                continue;
-            }
-            // With app processes, a reload shows it can start by an app process of the new
-            // configuration (the part that fails: the app); the HTTP workers follow once it
-            // has, so that a reload that cannot start leaves them as they were.
-            let unproved = reason == RecycleReason::Reload
-                && !is_app(id)
-                && self.config.app_pool()
-                && self.pending_reload.is_some();
-            if in_progress >= limit || now < not_before || unproved {
-                waiting.push_back(id);
-                continue;
-            }
-            // A replacement for max_requests is prepared ahead and held until the old worker
-            // has served its limit; any other replacement takes over as soon as it is ready.
-            let hold = reason == RecycleReason::MaxRequests;
             match self.spawn(id, hold) {
                 Ok(pid) => {
                     info!(

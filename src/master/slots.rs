@@ -5,7 +5,8 @@
 //! (see the tests below). The master carries out the verdict: logs, respawn timers, releasing a
 //! held process, the reload's outcome, giving up.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 use worker::scoreboard::RecycleReason;
@@ -37,9 +38,9 @@ pub(super) struct WorkerSlot {
     pub(super) successor: Option<Pid>,
     /// Consecutive failures (boot failures and early crashes) for the backoff.
     pub(super) failures: u32,
-    pub(super) respawn_at: Option<std::time::Instant>,
+    pub(super) respawn_at: Option<Instant>,
     /// A replacement is wanted, for this reason, not before this time.
-    pub(super) recycle: Option<(RecycleReason, std::time::Instant)>,
+    pub(super) recycle: Option<(RecycleReason, Instant)>,
     /// Why the last process of this number was replaced (for `status`).
     pub(super) last_recycle: Option<RecycleReason>,
 }
@@ -131,7 +132,7 @@ pub(super) fn on_exit(slots: &mut [WorkerSlot], exited: &Exited, stopping: bool)
         let retry_in = backoff(slot.failures);
         let retry = match slot.recycle {
             Some((reason, _)) => {
-                slot.recycle = Some((reason, std::time::Instant::now() + retry_in));
+                slot.recycle = Some((reason, Instant::now() + retry_in));
                 true
             }
             None => false,
@@ -171,6 +172,74 @@ pub(super) fn on_exit(slots: &mut [WorkerSlot], exited: &Exited, stopping: bool)
     Verdict::Died { index, respawn_in }
 }
 
+/// Extra processes that exist now, beside one per worker number, and the rules that bound
+/// them: the input of [`plan_replacements`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Room {
+    /// `worker.max_recycling`.
+    pub(super) limit: usize,
+    /// App processes that are no worker number's current one (replacements booting or held,
+    /// old ones draining).
+    pub(super) extra_apps: usize,
+    /// HTTP workers' replacements still booting (a ready one, held for `max_requests`, no
+    /// longer costs a boot).
+    pub(super) booting_http: usize,
+    /// The app runs as a pool of app processes (`app.command`).
+    pub(super) app_pool: bool,
+    /// A reload has not yet shown that its configuration starts.
+    pub(super) reload_unproved: bool,
+}
+
+/// Which queued recycles to start now: `(index of the slot, start it held)`, in queue order, and
+/// the worker numbers that stay queued. At most `limit` extra processes of each kind exist at
+/// any moment (counting those started here); a recycle waits for its `not before`; with app
+/// processes, a reload replaces the HTTP workers only once an app process of the new
+/// configuration is ready (the part that fails is the app), so that a reload that cannot start
+/// leaves them as they were. A replacement for `max_requests` is prepared ahead and held until
+/// the old worker has served its limit; any other takes over as soon as it is ready. A worker
+/// number whose process died meanwhile is dropped: its respawn is the replacement.
+pub(super) fn plan_replacements(
+    queue: VecDeque<u32>,
+    slots: &mut [WorkerSlot],
+    mut room: Room,
+    is_app: impl Fn(u32) -> bool,
+    now: Instant,
+) -> (Vec<(usize, bool)>, VecDeque<u32>) {
+    let mut start = Vec::new();
+    let mut waiting = VecDeque::new();
+    for id in queue {
+        let Some(index) = slots.iter().position(|s| s.id == id) else {
+            continue;
+        };
+        let Some((reason, not_before)) = slots[index].recycle else {
+            continue;
+        };
+        if slots[index].pid.is_none() {
+            slots[index].recycle = None;
+            continue;
+        }
+        let app = is_app(id);
+        let in_progress = if app {
+            room.extra_apps
+        } else {
+            room.booting_http
+        };
+        let unproved =
+            reason == RecycleReason::Reload && !app && room.app_pool && room.reload_unproved;
+        if in_progress >= room.limit || now < not_before || unproved {
+            waiting.push_back(id);
+            continue;
+        }
+        if app {
+            room.extra_apps += 1;
+        } else {
+            room.booting_http += 1;
+        }
+        start.push((index, reason == RecycleReason::MaxRequests));
+    }
+    (start, waiting)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -198,6 +267,104 @@ mod tests {
             killed_by_us: false,
             uptime: Duration::from_secs(60),
         }
+    }
+
+    fn room() -> Room {
+        Room {
+            limit: 2,
+            extra_apps: 0,
+            booting_http: 0,
+            app_pool: false,
+            reload_unproved: false,
+        }
+    }
+
+    /// Worker numbers 1..=n, each served, each wanting a replacement for `reason`.
+    fn wanting(n: u32, reason: RecycleReason) -> (Vec<WorkerSlot>, VecDeque<u32>) {
+        let slots = (1..=n)
+            .map(|id| {
+                let mut s = WorkerSlot::new(id);
+                s.pid = Some(pid(100 + id as i32));
+                s.recycle = Some((reason, Instant::now()));
+                s
+            })
+            .collect();
+        (slots, (1..=n).collect())
+    }
+
+    #[test]
+    fn a_recycle_storm_starts_at_most_max_recycling_replacements_and_keeps_the_order() {
+        let (mut slots, queue) = wanting(6, RecycleReason::MaxRss);
+        let (start, waiting) =
+            plan_replacements(queue, &mut slots, room(), |_| false, Instant::now());
+        assert_eq!(
+            start,
+            [(0, false), (1, false)],
+            "not held: they take over when ready"
+        );
+        assert_eq!(waiting, [3, 4, 5, 6]);
+        // Two booting already: none more.
+        let busy = Room {
+            booting_http: 2,
+            ..room()
+        };
+        let (start, waiting) =
+            plan_replacements(waiting, &mut slots, busy, |_| false, Instant::now());
+        assert!(start.is_empty());
+        assert_eq!(waiting, [3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn app_processes_and_http_workers_have_a_budget_each() {
+        let (mut slots, queue) = wanting(4, RecycleReason::MaxRequests);
+        let is_app = |id: u32| id > 2;
+        let full_of_apps = Room {
+            extra_apps: 2,
+            ..room()
+        };
+        let (start, waiting) =
+            plan_replacements(queue, &mut slots, full_of_apps, is_app, Instant::now());
+        assert_eq!(start, [(0, true), (1, true)], "held until max_requests");
+        assert_eq!(waiting, [3, 4]);
+    }
+
+    #[test]
+    fn a_recycle_waits_for_its_time_and_a_dead_workers_recycle_is_dropped() {
+        let (mut slots, queue) = wanting(2, RecycleReason::MaxLifetime);
+        let later = Instant::now() + Duration::from_secs(60);
+        slots[0].recycle = Some((RecycleReason::MaxLifetime, later));
+        slots[1].pid = None;
+        let (start, waiting) =
+            plan_replacements(queue, &mut slots, room(), |_| false, Instant::now());
+        assert!(start.is_empty());
+        assert_eq!(waiting, [1]);
+        assert_eq!(slots[1].recycle, None, "its respawn is the replacement");
+        let (start, _) = plan_replacements(waiting, &mut slots, room(), |_| false, later);
+        assert_eq!(start, [(0, false)]);
+    }
+
+    #[test]
+    fn a_reload_replaces_http_workers_only_once_an_app_process_of_it_is_ready() {
+        let (mut slots, queue) = wanting(3, RecycleReason::Reload);
+        let is_app = |id: u32| id == 3;
+        let unproved = Room {
+            limit: 3,
+            app_pool: true,
+            reload_unproved: true,
+            ..room()
+        };
+        let (start, waiting) =
+            plan_replacements(queue, &mut slots, unproved, is_app, Instant::now());
+        assert_eq!(start, [(2, false)], "the app process goes first");
+        assert_eq!(waiting, [1, 2]);
+        let proved = Room {
+            reload_unproved: false,
+            ..unproved
+        };
+        let (start, waiting) =
+            plan_replacements(waiting, &mut slots, proved, is_app, Instant::now());
+        assert_eq!(start, [(0, false), (1, false)]);
+        assert!(waiting.is_empty());
     }
 
     #[test]

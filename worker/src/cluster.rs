@@ -1098,4 +1098,3 @@ impl Drop for Lease {
         self.cluster.release(self.seq);
     }
 }
-

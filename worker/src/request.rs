@@ -86,7 +86,6 @@ impl RequestGuard {
     }
 }
 
-
 /// What an admitted request holds until it is answered, fails or is abandoned: its permits and
 /// its entry in the scoreboard's list of requests in flight.
 struct Admitted {
