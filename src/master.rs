@@ -1027,11 +1027,11 @@ impl Master {
         if reached {
             // Its replacement may be ready and waiting for exactly this.
             if let Some(i) = self.slot_index(id) {
-                let waiting = self.slots[i]
+                let ready = self.slots[i]
                     .successor
                     .and_then(|s| self.procs.get(&s))
                     .is_some_and(|s| s.acked);
-                if self.slots[i].pid == Some(pid) && waiting {
+                if slots::takes_over_at_limit(&self.slots[i], pid, ready) {
                     self.promote(i);
                 }
             }
@@ -1045,35 +1045,24 @@ impl Master {
         if let Some(l) = self.listeners.as_ref().filter(|_| !is_app(id)) {
             l.sync_backlog(id);
         }
-        if self.slots[i].successor == Some(pid) {
-            // Replacing a worker for max_requests: the old one serves up to its limit, sharing
-            // its sockets with the ready replacement, and is drained when it reports the limit.
-            let early = self.slots[i]
-                .recycle
-                .is_some_and(|(r, _)| r == RecycleReason::MaxRequests)
-                && self.slots[i]
-                    .pid
-                    .and_then(|old| self.procs.get(&old))
-                    .is_some_and(|old| !old.observed.max_requests_reached);
-            if !early {
-                self.promote(i);
-            }
+        // Replacing a worker for max_requests: the old one serves up to its limit, sharing its
+        // sockets with the ready replacement, and is drained when it reports the limit.
+        let below_limit = self.slots[i]
+            .pid
+            .and_then(|old| self.procs.get(&old))
+            .is_some_and(|old| !old.observed.max_requests_reached);
+        if slots::takes_over_when_ready(&self.slots[i], pid, below_limit) {
+            self.promote(i);
         }
         self.maybe_announce_ready();
     }
 
     /// The ready successor of slot `i` takes over; the process it replaces drains.
     fn promote(&mut self, i: usize) {
-        let Some(next) = self.slots[i].successor.take() else {
+        let Some(slots::Promotion { next, old, reason }) = slots::promote(&mut self.slots[i])
+        else {
             return;
         };
-        let old = self.slots[i].pid.replace(next);
-        let reason = self.slots[i]
-            .recycle
-            .take()
-            .map_or(RecycleReason::Reload, |(r, _)| r);
-        self.slots[i].failures = 0;
-        self.slots[i].last_recycle = Some(reason);
         self.release(next);
         if let Some(old) = old {
             self.retire(old, reason);

@@ -172,6 +172,49 @@ pub(super) fn on_exit(slots: &mut [WorkerSlot], exited: &Exited, stopping: bool)
     Verdict::Died { index, respawn_in }
 }
 
+/// A replacement of slot's process reported ready: whether it takes over now. One prepared
+/// for `max_requests` waits, held, while the old process still serves below its limit (they
+/// share the sockets meanwhile); any other takes over at once.
+pub(super) fn takes_over_when_ready(
+    slot: &WorkerSlot,
+    ready: Pid,
+    old_below_its_limit: bool,
+) -> bool {
+    let for_max_requests = slot
+        .recycle
+        .is_some_and(|(reason, _)| reason == RecycleReason::MaxRequests);
+    slot.successor == Some(ready) && !(for_max_requests && old_below_its_limit)
+}
+
+/// Slot's process `pid` reported that it reached `max_requests`: whether its replacement takes
+/// over now (it does if it is ready; otherwise when it reports ready).
+pub(super) fn takes_over_at_limit(slot: &WorkerSlot, pid: Pid, successor_ready: bool) -> bool {
+    slot.pid == Some(pid) && slot.successor.is_some() && successor_ready
+}
+
+/// A replacement taking over its worker number.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Promotion {
+    /// Now the number's process: to be released if held.
+    pub(super) next: Pid,
+    /// The process it replaces, to drain.
+    pub(super) old: Option<Pid>,
+    pub(super) reason: RecycleReason,
+}
+
+/// The slot's successor becomes its process; `None` if it has none.
+pub(super) fn promote(slot: &mut WorkerSlot) -> Option<Promotion> {
+    let next = slot.successor.take()?;
+    let old = slot.pid.replace(next);
+    let reason = slot
+        .recycle
+        .take()
+        .map_or(RecycleReason::Reload, |(reason, _)| reason);
+    slot.failures = 0;
+    slot.last_recycle = Some(reason);
+    Some(Promotion { next, old, reason })
+}
+
 /// Extra processes that exist now, beside one per worker number, and the rules that bound
 /// them: the input of [`plan_replacements`].
 #[derive(Clone, Copy, Debug)]
@@ -365,6 +408,52 @@ mod tests {
             plan_replacements(waiting, &mut slots, proved, is_app, Instant::now());
         assert_eq!(start, [(0, false), (1, false)]);
         assert!(waiting.is_empty());
+    }
+
+    #[test]
+    fn a_replacement_held_for_max_requests_takes_over_when_the_old_worker_reaches_its_limit() {
+        let mut slots = two_slots();
+        slots[0].successor = Some(pid(101));
+        slots[0].recycle = Some((RecycleReason::MaxRequests, Instant::now()));
+        slots[0].failures = 2;
+        // Ready while the old worker still serves below its limit: it waits, held.
+        assert!(!takes_over_when_ready(&slots[0], pid(101), true));
+        // Another process's limit, or a replacement not ready yet: nothing.
+        assert!(!takes_over_at_limit(&slots[0], pid(200), true));
+        assert!(!takes_over_at_limit(&slots[0], pid(100), false));
+        assert!(takes_over_at_limit(&slots[0], pid(100), true));
+        assert_eq!(
+            promote(&mut slots[0]),
+            Some(Promotion {
+                next: pid(101),
+                old: Some(pid(100)),
+                reason: RecycleReason::MaxRequests
+            })
+        );
+        assert_eq!((slots[0].pid, slots[0].successor), (Some(pid(101)), None));
+        assert_eq!(slots[0].recycle, None);
+        assert_eq!(slots[0].failures, 0);
+        assert_eq!(slots[0].last_recycle, Some(RecycleReason::MaxRequests));
+        assert_eq!(promote(&mut slots[0]), None, "nothing more to promote");
+    }
+
+    #[test]
+    fn any_other_replacement_takes_over_as_soon_as_it_is_ready() {
+        let mut slots = two_slots();
+        slots[0].successor = Some(pid(101));
+        slots[0].recycle = Some((RecycleReason::MaxRss, Instant::now()));
+        assert!(
+            !takes_over_when_ready(&slots[0], pid(999), true),
+            "not its successor"
+        );
+        assert!(takes_over_when_ready(&slots[0], pid(101), true));
+        // Held for max_requests, but the old worker is gone or at its limit already.
+        slots[0].recycle = Some((RecycleReason::MaxRequests, Instant::now()));
+        assert!(takes_over_when_ready(&slots[0], pid(101), false));
+        // A successor from a reload that came while it booted has no recycle left.
+        slots[0].recycle = None;
+        let promoted = promote(&mut slots[0]).unwrap();
+        assert_eq!(promoted.reason, RecycleReason::Reload);
     }
 
     #[test]
