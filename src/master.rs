@@ -50,7 +50,7 @@ mod slots;
 mod systemd;
 
 use health::Health;
-use slots::{backoff, Exited, Verdict, WorkerSlot};
+use slots::{backoff, is_app, slots_for, Exited, Shown, Verdict, WorkerSlot, APP_IDS};
 
 /// Scoreboard records: room for the largest worker count plus as many replacements again.
 const SCOREBOARD_CAPACITY: usize = 2048;
@@ -190,36 +190,6 @@ fn unix_mode(config: &Config) -> Result<u32> {
 /// The count `-w` names: app processes with `app.command`, HTTP workers otherwise.
 fn workers_of(config: &Config) -> u32 {
     config.server.workers.unwrap_or_else(default_workers)
-}
-
-/// App processes are numbered from here in the master's bookkeeping (HTTP workers are 1..=1024),
-/// so that one number names one slot whatever its kind; logs, `status` and the processes
-/// themselves see the app's own number (1..).
-const APP_IDS: u32 = 1 << 16;
-
-fn is_app(id: u32) -> bool {
-    id > APP_IDS
-}
-
-/// A slot's number as shown: `3` for HTTP worker 3, `app-3` for app process 3.
-struct Shown(u32);
-
-impl std::fmt::Display for Shown {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if is_app(self.0) {
-            write!(f, "app-{}", self.0 - APP_IDS)
-        } else {
-            write!(f, "{}", self.0)
-        }
-    }
-}
-
-/// The slots of a configuration: HTTP workers 1.., then app processes.
-fn slots_for(p: worker::config::Processes) -> Vec<WorkerSlot> {
-    (1..=p.http)
-        .chain((1..=p.apps).map(|n| APP_IDS + n))
-        .map(WorkerSlot::new)
-        .collect()
 }
 
 fn log_listeners(listeners: &Listeners, mode: AcceptMode) {
@@ -1206,31 +1176,19 @@ impl Master {
         info!(workers = p.http, apps = p.apps, "TTIN: one worker more");
     }
 
-    /// One number more of this kind (the next one); its process starts at the next turn.
-    fn push_slot(&mut self, app: bool) {
-        let id = self
-            .slots
-            .iter()
-            .map(|s| s.id)
-            .filter(|&id| is_app(id) == app)
-            .max()
-            .unwrap_or(if app { APP_IDS } else { 0 })
-            + 1;
-        self.slots.push(WorkerSlot::new(id));
-    }
-
     /// `workers` as `-w` means it (see `Config::processes`): new numbers start as usual (at
-    /// the next turn), extra ones (the highest of their kind) drain away.
+    /// the next turn), extra ones (the highest of their kind) drain away and leave their
+    /// sockets' group.
     fn set_worker_count(&mut self, workers: u32) {
         let want = self.config.processes(workers);
-        for (app, n) in [(false, want.http), (true, want.apps)] {
-            let count =
-                |slots: &[WorkerSlot]| slots.iter().filter(|s| is_app(s.id) == app).count() as u32;
-            while count(&self.slots) < n {
-                self.push_slot(app);
+        for slot in slots::resize(&mut self.slots, want) {
+            if !is_app(slot.id) {
+                if let Some(l) = self.listeners.as_mut() {
+                    l.release(slot.id);
+                }
             }
-            while count(&self.slots) > n {
-                self.drop_last_slot(app);
+            for pid in [slot.pid, slot.successor].into_iter().flatten() {
+                let _ = kill(pid, protocol::DRAIN);
             }
         }
     }
@@ -1246,26 +1204,6 @@ impl Master {
         self.set_worker_count(workers - 1);
         let p = self.processes();
         info!(workers = p.http, apps = p.apps, "TTOU: one worker fewer");
-    }
-
-    /// Removes the highest number of this kind: its processes drain, its sockets leave the
-    /// group.
-    fn drop_last_slot(&mut self, app: bool) {
-        let Some(i) = (0..self.slots.len())
-            .filter(|&i| is_app(self.slots[i].id) == app)
-            .max_by_key(|&i| self.slots[i].id)
-        else {
-            return;
-        };
-        let slot = self.slots.remove(i);
-        if !app {
-            if let Some(l) = self.listeners.as_mut() {
-                l.release(slot.id);
-            }
-        }
-        for pid in [slot.pid, slot.successor].into_iter().flatten() {
-            let _ = kill(pid, protocol::DRAIN);
-        }
     }
 
     /// HUP and `supervisor reload`: re-read and validate the configuration. Invalid: log why,

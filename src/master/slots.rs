@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
+use worker::config::Processes;
 use worker::scoreboard::RecycleReason;
 
 /// Backoff between respawns of a worker that keeps failing: doubles from this...
@@ -58,6 +59,66 @@ impl WorkerSlot {
             last_recycle: None,
         }
     }
+}
+
+/// App processes are numbered from here in the master's bookkeeping (HTTP workers are 1..=1024),
+/// so that one number names one slot whatever its kind; logs, `status` and the processes
+/// themselves see the app's own number (1..).
+pub(super) const APP_IDS: u32 = 1 << 16;
+
+pub(super) fn is_app(id: u32) -> bool {
+    id > APP_IDS
+}
+
+/// A slot's number as shown: `3` for HTTP worker 3, `app-3` for app process 3.
+pub(super) struct Shown(pub(super) u32);
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if is_app(self.0) {
+            write!(f, "app-{}", self.0 - APP_IDS)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+/// The slots of a configuration: HTTP workers 1.., then app processes.
+pub(super) fn slots_for(p: Processes) -> Vec<WorkerSlot> {
+    (1..=p.http)
+        .chain((1..=p.apps).map(|n| APP_IDS + n))
+        .map(WorkerSlot::new)
+        .collect()
+}
+
+/// Makes the slots `want` of each kind (a TTIN, a TTOU, `supervisor scale`, a reload): new
+/// numbers (the next of their kind) start at the master's next turn, and the highest numbers
+/// beyond the count are removed and returned, for the master to drain their processes (the
+/// current one and a replacement it may have) and release their sockets. A removed number's
+/// queued recycle goes with it (see [`plan_replacements`]).
+pub(super) fn resize(slots: &mut Vec<WorkerSlot>, want: Processes) -> Vec<WorkerSlot> {
+    let mut removed = Vec::new();
+    for (app, n) in [(false, want.http), (true, want.apps)] {
+        let count = |slots: &[WorkerSlot]| slots.iter().filter(|s| is_app(s.id) == app).count();
+        while count(slots) < n as usize {
+            let id = slots
+                .iter()
+                .map(|s| s.id)
+                .filter(|&id| is_app(id) == app)
+                .max()
+                .unwrap_or(if app { APP_IDS } else { 0 })
+                + 1;
+            slots.push(WorkerSlot::new(id));
+        }
+        while count(slots) > n as usize {
+            let last = (0..slots.len())
+                .filter(|&i| is_app(slots[i].id) == app)
+                .max_by_key(|&i| slots[i].id)
+                .expect("counted above");
+            removed.push(slots.remove(last));
+        }
+    }
+    removed
 }
 
 /// What the master knew of a process when it exited.
@@ -454,6 +515,37 @@ mod tests {
         slots[0].recycle = None;
         let promoted = promote(&mut slots[0]).unwrap();
         assert_eq!(promoted.reason, RecycleReason::Reload);
+    }
+
+    #[test]
+    fn ttin_adds_the_next_number_of_each_kind_and_ttou_removes_the_highest() {
+        let mut slots = slots_for(Processes { http: 2, apps: 3 });
+        let ids = |slots: &[WorkerSlot]| slots.iter().map(|s| s.id).collect::<Vec<_>>();
+        assert_eq!(ids(&slots), [1, 2, APP_IDS + 1, APP_IDS + 2, APP_IDS + 3]);
+        assert_eq!(Shown(APP_IDS + 2).to_string(), "app-2");
+        assert_eq!(Shown(2).to_string(), "2");
+        assert!(resize(&mut slots, Processes { http: 2, apps: 4 }).is_empty());
+        assert_eq!(ids(&slots)[5], APP_IDS + 4);
+        let removed = resize(&mut slots, Processes { http: 1, apps: 2 });
+        assert_eq!(ids(&removed), [2, APP_IDS + 4, APP_IDS + 3]);
+        assert_eq!(ids(&slots), [1, APP_IDS + 1, APP_IDS + 2]);
+    }
+
+    #[test]
+    fn ttou_during_a_recycle_drains_the_replacement_too_and_drops_the_recycle() {
+        let (mut slots, queue) = wanting(3, RecycleReason::MaxRss);
+        slots[2].successor = Some(pid(999));
+        let removed = resize(&mut slots, Processes { http: 2, apps: 0 });
+        assert_eq!(removed.len(), 1);
+        assert_eq!(
+            (removed[0].pid, removed[0].successor),
+            (Some(pid(103)), Some(pid(999))),
+            "both are the master's to drain"
+        );
+        let (start, waiting) =
+            plan_replacements(queue, &mut slots, room(), |_| false, Instant::now());
+        assert_eq!(start, [(0, false), (1, false)]);
+        assert!(waiting.is_empty(), "number 3's recycle went with it");
     }
 
     #[test]
