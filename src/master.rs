@@ -121,6 +121,15 @@ struct PendingReload {
     answer_by: Instant,
 }
 
+/// What a reload made before changing anything (see `Master::prepare_reload`).
+struct PreparedReload {
+    config: Config,
+    /// The workers' copy of `config`.
+    config_fd: OwnedFd,
+    /// A new rate table, when its size changes.
+    rates: Option<(RateTable, OwnedFd)>,
+}
+
 /// How long `supervisor reload` waits for the first new worker before it is told the reload
 /// is under way (less than the command's own 30 s).
 const RELOAD_ANSWER_WITHIN: Duration = Duration::from_secs(20);
@@ -1225,78 +1234,73 @@ impl Master {
         }
         info!("HUP: reloading the configuration");
         self.systemd_reloading();
-        let mut new = match (self.reload)() {
-            Ok(c) => c,
+        match (self.reload)().and_then(|new| self.prepare_reload(new)) {
+            Ok(prepared) => Ok(self.apply_reload(prepared)),
             Err(e) => {
                 for line in e.lines() {
                     error!("reload failed, keeping the current configuration: {line}");
                 }
                 self.systemd_reload_failed(&e);
-                return Err(e);
+                Err(e)
             }
-        };
-        if let Err(why) = crate::run_as::prepare_access_file(&new) {
-            error!("reload failed, keeping the current configuration: {why}");
-            self.systemd_reload_failed(&why);
-            return Err(why);
         }
-        // What the workers get, made first so that a failure changes nothing (with the metrics
-        // as at start, see below).
+    }
+
+    /// What a reload needs that can fail, made before anything changes: the workers' copy of
+    /// the new configuration, a new rate table if its size changes, the listeners rebound if
+    /// their settings change (the last step: nothing fails after it).
+    fn prepare_reload(&mut self, new: Config) -> Result<PreparedReload, String> {
+        crate::run_as::prepare_access_file(&new)?;
+        // The workers get the metrics settings as at start (see `apply_reload`).
         let mut for_workers = new.clone();
         for_workers.metrics = self.config.metrics.clone();
-        let config_fd = match spawn::config_fd(&for_workers) {
-            Ok(fd) => fd,
-            Err(e) => {
-                let why = format!("{e:#}");
-                error!("reload failed, keeping the current configuration: {why}");
-                self.systemd_reload_failed(&why);
-                return Err(why);
-            }
-        };
+        let config_fd = spawn::config_fd(&for_workers).map_err(|e| format!("{e:#}"))?;
         // The rate table's size is fixed: another size means a new table for new workers
-        // (draining ones keep the old one). Made first, so that a failure changes nothing.
-        let new_rates = if new.limits.max_active_instances
-            != self.config.limits.max_active_instances
-        {
-            match RateTable::create(new.limits.max_active_instances) {
-                Ok(table) => Some(table),
-                Err(e) => {
-                    error!("reload failed, keeping the current configuration: cannot create the rate table: {e}");
-                    let why = format!("cannot create the rate table: {e}");
-                    self.systemd_reload_failed(&why);
-                    return Err(why);
-                }
-            }
+        // (draining ones keep the old one).
+        let rates = if new.limits.max_active_instances != self.config.limits.max_active_instances {
+            let table = RateTable::create(new.limits.max_active_instances)
+                .map_err(|e| format!("cannot create the rate table: {e}"))?;
+            Some(table)
         } else {
             None
         };
-        let workers = workers_of(&new);
-        let http = new.processes(workers).http;
         let sockets_changed = new.server.bind != self.config.server.bind
             || new.server.accept != self.config.server.accept
             || new.server.backlog != self.config.server.backlog
             || new.server.unix_mode != self.config.server.unix_mode;
         if sockets_changed {
-            let rebound = unix_mode(&new).and_then(|mode| {
-                let l = self.listeners.as_mut().context("listeners are closed")?;
-                l.rebind(
-                    &new.server.bind,
-                    new.server.accept,
-                    http,
-                    new.server.backlog,
-                    mode,
-                )
-            });
-            if let Err(e) = rebound {
-                error!("reload failed, keeping the current configuration: {e:#}");
-                let why = format!("{e:#}");
-                self.systemd_reload_failed(&why);
-                return Err(why);
-            }
+            let http = new.processes(workers_of(&new)).http;
+            unix_mode(&new)
+                .and_then(|mode| {
+                    let l = self.listeners.as_mut().context("listeners are closed")?;
+                    l.rebind(
+                        &new.server.bind,
+                        new.server.accept,
+                        http,
+                        new.server.backlog,
+                        mode,
+                    )
+                })
+                .map_err(|e| format!("{e:#}"))?;
             if let Some(l) = &self.listeners {
                 log_listeners(l, new.server.accept);
             }
         }
+        Ok(PreparedReload {
+            config: new,
+            config_fd,
+            rates,
+        })
+    }
+
+    /// Puts a prepared reload in force: the master's own settings, then a rolling replacement
+    /// of every worker; returns what `supervisor reload` is told.
+    fn apply_reload(&mut self, prepared: PreparedReload) -> String {
+        let PreparedReload {
+            config: mut new,
+            config_fd,
+            rates,
+        } = prepared;
         if new.log.file != self.config.log.file && !new.log.file.is_empty() {
             if let Err(e) = crate::run_as::log_to_file(&new) {
                 error!("reload: log.file: {e}");
@@ -1319,7 +1323,7 @@ impl Master {
             self.janitor =
                 Janitor::start(&new, self.board.header().instance.load(Ordering::Relaxed));
         }
-        if let Some((rates, fd)) = new_rates {
+        if let Some((rates, fd)) = rates {
             info!(
                 limits.max_active_instances = new.limits.max_active_instances,
                 "reload: new per-client rate table; clients' budgets start afresh"
@@ -1333,48 +1337,14 @@ impl Master {
             .header()
             .global_cap
             .store(new.limits.max_concurrent_requests, Ordering::Relaxed);
+        let workers = workers_of(&new);
         let previous_fd = std::mem::replace(&mut self.config_fd, config_fd);
         let previous = std::mem::replace(&mut self.config, new);
         let previous_gen = self.config_gen;
         let previous_workers = self.workers();
         self.config_gen += 1;
-
         self.set_worker_count(workers);
-        // Every process from an older configuration is replaced, a few at a time.
-        let now = Instant::now();
-        let old: Vec<(u32, Pid)> = self
-            .slots
-            .iter()
-            .filter_map(|s| s.pid.map(|p| (s.id, p)))
-            .filter(|(_, p)| {
-                self.procs
-                    .get(p)
-                    .is_some_and(|p| p.config_gen < self.config_gen)
-            })
-            .collect();
-        // A replacement prepared and held for max_requests takes over now (it is replaced in
-        // turn below, being of the old configuration).
-        let held: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| {
-                self.slots[i]
-                    .successor
-                    .and_then(|p| self.procs.get(&p))
-                    .is_some_and(|p| p.held && p.acked)
-            })
-            .collect();
-        for i in held {
-            self.promote(i);
-        }
-        // A recycle already queued becomes part of the reload. (One already booting finishes;
-        // its process is then replaced in turn, see `promote`.)
-        for slot in self.slots.iter_mut().filter(|s| s.successor.is_none()) {
-            slot.recycle = None;
-        }
-        self.recycle_queue.clear();
-        let replacing = old.len();
-        for (id, pid) in old {
-            self.request_recycle(id, pid, RecycleReason::Reload, now);
-        }
+        let replacing = self.replace_older_processes();
         info!(workers, "configuration reloaded; replacing workers");
         let message = format!("configuration reloaded; {workers} workers, replacing {replacing}");
         let mut pending = PendingReload {
@@ -1385,7 +1355,7 @@ impl Master {
             previous_workers,
             message: message.clone(),
             clients: Vec::new(),
-            answer_by: now + RELOAD_ANSWER_WITHIN,
+            answer_by: Instant::now() + RELOAD_ANSWER_WITHIN,
         };
         if let Some(earlier) = self.pending_reload.take() {
             // Not proven yet either: what to go back to is still what ran before it.
@@ -1396,7 +1366,34 @@ impl Master {
             pending.previous_workers = earlier.previous_workers;
         }
         self.pending_reload = Some(pending);
-        Ok(message)
+        message
+    }
+
+    /// Every process of an older configuration is replaced, a few at a time (see
+    /// `slots::reload_plan`); returns how many worker numbers have one.
+    fn replace_older_processes(&mut self) -> usize {
+        let gen = self.config_gen;
+        let procs = &self.procs;
+        let older = |p: Pid| procs.get(&p).is_some_and(|p| p.config_gen < gen);
+        let held_ready = |p: Pid| procs.get(&p).is_some_and(|p| p.held && p.acked);
+        let replacing = self
+            .slots
+            .iter()
+            .filter(|s| s.pid.is_some_and(older))
+            .count();
+        let (promoted, targets) = slots::reload_plan(&mut self.slots, held_ready, older);
+        for slots::Promotion { next, old, reason } in promoted {
+            self.release(next);
+            if let Some(old) = old {
+                self.retire(old, reason);
+            }
+        }
+        self.recycle_queue.clear();
+        let now = Instant::now();
+        for (id, pid) in targets {
+            self.request_recycle(id, pid, RecycleReason::Reload, now);
+        }
+        replacing
     }
 
     /// `supervisor reload` from control client `id`: answered once the reload's outcome is

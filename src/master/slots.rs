@@ -276,6 +276,33 @@ pub(super) fn promote(slot: &mut WorkerSlot) -> Option<Promotion> {
     Some(Promotion { next, old, reason })
 }
 
+/// A reload's rolling replacement, decided: replacements ready and held for `max_requests`
+/// (`held_ready`) take over now (the master releases them and drains what they replace); then
+/// every number whose process is of an older configuration (`older`), these included, is to be
+/// replaced, a few at a time, and a recycle already wanted becomes part of the reload. A
+/// replacement already booting finishes, and is replaced in turn when it takes over (it is of
+/// the older configuration too), so its number is left as it is.
+pub(super) fn reload_plan(
+    slots: &mut [WorkerSlot],
+    held_ready: impl Fn(Pid) -> bool,
+    older: impl Fn(Pid) -> bool,
+) -> (Vec<Promotion>, Vec<(u32, Pid)>) {
+    let mut promoted = Vec::new();
+    for slot in slots.iter_mut() {
+        if slot.successor.is_some_and(&held_ready) {
+            promoted.extend(promote(slot));
+        }
+    }
+    let mut targets = Vec::new();
+    for slot in slots.iter_mut().filter(|s| s.successor.is_none()) {
+        slot.recycle = None;
+        if let Some(pid) = slot.pid.filter(|&p| older(p)) {
+            targets.push((slot.id, pid));
+        }
+    }
+    (promoted, targets)
+}
+
 /// Extra processes that exist now, beside one per worker number, and the rules that bound
 /// them: the input of [`plan_replacements`].
 #[derive(Clone, Copy, Debug)]
@@ -546,6 +573,44 @@ mod tests {
             plan_replacements(queue, &mut slots, room(), |_| false, Instant::now());
         assert_eq!(start, [(0, false), (1, false)]);
         assert!(waiting.is_empty(), "number 3's recycle went with it");
+    }
+
+    #[test]
+    fn a_reload_replaces_every_older_process_including_a_held_replacement_that_takes_over() {
+        let (mut slots, _) = wanting(3, RecycleReason::MaxRss);
+        // 1: a replacement for max_requests, ready and held; 2: a replacement booting;
+        // 3: a recycle queued. Every process is of the old configuration.
+        slots[0].successor = Some(pid(201));
+        slots[0].recycle = Some((RecycleReason::MaxRequests, Instant::now()));
+        slots[1].successor = Some(pid(202));
+        let (promoted, targets) = reload_plan(&mut slots, |p| p == pid(201), |_| true);
+        assert_eq!(
+            promoted,
+            [Promotion {
+                next: pid(201),
+                old: Some(pid(101)),
+                reason: RecycleReason::MaxRequests
+            }]
+        );
+        assert_eq!(
+            targets,
+            [(1, pid(201)), (3, pid(103))],
+            "the held replacement, now serving, is replaced in turn"
+        );
+        assert_eq!(
+            slots[1].successor,
+            Some(pid(202)),
+            "the booting one finishes"
+        );
+        assert!(matches!(slots[1].recycle, Some((RecycleReason::MaxRss, _))));
+        assert_eq!(slots[2].recycle, None, "its recycle is now the reload's");
+        // Processes of the new configuration are left alone.
+        let (promoted, targets) = reload_plan(&mut slots, |_| false, |p| p == pid(103));
+        assert!(
+            promoted.is_empty(),
+            "a booting replacement is not held and ready"
+        );
+        assert_eq!(targets, [(3, pid(103))]);
     }
 
     #[test]
