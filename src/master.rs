@@ -47,6 +47,7 @@ use crate::{rss, sys};
 mod health;
 mod requests;
 mod slots;
+mod stop;
 mod systemd;
 
 use health::Health;
@@ -56,8 +57,6 @@ use slots::{backoff, is_app, slots_for, Exited, Shown, Verdict, WorkerSlot, APP_
 const SCOREBOARD_CAPACITY: usize = 2048;
 /// Consecutive failed boots of one worker, while no worker serves, before the master gives up.
 const MAX_BOOT_FAILURES: u32 = 5;
-/// How long a fast stop (INT, QUIT) waits for workers before SIGKILL.
-const FAST_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound on one `poll` wait: hung-worker checks run at least this often.
 /// How often the master clears forgotten clients from the rate table.
 const RATE_SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -1695,18 +1694,24 @@ impl Master {
     /// few seconds). The master's copies of the listeners close at once, so nothing new is
     /// queued on a socket no worker will serve; workers drain what is already queued.
     fn begin_stop(&mut self, fast: bool) {
-        let wait = if fast {
-            FAST_STOP_TIMEOUT
-        } else {
-            self.config.server.graceful_timeout
-        };
+        let procs = self.live_processes();
+        let start = stop::begin(
+            &stop::Before {
+                fast,
+                graceful_timeout: self.config.server.graceful_timeout,
+                procs: &procs,
+                reload_pending: self.pending_reload.is_some(),
+                upgrade_in_progress: self.upgrade.as_ref().is_some_and(|u| !u.abandoned),
+            },
+            Instant::now(),
+        );
         self.phase = Phase::Stopping {
-            deadline: Instant::now() + wait,
+            deadline: start.deadline,
             fast,
             killed: false,
         };
         self.systemd_stopping(fast);
-        if let Some(p) = self.pending_reload.as_mut() {
+        if let Some(p) = self.pending_reload.as_mut().filter(|_| start.fail_reload) {
             let clients = std::mem::take(&mut p.clients);
             let why = format!("{}; then the master began to stop", p.message);
             self.answer_reload(&clients, Err(&why));
@@ -1714,39 +1719,34 @@ impl Master {
         if let Some(l) = self.listeners.take() {
             l.close();
         }
-        let sig = if fast {
-            protocol::EXIT_NOW
-        } else {
-            protocol::DRAIN
-        };
-        // A new master that has not taken over yet must not outlive this stop.
-        if let Some(u) = self.upgrade.as_mut().filter(|u| !u.abandoned) {
+        if let Some(u) = self.upgrade.as_mut().filter(|_| start.abandon_upgrade) {
             warn!(
                 pid = u.pid.as_raw(),
                 "upgrade: stopping before the new master was ready; stopping it too"
             );
-            u.abandon(sig);
+            u.abandon(start.signal);
         }
-        // HTTP workers first: app processes keep taking the requests they drain, and are told
-        // to drain in turn once no HTTP worker is left (`stop_apps_after_http`). A fast stop
-        // stops everything at once.
-        let http_left = self.procs.values().any(|p| !is_app(p.id));
-        self.apps_told_to_stop = fast || !http_left;
-        for (pid, p) in &self.procs {
-            if self.apps_told_to_stop || !is_app(p.id) {
-                let _ = kill(*pid, sig);
-            }
+        self.apps_told_to_stop = start.apps_told;
+        for pid in start.signal_now {
+            let _ = kill(pid, start.signal);
         }
+    }
+
+    /// Every live child process, and whether it is an app host.
+    fn live_processes(&self) -> Vec<(Pid, bool)> {
+        self.procs
+            .iter()
+            .map(|(pid, p)| (*pid, is_app(p.id)))
+            .collect()
     }
 
     /// During a graceful stop: once the last HTTP worker has exited, the app processes drain.
     fn stop_apps_after_http(&mut self) {
-        if self.apps_told_to_stop || self.procs.values().any(|p| !is_app(p.id)) {
-            return;
-        }
-        self.apps_told_to_stop = true;
-        for pid in self.procs.keys() {
-            let _ = kill(*pid, protocol::DRAIN);
+        if let Some(pids) = stop::apps_to_stop(self.apps_told_to_stop, &self.live_processes()) {
+            self.apps_told_to_stop = true;
+            for pid in pids {
+                let _ = kill(pid, protocol::DRAIN);
+            }
         }
     }
 
@@ -1759,7 +1759,7 @@ impl Master {
         else {
             return;
         };
-        if Instant::now() < deadline {
+        if !stop::kill_the_rest(deadline, false, Instant::now()) {
             return;
         }
         warn!(

@@ -187,7 +187,7 @@ impl Master {
                 left + if killed {
                     Duration::ZERO
                 } else {
-                    FAST_STOP_TIMEOUT
+                    super::stop::FAST_STOP_TIMEOUT
                 }
             }
             Phase::Running => Duration::ZERO,
