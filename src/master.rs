@@ -55,8 +55,6 @@ use slots::{backoff, is_app, slots_for, Exited, Shown, Verdict, WorkerSlot, APP_
 
 /// Scoreboard records: room for the largest worker count plus as many replacements again.
 const SCOREBOARD_CAPACITY: usize = 2048;
-/// Consecutive failed boots of one worker, while no worker serves, before the master gives up.
-const MAX_BOOT_FAILURES: u32 = 5;
 /// Upper bound on one `poll` wait: hung-worker checks run at least this often.
 /// How often the master clears forgotten clients from the rate table.
 const RATE_SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -861,12 +859,8 @@ impl Master {
     /// After a boot failure: if nothing serves and this worker keeps failing, further retries
     /// would only spin, so stop with one clear error and exit 1.
     fn boot_failures_fatal(&mut self, id: u32, failures: u32) -> bool {
-        // App processes that never start make the HTTP workers useless, and the reverse.
-        let serving = self
-            .procs
-            .values()
-            .any(|p| p.acked && is_app(p.id) == is_app(id));
-        if failures >= MAX_BOOT_FAILURES && !serving {
+        let serving = |app: bool| self.procs.values().any(|p| p.acked && is_app(p.id) == app);
+        if slots::gives_up(id, failures, serving) {
             error!(
                 failures,
                 "workers keep failing to boot and none is serving; giving up (see the errors above)"

@@ -121,6 +121,19 @@ pub(super) fn resize(slots: &mut Vec<WorkerSlot>, want: Processes) -> Vec<Worker
     removed
 }
 
+/// Consecutive failed boots of one worker number, while nothing of its kind serves, before the
+/// master gives up.
+pub(super) const MAX_BOOT_FAILURES: u32 = 5;
+
+/// After a boot failure of worker number `id` (its `failures`-th in a row): whether further
+/// retries would only spin, so that the master stops with one clear error (exit 1).
+/// `serving(app)` says whether some process of that kind has reported ready: app processes that
+/// never start make the HTTP workers useless, and the reverse, so one of the other kind serving
+/// is no reason to go on.
+pub(super) fn gives_up(id: u32, failures: u32, serving: impl Fn(bool) -> bool) -> bool {
+    failures >= MAX_BOOT_FAILURES && !serving(is_app(id))
+}
+
 /// What the master knew of a process when it exited.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Exited {
@@ -611,6 +624,45 @@ mod tests {
             "a booting replacement is not held and ready"
         );
         assert_eq!(targets, [(3, pid(103))]);
+    }
+
+    #[test]
+    fn boot_failures_give_up_only_when_nothing_of_their_kind_serves() {
+        let nothing = |_: bool| false;
+        let only_http = |app: bool| !app;
+        assert!(
+            !gives_up(1, MAX_BOOT_FAILURES - 1, nothing),
+            "retries first"
+        );
+        assert!(gives_up(1, MAX_BOOT_FAILURES, nothing));
+        assert!(
+            !gives_up(1, MAX_BOOT_FAILURES, only_http),
+            "another HTTP worker serves"
+        );
+        assert!(
+            gives_up(APP_IDS + 1, MAX_BOOT_FAILURES, only_http),
+            "HTTP workers are useless without an app process"
+        );
+        // The whole story: a worker that never reports ready, respawned until the give-up.
+        let mut slots = slots_for(Processes { http: 1, apps: 0 });
+        let never_ready = Exited {
+            acked: false,
+            uptime: Duration::from_millis(20),
+            ..exited(100)
+        };
+        let mut gave_up_at = None;
+        for attempt in 1..=10 {
+            slots[0].pid = Some(pid(100));
+            let Verdict::BootFailed { failures, .. } = on_exit(&mut slots, &never_ready, false)
+            else {
+                panic!("a boot failure");
+            };
+            if gives_up(1, failures, nothing) {
+                gave_up_at = Some(attempt);
+                break;
+            }
+        }
+        assert_eq!(gave_up_at, Some(MAX_BOOT_FAILURES));
     }
 
     #[test]
