@@ -150,7 +150,7 @@ pub struct Master {
     janitor: Option<Janitor>,
     /// The metrics thread (`[metrics] bind`), which also keeps dead workers' counters.
     metrics: Option<Metrics>,
-    signals: SignalDelivery<UnixStream, SignalOnly>,
+    signals: Signals,
     /// TTIN and TTOU received and not yet acted on.
     ttin: Arc<AtomicUsize>,
     ttou: Arc<AtomicUsize>,
@@ -224,15 +224,7 @@ pub fn setup(
 ) -> Result<Master> {
     // Signals first: one that comes while the rest is set up (a HUP from a service manager, a
     // TERM) waits for the loop instead of killing the master with its default action.
-    let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
-    read.set_nonblocking(true)?;
-    write.set_nonblocking(true)?;
-    let signals = SignalDelivery::with_pipe(read, write, SignalOnly, HANDLED_SIGNALS)
-        .context("cannot install signal handlers")?;
-    let ttin = Arc::new(AtomicUsize::new(0));
-    let ttou = Arc::new(AtomicUsize::new(0));
-    sys::count_signal(SIGTTIN, ttin.clone()).context("cannot install signal handlers")?;
-    sys::count_signal(SIGTTOU, ttou.clone()).context("cannot install signal handlers")?;
+    let (signals, ttin, ttou) = install_signals()?;
 
     // The metrics socket of an upgrading master, taken over only for the same metrics.bind
     // (otherwise closed, and metrics.bind bound as configured).
@@ -248,51 +240,11 @@ pub fn setup(
     };
     let workers = workers_of(&config);
     let processes = config.processes(workers);
-    let mut upgrade_ready = None;
     // An upgrading master's pidfile names a live master (it): not a second instance.
     if handover.is_none() {
         requests::refuse_if_pidfile_live(&config)?;
     }
-    // Sockets from an upgrading master first; else from systemd; else bound here.
-    let activated = match handover {
-        Some(_) => None,
-        None => crate::activation::from_env()?,
-    };
-    let listeners = match (handover, activated) {
-        (None, Some(sockets)) => Listeners::adopt(sockets),
-        (None, None) => Listeners::bind(
-            &config.server.bind,
-            config.server.accept,
-            processes.http,
-            config.server.backlog,
-            unix_mode(&config)?,
-        )?,
-        (Some(h), _) => {
-            let ready = sys::inherited_fd(h.ready_fd, "upgrade readiness pipe")
-                .context("cannot take over from the upgrading master")?;
-            upgrade_ready = Some((ready, h.parent));
-            let sockets: usize = h
-                .listeners
-                .iter()
-                .map(|g| g.fds.iter().flatten().count())
-                .sum();
-            let listeners = Listeners::inherit(
-                h.listeners,
-                h.adopted,
-                &config.server.bind,
-                config.server.accept,
-                processes.http,
-                config.server.backlog,
-                unix_mode(&config)?,
-            )
-            .context("cannot take over the listeners of the upgrading master")?;
-            info!(
-                old_master = h.parent,
-                sockets, "upgrade: took over the listeners of the old master"
-            );
-            listeners
-        }
-    };
+    let (listeners, upgrade_ready) = take_listeners(&config, processes.http, handover)?;
     log_listeners(&listeners, config.server.accept);
     // The new master of an upgrade takes the control socket and the pidfile over once it is
     // ready (`maybe_announce_ready`): until then they are the old master's, which may go on.
@@ -357,6 +309,68 @@ pub fn setup(
         control,
         pidfile,
     })
+}
+
+/// The signals the master acts on, delivered on a pipe its loop polls.
+type Signals = SignalDelivery<UnixStream, SignalOnly>;
+
+/// The master's signal handlers: the signals it acts on arrive on a pipe its loop polls; TTIN
+/// and TTOU are counted (several may come between two turns).
+fn install_signals() -> Result<(Signals, Arc<AtomicUsize>, Arc<AtomicUsize>)> {
+    let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
+    read.set_nonblocking(true)?;
+    write.set_nonblocking(true)?;
+    let signals = SignalDelivery::with_pipe(read, write, SignalOnly, HANDLED_SIGNALS)
+        .context("cannot install signal handlers")?;
+    let ttin = Arc::new(AtomicUsize::new(0));
+    let ttou = Arc::new(AtomicUsize::new(0));
+    sys::count_signal(SIGTTIN, ttin.clone()).context("cannot install signal handlers")?;
+    sys::count_signal(SIGTTOU, ttou.clone()).context("cannot install signal handlers")?;
+    Ok((signals, ttin, ttou))
+}
+
+/// The listening sockets: an upgrading master's first (with the pipe on which to tell it this
+/// master is ready, and its pid); else those systemd passed; else bound here.
+fn take_listeners(
+    config: &Config,
+    http: u32,
+    handover: Option<Handover>,
+) -> Result<(Listeners, Option<(OwnedFd, u32)>)> {
+    let Some(h) = handover else {
+        let listeners = match crate::activation::from_env()? {
+            Some(sockets) => Listeners::adopt(sockets),
+            None => Listeners::bind(
+                &config.server.bind,
+                config.server.accept,
+                http,
+                config.server.backlog,
+                unix_mode(config)?,
+            )?,
+        };
+        return Ok((listeners, None));
+    };
+    let ready = sys::inherited_fd(h.ready_fd, "upgrade readiness pipe")
+        .context("cannot take over from the upgrading master")?;
+    let sockets: usize = h
+        .listeners
+        .iter()
+        .map(|g| g.fds.iter().flatten().count())
+        .sum();
+    let listeners = Listeners::inherit(
+        h.listeners,
+        h.adopted,
+        &config.server.bind,
+        config.server.accept,
+        http,
+        config.server.backlog,
+        unix_mode(config)?,
+    )
+    .context("cannot take over the listeners of the upgrading master")?;
+    info!(
+        old_master = h.parent,
+        sockets, "upgrade: took over the listeners of the old master"
+    );
+    Ok((listeners, Some((ready, h.parent))))
 }
 
 impl Master {
