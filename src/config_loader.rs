@@ -1931,194 +1931,208 @@ mod tests {
     }
 
     /// Each range rule, just outside and just inside its bounds.
+    /// Each key, values refused, values accepted at the edges, and what the error says is
+    /// expected.
+    const RANGES: &[(&str, &[&str], &[&str], &str)] = &[
+        (
+            "server.workers",
+            &["0", "1025"],
+            &["1", "1024"],
+            "\"auto\" or an integer 1..=1024",
+        ),
+        (
+            "server.backlog",
+            &["0", "65536"],
+            &["1", "65535"],
+            "an integer 1..=65535",
+        ),
+        (
+            "server.unix_mode",
+            &["\"800\"", "\"1777\"", "\"abc\"", "\"\"", "600"],
+            &["\"0\"", "\"777\"", "\"0600\""],
+            "an octal string up to \"777\", like \"660\"",
+        ),
+        (
+            "server.accept",
+            &["\"both\""],
+            &["\"shared\""],
+            "\"reuseport\" or \"shared\"",
+        ),
+        (
+            "server.graceful_timeout",
+            &["\"soon\"", "30", "\"3651d\"", "\"18446744073709551615s\""],
+            &["\"0s\"", "\"3650d\""],
+            "a duration 0s..=3650d, like \"30s\", \"2m\" or \"0s\"",
+        ),
+        (
+            "worker.max_lifetime",
+            &["\"18446744073709551615s\"", "\"3650d 1s\""],
+            &["\"0s\"", "\"3650d\""],
+            "a duration 0s..=3650d, like \"6h\" (0s: never)",
+        ),
+        (
+            "worker.max_lifetime_jitter",
+            &["\"3651d\""],
+            &["\"3650d\""],
+            "a duration 0s..=3650d, like \"10m\"",
+        ),
+        (
+            "worker.min_lifetime",
+            &["\"3651d\""],
+            &["\"3650d\""],
+            "a duration 0s..=3650d, like \"10s\"",
+        ),
+        (
+            "worker.timeout",
+            &["\"1s\"", "\"3651d\""],
+            &["\"2s\"", "\"3650d\""],
+            "a duration 2s..=3650d, like \"2m\"",
+        ),
+        (
+            "redis.lease_ttl",
+            &["\"999ms\"", "\"3651d\""],
+            &["\"1s\"", "\"3650d\""],
+            "a duration 1s..=3650d, like \"30s\"",
+        ),
+        (
+            "app.ready_timeout",
+            &["\"0s\"", "\"3651d\""],
+            &["\"1ns\"", "\"3650d\""],
+            DURATION_GT_0,
+        ),
+        (
+            "worker.max_rss",
+            &["\"1025TiB\"", "1125899906842625"],
+            &["0", "\"1PiB\""],
+            "a size up to 1PiB, like \"512MiB\" (0: no limit)",
+        ),
+        ("worker.max_connections", &["0"], &["1"], INTEGER_GE_1),
+        ("worker.max_concurrent", &["0"], &["1"], INTEGER_GE_1),
+        (
+            "worker.header_timeout",
+            &["\"0s\"", "5"],
+            &["\"1ms\""],
+            DURATION_GT_0,
+        ),
+        (
+            "worker.client_timeout",
+            &["\"0s\""],
+            &["\"1ms\""],
+            DURATION_GT_0,
+        ),
+        (
+            "app.upgrade_idle_timeout",
+            &["\"0s\""],
+            &["\"1ms\""],
+            DURATION_GT_0,
+        ),
+        (
+            "app.upgrades",
+            &[
+                "[\"h2c\"]",
+                "[\"websocket\", \"H2C\"]",
+                "[\"\"]",
+                "[\"web socket\"]",
+            ],
+            &["[]", "[\"websocket\", \"TLS\"]"],
+            "an array of Upgrade protocol names (tokens, like \"websocket\"), not \"h2c\"",
+        ),
+        (
+            "worker.min_request_rate",
+            &["-1"],
+            &["0", "\"240B/s\"", "\"1KiB/s\"", "100"],
+            DATA_RATE,
+        ),
+        (
+            "worker.min_rate_grace",
+            &["\"0s\"", "\"2h\""],
+            &["\"100ms\"", "\"1h\""],
+            "a duration 100ms..=1h, like \"5s\"",
+        ),
+        (
+            "worker.keepalive_timeout",
+            &["\"0s\""],
+            &["\"1ms\""],
+            DURATION_GT_0,
+        ),
+        (
+            "worker.request_timeout",
+            &["\"0ms\"", "\"3651d\""],
+            &["\"1ms\""],
+            DURATION_GT_0,
+        ),
+        (
+            "worker.max_header_bytes",
+            &["8191", "\"1025KiB\""],
+            &["8192", "\"1MiB\""],
+            "a size 8KiB..=1MiB, like \"16KiB\"",
+        ),
+        (
+            "worker.max_headers",
+            &["0", "1001"],
+            &["1", "1000"],
+            "an integer 1..=1000",
+        ),
+        (
+            "worker.max_body_bytes",
+            &["-1", "true", "1125899906842625"],
+            &["0", "1125899906842624"],
+            "a size up to 1PiB, like \"10MiB\" or 1048576",
+        ),
+        (
+            "limits.max_concurrent_requests",
+            &["0"],
+            &["1"],
+            INTEGER_GE_1,
+        ),
+        (
+            "limits.max_active_instances",
+            &["0", "10000001"],
+            &["1", "10000000"],
+            "an integer 1..=10000000",
+        ),
+        (
+            "limits.rate",
+            &["\"10\"", "\"0/s\"", "\"5/fortnight\"", "\"200000/s\"", "5"],
+            &["\"\"", "\"100000/s\"", "\"600/min\"", "\"1/h\""],
+            "\"\" (no limit) or COUNT/UNIT with UNIT s, min or h, like \"100/s\" or \"600/min\", \
+             at most 100000/s",
+        ),
+        (
+            "limits.key",
+            &["\"cookie\"", "\"header:bad name\""],
+            &["\"ip\"", "\"header:X-Api-Key\""],
+            "\"ip\" or \"header:NAME\"",
+        ),
+        (
+            "limits.idle_ttl",
+            &["\"0s\"", "\"32days\""],
+            &["\"1s\"", "\"30days\""],
+            "a duration > 0 and at most 31 days, like \"30m\"",
+        ),
+        (
+            "limits.queue",
+            &["-1", "100001"],
+            &["0", "100000"],
+            "an integer 0..=100000 (0: no queue)",
+        ),
+        (
+            "limits.queue_timeout",
+            &["\"0s\""],
+            &["\"1ms\""],
+            DURATION_GT_0,
+        ),
+        (
+            "log.format",
+            &["\"xml\""],
+            &["\"json\""],
+            "\"text\" or \"json\"",
+        ),
+    ];
+
     #[test]
     fn values_out_of_range_are_rejected() {
-        let cases: &[(&str, &[&str], &[&str], &str)] = &[
-            (
-                "server.workers",
-                &["0", "1025"],
-                &["1", "1024"],
-                "\"auto\" or an integer 1..=1024",
-            ),
-            (
-                "server.backlog",
-                &["0", "65536"],
-                &["1", "65535"],
-                "an integer 1..=65535",
-            ),
-            (
-                "server.unix_mode",
-                &["\"800\"", "\"1777\"", "\"abc\"", "\"\"", "600"],
-                &["\"0\"", "\"777\"", "\"0600\""],
-                "an octal string up to \"777\", like \"660\"",
-            ),
-            (
-                "server.accept",
-                &["\"both\""],
-                &["\"shared\""],
-                "\"reuseport\" or \"shared\"",
-            ),
-            (
-                "server.graceful_timeout",
-                &["\"soon\"", "30", "\"3651d\"", "\"18446744073709551615s\""],
-                &["\"0s\"", "\"3650d\""],
-                "a duration 0s..=3650d, like \"30s\", \"2m\" or \"0s\"",
-            ),
-            (
-                "worker.max_lifetime",
-                &["\"18446744073709551615s\"", "\"3650d 1s\""],
-                &["\"0s\"", "\"3650d\""],
-                "a duration 0s..=3650d, like \"6h\" (0s: never)",
-            ),
-            (
-                "worker.max_lifetime_jitter",
-                &["\"3651d\""],
-                &["\"3650d\""],
-                "a duration 0s..=3650d, like \"10m\"",
-            ),
-            (
-                "worker.min_lifetime",
-                &["\"3651d\""],
-                &["\"3650d\""],
-                "a duration 0s..=3650d, like \"10s\"",
-            ),
-            (
-                "worker.timeout",
-                &["\"1s\"", "\"3651d\""],
-                &["\"2s\"", "\"3650d\""],
-                "a duration 2s..=3650d, like \"2m\"",
-            ),
-            (
-                "redis.lease_ttl",
-                &["\"999ms\"", "\"3651d\""],
-                &["\"1s\"", "\"3650d\""],
-                "a duration 1s..=3650d, like \"30s\"",
-            ),
-            (
-                "app.ready_timeout",
-                &["\"0s\"", "\"3651d\""],
-                &["\"1ns\"", "\"3650d\""],
-                DURATION_GT_0,
-            ),
-            (
-                "worker.max_rss",
-                &["\"1025TiB\"", "1125899906842625"],
-                &["0", "\"1PiB\""],
-                "a size up to 1PiB, like \"512MiB\" (0: no limit)",
-            ),
-            ("worker.max_connections", &["0"], &["1"], INTEGER_GE_1),
-            ("worker.max_concurrent", &["0"], &["1"], INTEGER_GE_1),
-            (
-                "worker.header_timeout",
-                &["\"0s\"", "5"],
-                &["\"1ms\""],
-                DURATION_GT_0,
-            ),
-            (
-                "worker.client_timeout",
-                &["\"0s\""],
-                &["\"1ms\""],
-                DURATION_GT_0,
-            ),
-            (
-                "app.upgrade_idle_timeout",
-                &["\"0s\""],
-                &["\"1ms\""],
-                DURATION_GT_0,
-            ),
-            (
-                "app.upgrades",
-                &["[\"h2c\"]", "[\"websocket\", \"H2C\"]", "[\"\"]", "[\"web socket\"]"],
-                &["[]", "[\"websocket\", \"TLS\"]"],
-                "an array of Upgrade protocol names (tokens, like \"websocket\"), not \"h2c\"",
-            ),
-            (
-                "worker.min_request_rate",
-                &["-1"],
-                &["0", "\"240B/s\"", "\"1KiB/s\"", "100"],
-                DATA_RATE,
-            ),
-            (
-                "worker.min_rate_grace",
-                &["\"0s\"", "\"2h\""],
-                &["\"100ms\"", "\"1h\""],
-                "a duration 100ms..=1h, like \"5s\"",
-            ),
-            (
-                "worker.keepalive_timeout",
-                &["\"0s\""],
-                &["\"1ms\""],
-                DURATION_GT_0,
-            ),
-            (
-                "worker.request_timeout",
-                &["\"0ms\"", "\"3651d\""],
-                &["\"1ms\""],
-                DURATION_GT_0,
-            ),
-            (
-                "worker.max_header_bytes",
-                &["8191", "\"1025KiB\""],
-                &["8192", "\"1MiB\""],
-                "a size 8KiB..=1MiB, like \"16KiB\"",
-            ),
-            (
-                "worker.max_headers",
-                &["0", "1001"],
-                &["1", "1000"],
-                "an integer 1..=1000",
-            ),
-            (
-                "worker.max_body_bytes",
-                &["-1", "true", "1125899906842625"],
-                &["0", "1125899906842624"],
-                "a size up to 1PiB, like \"10MiB\" or 1048576",
-            ),
-            (
-                "limits.max_concurrent_requests",
-                &["0"],
-                &["1"],
-                INTEGER_GE_1,
-            ),
-            (
-                "limits.max_active_instances",
-                &["0", "10000001"],
-                &["1", "10000000"],
-                "an integer 1..=10000000",
-            ),
-            (
-                "limits.rate",
-                &["\"10\"", "\"0/s\"", "\"5/fortnight\"", "\"200000/s\"", "5"],
-                &["\"\"", "\"100000/s\"", "\"600/min\"", "\"1/h\""],
-                "\"\" (no limit) or COUNT/UNIT with UNIT s, min or h, like \"100/s\" or \"600/min\", \
-                 at most 100000/s",
-            ),
-            (
-                "limits.key",
-                &["\"cookie\"", "\"header:bad name\""],
-                &["\"ip\"", "\"header:X-Api-Key\""],
-                "\"ip\" or \"header:NAME\"",
-            ),
-            (
-                "limits.idle_ttl",
-                &["\"0s\"", "\"32days\""],
-                &["\"1s\"", "\"30days\""],
-                "a duration > 0 and at most 31 days, like \"30m\"",
-            ),
-            (
-                "limits.queue",
-                &["-1", "100001"],
-                &["0", "100000"],
-                "an integer 0..=100000 (0: no queue)",
-            ),
-            ("limits.queue_timeout", &["\"0s\""], &["\"1ms\""], DURATION_GT_0),
-            (
-                "log.format",
-                &["\"xml\""],
-                &["\"json\""],
-                "\"text\" or \"json\"",
-            ),
-        ];
+        let cases = RANGES;
         for (key, bad, good, allowed) in cases {
             let (section, name) = key.split_once('.').unwrap();
             for value in *bad {
