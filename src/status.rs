@@ -319,45 +319,56 @@ pub fn print(status: &Status, json: bool) {
         status.global_rejected
     );
     if let Some(m) = &status.master {
-        outln!(
-            "listening on {}  control socket {}{}",
-            if m.listen.is_empty() {
-                "nothing".to_string()
-            } else {
-                m.listen.join(", ")
-            },
-            m.control_socket,
-            if m.metrics.is_empty() {
-                String::new()
-            } else {
-                format!("  metrics {}", m.metrics)
-            }
-        );
-        let l = &m.limits;
-        outln!(
-            "workers {}{}{}  reloads {}  limits: host-wide {}  per worker {}  queue {}  rate {}  \
-             cluster-wide {}",
-            m.workers,
-            if m.apps > 0 {
-                format!("  app processes {}", m.apps)
-            } else {
-                String::new()
-            },
-            if m.stopping { " (stopping)" } else { "" },
-            m.reloads,
-            l.max_concurrent_requests,
-            l.worker_max_concurrent,
-            l.queue,
-            if l.rate.is_empty() { "none" } else { &l.rate },
-            match l.cluster_max_concurrent_requests {
-                0 => "none".to_string(),
-                n => format!("{n} (on redis error: {})", l.on_redis_error),
-            },
-        );
-        if !m.redis_url.is_empty() {
-            outln!("redis {}", m.redis_url);
-        }
+        print_master(m);
     }
+    print_health(status);
+    print_table(status);
+}
+
+/// The master's lines: where it listens, its workers and the limits in force.
+fn print_master(m: &MasterInfo) {
+    outln!(
+        "listening on {}  control socket {}{}",
+        if m.listen.is_empty() {
+            "nothing".to_string()
+        } else {
+            m.listen.join(", ")
+        },
+        m.control_socket,
+        if m.metrics.is_empty() {
+            String::new()
+        } else {
+            format!("  metrics {}", m.metrics)
+        }
+    );
+    let l = &m.limits;
+    outln!(
+        "workers {}{}{}  reloads {}  limits: host-wide {}  per worker {}  queue {}  rate {}  \
+         cluster-wide {}",
+        m.workers,
+        if m.apps > 0 {
+            format!("  app processes {}", m.apps)
+        } else {
+            String::new()
+        },
+        if m.stopping { " (stopping)" } else { "" },
+        m.reloads,
+        l.max_concurrent_requests,
+        l.worker_max_concurrent,
+        l.queue,
+        if l.rate.is_empty() { "none" } else { &l.rate },
+        match l.cluster_max_concurrent_requests {
+            0 => "none".to_string(),
+            n => format!("{n} (on redis error: {})", l.on_redis_error),
+        },
+    );
+    if !m.redis_url.is_empty() {
+        outln!("redis {}", m.redis_url);
+    }
+}
+
+/// Redis, the per-client rate table, and apps that answer only 502s.
+fn print_health(status: &Status) {
     let redis: Vec<&str> = status
         .workers
         .iter()
@@ -398,6 +409,10 @@ pub fn print(status: &Status, json: bool) {
     if !apps.is_empty() {
         outln!("app process unhealthy (answers only 502s): {apps}");
     }
+}
+
+/// One row per worker and app process.
+fn print_table(status: &Status) {
     outln!(
         "{:>6} {:>4} {:>8} {:>9} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8}  last recycle",
         "worker",
