@@ -400,12 +400,13 @@ fn gauge(v: u64) -> ConstGauge<i64> {
     ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-impl Collector for Snapshot {
-    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+impl Snapshot {
+    /// Requests: answered, their durations, refused, timed out, left by their clients; recycles, deaths and app restarts.
+    fn encode_requests(&self, e: &mut DescriptorEncoder) -> fmt::Result {
         let c = &self.counters;
         let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
         by_label(
-            &mut e,
+            e,
             "supervisor_requests",
             "Requests answered, by status class",
             "class",
@@ -443,33 +444,33 @@ impl Collector for Snapshot {
             ("queue_timeout", c.queue_timeouts),
         ];
         by_label(
-            &mut e,
+            e,
             "supervisor_rejections",
             "Requests refused by a limit (429 or 503), by the limit",
             "reason",
             reasons.into_iter().map(|(r, n)| (r, counter(n))).collect(),
         )?;
         family(
-            &mut e,
+            e,
             "supervisor_request_timeouts",
             "Requests answered 504 after worker.request_timeout",
             &[(&[], counter(c.timeouts))],
         )?;
         family(
-            &mut e,
+            e,
             "supervisor_accept_errors",
             "Failed accepts for want of resources (the fd limit, socket buffers, memory)",
             &[(&[], counter(c.accept_errors))],
         )?;
         family(
-            &mut e,
+            e,
             "supervisor_requests_client_gone",
             "Requests whose client left before the response was sent (logged 499); the app finished them with their permits held",
             &[(&[], counter(c.client_gone))],
         )?;
 
         by_label(
-            &mut e,
+            e,
             "supervisor_recycles",
             "Workers replaced and exited, by reason",
             "reason",
@@ -480,7 +481,7 @@ impl Collector for Snapshot {
                 .collect(),
         )?;
         by_label(
-            &mut e,
+            e,
             "supervisor_worker_deaths",
             "Workers that died without being asked to stop (crash, failed boot, OOM kill), by cause",
             "cause",
@@ -491,12 +492,16 @@ impl Collector for Snapshot {
                 .collect(),
         )?;
         family(
-            &mut e,
+            e,
             "supervisor_app_restarts",
             "App processes restarted by their worker after they exited",
             &[(&[], counter(c.app_restarts))],
         )?;
+        Ok(())
+    }
 
+    /// What runs now: requests in flight, queues, connections, memory, workers and app processes by state.
+    fn encode_processes(&self, e: &mut DescriptorEncoder) -> fmt::Result {
         let plain_gauges = [
             (
                 "supervisor_requests_in_flight",
@@ -536,7 +541,7 @@ impl Collector for Snapshot {
             ),
         ];
         for (name, help, v) in plain_gauges {
-            family(&mut e, name, help, &[(&[], gauge(v))])?;
+            family(e, name, help, &[(&[], gauge(v))])?;
         }
 
         let ids: Vec<String> = self
@@ -548,7 +553,7 @@ impl Collector for Snapshot {
             })
             .collect();
         by_label(
-            &mut e,
+            e,
             "supervisor_worker_memory_bytes",
             "Memory of a worker number's processes (worker=\"app-N\": app process N and its \
              host), at the last sample",
@@ -561,22 +566,27 @@ impl Collector for Snapshot {
 
         let states = ["booting", "serving", "draining"];
         by_label(
-            &mut e,
+            e,
             "supervisor_workers",
             "HTTP worker processes, by state",
             "state",
             states.into_iter().zip(self.states.map(gauge)).collect(),
         )?;
         by_label(
-            &mut e,
+            e,
             "supervisor_app_processes",
             "App processes of the pool (app.command), by state of their host",
             "state",
             states.into_iter().zip(self.app_states.map(gauge)).collect(),
         )?;
+        Ok(())
+    }
 
+    /// Redis: workers by their view of it, and time and requests spent without it.
+    fn encode_redis(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let c = &self.counters;
         by_label(
-            &mut e,
+            e,
             "supervisor_redis_workers",
             "Worker processes by their view of Redis (cluster-wide limits)",
             "state",
@@ -586,18 +596,26 @@ impl Collector for Snapshot {
             ],
         )?;
         family(
-            &mut e,
+            e,
             "supervisor_redis_degraded_seconds",
             "Time workers spent with Redis degraded, summed over workers",
             &[(&[], counter(c.redis_degraded_ms / 1000))],
         )?;
         family(
-            &mut e,
+            e,
             "supervisor_redis_degraded_requests",
             "Requests handled by limits.on_redis_error because Redis did not answer",
             &[(&[], counter(c.redis_degraded_requests))],
         )?;
         Ok(())
+    }
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        self.encode_requests(&mut e)?;
+        self.encode_processes(&mut e)?;
+        self.encode_redis(&mut e)
     }
 }
 
