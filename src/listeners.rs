@@ -73,6 +73,59 @@ pub struct Activated {
     pub name: Option<String>,
 }
 
+/// What a rebind does with each address of the new list.
+enum Next {
+    /// Keeps the group already listening there (its index).
+    Keep(usize),
+    /// A group bound afresh.
+    New(Group),
+}
+
+/// Binds a new group for `a`: one socket, or one per worker number (`per_worker`, reuseport
+/// TCP), listening at once with `backlog` unless `listen_now` is `None` (their workers listen).
+fn new_group(
+    a: &BindAddr,
+    per_worker: bool,
+    workers: u32,
+    backlog: i32,
+    listen_now: Option<i32>,
+    unix_mode: u32,
+) -> Result<Group> {
+    Ok(match a {
+        BindAddr::Tcp(sa) => {
+            let first = bind_tcp(
+                *sa,
+                if per_worker {
+                    listen_now
+                } else {
+                    Some(backlog)
+                },
+            )?;
+            let actual = local_tcp_addr(&first)?;
+            let mut g = Group {
+                addr: BindAddr::Tcp(actual),
+                requested: a.clone(),
+                sockets: vec![Some(first)],
+                per_worker,
+                unix_path: None,
+            };
+            if per_worker {
+                for _ in 1..workers {
+                    g.sockets.push(Some(bind_tcp(actual, listen_now)?));
+                }
+            }
+            g
+        }
+        BindAddr::Unix(path) => Group {
+            sockets: vec![Some(bind_unix(path, backlog, unix_mode)?)],
+            addr: a.clone(),
+            requested: a.clone(),
+            per_worker: false,
+            unix_path: Some(path.clone()),
+        },
+    })
+}
+
 pub struct Listeners {
     groups: Vec<Group>,
     backlog: i32,
@@ -290,10 +343,6 @@ impl Listeners {
         for a in addrs.iter().filter(|a| held(a).is_none()) {
             probe_free(a)?;
         }
-        enum Next {
-            Keep(usize),
-            New(Group),
-        }
         let mut next = Vec::with_capacity(addrs.len());
         let mut kept = vec![false; self.groups.len()];
         for a in &addrs {
@@ -304,43 +353,25 @@ impl Listeners {
                 next.push(Next::Keep(i));
                 continue;
             }
-            let group = match a {
-                BindAddr::Tcp(sa) => {
-                    let per_worker = per_worker_for(a);
-                    let first = bind_tcp(
-                        *sa,
-                        if per_worker {
-                            listen_now
-                        } else {
-                            Some(backlog)
-                        },
-                    )?;
-                    let actual = local_tcp_addr(&first)?;
-                    let mut g = Group {
-                        addr: BindAddr::Tcp(actual),
-                        requested: a.clone(),
-                        sockets: vec![Some(first)],
-                        per_worker,
-                        unix_path: None,
-                    };
-                    if per_worker {
-                        for _ in 1..workers {
-                            g.sockets.push(Some(bind_tcp(actual, listen_now)?));
-                        }
-                    }
-                    g
-                }
-                BindAddr::Unix(path) => Group {
-                    sockets: vec![Some(bind_unix(path, backlog, unix_mode)?)],
-                    addr: a.clone(),
-                    requested: a.clone(),
-                    per_worker: false,
-                    unix_path: Some(path.clone()),
-                },
-            };
+            let group = new_group(
+                a,
+                per_worker_for(a),
+                workers,
+                backlog,
+                listen_now,
+                unix_mode,
+            )?;
             next.push(Next::New(group));
         }
-        // Commit.
+        self.commit(next, backlog);
+        self.backlog = backlog;
+        Ok(())
+    }
+
+    /// A rebind's second half, which cannot fail: the new set of groups in order, the old
+    /// groups not kept closed (and their Unix socket files removed, unless a new group uses the
+    /// same path or the sockets were handed over to a new master).
+    fn commit(&mut self, next: Vec<Next>, backlog: i32) {
         let mut old: Vec<Option<Group>> = std::mem::take(&mut self.groups)
             .into_iter()
             .map(Some)
@@ -372,8 +403,6 @@ impl Listeners {
                 let _ = std::fs::remove_file(p);
             }
         }
-        self.backlog = backlog;
-        Ok(())
     }
 
     /// The addresses actually bound (port 0 resolved), for the log.
