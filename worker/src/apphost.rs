@@ -84,54 +84,38 @@ struct Host<'a> {
     config: &'a Config,
 }
 
+/// What the app host keeps from one turn of its loop to the next.
+#[derive(Default)]
+struct Turns {
+    /// Released (or never held): it may take requests.
+    released: bool,
+    /// Draining since then (SIGTERM).
+    draining_since: Option<Instant>,
+    /// After how many requests sent to the app the master is told to prepare a replacement.
+    prepare_at: u64,
+    told_soon: bool,
+    told_reached: bool,
+    /// The app's run of unanswered requests at the last look.
+    failed_seen: u32,
+    /// This host last opened the app (so, if it is closed, an HTTP worker closed it).
+    opened: bool,
+    /// Since when an HTTP worker has kept it closed.
+    closed_by_worker: Option<Instant>,
+}
+
 impl Host<'_> {
     async fn serve(&self, runtime_dir: Option<&std::path::Path>, hold: bool) -> ExitCode {
-        let Signals {
-            mut drain,
-            mut int,
-            mut exit_now,
-            mut reopen_logs,
-            mut release,
-        } = match Signals::install() {
+        let mut signals = match Signals::install() {
             Ok(s) => s,
             Err(code) => return code,
         };
         crate::process::spawn_heartbeat(self.slot);
         self.slot.app_init(std::process::id());
-
-        let launch = match launch(self.config, self.id, runtime_dir) {
-            Ok(l) => l,
-            Err(why) => {
-                error!("{why}");
-                return ExitCode::from(EXIT_STARTUP);
-            }
+        let app = match self.start_app(runtime_dir, &mut signals).await {
+            Ok(app) => app,
+            Err(code) => return code,
         };
-        if let Upstream::Tcp(addr) = &launch.address {
-            if let Some(port) = addr.rsplit(':').next().and_then(|p| p.parse().ok()) {
-                self.slot.app_port.store(port, Ordering::Relaxed);
-            }
-        }
-        let app = tokio::select! {
-            started = AppProcess::start(launch, self.slot) => match started {
-                Ok(app) => app,
-                Err(why) => {
-                    error!("{why}");
-                    return ExitCode::from(EXIT_STARTUP);
-                }
-            },
-            _ = drain.recv() => {
-                info!("SIGTERM while the app starts: exiting");
-                return ExitCode::SUCCESS;
-            }
-            _ = int.recv() => return ExitCode::SUCCESS,
-            _ = exit_now.recv() => return ExitCode::SUCCESS,
-        };
-        if let Err(e) = self.master.send(protocol::READY) {
-            error!(error = %e, "cannot acknowledge readiness to the master");
-            app.stop(Duration::ZERO).await;
-            return ExitCode::from(EXIT_STARTUP);
-        }
-        let mut released = !hold;
+        let released = !hold;
         if released {
             self.slot.set_state(SlotState::Serving);
         }
@@ -142,38 +126,15 @@ impl Host<'_> {
         look.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut parent_check = tokio::time::interval(crate::PARENT_CHECK_INTERVAL);
         parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let prepare_at = protocol::prepare_at(self.max_requests);
-        let (mut told_soon, mut told_reached) = (false, false);
-        let mut draining_since: Option<Instant> = None;
-        let mut failed_seen = 0u32;
-        // Whether this host last opened the app (and so, if it is closed, an HTTP worker closed
-        // it), and since when an HTTP worker has kept it closed.
-        let mut opened = false;
-        let mut closed_by_worker: Option<Instant> = None;
+        let mut turns = Turns {
+            released,
+            prepare_at: protocol::prepare_at(self.max_requests),
+            ..Turns::default()
+        };
         loop {
-            let ready = matches!(*health.borrow(), Health::Ready);
-            let failing = matches!(*health.borrow(), Health::Failing(_));
-            self.slot
-                .app_failing
-                .store(u32::from(failing), Ordering::Relaxed);
-            let open = ready && released && draining_since.is_none();
-            if open && opened && !self.slot.app_load().open {
-                // Closed by an HTTP worker that found the app dead before this host did (it
-                // refused a connection, or was killed for a request past request_timeout):
-                // closed until the app's task sees the exit, or if the app lives on after all,
-                // for a while.
-                let since = *closed_by_worker.get_or_insert_with(Instant::now);
-                if since.elapsed() >= REOPEN_AFTER {
-                    warn!("the app was found unreachable but runs on; taking requests again");
-                    closed_by_worker = None;
-                    self.slot.app_set_open(true);
-                }
-            } else {
-                closed_by_worker = None;
-                self.slot.app_set_open(open);
-            }
-            opened = open;
-            if let Some(since) = draining_since {
+            let now = health.borrow().clone();
+            self.publish(&mut turns, &now);
+            if let Some(since) = turns.draining_since {
                 let grace = self.config.server.graceful_timeout;
                 let done = self.slot.app_load().inflight == 0;
                 if done || since.elapsed() >= grace {
@@ -194,47 +155,30 @@ impl Host<'_> {
                         return ExitCode::from(EXIT_STARTUP);
                     }
                 }
-                _ = look.tick() => {
-                    let sent = self.slot.app_sent.load(Ordering::Relaxed);
-                    if draining_since.is_none() && prepare_at > 0 && !told_soon && sent >= prepare_at {
-                        told_soon = true;
-                        let _ = self.master.send(protocol::MAX_REQUESTS_SOON);
-                    }
-                    if draining_since.is_none() && self.max_requests > 0 && !told_reached && sent >= self.max_requests {
-                        told_reached = true;
-                        let _ = self.master.send(protocol::MAX_REQUESTS);
-                    }
-                    // HTTP workers count the requests the app did not answer in its record: the
-                    // app's socket may be gone or dead, which the app's task checks.
-                    let failed = self.slot.app_502_streak.load(Ordering::Relaxed);
-                    if failed > failed_seen {
-                        crate::appconn::check_reachable();
-                    }
-                    failed_seen = failed;
-                }
-                _ = drain.recv() => {
-                    if draining_since.is_none() {
+                _ = look.tick() => self.look(&mut turns),
+                _ = signals.drain.recv() => {
+                    if turns.draining_since.is_none() {
                         info!("SIGTERM: draining (no new requests; waiting for those in flight)");
-                        draining_since = Some(Instant::now());
+                        turns.draining_since = Some(Instant::now());
                         self.slot.set_state(SlotState::Draining);
                     }
                 }
-                _ = release.recv() => {
-                    if !released {
-                        released = true;
+                _ = signals.release.recv() => {
+                    if !turns.released {
+                        turns.released = true;
                         self.slot.set_state(SlotState::Serving);
                         debug!("SIGUSR2: released");
                     }
                 }
-                _ = int.recv() => {
+                _ = signals.int.recv() => {
                     app.stop(Duration::ZERO).await;
                     return ExitCode::SUCCESS;
                 }
-                _ = exit_now.recv() => {
+                _ = signals.exit_now.recv() => {
                     app.stop(Duration::ZERO).await;
                     return ExitCode::SUCCESS;
                 }
-                _ = reopen_logs.recv() => crate::process::reopen_log_file(&self.config.log.file),
+                _ = signals.reopen_logs.recv() => crate::process::reopen_log_file(&self.config.log.file),
                 _ = parent_check.tick() => {
                     if crate::process::master_gone(self.master_pid) {
                         app.stop(Duration::ZERO).await;
@@ -243,6 +187,97 @@ impl Host<'_> {
                 }
             }
         }
+    }
+
+    /// Starts the app and tells the master it is ready; `Err` with the exit status if it
+    /// cannot, or if the master stops it meanwhile.
+    async fn start_app(
+        &self,
+        runtime_dir: Option<&std::path::Path>,
+        signals: &mut Signals,
+    ) -> Result<AppProcess, ExitCode> {
+        let launch = match launch(self.config, self.id, runtime_dir) {
+            Ok(l) => l,
+            Err(why) => {
+                error!("{why}");
+                return Err(ExitCode::from(EXIT_STARTUP));
+            }
+        };
+        if let Upstream::Tcp(addr) = &launch.address {
+            if let Some(port) = addr.rsplit(':').next().and_then(|p| p.parse().ok()) {
+                self.slot.app_port.store(port, Ordering::Relaxed);
+            }
+        }
+        let app = tokio::select! {
+            started = AppProcess::start(launch, self.slot) => match started {
+                Ok(app) => app,
+                Err(why) => {
+                    error!("{why}");
+                    return Err(ExitCode::from(EXIT_STARTUP));
+                }
+            },
+            _ = signals.drain.recv() => {
+                info!("SIGTERM while the app starts: exiting");
+                return Err(ExitCode::SUCCESS);
+            }
+            _ = signals.int.recv() => return Err(ExitCode::SUCCESS),
+            _ = signals.exit_now.recv() => return Err(ExitCode::SUCCESS),
+        };
+        if let Err(e) = self.master.send(protocol::READY) {
+            error!(error = %e, "cannot acknowledge readiness to the master");
+            app.stop(Duration::ZERO).await;
+            return Err(ExitCode::from(EXIT_STARTUP));
+        }
+        Ok(app)
+    }
+
+    /// Publishes the app's health in the record and opens it to new requests while it is
+    /// ready, released and not draining.
+    fn publish(&self, t: &mut Turns, health: &Health) {
+        let ready = matches!(health, Health::Ready);
+        let failing = matches!(health, Health::Failing(_));
+        self.slot
+            .app_failing
+            .store(u32::from(failing), Ordering::Relaxed);
+        let open = ready && t.released && t.draining_since.is_none();
+        if open && t.opened && !self.slot.app_load().open {
+            // Closed by an HTTP worker that found the app dead before this host did (it
+            // refused a connection, or was killed for a request past request_timeout): closed
+            // until the app's task sees the exit, or if the app lives on after all, for a
+            // while.
+            let since = *t.closed_by_worker.get_or_insert_with(Instant::now);
+            if since.elapsed() >= REOPEN_AFTER {
+                warn!("the app was found unreachable but runs on; taking requests again");
+                t.closed_by_worker = None;
+                self.slot.app_set_open(true);
+            }
+        } else {
+            t.closed_by_worker = None;
+            self.slot.app_set_open(open);
+        }
+        t.opened = open;
+    }
+
+    /// Every `LOOK_EVERY`: tells the master when the app nears and reaches `max_requests`, and
+    /// has the app's task check it when HTTP workers count requests it did not answer.
+    fn look(&self, t: &mut Turns) {
+        let sent = self.slot.app_sent.load(Ordering::Relaxed);
+        let serving = t.draining_since.is_none();
+        if serving && t.prepare_at > 0 && !t.told_soon && sent >= t.prepare_at {
+            t.told_soon = true;
+            let _ = self.master.send(protocol::MAX_REQUESTS_SOON);
+        }
+        if serving && self.max_requests > 0 && !t.told_reached && sent >= self.max_requests {
+            t.told_reached = true;
+            let _ = self.master.send(protocol::MAX_REQUESTS);
+        }
+        // HTTP workers count the requests the app did not answer in its record: the app's
+        // socket may be gone or dead, which the app's task checks.
+        let failed = self.slot.app_502_streak.load(Ordering::Relaxed);
+        if failed > t.failed_seen {
+            crate::appconn::check_reachable();
+        }
+        t.failed_seen = failed;
     }
 }
 
