@@ -108,27 +108,12 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
         }
     };
     drop(args.rates);
-    let limits = &args.config.limits;
-    // With Redis, the cluster-wide cap and the per-client rate are counted there.
-    let cluster_rate = rate.as_ref().map(|r| r.gcra());
-    let cluster = if !args.config.redis.enabled(&args.config.sentinel)
-        || (limits.cluster_max_concurrent_requests == 0 && cluster_rate.is_none())
-    {
-        None
-    } else {
-        match Cluster::new(
-            &args.config.redis,
-            &args.config.sentinel,
-            limits.cluster_max_concurrent_requests,
-            limits.on_redis_error,
-            cluster_rate,
-            board.header().instance.load(Ordering::Relaxed),
-        ) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                error!(error = %e, "cannot use redis");
-                return ExitCode::from(EXIT_STARTUP);
-            }
+    let instance = board.header().instance.load(Ordering::Relaxed);
+    let cluster = match cluster_of(&args.config, rate.as_ref(), instance) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "cannot use redis");
+            return ExitCode::from(EXIT_STARTUP);
         }
     };
 
@@ -178,6 +163,32 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
     code
 }
 
+/// The cluster-wide limits through Redis (`limits.cluster_max_concurrent_requests`, and
+/// `limits.rate` counted there), when Redis is configured and one of them is set.
+fn cluster_of(
+    config: &Config,
+    rate: Option<&crate::client_rate::ClientRate>,
+    instance: u64,
+) -> Result<Option<Cluster>, String> {
+    let limits = &config.limits;
+    let cluster_rate = rate.map(|r| r.gcra());
+    if !config.redis.enabled(&config.sentinel)
+        || (limits.cluster_max_concurrent_requests == 0 && cluster_rate.is_none())
+    {
+        return Ok(None);
+    }
+    Cluster::new(
+        &config.redis,
+        &config.sentinel,
+        limits.cluster_max_concurrent_requests,
+        limits.on_redis_error,
+        cluster_rate,
+        instance,
+    )
+    .map(Some)
+    .map_err(|e| e.to_string())
+}
+
 async fn serve(
     worker: &'static Worker,
     fds: Vec<std::os::fd::OwnedFd>,
@@ -200,19 +211,11 @@ async fn serve_until_done(
     runtime_dir: Option<&Path>,
     hold: bool,
 ) -> ExitCode {
-    let graceful_timeout = config.server.graceful_timeout;
-    let log_file = config.log.file.as_str();
     let slot = worker.admission.slot();
     // Signals first: from here on a TERM from the master drains instead of killing us, and a
     // USR1 (whose default action is to terminate) reopens the log instead.
     // USR2 releases a held worker (see below); a worker that is not held ignores it.
-    let Signals {
-        mut drain,
-        mut int,
-        mut exit_now,
-        mut reopen_logs,
-        mut release,
-    } = match Signals::install() {
+    let mut signals = match Signals::install() {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -228,42 +231,23 @@ async fn serve_until_done(
                 return ExitCode::from(EXIT_STARTUP)
             }
         }
-        _ = drain.recv() => {
+        _ = signals.drain.recv() => {
             info!("SIGTERM while the app starts: exiting");
             return ExitCode::SUCCESS
         }
-        _ = int.recv() => return ExitCode::SUCCESS,
-        _ = exit_now.recv() => return ExitCode::SUCCESS,
+        _ = signals.int.recv() => return ExitCode::SUCCESS,
+        _ = signals.exit_now.recv() => return ExitCode::SUCCESS,
     }
     let mut parent_check = tokio::time::interval(PARENT_CHECK_INTERVAL);
     parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
-
-    // A held worker is the replacement of one that nears `max_requests`: it boots and reports
-    // ready, but accepts nothing until the master releases it (USR2) when the old worker has
-    // served its limit. Sharing the sockets earlier would split the old worker's traffic and
-    // leave the count of either to chance.
+    let watch = Watch {
+        worker,
+        master_pid,
+        log_file: config.log.file.as_str(),
+    };
     if hold {
-        if let Err(e) = worker.master.send(protocol::READY) {
-            error!(error = %e, "cannot acknowledge readiness to the master");
-            return ExitCode::from(EXIT_STARTUP);
-        }
-        debug!("worker ready; held until the master releases it");
-        loop {
-            tokio::select! {
-                _ = release.recv() => break,
-                _ = drain.recv() => {
-                    info!("SIGTERM while held: exiting");
-                    return ExitCode::SUCCESS;
-                }
-                _ = int.recv() => return ExitCode::SUCCESS,
-                _ = exit_now.recv() => return ExitCode::SUCCESS,
-                _ = reopen_logs.recv() => reopen_worker_logs(log_file, worker),
-                _ = parent_check.tick() => {
-                    if master_gone(master_pid) {
-                        return ExitCode::from(EXIT_MASTER_GONE)
-                    }
-                }
-            }
+        if let Err(code) = watch.held(&mut signals, &mut parent_check).await {
+            return code;
         }
     }
 
@@ -289,38 +273,95 @@ async fn serve_until_done(
         }
     }
     info!(pid = std::process::id(), "worker serving");
+    let graceful_timeout = config.server.graceful_timeout;
+    watch
+        .serve(server, graceful_timeout, &mut signals, &mut parent_check)
+        .await
+}
 
-    let mut server = Some(server);
-    let mut draining: Option<Pin<Box<dyn Future<Output = DrainSummary> + Send>>> = None;
-    loop {
-        tokio::select! {
-            _ = drain.recv() => match server.take() {
-                Some(s) => {
-                    info!("SIGTERM: draining");
-                    draining = Some(Box::pin(s.drain(graceful_timeout)));
+/// What a serving worker watches besides its connections: the master's signals and the
+/// master itself.
+struct Watch<'a> {
+    worker: &'static Worker,
+    master_pid: u32,
+    log_file: &'a str,
+}
+
+impl Watch<'_> {
+    /// A held worker is the replacement of one that nears `max_requests`: it boots and
+    /// reports ready, but accepts nothing until the master releases it (USR2) when the old
+    /// worker has served its limit. Sharing the sockets earlier would split the old worker's
+    /// traffic and leave the count of either to chance. `Err` with the exit status if it is
+    /// stopped meanwhile.
+    async fn held(
+        &self,
+        signals: &mut Signals,
+        parent_check: &mut tokio::time::Interval,
+    ) -> Result<(), ExitCode> {
+        if let Err(e) = self.worker.master.send(protocol::READY) {
+            error!(error = %e, "cannot acknowledge readiness to the master");
+            return Err(ExitCode::from(EXIT_STARTUP));
+        }
+        debug!("worker ready; held until the master releases it");
+        loop {
+            tokio::select! {
+                _ = signals.release.recv() => return Ok(()),
+                _ = signals.drain.recv() => {
+                    info!("SIGTERM while held: exiting");
+                    return Err(ExitCode::SUCCESS);
                 }
-                None => info!("SIGTERM again: already draining"),
-            },
-            _ = int.recv() => {
-                info!("SIGINT: exiting now");
-                return ExitCode::SUCCESS
-            }
-            _ = exit_now.recv() => {
-                info!("SIGQUIT: exiting now");
-                return ExitCode::SUCCESS
-            }
-            _ = reopen_logs.recv() => reopen_worker_logs(log_file, worker),
-            _ = release.recv() => debug!("SIGUSR2: not held; ignored"),
-            _ = parent_check.tick() => {
-                if master_gone(master_pid) {
-                    return ExitCode::from(EXIT_MASTER_GONE)
+                _ = signals.int.recv() => return Err(ExitCode::SUCCESS),
+                _ = signals.exit_now.recv() => return Err(ExitCode::SUCCESS),
+                _ = signals.reopen_logs.recv() => reopen_worker_logs(self.log_file, self.worker),
+                _ = parent_check.tick() => {
+                    if master_gone(self.master_pid) {
+                        return Err(ExitCode::from(EXIT_MASTER_GONE))
+                    }
                 }
             }
-            summary = async { draining.as_mut().expect("guarded").await }, if draining.is_some() => {
-                if summary.remaining > 0 {
-                    warn!(connections.remaining = summary.remaining, "exiting after drain timeout");
+        }
+    }
+
+    /// Serves until a drain finishes (SIGTERM) or the master says to exit at once.
+    async fn serve(
+        &self,
+        server: Server,
+        graceful_timeout: std::time::Duration,
+        signals: &mut Signals,
+        parent_check: &mut tokio::time::Interval,
+    ) -> ExitCode {
+        let mut server = Some(server);
+        let mut draining: Option<Pin<Box<dyn Future<Output = DrainSummary> + Send>>> = None;
+        loop {
+            tokio::select! {
+                _ = signals.drain.recv() => match server.take() {
+                    Some(s) => {
+                        info!("SIGTERM: draining");
+                        draining = Some(Box::pin(s.drain(graceful_timeout)));
+                    }
+                    None => info!("SIGTERM again: already draining"),
+                },
+                _ = signals.int.recv() => {
+                    info!("SIGINT: exiting now");
+                    return ExitCode::SUCCESS
                 }
-                return ExitCode::SUCCESS;
+                _ = signals.exit_now.recv() => {
+                    info!("SIGQUIT: exiting now");
+                    return ExitCode::SUCCESS
+                }
+                _ = signals.reopen_logs.recv() => reopen_worker_logs(self.log_file, self.worker),
+                _ = signals.release.recv() => debug!("SIGUSR2: not held; ignored"),
+                _ = parent_check.tick() => {
+                    if master_gone(self.master_pid) {
+                        return ExitCode::from(EXIT_MASTER_GONE)
+                    }
+                }
+                summary = async { draining.as_mut().expect("guarded").await }, if draining.is_some() => {
+                    if summary.remaining > 0 {
+                        warn!(connections.remaining = summary.remaining, "exiting after drain timeout");
+                    }
+                    return ExitCode::SUCCESS;
+                }
             }
         }
     }
