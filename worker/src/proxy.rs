@@ -85,6 +85,13 @@ const SMALL_BODY: u64 = 16 * 1024;
 
 type Outgoing = Either<ClientBody<Limited<Incoming>>, Full<Bytes>>;
 
+/// An answer given instead of the app's (boxed: a response is large, and this is the rare
+/// path).
+type Refused = Box<Response<Body>>;
+
+/// What it takes to send a request again: whether its method is idempotent, and the request.
+type Replay = (bool, Method, Uri, HeaderMap, Full<Bytes>);
+
 /// What the worker proxies to, for the life of the worker.
 pub(crate) struct Proxy {
     client: Client<Connector, Outgoing>,
@@ -302,32 +309,10 @@ impl Proxy {
         client: ClientConnection,
         ticket: Option<Arc<AtomicU64>>,
     ) -> Response<Body> {
-        // Waits its turn (first come, first served, host-wide with app processes) within the
-        // request timeout.
-        let mut uri = uri;
-        let lease = match &self.pool {
-            Some(pool) => match pool.acquire(worker.admission.board()).await {
-                Ok(lease) => {
-                    if let Some(ticket) = &ticket {
-                        ticket.store(lease.ticket(), Ordering::Relaxed);
-                    }
-                    uri = with_authority(uri, &lease.authority());
-                    Some(lease)
-                }
-                Err(NoApp::Failing) => {
-                    return unavailable("every app process keeps failing to start")
-                }
-            },
-            None => None,
+        let (mut permit, uri) = match self.take_app_slot(worker, uri, ticket.as_deref()).await {
+            Ok(taken) => taken,
+            Err(refused) => return *refused,
         };
-        let sem = match &self.concurrency {
-            Some(s) if self.pool.is_none() => match s.acquire().await {
-                Ok(p) => Some(p),
-                Err(_) => return unavailable("the app is stopping"),
-            },
-            _ => None,
-        };
-        let mut permit = AppPermit { _sem: sem, lease };
         // The client left while the request waited for the app: nothing to send it for.
         if client.gone() {
             return text(
@@ -335,30 +320,15 @@ impl Proxy {
                 Bytes::new(),
             );
         }
-        // No body, or one read whole: the request can be sent again if the pooled connection
-        // it went out on turns out dead (below). A streamed body cannot.
-        let empty = hyper::body::Body::is_end_stream(&body);
-        let body = ClientBody::new(
-            Limited::new(body, self.max_body),
-            worker.limits.body_timing(),
-        );
-        let body = if empty {
-            Either::Right(Full::new(Bytes::new()))
-        } else if self.buffer_requests {
-            match body.collect().await {
-                Ok(collected) => Either::Right(Full::new(collected.to_bytes())),
-                Err(e) if caused_by_body_limit(&e) => return too_large(self.max_body_bytes),
-                Err(e) => return client_body_failed(&e),
-            }
-        } else {
-            // A body without Content-Length (chunked) is cut off at the limit as it streams.
-            Either::Left(body)
+        let body = match self.outgoing_body(worker, body).await {
+            Ok(body) => body,
+            Err(refused) => return *refused,
         };
         // Never an upgrade (the client may already have its 101). A request that may have
         // reached the app is sent again only if its method is idempotent (not a POST without
         // a body either); one that never reached an app process of the pool (a refused
         // connect) goes to another one whatever its method.
-        let replay = match &body {
+        let replay: Option<Replay> = match &body {
             Either::Right(full)
                 if client_upgrade.is_none() && (method.is_idempotent() || self.pool.is_some()) =>
             {
@@ -372,15 +342,108 @@ impl Proxy {
             }
             _ => None,
         };
-        let mut req = outgoing(method, uri, headers, body);
+        let req = outgoing(method, uri, headers, body);
+        let sent = match self
+            .send_moving(worker, req, replay.as_ref(), &mut permit, ticket.as_deref())
+            .await
+        {
+            Ok(sent) => sent,
+            Err(refused) => return *refused,
+        };
+        let res = match self.answered(worker, sent, &permit) {
+            Ok(res) => res,
+            Err(failed) => return *failed,
+        };
+        self.pass_back(worker, res, client_upgrade, client, permit)
+            .await
+    }
+
+    /// Waits its turn for an app slot (first come, first served, host-wide with app
+    /// processes) within the request timeout: the permit, and the URI aimed at the app process
+    /// chosen; `Err` with the answer when none can be had.
+    async fn take_app_slot(
+        &'static self,
+        worker: &'static Worker,
+        uri: Uri,
+        ticket: Option<&AtomicU64>,
+    ) -> Result<(AppPermit, Uri), Refused> {
+        // Waits its turn (first come, first served, host-wide with app processes) within the
+        // request timeout.
+        let mut uri = uri;
+        let lease = match &self.pool {
+            Some(pool) => match pool.acquire(worker.admission.board()).await {
+                Ok(lease) => {
+                    if let Some(ticket) = &ticket {
+                        ticket.store(lease.ticket(), Ordering::Relaxed);
+                    }
+                    uri = with_authority(uri, &lease.authority());
+                    Some(lease)
+                }
+                Err(NoApp::Failing) => {
+                    return Err(unavailable("every app process keeps failing to start").into())
+                }
+            },
+            None => None,
+        };
+        let sem = match &self.concurrency {
+            Some(s) if self.pool.is_none() => match s.acquire().await {
+                Ok(p) => Some(p),
+                Err(_) => return Err(unavailable("the app is stopping").into()),
+            },
+            _ => None,
+        };
+        Ok((AppPermit { _sem: sem, lease }, uri))
+    }
+
+    /// The request's body as it goes to the app: none, read whole (`app.buffer_requests`), or
+    /// streamed; `Err` with the answer when the client's body is refused or fails.
+    async fn outgoing_body(
+        &self,
+        worker: &'static Worker,
+        body: Incoming,
+    ) -> Result<Outgoing, Refused> {
+        // No body, or one read whole: the request can be sent again if the pooled connection
+        // it went out on turns out dead (below). A streamed body cannot.
+        let empty = hyper::body::Body::is_end_stream(&body);
+        let body = ClientBody::new(
+            Limited::new(body, self.max_body),
+            worker.limits.body_timing(),
+        );
+        Ok(if empty {
+            Either::Right(Full::new(Bytes::new()))
+        } else if self.buffer_requests {
+            match body.collect().await {
+                Ok(collected) => Either::Right(Full::new(collected.to_bytes())),
+                Err(e) if caused_by_body_limit(&e) => {
+                    return Err(too_large(self.max_body_bytes).into())
+                }
+                Err(e) => return Err(client_body_failed(&e).into()),
+            }
+        } else {
+            // A body without Content-Length (chunked) is cut off at the limit as it streams.
+            Either::Left(body)
+        })
+    }
+
+    /// Sends the request, once more on a fresh connection if the pooled one was dead (and it
+    /// may be replayed), and to another app process (at most `MOVE_TRIES` times) if the chosen
+    /// one refused the connection; `Err` with the answer when no app process can be had.
+    async fn send_moving(
+        &'static self,
+        worker: &'static Worker,
+        mut req: Request<Outgoing>,
+        replay: Option<&Replay>,
+        permit: &mut AppPermit,
+        ticket: Option<&AtomicU64>,
+    ) -> Result<Result<Response<Incoming>, BoxError>, Refused> {
         let mut moved = 0;
-        let sent: Result<Response<Incoming>, BoxError> = loop {
+        let sent = loop {
             // Sent on a connection that then died: the app may have acted on it (or died of
             // it), so it never goes to another app process.
             let mut maybe_seen = false;
             let sent = match self.client.request(req).await {
                 Ok(res) => Ok(res),
-                Err(e) => match &replay {
+                Err(e) => match replay {
                     Some((true, method, uri, headers, body)) if dead_connection(&e) => {
                         // A pooled connection the app had closed (uvicorn closes after an
                         // exception once its 500 is out, without saying so): once more, on a
@@ -418,7 +481,7 @@ impl Proxy {
                 break sent;
             }
             lease.unreachable();
-            let (Some((_, method, uri, headers, body)), Some(pool)) = (&replay, &self.pool) else {
+            let (Some((_, method, uri, headers, body)), Some(pool)) = (replay, &self.pool) else {
                 break sent;
             };
             if moved == MOVE_TRIES || maybe_seen {
@@ -434,7 +497,7 @@ impl Proxy {
             let lease = match pool.acquire(worker.admission.board()).await {
                 Ok(lease) => lease,
                 Err(NoApp::Failing) => {
-                    return unavailable("every app process keeps failing to start")
+                    return Err(unavailable("every app process keeps failing to start").into())
                 }
             };
             if let Some(ticket) = &ticket {
@@ -448,21 +511,31 @@ impl Proxy {
             );
             permit.lease = Some(lease);
         };
-        let mut res = match sent {
+        Ok(sent)
+    }
+
+    /// The app's response, counted as an answer in the worker's and the app process's
+    /// records; or, if it did not answer, the response that says why (413, the client's own
+    /// body failing, 502).
+    fn answered(
+        &self,
+        worker: &'static Worker,
+        sent: Result<Response<Incoming>, BoxError>,
+        permit: &AppPermit,
+    ) -> Result<Response<Incoming>, Refused> {
+        match sent {
             Ok(res) => {
                 worker.admission.slot().app_answered();
                 if let Some(lease) = &permit.lease {
                     lease.slot().app_answered();
                 }
-                res
+                Ok(res)
             }
-            Err(e) if caused_by_body_limit(&*e) => {
-                return too_large(self.max_body_bytes);
-            }
+            Err(e) if caused_by_body_limit(&*e) => Err(too_large(self.max_body_bytes).into()),
             Err(e) => {
                 // The client's side of the body failed (it broke off or stalled): not the app.
                 if let Some(fault) = find_cause::<ClientBodyError>(&*e) {
-                    return client_body_failed(fault);
+                    return Err(client_body_failed(fault).into());
                 }
                 let why = error_chain(&*e);
                 worker.admission.slot().app_failed();
@@ -470,9 +543,21 @@ impl Proxy {
                     lease.slot().app_failed();
                 }
                 self.warn_bad_gateway(&why);
-                return bad_gateway(format!("the app did not answer: {why}"));
+                Err(bad_gateway(format!("the app did not answer: {why}")).into())
             }
-        };
+        }
+    }
+
+    /// The app's response on its way to the client: a 101 hands both connections to a tunnel;
+    /// otherwise the hop-by-hop headers go, and a small body is read whole (see `SMALL_BODY`).
+    async fn pass_back(
+        &'static self,
+        worker: &'static Worker,
+        mut res: Response<Incoming>,
+        client_upgrade: Option<OnUpgrade>,
+        client: ClientConnection,
+        permit: AppPermit,
+    ) -> Response<Body> {
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             match client_upgrade {
                 Some(upgraded) => {
