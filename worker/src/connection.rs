@@ -49,6 +49,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::IpAddr;
+use std::os::fd::RawFd;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -461,6 +462,15 @@ enum Shutdown {
 /// Serves one connection until it closes. `drain` flips to `true` when the worker drains; the
 /// task holds it (and `guard`) until the very end, which is how the server knows that every
 /// connection is gone.
+///
+/// When the worker drains, an HTTP/2 connection gets GOAWAY at once (the protocol makes that
+/// race-free). An HTTP/1 connection is shut down only while a request is in flight (its
+/// response then carries `Connection: close`); an idle one, or one whose next head is still
+/// arriving, is left to its client's next request, which `request` answers with `Connection:
+/// close`, or to the idle and header timers. Closing it at once would race with a request
+/// already on its way, which the client would see as a connection closed before any response.
+/// The same holds for a connection accepted from the kernel's queue during the drain: its
+/// client has most likely sent a request that hyper has not read yet.
 pub(crate) async fn serve(
     worker: &'static Worker,
     stream: Stream,
@@ -481,14 +491,6 @@ pub(crate) async fn serve(
     };
     let mut conn = pin!(worker.http.serve_connection_with_upgrades(io, service));
 
-    // When the worker drains, an HTTP/2 connection gets GOAWAY at once (the protocol makes
-    // that race-free). An HTTP/1 connection is shut down only while a request is in flight
-    // (its response then carries `Connection: close`); an idle one, or one whose next head is
-    // still arriving, is left to its client's next request, which `request` answers with
-    // `Connection: close`, or to the idle and header timers. Closing it at once would race with a
-    // request already on its way, which the client would see as a connection closed before
-    // any response. The same holds for a connection accepted from the kernel's queue during
-    // the drain: its client has most likely sent a request that hyper has not read yet.
     let mut drain_signal = pin!(drain.wait_for(|draining| *draining));
     let mut draining = false;
     let mut drain_polled = false;
@@ -497,61 +499,24 @@ pub(crate) async fn serve(
     let first = activity
         .next_check(limits)
         .expect("no request in flight yet");
+    // See `idle_timer`; `busy`: it fired mid-request, to be re-armed when the request ends.
     let mut timer = pin!(tokio::time::sleep_until(activity.at(first)));
-    // The timer is not re-armed on every request: when it fires, `check` computes the real
-    // deadline from when the connection went idle. Only when it fires mid-request is the next
-    // deadline unknown; then it is re-armed as soon as the request ends (`busy`).
     let mut busy = false;
     // Armed (for this deadline) only while a write to the client is blocked.
     let mut stall = pin!(tokio::time::sleep_until(activity.opened));
-    let mut stall_deadline = NOT_BLOCKED;
+    let mut watch = StallWatch::new(limits, fd);
     let mut stalled = false;
-    // `worker.min_response_rate`: the window the current blocked write counts in, the block it
-    // was last checked for, and the instant the client falls below the rate.
-    let rate_on = limits.min_response_rate > 0;
-    let mut window: Option<RateWindow> = None;
-    let mut window_block = NOT_BLOCKED;
-    let mut rate_deadline = NOT_BLOCKED;
-    let mut too_slow = false;
-    let taken = |activity: &Activity| {
-        let written = activity.written.load(Ordering::Relaxed);
-        written.saturating_sub(unsent_bytes(fd).unwrap_or(0))
-    };
 
     let result = poll_fn(|cx: &mut Context<'_>| 'poll: loop {
         if let Poll::Ready(res) = conn.as_mut().poll(cx) {
             return Poll::Ready(Some(res));
         }
         // Even during a shutdown: a client that reads nothing would hold it open for ever.
-        let blocked = activity.write_blocked_ms.load(Ordering::Relaxed);
-        if blocked != NOT_BLOCKED {
-            if rate_on && blocked != window_block {
-                window_block = blocked;
-                let taken = taken(&activity);
-                let w = limits.window_at(window, blocked, taken);
-                window = Some(w);
-                rate_deadline = limits.rate_deadline(w, taken);
-            }
-            let deadline = blocked.saturating_add(limits.client_ms).min(rate_deadline);
-            if deadline != stall_deadline {
-                stall_deadline = deadline;
-                stall.as_mut().reset(activity.at(deadline));
-            }
-            if stall.as_mut().poll(cx).is_ready() {
-                if deadline == rate_deadline {
-                    // The client may have taken more since the deadline was set: judge on
-                    // what it has now.
-                    let w = window.expect("set with rate_deadline");
-                    rate_deadline = limits.rate_deadline(w, taken(&activity));
-                    if rate_deadline > activity.ms_since_open() {
-                        continue 'poll;
-                    }
-                    too_slow = true;
-                }
+        match watch.check(stall.as_mut(), cx, &activity) {
+            Stall::None => {}
+            Stall::Recheck => continue 'poll,
+            Stall::Cut => {
                 stalled = true;
-                // What the kernel still holds for this client would go on trickling to it
-                // for as long as it likes after the close: a reset drops it.
-                reset_on_close(fd);
                 return Poll::Ready(None);
             }
         }
@@ -583,37 +548,42 @@ pub(crate) async fn serve(
                 timer.as_mut().reset(activity.at(deadline));
             }
         }
-        while timer.as_mut().poll(cx).is_ready() {
-            let now = activity.ms_since_open();
-            match activity.check(now, limits) {
-                IdleCheck::Wait(deadline) => timer.as_mut().reset(activity.at(deadline)),
-                IdleCheck::Busy => {
-                    if activity.streams_stuck(limits.client_ms) {
-                        stalled = true;
-                        return Poll::Ready(None);
-                    }
-                    // Normally re-armed above when the request ends (that happens inside
-                    // `conn.poll`, or wakes it); this later check is only a backstop.
-                    busy = true;
-                    timer
-                        .as_mut()
-                        .reset(activity.at(now.saturating_add(limits.keepalive_ms)));
-                }
-                IdleCheck::Idle => {
-                    conn.as_mut().graceful_shutdown();
-                    shutdown = Some(Shutdown::Idle);
-                    continue 'poll;
-                }
-                // A graceful shutdown would let a slow first head go on (HTTP/1 only turns
-                // keep-alive off); this client has had its time, so the connection is dropped.
-                IdleCheck::SlowHead => return Poll::Ready(None),
+        match idle_timer(timer.as_mut(), cx, &activity, limits, &mut busy) {
+            Timer::Pending => return Poll::Pending,
+            Timer::Stuck => {
+                stalled = true;
+                return Poll::Ready(None);
             }
+            Timer::Idle => {
+                conn.as_mut().graceful_shutdown();
+                shutdown = Some(Shutdown::Idle);
+                continue 'poll;
+            }
+            // A graceful shutdown would let a slow first head go on (HTTP/1 only turns
+            // keep-alive off); this client has had its time, so the connection is dropped.
+            Timer::SlowHead => return Poll::Ready(None),
         }
-        return Poll::Pending;
     })
     .await;
 
-    match &result {
+    log_end(&result, &activity, shutdown, watch.too_slow, stalled, peer);
+    run_tunnel(&activity, result).await;
+    drop(guard);
+}
+
+/// How hyper's connection ended with an error.
+type ConnError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The connection's end, in the log: expected noise at debug level, a cut client at info.
+fn log_end(
+    result: &Option<Result<(), ConnError>>,
+    activity: &Activity,
+    shutdown: Option<Shutdown>,
+    too_slow: bool,
+    stalled: bool,
+    peer: Option<IpAddr>,
+) {
+    match result {
         Some(Ok(())) => debug!(shutdown = ?shutdown, "connection closed"),
         // Client resets, slow or abandoned heads, cancelled protocol detection: expected noise.
         Some(Err(e)) => debug!(shutdown = ?shutdown, error = %e, "connection ended with an error"),
@@ -628,9 +598,13 @@ pub(crate) async fn serve(
         ),
         None => debug!("no complete request head within worker.header_timeout; connection cut"),
     }
+}
+
+/// After the connection: an upgrade (WebSocket) runs its tunnel, the socket being the tunnel's
+/// now; the connection stays counted (its guard, under worker.max_connections) and holds the
+/// drain until it ends.
+async fn run_tunnel(activity: &Activity, result: Option<Result<(), ConnError>>) {
     activity.closed.store(true, Ordering::Relaxed);
-    // An upgrade (WebSocket): the socket is the tunnel's now; the connection stays counted
-    // (`guard`, under worker.max_connections) and holds the drain until it ends.
     let tunnel = activity
         .tunnel
         .lock()
@@ -642,7 +616,140 @@ pub(crate) async fn serve(
     if let (Some(tunnel), Some(Ok(()))) = (tunnel, result) {
         tunnel.await;
     }
-    drop(guard);
+}
+
+/// What the idle timer found (see [`idle_timer`]).
+enum Timer {
+    /// Not due.
+    Pending,
+    /// Due mid-request, with HTTP/2 streams the client grants no window: cut.
+    Stuck,
+    /// Idle for `worker.keepalive`: a graceful shutdown.
+    Idle,
+    /// No complete first head within `worker.header_timeout`: cut.
+    SlowHead,
+}
+
+/// The connection's idle timer. It is not re-armed on every request: when it fires, the
+/// connection's activity gives the real deadline from when it went idle; when it fires
+/// mid-request, it is re-armed as soon as the request ends (`busy`, see `serve`).
+fn idle_timer(
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    cx: &mut Context<'_>,
+    activity: &Activity,
+    limits: IdleLimits,
+    busy: &mut bool,
+) -> Timer {
+    while timer.as_mut().poll(cx).is_ready() {
+        let now = activity.ms_since_open();
+        match activity.check(now, limits) {
+            IdleCheck::Wait(deadline) => timer.as_mut().reset(activity.at(deadline)),
+            IdleCheck::Busy => {
+                if activity.streams_stuck(limits.client_ms) {
+                    return Timer::Stuck;
+                }
+                // Normally re-armed in `serve` when the request ends (that happens inside the
+                // connection's poll, or wakes it); this later check is only a backstop.
+                *busy = true;
+                timer
+                    .as_mut()
+                    .reset(activity.at(now.saturating_add(limits.keepalive_ms)));
+            }
+            IdleCheck::Idle => return Timer::Idle,
+            IdleCheck::SlowHead => return Timer::SlowHead,
+        }
+    }
+    Timer::Pending
+}
+
+/// What a connection whose writes to the client are blocked is allowed: `worker.client_timeout`
+/// without taking anything, and with `worker.min_response_rate`, that rate over a window.
+struct StallWatch {
+    limits: IdleLimits,
+    fd: RawFd,
+    /// The deadline the stall timer is armed for.
+    deadline: u64,
+    /// `worker.min_response_rate`: the window the current blocked write counts in, the block
+    /// it was last checked for, and the instant the client falls below the rate.
+    window: Option<RateWindow>,
+    window_block: u64,
+    rate_deadline: u64,
+    /// Cut for taking the response slower than `worker.min_response_rate`.
+    too_slow: bool,
+}
+
+/// What [`StallWatch::check`] found.
+enum Stall {
+    /// Nothing blocked, or still within its time.
+    None,
+    /// The rate deadline moved (the client took more): look again.
+    Recheck,
+    /// The client had its time: cut the connection (reset, see `reset_on_close`).
+    Cut,
+}
+
+impl StallWatch {
+    fn new(limits: IdleLimits, fd: RawFd) -> StallWatch {
+        StallWatch {
+            limits,
+            fd,
+            deadline: NOT_BLOCKED,
+            window: None,
+            window_block: NOT_BLOCKED,
+            rate_deadline: NOT_BLOCKED,
+            too_slow: false,
+        }
+    }
+
+    /// Bytes of the response the client has taken: written, less what the kernel still holds.
+    fn taken(&self, activity: &Activity) -> u64 {
+        let written = activity.written.load(Ordering::Relaxed);
+        written.saturating_sub(unsent_bytes(self.fd).unwrap_or(0))
+    }
+
+    fn check(
+        &mut self,
+        mut stall: Pin<&mut tokio::time::Sleep>,
+        cx: &mut Context<'_>,
+        activity: &Activity,
+    ) -> Stall {
+        let blocked = activity.write_blocked_ms.load(Ordering::Relaxed);
+        if blocked == NOT_BLOCKED {
+            return Stall::None;
+        }
+        let limits = &self.limits;
+        if limits.min_response_rate > 0 && blocked != self.window_block {
+            self.window_block = blocked;
+            let taken = self.taken(activity);
+            let w = limits.window_at(self.window, blocked, taken);
+            self.window = Some(w);
+            self.rate_deadline = limits.rate_deadline(w, taken);
+        }
+        let deadline = blocked
+            .saturating_add(limits.client_ms)
+            .min(self.rate_deadline);
+        if deadline != self.deadline {
+            self.deadline = deadline;
+            stall.as_mut().reset(activity.at(deadline));
+        }
+        if stall.as_mut().poll(cx).is_pending() {
+            return Stall::None;
+        }
+        if deadline == self.rate_deadline {
+            // The client may have taken more since the deadline was set: judge on what it has
+            // now.
+            let w = self.window.expect("set with rate_deadline");
+            self.rate_deadline = self.limits.rate_deadline(w, self.taken(activity));
+            if self.rate_deadline > activity.ms_since_open() {
+                return Stall::Recheck;
+            }
+            self.too_slow = true;
+        }
+        // What the kernel still holds for this client would go on trickling to it for as long
+        // as it likes after the close: a reset drops it.
+        reset_on_close(self.fd);
+        Stall::Cut
+    }
 }
 
 #[cfg(test)]
