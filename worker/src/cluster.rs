@@ -721,22 +721,17 @@ impl Cluster {
         }
     }
 
-    async fn send_batch(&'static self, batch: Vec<Wanted>) {
-        let Some(mut conn) = self.connection() else {
-            for w in batch {
-                let _ = w.answer.send(Err(()));
-            }
-            return;
-        };
-        // Without rate limits, the leaner script: only leases.
-        let call = match self.rate {
+    /// The script call for one batch: the full script (leases and per-client rates), or
+    /// without rate limits the leaner one (only leases).
+    fn batch_call(&self, batch: &[Wanted]) -> redis::ScriptInvocation<'_> {
+        match self.rate {
             Some(gcra) => {
                 let mut call = self.acquire.key(&self.key);
                 call.arg(self.cap)
                     .arg(self.ttl_ms)
                     .arg(gcra.interval_us())
                     .arg(gcra.tolerance_us());
-                for w in &batch {
+                for w in batch {
                     if w.lease {
                         call.arg(format!("{}{}", self.prefix, w.seq));
                     } else {
@@ -749,12 +744,22 @@ impl Cluster {
             None => {
                 let mut call = self.acquire_cap.key(&self.key);
                 call.arg(self.cap).arg(self.ttl_ms);
-                for w in &batch {
+                for w in batch {
                     call.arg(format!("{}{}", self.prefix, w.seq));
                 }
                 call
             }
+        }
+    }
+
+    async fn send_batch(&'static self, batch: Vec<Wanted>) {
+        let Some(mut conn) = self.connection() else {
+            for w in batch {
+                let _ = w.answer.send(Err(()));
+            }
+            return;
         };
+        let call = self.batch_call(&batch);
         // The call is bounded by the connection's response timeout (`redis.lease_ttl`); past
         // `redis.timeout` it counts as one failure (its requests have stopped waiting) and is
         // still awaited, to give back what it took.

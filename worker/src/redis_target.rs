@@ -98,13 +98,12 @@ fn certificates(redis: &RedisConfig) -> Result<Option<TlsCertificates>, String> 
     }))
 }
 
-/// `[sentinel]`: the Sentinels' own addresses and credentials come from `sentinel.nodes`; what
-/// to use on the master once found (user, password, database, TLS) from `redis.url`, if set.
-fn via_sentinel(
-    redis: &RedisConfig,
-    sentinel: &SentinelConfig,
-    certs: Option<TlsCertificates>,
-) -> Result<Target, String> {
+/// What `sentinel.nodes` says: the addresses, and the user and password.
+type SentinelNodes = (Vec<ConnectionAddr>, Option<String>, Option<String>);
+
+/// The Sentinels' addresses (TCP only), and the user and password to give them (the first
+/// node that names them).
+fn sentinel_nodes(sentinel: &SentinelConfig) -> Result<SentinelNodes, String> {
     let mut addrs = Vec::new();
     let mut user = None;
     let mut password = None;
@@ -127,6 +126,17 @@ fn via_sentinel(
         }
         addrs.push(info.addr().clone());
     }
+    Ok((addrs, user, password))
+}
+
+/// `[sentinel]`: the Sentinels' own addresses and credentials come from `sentinel.nodes`; what
+/// to use on the master once found (user, password, database, TLS) from `redis.url`, if set.
+fn via_sentinel(
+    redis: &RedisConfig,
+    sentinel: &SentinelConfig,
+    certs: Option<TlsCertificates>,
+) -> Result<Target, String> {
+    let (addrs, user, password) = sentinel_nodes(sentinel)?;
     if addrs.is_empty() {
         return Err(format!(
             "sentinel.master = {:?} needs sentinel.nodes (the Sentinels to ask)",
