@@ -36,12 +36,6 @@ impl Scrape {
 /// no series appears twice.
 fn parse(text: &str) -> Scrape {
     assert!(text.ends_with('\n'), "exposition must end with a newline");
-    let name_ok = |n: &str| {
-        !n.is_empty()
-            && n.chars().enumerate().all(|(i, c)| {
-                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
-            })
-    };
     let mut series = BTreeMap::new();
     let mut types: HashMap<String, String> = HashMap::new();
     let mut family: Option<(String, String)> = None;
@@ -90,16 +84,7 @@ fn parse(text: &str) -> Scrape {
         };
         assert!(name_ok(name), "bad name in {line:?}");
         if let Some(labels) = labels {
-            assert!(!labels.is_empty(), "empty labels in {line:?}");
-            for pair in labels.split(',') {
-                let (k, v) = pair.split_once('=').expect("label k=v");
-                assert!(name_ok(k), "bad label name in {line:?}");
-                assert!(
-                    v.len() >= 2 && v.starts_with('"') && v.ends_with('"'),
-                    "unquoted label value in {line:?}"
-                );
-                assert!(!v[1..v.len() - 1].contains('"'), "bad quoting in {line:?}");
-            }
+            check_labels(labels, line);
         }
         let (fam, kind) = family.as_ref().expect("sample before any TYPE");
         let belongs = if kind == "histogram" {
@@ -115,8 +100,35 @@ fn parse(text: &str) -> Scrape {
             "series {key} twice"
         );
     }
-    // Histograms: cumulative buckets ending at +Inf, which equals _count.
-    for (name, kind) in &types {
+    check_histograms(text, &types, &series);
+    Scrape(series)
+}
+
+/// A metric or label name of the text format.
+fn name_ok(n: &str) -> bool {
+    !n.is_empty()
+        && n.chars().enumerate().all(|(i, c)| {
+            c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+        })
+}
+
+/// A sample's labels (between the braces): `name="value"` pairs, well formed.
+fn check_labels(labels: &str, line: &str) {
+    assert!(!labels.is_empty(), "empty labels in {line:?}");
+    for pair in labels.split(',') {
+        let (k, v) = pair.split_once('=').expect("label k=v");
+        assert!(name_ok(k), "bad label name in {line:?}");
+        assert!(
+            v.len() >= 2 && v.starts_with('"') && v.ends_with('"'),
+            "unquoted label value in {line:?}"
+        );
+        assert!(!v[1..v.len() - 1].contains('"'), "bad quoting in {line:?}");
+    }
+}
+
+/// Histograms: cumulative buckets ending at +Inf, which equals _count.
+fn check_histograms(text: &str, types: &HashMap<String, String>, series: &BTreeMap<String, f64>) {
+    for (name, kind) in types {
         if kind != "histogram" {
             continue;
         }
@@ -141,7 +153,6 @@ fn parse(text: &str) -> Scrape {
             "{name}: +Inf != _count"
         );
     }
-    Scrape(series)
 }
 
 #[test]

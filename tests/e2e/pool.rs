@@ -794,7 +794,6 @@ fn send_block(s: &Server, file: &std::path::Path) -> std::net::TcpStream {
 /// wall-clock speed.
 #[test]
 fn the_app_slot_and_the_permits_come_back_exactly_when_the_app_is_done() {
-    use std::io::{Read, Write};
     let s = start_pool(
         1,
         1,
@@ -815,11 +814,7 @@ fn the_app_slot_and_the_permits_come_back_exactly_when_the_app_is_done() {
         &[],
     );
     let dir = tempfile::tempdir().unwrap();
-    let idle = |what: &str| {
-        eventually(WAIT, what, || (held_by(&s) == (0, 0)).then_some(()));
-        // Nothing leaked: the one slot takes the next request at once.
-        assert_eq!(s.get("/").status, 200, "after: {what}");
-    };
+    let idle = |what: &str| back_to_idle(&s, what);
 
     // A client that resets while the app works: held until the app answers, then back.
     let file = dir.path().join("reset");
@@ -847,46 +842,9 @@ fn the_app_slot_and_the_permits_come_back_exactly_when_the_app_is_done() {
     assert_eq!(r.status, 200, "{}", r.text());
     idle("the half-closed client answered");
 
-    // A client that never reads a large response: the app cannot finish sending it, so both
-    // stay held until the worker cuts the client below min_response_rate and reads the rest.
-    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
-    c.write_all(b"GET /download?mb=64 HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
-    eventually(WAIT, "the download held", || {
-        (held_by(&s) == (1, 1)).then_some(())
-    });
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    // Reads nothing until cut: the worker resets the connection.
-    s.log
-        .wait_for(Duration::from_secs(20), |l| {
-            l.contains("slower than worker.min_response_rate")
-        })
-        .expect("the stalled reader cut");
-    let _ = c.read(&mut [0u8; 1]);
-    drop(c);
+    never_reading_client(&s);
     idle("the app sent the rest of the never-read response");
-
-    // A client that trickles its body: 408 below min_request_rate, then back.
-    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    c.write_all(b"POST /consume HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
-        .unwrap();
-    let mut trickle = c.try_clone().unwrap();
-    let writer = std::thread::spawn(move || {
-        for _ in 0..60 {
-            if trickle.write_all(b"x").is_err() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200)); // the trickle itself, not a wait
-        }
-    });
-    eventually(WAIT, "the trickled request held", || {
-        (held_by(&s) == (1, 1)).then_some(())
-    });
-    let r = crate::util::read_response(&mut std::io::BufReader::new(&c)).unwrap();
-    assert_eq!(r.status, 408, "{}", r.text());
-    drop(c);
-    writer.join().unwrap();
+    trickling_client(&s);
     idle("the trickled request refused");
 
     // The app crashes under a request: back at once (502), an hour before request_timeout.
@@ -904,4 +862,57 @@ fn the_app_slot_and_the_permits_come_back_exactly_when_the_app_is_done() {
     // request takes the same slot.
     assert_eq!(s.get("/boom").status, 500);
     idle("the app closed its connection after its answer");
+}
+
+/// Waits until the request's permits and its app slot are back, then checks the one slot
+/// takes the next request at once: nothing leaked.
+fn back_to_idle(s: &Server, what: &str) {
+    eventually(WAIT, what, || (held_by(s) == (0, 0)).then_some(()));
+    assert_eq!(s.get("/").status, 200, "after: {what}");
+}
+
+/// A client that never reads a large response: the app cannot finish sending it, so both stay
+/// held until the worker cuts the client below min_response_rate and reads the rest.
+fn never_reading_client(s: &Server) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    c.write_all(b"GET /download?mb=64 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    eventually(WAIT, "the download held", || {
+        (held_by(s) == (1, 1)).then_some(())
+    });
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Reads nothing until cut: the worker resets the connection.
+    s.log
+        .wait_for(Duration::from_secs(20), |l| {
+            l.contains("slower than worker.min_response_rate")
+        })
+        .expect("the stalled reader cut");
+    let _ = c.read(&mut [0u8; 1]);
+    drop(c);
+}
+
+/// A client that trickles its body: 408 below min_request_rate.
+fn trickling_client(s: &Server) {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"POST /consume HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
+        .unwrap();
+    let mut trickle = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for _ in 0..60 {
+            if trickle.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200)); // the trickle itself, not a wait
+        }
+    });
+    eventually(WAIT, "the trickled request held", || {
+        (held_by(s) == (1, 1)).then_some(())
+    });
+    let r = crate::util::read_response(&mut std::io::BufReader::new(&c)).unwrap();
+    assert_eq!(r.status, 408, "{}", r.text());
+    drop(c);
+    writer.join().unwrap();
 }

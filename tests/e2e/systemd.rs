@@ -199,6 +199,21 @@ fn gated_app() -> Vec<String> {
         .to_vec()
 }
 
+/// `RELOADING=1` carries, in the same datagram, `MONOTONIC_USEC=` of the reload: after `since`
+/// (when the HUP was sent) and not in the future.
+fn assert_reloading_since(datagram: &str, since: u64) {
+    let usec: u64 = datagram
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in the same datagram: {datagram:?}"))
+        .parse()
+        .expect("MONOTONIC_USEC is a number");
+    assert!(
+        usec >= since && usec <= monotonic_usec(),
+        "MONOTONIC_USEC={usec} is not CLOCK_MONOTONIC at the reload (HUP sent at {since})"
+    );
+}
+
 #[test]
 fn notify_sequence_across_start_reload_and_stop() {
     let dir = tempfile::tempdir().unwrap();
@@ -250,16 +265,7 @@ fn notify_sequence_across_start_reload_and_stop() {
     let hup_at = monotonic_usec();
     master.signal(Signal::SIGHUP);
     let reloading = notes.wait_for(WAIT, "RELOADING=1", |m| m.contains("RELOADING=1"));
-    let usec: u64 = reloading
-        .lines()
-        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
-        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in the same datagram: {reloading:?}"))
-        .parse()
-        .expect("MONOTONIC_USEC is a number");
-    assert!(
-        usec >= hup_at && usec <= monotonic_usec(),
-        "MONOTONIC_USEC={usec} is not CLOCK_MONOTONIC at the reload (HUP sent at {hup_at})"
-    );
+    assert_reloading_since(&reloading, hup_at);
     // Replacements start one at a time (worker.max_recycling = 1): the first is at the gate.
     eventually(WAIT, "a replacement app at the gate", || {
         (waiting(d) == 3).then_some(())
