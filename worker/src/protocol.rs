@@ -32,7 +32,7 @@
 //! | SIGKILL | | a worker hung past `worker.timeout`, or still running after its drain's deadline |
 //!
 //! A worker checks its parent every [`crate::PARENT_CHECK_INTERVAL`]: once re-parented (the
-//! master died), it drains and exits with [`crate::EXIT_MASTER_GONE`].
+//! master died), it exits at once with [`crate::EXIT_MASTER_GONE`], its app with it.
 //!
 //! # Shared memory
 //!
@@ -43,11 +43,13 @@
 //! `draining`) and every counter. In an app host's record, the app host writes its app's pid,
 //! port and health and opens or closes it to new requests; HTTP workers take and give back its
 //! request slots (`app_load`, `app_sent`). In the header, the master writes the identity and the
-//! caps; workers count host-wide permits and waiters. The rate table is written by workers only.
+//! caps; workers count host-wide permits and waiters. In the rate table, workers write the
+//! clients' words; the master sets the table up, turns it on or off on a reload, and sweeps
+//! forgotten clients.
 //!
 //! # A recycle, step by step
 //!
-//! 1. Past half its `max_requests` (see [`prepare_at`]) the worker sends [`MAX_REQUESTS_SOON`];
+//! 1. Ahead of its `max_requests` (see [`prepare_at`]) the worker sends [`MAX_REQUESTS_SOON`];
 //!    the master starts a replacement with `--hold` in the same worker number (at most
 //!    `worker.max_recycling` at once).
 //! 2. The replacement boots and sends [`READY`], but accepts nothing.
@@ -57,9 +59,10 @@
 //! 5. The old worker stops accepting, finishes its requests, exits 0; the master sees end-of-file,
 //!    reaps it and clears its record.
 //!
-//! Any other recycle (memory, lifetime, reload, upgrade) starts the replacement without `--hold`
-//! and goes from 2 to 4 as soon as it sends [`READY`]: the old worker drains only once its
-//! replacement accepts, so no moment goes without a worker.
+//! Any other recycle (`max_rss`, `max_lifetime`, a reload) starts the replacement without
+//! `--hold` and goes from 2 to 4 as soon as it sends [`READY`]: the old worker drains only once
+//! its replacement accepts, so no moment goes without a worker. (A hung worker is killed and
+//! respawned: it cannot drain.)
 //!
 //! # A drain
 //!
