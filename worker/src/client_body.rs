@@ -30,7 +30,8 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::response::BoxError;
+/// The error of a body, a request's or a response's.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The client's request body failed: it stalled past `worker.client_timeout`, came slower
 /// than `worker.min_request_rate`, or broke off.

@@ -56,6 +56,20 @@ pub(crate) struct AppLease {
     host_pid: u32,
 }
 
+/// The app's slot a request holds (`app.concurrency` toward an upstream, a slot of one app
+/// process of the pool), held by the response body until it is sent.
+pub(crate) struct AppPermit {
+    pub(crate) _sem: Option<tokio::sync::SemaphorePermit<'static>>,
+    pub(crate) lease: Option<AppLease>,
+}
+
+impl AppPermit {
+    /// The ticket of the app process slot held (`AppLease::ticket`); 0: none.
+    pub(crate) fn ticket(&self) -> u64 {
+        self.lease.as_ref().map_or(0, AppLease::ticket)
+    }
+}
+
 /// Why no app process was found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum NoApp {

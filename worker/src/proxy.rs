@@ -35,14 +35,14 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::appconn::AppStream;
 use crate::client_body::{ClientBody, ClientBodyError};
 use crate::config::{AppConfig, Trusted, Upstream};
 use crate::connection::ClientConnection;
-use crate::pool::{AppLease, AppPool, NoApp};
+use crate::pool::{AppPermit, AppPool, NoApp};
 use crate::response::{text, Body, BoxError};
 use crate::scoreboard::coarse_monotonic_ms;
 use crate::server::Worker;
@@ -987,20 +987,6 @@ impl tower_service::Service<Uri> for Connector {
 impl Connection for AppStream {
     fn connected(&self) -> Connected {
         Connected::new()
-    }
-}
-
-/// The app's slot a request holds (`app.concurrency` toward an upstream, a slot of one app
-/// process of the pool), held by the response body until it is sent.
-pub(crate) struct AppPermit {
-    _sem: Option<SemaphorePermit<'static>>,
-    lease: Option<AppLease>,
-}
-
-impl AppPermit {
-    /// The ticket of the app process slot held (`AppLease::ticket`); 0: none.
-    pub(crate) fn ticket(&self) -> u64 {
-        self.lease.as_ref().map_or(0, AppLease::ticket)
     }
 }
 

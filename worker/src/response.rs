@@ -7,7 +7,6 @@
 //! the worker writes itself (`X-Worker-Id`, 413/503/504 bodies). Nothing here allocates on the hot path: values are built
 //! once at start. It must not decide *when* to answer what; `request` does.
 
-use std::error::Error as StdError;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
@@ -23,7 +22,7 @@ use crate::client_body::ClientBody;
 use crate::config::ByteSize;
 use crate::request::RequestGuard;
 
-pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+pub(crate) use crate::client_body::BoxError;
 
 pub(crate) const X_WORKER_ID: HeaderName = HeaderName::from_static("x-worker-id");
 pub(crate) const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
@@ -48,7 +47,7 @@ enum Kind {
     /// The app's response body, with the `app.concurrency` permit it holds until sent.
     Proxied {
         body: Incoming,
-        _permit: crate::proxy::AppPermit,
+        _permit: crate::pool::AppPermit,
     },
 }
 
@@ -70,7 +69,7 @@ impl Body {
     }
 
     /// The app's response body, streamed through.
-    pub(crate) fn proxied(body: Incoming, permit: crate::proxy::AppPermit) -> Body {
+    pub(crate) fn proxied(body: Incoming, permit: crate::pool::AppPermit) -> Body {
         Body {
             kind: Kind::Proxied {
                 body,
