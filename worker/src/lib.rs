@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod scoreboard;
 mod shared_region;
 
+mod activity;
 mod admission;
 mod app;
 mod appconn;

@@ -38,10 +38,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use crate::activity::ClientConnection;
 use crate::appconn::AppStream;
 use crate::client_body::{ClientBody, ClientBodyError};
 use crate::config::{AppConfig, Trusted, Upstream};
-use crate::connection::ClientConnection;
 use crate::pool::{AppPermit, AppPool, NoApp};
 use crate::response::{text, Body, BoxError};
 use crate::scoreboard::coarse_monotonic_ms;

@@ -26,12 +26,12 @@ use hyper::{Request, Response, Version};
 use tracing::{debug, error, info, warn};
 
 use crate::access_log;
+use crate::activity::ActivityGuard;
 use crate::admission::{Permits, Rejection};
 use crate::app;
 use crate::client_rate::ClientRate;
 use crate::cluster::{Lease, Verdict};
 use crate::config::OnRedisError;
-use crate::connection::ActivityGuard;
 use crate::edge;
 use crate::protocol;
 use crate::ratelimit::Decision;

@@ -16,11 +16,12 @@ use tokio::sync::{watch, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::activity::IdleLimits;
 use crate::admission::Admission;
 use crate::app;
 use crate::client_body::BodyTiming;
 use crate::config::Config;
-use crate::connection::{self, IdleLimits};
+use crate::connection;
 use crate::listener::{AcceptError, Listener, Peer, Stream};
 use crate::protocol::MasterPipe;
 use crate::response::{self, Responses};
