@@ -9,8 +9,9 @@ one thread per connection. Routes:
   POST /consume          reads the whole body (Content-Length or chunked), then answers
   GET  /download?mb=N    N MiB of bytes, streamed
   GET  /sleep?ms=N       waits, then answers
-  GET  /stats            {"max_concurrent_sleeps": N, "sleeps": M}: most /sleep requests in
-                         progress at once, and how many the app started
+  GET  /stats            {"max_concurrent_sleeps": N, "sleeps": M, "connections": C}: most
+                         /sleep requests in progress at once, how many the app started, and
+                         how many connections it accepted
   GET  /truncated        promises 100 bytes, sends 10, closes the connection
   GET  /both-lengths     Content-Length: 50 and Transfer-Encoding: chunked, body "ok" (chunked)
   GET  /exit             the process exits at once (status 3), no answer
@@ -54,6 +55,7 @@ LEAKED = []
 BUSY = {"now": 0, "max": 0, "total": 0}
 BUSY_LOCK = threading.Lock()
 POSTS = {"count": 0}
+CONNECTIONS = {"count": 0}
 WORKER = os.environ.get("SUPERVISOR_WORKER_ID", "?")
 # Held by /block: every request waits for it first, so a /block holds up the whole process.
 GATE = threading.Lock()
@@ -62,6 +64,11 @@ CHUNK = 64 * 1024
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        with BUSY_LOCK:
+            CONNECTIONS["count"] += 1
+        super().setup()
 
     def address_string(self):
         return "unix"
@@ -129,7 +136,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"2\r\nok\r\n0\r\n\r\n")
         elif path == "/stats":
             self.reply(200, json.dumps({"max_concurrent_sleeps": BUSY["max"],
-                                        "sleeps": BUSY["total"]}).encode(),
+                                        "sleeps": BUSY["total"],
+                                        "connections": CONNECTIONS["count"]}).encode(),
                        "application/json")
         elif path == "/exit":
             print("exiting on request", flush=True)

@@ -213,6 +213,38 @@ fn boom_then_ok(s: &Server, rounds: u32, ok_body: &str) {
     );
 }
 
+/// Requests one after another reuse one connection to the app, whether the app's answer was
+/// small (read whole before it goes out) or streamed (given back when its body has ended).
+#[test]
+fn one_connection_to_the_app_carries_requests_one_after_another() {
+    let s = start_app(&[], &[]);
+    let mut c = keepalive_client(&s);
+    // The app's count includes its host's check that it listens, and this request's connection.
+    let connections = |c: &mut BufReader<TcpStream>| {
+        let r = ask(c, b"GET /stats HTTP/1.1\r\nHost: t\r\n\r\n");
+        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["connections"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = connections(&mut c);
+    for i in 0..40 {
+        let path = if i % 2 == 0 { "/" } else { "/download?mb=1" };
+        let r = ask(
+            &mut c,
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        if i % 2 == 1 {
+            assert_eq!(r.body.len(), 1024 * 1024, "{path}");
+        }
+    }
+    assert_eq!(
+        connections(&mut c),
+        before,
+        "41 requests one after another on the connection to the app of the first"
+    );
+}
+
 #[test]
 fn a_connection_the_app_closed_after_an_error_is_retried_fresh() {
     let s = start_app(&[], &[]);

@@ -299,7 +299,7 @@ fn launch(
     let app = &config.app;
     let (address, socket, port) = if app.command.iter().any(|a| a.contains("{socket}")) {
         let dir = runtime_dir.ok_or("no runtime directory for the app's {socket}")?;
-        // The name HTTP workers derive from the record (`pool::AppLease::authority`).
+        // The name HTTP workers derive from the record (`pool::AppLease::upstream`).
         let path = dir.join(format!("app-{id}-{}.sock", std::process::id()));
         let socket = path.display().to_string();
         (Upstream::Unix(path), socket, String::new())

@@ -30,6 +30,7 @@ mod child;
 mod client_body;
 mod client_rate;
 pub mod cluster;
+mod conn_pool;
 mod connection;
 mod edge;
 mod listener;

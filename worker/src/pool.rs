@@ -90,10 +90,6 @@ impl AppPool {
         }
     }
 
-    pub(crate) fn runtime_dir(&self) -> &std::path::Path {
-        &self.runtime_dir
-    }
-
     /// A slot in the least busy open app process, waiting for one (first come, first served,
     /// host-wide) while all are busy or none is up yet. Cancel-safe: a request dropped while it
     /// waits leaves the queue.
@@ -257,23 +253,18 @@ impl Drop for Head<'_> {
 }
 
 impl AppLease {
-    /// Where the app process listens, as the authority of a request URI: the connection
-    /// pool's key (see `proxy::Connector`), one pool per app process.
-    pub(crate) fn authority(&self) -> String {
+    /// Where the app process listens: `app-<id>-<host pid>.sock` in the runtime directory,
+    /// or the port it was given (`{port}`).
+    pub(crate) fn upstream(&self) -> Upstream {
         let slot = self.board.slot(self.record);
         match slot.app_port.load(Ordering::Relaxed) {
-            0 => format!(
-                "app-{}-{}",
+            0 => Upstream::Unix(self.pool.runtime_dir.join(format!(
+                "app-{}-{}.sock",
                 slot.worker_id.load(Ordering::Relaxed),
                 self.host_pid
-            ),
-            port => format!("127.0.0.1:{port}"),
+            ))),
+            port => Upstream::Tcp(format!("127.0.0.1:{port}")),
         }
-    }
-
-    /// The address for a connection of its own (the retry on a fresh connection).
-    pub(crate) fn upstream(&self) -> Upstream {
-        upstream_of(&self.pool.runtime_dir, &self.authority())
     }
 
     /// The app host's record (where the app's health is counted).
@@ -312,15 +303,6 @@ fn close(slot: &Slot, host_pid: u32) {
             let load = AppLoad::of(w);
             (load.pid == host_pid && load.open).then_some(w & !APP_OPEN)
         });
-}
-
-/// The address of the app process named by a pool key (`AppLease::authority`).
-pub(crate) fn upstream_of(runtime_dir: &std::path::Path, authority: &str) -> Upstream {
-    if authority.starts_with("app-") {
-        Upstream::Unix(runtime_dir.join(format!("{authority}.sock")))
-    } else {
-        Upstream::Tcp(authority.to_string())
-    }
 }
 
 /// Kills the app process named by `ticket` ([`AppLease::ticket`]; 0: none) if its host is still

@@ -1,7 +1,7 @@
 //! Passing requests to the app: the pool of app processes (`app.command`; `pool` chooses one
 //! per request) or a server started elsewhere (`app.upstream`).
 //!
-//! Owns the connection pool to the app (hyper-util's pooled client over a Unix socket or TCP),
+//! Owns sending to the app (on the connections of `conn_pool`, over a Unix socket or TCP),
 //! what changes in a request and its response on the way (hop-by-hop headers, the
 //! `X-Forwarded-*` headers), `app.concurrency`, `app.buffer_requests`, upgrades (`app.upgrades`,
 //! the tunnel and its idle timeout), the one retry on a new connection when a pooled one turns
@@ -32,9 +32,7 @@ use hyper::header::{
 use hyper::http::request::Parts;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
@@ -42,6 +40,7 @@ use crate::activity::ClientConnection;
 use crate::appconn::AppStream;
 use crate::client_body::{ClientBody, ClientBodyError};
 use crate::config::{AppConfig, Trusted, Upstream};
+use crate::conn_pool::{ConnPool, Exchange as Sent, Outgoing, Pooled};
 use crate::pool::{AppPermit, AppPool, NoApp};
 use crate::response::{text, Body, BoxError};
 use crate::scoreboard::coarse_monotonic_ms;
@@ -83,18 +82,17 @@ const MOVE_TRIES: u32 = 3;
 /// breaks off becomes a 502 instead of a cut connection.
 const SMALL_BODY: u64 = 16 * 1024;
 
-type Outgoing = Either<ClientBody<Limited<Incoming>>, Full<Bytes>>;
-
 /// An answer given instead of the app's (boxed: a response is large, and this is the rare
 /// path).
 type Refused = Box<Response<Body>>;
 
-/// What it takes to send a request again: whether its method is idempotent, and the request.
-type Replay = (bool, Method, Uri, HeaderMap, Full<Bytes>);
+/// What it takes to send an idempotent request again.
+type Replay = (Method, Uri, HeaderMap, Full<Bytes>);
 
 /// What the worker proxies to, for the life of the worker.
 pub(crate) struct Proxy {
-    client: Client<Connector, Outgoing>,
+    /// Idle connections to the app (static: the connections' tasks outlive a request).
+    conns: &'static ConnPool,
     concurrency: Option<Semaphore>,
     buffer_requests: bool,
     kill_on_timeout: bool,
@@ -136,20 +134,8 @@ impl Proxy {
             None => target.to_string(),
         };
         let upstream = Arc::new(target);
-        let connector = Connector {
-            fixed: Arc::clone(&upstream),
-            pool: pool
-                .as_ref()
-                .map(|p| Arc::new(p.runtime_dir().to_path_buf())),
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_timer(TokioTimer::new())
-            // The Host header is the client's, set below; the URI's authority is a pool key.
-            .set_host(false)
-            .build(connector);
         Proxy {
-            client,
+            conns: Box::leak(Box::new(ConnPool::new(POOL_IDLE))),
             concurrency: (config.concurrency > 0)
                 .then(|| Semaphore::new(config.concurrency as usize)),
             buffer_requests: config.buffer_requests,
@@ -238,24 +224,14 @@ impl Proxy {
         }
         self.set_forwarded(&mut headers, peer);
 
-        // The app sees the client's path and query as they came; the authority is only the
-        // connection pool's key (with app processes, the one chosen; see `Connector`).
-        let mut parts = hyper::http::uri::Parts::default();
-        parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
-        parts.authority = Some(hyper::http::uri::Authority::from_static("app"));
-        parts.path_and_query = Some(
-            head.uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
-        );
-        let uri = Uri::from_parts(parts);
+        // The app sees the client's path and query as they came, in origin form.
+        let uri = match head.uri.path_and_query() {
+            Some(_) if head.uri.authority().is_none() => head.uri.clone(),
+            Some(pq) => Uri::from(pq.clone()),
+            None => Uri::from_static("/"),
+        };
         let method = head.method.clone();
         async move {
-            let uri = match uri {
-                Ok(uri) => uri,
-                Err(e) => return bad_gateway(format!("cannot pass on the request target: {e}")),
-            };
             self.send(
                 worker,
                 method,
@@ -309,7 +285,7 @@ impl Proxy {
         client: ClientConnection,
         ticket: Option<Arc<AtomicU64>>,
     ) -> Response<Body> {
-        let (mut permit, uri) = match self.take_app_slot(worker, uri, ticket.as_deref()).await {
+        let mut permit = match self.take_app_slot(worker, ticket.as_deref()).await {
             Ok(taken) => taken,
             Err(refused) => return *refused,
         };
@@ -327,18 +303,10 @@ impl Proxy {
         // Never an upgrade (the client may already have its 101). A request that may have
         // reached the app is sent again only if its method is idempotent (not a POST without
         // a body either); one that never reached an app process of the pool (a refused
-        // connect) goes to another one whatever its method.
+        // connect) goes to another one whatever its method and body (see `send_moving`).
         let replay: Option<Replay> = match &body {
-            Either::Right(full)
-                if client_upgrade.is_none() && (method.is_idempotent() || self.pool.is_some()) =>
-            {
-                Some((
-                    method.is_idempotent(),
-                    method.clone(),
-                    uri.clone(),
-                    headers.clone(),
-                    full.clone(),
-                ))
+            Either::Right(full) if client_upgrade.is_none() && method.is_idempotent() => {
+                Some((method.clone(), uri.clone(), headers.clone(), full.clone()))
             }
             _ => None,
         };
@@ -350,33 +318,28 @@ impl Proxy {
             Ok(sent) => sent,
             Err(refused) => return *refused,
         };
-        let res = match self.answered(worker, sent, &permit) {
-            Ok(res) => res,
+        let (res, conn) = match self.answered(worker, sent, &permit) {
+            Ok(answered) => answered,
             Err(failed) => return *failed,
         };
-        self.pass_back(worker, res, client_upgrade, client, permit)
+        self.pass_back(worker, res, conn, client_upgrade, client, permit)
             .await
     }
 
     /// Waits its turn for an app slot (first come, first served, host-wide with app
-    /// processes) within the request timeout: the permit, and the URI aimed at the app process
-    /// chosen; `Err` with the answer when none can be had.
+    /// processes) within the request timeout: the permit, which names the app process chosen;
+    /// `Err` with the answer when none can be had.
     async fn take_app_slot(
         &'static self,
         worker: &'static Worker,
-        uri: Uri,
         ticket: Option<&AtomicU64>,
-    ) -> Result<(AppPermit, Uri), Refused> {
-        // Waits its turn (first come, first served, host-wide with app processes) within the
-        // request timeout.
-        let mut uri = uri;
+    ) -> Result<AppPermit, Refused> {
         let lease = match &self.pool {
             Some(pool) => match pool.acquire(worker.admission.board()).await {
                 Ok(lease) => {
                     if let Some(ticket) = &ticket {
                         ticket.store(lease.ticket(), Ordering::Relaxed);
                     }
-                    uri = with_authority(uri, &lease.authority());
                     Some(lease)
                 }
                 Err(NoApp::Failing) => {
@@ -392,7 +355,7 @@ impl Proxy {
             },
             _ => None,
         };
-        Ok((AppPermit { _sem: sem, lease }, uri))
+        Ok(AppPermit { _sem: sem, lease })
     }
 
     /// The request's body as it goes to the app: none, read whole (`app.buffer_requests`), or
@@ -427,7 +390,9 @@ impl Proxy {
 
     /// Sends the request, once more on a fresh connection if the pooled one was dead (and it
     /// may be replayed), and to another app process (at most `MOVE_TRIES` times) if the chosen
-    /// one refused the connection; `Err` with the answer when no app process can be had.
+    /// one refused the connection; `Err` with the answer when no app process can be had. The
+    /// response comes with the pooled connection that carries its body (none for a
+    /// connection of its own).
     async fn send_moving(
         &'static self,
         worker: &'static Worker,
@@ -435,61 +400,56 @@ impl Proxy {
         replay: Option<&Replay>,
         permit: &mut AppPermit,
         ticket: Option<&AtomicU64>,
-    ) -> Result<Result<Response<Incoming>, BoxError>, Refused> {
+    ) -> Result<Result<(Response<Incoming>, Option<Pooled>), BoxError>, Refused> {
         let mut moved = 0;
-        let sent = loop {
-            // Sent on a connection that then died: the app may have acted on it (or died of
-            // it), so it never goes to another app process.
-            let mut maybe_seen = false;
-            let sent = match self.client.request(req).await {
-                Ok(res) => Ok(res),
-                Err(e) => match replay {
-                    Some((true, method, uri, headers, body)) if dead_connection(&e) => {
-                        // A pooled connection the app had closed (uvicorn closes after an
-                        // exception once its 500 is out, without saying so): once more, on a
-                        // connection of its own.
-                        debug!(
-                            error = %error_chain(&e),
-                            "the app's pooled connection was dead; sending again on a new one"
-                        );
-                        let (target, uri) = match &permit.lease {
-                            Some(lease) => (
-                                Arc::new(lease.upstream()),
-                                with_authority(uri.clone(), &lease.authority()),
-                            ),
-                            None => (Arc::clone(&self.upstream), uri.clone()),
-                        };
-                        maybe_seen = true;
-                        let again = outgoing(
-                            method.clone(),
-                            uri,
-                            headers.clone(),
-                            Either::Right(body.clone()),
-                        );
-                        self.send_fresh(&target, again).await
-                    }
-                    _ => Err(Box::new(e) as BoxError),
-                },
+        loop {
+            let target = || match &permit.lease {
+                Some(lease) => Arc::new(lease.upstream()),
+                None => Arc::clone(&self.upstream),
+            };
+            let (unsent, e) = match self.conns.send(permit.ticket(), target, req).await {
+                Sent::Answered(res, conn) => return Ok(Ok((res, Some(conn)))),
+                Sent::NotSent(unsent, e) => (unsent, e),
+                Sent::Failed(e) => {
+                    let Some((method, uri, headers, body)) =
+                        replay.filter(|_| dead_connection(&*e))
+                    else {
+                        return Ok(Err(e));
+                    };
+                    // A pooled connection the app had closed (uvicorn closes after an
+                    // exception once its 500 is out, without saying so): once more, on a
+                    // connection of its own. It may have reached the app (which may have died
+                    // of it), so it never goes to another app process.
+                    debug!(
+                        error = %error_chain(&*e),
+                        "the app's pooled connection was dead; sending again on a new one"
+                    );
+                    let again = outgoing(
+                        method.clone(),
+                        uri.clone(),
+                        headers.clone(),
+                        Either::Right(body.clone()),
+                    );
+                    let target = target();
+                    return Ok(self.send_fresh(&target, again).await.map(|res| (res, None)));
+                }
             };
             // An app process of the pool that refused the connection died (its host has not
-            // noticed yet) or lost its socket: no new request goes to it from now on, and a
-            // request that never reached it goes to another one.
-            let (Err(e), Some(lease)) = (&sent, &permit.lease) else {
-                break sent;
+            // noticed yet) or lost its socket: no new request goes to it from now on, and the
+            // request, which never reached it, goes to another one.
+            let (Some(lease), Some(pool)) = (&permit.lease, &self.pool) else {
+                return Ok(Err(e));
             };
-            if !never_sent(&**e) {
-                break sent;
+            if !never_sent(&*e) {
+                return Ok(Err(e));
             }
             lease.unreachable();
-            let (Some((_, method, uri, headers, body)), Some(pool)) = (replay, &self.pool) else {
-                break sent;
-            };
-            if moved == MOVE_TRIES || maybe_seen {
-                break sent;
+            if moved == MOVE_TRIES {
+                return Ok(Err(e));
             }
             moved += 1;
             debug!(
-                error = %error_chain(&**e),
+                error = %error_chain(&*e),
                 "an app process refused the connection; sending to another one"
             );
             lease.slot().app_failed();
@@ -503,26 +463,20 @@ impl Proxy {
             if let Some(ticket) = &ticket {
                 ticket.store(lease.ticket(), Ordering::Relaxed);
             }
-            req = outgoing(
-                method.clone(),
-                with_authority(uri.clone(), &lease.authority()),
-                headers.clone(),
-                Either::Right(body.clone()),
-            );
             permit.lease = Some(lease);
-        };
-        Ok(sent)
+            req = *unsent;
+        }
     }
 
     /// The app's response, counted as an answer in the worker's and the app process's
     /// records; or, if it did not answer, the response that says why (413, the client's own
     /// body failing, 502).
-    fn answered(
+    fn answered<T>(
         &self,
         worker: &'static Worker,
-        sent: Result<Response<Incoming>, BoxError>,
+        sent: Result<T, BoxError>,
         permit: &AppPermit,
-    ) -> Result<Response<Incoming>, Refused> {
+    ) -> Result<T, Refused> {
         match sent {
             Ok(res) => {
                 worker.admission.slot().app_answered();
@@ -554,6 +508,7 @@ impl Proxy {
         &'static self,
         worker: &'static Worker,
         mut res: Response<Incoming>,
+        conn: Option<Pooled>,
         client_upgrade: Option<OnUpgrade>,
         client: ClientConnection,
         permit: AppPermit,
@@ -593,7 +548,12 @@ impl Proxy {
         if small {
             // The permit is released when the app has sent everything.
             return match body.collect().await {
-                Ok(collected) => Response::from_parts(parts, Body::full(collected.to_bytes())),
+                Ok(collected) => {
+                    if let Some(conn) = conn {
+                        conn.give_back();
+                    }
+                    Response::from_parts(parts, Body::full(collected.to_bytes()))
+                }
                 Err(e) => {
                     let why = error_chain(&e);
                     self.warn_bad_gateway(&why);
@@ -601,7 +561,7 @@ impl Proxy {
                 }
             };
         }
-        Response::from_parts(parts, Body::proxied(body, permit))
+        Response::from_parts(parts, Body::proxied(body, permit, conn))
     }
 
     /// Sends `req` on a new connection of its own, outside the pool (closed after its
@@ -609,12 +569,8 @@ impl Proxy {
     async fn send_fresh(
         &self,
         target: &Upstream,
-        mut req: Request<Outgoing>,
+        req: Request<Outgoing>,
     ) -> Result<Response<Incoming>, BoxError> {
-        // On a connection of its own the target is origin-form.
-        if let Some(pq) = req.uri().path_and_query().cloned() {
-            *req.uri_mut() = Uri::from(pq);
-        }
         let stream = AppStream::connect(target).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake::<_, Outgoing>(TokioIo::new(stream)).await?;
@@ -857,10 +813,7 @@ fn outgoing(method: Method, uri: Uri, headers: HeaderMap, body: Outgoing) -> Req
 /// Whether sending failed on a connection that the app had closed or reset, before any byte of
 /// a response: hyper's "connection closed before message completed", a reset or a broken pipe
 /// (not a failed connect: a new connection would meet the same).
-fn dead_connection(e: &hyper_util::client::legacy::Error) -> bool {
-    if e.is_connect() {
-        return false;
-    }
+fn dead_connection(e: &(dyn std::error::Error + 'static)) -> bool {
     if find_cause::<hyper::Error>(e).is_some_and(|h| h.is_incomplete_message() || h.is_canceled()) {
         return true;
     }
@@ -952,52 +905,6 @@ fn unavailable(why: &str) -> Response<Body> {
     res.headers_mut()
         .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
     res
-}
-
-/// The pool's connector: every connection goes to the one target, whatever the URI says.
-#[derive(Clone)]
-/// Connects the pooled client: to `app.upstream`, or with app processes, to the one a request's
-/// authority names (`AppLease::authority`), so that each app process has a pool of its own.
-pub(crate) struct Connector {
-    fixed: Arc<Upstream>,
-    /// The runtime directory, with app processes.
-    pool: Option<Arc<std::path::PathBuf>>,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<AppStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<AppStream>>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let target = match (&self.pool, uri.authority()) {
-            (Some(dir), Some(authority)) => {
-                Arc::new(crate::pool::upstream_of(dir, authority.as_str()))
-            }
-            _ => Arc::clone(&self.fixed),
-        };
-        Box::pin(async move { Ok(TokioIo::new(AppStream::connect(&target).await?)) })
-    }
-}
-
-impl Connection for AppStream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-/// `uri` with its authority (the connection pool's key) replaced.
-fn with_authority(uri: Uri, authority: &str) -> Uri {
-    let mut parts = uri.into_parts();
-    match hyper::http::uri::Authority::try_from(authority) {
-        Ok(a) => parts.authority = Some(a),
-        Err(_) => return Uri::from_static("/"),
-    }
-    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 #[cfg(test)]

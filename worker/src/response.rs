@@ -20,6 +20,7 @@ use hyper::{Response, StatusCode};
 
 use crate::client_body::ClientBody;
 use crate::config::ByteSize;
+use crate::conn_pool::Pooled;
 use crate::request::RequestGuard;
 
 pub(crate) use crate::client_body::BoxError;
@@ -44,10 +45,12 @@ pub(crate) struct Body {
 enum Kind {
     Full(Option<Bytes>),
     Stream(ClientBody<Limited<Incoming>>),
-    /// The app's response body, with the `app.concurrency` permit it holds until sent.
+    /// The app's response body, with the `app.concurrency` permit it holds until sent, and
+    /// the pooled connection it comes on (back to the pool once the body has ended).
     Proxied {
         body: Incoming,
         _permit: crate::pool::AppPermit,
+        conn: Option<Pooled>,
     },
 }
 
@@ -69,11 +72,16 @@ impl Body {
     }
 
     /// The app's response body, streamed through.
-    pub(crate) fn proxied(body: Incoming, permit: crate::pool::AppPermit) -> Body {
+    pub(crate) fn proxied(
+        body: Incoming,
+        permit: crate::pool::AppPermit,
+        conn: Option<Pooled>,
+    ) -> Body {
         Body {
             kind: Kind::Proxied {
                 body,
                 _permit: permit,
+                conn,
             },
             guard: None,
             out: false,
@@ -117,6 +125,9 @@ impl Drop for Body {
         // still sending it, so the rest is read (and discarded) before the permits go back.
         let unfinished = matches!(&self.kind, Kind::Proxied { body, .. }
             if !hyper::body::Body::is_end_stream(body));
+        if let (false, Kind::Proxied { conn, .. }) = (unfinished, &mut self.kind) {
+            give_back(conn);
+        }
         if unfinished {
             if let (Some(guard), Ok(runtime)) =
                 (self.guard.take(), tokio::runtime::Handle::try_current())
@@ -155,7 +166,12 @@ impl Body {
 async fn discard(mut kind: Kind, mut guard: RequestGuard) {
     guard.client_gone();
     let worker = guard.worker();
-    if let Kind::Proxied { body, _permit } = &mut kind {
+    if let Kind::Proxied {
+        body,
+        _permit,
+        conn,
+    } = &mut kind
+    {
         let read = async {
             while let Some(frame) = http_body_util::BodyExt::frame(body).await {
                 if frame.is_err() {
@@ -174,7 +190,16 @@ async fn discard(mut kind: Kind, mut guard: RequestGuard) {
             if let Some(proxy) = worker.proxy.get() {
                 proxy.timed_out(worker, _permit.ticket());
             }
+        } else if hyper::body::Body::is_end_stream(body) {
+            give_back(conn);
         }
+    }
+}
+
+/// A pooled connection whose response was read to its end goes back to the pool.
+fn give_back(conn: &mut Option<Pooled>) {
+    if let Some(conn) = conn.take() {
+        conn.give_back();
     }
 }
 

@@ -21,6 +21,7 @@ use crate::server::{DrainSummary, Server, Worker};
 
 mod app;
 mod client;
+mod conn_pool;
 mod drain;
 mod lifecycle;
 mod limits;

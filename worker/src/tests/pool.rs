@@ -44,6 +44,14 @@ async fn take_every_slot(
     leases
 }
 
+/// The file name of the socket of the app process a lease names.
+fn socket_of(lease: &crate::pool::AppLease) -> String {
+    match lease.upstream() {
+        crate::config::Upstream::Unix(path) => path.file_name().unwrap().to_string_lossy().into(),
+        other => panic!("not a Unix socket: {other}"),
+    }
+}
+
 fn inflight(board: &Scoreboard, record: usize) -> u32 {
     board.slot(record).app_load().inflight
 }
@@ -57,7 +65,7 @@ async fn the_least_busy_open_app_process_is_chosen() {
     assert!(board.slot(4).app_take(103, 0));
     let lease = pool.acquire(board).await.unwrap();
     assert_eq!(inflight(board, 3), 1, "app 2 took it");
-    assert_eq!(lease.authority(), "app-2-102");
+    assert_eq!(socket_of(&lease), "app-2-102.sock");
     assert_eq!(board.slot(3).app_sent.load(Ordering::Relaxed), 1);
     // Given back when dropped.
     drop(lease);
@@ -87,7 +95,7 @@ async fn with_every_slot_taken_a_request_waits_for_one_to_free() {
         );
     }
     // A fourth waits, counted host-wide, until a slot is given back.
-    let waiting = tokio::spawn(async move { pool.acquire(board).await.map(|l| l.authority()) });
+    let waiting = tokio::spawn(async move { pool.acquire(board).await.map(|l| socket_of(&l)) });
     let counted = async {
         while board.header().app_waiters.load(Ordering::Relaxed) != 1 {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -103,7 +111,7 @@ async fn with_every_slot_taken_a_request_waits_for_one_to_free() {
         .await
         .expect("the waiter takes the freed slot")
         .unwrap();
-    assert_eq!(took.unwrap(), "app-2-102");
+    assert_eq!(took.unwrap(), "app-2-102.sock");
     assert_eq!(board.header().app_waiters.load(Ordering::Relaxed), 0);
 }
 
