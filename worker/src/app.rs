@@ -30,8 +30,8 @@ use hyper::http::request::Parts;
 use hyper::{Method, Response, StatusCode};
 
 use crate::client_body::{ClientBody, ClientBodyError};
+use crate::context::WorkerContext;
 use crate::response::{text, Body};
-use crate::server::Worker;
 
 const HELLO: Bytes = Bytes::from_static(b"Hello, World!");
 const OK: Bytes = Bytes::from_static(b"ok\n");
@@ -79,7 +79,8 @@ pub(crate) enum Reply {
 /// Routes one request. `head` is borrowed so that the pipeline can still name the request in
 /// its logs if this panics, fails or times out.
 pub(crate) fn call(
-    worker: &'static Worker,
+    worker: &'static WorkerContext,
+    state: &'static State,
     head: &Parts,
     body: Incoming,
 ) -> Result<Reply, AppError> {
@@ -122,7 +123,7 @@ pub(crate) fn call(
                 spin(d, &AtomicBool::new(false));
                 text(StatusCode::OK, WORKED)
             }
-            Ok(d) => return Ok(Reply::Later(Box::pin(work_off_loop(&worker.app, d)))),
+            Ok(d) => return Ok(Reply::Later(Box::pin(work_off_loop(state, d)))),
             Err(reason) => bad_request(reason),
         },
         "/block" if is_get => match millis(head) {
@@ -134,7 +135,7 @@ pub(crate) fn call(
             Err(reason) => bad_request(reason),
         },
         "/leak" if is_get => match kibibytes(head) {
-            Ok(kib) => leak(&worker.app, kib),
+            Ok(kib) => leak(state, kib),
             Err(reason) => bad_request(reason),
         },
         "/panic" if is_get => panic!("panic requested by GET /panic"),

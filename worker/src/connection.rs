@@ -63,7 +63,7 @@ use tracing::{debug, info};
 use crate::activity::{Activity, IdleCheck, IdleLimits, RateWindow, TrackedIo, NOT_BLOCKED};
 use crate::listener::{reset_on_close, unsent_bytes, Stream};
 use crate::request;
-use crate::server::{ConnectionGuard, Worker};
+use crate::state::{ConnectionGuard, Worker};
 
 /// Why a connection was asked to shut down.
 #[derive(Clone, Copy, Debug)]

@@ -32,6 +32,7 @@ mod client_rate;
 pub mod cluster;
 mod conn_pool;
 mod connection;
+mod context;
 mod edge;
 mod listener;
 mod pool;
@@ -39,8 +40,10 @@ mod process;
 mod proxy;
 mod redis_target;
 mod request;
+mod request_guard;
 mod response;
 mod server;
+mod state;
 
 #[cfg(test)]
 mod tests;

@@ -33,7 +33,8 @@ use crate::protocol::{self, MasterPipe};
 use crate::proxy::Proxy;
 use crate::ratelimit::RateTable;
 use crate::scoreboard::{self, Scoreboard, Slot, SlotState};
-use crate::server::{DrainSummary, Limiters, Server, Worker};
+use crate::server::{DrainSummary, Server};
+use crate::state::{Limiters, Worker};
 use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
 
 /// How often the worker stamps `heartbeat_ms` in its record. The stamp is written by a task on

@@ -8,10 +8,10 @@
 //! out dead, and the 502/503 answers when the app cannot answer. Bodies stream both ways; the
 //! request pipeline (`request`) still owns admission, the request timeout and the permits.
 //!
-//! A request to the app outlives its client: `Exchange` (the answer still on its way) and
-//! `response::Body` (the app's body still streaming) hand what is left to a task of its own when
-//! hyper drops them early, so the permits are held until the app is done with the request. Only
-//! a request whose client leaves pays for that task.
+//! A request to the app outlives its client (`request_guard`: `Exchange` and `Guarded` finish
+//! it on a task of their own), so the app slot a response holds (`pool::AppPermit`) goes back
+//! when the app is done with the request, not when the client leaves. This module sees the
+//! worker only through `context::WorkerContext`.
 
 use std::future::Future;
 use std::io;
@@ -41,10 +41,10 @@ use crate::appconn::AppStream;
 use crate::client_body::{ClientBody, ClientBodyError};
 use crate::config::{AppConfig, Trusted, Upstream};
 use crate::conn_pool::{ConnPool, Exchange as Sent, Outgoing, Pooled};
+use crate::context::WorkerContext;
 use crate::pool::{AppPermit, AppPool, NoApp};
 use crate::response::{text, Body, BoxError};
 use crate::scoreboard::coarse_monotonic_ms;
-use crate::server::Worker;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -182,7 +182,7 @@ impl Proxy {
 
     /// Called when a request to the app passed `worker.request_timeout`, with the ticket
     /// its app slot wrote (`AppLease::ticket`).
-    pub(crate) fn timed_out(&self, worker: &Worker, ticket: u64) {
+    pub(crate) fn timed_out(&self, worker: &WorkerContext, ticket: u64) {
         if self.kills_on_timeout() {
             crate::pool::kill_app_of(worker.admission.board(), ticket);
         }
@@ -192,7 +192,7 @@ impl Proxy {
     /// pipeline keeps, for its logs), and returns the future that answers it.
     pub(crate) fn forward(
         &'static self,
-        worker: &'static Worker,
+        worker: &'static WorkerContext,
         head: &mut Parts,
         body: Incoming,
         peer: Option<IpAddr>,
@@ -276,7 +276,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn send(
         &'static self,
-        worker: &'static Worker,
+        worker: &'static WorkerContext,
         method: hyper::Method,
         uri: Uri,
         headers: HeaderMap,
@@ -331,7 +331,7 @@ impl Proxy {
     /// `Err` with the answer when none can be had.
     async fn take_app_slot(
         &'static self,
-        worker: &'static Worker,
+        worker: &'static WorkerContext,
         ticket: Option<&AtomicU64>,
     ) -> Result<AppPermit, Refused> {
         let lease = match &self.pool {
@@ -362,7 +362,7 @@ impl Proxy {
     /// streamed; `Err` with the answer when the client's body is refused or fails.
     async fn outgoing_body(
         &self,
-        worker: &'static Worker,
+        worker: &'static WorkerContext,
         body: Incoming,
     ) -> Result<Outgoing, Refused> {
         // No body, or one read whole: the request can be sent again if the pooled connection
@@ -395,7 +395,7 @@ impl Proxy {
     /// connection of its own).
     async fn send_moving(
         &'static self,
-        worker: &'static Worker,
+        worker: &'static WorkerContext,
         mut req: Request<Outgoing>,
         replay: Option<&Replay>,
         permit: &mut AppPermit,
@@ -473,7 +473,7 @@ impl Proxy {
     /// body failing, 502).
     fn answered<T>(
         &self,
-        worker: &'static Worker,
+        worker: &'static WorkerContext,
         sent: Result<T, BoxError>,
         permit: &AppPermit,
     ) -> Result<T, Refused> {
@@ -506,7 +506,7 @@ impl Proxy {
     /// otherwise the hop-by-hop headers go, and a small body is read whole (see `SMALL_BODY`).
     async fn pass_back(
         &'static self,
-        worker: &'static Worker,
+        worker: &'static WorkerContext,
         mut res: Response<Incoming>,
         conn: Option<Pooled>,
         client_upgrade: Option<OnUpgrade>,
@@ -746,57 +746,6 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<'_, T> 
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-/// A proxied request's answer, which outlives its client: dropped before it completes (hyper
-/// drops it when the client leaves), the rest runs on in a task of its own with the request's
-/// permits, until the app has answered; the answer is then discarded (see `Body::discard`).
-/// Only a request whose client leaves pays for the task.
-pub(crate) struct Exchange {
-    answer: Option<Pin<Box<dyn Future<Output = Response<Body>> + Send>>>,
-    worker: &'static Worker,
-}
-
-impl Exchange {
-    pub(crate) fn new(
-        worker: &'static Worker,
-        answer: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
-    ) -> Exchange {
-        Exchange {
-            answer: Some(answer),
-            worker,
-        }
-    }
-}
-
-impl Future for Exchange {
-    type Output = Response<Body>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
-        let this = self.get_mut();
-        let answer = this.answer.as_mut().expect("polled after completion");
-        let res = std::task::ready!(answer.as_mut().poll(cx));
-        this.answer = None;
-        Poll::Ready(res)
-    }
-}
-
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        let Some(rest) = self.answer.take() else {
-            return;
-        };
-        // Outside a runtime (it is shutting down) there is nothing left to finish it on.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            // A draining worker waits for it (up to `server.graceful_timeout`) like for a
-            // connection: its permits are the app's work.
-            let hold = self.worker.drain_watch.get().map(|tx| tx.subscribe());
-            runtime.spawn(async move {
-                rest.await.into_body().discard().await;
-                drop(hold);
-            });
-        }
     }
 }
 

@@ -23,175 +23,39 @@ use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderValue, CONNECTION};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, Version};
-use tracing::{debug, error, info, warn};
+use tracing::{error, warn};
 
-use crate::access_log;
 use crate::activity::ActivityGuard;
 use crate::admission::{Permits, Rejection};
 use crate::app;
 use crate::client_rate::ClientRate;
-use crate::cluster::{Lease, Verdict};
+use crate::cluster::Verdict;
 use crate::config::OnRedisError;
 use crate::edge;
-use crate::protocol;
 use crate::ratelimit::Decision;
+use crate::request_guard::{Admitted, Exchange, Guarded, InFlight, RequestGuard};
 use crate::response::{self, Body, X_WORKER_ID};
-use crate::scoreboard::{Slot, SlotState};
-use crate::server::Worker;
-
-/// Everything one request holds while it is served. It travels inside the response body, so it
-/// lives until hyper has finished sending the response or has given up on it (client gone); if
-/// no response is produced (the connection dropped mid-handler), it dies with the handler. A
-/// request to the app is the exception: whatever the client does, it lives until the app has
-/// finished with the request (`proxy::Exchange`, `Body::discard`), and then counts as 499.
-pub(crate) struct RequestGuard {
-    worker: &'static Worker,
-    /// HTTP/1.x: a draining worker ends the connection after this response.
-    http1: bool,
-    admitted: Option<Admitted>,
-    /// What `limits.rate` said, for the response's `RateLimit` header.
-    rate: Option<Decision>,
-    /// When the request arrived, for its duration, when something shows it (metrics, access
-    /// log): otherwise the clock is not read.
-    started: Option<Instant>,
-    /// The response's status once there is one (`finish`); 0 while there is none.
-    status: u16,
-    /// Body bytes handed to hyper so far (`response::Body` counts them).
-    pub(crate) bytes: u64,
-    /// The access log's view of the request, when `log.access` is on.
-    access: Option<Box<access_log::Entry>>,
-    _activity: ActivityGuard,
-}
-
-impl RequestGuard {
-    /// The connection's activity, for the response body's part in it.
-    pub(crate) fn activity(&self) -> &ActivityGuard {
-        &self._activity
-    }
-
-    pub(crate) fn worker(&self) -> &'static Worker {
-        self.worker
-    }
-
-    /// The client left before its response was sent: the request is logged and counted as
-    /// 499 (nginx's "client closed request") when it ends, which is when the app is done.
-    pub(crate) fn client_gone(&mut self) {
-        debug!("the client left; its request is finished with the app before the permits go");
-        self.status = crate::response::CLIENT_GONE;
-        self.worker
-            .admission
-            .slot()
-            .client_gone
-            .fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// What an admitted request holds until it is answered, fails or is abandoned: its permits and
-/// its entry in the scoreboard's list of requests in flight.
-struct Admitted {
-    _described: Option<InFlight>,
-    _permits: Permits<'static>,
-    /// The cluster-wide permit, when `limits.cluster_max_concurrent_requests` is set and Redis
-    /// answered.
-    lease: Option<Lease>,
-}
-
-/// The request's `METHOD /path?query` entry in this worker's scoreboard record, cleared on drop.
-/// `None` in `Admitted` when every entry is taken: the request is served, just not described.
-struct InFlight {
-    slot: &'static Slot,
-    index: usize,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.slot.end_request(self.index);
-    }
-}
-
-impl Drop for RequestGuard {
-    fn drop(&mut self) {
-        // `requests` counts every request that ended, whatever its status. The fields drop
-        // right after this, releasing the permits.
-        let done = self
-            .worker
-            .admission
-            .slot()
-            .requests
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
-        // Equality, not `>=`: the counter only grows, so this is true for exactly one request,
-        // and never when `max_requests` is 0.
-        if done == self.worker.prepare_at {
-            tell_master(self.worker, done, protocol::MAX_REQUESTS_SOON);
-        }
-        if done == self.worker.max_requests {
-            tell_master(self.worker, done, protocol::MAX_REQUESTS);
-        }
-        // A request that never got a response (the client left first) has no status to count
-        // or log.
-        if self.status != 0 {
-            // The permits are not needed for the bookkeeping below.
-            self.admitted = None;
-            let took = self.started.map(|s| s.elapsed());
-            self.worker
-                .admission
-                .slot()
-                .record_response(self.status, took.map(|t| t.as_micros() as u64));
-            if let (Some(entry), Some(log)) = (&self.access, self.worker.access.get()) {
-                log.write(entry, self.status, self.bytes, took.unwrap_or_default());
-            }
-        }
-    }
-}
-
-/// This worker nears or has reached `worker.max_requests` completed requests: it tells the
-/// master (which prepares, then switches to, a replacement) and keeps serving until the master
-/// drains it. A worker already draining is on its way out and says nothing.
-#[cold]
-fn tell_master(worker: &'static Worker, done: u64, message: u8) {
-    if worker.admission.slot().state() == SlotState::Draining {
-        debug!(
-            requests.total = done,
-            "near or at worker.max_requests while draining; not asking for a replacement"
-        );
-        return;
-    }
-    if message == protocol::MAX_REQUESTS {
-        info!(
-            requests.total = done,
-            "reached worker.max_requests; the replacement takes over once ready"
-        );
-    } else {
-        debug!(
-            requests.total = done,
-            "nearing worker.max_requests; asking the master to prepare a replacement"
-        );
-    }
-    if let Err(e) = worker.master.send(message) {
-        debug!(error = %e, "cannot tell the master about worker.max_requests");
-    }
-}
+use crate::state::Worker;
 
 /// The future hyper gets for a request: the response itself when the app answered at once (most
 /// requests), or the boxed wait of a route that waits, with its timeout and panic guard.
 // `Ready` is the common case, held inline for the same reason as `app::Reply::Now`.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Handled {
-    Ready(Option<Response<Body>>),
-    Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
-    /// A request to the app, which goes on if the client leaves (see `proxy::Exchange`).
-    Proxied(crate::proxy::Exchange),
+    Ready(Option<Response<Guarded>>),
+    Later(Pin<Box<dyn Future<Output = Response<Guarded>> + Send>>),
+    /// A request to the app, which goes on if the client leaves (see `Exchange`).
+    Proxied(Exchange),
 }
 
 impl Handled {
-    fn now(res: Response<Body>) -> Handled {
+    fn now(res: Response<Guarded>) -> Handled {
         Handled::Ready(Some(res))
     }
 }
 
 impl Future for Handled {
-    type Output = Result<Response<Body>, Infallible>;
+    type Output = Result<Response<Guarded>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
@@ -356,7 +220,7 @@ fn rate_here(
 }
 
 /// The 429 of a client over `limits.rate`, counted in the worker's record.
-fn rate_limited(limit: &ClientRate, decision: &Decision, guard: RequestGuard) -> Response<Body> {
+fn rate_limited(limit: &ClientRate, decision: &Decision, guard: RequestGuard) -> Response<Guarded> {
     guard
         .worker
         .admission
@@ -411,9 +275,11 @@ fn serve(
             .then(|| std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)));
         let answer = proxy.forward(worker, &mut head, body, peer, client, ticket.clone());
         let answer = Box::pin(later(worker, head, answer, guard, ticket));
-        return Handled::Proxied(crate::proxy::Exchange::new(worker, answer));
+        return Handled::Proxied(Exchange::new(worker, answer));
     }
-    match catch_unwind(AssertUnwindSafe(|| app::call(worker, &head, body))) {
+    match catch_unwind(AssertUnwindSafe(|| {
+        app::call(worker, &worker.app, &head, body)
+    })) {
         Ok(Ok(app::Reply::Now(res))) => Handled::now(finish(res, guard)),
         Ok(Ok(app::Reply::Later(wait))) => {
             Handled::Later(Box::pin(later(worker, head, wait, guard, None)))
@@ -431,7 +297,7 @@ async fn later(
     wait: impl Future<Output = Response<Body>> + Send,
     mut guard: RequestGuard,
     ticket: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
-) -> Response<Body> {
+) -> Response<Guarded> {
     let mut wait = pin!(wait);
     let caught = poll_fn(
         |cx| match catch_unwind(AssertUnwindSafe(|| wait.as_mut().poll(cx))) {
@@ -465,7 +331,7 @@ async fn later(
 }
 
 #[cold]
-fn failed(head: &Parts, e: app::AppError, mut guard: RequestGuard) -> Response<Body> {
+fn failed(head: &Parts, e: app::AppError, mut guard: RequestGuard) -> Response<Guarded> {
     guard.admitted = None;
     error!(
         http.method = %head.method,
@@ -487,7 +353,11 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
 }
 
 #[cold]
-fn panicked(head: &Parts, panic: Box<dyn Any + Send>, mut guard: RequestGuard) -> Response<Body> {
+fn panicked(
+    head: &Parts,
+    panic: Box<dyn Any + Send>,
+    mut guard: RequestGuard,
+) -> Response<Guarded> {
     guard.admitted = None;
     let message = panic_message(&*panic);
     error!(
@@ -501,7 +371,7 @@ fn panicked(head: &Parts, panic: Box<dyn Any + Send>, mut guard: RequestGuard) -
 }
 
 /// Stamps the response with the worker id and hands it the request's guard.
-fn finish(mut res: Response<Body>, mut guard: RequestGuard) -> Response<Body> {
+fn finish(mut res: Response<Body>, mut guard: RequestGuard) -> Response<Guarded> {
     guard.status = res.status().as_u16();
     res.headers_mut()
         .insert(X_WORKER_ID, guard.worker.responses.worker_id().clone());
@@ -524,6 +394,5 @@ fn finish(mut res: Response<Body>, mut guard: RequestGuard) -> Response<Body> {
     if res.body().is_complete() {
         guard.admitted = None;
     }
-    res.body_mut().set_guard(guard);
-    res
+    res.map(|body| Guarded::new(body, guard))
 }

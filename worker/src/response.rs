@@ -1,11 +1,12 @@
 //! Response bodies and the worker's own responses.
 //!
-//! Owns the one body type every response uses (a static/full body, the streamed, size-limited
-//! request body of `/echo`, or the app's body), which also carries the request's guard so that
-//! permits live exactly as long as the response (the app's body, if the client leaves first, as
-//! long as the app still sends it: `Body::discard`); and the precomputed pieces of the responses
-//! the worker writes itself (`X-Worker-Id`, 413/503/504 bodies). Nothing here allocates on the hot path: values are built
-//! once at start. It must not decide *when* to answer what; `request` does.
+//! Owns the one body type every response is made with (a static/full body, the streamed,
+//! size-limited request body of `/echo`, or the app's body with its app slot and pooled
+//! connection), and the precomputed pieces of the responses the worker writes itself
+//! (`X-Worker-Id`, 413/503/504 bodies). Nothing here allocates on the hot path: values are
+//! built once at start. The request's guard, which keeps the permits as long as the response,
+//! travels beside the body (`request_guard::Guarded`); this module does not know it. It must
+//! not decide *when* to answer what; `request` does.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -21,7 +22,6 @@ use hyper::{Response, StatusCode};
 use crate::client_body::ClientBody;
 use crate::config::ByteSize;
 use crate::conn_pool::Pooled;
-use crate::request::RequestGuard;
 
 pub(crate) use crate::client_body::BoxError;
 
@@ -31,15 +31,10 @@ pub(crate) const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain;
 pub(crate) const CLIENT_GONE: u16 = 499;
 const RETRY_AFTER_1S: HeaderValue = HeaderValue::from_static("1");
 
-/// The body of every response this worker sends.
+/// The body of every response this worker makes: what is sent, without the request's guard
+/// (`request_guard::Guarded` carries both to hyper).
 pub(crate) struct Body {
     kind: Kind,
-    /// Dropped when hyper is done with the body (fully sent, or the client went away): that is
-    /// what releases the request's permits.
-    guard: Option<RequestGuard>,
-    /// A streamed body handed hyper a frame and has not been asked for the next one yet (see
-    /// `connection::Activity::unclaimed`).
-    out: bool,
 }
 
 enum Kind {
@@ -49,7 +44,7 @@ enum Kind {
     /// the pooled connection it comes on (back to the pool once the body has ended).
     Proxied {
         body: Incoming,
-        _permit: crate::pool::AppPermit,
+        permit: crate::pool::AppPermit,
         conn: Option<Pooled>,
     },
 }
@@ -58,16 +53,12 @@ impl Body {
     pub(crate) fn full(data: Bytes) -> Body {
         Body {
             kind: Kind::Full(Some(data)),
-            guard: None,
-            out: false,
         }
     }
 
     pub(crate) fn empty() -> Body {
         Body {
             kind: Kind::Full(None),
-            guard: None,
-            out: false,
         }
     }
 
@@ -78,13 +69,7 @@ impl Body {
         conn: Option<Pooled>,
     ) -> Body {
         Body {
-            kind: Kind::Proxied {
-                body,
-                _permit: permit,
-                conn,
-            },
-            guard: None,
-            out: false,
+            kind: Kind::Proxied { body, permit, conn },
         }
     }
 
@@ -93,13 +78,7 @@ impl Body {
     pub(crate) fn stream(body: ClientBody<Limited<Incoming>>) -> Body {
         Body {
             kind: Kind::Stream(body),
-            guard: None,
-            out: false,
         }
-    }
-
-    pub(crate) fn set_guard(&mut self, guard: RequestGuard) {
-        self.guard = Some(guard);
     }
 
     /// The whole body is here (nothing more to produce, only to send).
@@ -107,71 +86,18 @@ impl Body {
         matches!(self.kind, Kind::Full(_))
     }
 
-    /// Notes a streamed frame handed out (`true`) or the next one asked for (`false`).
-    fn frame_out(&mut self, out: bool) {
-        if self.out != out {
-            self.out = out;
-            if let Some(guard) = &self.guard {
-                guard.activity().frame_out(out);
-            }
-        }
+    /// The app's body, which the app has not finished sending.
+    pub(crate) fn is_unfinished_app_body(&self) -> bool {
+        matches!(&self.kind, Kind::Proxied { body, .. }
+            if !hyper::body::Body::is_end_stream(body))
     }
-}
 
-impl Drop for Body {
-    fn drop(&mut self) {
-        self.frame_out(false);
-        // hyper gave up on the app's response before its end: the client is gone. The app is
-        // still sending it, so the rest is read (and discarded) before the permits go back.
-        let unfinished = matches!(&self.kind, Kind::Proxied { body, .. }
-            if !hyper::body::Body::is_end_stream(body));
-        if let (false, Kind::Proxied { conn, .. }) = (unfinished, &mut self.kind) {
-            give_back(conn);
-        }
-        if unfinished {
-            if let (Some(guard), Ok(runtime)) =
-                (self.guard.take(), tokio::runtime::Handle::try_current())
-            {
-                let kind = std::mem::replace(&mut self.kind, Kind::Full(None));
-                // A draining worker waits for it (up to `server.graceful_timeout`).
-                let hold = guard.worker().drain_watch.get().map(|tx| tx.subscribe());
-                // What is spawned has no `Drop` of its own: a runtime that is shutting down
-                // drops it unpolled without spawning again.
-                runtime.spawn(async move {
-                    discard(kind, guard).await;
-                    drop(hold);
-                });
-            }
-        }
-    }
-}
-
-impl Body {
-    /// The response of a request whose client left (see `discard`).
-    pub(crate) fn discard(mut self) -> impl std::future::Future<Output = ()> + Send {
-        let kind = std::mem::replace(&mut self.kind, Kind::Full(None));
-        let guard = self.guard.take();
-        async move {
-            if let Some(guard) = guard {
-                discard(kind, guard).await;
-            }
-        }
-    }
-}
-
-/// The response of a request whose client left: the request is counted and logged as 499, and
-/// the rest of the app's response is read and discarded, within `worker.request_timeout` (past
-/// it, `app.kill_on_timeout` applies), so that the request keeps its permits (the guard's, and
-/// the `app.concurrency` one in `kind`) until the app has finished with it.
-async fn discard(mut kind: Kind, mut guard: RequestGuard) {
-    guard.client_gone();
-    let worker = guard.worker();
-    if let Kind::Proxied {
-        body,
-        _permit,
-        conn,
-    } = &mut kind
-    {
+    /// Reads the rest of the app's body and throws it away, within `limit`: `Err` with the
+    /// ticket of its app process (`pool::AppLease::ticket`) if the app was still sending.
+    pub(crate) async fn discard_app_body(&mut self, limit: Duration) -> Result<(), u64> {
+        let Kind::Proxied { body, permit, .. } = &mut self.kind else {
+            return Ok(());
+        };
         let read = async {
             while let Some(frame) = http_body_util::BodyExt::frame(body).await {
                 if frame.is_err() {
@@ -179,27 +105,23 @@ async fn discard(mut kind: Kind, mut guard: RequestGuard) {
                 }
             }
         };
-        if tokio::time::timeout(worker.limits.request_timeout, read)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "the app was still sending the response of a client that left after \
-                 worker.request_timeout; connection to the app dropped"
-            );
-            if let Some(proxy) = worker.proxy.get() {
-                proxy.timed_out(worker, _permit.ticket());
-            }
-        } else if hyper::body::Body::is_end_stream(body) {
-            give_back(conn);
+        match tokio::time::timeout(limit, read).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(permit.ticket()),
         }
     }
 }
 
-/// A pooled connection whose response was read to its end goes back to the pool.
-fn give_back(conn: &mut Option<Pooled>) {
-    if let Some(conn) = conn.take() {
-        conn.give_back();
+impl Drop for Body {
+    fn drop(&mut self) {
+        // A pooled connection whose response was read to its end goes back to the pool.
+        if let Kind::Proxied { body, conn, .. } = &mut self.kind {
+            if hyper::body::Body::is_end_stream(body) {
+                if let Some(conn) = conn.take() {
+                    conn.give_back();
+                }
+            }
+        }
     }
 }
 
@@ -211,9 +133,7 @@ impl hyper::body::Body for Body {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        this.frame_out(false);
-        let polled = match &mut this.kind {
+        match &mut self.get_mut().kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Kind::Stream(body) => Pin::new(body)
                 .poll_frame(cx)
@@ -221,19 +141,7 @@ impl hyper::body::Body for Body {
             Kind::Proxied { body, .. } => Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),
-        };
-        if let (Poll::Ready(Some(Ok(frame))), Some(guard)) = (&polled, this.guard.as_mut()) {
-            if let Some(data) = frame.data_ref() {
-                guard.bytes += data.len() as u64;
-            }
         }
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            // Done (or failed): release the permits now rather than whenever hyper drops us.
-            this.guard = None;
-        } else if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.is_complete() {
-            this.frame_out(true);
-        }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

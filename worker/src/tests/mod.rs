@@ -17,7 +17,8 @@ use crate::config::Config;
 use crate::listener::Listener;
 use crate::protocol::MasterPipe;
 use crate::scoreboard::{Scoreboard, Slot};
-use crate::server::{DrainSummary, Server, Worker};
+use crate::server::{DrainSummary, Server};
+use crate::state::Worker;
 
 mod app;
 mod client;
@@ -200,7 +201,7 @@ mod process {
     use std::time::Duration;
 
     use crate::scoreboard::{monotonic_ms, Scoreboard};
-    use crate::server::Worker;
+    use crate::state::Worker;
     use crate::{run, WorkerArgs, EXIT_STARTUP, HEARTBEAT_INTERVAL};
 
     fn args(scoreboard: OwnedFd, slot: usize) -> WorkerArgs {
