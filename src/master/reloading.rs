@@ -19,7 +19,8 @@ use worker::ratelimit::RateTable;
 use worker::scoreboard::RecycleReason;
 
 use super::slots::{self, is_app, Shown};
-use super::{log_listeners, unix_mode, workers_of, Master, Phase};
+use super::starting::{log_listeners, unix_mode, workers_of};
+use super::{Master, Phase};
 use crate::spawn;
 
 /// A reload whose new workers have not yet shown that they can start. The first of them to

@@ -10,7 +10,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
-use super::{Exit, Master, Phase};
+use super::exits::Exit;
+use super::{Master, Phase};
 use crate::upgrade;
 
 impl Master {
