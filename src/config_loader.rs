@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
 use toml::{Table, Value};
-use worker::config::{default_workers, ByteSize, Config, Rate, RateKey};
+use worker::config::{default_workers, ByteSize, Config};
 use worker::ratelimit::{MAX_RATE_PER_SECOND, MAX_REFILL};
 
 /// Read when no `--config` is given, relative to the current directory.
@@ -186,12 +186,14 @@ const RULES: &[Rule] = &[
     Rule {
         key: "server.unix_mode",
         allowed: "an octal string up to \"777\", like \"660\"",
-        check: |c| check_mode(&c.server.unix_mode),
+        // Read by its type (`UnixMode`).
+        check: |_| Ok(()),
     },
     Rule {
         key: "server.forwarded_allow_ips",
         allowed: "an array of IP addresses, CIDR networks (like \"10.0.0.0/8\") or \"*\"",
-        check: |c| worker::config::Trusted::parse(&c.server.forwarded_allow_ips).map(|_| ()),
+        // Read by its type (`Trusted`).
+        check: |_| Ok(()),
     },
     Rule {
         key: "server.runtime_dir",
@@ -385,13 +387,8 @@ const RULES: &[Rule] = &[
     Rule {
         key: "app.upstream",
         allowed: "\"http://HOST:PORT\" or \"unix:/PATH\" (empty: none)",
-        check: |c| {
-            if c.app.upstream.is_empty() {
-                Ok(())
-            } else {
-                worker::config::Upstream::parse(&c.app.upstream).map(|_| ())
-            }
-        },
+        // Read by its type (`Upstream`).
+        check: |_| Ok(()),
     },
     Rule {
         key: "app.ready_timeout",
@@ -463,7 +460,8 @@ const RULES: &[Rule] = &[
     Rule {
         key: "limits.key",
         allowed: "\"ip\" or \"header:NAME\"",
-        check: |c| RateKey::parse(&c.limits.key).map(|_| ()),
+        // Read by its type (`RateKey`).
+        check: |_| Ok(()),
     },
     Rule {
         key: "limits.idle_ttl",
@@ -608,14 +606,11 @@ const RULES: &[Rule] = &[
 
 /// `limits.rate`: a rate the table can count (one request per 10 µs at most).
 fn check_rate(limits: &worker::config::LimitsConfig) -> Result<(), String> {
-    let Some(rate) = Rate::parse(&limits.rate)? else {
+    let Some(rate) = limits.rate else {
         return Ok(());
     };
     if rate.interval() < Duration::from_nanos(1_000_000_000 / MAX_RATE_PER_SECOND) {
-        return Err(format!(
-            "{:?} is faster than {MAX_RATE_PER_SECOND}/s",
-            limits.rate
-        ));
+        return Err(format!("\"{rate}\" is faster than {MAX_RATE_PER_SECOND}/s"));
     }
     Ok(())
 }
@@ -623,7 +618,7 @@ fn check_rate(limits: &worker::config::LimitsConfig) -> Result<(), String> {
 /// `limits.burst`: refills, at `limits.rate`, within the table's range. (A bad rate is the rate's
 /// rule's to report.)
 fn check_burst(limits: &worker::config::LimitsConfig) -> Result<(), String> {
-    let Ok(Some(rate)) = Rate::parse(&limits.rate) else {
+    let Some(rate) = limits.rate else {
         return Ok(());
     };
     let burst = if limits.burst == 0 {
@@ -633,8 +628,7 @@ fn check_burst(limits: &worker::config::LimitsConfig) -> Result<(), String> {
     };
     if rate.interval().saturating_mul(burst) > MAX_REFILL {
         return Err(format!(
-            "a burst of {burst} at {:?} takes longer than {} days to refill",
-            limits.rate,
+            "a burst of {burst} at \"{rate}\" takes longer than {} days to refill",
             MAX_REFILL.as_secs() / 86_400
         ));
     }
@@ -671,15 +665,6 @@ fn positive(d: Duration) -> Result<(), String> {
 fn positive_duration(d: Duration) -> Result<(), String> {
     positive(d)?;
     within(d, Duration::ZERO..=MAX_DURATION)
-}
-
-fn check_mode(mode: &str) -> Result<(), String> {
-    let octal =
-        !mode.is_empty() && mode.len() <= 4 && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
-    match u32::from_str_radix(mode, 8) {
-        Ok(bits) if octal && bits <= 0o777 => Ok(()),
-        _ => Err(String::new()),
-    }
 }
 
 fn check_bind(bind: &[String]) -> Result<(), String> {
@@ -1098,11 +1083,11 @@ impl Layers {
 
 /// Checks that span keys, on the assembled configuration (each key alone was checked already).
 fn check_together(config: &Config) -> Result<(), String> {
-    if !config.app.command.is_empty() && !config.app.upstream.is_empty() {
+    if let (false, Some(upstream)) = (config.app.command.is_empty(), &config.app.upstream) {
         return Err(format!(
             "app.command ({}) and app.upstream ({:?}) are both set; keep one",
             config.app.command.join(" "),
-            config.app.upstream
+            upstream.as_written()
         ));
     }
     worker::privileges::resolve(&config.server)?;
@@ -1154,7 +1139,7 @@ fn redis_budget_fits(config: &Config, workers: u32) -> Result<(), String> {
     // Only HTTP workers talk to Redis (app hosts do not).
     let workers = config.processes(workers).http;
     let uses_redis =
-        config.limits.cluster_max_concurrent_requests > 0 || !config.limits.rate.is_empty();
+        config.limits.cluster_max_concurrent_requests > 0 || config.limits.rate.is_some();
     if uses_redis
         && config.redis.enabled(&config.sentinel)
         && workers + 1 > config.redis.max_connections
@@ -1193,6 +1178,12 @@ fn check_value(section: &str, key: &str, value: &Value) -> Result<(), String> {
                 .any(|generic| message.starts_with(generic)) =>
             {
                 format!("expected {}", rule.allowed)
+            }
+            // A key read by its type (`UnixMode`, `Trusted`, `Rate`, ...) says what is wrong;
+            // what is allowed follows, as for a rule's own check. Messages that already say
+            // what they expect (ByteSize's) are kept.
+            Some(rule) if !message.contains("expected") => {
+                format!("{message}; expected {}", rule.allowed)
             }
             _ => message.to_string(),
         }
@@ -1642,7 +1633,7 @@ mod tests {
         assert_eq!(c.worker.max_connections, 10);
         assert_eq!(c.worker.header_timeout, Duration::from_secs(2));
         assert_eq!(c.worker.max_body_bytes, ByteSize(1 << 20));
-        assert_eq!(c.server.unix_mode, "600");
+        assert_eq!(c.server.unix_mode, worker::config::UnixMode(0o600));
         assert_eq!(c.server.accept, AcceptMode::Shared);
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(

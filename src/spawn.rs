@@ -160,9 +160,10 @@ mod tests {
     #[test]
     fn the_config_goes_through_a_sealed_memfd_and_reads_back_at_any_offset() {
         let mut config = Config::default();
-        config.server.forwarded_allow_ips = (0..20_000)
+        let list: Vec<String> = (0..20_000)
             .map(|i| format!("10.{}.{}.1", i / 256, i % 256))
             .collect();
+        config.server.forwarded_allow_ips = worker::config::Trusted::parse(&list).unwrap();
         let fd = config_fd(&config).unwrap();
         let mut file = std::fs::File::from(fd.try_clone().unwrap());
         // Another worker's read moved the shared offset.

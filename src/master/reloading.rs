@@ -9,7 +9,6 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tracing::{error, info, warn};
@@ -19,7 +18,7 @@ use worker::ratelimit::RateTable;
 use worker::scoreboard::RecycleReason;
 
 use super::slots::{self, is_app, Shown};
-use super::starting::{log_listeners, unix_mode, workers_of};
+use super::starting::{log_listeners, workers_of};
 use super::{Master, Phase};
 use crate::spawn;
 
@@ -110,18 +109,15 @@ impl Master {
             || new.server.unix_mode != self.config.server.unix_mode;
         if sockets_changed {
             let http = new.processes(workers_of(&new)).http;
-            unix_mode(&new)
-                .and_then(|mode| {
-                    let l = self.listeners.as_mut().context("listeners are closed")?;
-                    l.rebind(
-                        &new.server.bind,
-                        new.server.accept,
-                        http,
-                        new.server.backlog,
-                        mode,
-                    )
-                })
-                .map_err(|e| format!("{e:#}"))?;
+            let l = self.listeners.as_mut().ok_or("listeners are closed")?;
+            l.rebind(
+                &new.server.bind,
+                new.server.accept,
+                http,
+                new.server.backlog,
+                new.server.unix_mode.0,
+            )
+            .map_err(|e| format!("{e:#}"))?;
             if let Some(l) = &self.listeners {
                 log_listeners(l, new.server.accept);
             }
@@ -172,7 +168,7 @@ impl Master {
             self.rates_fd = fd;
         }
         self.rates
-            .configure(!new.limits.rate.is_empty(), new.limits.idle_ttl);
+            .configure(new.limits.rate.is_some(), new.limits.idle_ttl);
         self.board
             .header()
             .global_cap

@@ -154,7 +154,7 @@ impl Master {
                 max_concurrent_requests: c.limits.max_concurrent_requests,
                 cluster_max_concurrent_requests: c.limits.cluster_max_concurrent_requests,
                 worker_max_concurrent: c.worker.max_concurrent,
-                rate: c.limits.rate.clone(),
+                rate: c.limits.rate.map(|r| r.to_string()).unwrap_or_default(),
                 queue: c.limits.queue,
                 on_redis_error: c.limits.on_redis_error.as_str().to_string(),
             },

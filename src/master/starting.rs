@@ -81,7 +81,7 @@ pub fn setup(
             .context("cannot create the scoreboard")?;
     let (rates, rates_fd) = RateTable::create(config.limits.max_active_instances)
         .context("cannot create the rate table")?;
-    rates.configure(!config.limits.rate.is_empty(), config.limits.idle_ttl);
+    rates.configure(config.limits.rate.is_some(), config.limits.idle_ttl);
     let janitor = Janitor::start(&config, board.header().instance.load(Ordering::Relaxed));
     // The new master of an upgrade serves the metrics once it takes over (see `Metrics::gate`).
     let metrics = Metrics::start(
@@ -164,7 +164,7 @@ fn take_listeners(
                 config.server.accept,
                 http,
                 config.server.backlog,
-                unix_mode(config)?,
+                config.server.unix_mode.0,
             )?,
         };
         return Ok((listeners, None));
@@ -183,7 +183,7 @@ fn take_listeners(
         config.server.accept,
         http,
         config.server.backlog,
-        unix_mode(config)?,
+        config.server.unix_mode.0,
     )
     .context("cannot take over the listeners of the upgrading master")?;
     info!(
@@ -191,15 +191,6 @@ fn take_listeners(
         sockets, "upgrade: took over the listeners of the old master"
     );
     Ok((listeners, Some((ready, h.parent))))
-}
-
-pub(super) fn unix_mode(config: &Config) -> Result<u32> {
-    u32::from_str_radix(&config.server.unix_mode, 8).with_context(|| {
-        format!(
-            "server.unix_mode {:?} is not octal",
-            config.server.unix_mode
-        )
-    })
 }
 
 /// The count `-w` names: app processes with `app.command`, HTTP workers otherwise.

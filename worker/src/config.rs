@@ -1,6 +1,13 @@
 //! The resolved configuration, shared by the master (which loads and validates it) and the
 //! workers (which receive it serialized). This module only defines the shape and the defaults;
 //! reading files, environment and command line lives in the binary's `config_loader` module.
+//!
+//! A key written as text that has a meaning beyond its text (`server.unix_mode`,
+//! `server.forwarded_allow_ips`, `limits.rate`, `limits.key`, `app.upstream`, the sizes and
+//! durations) is held as its own type, parsed when the configuration is read: a bad value is
+//! refused there with what is wrong, and the master and the workers use the parsed value,
+//! never the text. Each type writes itself back the way it parses, so the serialized form
+//! (`supervisor check`, what a worker is handed) reads like the file.
 
 use std::time::Duration;
 
@@ -138,12 +145,12 @@ pub struct ServerConfig {
     /// How long a graceful stop waits for in-flight requests before killing workers.
     #[serde(with = "humantime_serde")]
     pub graceful_timeout: Duration,
-    /// Permission bits of `unix:` sockets, as an octal string like `"660"`.
-    pub unix_mode: String,
+    /// Permission bits of `unix:` sockets, written as an octal string like `"660"`.
+    #[serde(with = "as_text")]
+    pub unix_mode: UnixMode,
     /// Peers whose `X-Forwarded-*` and `Forwarded` headers are believed: IP addresses, CIDR
     /// networks, or `"*"`. Clients on a `unix:` listener are always believed.
-    #[serde(deserialize_with = "one_or_many")]
-    pub forwarded_allow_ips: Vec<String>,
+    pub forwarded_allow_ips: Trusted,
     /// Where the private runtime directory (app sockets) is created; empty: `$RUNTIME_DIRECTORY`,
     /// else `$XDG_RUNTIME_DIR`, else the system temporary directory.
     pub runtime_dir: String,
@@ -168,8 +175,11 @@ impl Default for ServerConfig {
             accept: AcceptMode::Reuseport,
             backlog: 2048,
             graceful_timeout: Duration::from_secs(30),
-            unix_mode: "660".to_string(),
-            forwarded_allow_ips: vec!["127.0.0.1".to_string(), "::1".to_string()],
+            unix_mode: UnixMode(0o660),
+            forwarded_allow_ips: Trusted::Networks(vec![
+                ipnet::IpNet::from(std::net::IpAddr::from([127, 0, 0, 1])),
+                ipnet::IpNet::from(std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+            ]),
             runtime_dir: String::new(),
             user: String::new(),
             group: String::new(),
@@ -291,11 +301,13 @@ pub struct LimitsConfig {
     /// Most clients whose rate-limit state is tracked at once (env `MAX_ACTIVE_INSTANCES`).
     pub max_active_instances: u32,
     /// Per-client rate limit, `COUNT/UNIT` (`"100/s"`, `"600/min"`); empty: none.
-    pub rate: String,
+    #[serde(with = "as_optional_text")]
+    pub rate: Option<Rate>,
     /// Requests a client may send at once (its whole budget); 0: the rate's count.
     pub burst: u32,
     /// What identifies a client: `"ip"` or `"header:NAME"`.
-    pub key: String,
+    #[serde(with = "as_text")]
+    pub key: RateKey,
     /// A client unseen this long is forgotten.
     #[serde(with = "humantime_serde")]
     pub idle_ttl: Duration,
@@ -316,9 +328,9 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_concurrent_requests: 50,
             max_active_instances: 1000,
-            rate: String::new(),
+            rate: None,
             burst: 0,
-            key: "ip".to_string(),
+            key: RateKey::Ip,
             idle_ttl: Duration::from_secs(30 * 60),
             queue: 0,
             queue_timeout: Duration::from_secs(1),
@@ -367,6 +379,26 @@ impl Rate {
     }
 }
 
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Rate, String> {
+        Rate::parse(text)?.ok_or_else(|| "no rate".to_string())
+    }
+}
+
+impl std::fmt::Display for Rate {
+    /// `COUNT/s`, `COUNT/min` or `COUNT/h`, which parses back to the same rate.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.period.as_secs() {
+            3600 => "h",
+            60 => "min",
+            _ => "s",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
 /// `limits.key`, parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RateKey {
@@ -390,6 +422,123 @@ impl RateKey {
     }
 }
 
+impl std::str::FromStr for RateKey {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<RateKey, String> {
+        RateKey::parse(text)
+    }
+}
+
+impl std::fmt::Display for RateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RateKey::Ip => f.write_str("ip"),
+            RateKey::Header(name) => write!(f, "header:{name}"),
+        }
+    }
+}
+
+/// `server.unix_mode`: the permission bits of `unix:` sockets (written in octal, at most
+/// `"777"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixMode(pub u32);
+
+impl std::str::FromStr for UnixMode {
+    type Err = String;
+
+    fn from_str(mode: &str) -> Result<UnixMode, String> {
+        let octal =
+            !mode.is_empty() && mode.len() <= 4 && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
+        match u32::from_str_radix(mode, 8) {
+            Ok(bits) if octal && bits <= 0o777 => Ok(UnixMode(bits)),
+            _ => Err(format!("{mode:?} is not an octal mode")),
+        }
+    }
+}
+
+impl std::fmt::Display for UnixMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:o}", self.0)
+    }
+}
+
+/// Serde for a key written as text and kept parsed (`FromStr`, and `Display` to write it back
+/// the way it parses): the text is read once, when the configuration is loaded or handed to a
+/// worker, and nothing downstream parses it again.
+mod as_text {
+    use serde::Deserialize;
+
+    pub fn serialize<T: std::fmt::Display, S: serde::Serializer>(
+        v: &T,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: std::str::FromStr<Err = String>,
+        D: serde::Deserializer<'de>,
+    {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `as_text` for a key that may be empty (`""`: none).
+mod as_optional_text {
+    use serde::Deserialize;
+
+    pub fn serialize<T: std::fmt::Display, S: serde::Serializer>(
+        v: &Option<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<Option<T>, D::Error>
+    where
+        T: std::str::FromStr<Err = String>,
+        D: serde::Deserializer<'de>,
+    {
+        let text = String::deserialize(d)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `app.upstream`: `http://HOST:PORT` or `unix:/PATH`, or `""` (none).
+mod upstream_serde {
+    use serde::Deserialize;
+
+    use super::Upstream;
+
+    pub fn serialize<S: serde::Serializer>(v: &Option<Upstream>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(upstream) => s.serialize_str(&upstream.as_written()),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Upstream>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        Upstream::parse(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// `[app]`: what the workers serve. Neither `command` nor `upstream`: the built-in app.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -397,8 +546,10 @@ pub struct AppConfig {
     /// One app process per worker: program and arguments, with `{socket}`, `{port}` and
     /// `{worker}` replaced (also everything after `--` on the command line).
     pub command: Vec<String>,
-    /// Proxy to a server the supervisor does not start: `http://host:port` or `unix:/path`.
-    pub upstream: String,
+    /// Proxy to a server the supervisor does not start: `http://host:port` or `unix:/path`;
+    /// empty: none.
+    #[serde(with = "upstream_serde")]
+    pub upstream: Option<Upstream>,
     /// How long a worker waits for its app to accept connections before giving up.
     #[serde(with = "humantime_serde")]
     pub ready_timeout: Duration,
@@ -422,7 +573,7 @@ impl Default for AppConfig {
     fn default() -> Self {
         AppConfig {
             command: Vec::new(),
-            upstream: String::new(),
+            upstream: None,
             ready_timeout: Duration::from_secs(30),
             concurrency: 0,
             buffer_requests: false,
@@ -674,7 +825,8 @@ mod workers_serde {
     }
 }
 
-/// `server.forwarded_allow_ips`, parsed: whose forwarding headers are believed.
+/// `server.forwarded_allow_ips`, parsed: whose forwarding headers are believed. Written as an
+/// array (or one string) of addresses, CIDR networks or `"*"`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Trusted {
     Any,
@@ -701,6 +853,23 @@ impl Trusted {
         Ok(Trusted::Networks(nets))
     }
 
+    /// The list as written: an address alone for a single host, `"*"` for any.
+    pub fn to_list(&self) -> Vec<String> {
+        match self {
+            Trusted::Any => vec!["*".to_string()],
+            Trusted::Networks(nets) => nets
+                .iter()
+                .map(|n| {
+                    if n.prefix_len() == n.max_prefix_len() {
+                        n.addr().to_string()
+                    } else {
+                        n.to_string()
+                    }
+                })
+                .collect(),
+        }
+    }
+
     /// Whether `ip` is trusted. An IPv4 client seen on an IPv6 socket (`::ffff:a.b.c.d`)
     /// matches its IPv4 form.
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
@@ -711,6 +880,18 @@ impl Trusted {
                 nets.iter().any(|n| n.contains(&ip))
             }
         }
+    }
+}
+
+impl Serialize for Trusted {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_list().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Trusted {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Trusted, D::Error> {
+        Trusted::parse(&one_or_many(d)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -746,6 +927,16 @@ impl Upstream {
             ));
         }
         Ok(Upstream::Tcp(authority.to_string()))
+    }
+}
+
+impl Upstream {
+    /// As `app.upstream` writes it: `http://HOST:PORT` or `unix:/PATH`.
+    pub fn as_written(&self) -> String {
+        match self {
+            Upstream::Tcp(authority) => format!("http://{authority}"),
+            Upstream::Unix(path) => format!("unix:{}", path.display()),
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, info_span, warn};
 use crate::access_log::AccessLog;
 use crate::client_rate::ClientRate;
 use crate::cluster::Cluster;
-use crate::config::{Config, Rate, RateKey, Trusted, Upstream};
+use crate::config::{Config, Trusted, Upstream};
 use crate::listener::Listener;
 use crate::pool::AppPool;
 use crate::protocol::{self, MasterPipe};
@@ -45,19 +45,17 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the worker checks that its master is still its parent.
 pub const PARENT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// `limits.rate` over the master's table, if a rate is set. The config was checked by the
-/// master, so only the mapping can fail.
+/// `limits.rate` over the master's table, if a rate is set: only the mapping can fail.
 fn client_rate(
     config: &crate::config::Config,
     fd: &std::os::fd::OwnedFd,
     trusted: Trusted,
 ) -> std::io::Result<Option<ClientRate>> {
     let limits = &config.limits;
-    let Ok(Some(rate)) = Rate::parse(&limits.rate) else {
+    let Some(rate) = limits.rate else {
         return Ok(None);
     };
-    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
-    let key = RateKey::parse(&limits.key).map_err(invalid)?;
+    let key = limits.key.clone();
     Ok(Some(ClientRate::new(
         RateTable::open(fd, true)?,
         rate.count,
@@ -92,15 +90,8 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
     };
     // The mapping outlives the fd.
     drop(args.scoreboard);
-    // Whose forwarding headers are believed, for `limits.rate` and the access log (the master
-    // checked the list; a worker that cannot read it refuses to start rather than trust anyone).
-    let trusted = match Trusted::parse(&args.config.server.forwarded_allow_ips) {
-        Ok(t) => t,
-        Err(e) => {
-            error!("server.forwarded_allow_ips: {e}");
-            return ExitCode::from(EXIT_STARTUP);
-        }
-    };
+    // Whose forwarding headers are believed, for `limits.rate` and the access log.
+    let trusted = args.config.server.forwarded_allow_ips.clone();
     let rate = match client_rate(&args.config, &args.rates, trusted.clone()) {
         Ok(rate) => rate,
         Err(e) => {
@@ -376,14 +367,12 @@ async fn start_app(
     runtime_dir: Option<&Path>,
 ) -> Result<(), String> {
     let app = &config.app;
-    if app.command.is_empty() && app.upstream.is_empty() {
-        return Ok(());
-    }
-    let trusted = Trusted::parse(&config.server.forwarded_allow_ips)
-        .map_err(|e| format!("server.forwarded_allow_ips: {e}"))?;
+    let trusted = config.server.forwarded_allow_ips.clone();
     let max_body = config.worker.max_body_bytes.bytes();
     let (target, pool) = if app.command.is_empty() {
-        let upstream = Upstream::parse(&app.upstream).map_err(|e| format!("app.upstream: {e}"))?;
+        let Some(upstream) = app.upstream.clone() else {
+            return Ok(());
+        };
         info!(app.upstream = %upstream, "proxying to the upstream");
         (upstream, None)
     } else {
