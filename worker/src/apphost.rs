@@ -21,12 +21,12 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, info_span, warn};
 
-use crate::child::{AppProcess, Health, Launch};
+use crate::app::child::{AppProcess, Health, Launch};
 use crate::config::{Config, Upstream};
 use crate::process::Signals;
 use crate::protocol::{self, MasterPipe};
-use crate::scoreboard::{Scoreboard, Slot, SlotState};
-use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
+use crate::protocol::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
+use crate::shm::scoreboard::{Scoreboard, Slot, SlotState};
 
 /// How often the host looks at what HTTP workers wrote in its record: requests sent (for
 /// `max_requests`), failed requests (the app may be unreachable), the end of a drain.
@@ -124,7 +124,7 @@ impl Host<'_> {
         let mut health = app.health();
         let mut look = tokio::time::interval(LOOK_EVERY);
         look.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut parent_check = tokio::time::interval(crate::PARENT_CHECK_INTERVAL);
+        let mut parent_check = tokio::time::interval(crate::process::PARENT_CHECK_INTERVAL);
         parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut turns = Turns {
             released,
@@ -275,7 +275,7 @@ impl Host<'_> {
         // socket may be gone or dead, which the app's task checks.
         let failed = self.slot.app_502_streak.load(Ordering::Relaxed);
         if failed > t.failed_seen {
-            crate::appconn::check_reachable();
+            crate::app::appconn::check_reachable();
         }
         t.failed_seen = failed;
     }

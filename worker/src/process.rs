@@ -23,19 +23,19 @@ fn listen(sig: Signal) -> std::io::Result<tokio::signal::unix::Signal> {
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, info_span, warn};
 
-use crate::access_log::AccessLog;
-use crate::client_rate::ClientRate;
-use crate::cluster::Cluster;
+use crate::app::pool::AppPool;
+use crate::app::proxy::Proxy;
 use crate::config::{Config, Trusted, Upstream};
+use crate::limits::cluster::Cluster;
 use crate::listener::Listener;
-use crate::pool::AppPool;
 use crate::protocol::{self, MasterPipe};
-use crate::proxy::Proxy;
-use crate::ratelimit::RateTable;
-use crate::scoreboard::{self, Scoreboard, Slot, SlotState};
-use crate::server::{DrainSummary, Server};
-use crate::state::{Limiters, Worker};
-use crate::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
+use crate::protocol::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
+use crate::serve::access_log::AccessLog;
+use crate::serve::client_rate::ClientRate;
+use crate::serve::server::{DrainSummary, Server};
+use crate::serve::state::{Limiters, Worker};
+use crate::shm::ratelimit::RateTable;
+use crate::shm::scoreboard::{self, Scoreboard, Slot, SlotState};
 
 /// How often the worker stamps `heartbeat_ms` in its record. The stamp is written by a task on
 /// the event loop, so a loop blocked by a handler stops it, which is what the master's hang
@@ -159,7 +159,7 @@ pub(crate) fn run(args: WorkerArgs) -> ExitCode {
 /// `limits.rate` counted there), when Redis is configured and one of them is set.
 fn cluster_of(
     config: &Config,
-    rate: Option<&crate::client_rate::ClientRate>,
+    rate: Option<&crate::serve::client_rate::ClientRate>,
     instance: u64,
 ) -> Result<Option<Cluster>, String> {
     let limits = &config.limits;
@@ -385,7 +385,7 @@ async fn start_app(
         );
         // Ready once an app process is: until then its connections would only wait, while
         // those of a master it takes over from (an upgrade) are served at once.
-        crate::pool::wait_for_an_app(worker.admission.board()).await;
+        crate::app::pool::wait_for_an_app(worker.admission.board()).await;
         (Upstream::Unix(dir.to_path_buf()), Some(pool))
     };
     let proxy = Proxy::new(app, trusted, max_body, target, pool);
@@ -453,7 +453,7 @@ pub(crate) fn spawn_heartbeat(slot: &'static Slot) -> tokio::task::JoinHandle<()
 /// again with the request they belong to.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let message = crate::request::panic_message(info.payload());
+        let message = crate::serve::request::panic_message(info.payload());
         let location = info
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))

@@ -19,7 +19,7 @@
 //! One byte per message, each sent at most once per process: [`READY`] once the worker accepts
 //! connections (or, held, once it could), then [`MAX_REQUESTS_SOON`] and [`MAX_REQUESTS`] as it
 //! nears and reaches `worker.max_requests`. The master sees end-of-file when the worker exits;
-//! the exit status says how (0, [`crate::EXIT_STARTUP`], [`crate::EXIT_MASTER_GONE`], a signal).
+//! the exit status says how (0, [`EXIT_STARTUP`], [`EXIT_MASTER_GONE`], a signal).
 //!
 //! # Signals (master to worker)
 //!
@@ -32,7 +32,7 @@
 //! | SIGKILL | | a worker hung past `worker.timeout`, or still running after its drain's deadline |
 //!
 //! A worker checks its parent every [`crate::PARENT_CHECK_INTERVAL`]: once re-parented (the
-//! master died), it exits at once with [`crate::EXIT_MASTER_GONE`], its app with it.
+//! master died), it exits at once with [`EXIT_MASTER_GONE`], its app with it.
 //!
 //! # Shared memory
 //!
@@ -216,6 +216,43 @@ impl MasterPipe {
             _ => Err(io::ErrorKind::WriteZero.into()),
         }
     }
+}
+
+/// Exit status when the worker could not start (scoreboard, event loop, signals, listeners,
+/// readiness pipe); the reason is logged.
+pub const EXIT_STARTUP: u8 = 70;
+/// Exit status when the worker found that its master is gone (it was re-parented).
+pub const EXIT_MASTER_GONE: u8 = 71;
+
+/// What the master hands a worker process.
+pub struct WorkerArgs {
+    /// Worker number 1..=N (survives respawns); sent as `X-Worker-Id`.
+    pub id: u32,
+    /// Index of this process's record in the scoreboard.
+    pub slot: usize,
+    /// An app host (one app process of the pool, see `apphost`) rather than an HTTP worker;
+    /// `id` is then the app process's number.
+    pub app_host: bool,
+    /// The worker exits when its parent is no longer this process.
+    pub master_pid: u32,
+    /// Already bound and listening sockets (TCP v4/v6 or Unix stream); blocking mode unknown.
+    pub listeners: Vec<OwnedFd>,
+    /// Write end of the pipe to the master, open for the worker's whole life: `b'R'` once the
+    /// worker accepts connections, then `b'm'` and `b'M'` near and at `max_requests` (see the module doc).
+    pub ready: OwnedFd,
+    /// Requests after which the worker asks to be recycled (jitter already added); 0: never.
+    pub max_requests: u64,
+    /// Boot and report ready, but accept nothing until SIGUSR2: a replacement prepared ahead
+    /// of its predecessor's `max_requests`.
+    pub hold: bool,
+    /// The scoreboard memfd (see [`crate::scoreboard`]), mapped writable.
+    pub scoreboard: OwnedFd,
+    /// The per-client rate table's memfd (see [`crate::ratelimit`]), mapped writable when
+    /// `limits.rate` is set.
+    pub rates: OwnedFd,
+    /// The master's private runtime directory (app sockets go there).
+    pub runtime_dir: Option<std::path::PathBuf>,
+    pub config: crate::config::Config,
 }
 
 #[cfg(test)]

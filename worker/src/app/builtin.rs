@@ -29,9 +29,9 @@ use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::http::request::Parts;
 use hyper::{Method, Response, StatusCode};
 
-use crate::client_body::{ClientBody, ClientBodyError};
-use crate::context::WorkerContext;
-use crate::response::{text, Body};
+use crate::http::client_body::{ClientBody, ClientBodyError};
+use crate::http::context::WorkerContext;
+use crate::http::response::{text, Body};
 
 const HELLO: Bytes = Bytes::from_static(b"Hello, World!");
 const OK: Bytes = Bytes::from_static(b"ok\n");

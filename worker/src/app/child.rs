@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Upstream;
-use crate::scoreboard::Slot;
+use crate::shm::scoreboard::Slot;
 
 /// Lines of the app's output kept for the message of a failed start.
 const TAIL_LINES: usize = 20;
@@ -316,7 +316,7 @@ async fn run_once(
                 health.send_replace(Health::Starting);
                 return End::Exited(format!("exited ({status})"));
             }
-            _ = crate::appconn::a_connect_failed() => {
+            _ = crate::app::appconn::a_connect_failed() => {
                 // Restarted only if it still cannot be reached a moment later: a refused
                 // connect can pass (seen once under CI load with an app that was up and then
                 // served), and a healthy app must not be killed for it.
@@ -389,7 +389,10 @@ fn with_tail(shared: &Shared, why: &str) -> String {
 /// Polls until something accepts a connection at `address` (the app listens).
 async fn wait_accepting(address: &Upstream) {
     let mut pause = Duration::from_millis(5);
-    while crate::appconn::AppStream::connect(address).await.is_err() {
+    while crate::app::appconn::AppStream::connect(address)
+        .await
+        .is_err()
+    {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }

@@ -29,10 +29,10 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use crate::appconn::AppStream;
-use crate::client_body::{BoxError, ClientBody};
+use crate::app::appconn::AppStream;
 use crate::config::Upstream;
-use crate::scoreboard::coarse_monotonic_ms;
+use crate::http::client_body::{BoxError, ClientBody};
+use crate::shm::scoreboard::coarse_monotonic_ms;
 
 /// A request's body on its way to the app: streamed from the client, or whole (none, read
 /// whole by `app.buffer_requests`, or kept to be sent again).

@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::config::Upstream;
-use crate::scoreboard::{monotonic_us, AppLoad, Kind, Scoreboard, Slot, APP_OPEN};
+use crate::shm::scoreboard::{monotonic_us, AppLoad, Kind, Scoreboard, Slot, APP_OPEN};
 
 /// How often a waiting request looks again for a free app process: other workers free their
 /// slots without telling this one.
@@ -330,6 +330,6 @@ pub(crate) fn kill_app_of(board: &Scoreboard, ticket: u64) {
              (app.kill_on_timeout)"
         );
         close(slot, host_pid);
-        crate::child::kill_group(app, nix::sys::signal::Signal::SIGKILL);
+        crate::app::child::kill_group(app, nix::sys::signal::Signal::SIGKILL);
     }
 }

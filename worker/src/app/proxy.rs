@@ -36,15 +36,15 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::activity::ClientConnection;
-use crate::appconn::AppStream;
-use crate::client_body::{ClientBody, ClientBodyError};
+use crate::app::appconn::AppStream;
+use crate::app::conn_pool::{ConnPool, Exchange as Sent, Outgoing, Pooled};
+use crate::app::pool::{AppPermit, AppPool, NoApp};
 use crate::config::{AppConfig, Trusted, Upstream};
-use crate::conn_pool::{ConnPool, Exchange as Sent, Outgoing, Pooled};
-use crate::context::WorkerContext;
-use crate::pool::{AppPermit, AppPool, NoApp};
-use crate::response::{text, Body, BoxError};
-use crate::scoreboard::coarse_monotonic_ms;
+use crate::http::activity::ClientConnection;
+use crate::http::client_body::{ClientBody, ClientBodyError};
+use crate::http::context::WorkerContext;
+use crate::http::response::{text, AppHold, Body, BoxError};
+use crate::shm::scoreboard::coarse_monotonic_ms;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -184,7 +184,7 @@ impl Proxy {
     /// its app slot wrote (`AppLease::ticket`).
     pub(crate) fn timed_out(&self, worker: &WorkerContext, ticket: u64) {
         if self.kills_on_timeout() {
-            crate::pool::kill_app_of(worker.admission.board(), ticket);
+            crate::app::pool::kill_app_of(worker.admission.board(), ticket);
         }
     }
 
@@ -292,7 +292,7 @@ impl Proxy {
         // The client left while the request waited for the app: nothing to send it for.
         if client.gone() {
             return text(
-                StatusCode::from_u16(crate::response::CLIENT_GONE).expect("a valid status"),
+                StatusCode::from_u16(crate::http::response::CLIENT_GONE).expect("a valid status"),
                 Bytes::new(),
             );
         }
@@ -561,7 +561,7 @@ impl Proxy {
                 }
             };
         }
-        Response::from_parts(parts, Body::proxied(body, permit, conn))
+        Response::from_parts(parts, Body::proxied(body, Box::new(Held { permit, conn })))
     }
 
     /// Sends `req` on a new connection of its own, outside the pool (closed after its
@@ -746,6 +746,27 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<'_, T> 
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// What a streamed response of the app holds until it is sent: the app slot, and the pooled
+/// connection it comes on, which goes back to the pool once the body has ended.
+struct Held {
+    permit: AppPermit,
+    conn: Option<Pooled>,
+}
+
+impl AppHold for Held {
+    fn body_ended(self: Box<Self>) {
+        let Held { permit, conn } = *self;
+        if let Some(conn) = conn {
+            conn.give_back();
+        }
+        drop(permit);
+    }
+
+    fn ticket(&self) -> u64 {
+        self.permit.ticket()
     }
 }
 

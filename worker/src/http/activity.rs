@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use crate::listener::Stream;
-use crate::scoreboard::{coarse_monotonic_ms, coarse_tick_ms};
+use crate::shm::scoreboard::{coarse_monotonic_ms, coarse_tick_ms};
 
 /// What this connection has been doing, shared between its task, its socket wrapper and the
 /// guards of its requests. Everything runs on one thread; atomics only make it `Sync`.

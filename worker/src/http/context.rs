@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::activity::IdleLimits;
-use crate::admission::Admission;
-use crate::client_body::BodyTiming;
+use crate::http::activity::IdleLimits;
+use crate::http::client_body::BodyTiming;
+use crate::limits::admission::Admission;
 
 /// What the app side reads of its worker.
 pub(crate) struct WorkerContext {

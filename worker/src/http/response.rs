@@ -19,17 +19,29 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
-use crate::client_body::ClientBody;
 use crate::config::ByteSize;
-use crate::conn_pool::Pooled;
+use crate::http::client_body::ClientBody;
 
-pub(crate) use crate::client_body::BoxError;
+pub(crate) use crate::http::client_body::BoxError;
 
 pub(crate) const X_WORKER_ID: HeaderName = HeaderName::from_static("x-worker-id");
 pub(crate) const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 /// The status logged and counted for a request whose client left before its response went out.
 pub(crate) const CLIENT_GONE: u16 = 499;
 const RETRY_AFTER_1S: HeaderValue = HeaderValue::from_static("1");
+
+/// What the app's streamed response body holds until it is sent (the app side's: its app slot
+/// and the pooled connection it comes on): given back as a whole when the body is dropped, or,
+/// once the body has been read to its end, through `body_ended` (a connection that carried a
+/// whole response can serve another). Boxed: only a response too large to be read whole
+/// (`proxy::SMALL_BODY`) streams.
+pub(crate) trait AppHold: Send {
+    /// The body was read to its end.
+    fn body_ended(self: Box<Self>);
+    /// The ticket of the app process answering (`pool::AppLease::ticket`; 0: none), for
+    /// `app.kill_on_timeout`.
+    fn ticket(&self) -> u64;
+}
 
 /// The body of every response this worker makes: what is sent, without the request's guard
 /// (`request_guard::Guarded` carries both to hyper).
@@ -40,12 +52,10 @@ pub(crate) struct Body {
 enum Kind {
     Full(Option<Bytes>),
     Stream(ClientBody<Limited<Incoming>>),
-    /// The app's response body, with the `app.concurrency` permit it holds until sent, and
-    /// the pooled connection it comes on (back to the pool once the body has ended).
+    /// The app's response body, with what it holds until it is sent (`AppHold`).
     Proxied {
         body: Incoming,
-        permit: crate::pool::AppPermit,
-        conn: Option<Pooled>,
+        hold: Option<Box<dyn AppHold>>,
     },
 }
 
@@ -62,14 +72,13 @@ impl Body {
         }
     }
 
-    /// The app's response body, streamed through.
-    pub(crate) fn proxied(
-        body: Incoming,
-        permit: crate::pool::AppPermit,
-        conn: Option<Pooled>,
-    ) -> Body {
+    /// The app's response body, streamed through, holding `hold` until it is sent.
+    pub(crate) fn proxied(body: Incoming, hold: Box<dyn AppHold>) -> Body {
         Body {
-            kind: Kind::Proxied { body, permit, conn },
+            kind: Kind::Proxied {
+                body,
+                hold: Some(hold),
+            },
         }
     }
 
@@ -95,7 +104,7 @@ impl Body {
     /// Reads the rest of the app's body and throws it away, within `limit`: `Err` with the
     /// ticket of its app process (`pool::AppLease::ticket`) if the app was still sending.
     pub(crate) async fn discard_app_body(&mut self, limit: Duration) -> Result<(), u64> {
-        let Kind::Proxied { body, permit, .. } = &mut self.kind else {
+        let Kind::Proxied { body, hold } = &mut self.kind else {
             return Ok(());
         };
         let read = async {
@@ -107,7 +116,7 @@ impl Body {
         };
         match tokio::time::timeout(limit, read).await {
             Ok(()) => Ok(()),
-            Err(_) => Err(permit.ticket()),
+            Err(_) => Err(hold.as_ref().map_or(0, |h| h.ticket())),
         }
     }
 }
@@ -115,10 +124,10 @@ impl Body {
 impl Drop for Body {
     fn drop(&mut self) {
         // A pooled connection whose response was read to its end goes back to the pool.
-        if let Kind::Proxied { body, conn, .. } = &mut self.kind {
+        if let Kind::Proxied { body, hold } = &mut self.kind {
             if hyper::body::Body::is_end_stream(body) {
-                if let Some(conn) = conn.take() {
-                    conn.give_back();
+                if let Some(hold) = hold.take() {
+                    hold.body_ended();
                 }
             }
         }
@@ -281,7 +290,7 @@ impl Responses {
     }
 }
 
-pub(crate) fn host_cap(board: &crate::scoreboard::Scoreboard) -> u32 {
+pub(crate) fn host_cap(board: &crate::shm::scoreboard::Scoreboard) -> u32 {
     board.header().global_cap.load(Ordering::Relaxed)
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::scoreboard::{Scoreboard, Slot};
+use crate::shm::scoreboard::{Scoreboard, Slot};
 
 /// Why a request was not admitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

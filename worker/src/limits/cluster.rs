@@ -33,11 +33,11 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script};
 use tracing::{debug, info, warn};
 
 use crate::config::{OnRedisError, RedisConfig, SentinelConfig};
-use crate::ratelimit::{Decision, Gcra};
 /// For the binary's errors and `supervisor check` (`redis_target` is private).
-pub use crate::redis_target::redacted;
-use crate::redis_target::Target;
-use crate::scoreboard::{coarse_monotonic_ms, Slot};
+pub use crate::limits::redis_target::redacted;
+use crate::limits::redis_target::Target;
+use crate::shm::ratelimit::{Decision, Gcra};
+use crate::shm::scoreboard::{coarse_monotonic_ms, Slot};
 
 /// Without rate limits: drops expired leases, then takes one for each listed member, in order,
 /// while fewer than the cap are held. KEYS[1] leases; ARGV: cap, ttl ms, members. Returns how

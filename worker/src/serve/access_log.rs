@@ -99,7 +99,7 @@ impl AccessLog {
             version,
             referer: headers.get(REFERER).cloned(),
             user_agent: headers.get(USER_AGENT).cloned(),
-            client: crate::client_rate::client_ip(&self.trusted, headers, peer),
+            client: crate::serve::client_rate::client_ip(&self.trusted, headers, peer),
         })
     }
 

@@ -10,8 +10,8 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
 use crate::config::{RateKey, Trusted};
-use crate::ratelimit::{Decision, Gcra, RateTable};
-use crate::response::{text, Body};
+use crate::http::response::{text, Body};
+use crate::shm::ratelimit::{Decision, Gcra, RateTable};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");

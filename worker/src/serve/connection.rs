@@ -60,10 +60,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::activity::{Activity, IdleCheck, IdleLimits, RateWindow, TrackedIo, NOT_BLOCKED};
+use crate::http::activity::{Activity, IdleCheck, IdleLimits, RateWindow, TrackedIo, NOT_BLOCKED};
 use crate::listener::{reset_on_close, unsent_bytes, Stream};
-use crate::request;
-use crate::state::{ConnectionGuard, Worker};
+use crate::serve::request;
+use crate::serve::state::{ConnectionGuard, Worker};
 
 /// Why a connection was asked to shut down.
 #[derive(Clone, Copy, Debug)]

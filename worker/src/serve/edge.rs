@@ -18,7 +18,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue, ALLOW, HOST, TRANSFER_EN
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tracing::debug;
 
-use crate::response::{text, Body};
+use crate::http::response::{text, Body};
 
 /// What a 405 for `CONNECT` says the server takes (it must say something, RFC 9110 15.5.6).
 const ALLOW_NOT_CONNECT: HeaderValue =

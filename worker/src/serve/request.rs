@@ -25,21 +25,21 @@ use hyper::http::request::Parts;
 use hyper::{Request, Response, Version};
 use tracing::{error, warn};
 
-use crate::activity::ActivityGuard;
-use crate::admission::{Permits, Rejection};
-use crate::app;
-use crate::client_rate::ClientRate;
-use crate::cluster::Verdict;
+use crate::app::builtin;
 use crate::config::OnRedisError;
-use crate::edge;
-use crate::ratelimit::Decision;
-use crate::request_guard::{Admitted, Exchange, Guarded, InFlight, RequestGuard};
-use crate::response::{self, Body, X_WORKER_ID};
-use crate::state::Worker;
+use crate::http::activity::ActivityGuard;
+use crate::http::response::{self, Body, X_WORKER_ID};
+use crate::limits::admission::{Permits, Rejection};
+use crate::limits::cluster::Verdict;
+use crate::serve::client_rate::ClientRate;
+use crate::serve::edge;
+use crate::serve::request_guard::{Admitted, Exchange, Guarded, InFlight, RequestGuard};
+use crate::serve::state::Worker;
+use crate::shm::ratelimit::Decision;
 
 /// The future hyper gets for a request: the response itself when the app answered at once (most
 /// requests), or the boxed wait of a route that waits, with its timeout and panic guard.
-// `Ready` is the common case, held inline for the same reason as `app::Reply::Now`.
+// `Ready` is the common case, held inline for the same reason as `builtin::Reply::Now`.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Handled {
     Ready(Option<Response<Guarded>>),
@@ -111,7 +111,7 @@ pub(crate) fn handle(
             "more than {} request headers (worker.max_headers)\n",
             worker.limits.max_headers
         );
-        let res = crate::response::text(
+        let res = crate::http::response::text(
             hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             bytes::Bytes::from(body),
         );
@@ -278,10 +278,10 @@ fn serve(
         return Handled::Proxied(Exchange::new(worker, answer));
     }
     match catch_unwind(AssertUnwindSafe(|| {
-        app::call(worker, &worker.app, &head, body)
+        builtin::call(worker, &worker.app, &head, body)
     })) {
-        Ok(Ok(app::Reply::Now(res))) => Handled::now(finish(res, guard)),
-        Ok(Ok(app::Reply::Later(wait))) => {
+        Ok(Ok(builtin::Reply::Now(res))) => Handled::now(finish(res, guard)),
+        Ok(Ok(builtin::Reply::Later(wait))) => {
             Handled::Later(Box::pin(later(worker, head, wait, guard, None)))
         }
         Ok(Err(e)) => Handled::now(failed(&head, e, guard)),
@@ -290,7 +290,7 @@ fn serve(
 }
 
 /// The rest of a request whose handler waits: bounded by `worker.request_timeout` (504), and a
-/// panic while it is polled is a 500 like one in `app::call`.
+/// panic while it is polled is a 500 like one in `builtin::call`.
 async fn later(
     worker: &'static Worker,
     head: Parts,
@@ -331,7 +331,7 @@ async fn later(
 }
 
 #[cold]
-fn failed(head: &Parts, e: app::AppError, mut guard: RequestGuard) -> Response<Guarded> {
+fn failed(head: &Parts, e: builtin::AppError, mut guard: RequestGuard) -> Response<Guarded> {
     guard.admitted = None;
     error!(
         http.method = %head.method,

@@ -20,15 +20,15 @@ use hyper::body::{Frame, SizeHint};
 use hyper::Response;
 use tracing::{debug, info};
 
-use crate::access_log;
-use crate::activity::ActivityGuard;
-use crate::admission::Permits;
-use crate::cluster::Lease;
+use crate::http::activity::ActivityGuard;
+use crate::http::response::{Body, BoxError};
+use crate::limits::admission::Permits;
+use crate::limits::cluster::Lease;
 use crate::protocol;
-use crate::ratelimit::Decision;
-use crate::response::{Body, BoxError};
-use crate::scoreboard::{Slot, SlotState};
-use crate::state::Worker;
+use crate::serve::access_log;
+use crate::serve::state::Worker;
+use crate::shm::ratelimit::Decision;
+use crate::shm::scoreboard::{Slot, SlotState};
 
 /// Everything one request holds while it is served. It travels inside the response body, so it
 /// lives until hyper has finished sending the response or has given up on it (client gone); if
@@ -68,7 +68,7 @@ impl RequestGuard {
     /// 499 (nginx's "client closed request") when it ends, which is when the app is done.
     pub(crate) fn client_gone(&mut self) {
         debug!("the client left; its request is finished with the app before the permits go");
-        self.status = crate::response::CLIENT_GONE;
+        self.status = crate::http::response::CLIENT_GONE;
         self.worker
             .admission
             .slot()

@@ -15,10 +15,10 @@ use tokio::sync::{watch, SemaphorePermit};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::connection;
 use crate::listener::{AcceptError, Listener, Peer, Stream};
-use crate::scoreboard::{monotonic_ms, Slot, SlotState};
-use crate::state::{ConnectionGuard, Worker};
+use crate::serve::connection;
+use crate::serve::state::{ConnectionGuard, Worker};
+use crate::shm::scoreboard::{monotonic_ms, Slot, SlotState};
 
 /// How long an accept loop pauses after the process ran out of fds, buffers or memory.
 pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);

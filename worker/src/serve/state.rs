@@ -15,15 +15,15 @@ use hyper_util::server::conn::auto;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::warn;
 
-use crate::activity::IdleLimits;
-use crate::admission::Admission;
-use crate::app;
-use crate::client_body::BodyTiming;
+use crate::app::builtin;
 use crate::config::Config;
-use crate::context::{Limits, WorkerContext};
+use crate::http::activity::IdleLimits;
+use crate::http::client_body::BodyTiming;
+use crate::http::context::{Limits, WorkerContext};
+use crate::http::response::{self, Responses};
+use crate::limits::admission::Admission;
 use crate::protocol::MasterPipe;
-use crate::response::{self, Responses};
-use crate::scoreboard::{Scoreboard, Slot};
+use crate::shm::scoreboard::{Scoreboard, Slot};
 
 /// hyper refuses a read buffer smaller than this (it must hold a minimal request head).
 const MIN_HEADER_BYTES: u64 = 8192;
@@ -43,21 +43,21 @@ pub(crate) struct Worker {
     /// Completed requests after which the master is asked to prepare the replacement.
     pub(crate) prepare_at: u64,
     /// What the built-in app keeps for the life of the process.
-    pub(crate) app: app::State,
+    pub(crate) app: builtin::State,
     /// Set when the drain starts: HTTP/1 responses then close their connection.
     pub(crate) draining: AtomicBool,
     /// Set at start when the app is a process or an upstream: requests go there instead of
     /// the built-in app.
-    pub(crate) proxy: std::sync::OnceLock<crate::proxy::Proxy>,
+    pub(crate) proxy: std::sync::OnceLock<crate::app::proxy::Proxy>,
     /// Whether requests are timed: only when something shows their durations (metrics or the
     /// access log), to spare two clock reads per request otherwise.
     pub(crate) timed: bool,
     /// The access log (`log.access`), set at start when it is on.
-    pub(crate) access: std::sync::OnceLock<crate::access_log::AccessLog>,
+    pub(crate) access: std::sync::OnceLock<crate::serve::access_log::AccessLog>,
     /// `limits.rate`, when set.
-    pub(crate) rate: Option<crate::client_rate::ClientRate>,
+    pub(crate) rate: Option<crate::serve::client_rate::ClientRate>,
     /// `limits.cluster_max_concurrent_requests` through `redis.url`, when both are set.
-    pub(crate) cluster: Option<crate::cluster::Cluster>,
+    pub(crate) cluster: Option<crate::limits::cluster::Cluster>,
     /// `worker.max_connections`: an accept loop takes a permit before it accepts.
     pub(crate) connections: Semaphore,
 }
@@ -66,9 +66,9 @@ pub(crate) struct Worker {
 #[derive(Default)]
 pub(crate) struct Limiters {
     /// `limits.rate`.
-    pub(crate) rate: Option<crate::client_rate::ClientRate>,
+    pub(crate) rate: Option<crate::serve::client_rate::ClientRate>,
     /// `limits.cluster_max_concurrent_requests` through `redis.url`.
-    pub(crate) cluster: Option<crate::cluster::Cluster>,
+    pub(crate) cluster: Option<crate::limits::cluster::Cluster>,
 }
 
 impl Worker {
@@ -158,7 +158,7 @@ impl Worker {
             master,
             max_requests,
             prepare_at: crate::protocol::prepare_at(max_requests),
-            app: app::State::default(),
+            app: builtin::State::default(),
             draining: AtomicBool::new(false),
             proxy: std::sync::OnceLock::new(),
             timed: !config.metrics.bind.is_empty() || config.log.access,

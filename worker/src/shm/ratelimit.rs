@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use siphasher::sip::SipHasher13;
 
-use crate::shared_region::{Region, Shared};
+use crate::shm::shared_region::{Region, Shared};
 
 const MAGIC: u64 = 0x5355_5056_5254_0001; // "SUPVRT" + layout version 1
 

@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::shared_region::{Region, Shared};
+use crate::shm::shared_region::{Region, Shared};
 
 const MAGIC: u64 = 0x5355_5056_5342_0006; // "SUPVSB" + layout version 6
 

@@ -13,8 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
 use super::eventually;
+use crate::app::conn_pool::{ConnPool, Exchange, Outgoing, Pooled};
 use crate::config::Upstream;
-use crate::conn_pool::{ConnPool, Exchange, Outgoing, Pooled};
 
 /// An app that answers every request on a connection with `200 ok`, and closes the connection
 /// after its first answer when `close_after_answer` (as uvicorn does after an exception).

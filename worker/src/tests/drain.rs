@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use super::client::{h2_get, H1, H2, IO_LIMIT};
 use super::{eventually, start};
-use crate::scoreboard::SlotState;
+use crate::shm::scoreboard::SlotState;
 
 #[tokio::test]
 async fn drain_finishes_inflight_closes_idle_and_serves_the_queue() {

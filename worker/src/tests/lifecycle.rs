@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::client::{get, h2_get, H1, H2, IO_LIMIT};
 use super::{eventually, start, ID};
 use crate::protocol;
-use crate::scoreboard::{coarse_monotonic_ms, monotonic_ms, Slot, SlotState};
+use crate::shm::scoreboard::{coarse_monotonic_ms, monotonic_ms, Slot, SlotState};
 
 const SETTLE: Duration = Duration::from_secs(2);
 

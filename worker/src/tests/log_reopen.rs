@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use tracing::field::{Field, Visit};
 use tracing::span;
 
-use crate::scoreboard::Scoreboard;
+use crate::shm::scoreboard::Scoreboard;
 use crate::{run, WorkerArgs};
 
 /// Tells `child` which directory it works in; without it, `child` does nothing.
@@ -51,7 +51,7 @@ fn child() {
         max_requests: 0,
         hold: false,
         scoreboard,
-        rates: crate::ratelimit::RateTable::create(8).unwrap().1,
+        rates: crate::shm::ratelimit::RateTable::create(8).unwrap().1,
         runtime_dir: None,
         config,
     });

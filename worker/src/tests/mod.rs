@@ -16,9 +16,9 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::listener::Listener;
 use crate::protocol::MasterPipe;
-use crate::scoreboard::{Scoreboard, Slot};
-use crate::server::{DrainSummary, Server};
-use crate::state::Worker;
+use crate::serve::server::{DrainSummary, Server};
+use crate::serve::state::Worker;
+use crate::shm::scoreboard::{Scoreboard, Slot};
 
 mod app;
 mod client;
@@ -200,8 +200,8 @@ mod process {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    use crate::scoreboard::{monotonic_ms, Scoreboard};
-    use crate::state::Worker;
+    use crate::serve::state::Worker;
+    use crate::shm::scoreboard::{monotonic_ms, Scoreboard};
     use crate::{run, WorkerArgs, EXIT_STARTUP, HEARTBEAT_INTERVAL};
 
     fn args(scoreboard: OwnedFd, slot: usize) -> WorkerArgs {
@@ -216,7 +216,7 @@ mod process {
             max_requests: 0,
             hold: false,
             scoreboard,
-            rates: crate::ratelimit::RateTable::create(8).unwrap().1,
+            rates: crate::shm::ratelimit::RateTable::create(8).unwrap().1,
             runtime_dir: None,
             config: Default::default(),
         }

@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::pool::AppPool;
-use crate::scoreboard::{Kind, Scoreboard};
+use crate::app::pool::AppPool;
+use crate::shm::scoreboard::{Kind, Scoreboard};
 
 /// A scoreboard with HTTP worker records 0 and 1 and app hosts (pids 101, 102, 103) in records
 /// 2, 3 and 4, all open.
@@ -36,7 +36,7 @@ fn pool(concurrency: u32, own: usize) -> &'static AppPool {
 async fn take_every_slot(
     pool: &'static AppPool,
     board: &'static Scoreboard,
-) -> Vec<crate::pool::AppLease> {
+) -> Vec<crate::app::pool::AppLease> {
     let mut leases = Vec::new();
     for _ in 0..3 {
         leases.push(pool.acquire(board).await.unwrap());
@@ -45,7 +45,7 @@ async fn take_every_slot(
 }
 
 /// The file name of the socket of the app process a lease names.
-fn socket_of(lease: &crate::pool::AppLease) -> String {
+fn socket_of(lease: &crate::app::pool::AppLease) -> String {
     match lease.upstream() {
         crate::config::Upstream::Unix(path) => path.file_name().unwrap().to_string_lossy().into(),
         other => panic!("not a Unix socket: {other}"),
