@@ -145,6 +145,10 @@ pub struct Master {
     /// A graceful stop has told the app processes to drain (after the HTTP workers).
     apps_told_to_stop: bool,
     announced_ready: bool,
+    /// Reloads refused (a configuration that does not load, or whose workers cannot boot),
+    /// and why the last one was, until a reload is applied.
+    reload_failures: u64,
+    last_reload_error: Option<String>,
     exit_code: i32,
     /// Where app sockets go; removed when the master is dropped.
     runtime_dir: RuntimeDir,

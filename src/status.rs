@@ -54,10 +54,21 @@ pub struct MasterInfo {
     /// TTIN/TTOU and `scale`); 0 without one.
     #[serde(default)]
     pub apps: u32,
+    /// Whether every worker and app process it started with has reported ready (when it told
+    /// systemd `READY=1`); it stays true through later replacements.
+    #[serde(default)]
+    pub ready: bool,
     /// Whether it is stopping.
     pub stopping: bool,
     /// Configurations applied since start (HUP, `reload`).
     pub reloads: u64,
+    /// Reloads refused since start: a configuration that did not load, or whose new workers
+    /// could not boot (the previous one kept serving).
+    #[serde(default)]
+    pub reload_failures: u64,
+    /// Why the last reload was refused; empty when none was, or a later one was applied.
+    #[serde(default)]
+    pub last_reload_error: String,
     pub limits: LimitsInfo,
     /// `redis.url` with any password hidden; empty: no Redis.
     pub redis_url: String,
@@ -351,7 +362,13 @@ fn print_master(m: &MasterInfo) {
         } else {
             String::new()
         },
-        if m.stopping { " (stopping)" } else { "" },
+        if m.stopping {
+            " (stopping)"
+        } else if !m.ready {
+            " (starting)"
+        } else {
+            ""
+        },
         m.reloads,
         l.max_concurrent_requests,
         l.worker_max_concurrent,
@@ -362,6 +379,17 @@ fn print_master(m: &MasterInfo) {
             n => format!("{n} (on redis error: {})", l.on_redis_error),
         },
     );
+    if m.reload_failures > 0 {
+        outln!(
+            "reloads refused {}{}",
+            m.reload_failures,
+            if m.last_reload_error.is_empty() {
+                String::new()
+            } else {
+                format!("  last: {}", m.last_reload_error)
+            }
+        );
+    }
     if !m.redis_url.is_empty() {
         outln!("redis {}", m.redis_url);
     }

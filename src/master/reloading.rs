@@ -79,6 +79,7 @@ impl Master {
                 for line in e.lines() {
                     error!("reload failed, keeping the current configuration: {line}");
                 }
+                self.reload_failed(&e);
                 self.systemd_reload_failed(&e);
                 Err(e)
             }
@@ -137,6 +138,7 @@ impl Master {
             config_fd,
             rates,
         } = prepared;
+        self.last_reload_error = None;
         if new.log.file != self.config.log.file && !new.log.file.is_empty() {
             if let Err(e) = crate::run_as::log_to_file(&new) {
                 error!("reload: log.file: {e}");
@@ -287,6 +289,12 @@ impl Master {
         self.answer_reload(&clients, Ok(&message));
     }
 
+    /// Counts a refused reload and keeps why (its first line), for `supervisor status`.
+    fn reload_failed(&mut self, why: &str) {
+        self.reload_failures += 1;
+        self.last_reload_error = Some(why.lines().next().unwrap_or(why).to_string());
+    }
+
     /// A worker of the pending reload's configuration failed to boot before any was ready:
     /// the reload is undone for the workers (see `PendingReload`) and reported as failed.
     pub(super) fn reload_disproved(&mut self, id: u32, how: &str) {
@@ -299,6 +307,7 @@ impl Master {
             Shown(id)
         );
         error!("{why}");
+        self.reload_failed(&why);
         // The reload's other replacements stop: booting ones are killed, queued ones dropped.
         for slot in &mut self.slots {
             if slot

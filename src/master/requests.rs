@@ -148,8 +148,11 @@ impl Master {
                 .unwrap_or_default(),
             workers: self.processes().http,
             apps: self.processes().apps,
+            ready: self.announced_ready,
             stopping: self.phase != Phase::Running,
             reloads: self.config_gen,
+            reload_failures: self.reload_failures,
+            last_reload_error: self.last_reload_error.clone().unwrap_or_default(),
             limits: LimitsInfo {
                 max_concurrent_requests: c.limits.max_concurrent_requests,
                 cluster_max_concurrent_requests: c.limits.cluster_max_concurrent_requests,

@@ -119,6 +119,8 @@ pub fn setup(
         phase: Phase::Running,
         apps_told_to_stop: false,
         announced_ready: false,
+        reload_failures: 0,
+        last_reload_error: None,
         exit_code: 0,
         runtime_dir,
         self_exec,

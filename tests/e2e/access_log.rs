@@ -331,11 +331,7 @@ fn a_reload_to_an_unopenable_access_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_file(dir.path(), "supervisor.toml", "[log]\naccess = true\n");
     let config = config.to_str().unwrap().to_string();
-    let mut s = Server::spawn_in(dir, &["-b", "127.0.0.1:0", "-w", "1", "-c", &config]);
-    s.log
-        .wait_for(WAIT, |l| l.contains(" ready workers="))
-        .expect("ready");
-    s.addr = s.tcp_addr().unwrap();
+    let s = Server::spawn_in(dir, &["-b", "127.0.0.1:0", "-w", "1", "-c", &config]).wait_ready();
     let before = s.serving_pids();
     std::fs::write(
         &config,
@@ -343,13 +339,10 @@ fn a_reload_to_an_unopenable_access_file_is_refused() {
     )
     .unwrap();
     s.signal(Signal::SIGHUP);
-    let line = s
-        .log
-        .wait_for(WAIT, |l| l.contains("reload failed"))
-        .expect("the reload refused");
+    let why = s.refused_reload(1);
     assert!(
-        line.contains("cannot open access log /nonexistent/dir/access.log"),
-        "{line}"
+        why.contains("cannot open access log /nonexistent/dir/access.log"),
+        "{why}"
     );
     // Still serving, with the same worker and the access log on stderr.
     assert_eq!(s.get("/healthz").status, 200);

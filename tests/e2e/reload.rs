@@ -54,6 +54,8 @@ fn a_reload_whose_workers_cannot_start_fails_and_the_old_workers_keep_serving() 
         err.contains("the new workers cannot start") && err.contains("old workers keep serving"),
         "{err}"
     );
+    let why = s.refused_reload(1);
+    assert!(why.contains("the new workers cannot start"), "{why}");
     s.log
         .wait_for(WAIT, |l| {
             l.contains("reload failed: the new workers cannot start")
@@ -92,4 +94,47 @@ fn a_reload_whose_workers_cannot_start_fails_and_the_old_workers_keep_serving() 
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("configuration reloaded"), "{out}");
     assert_eq!(s.get("/").status, 200);
+}
+
+/// `supervisor status` says whether the master is still starting, and how many reloads it
+/// refused and why, until one is applied.
+#[test]
+fn status_says_starting_until_ready_and_keeps_why_a_reload_was_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    // The app listens only after 4 s: the master stays starting meanwhile.
+    let slow = format!(
+        "[\"python3\", {APP:?}, \"--uds\", \"{{socket}}\", \"--ready-delay-ms\", \"4000\"]"
+    );
+    write_file(&path, "supervisor.toml", &config(&path, &slow));
+    let s = Server::spawn_in(dir, &["-b", "127.0.0.1:0"]);
+    let starting = eventually(WAIT, "the master to answer", || s.master_info());
+    assert_eq!(starting["ready"], false, "{starting}");
+    let (code, text, err) = s.ctl(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("(starting)"), "{text}");
+    let s = s.wait_ready();
+    let (_, text, _) = s.ctl(&["status"]);
+    assert!(!text.contains("(starting)"), "{text}");
+    assert!(!text.contains("reloads refused"), "{text}");
+
+    write_file(&path, "supervisor.toml", "[server]\nwokers = 2\n");
+    let (code, _, _) = s.ctl(&["reload"]);
+    assert_eq!(code, 1);
+    assert!(s.refused_reload(1).contains("wokers"));
+    let (_, text, _) = s.ctl(&["status"]);
+    assert!(text.contains("reloads refused 1  last: "), "{text}");
+
+    let good = format!("[\"python3\", {APP:?}, \"--uds\", \"{{socket}}\"]");
+    write_file(&path, "supervisor.toml", &config(&path, &good));
+    let (code, out, err) = s.ctl(&["reload"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    s.reloaded(1);
+    let m = s.master_info().unwrap();
+    assert_eq!(m["reload_failures"], 1, "{m}");
+    assert_eq!(
+        m["last_reload_error"], "",
+        "cleared by the reload applied: {m}"
+    );
+    assert_eq!(m["ready"], true, "{m}");
 }

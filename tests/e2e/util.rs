@@ -108,17 +108,65 @@ impl Server {
         Server::launch(cwd, None, args).ready()
     }
 
+    /// Waits until the master says it is ready (`master.ready` in its status), then takes its
+    /// first TCP address from the same status.
     fn ready(mut self) -> Server {
-        let ready = self
-            .log
-            .wait_for(Duration::from_secs(20), |l| l.contains(" ready workers="));
-        if ready.is_none() {
-            let status = self.child.try_wait().ok().flatten();
-            panic!("supervisor did not become ready (exit: {status:?})");
-        }
-        self.addr = self.tcp_addr().expect("a TCP listener");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut pause = Duration::from_millis(5);
+        let master = loop {
+            if let Some(m) = self.master_info().filter(|m| m["ready"] == true) {
+                break m;
+            }
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                panic!("supervisor exited before it was ready: {exit}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "supervisor did not become ready in 20s"
+            );
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        };
+        self.addr = master["listen"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str()?.parse().ok())
+            .next()
+            .expect("a TCP listener");
         self.assert_private();
         self
+    }
+
+    /// The master's own part of `supervisor status --json` (`master`), if it answers.
+    pub fn master_info(&self) -> Option<Value> {
+        let (code, out, _) = self.ctl(&["status", "--json"]);
+        if code != 0 {
+            return None;
+        }
+        let status: Value = serde_json::from_str(&out).ok()?;
+        status.get("master").cloned()
+    }
+
+    /// Waits until the master has refused `n` reloads since start
+    /// (`master.reload_failures`): why it refused the last.
+    pub fn refused_reload(&self, n: u64) -> String {
+        eventually(Duration::from_secs(30), "a refused reload", || {
+            let m = self.master_info()?;
+            (m["reload_failures"].as_u64()? >= n).then(|| {
+                m["last_reload_error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+        })
+    }
+
+    /// Waits until the master has applied `n` reloads since start (`master.reloads`).
+    pub fn reloaded(&self, n: u64) {
+        eventually(Duration::from_secs(30), "a reload applied", || {
+            (self.master_info()?["reloads"].as_u64()? >= n).then_some(())
+        })
     }
 
     /// The guard behind `_private`: a test master uses no default port, control socket or
@@ -233,14 +281,6 @@ impl Server {
             _private: private,
             exited: None,
         }
-    }
-
-    /// The first TCP address from the "listening" log line.
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        let line = self.log.wait_for(Duration::from_secs(10), |l| {
-            l.contains("listening") && !l.contains("addr=unix:")
-        })?;
-        field(&line, "addr")?.parse().ok()
     }
 
     pub fn pid(&self) -> u32 {
