@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cluster::{all_connected, redis_states};
+use crate::cluster_limits::{all_connected, redis_states};
 use crate::util::*;
 
 const WAIT: Duration = Duration::from_secs(20);

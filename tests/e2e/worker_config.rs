@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::app::children;
+use crate::app_process::children;
 use crate::util::{eventually, write_file, Server};
 
 const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");

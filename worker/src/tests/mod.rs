@@ -20,15 +20,15 @@ use crate::serve::server::{DrainSummary, Server};
 use crate::serve::state::Worker;
 use crate::shm::scoreboard::{Scoreboard, Slot};
 
-mod app;
+mod app_choice;
+mod builtin_routes;
 mod client;
-mod conn_pool;
 mod drain;
-mod lifecycle;
-mod limits;
+mod idle_app_connections;
 mod log_reopen;
-mod pool;
+mod request_limits;
 mod timeouts;
+mod worker_life;
 
 /// The record the server under test writes (not 0, to catch index mix-ups).
 const SLOT: usize = 1;

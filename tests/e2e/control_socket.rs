@@ -344,7 +344,7 @@ fn upgrade_waits_for_the_outcome_and_the_control_socket_and_pidfile_move_over() 
         .unwrap_or_else(|| panic!("no 'took over' line: {out}"))
         .parse()
         .unwrap();
-    let _stop_new = crate::upgrade::Adopted(new);
+    let _stop_new = crate::binary_upgrade::Adopted(new);
     assert_ne!(new, old);
     // Once the command returns, the new master answers on the same path and owns the pidfile;
     // the old one drains and exits cleanly, leaving both alone.

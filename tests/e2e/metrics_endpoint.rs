@@ -540,7 +540,7 @@ fn a_reload_that_moves_metrics_says_it_needs_a_restart() {
 
 #[test]
 fn workers_on_a_live_redis_are_counted_connected_then_degraded_when_it_goes() {
-    let redis = crate::cluster::Redis::start();
+    let redis = crate::cluster_limits::Redis::start();
     let url = format!("redis.url={}", redis.url());
     let (s, m) = start(&[
         "-w",

@@ -9,8 +9,8 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::recycling::{client, Tally, PACE};
 use crate::util::*;
+use crate::worker_recycling::{client, Tally, PACE};
 
 /// A master this test did not start as a child (the new master of an upgrade): stopped with
 /// TERM when the test ends, then KILL if it is still there after a bound.
@@ -359,7 +359,7 @@ fn while_the_new_master_is_not_ready_reload_scale_and_more_usr2_are_refused() {
     let _stop_new = Adopted(new);
     // The new master's worker has started (and waits for its app) before anything is asked.
     eventually(Duration::from_secs(20), "the new master's worker", || {
-        (!crate::app::children(new).is_empty()).then_some(())
+        (!crate::app_process::children(new).is_empty()).then_some(())
     });
 
     let (code, _, err) = ctl(&["reload"]);

@@ -697,7 +697,7 @@ fn an_upgrade_moves_mainpid_to_the_new_master_and_the_old_one_does_not_say_stopp
     master.signal(Signal::SIGUSR2);
     let line = master.wait_log("upgrade: started the new master");
     let new: u32 = field(&line, "pid").unwrap().parse().unwrap();
-    let _stop_new = crate::upgrade::Adopted(new);
+    let _stop_new = crate::binary_upgrade::Adopted(new);
     let msg = notes.wait_for(WAIT, "MAINPID=", |m| m.starts_with("MAINPID="));
     // With READY=1: a reload systemd thought under way ends with the handover.
     assert_eq!(msg, format!("MAINPID={new}\nREADY=1"));

@@ -169,7 +169,7 @@ fn usr1_and_usr2_during_a_workers_boot_do_not_kill_it() {
     // The worker, once it runs its own program (after the exec), early in its boot: before it
     // has its own signal handlers, the default action of both would kill it.
     let booting = eventually(Duration::from_secs(20), "a booting worker", || {
-        let pid = *crate::app::children(server.pid()).first()?;
+        let pid = *crate::app_process::children(server.pid()).first()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let mut args = cmdline.split(|&b| b == 0);
         (args.nth(1) == Some(b"worker".as_slice())).then_some(pid)

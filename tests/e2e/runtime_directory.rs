@@ -167,12 +167,12 @@ fn an_upgrade_leaves_the_old_masters_directory_to_it_until_it_exits() {
          \"--uds\", \"{{socket}}\"]\n",
         base.path().to_str().unwrap()
     );
-    let (mut old, _bin) = crate::upgrade::start_copy(tempfile::tempdir().unwrap(), &conf);
+    let (mut old, _bin) = crate::binary_upgrade::start_copy(tempfile::tempdir().unwrap(), &conf);
     let old_dir = base.path().join(format!("supervisor-{}", old.pid()));
     assert!(old_dir.join(".lock").exists());
     old.signal(nix::sys::signal::Signal::SIGUSR2);
-    let new = crate::upgrade::new_master(&old, 0);
-    let _stop_new = crate::upgrade::Adopted(new);
+    let new = crate::binary_upgrade::new_master(&old, 0);
+    let _stop_new = crate::binary_upgrade::Adopted(new);
     let new_dir = base.path().join(format!("supervisor-{new}"));
     eventually(WAIT, "the new master's directory", || {
         new_dir.join(".lock").exists().then_some(())
