@@ -18,6 +18,16 @@
 //! `starting` (`setup`), `spawning`, `exits` (reaping), `recycling` (checks, the replacement
 //! queue, the handover), `signals`, `reloading`, `upgrading`, `requests` (the control socket),
 //! `systemd`.
+//!
+//! Why decisions as functions over the slot table rather than one machine taking an event enum
+//! and returning an action list: a decision's effects feed the next one within the same turn
+//! (a fork fails and the slot backs off; a promotion releases a held process, whose pid the
+//! next decision needs), so an action list would have to be carried out and its results fed
+//! back as more events. Each function here takes the facts it needs and returns what to do,
+//! over the same state the shell keeps (`WorkerSlot`); the lifecycle stories (surge recycle,
+//! held replacement, crash backoff and give-up, hung kill, rolling reload, TTIN/TTOU during a
+//! recycle, stop during a reload or an upgrade, a worker dying while held) are each a unit
+//! test of them, without processes or sleeps.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
