@@ -11,6 +11,9 @@ machine; each line also splits the CPU per request between the front (supervisor
 nginx's worker) and the app processes behind it.
 
     bench/.venv/bin/python bench/side_by_side.py [--rate 5000] [--rounds 5] [--secs 5]
+        [--apps 3]          app processes in every system
+        [--switches]        also each kind's context switches per request (voluntary: it
+                            slept; involuntary: it was preempted), from /proc/PID/status
         [--bin PATH]...     one supervisor per binary (default: target/release/supervisor)
 
 Run bench/run once first (it builds supervisor and sets up nginx, oha and bench/.venv). All
@@ -56,15 +59,31 @@ def kind(pid: int) -> str:
     return "other"
 
 
+def switches(pid: int) -> tuple[int, int]:
+    """A process's voluntary and involuntary context switches so far."""
+    try:
+        fields = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        return (int(fields["voluntary_ctxt_switches"]),
+                int(fields["nonvoluntary_ctxt_switches"]))
+    except (OSError, KeyError, ValueError):
+        return (0, 0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=int, default=5000, help="req/s of GET / (default 5000)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--secs", type=int, default=5, help="length of each run (default 5)")
+    ap.add_argument("--apps", type=int, default=3, help="app processes per system (default 3)")
+    ap.add_argument("--switches", action="store_true",
+                    help="also print context switches per request by process kind")
     ap.add_argument("--bin", action="append", default=[], help="a supervisor binary; repeatable")
     args = ap.parse_args()
     if not 1 <= args.rounds <= 50 or not 1 <= args.secs <= 60 or not 1 <= args.rate <= 100_000:
         sys.exit("side_by_side: --rounds 1..=50, --secs 1..=60, --rate 1..=100000")
+    if not 1 <= args.apps <= 16:
+        sys.exit("side_by_side: --apps 1..=16")
     pin = h.Pinning.detect()
     app = [str(h.VENV / "bin" / "uvicorn"), "--app-dir", str(h.BENCH), "app:app",
            "--uds", "{socket}", "--log-level", "warning"]
@@ -75,9 +94,9 @@ def main() -> None:
             os.environ["SUPERVISOR_BIN"] = binary
             system = h.System("supervisor", "supervisor", "supervisor",
                               {"limits.max_concurrent_requests": 1024}, app=app)
-            runs[f"supervisor{i + 1 if len(bins) > 1 else ''}"] = system.start(3, pin)
+            runs[f"supervisor{i + 1 if len(bins) > 1 else ''}"] = system.start(args.apps, pin)
         runs["nginx+gunicorn"] = h.System("nginx-gunicorn", "nginx + gunicorn+uvicorn",
-                                          "nginx-gunicorn").start(3, pin)
+                                          "nginx-gunicorn").start(args.apps, pin)
         oha = h.oha_bin()
         results = {name: [] for name in runs}
         for rnd in range(args.rounds):
@@ -87,11 +106,14 @@ def main() -> None:
                 subprocess.run(pin.load_prefix() + [oha, "-z", "1s", "-q", str(args.rate),
                                                     "--no-tui", url], capture_output=True)
                 before = {p: cpu_seconds(p) for p in pids}
+                switched = {p: switches(p) for p in pids}
                 out = subprocess.run(
                     pin.load_prefix() + [oha, "-z", f"{args.secs}s", "-q", str(args.rate),
                                          "--latency-correction", "-c", "64", "--no-tui", url],
                     capture_output=True, text=True).stdout
                 used = {p: cpu_seconds(p) - before[p] for p in pids}
+                switched = {p: tuple(n - b for n, b in zip(switches(p), switched[p]))
+                            for p in pids}
                 served = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)) * args.secs
                 p50 = float(re.search(r"50.00% in ([\d.]+) ms", out).group(1))
                 p99 = float(re.search(r"99.00% in ([\d.]+) ms", out).group(1))
@@ -101,9 +123,15 @@ def main() -> None:
                 us = {k: v / served * 1e6 for k, v in split.items()}
                 total = sum(us.values())
                 results[name].append((p50, p99, total, us.get("front", 0.0), us.get("app", 0.0)))
-                print(f"round {rnd + 1} {name:16} p50 {p50:6.3f} ms  p99 {p99:7.3f} ms  "
-                      f"CPU/req {total:6.1f} µs (front {us.get('front', 0):5.1f}, "
-                      f"apps {us.get('app', 0):5.1f})", flush=True)
+                line = (f"round {rnd + 1} {name:16} p50 {p50:6.3f} ms  p99 {p99:7.3f} ms  "
+                        f"CPU/req {total:6.1f} µs (front {us.get('front', 0):5.1f}, "
+                        f"apps {us.get('app', 0):5.1f})")
+                if args.switches:
+                    for k in ("front", "app"):
+                        vol = sum(switched[p][0] for p in pids if kind(p) == k) / served
+                        inv = sum(switched[p][1] for p in pids if kind(p) == k) / served
+                        line += f"  {k} switches/req {vol:4.2f} slept {inv:4.2f} preempted"
+                print(line, flush=True)
         print("medians:")
         for name, rows in results.items():
             med = [statistics.median(r[i] for r in rows) for i in range(5)]
