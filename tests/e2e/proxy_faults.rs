@@ -6,7 +6,7 @@ use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::util::{eventually, field, read_response, Response, Server};
+use crate::util::{alive, eventually, field, read_response, try_get, Response, Server};
 
 const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");
 const APPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps");
@@ -120,6 +120,26 @@ fn a_client_that_leaves_keeps_its_permits_until_the_app_is_done() {
         .expect("an access log line with 499");
 }
 
+/// Sends `request`, reads the head of its 200, and hangs up while the body is still coming:
+/// when it hung up.
+fn leave_mid_response(s: &Server, request: &[u8]) -> Instant {
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(request).unwrap();
+    let head = read_head(&mut c).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(c);
+    Instant::now()
+}
+
+/// Waits until the worker has no request in flight: how long after `since`.
+fn settled_after(s: &Server, since: Instant) -> Duration {
+    eventually(WAIT, "no request in flight", || {
+        (worker_record(s)["inflight"].as_u64() == Some(0)).then_some(())
+    });
+    since.elapsed()
+}
+
 #[test]
 fn a_client_that_leaves_mid_response_keeps_its_permits_until_the_app_has_sent_it() {
     let s = start_app(
@@ -131,23 +151,13 @@ fn a_client_that_leaves_mid_response_keeps_its_permits_until_the_app_has_sent_it
         ],
         &[],
     );
-    let mut c = TcpStream::connect(s.addr).unwrap();
-    c.set_read_timeout(Some(WAIT)).unwrap();
     // 30 bytes, one every 100 ms: 3 s of the app's work.
-    c.write_all(b"GET /drip?n=30&ms=100 HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
-    let head = read_head(&mut c).unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    drop(c);
-    let left = Instant::now();
+    let left = leave_mid_response(&s, b"GET /drip?n=30&ms=100 HTTP/1.1\r\nHost: t\r\n\r\n");
     // The worker reads the rest of the app's response; the request stays in flight meanwhile.
-    eventually(WAIT, "no request in flight", || {
-        (worker_record(&s)["inflight"].as_u64() == Some(0)).then_some(())
-    });
+    let took = settled_after(&s, left);
     assert!(
-        left.elapsed() >= Duration::from_millis(1500),
-        "the permits went back {:?} after the client left, while the app was still sending",
-        left.elapsed()
+        took >= Duration::from_millis(1500),
+        "the permits went back {took:?} after the client left, while the app was still sending"
     );
     s.log
         .wait_for(WAIT, |l| {
@@ -166,6 +176,81 @@ fn a_client_that_leaves_mid_response_keeps_its_permits_until_the_app_has_sent_it
             .any(|l| l == "supervisor_requests_client_gone_total 1")
             .then_some(())
     });
+}
+
+/// How many connections the stdlib app has accepted, asked on `c`.
+fn app_connections(c: &mut BufReader<TcpStream>) -> u64 {
+    let r = ask(c, b"GET /stats HTTP/1.1\r\nHost: t\r\n\r\n");
+    serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["connections"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The app's pid, from its answer to `GET /` ("app WORKER PID").
+fn app_pid_of(r: &Response) -> u32 {
+    r.text().rsplit(' ').next().unwrap().trim().parse().unwrap()
+}
+
+/// A client that hangs up while a streamed answer is still coming: the worker reads the rest
+/// (the request in flight meanwhile), and the connection to the app, read to its end, goes
+/// back to the pool and serves the next request, whole and correct.
+#[test]
+fn a_connection_whose_client_left_mid_response_serves_again_once_the_app_has_sent_it() {
+    let s = start_app(&[], &[]);
+    let mut c = keepalive_client(&s);
+    let before = app_connections(&mut c);
+    // 20 chunks, one every 50 ms: a second of the app's work, streamed.
+    let left = leave_mid_response(&s, b"GET /drip?n=20&ms=50 HTTP/1.1\r\nHost: t\r\n\r\n");
+    let took = settled_after(&s, left);
+    assert!(
+        took >= Duration::from_millis(500),
+        "the request ended {took:?} after its client left, while the app was still sending"
+    );
+    for _ in 0..3 {
+        let r = ask(&mut c, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().starts_with("app "), "{}", r.text());
+    }
+    assert_eq!(
+        app_connections(&mut c),
+        before,
+        "the connection the abandoned answer came on was given back and used again"
+    );
+}
+
+/// A client that hangs up while the app is still sending past `worker.request_timeout`: the
+/// request ends at the timeout (its permits and app slot back then, not when the app would have
+/// finished), and with `app.kill_on_timeout` the app process that was still sending is killed
+/// and replaced.
+#[test]
+fn an_app_still_sending_to_a_client_that_left_is_cut_at_request_timeout_and_killed() {
+    let s = start_app(
+        &[
+            "--set",
+            "worker.request_timeout=1s",
+            "--set",
+            "app.kill_on_timeout=true",
+        ],
+        &[],
+    );
+    let pid = app_pid_of(&s.get("/"));
+    // 100 chunks, one every 100 ms: 10 s of sending.
+    let left = leave_mid_response(&s, b"GET /drip?n=100&ms=100 HTTP/1.1\r\nHost: t\r\n\r\n");
+    let took = settled_after(&s, left);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+        "the request ended {took:?} after its client left: not at worker.request_timeout (1s)"
+    );
+    eventually(WAIT, "the app still sending to be killed", || {
+        (!alive(pid)).then_some(())
+    });
+    let new = eventually(WAIT, "a new app process to answer", || {
+        try_get(s.addr, "/")
+            .ok()
+            .filter(|r| r.status == 200)
+            .map(|r| app_pid_of(&r))
+    });
+    assert_ne!(new, pid);
 }
 
 #[test]
@@ -214,7 +299,8 @@ fn boom_then_ok(s: &Server, rounds: u32, ok_body: &str) {
 }
 
 /// Requests one after another reuse one connection to the app, whether the app's answer was
-/// small (read whole before it goes out) or streamed (given back when its body has ended).
+/// small (read whole before it goes out) or streamed, with a length or chunked (given back
+/// when its body has ended).
 #[test]
 fn one_connection_to_the_app_carries_requests_one_after_another() {
     let s = start_app(&[], &[]);
@@ -228,13 +314,14 @@ fn one_connection_to_the_app_carries_requests_one_after_another() {
     };
     let before = connections(&mut c);
     for i in 0..40 {
-        let path = if i % 2 == 0 { "/" } else { "/download?mb=1" };
+        // Small (read whole), streamed with a length, streamed chunked.
+        let path = ["/", "/download?mb=1", "/drip?n=3&ms=1"][i % 3];
         let r = ask(
             &mut c,
             format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
         );
         assert_eq!(r.status, 200, "{path}: {}", r.text());
-        if i % 2 == 1 {
+        if i % 3 == 1 {
             assert_eq!(r.body.len(), 1024 * 1024, "{path}");
         }
     }

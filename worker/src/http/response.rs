@@ -52,10 +52,13 @@ pub(crate) struct Body {
 enum Kind {
     Full(Option<Bytes>),
     Stream(ClientBody<Limited<Incoming>>),
-    /// The app's response body, with what it holds until it is sent (`AppHold`).
+    /// The app's response body, with what it holds until it is sent (`AppHold`), and whether
+    /// its last frame has been read: hyper's `is_end_stream` says so only for a body of known
+    /// length, never for a chunked one, whose connection could then not be reused.
     Proxied {
         body: Incoming,
         hold: Option<Box<dyn AppHold>>,
+        ended: bool,
     },
 }
 
@@ -78,6 +81,7 @@ impl Body {
             kind: Kind::Proxied {
                 body,
                 hold: Some(hold),
+                ended: false,
             },
         }
     }
@@ -97,25 +101,28 @@ impl Body {
 
     /// The app's body, which the app has not finished sending.
     pub(crate) fn is_unfinished_app_body(&self) -> bool {
-        matches!(&self.kind, Kind::Proxied { body, .. }
-            if !hyper::body::Body::is_end_stream(body))
+        matches!(&self.kind, Kind::Proxied { .. }) && !hyper::body::Body::is_end_stream(self)
     }
 
     /// Reads the rest of the app's body and throws it away, within `limit`: `Err` with the
     /// ticket of its app process (`pool::AppLease::ticket`) if the app was still sending.
     pub(crate) async fn discard_app_body(&mut self, limit: Duration) -> Result<(), u64> {
-        let Kind::Proxied { body, hold } = &mut self.kind else {
+        let Kind::Proxied { body, hold, ended } = &mut self.kind else {
             return Ok(());
         };
         let read = async {
             while let Some(frame) = http_body_util::BodyExt::frame(body).await {
                 if frame.is_err() {
-                    break;
+                    return false;
                 }
             }
+            true
         };
         match tokio::time::timeout(limit, read).await {
-            Ok(()) => Ok(()),
+            Ok(read_to_end) => {
+                *ended |= read_to_end;
+                Ok(())
+            }
             Err(_) => Err(hold.as_ref().map_or(0, |h| h.ticket())),
         }
     }
@@ -124,8 +131,8 @@ impl Body {
 impl Drop for Body {
     fn drop(&mut self) {
         // A pooled connection whose response was read to its end goes back to the pool.
-        if let Kind::Proxied { body, hold } = &mut self.kind {
-            if hyper::body::Body::is_end_stream(body) {
+        if let Kind::Proxied { body, hold, ended } = &mut self.kind {
+            if *ended || hyper::body::Body::is_end_stream(body) {
                 if let Some(hold) = hold.take() {
                     hold.body_ended();
                 }
@@ -147,9 +154,13 @@ impl hyper::body::Body for Body {
             Kind::Stream(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),
-            Kind::Proxied { body, .. } => Pin::new(body)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
+            Kind::Proxied { body, ended, .. } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None)) {
+                    *ended = true;
+                }
+                polled.map_err(|e| Box::new(e) as BoxError)
+            }
         }
     }
 
@@ -157,7 +168,7 @@ impl hyper::body::Body for Body {
         match &self.kind {
             Kind::Full(data) => data.is_none(),
             Kind::Stream(body) => body.is_end_stream(),
-            Kind::Proxied { body, .. } => body.is_end_stream(),
+            Kind::Proxied { body, ended, .. } => *ended || body.is_end_stream(),
         }
     }
 
