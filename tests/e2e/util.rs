@@ -102,6 +102,15 @@ impl Server {
         Server::spawn(&[&["-b", "127.0.0.1:0"], args].concat()).ready()
     }
 
+    /// `supervisor start -b 127.0.0.1:0 ARGS...` with the environment variables `env` set (as a
+    /// PaaS sets `LOG_LEVEL` or `WEB_CONCURRENCY`), waiting until it is ready.
+    pub fn start_env(env: &[(&str, &str)], args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = dir.path().to_path_buf();
+        let args = [&["-b", "127.0.0.1:0"], args].concat();
+        Server::launch_with(Path::new(BIN), &cwd, Some(dir), &args, false, env).ready()
+    }
+
     /// `supervisor start ARGS...` (nothing added) in `cwd`, a directory the test does not own
     /// (an example's), waiting until it logs "ready".
     pub fn start_at(cwd: &Path, args: &[&str]) -> Server {
@@ -222,7 +231,7 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
         let args = [&["-b", "127.0.0.1:0"], args].concat();
-        Server::launch_with(Path::new(BIN), &path, Some(dir), &args, true).ready()
+        Server::launch_with(Path::new(BIN), &path, Some(dir), &args, true, &[]).ready()
     }
 
     /// Waits until it logs "ready".
@@ -240,7 +249,7 @@ impl Server {
         dir: Option<tempfile::TempDir>,
         args: &[&str],
     ) -> Server {
-        Server::launch_with(program, cwd, dir, args, false)
+        Server::launch_with(program, cwd, dir, args, false, &[])
     }
 
     fn launch_with(
@@ -249,9 +258,11 @@ impl Server {
         dir: Option<tempfile::TempDir>,
         args: &[&str],
         own_group: bool,
+        env: &[(&str, &str)],
     ) -> Server {
         let private = private_dir();
         let mut cmd = supervisor_at(program, cwd);
+        cmd.envs(env.iter().copied());
         if own_group {
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         }
@@ -306,8 +317,36 @@ impl Server {
         status_of(self.pid())
     }
 
-    /// The master's control socket, from its "control socket created" log line.
+    /// The master's control socket: in the private runtime directory when the test left it to
+    /// the harness (found there whatever the log's level and format), else from the master's
+    /// "control socket created" log line.
     pub fn control_socket(&self) -> PathBuf {
+        let name = |p: &PathBuf| {
+            let n = p.file_name()?.to_str()?.to_string();
+            (n.starts_with("supervisor-") && n.ends_with(&format!("-{}.sock", self.pid())))
+                .then_some(())
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let found = std::fs::read_dir(self._private.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| name(p).is_some());
+            if let Some(path) = found {
+                return path;
+            }
+            if self
+                .log
+                .lines()
+                .iter()
+                .any(|l| l.contains("control socket created"))
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let line = self
             .log
             .wait_for(Duration::from_secs(10), |l| {
@@ -527,10 +566,12 @@ fn supervisor_at(program: &Path, dir: &Path) -> Command {
     cmd.current_dir(dir);
     for var in [
         "PORT",
+        "WEB_CONCURRENCY",
         "WORKERS",
         "LOG_LEVEL",
         "MAX_CONCURRENT_REQUESTS",
         "MAX_ACTIVE_INSTANCES",
+        "REDIS_URL",
     ] {
         cmd.env_remove(var);
     }
