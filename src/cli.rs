@@ -48,7 +48,7 @@ pub struct ConfigArgs {
     /// Number of worker processes (app processes with an app command), or "auto" for 2 x CPU + 1
     #[arg(short = 'w', long = "workers", value_name = "N")]
     pub workers: Option<String>,
-    /// Log level: error, warn, info, debug or trace
+    /// Log level: error, warn, info, debug or trace (also warning, critical)
     #[arg(long = "log-level", value_name = "LEVEL")]
     pub log_level: Option<String>,
     /// Set any configuration key, e.g. --set worker.max_connections=500; repeatable

@@ -567,7 +567,19 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "log.level",
-        allowed: "\"error\", \"warn\", \"info\", \"debug\" or \"trace\"",
+        allowed: "\"error\", \"warn\", \"info\", \"debug\" or \"trace\" (or Python's and \
+                  gunicorn's \"critical\", \"fatal\", \"warning\")",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "log.app_level",
+        allowed: "\"error\", \"warn\", \"info\", \"debug\" or \"trace\" (or Python's and \
+                  gunicorn's \"critical\", \"fatal\", \"warning\")",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "log.app_output",
+        allowed: "\"events\" or \"raw\"",
         check: |_| Ok(()),
     },
     Rule {
@@ -1341,7 +1353,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 69);
+        assert_eq!(known.len(), 71);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),
@@ -1576,6 +1588,16 @@ mod tests {
             env(&[("LOG_LEVEL", "Warn")]).unwrap().log.level,
             LogLevel::Warn
         );
+        // The names Python's logging and gunicorn use, as a PaaS or a Procfile sets them.
+        for (name, level) in [
+            ("warning", LogLevel::Warn),
+            ("WARNING", LogLevel::Warn),
+            ("critical", LogLevel::Error),
+            ("CRITICAL", LogLevel::Error),
+            ("fatal", LogLevel::Error),
+        ] {
+            assert_eq!(env(&[("LOG_LEVEL", name)]).unwrap().log.level, level);
+        }
     }
 
     #[test]
@@ -1603,7 +1625,8 @@ mod tests {
         assert_eq!(
             err("LOG_LEVEL", "loud"),
             "environment variable LOG_LEVEL=\"loud\": log.level: \
-             expected \"error\", \"warn\", \"info\", \"debug\" or \"trace\""
+             expected \"error\", \"warn\", \"info\", \"debug\" or \"trace\" \
+             (or Python's and gunicorn's \"critical\", \"fatal\", \"warning\")"
         );
         assert_eq!(
             err("MAX_CONCURRENT_REQUESTS", "0"),
@@ -1744,7 +1767,8 @@ mod tests {
         assert_eq!(
             file_err("[log]\n  level = \"loud\"\n"),
             "supervisor.toml:2:11: log.level = \"loud\": \
-             expected \"error\", \"warn\", \"info\", \"debug\" or \"trace\""
+             expected \"error\", \"warn\", \"info\", \"debug\" or \"trace\" \
+             (or Python's and gunicorn's \"critical\", \"fatal\", \"warning\")"
         );
         assert_eq!(
             file_err("[server]\n# é\nbind = 8000 # é\n"),

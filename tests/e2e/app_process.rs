@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use serde_json::Value;
 
 use crate::util::{
     alive, eventually, exchange, exchange_answered_early, fd_targets, get, run, try_get,
@@ -582,6 +583,108 @@ fn real_uvicorn_app_behind_every_worker() {
     });
     let r = s.get("/sleep?ms=5");
     assert_eq!(r.status, 200);
+}
+
+/// What a PaaS sets (`LOG_LEVEL=warning`) quiets supervisor, not the app: an exception the app
+/// logs is one record, traceback and all, at error level, and the app's info lines stay.
+#[test]
+fn an_app_exception_is_one_error_record_whole_under_log_level_warning() {
+    let uvicorn = uvicorn();
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps");
+    let s = Server::start_env(
+        &[("LOG_LEVEL", "warning")],
+        &[
+            "-w",
+            "1",
+            "--set",
+            "log.format=json",
+            "--",
+            &uvicorn,
+            "--app-dir",
+            apps,
+            "asgi_app:app",
+            "--uds",
+            "{socket}",
+        ],
+    );
+    assert_eq!(s.get("/boom").status, 500);
+    let line = s
+        .log
+        .wait_for(WAIT, |l| l.contains("boom (on purpose)"))
+        .expect("the app's exception in the log");
+    let record: Value = serde_json::from_str(&line).expect("a JSON record");
+    assert_eq!(record["level"], "ERROR", "{line}");
+    assert_eq!(record["span"]["app.id"], 1, "{line}");
+    let message = record["message"].as_str().expect("a message");
+    assert!(
+        message.starts_with(
+            "ERROR:    Exception in ASGI application\nTraceback (most recent call last):\n"
+        ),
+        "the line that announced it, then the traceback: {message}"
+    );
+    assert!(message.contains("\n  File \""), "its frames: {message}");
+    assert!(
+        message.ends_with("\nRuntimeError: boom (on purpose)"),
+        "through the exception line: {message}"
+    );
+    // Once: no other record holds a piece of it.
+    let lines = s.log.lines();
+    let pieces = lines.iter().filter(|l| l.contains("Traceback")).count();
+    assert_eq!(pieces, 1, "{lines:#?}");
+    // The app's own info lines are kept (uvicorn's access line, on its other stream)...
+    s.log
+        .wait_for(WAIT, |l| {
+            l.contains("GET /boom HTTP/1.1") && l.contains(r#""level":"INFO""#)
+        })
+        .expect("uvicorn's access line, at info");
+    // ...and supervisor's are not (LOG_LEVEL=warning).
+    let own_info: Vec<_> = s
+        .log
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains(r#""level":"INFO""#) && !l.contains(r#""app.pid""#))
+        .collect();
+    assert!(own_info.is_empty(), "{own_info:#?}");
+}
+
+/// A JSON line of the app's stays an object in a JSON log, at the level it gives; `app_level`
+/// drops the app's lines below it.
+#[test]
+fn an_app_json_line_is_an_object_at_its_level_and_app_level_filters() {
+    let s = start_app(
+        1,
+        &["--set", "log.format=json", "--set", "log.app_level=warning"],
+        &[],
+    );
+    assert_eq!(s.get("/say").text(), "said");
+    let line = s
+        .log
+        .wait_for(WAIT, |l| l.contains("from the app"))
+        .expect("the app's JSON line in the log");
+    let record: Value = serde_json::from_str(&line).expect("a JSON record");
+    assert_eq!(record["level"], "WARN", "{line}");
+    assert_eq!(record["app_log"]["n"], 7, "an object, not a string: {line}");
+    assert_eq!(record["app_log"]["msg"], "from the app", "{line}");
+    assert_eq!(record["stream"], "stdout", "{line}");
+    // The app's info lines (its start line, "said it") are below log.app_level: a request
+    // after them flushes whatever was pending, and neither is there.
+    assert_eq!(s.get("/say").text(), "said");
+    eventually(WAIT, "the second JSON line", || {
+        (s.log
+            .lines()
+            .iter()
+            .filter(|l| l.contains("from the app"))
+            .count()
+            == 2)
+            .then_some(())
+    });
+    let lines = s.log.lines();
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("said it") || l.contains("stdlib_app worker")),
+        "{lines:#?}"
+    );
 }
 
 #[test]

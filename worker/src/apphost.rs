@@ -22,7 +22,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::app::child::{AppProcess, Health, Launch};
-use crate::config::{Config, Upstream};
+use crate::config::{AppOutput, Config, Upstream};
 use crate::process::Signals;
 use crate::protocol::{self, MasterPipe};
 use crate::protocol::{WorkerArgs, EXIT_MASTER_GONE, EXIT_STARTUP};
@@ -327,5 +327,11 @@ fn launch(
         address,
         worker_id: id,
         ready_timeout: app.ready_timeout,
+        output: std::sync::Arc::new(crate::app::output::Writer {
+            format: config.log.format,
+            min: config.log.app_level,
+            raw: config.log.app_output == AppOutput::Raw,
+            app_id: id,
+        }),
     })
 }

@@ -588,7 +588,8 @@ impl Default for AppConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    /// `error`, `warn`, `info`, `debug` or `trace` (env `LOG_LEVEL`).
+    /// `error`, `warn`, `info`, `debug` or `trace`, or Python's and gunicorn's `critical`,
+    /// `warning` (env `LOG_LEVEL`).
     pub level: LogLevel,
     /// `text` or `json`.
     pub format: LogFormat,
@@ -599,6 +600,20 @@ pub struct LogConfig {
     /// Where access log lines go: empty, stderr (with the log); else this file, appended to by
     /// every worker and reopened on USR1.
     pub access_file: String,
+    /// The least severe level of the app's own output logged (`level` does not apply to it);
+    /// `trace`, the default, keeps every line.
+    pub app_level: LogLevel,
+    /// `events` (each line or traceback one event at its own level) or `raw` (each line as
+    /// the app wrote it).
+    pub app_output: AppOutput,
+}
+
+/// How the app's output goes to the log (`log.app_output`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppOutput {
+    Events,
+    Raw,
 }
 
 impl Default for LogConfig {
@@ -609,6 +624,8 @@ impl Default for LogConfig {
             file: String::new(),
             access: false,
             access_file: String::new(),
+            app_level: LogLevel::Trace,
+            app_output: AppOutput::Events,
         }
     }
 }
@@ -616,7 +633,11 @@ impl Default for LogConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
+    /// Also `critical` and `fatal` (Python's and gunicorn's names): nothing is more severe here.
+    #[serde(alias = "critical", alias = "fatal")]
     Error,
+    /// Also `warning` (Python's and gunicorn's name).
+    #[serde(alias = "warning")]
     Warn,
     Info,
     Debug,

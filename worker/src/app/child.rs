@@ -29,6 +29,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use crate::app::output;
 use crate::config::Upstream;
 use crate::shm::scoreboard::Slot;
 
@@ -81,6 +82,8 @@ pub(crate) struct Launch {
     pub(crate) address: Upstream,
     pub(crate) worker_id: u32,
     pub(crate) ready_timeout: Duration,
+    /// How the app's output is logged.
+    pub(crate) output: Arc<output::Writer>,
 }
 
 /// What requests should expect of the app right now.
@@ -270,7 +273,13 @@ async fn run_once(
         (child.stderr.take().map(|s| Box::new(s) as Output), "stderr"),
     ] {
         if let Some(stream) = stream {
-            tokio::spawn(forward_output(stream, name, Arc::clone(&shared.tail)));
+            tokio::spawn(forward_output(
+                stream,
+                name,
+                Arc::clone(&shared.tail),
+                Arc::clone(&launch.output),
+                pid,
+            ));
         }
     }
 
@@ -347,30 +356,97 @@ type Output = Box<dyn AsyncRead + Unpin + Send>;
 
 /// Logs the app's output one event per line (tagged with the worker id by the worker's span)
 /// and keeps the last lines for the message of a failed start.
-async fn forward_output(stream: Output, name: &'static str, tail: Arc<Mutex<VecDeque<String>>>) {
+/// Logs what the app writes on one of its streams (see `output`), and keeps its last lines for
+/// the message of a failed start.
+async fn forward_output(
+    stream: Output,
+    name: &'static str,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    writer: Arc<output::Writer>,
+    pid: u32,
+) {
     let mut reader = BufReader::new(stream);
     let mut line = Vec::with_capacity(256);
+    let mut pending: Option<output::Event> = None;
+    // Whether the next line came in the same write as the one before it.
+    let mut together = false;
     loop {
-        line.clear();
-        let read = (&mut reader)
-            .take(MAX_LINE as u64)
-            .read_until(b'\n', &mut line)
-            .await;
-        match read {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        let room = (MAX_LINE - line.len()) as u64;
+        let mut limited = (&mut reader).take(room);
+        let read = limited.read_until(b'\n', &mut line);
+        // A pending event waits `QUIET` for more of its lines; what was read of a line so far
+        // stays in `line` (`read_until` is cancel-safe).
+        let read = match &pending {
+            Some(_) => match tokio::time::timeout(output::QUIET, read).await {
+                Ok(read) => read,
+                Err(_) => {
+                    write_event(&writer, pending.take(), name, pid);
+                    together = false;
+                    continue;
+                }
+            },
+            None => read.await,
+        };
+        // The end of the stream; a last line without its newline (or the part of one read
+        // before a wait ran out) is still logged.
+        let ended = matches!(read, Ok(0) | Err(_));
+        if ended && line.is_empty() {
+            write_event(&writer, pending.take(), name, pid);
+            return;
         }
         while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
             line.pop();
         }
-        let text = String::from_utf8_lossy(&line);
-        info!(target: "app", stream = name, "{text}");
-        let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-        if tail.len() == TAIL_LINES {
-            tail.pop_front();
+        let text = String::from_utf8_lossy(&line).into_owned();
+        line.clear();
+        {
+            let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(text.clone());
         }
-        tail.push_back(text.into_owned());
+        if writer.raw {
+            write_raw(text);
+        } else {
+            match &mut pending {
+                Some(event) if event.takes(&text, together) => event.push(text),
+                _ => {
+                    write_event(&writer, pending.take(), name, pid);
+                    // A blank line on its own says nothing.
+                    if !text.trim().is_empty() {
+                        pending = Some(output::Event::new(text));
+                    }
+                }
+            }
+        }
+        if ended {
+            write_event(&writer, pending.take(), name, pid);
+            return;
+        }
+        together = !reader.buffer().is_empty();
     }
+}
+
+fn write_event(writer: &output::Writer, event: Option<output::Event>, stream: &str, pid: u32) {
+    if let Some(record) =
+        event.and_then(|e| writer.render(&e, stream, pid, std::time::SystemTime::now()))
+    {
+        write_log(record.as_bytes());
+    }
+}
+
+/// `log.app_output = "raw"`: the line as the app wrote it.
+fn write_raw(mut line: String) {
+    line.push('\n');
+    write_log(line.as_bytes());
+}
+
+/// One write to the log (standard error, or the file `log.file` made it), so that lines from
+/// several processes never mix; a log that cannot be written loses the line, as `tracing` does.
+fn write_log(record: &[u8]) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().lock().write_all(record);
 }
 
 fn with_tail(shared: &Shared, why: &str) -> String {
