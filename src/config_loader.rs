@@ -446,6 +446,21 @@ const RULES: &[Rule] = &[
         check: |c| within(c.limits.max_active_instances, 1..=MAX_ACTIVE_INSTANCES),
     },
     Rule {
+        key: "limits.health_paths",
+        allowed: "an array of at most 64 paths, each starting with \"/\", without \"?\" or \
+                  spaces, like [\"/healthz\"] ([] for none)",
+        check: |c| {
+            let paths = &c.limits.health_paths;
+            let bad = |p: &String| {
+                !p.starts_with('/') || p.contains(['?', '#']) || p.contains(char::is_whitespace)
+            };
+            if paths.len() > 64 || paths.iter().any(bad) {
+                return Err(String::new());
+            }
+            Ok(())
+        },
+    },
+    Rule {
         key: "limits.rate",
         allowed:
             "\"\" (no limit) or COUNT/UNIT with UNIT s, min or h, like \"100/s\" or \"600/min\", \
@@ -1353,7 +1368,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 71);
+        assert_eq!(known.len(), 72);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),

@@ -226,3 +226,80 @@ fn a_refused_upload_still_gets_its_answer_while_the_body_is_arriving() {
         assert_eq!(resp.status, 413);
     }
 }
+
+/// A load balancer's probe (`limits.health_paths`) is answered while the host's cap refuses
+/// every other request, and while its client is over its rate; other methods on the path are
+/// not probes.
+#[test]
+fn a_health_check_is_answered_while_the_cap_and_the_rate_refuse_the_rest() {
+    let s = Server::start(&[
+        "-w",
+        "1",
+        "--set",
+        "limits.max_concurrent_requests=1",
+        "--set",
+        "limits.rate=1/min",
+    ]);
+    // The client's one request a minute, held so that the cap is full too.
+    let held = hold_permits(&s, 1, 3000);
+    assert_eq!(s.get("/").status, 429, "over its rate");
+    for _ in 0..3 {
+        let r = s.get("/healthz");
+        assert_eq!((r.status, r.text().as_str()), (200, "ok\n"), "the probe");
+    }
+    let other = s.get("/health?full=1");
+    assert_eq!(
+        other.status, 404,
+        "another health path, with a query, reaches the app"
+    );
+    let post = exchange(
+        s.addr,
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(post.status, 429, "a POST is no probe");
+    for h in held {
+        assert_eq!(h.join().unwrap().unwrap().status, 200);
+    }
+    // With the key emptied, the probe is limited like any request.
+    let s = Server::start(&[
+        "-w",
+        "1",
+        "--set",
+        "limits.rate=1/min",
+        "--set",
+        "limits.health_paths=[]",
+    ]);
+    assert_eq!(s.get("/healthz").status, 200);
+    assert_eq!(s.get("/healthz").status, 429);
+}
+
+/// Past the limits, at most 8 probes are in flight per worker: the paths are no way around
+/// them.
+#[test]
+fn health_checks_past_the_limits_are_bounded_per_worker() {
+    let s = Server::start(&[
+        "-w",
+        "1",
+        "--set",
+        "limits.max_concurrent_requests=1",
+        "--set",
+        r#"limits.health_paths=["/sleep"]"#,
+    ]);
+    let addr = s.addr;
+    // Nine at once, each for 3 s: eight pass the cap of 1, the ninth is refused.
+    let probes: Vec<_> = (0..9)
+        .map(|_| std::thread::spawn(move || get(addr, "/sleep?ms=3000")))
+        .collect();
+    let answers: Vec<Response> = probes.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = answers.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|r| r.status == 503).collect();
+    assert_eq!((ok, refused.len()), (8, 1), "8 answered, 1 refused");
+    assert!(
+        refused[0].text().contains("health checks in flight"),
+        "{}",
+        refused[0].text()
+    );
+    // Their places came back.
+    assert_eq!(s.get("/sleep?ms=1").status, 200);
+}

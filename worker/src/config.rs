@@ -321,6 +321,8 @@ pub struct LimitsConfig {
     pub cluster_max_concurrent_requests: u32,
     /// What the cluster-wide cap becomes while Redis does not answer.
     pub on_redis_error: OnRedisError,
+    /// Paths whose `GET` and `HEAD` (health checks) skip the rate limit and the caps.
+    pub health_paths: Vec<String>,
 }
 
 impl Default for LimitsConfig {
@@ -336,6 +338,9 @@ impl Default for LimitsConfig {
             queue_timeout: Duration::from_secs(1),
             cluster_max_concurrent_requests: 0,
             on_redis_error: OnRedisError::Local,
+            health_paths: ["/healthz", "/health", "/livez", "/readyz"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The path of one request through the worker, from hyper's service call to a response.
 //!
-//! Owns the order of the checks (the client's rate in the host's table -> body size by
+//! Owns the order of the checks (health checks first, past the rest: see `health`; then the
+//! client's rate in the host's table -> body size by
 //! `Content-Length` -> worker limit -> host-wide limit, waiting in the queue if there is one ->
 //! Redis: the client's rate and the cluster-wide cap), the description of each admitted request
 //! in the scoreboard (so that the master can tell what a hung worker was doing), the request
@@ -33,6 +34,7 @@ use crate::limits::admission::{Permits, Rejection};
 use crate::limits::cluster::Verdict;
 use crate::serve::client_rate::ClientRate;
 use crate::serve::edge;
+use crate::serve::health::Exempt;
 use crate::serve::request_guard::{Admitted, Exchange, Guarded, InFlight, RequestGuard};
 use crate::serve::state::Worker;
 use crate::shm::ratelimit::Decision;
@@ -88,6 +90,7 @@ pub(crate) fn handle(
         worker,
         http1,
         admitted: None,
+        _health: None,
         rate: None,
         started,
         status: 0,
@@ -97,6 +100,15 @@ pub(crate) fn handle(
     };
     if let Some(res) = malformed {
         return Handled::now(finish(res.response(), guard));
+    }
+    // A load balancer's health check: past every limit below (see `health`).
+    match worker.health.check(&req) {
+        Exempt::No => {}
+        Exempt::Yes(permit) => {
+            guard._health = Some(permit);
+            return serve(worker, req, peer, guard);
+        }
+        Exempt::Over => return Handled::now(finish(health_over(), guard)),
     }
 
     let counted_in_redis = worker.cluster.as_ref().is_some_and(|c| c.has_rate());
@@ -228,6 +240,17 @@ fn rate_limited(limit: &ClientRate, decision: &Decision, guard: RequestGuard) ->
         .rate_limited
         .fetch_add(1, Ordering::Relaxed);
     finish(limit.refused(decision), guard)
+}
+
+/// What a health check gets when `health::MAX_IN_FLIGHT` are in flight in its worker already.
+fn health_over() -> Response<Body> {
+    crate::http::response::text(
+        hyper::StatusCode::SERVICE_UNAVAILABLE,
+        bytes::Bytes::from(format!(
+            "more than {} health checks in flight in this worker (limits.health_paths)\n",
+            crate::serve::health::MAX_IN_FLIGHT
+        )),
+    )
 }
 
 /// What a refused request gets.

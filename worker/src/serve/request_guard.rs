@@ -40,6 +40,8 @@ pub(crate) struct RequestGuard {
     /// HTTP/1.x: a draining worker ends the connection after this response.
     pub(crate) http1: bool,
     pub(crate) admitted: Option<Admitted>,
+    /// A health check's place past the limits (`limits.health_paths`).
+    pub(crate) _health: Option<crate::serve::health::HealthPermit>,
     /// What `limits.rate` said, for the response's `RateLimit` header.
     pub(crate) rate: Option<Decision>,
     /// When the request arrived, for its duration, when something shows it (metrics, access

@@ -60,6 +60,8 @@ pub(crate) struct Worker {
     pub(crate) cluster: Option<crate::limits::cluster::Cluster>,
     /// `worker.max_connections`: an accept loop takes a permit before it accepts.
     pub(crate) connections: Semaphore,
+    /// `limits.health_paths`, and the health checks in flight.
+    pub(crate) health: crate::serve::health::HealthPaths,
 }
 
 /// The limits that span workers or hosts, when configured.
@@ -166,6 +168,7 @@ impl Worker {
             rate: limiters.rate,
             cluster: limiters.cluster,
             connections: Semaphore::new(w.max_connections.max(1) as usize),
+            health: crate::serve::health::HealthPaths::new(&config.limits.health_paths),
         };
         Box::leak(Box::new(worker))
     }
