@@ -31,7 +31,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -189,6 +189,10 @@ impl Master {
             "starting"
         );
         loop {
+            self.board
+                .header()
+                .master_heartbeat_ms
+                .store(worker::scoreboard::monotonic_ms(), Ordering::Relaxed);
             // Signals already here first: a stop signal sent to the whole process group (a
             // terminal's Ctrl-C) also reaches the workers, and their exits must be seen as part
             // of that stop, not as deaths.

@@ -1,5 +1,5 @@
 //! Metrics: the Prometheus text exposition (`[metrics] bind`, path `/metrics`), aggregated from
-//! the scoreboard. No request goes to a worker: every worker counts into its own record, and a
+//! the scoreboard, and the probes an orchestrator asks (`/livez`, `/readyz`, see `Probe`). No request goes to a worker: every worker counts into its own record, and a
 //! scrape adds the records up.
 //!
 //! Owns the metrics thread (its own single-threaded tokio runtime and a small HTTP/1 server, so
@@ -46,6 +46,86 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 const BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+
+/// `/livez` fails when the master's control loop has not run for this long (it runs at least
+/// once a second).
+const LIVE_WITHIN_MS: u64 = 10_000;
+
+/// What `/livez` and `/readyz` answer from: a look at the scoreboard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Probe {
+    /// Since the master's control loop last ran.
+    master_age_ms: u64,
+    /// HTTP workers serving (not booting, not draining).
+    serving: u64,
+    /// App processes kept (any state), and those taking requests.
+    apps: u64,
+    apps_open: u64,
+}
+
+impl Probe {
+    fn of(board: &Scoreboard) -> Probe {
+        let mut probe = Probe {
+            master_age_ms: monotonic_ms()
+                .saturating_sub(board.header().master_heartbeat_ms.load(Ordering::Relaxed)),
+            ..Probe::default()
+        };
+        for (_, slot) in board.slots() {
+            let state = slot.state();
+            match slot.kind() {
+                Kind::Http => probe.serving += u64::from(state == SlotState::Serving),
+                Kind::App if state != SlotState::Free => {
+                    probe.apps += 1;
+                    let load = slot.app_load();
+                    probe.apps_open += u64::from(load.pid != 0 && load.open);
+                }
+                Kind::App => {}
+            }
+        }
+        probe
+    }
+
+    /// `/livez`: the master's control loop runs (it restarts hung or dead workers itself, so
+    /// their state is `/readyz`'s business, not a reason to restart the whole server).
+    fn live(&self) -> Result<String, String> {
+        if self.master_age_ms > LIVE_WITHIN_MS {
+            return Err(format!(
+                "not live: the master's control loop has not run for {} ms\n",
+                self.master_age_ms
+            ));
+        }
+        Ok("live\n".into())
+    }
+
+    /// `/readyz`: live, at least one HTTP worker serving, and, with app processes, at least
+    /// one of them taking requests. A stopping server (its workers draining) is not ready, so
+    /// that a load balancer stops sending before the listeners close.
+    fn ready(&self) -> Result<String, String> {
+        self.live()?;
+        if self.serving == 0 {
+            return Err("not ready: no HTTP worker is serving (starting, or stopping)\n".into());
+        }
+        if self.apps > 0 && self.apps_open == 0 {
+            return Err(format!(
+                "not ready: none of the {} app processes takes requests (starting, \
+                 restarting or failing)\n",
+                self.apps
+            ));
+        }
+        let apps = if self.apps > 0 {
+            format!(
+                ", {} of {} app processes taking requests",
+                self.apps_open, self.apps
+            )
+        } else {
+            String::new()
+        };
+        Ok(format!(
+            "ready: {} HTTP workers serving{apps}\n",
+            self.serving
+        ))
+    }
+}
 
 const RECYCLE_REASONS: [RecycleReason; 5] = [
     RecycleReason::MaxRequests,
@@ -198,7 +278,7 @@ impl Metrics {
             .name("metrics".into())
             .spawn(move || runtime.block_on(serve(listener, shared, gate_rx)))
             .context("cannot start the metrics thread")?;
-        info!(addr = %addr, "metrics: serving /metrics");
+        info!(addr = %addr, "metrics: serving /metrics, /livez and /readyz");
         Ok(Some(Metrics {
             state,
             bind: config.bind.clone(),
@@ -724,14 +804,30 @@ fn answer(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Ful
         *res.status_mut() = status;
         res
     };
-    if req.uri().path() != "/metrics" {
-        return reply(StatusCode::NOT_FOUND, "not found; try /metrics\n".into());
+    let path = req.uri().path();
+    if !matches!(path, "/metrics" | "/livez" | "/readyz") {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, /livez or /readyz\n".into(),
+        );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut res = reply(StatusCode::METHOD_NOT_ALLOWED, String::new());
         res.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return res;
+    }
+    if path != "/metrics" {
+        let probe = Probe::of(&shared.board);
+        let answer = if path == "/livez" {
+            probe.live()
+        } else {
+            probe.ready()
+        };
+        return match answer {
+            Ok(text) => reply(StatusCode::OK, text),
+            Err(text) => reply(StatusCode::SERVICE_UNAVAILABLE, text),
+        };
     }
     let mut res = reply(StatusCode::OK, shared.exposition());
     res.headers_mut().insert(
@@ -744,6 +840,48 @@ fn answer(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Ful
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_takes_a_live_master_a_serving_worker_and_an_open_app_process() {
+        let up = Probe {
+            master_age_ms: 200,
+            serving: 2,
+            apps: 3,
+            apps_open: 1,
+        };
+        assert_eq!(
+            up.ready().unwrap(),
+            "ready: 2 HTTP workers serving, 1 of 3 app processes taking requests\n"
+        );
+        assert!(up.live().is_ok());
+        // The built-in app, or an upstream: no app processes to wait for.
+        let builtin = Probe {
+            apps: 0,
+            apps_open: 0,
+            ..up
+        };
+        assert_eq!(builtin.ready().unwrap(), "ready: 2 HTTP workers serving\n");
+        let draining = Probe { serving: 0, ..up };
+        assert!(draining
+            .ready()
+            .unwrap_err()
+            .contains("no HTTP worker is serving"));
+        assert!(draining.live().is_ok(), "a draining server is still live");
+        let apps_down = Probe { apps_open: 0, ..up };
+        assert!(apps_down
+            .ready()
+            .unwrap_err()
+            .contains("none of the 3 app processes"));
+        let stuck = Probe {
+            master_age_ms: LIVE_WITHIN_MS + 1,
+            ..up
+        };
+        assert!(stuck
+            .live()
+            .unwrap_err()
+            .contains("control loop has not run"));
+        assert!(stuck.ready().is_err(), "not live, not ready");
+    }
 
     fn exposition_of(m: &Metrics, board_fd: &OwnedFd) -> String {
         let shared = Shared {

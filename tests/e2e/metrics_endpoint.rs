@@ -651,3 +651,52 @@ fn silent_connections_do_not_delay_a_scrape() {
     }
     drop(silent);
 }
+
+/// `/livez` and `/readyz` for an orchestrator: ready while workers serve and an app process
+/// takes requests; not ready once a stop has begun (the workers drain, the listeners still
+/// answer the requests in flight), so that a load balancer stops sending first.
+#[test]
+fn readyz_says_ready_while_serving_and_not_ready_once_draining() {
+    let app = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/stdlib_app.py");
+    let (mut s, m) = start(&[
+        "-w",
+        "2",
+        "--set",
+        "server.graceful_timeout=20s",
+        "--",
+        "python3",
+        app,
+        "--uds",
+        "{socket}",
+    ]);
+    let live = get(m, "/livez");
+    assert_eq!((live.status, live.text().as_str()), (200, "live\n"));
+    let ready = eventually(WAIT, "every app process up", || {
+        let r = get(m, "/readyz");
+        (r.status == 200 && r.text().contains("2 of 2 app processes")).then_some(r)
+    });
+    assert!(ready.text().starts_with("ready: "), "{}", ready.text());
+    // A request in flight keeps the stop draining.
+    let addr = s.addr;
+    let held = std::thread::spawn(move || get(addr, "/sleep?ms=3000"));
+    eventually(WAIT, "the request in flight", || {
+        (s.status()["global_inflight"] == 1).then_some(())
+    });
+    s.signal(Signal::SIGTERM);
+    let not_ready = eventually(WAIT, "/readyz to say not ready", || {
+        let r = get(m, "/readyz");
+        (r.status == 503).then_some(r)
+    });
+    assert!(
+        not_ready.text().contains("no HTTP worker is serving"),
+        "{}",
+        not_ready.text()
+    );
+    assert_eq!(get(m, "/livez").status, 200, "still live while it drains");
+    assert_eq!(
+        held.join().unwrap().status,
+        200,
+        "the request in flight is answered"
+    );
+    assert!(s.wait_exit(WAIT).success());
+}

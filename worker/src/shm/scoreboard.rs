@@ -43,6 +43,9 @@ pub struct Header {
     pub records_used: AtomicU32,
     /// Requests waiting host-wide for an app process with a free slot (see `pool`).
     pub app_waiters: AtomicU32,
+    /// Last time the master's control loop ran, in ms of CLOCK_MONOTONIC (master writes; the
+    /// metrics listener's `/livez` reads it).
+    pub master_heartbeat_ms: AtomicU64,
 }
 
 /// What a worker record's process is doing, in lifecycle order.
