@@ -587,6 +587,15 @@ const RULES: &[Rule] = &[
         check: |_| Ok(()),
     },
     Rule {
+        key: "app.cwd",
+        allowed: "an existing directory, or \"\" (the master's working directory)",
+        check: |c| match c.app.cwd.as_str() {
+            "" => Ok(()),
+            dir if Path::new(dir).is_dir() => Ok(()),
+            _ => Err(String::new()),
+        },
+    },
+    Rule {
         key: "log.app_level",
         allowed: "\"error\", \"warn\", \"info\", \"debug\" or \"trace\" (or Python's and \
                   gunicorn's \"critical\", \"fatal\", \"warning\")",
@@ -1368,7 +1377,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 72);
+        assert_eq!(known.len(), 73);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),

@@ -23,6 +23,7 @@ one thread per connection. Routes:
   POST /count            reads the body, answers how many POST /count requests it has seen
                          (?close=1: closes the connection instead of answering)
   GET  /count            that number, without counting
+  GET  /cwd              its working directory
   GET  /say              prints one JSON log line to stdout ({"level": "warning", "msg": "from
                          the app", "n": 7}) and one plain line, then answers "said"
   GET  /drip?n=N&ms=M    N one-byte chunks (chunked), one every M ms
@@ -159,6 +160,8 @@ class Handler(BaseHTTPRequestHandler):
             # request sent on the connection meanwhile is never read.
             time.sleep(0.02)
             self.close_connection = True
+        elif path == "/cwd":
+            self.reply(200, os.getcwd().encode())
         elif path == "/say":
             print(json.dumps({"level": "warning", "msg": "from the app", "n": 7}), flush=True)
             print("said it", flush=True)

@@ -956,3 +956,40 @@ fn a_stop_while_the_app_starts_is_not_held_up_by_it() {
         (!alive(app)).then_some(())
     });
 }
+
+/// `app.cwd` through a `current -> release` symlink, as deployments switch releases: the app
+/// runs in the release the link named when it started, and a reload after the switch runs the
+/// new one.
+#[test]
+fn app_cwd_follows_a_switched_release_symlink_at_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("release-1"), dir.path().join("release-2"));
+    std::fs::create_dir(&one).unwrap();
+    std::fs::create_dir(&two).unwrap();
+    let current = dir.path().join("current");
+    std::os::unix::fs::symlink(&one, &current).unwrap();
+    let cwd = format!("app.cwd={}", current.display());
+    let s = start_app(1, &["--set", &cwd], &[]);
+    let here = |s: &Server| s.get("/cwd").text();
+    assert!(here(&s).ends_with("/release-1"), "{}", here(&s));
+    // The switch: a new link renamed over the old one, atomically.
+    let next = dir.path().join("current.new");
+    std::os::unix::fs::symlink(&two, &next).unwrap();
+    std::fs::rename(&next, &current).unwrap();
+    assert!(
+        here(&s).ends_with("/release-1"),
+        "a running app stays where it started"
+    );
+    s.signal(Signal::SIGHUP);
+    s.reloaded(1);
+    eventually(WAIT, "the reloaded app in the new release", || {
+        (0..3)
+            .all(|_| here(&s).ends_with("/release-2"))
+            .then_some(())
+    });
+    // A directory that is not there is a configuration error.
+    let gone = format!("app.cwd={}", dir.path().join("nowhere").display());
+    let (code, _, err) = run(dir.path(), &["check", "--set", &gone], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("app.cwd"), "{err}");
+}

@@ -312,6 +312,15 @@ fn launch(
             port.to_string(),
         )
     };
+    // Resolved now, once for this app host: a release directory switched by a symlink is
+    // picked up by the next app hosts (a reload), never half-way through this one's life.
+    let cwd = match app.cwd.as_str() {
+        "" => None,
+        dir => Some(
+            std::fs::canonicalize(dir)
+                .map_err(|e| format!("app.cwd {dir}: cannot resolve it: {e}"))?,
+        ),
+    };
     let worker_id = id.to_string();
     let argv = app
         .command
@@ -327,6 +336,7 @@ fn launch(
         address,
         worker_id: id,
         ready_timeout: app.ready_timeout,
+        cwd,
         output: std::sync::Arc::new(crate::app::output::Writer {
             format: config.log.format,
             min: config.log.app_level,

@@ -555,6 +555,9 @@ pub struct AppConfig {
     /// empty: none.
     #[serde(with = "upstream_serde")]
     pub upstream: Option<Upstream>,
+    /// The app processes' working directory (gunicorn's `chdir`), resolved when each app process
+    /// starts (so a reload follows a symlink switched to a new release); empty: the master's.
+    pub cwd: String,
     /// How long a worker waits for its app to accept connections before giving up.
     #[serde(with = "humantime_serde")]
     pub ready_timeout: Duration,
@@ -579,6 +582,7 @@ impl Default for AppConfig {
         AppConfig {
             command: Vec::new(),
             upstream: None,
+            cwd: String::new(),
             ready_timeout: Duration::from_secs(30),
             concurrency: 0,
             buffer_requests: false,

@@ -82,6 +82,8 @@ pub(crate) struct Launch {
     pub(crate) address: Upstream,
     pub(crate) worker_id: u32,
     pub(crate) ready_timeout: Duration,
+    /// `app.cwd`, resolved (symlinks followed) when the app host started; `None`: inherited.
+    pub(crate) cwd: Option<std::path::PathBuf>,
     /// How the app's output is logged.
     pub(crate) output: Arc<output::Writer>,
 }
@@ -541,6 +543,9 @@ fn spawn(launch: &Launch) -> io::Result<Child> {
         .process_group(0)
         // The worker kills the group itself; this is the backstop if the handle is dropped.
         .kill_on_drop(false);
+    if let Some(cwd) = &launch.cwd {
+        cmd.current_dir(cwd);
+    }
     // The app gets none of the worker's fds (its listeners and pipe to the master are already
     // close-on-exec since the worker adopted them; the hook also covers anything else), and
     // dies with the worker.
