@@ -1377,7 +1377,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 73);
+        assert_eq!(known.len(), 74);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),

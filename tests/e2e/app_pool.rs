@@ -916,3 +916,38 @@ fn trickling_client(s: &Server) {
     drop(c);
     writer.join().unwrap();
 }
+
+/// `worker.max_requests_preboot = false`: no replacement is booted ahead and held beside an app
+/// process nearing `max_requests` (one app process's memory saved); the replacement starts at
+/// the limit, the old process serving until it is ready, and no request fails.
+#[test]
+fn without_preboot_no_replacement_waits_beside_an_app_process_before_its_limit() {
+    let s = start_pool(
+        1,
+        1,
+        &[
+            "--set",
+            "worker.max_requests=20",
+            "--set",
+            "worker.max_requests_preboot=false",
+        ],
+        &[],
+    );
+    let first = serving_apps(&s, 1)[&1];
+    // One request at a time, looking after each: with preboot a replacement would be started
+    // from the 10th on (half-way) and be listed at once.
+    for n in 1..=19 {
+        assert_eq!(s.get("/").status, 200);
+        let listed = apps(&s);
+        assert_eq!(listed.len(), 1, "after {n} requests: {listed:#?}");
+    }
+    // The 20th reaches the limit: the replacement starts then, and takes over once ready.
+    let mut answered = std::collections::BTreeSet::new();
+    eventually(WAIT, "the replacement serving", || {
+        let r = s.get("/");
+        assert_eq!(r.status, 200, "{}", r.text());
+        answered.insert(answered_by(&r));
+        (answered.iter().any(|&p| p != first)).then_some(())
+    });
+    assert!(s.log.text().contains("reason=max_requests"));
+}

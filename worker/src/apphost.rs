@@ -128,7 +128,10 @@ impl Host<'_> {
         parent_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut turns = Turns {
             released,
-            prepare_at: protocol::prepare_at(self.max_requests),
+            prepare_at: protocol::prepare_at(
+                self.max_requests,
+                self.config.worker.max_requests_preboot,
+            ),
             ..Turns::default()
         };
         loop {

@@ -244,6 +244,9 @@ pub struct WorkerConfig {
     /// up to `max_requests_jitter`.
     pub max_requests: u64,
     pub max_requests_jitter: u64,
+    /// Boot the replacement of a process nearing `max_requests` ahead of time and hold it ready
+    /// (see `protocol::prepare_at`); false: boot it at the limit, the old one serving meanwhile.
+    pub max_requests_preboot: bool,
     /// Recycle a worker whose memory (RSS of the worker and all its descendants) stays above
     /// this for `rss_samples` consecutive samples taken every `rss_interval` (0: no limit).
     pub max_rss: ByteSize,
@@ -281,6 +284,7 @@ impl Default for WorkerConfig {
             timeout: Duration::from_secs(120),
             max_requests: 0,
             max_requests_jitter: 0,
+            max_requests_preboot: true,
             max_rss: ByteSize(0),
             rss_interval: Duration::from_secs(1),
             rss_samples: 3,

@@ -178,11 +178,12 @@ pub const MAX_REQUESTS_SOON: u8 = b'm';
 pub const MAX_REQUESTS: u8 = b'M';
 
 /// After how many completed requests a worker with this `max_requests` sends
-/// [`MAX_REQUESTS_SOON`]; 0 when it never will. Half-way, but at least 50 requests ahead (so that
+/// [`MAX_REQUESTS_SOON`]; 0 when it never will (no limit, or `worker.max_requests_preboot` off:
+/// the master then starts the replacement when the limit is reached). Half-way, but at least 50 requests ahead (so that
 /// a replacement boots in time even for a small limit under heavy load) and at most 1000 (so
 /// that two processes overlap only briefly for a large one).
-pub fn prepare_at(max_requests: u64) -> u64 {
-    if max_requests == 0 {
+pub fn prepare_at(max_requests: u64, preboot: bool) -> u64 {
+    if max_requests == 0 || !preboot {
         return 0;
     }
     let lead = (max_requests / 2)
@@ -297,11 +298,16 @@ mod tests {
 
     #[test]
     fn replacements_are_prepared_ahead_of_the_limit() {
-        assert_eq!(prepare_at(0), 0);
-        assert_eq!(prepare_at(1), 1);
-        assert_eq!(prepare_at(20), 1);
-        assert_eq!(prepare_at(100), 50);
-        assert_eq!(prepare_at(1000), 500);
-        assert_eq!(prepare_at(10_000), 9_000);
+        assert_eq!(prepare_at(0, true), 0);
+        assert_eq!(prepare_at(1, true), 1);
+        assert_eq!(prepare_at(20, true), 1);
+        assert_eq!(prepare_at(100, true), 50);
+        assert_eq!(prepare_at(1000, true), 500);
+        assert_eq!(prepare_at(10_000, true), 9_000);
+        assert_eq!(
+            prepare_at(1000, false),
+            0,
+            "no preboot: nothing said before the limit"
+        );
     }
 }

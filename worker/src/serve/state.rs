@@ -159,7 +159,7 @@ impl Worker {
             http,
             master,
             max_requests,
-            prepare_at: crate::protocol::prepare_at(max_requests),
+            prepare_at: crate::protocol::prepare_at(max_requests, w.max_requests_preboot),
             app: builtin::State::default(),
             draining: AtomicBool::new(false),
             proxy: std::sync::OnceLock::new(),

@@ -25,7 +25,7 @@ async fn max_requests_sends_m_once_after_exactly_that_many_requests() {
     assert_eq!(get(s.addr, "/healthz").await.status, 200);
     eventually(SETTLE, "4 requests completed", || s.requests() == 4).await;
     // Well ahead of the limit (`protocol::prepare_at`), the master is asked to prepare.
-    assert_eq!(protocol::prepare_at(5), 1);
+    assert_eq!(protocol::prepare_at(5, true), 1);
     assert_eq!(
         s.pipe(),
         [protocol::MAX_REQUESTS_SOON],
