@@ -96,6 +96,21 @@ const ENV_VARS: &[EnvVar] = &[
         key: "server.workers",
         value: |raw| Ok(scalar(raw)),
     },
+    // gunicorn's and uvicorn's name: the proxies whose X-Forwarded-* are believed, comma-separated
+    // (or "*").
+    EnvVar {
+        name: "FORWARDED_ALLOW_IPS",
+        key: "server.forwarded_allow_ips",
+        value: |raw| {
+            Ok(Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Value::String(s.to_string()))
+                    .collect(),
+            ))
+        },
+    },
     EnvVar {
         name: "LOG_LEVEL",
         key: "log.level",
@@ -336,6 +351,11 @@ const RULES: &[Rule] = &[
     Rule {
         key: "worker.max_requests_jitter",
         allowed: "an integer >= 0",
+        check: |_| Ok(()),
+    },
+    Rule {
+        key: "worker.max_requests_preboot",
+        allowed: "true or false",
         check: |_| Ok(()),
     },
     Rule {
@@ -1612,6 +1632,18 @@ mod tests {
             env(&[("LOG_LEVEL", "Warn")]).unwrap().log.level,
             LogLevel::Warn
         );
+        // gunicorn's and uvicorn's variable, comma-separated.
+        let trusted = |v| {
+            env(&[("FORWARDED_ALLOW_IPS", v)])
+                .unwrap()
+                .server
+                .forwarded_allow_ips
+        };
+        assert_eq!(
+            trusted("10.0.0.0/8, 192.168.1.1").to_list(),
+            ["10.0.0.0/8", "192.168.1.1"]
+        );
+        assert_eq!(trusted("*").to_list(), ["*"]);
         // The names Python's logging and gunicorn use, as a PaaS or a Procfile sets them.
         for (name, level) in [
             ("warning", LogLevel::Warn),

@@ -4,6 +4,7 @@
 Routes:
 
   GET /       "ok"
+  GET /whoami the client address and scheme uvicorn gives the app ("203.0.113.9 https")
   GET /boom   sends a complete 500 response, then raises: uvicorn logs the exception and closes
               the connection, with no `Connection: close` in the response (what a FastAPI route
               that raises does behind Starlette's error middleware)
@@ -19,6 +20,14 @@ async def app(scope, receive, send):
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["path"] == "/whoami":
+        client = scope.get("client")
+        body = f"{client[0] if client else None} {scope['scheme']}".encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        return
     if scope["path"] == "/boom":
         body = b"Internal Server Error"
         await send({"type": "http.response.start", "status": 500,

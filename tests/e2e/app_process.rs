@@ -993,3 +993,34 @@ fn app_cwd_follows_a_switched_release_symlink_at_reload() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("app.cwd"), "{err}");
 }
+
+/// uvicorn behind supervisor, with no setting of its own, sees the real client and scheme:
+/// its app process, on a private socket, gets FORWARDED_ALLOW_IPS=*; what it believes is what
+/// supervisor forwarded (a trusted peer's X-Forwarded-For and -Proto here; an untrusted
+/// client's are replaced, see `forwarded_headers_*`).
+#[test]
+fn uvicorn_sees_the_real_client_and_scheme_with_no_setting() {
+    let uvicorn = uvicorn();
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps");
+    let s = Server::start(&[
+        "-w",
+        "1",
+        "--",
+        &uvicorn,
+        "--app-dir",
+        apps,
+        "asgi_app:app",
+        "--uds",
+        "{socket}",
+    ]);
+    let direct = s.get("/whoami");
+    assert_eq!(direct.text(), "127.0.0.1 http", "the peer itself");
+    // Behind a TLS-terminating balancer on this host (a trusted peer: loopback).
+    let behind = exchange(
+        s.addr,
+        b"GET /whoami HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\n\
+          X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(behind.text(), "203.0.113.9 https");
+}

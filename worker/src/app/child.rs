@@ -546,6 +546,14 @@ fn spawn(launch: &Launch) -> io::Result<Child> {
     if let Some(cwd) = &launch.cwd {
         cmd.current_dir(cwd);
     }
+    // On its private socket the app's only peer is supervisor, whose X-Forwarded-For and
+    // -Proto are the truth (it drops what untrusted clients sent): uvicorn and gunicorn, which
+    // read this variable, then report the real client and scheme with no setting of their own.
+    // A `{port}` app is left to its own default (loopback), as other local processes can
+    // reach its port.
+    if matches!(launch.address, Upstream::Unix(_)) {
+        cmd.env("FORWARDED_ALLOW_IPS", "*");
+    }
     // The app gets none of the worker's fds (its listeners and pipe to the master are already
     // close-on-exec since the worker adopted them; the hook also covers anything else), and
     // dies with the worker.
