@@ -30,6 +30,8 @@ pub enum Command {
     Scale(ScaleArgs),
     /// Start a zero-downtime binary upgrade (like SIGUSR2).
     Upgrade(ControlArgs),
+    /// Write the supervisor.toml equivalent to a gunicorn configuration and command line.
+    Migrate(MigrateArgs),
     /// Internal: run one worker process. Started by the master only.
     #[command(hide = true)]
     Worker(worker::protocol::Handoff),
@@ -85,6 +87,37 @@ pub struct StatusArgs {
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
+}
+
+/// `supervisor migrate [-c GUNICORN_CONFIG] [-o FILE] [GUNICORN COMMAND LINE...]`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The gunicorn configuration file [default: ./gunicorn.conf.py if it exists]
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<String>,
+    /// Where to write the supervisor configuration ("-": standard output)
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "FILE",
+        default_value = "supervisor.toml"
+    )]
+    pub output: String,
+    /// Replace the output file if it exists
+    #[arg(long)]
+    pub force: bool,
+    /// The app's Python, which reads the configuration and runs the app [default: the active
+    /// virtualenv's, else ./.venv's, else python3]
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<String>,
+    /// The rest of gunicorn's command line, as you start it: the app (main:app) and any
+    /// options; a leading `gunicorn` is ignored
+    #[arg(
+        value_name = "GUNICORN_ARGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

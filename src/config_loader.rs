@@ -1284,6 +1284,18 @@ fn load_with_default(
         Some(path) => Some(path.to_path_buf()),
         None => Some(default_path.to_path_buf()).filter(|p| p.exists()),
     };
+    if let Some(path) = source
+        .as_ref()
+        .filter(|p| p.extension().is_some_and(|e| e == "py"))
+    {
+        return Err(ConfigError::new(format!(
+            "{} is a Python file (a gunicorn configuration?); supervisor reads TOML. \
+             `supervisor migrate -c {} main:app` (your app in place of main:app) writes the \
+             equivalent supervisor.toml",
+            path.display(),
+            path.display()
+        )));
+    }
     let file = match &source {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -1298,6 +1310,16 @@ fn load_with_default(
         .map(|(text, name)| (text.as_str(), name.as_str()));
     let config = resolve(file, overrides, env)?;
     Ok(Loaded { config, source })
+}
+
+/// Checks a configuration file's text alone (no environment, no command line), as `supervisor
+/// migrate` checks what it writes.
+pub fn check_text(text: &str) -> Result<Config, ConfigError> {
+    resolve(
+        Some((text, "the configuration written")),
+        &Overrides::default(),
+        &|_| None,
+    )
 }
 
 /// `file` is `(text, name for messages)`.

@@ -45,6 +45,7 @@ mod logging;
 mod man_tests;
 mod master;
 mod metrics;
+mod migrate;
 mod notify;
 mod pidfile;
 mod recycle;
@@ -90,8 +91,58 @@ fn main() -> ExitCode {
             let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &script);
             ExitCode::SUCCESS
         }
+        Command::Migrate(args) => migrate(args),
         Command::Worker(args) => run_worker(args),
     }
+}
+
+/// `supervisor migrate`: exit 0 with the file written, 2 when the gunicorn configuration cannot
+/// be read or names no app, 1 when the output cannot be written.
+fn migrate(args: cli::MigrateArgs) -> ExitCode {
+    let python = args.python.unwrap_or_else(migrate::default_python);
+    let mut gunicorn_args: Vec<String> = Vec::new();
+    if let Some(config) = &args.config {
+        gunicorn_args.extend(["-c".to_string(), config.clone()]);
+    }
+    gunicorn_args.extend_from_slice(migrate::without_program(&args.command));
+    let read = match migrate::read(&python, &gunicorn_args) {
+        Ok(read) => read,
+        Err(e) => return fail(EXIT_CONFIG, &e),
+    };
+    let migration = match migrate::migrate(&read) {
+        Ok(m) => m,
+        Err(e) => return fail(EXIT_CONFIG, &e),
+    };
+    if args.output == "-" {
+        out!("{}", migration.toml);
+        return ExitCode::SUCCESS;
+    }
+    let path = std::path::Path::new(&args.output);
+    if path.exists() && !args.force {
+        return fail(
+            EXIT_FAILURE,
+            &format!(
+                "{} exists; --force replaces it, -o - prints instead",
+                path.display()
+            ),
+        );
+    }
+    if let Err(e) = std::fs::write(path, &migration.toml) {
+        return fail(
+            EXIT_FAILURE,
+            &format!("cannot write {}: {e}", path.display()),
+        );
+    }
+    let start = if args.output == "supervisor.toml" {
+        "supervisor start".to_string()
+    } else {
+        format!("supervisor start -c {}", path.display())
+    };
+    errln!(
+        "supervisor: wrote {}; start it with: {start}",
+        path.display()
+    );
+    ExitCode::SUCCESS
 }
 
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {

@@ -14,6 +14,7 @@ mod docs;
 mod examples;
 mod host_limits;
 mod metrics_endpoint;
+mod migrate;
 mod papercuts;
 mod proxy_faults;
 mod queue;

@@ -111,6 +111,12 @@ impl Server {
         Server::launch_with(Path::new(BIN), &cwd, Some(dir), &args, false, env).ready()
     }
 
+    /// `supervisor start ARGS...` (nothing added) in `cwd`, with the environment variables
+    /// `env` set, waiting until it is ready.
+    pub fn start_at_env(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::launch_with(Path::new(BIN), cwd, None, args, false, env).ready()
+    }
+
     /// `supervisor start ARGS...` (nothing added) in `cwd`, a directory the test does not own
     /// (an example's), waiting until it logs "ready".
     pub fn start_at(cwd: &Path, args: &[&str]) -> Server {
