@@ -339,7 +339,7 @@ fn server(g: &Gunicorn, out: &mut Out) {
             if b.starts_with("fd://") {
                 out.note(format!(
                     "bind {b:?}: a socket passed by file descriptor; supervisor takes systemd's \
-                     socket activation instead (dist/supervisor.socket)."
+                     socket activation instead (dist/supervisor-rs.socket)."
                 ));
             } else {
                 kept.push(b.clone());
@@ -639,7 +639,7 @@ fn unmapped(g: &Gunicorn, out: &mut Out) {
     const WHY: &[(&str, &str)] = &[
         ("preload_app", "not needed: each app process imports the app itself; supervisor never forks the app, so a reload or recycle always loads new code."),
         ("reload", "for development only: a reload (supervisor reload, or HUP) replaces the app processes with no dropped request."),
-        ("daemon", "not needed: run it in the foreground under systemd (dist/supervisor.service) or your platform."),
+        ("daemon", "not needed: run it in the foreground under systemd (dist/supervisor-rs.service) or your platform."),
         ("capture_output", "not needed: the app's output always goes to the log, at its own levels."),
         ("logconfig", "supervisor's logging is the [log] keys; the app's own logging configuration stays the app's."),
         ("logconfig_dict", "supervisor's logging is the [log] keys; the app's own logging configuration stays the app's."),

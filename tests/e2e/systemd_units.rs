@@ -597,8 +597,8 @@ fn verify(dir: &Path) {
         .args([
             "verify",
             "--man=no",
-            "supervisor.service",
-            "supervisor.socket",
+            "supervisor-rs.service",
+            "supervisor-rs.socket",
         ])
         .current_dir(dir)
         .stdin(Stdio::null())
@@ -624,13 +624,13 @@ fn units(uncomment: bool) -> (tempfile::TempDir, String) {
     let dist = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("dist");
     let dir = tempfile::tempdir().unwrap();
     let exec = "ExecStart=/usr/bin/supervisor ";
-    let mut service = std::fs::read_to_string(dist.join("supervisor.service")).unwrap();
+    let mut service = std::fs::read_to_string(dist.join("supervisor-rs.service")).unwrap();
     assert!(
         service.contains(exec),
         "ExecStart changed; update this test"
     );
     service = service.replace(exec, &format!("ExecStart={BIN} "));
-    let mut socket = std::fs::read_to_string(dist.join("supervisor.socket")).unwrap();
+    let mut socket = std::fs::read_to_string(dist.join("supervisor-rs.socket")).unwrap();
     if uncomment {
         // "#Key=value" lines are settings offered in comments.
         let enable = |text: &str| {
@@ -654,8 +654,8 @@ fn units(uncomment: bool) -> (tempfile::TempDir, String) {
         assert!(s.contains("\nWatchdogSec=") && k.contains("\nListenStream=/"));
         (service, socket) = (s, k);
     }
-    write_file(dir.path(), "supervisor.service", &service);
-    write_file(dir.path(), "supervisor.socket", &socket);
+    write_file(dir.path(), "supervisor-rs.service", &service);
+    write_file(dir.path(), "supervisor-rs.socket", &socket);
     (dir, service)
 }
 
