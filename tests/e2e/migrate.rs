@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::util::{eventually, get, run, Server};
+use crate::util::{eventually, exchange, get, run, Server};
 
 const FASTAPI: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fastapi");
 /// The tests' virtualenv, which has the example's requirements (tests/requirements.txt).
@@ -80,6 +80,55 @@ fn the_seeds_gunicorn_setup_migrates_and_serves_as_a_paas_starts_it() {
         "WEB_CONCURRENCY app processes"
     );
     assert_eq!(get(addr, "/healthz").status, 200);
+    // An exception in the app (a message body that is not JSON): its traceback is one event at
+    // error level, whole, under LOG_LEVEL=warning.
+    let session = exchange(
+        addr,
+        b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let sid: Value = serde_json::from_str(&session.text()).unwrap();
+    let sid = sid["session"].as_str().expect("a session id").to_string();
+    let bad = format!(
+        "POST /sessions/{sid}/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: 8\r\nConnection: close\r\n\r\nnot json"
+    );
+    assert_eq!(exchange(addr, bad.as_bytes()).unwrap().status, 500);
+    let header = s
+        .log
+        .wait_for(WAIT, |l| l.contains("Exception in ASGI application"))
+        .expect("the app's exception in the log");
+    assert!(
+        header.contains(" ERROR app{app.id="),
+        "at error level: {header}"
+    );
+    // The event's lines follow its header; the next record starts with a timestamp. Wait for
+    // the exception line that ends it.
+    let event = eventually(WAIT, "the whole traceback", || {
+        let lines = s.log.lines();
+        let at = lines.iter().position(|l| *l == header)?;
+        let rest: Vec<&String> = lines[at + 1..]
+            .iter()
+            .take_while(|l| !l.starts_with("20"))
+            .collect();
+        rest.iter()
+            .any(|l| l.starts_with("json.decoder.JSONDecodeError"))
+            .then(|| rest.iter().map(|l| l.to_string()).collect::<Vec<_>>())
+    });
+    assert!(
+        event
+            .iter()
+            .any(|l| l == "Traceback (most recent call last):"),
+        "{event:#?}"
+    );
+    // Once: no record of its own holds a piece of it.
+    let split: Vec<String> = s
+        .log
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("20") && (l.contains("Traceback") || l.contains("File \"")))
+        .collect();
+    assert!(split.is_empty(), "{split:#?}");
     // LOG_LEVEL=warning: none of supervisor's own info lines.
     let info: Vec<String> = s
         .log
