@@ -661,10 +661,70 @@ fn unmapped(g: &Gunicorn, out: &mut Out) {
         ("proxy_allow_ips", "the PROXY protocol is not read by supervisor yet."),
         ("sendfile", "not needed."),
         ("spew", "not carried over (a debugging aid)."),
+        ("reload_engine", "for development only."),
+        ("reload_extra_files", "for development only."),
+        ("check_config", "supervisor check validates a configuration."),
+        ("print_config", "supervisor check prints the configuration resolved."),
+        ("ssl_version", "TLS is not terminated by supervisor yet."),
+        ("cert_reqs", "TLS is not terminated by supervisor yet."),
+        ("ciphers", "TLS is not terminated by supervisor yet."),
+        ("suppress_ragged_eofs", "TLS is not terminated by supervisor yet."),
+        ("do_handshake_on_connect", "TLS is not terminated by supervisor yet."),
+        ("syslog", "supervisor logs to standard error (the journal under systemd) or log.file."),
+        ("syslog_addr", "supervisor logs to standard error (the journal under systemd) or log.file."),
+        ("syslog_prefix", "supervisor logs to standard error (the journal under systemd) or log.file."),
+        ("syslog_facility", "supervisor logs to standard error (the journal under systemd) or log.file."),
+        ("disable_redirect_access_to_syslog", "supervisor logs to standard error or log.file."),
+        ("enable_stdio_inheritance", "not needed: the app's output always goes to the log."),
+        ("logger_class", "supervisor's logging is the [log] keys."),
+        ("statsd_prefix", "supervisor serves Prometheus metrics instead ([metrics] bind)."),
+        ("dogstatsd_tags", "supervisor serves Prometheus metrics instead ([metrics] bind)."),
+        ("default_proc_name", "not needed."),
+        ("paste", "a Paste deployment: run it with gunicorn's --paste in app.command yourself."),
+        ("raw_paste_global_conf", "a Paste deployment: run it with gunicorn's --paste in app.command yourself."),
+        ("header_map", "supervisor's strict HTTP edge drops headers with underscores and never folds them into dashes."),
+        ("forwarder_headers", "supervisor's strict HTTP edge drops headers with underscores and never folds them into dashes."),
+        ("permit_obsolete_folding", "supervisor's strict HTTP edge follows RFC 9112 and refuses these requests with 400."),
+        ("permit_unconventional_http_method", "supervisor's strict HTTP edge follows RFC 9110/9112."),
+        ("permit_unconventional_http_version", "supervisor's strict HTTP edge follows RFC 9110/9112."),
+        ("casefold_http_method", "supervisor's strict HTTP edge follows RFC 9110/9112."),
+        ("strip_header_spaces", "supervisor's strict HTTP edge follows RFC 9112 and refuses such headers with 400."),
     ];
     for (name, why) in WHY {
         if g.value(name).is_some_and(|v| v != &Value::Bool(false)) {
             out.note(format!("{}: {why}", g.said(name)));
+        }
+    }
+    // Any other setting of gunicorn's that the file sets: said, never dropped in silence.
+    const MAPPED: &[&str] = &[
+        "bind",
+        "workers",
+        "worker_class",
+        "threads",
+        "worker_connections",
+        "timeout",
+        "graceful_timeout",
+        "keepalive",
+        "max_requests",
+        "max_requests_jitter",
+        "loglevel",
+        "accesslog",
+        "errorlog",
+        "access_log_format",
+        "forwarded_allow_ips",
+        "user",
+        "group",
+        "pidfile",
+        "backlog",
+        "limit_request_fields",
+        "limit_request_line",
+        "limit_request_field_size",
+        "chdir",
+    ];
+    for name in g.settings.keys() {
+        let known = MAPPED.contains(&name.as_str()) || WHY.iter().any(|(n, _)| n == name);
+        if !known && g.value(name).is_some() {
+            out.note(format!("{}: no equivalent in supervisor.", g.said(name)));
         }
     }
     const HOOKS: &[(&str, &str)] = &[
@@ -811,6 +871,21 @@ mod tests {
             .app
             .command
             .ends_with(&["--threads".to_string(), "8".to_string()]));
+    }
+
+    #[test]
+    fn a_setting_with_no_rule_is_still_listed() {
+        let g = gunicorn(
+            serde_json::json!({"syslog": true, "initgroups": true, "made_up_setting": 3}),
+            &[],
+            Some("main:app"),
+        );
+        let toml = migrate(&g).unwrap().toml;
+        assert!(toml.contains("gunicorn syslog = true"), "{toml}");
+        assert!(
+            toml.contains("gunicorn made_up_setting = 3 (gunicorn_config.py): no equivalent"),
+            "{toml}"
+        );
     }
 
     #[test]
