@@ -144,6 +144,8 @@ struct Rule {
 
 const DURATION_GT_0: &str = "a duration > 0 and at most 3650d, like \"30s\", \"2m\" or \"1500ms\"";
 const INTEGER_GE_1: &str = "an integer 1..=4294967295";
+const LOG_LEVELS: &str = "\"error\", \"warn\", \"info\", \"debug\" or \"trace\" (or Python's and \
+                          gunicorn's \"critical\", \"fatal\", \"warning\")";
 const DATA_RATE: &str =
     "bytes per second up to 1PiB/s, like 240, \"240B/s\" or \"1KiB/s\" (0: no minimum)";
 
@@ -602,8 +604,7 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "log.level",
-        allowed: "\"error\", \"warn\", \"info\", \"debug\" or \"trace\" (or Python's and \
-                  gunicorn's \"critical\", \"fatal\", \"warning\")",
+        allowed: LOG_LEVELS,
         check: |_| Ok(()),
     },
     Rule {
@@ -617,8 +618,7 @@ const RULES: &[Rule] = &[
     },
     Rule {
         key: "log.app_level",
-        allowed: "\"error\", \"warn\", \"info\", \"debug\" or \"trace\" (or Python's and \
-                  gunicorn's \"critical\", \"fatal\", \"warning\")",
+        allowed: LOG_LEVELS,
         check: |_| Ok(()),
     },
     Rule {

@@ -557,6 +557,23 @@ fn uvicorn() -> String {
     path.to_string()
 }
 
+/// `supervisor start -w 1 SETTINGS... -- uvicorn asgi_app:app --uds {socket}` (the ASGI test
+/// app under uvicorn, with no option of its own), with the environment variables `env`.
+fn start_asgi(env: &[(&str, &str)], settings: &[&str]) -> Server {
+    let uvicorn = uvicorn();
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps");
+    let app = [
+        &uvicorn,
+        "--app-dir",
+        apps,
+        "asgi_app:app",
+        "--uds",
+        "{socket}",
+    ];
+    let args = [&["-w", "1"][..], settings, &["--"], &app].concat();
+    Server::start_env(env, &args)
+}
+
 #[test]
 fn real_uvicorn_app_behind_every_worker() {
     let uvicorn = uvicorn();
@@ -589,24 +606,7 @@ fn real_uvicorn_app_behind_every_worker() {
 /// logs is one record, traceback and all, at error level, and the app's info lines stay.
 #[test]
 fn an_app_exception_is_one_error_record_whole_under_log_level_warning() {
-    let uvicorn = uvicorn();
-    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps");
-    let s = Server::start_env(
-        &[("LOG_LEVEL", "warning")],
-        &[
-            "-w",
-            "1",
-            "--set",
-            "log.format=json",
-            "--",
-            &uvicorn,
-            "--app-dir",
-            apps,
-            "asgi_app:app",
-            "--uds",
-            "{socket}",
-        ],
-    );
+    let s = start_asgi(&[("LOG_LEVEL", "warning")], &["--set", "log.format=json"]);
     assert_eq!(s.get("/boom").status, 500);
     let line = s
         .log
@@ -1000,19 +1000,7 @@ fn app_cwd_follows_a_switched_release_symlink_at_reload() {
 /// client's are replaced, see `forwarded_headers_*`).
 #[test]
 fn uvicorn_sees_the_real_client_and_scheme_with_no_setting() {
-    let uvicorn = uvicorn();
-    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps");
-    let s = Server::start(&[
-        "-w",
-        "1",
-        "--",
-        &uvicorn,
-        "--app-dir",
-        apps,
-        "asgi_app:app",
-        "--uds",
-        "{socket}",
-    ]);
+    let s = start_asgi(&[], &[]);
     let direct = s.get("/whoami");
     assert_eq!(direct.text(), "127.0.0.1 http", "the peer itself");
     // Behind a TLS-terminating balancer on this host (a trusted peer: loopback).
