@@ -58,7 +58,7 @@ struct Probe {
     master_age_ms: u64,
     /// HTTP workers serving (not booting, not draining).
     serving: u64,
-    /// App processes kept (any state), and those taking requests.
+    /// App processes kept (any state), and those taking requests and healthy.
     apps: u64,
     apps_open: u64,
 }
@@ -77,7 +77,8 @@ impl Probe {
                 Kind::App if state != SlotState::Free => {
                     probe.apps += 1;
                     let load = slot.app_load();
-                    probe.apps_open += u64::from(load.pid != 0 && load.open);
+                    // Taking requests, and not answering only 502s (`Slot::app_healthy`).
+                    probe.apps_open += u64::from(load.pid != 0 && load.open && slot.app_healthy());
                 }
                 Kind::App => {}
             }
@@ -108,7 +109,7 @@ impl Probe {
         if self.apps > 0 && self.apps_open == 0 {
             return Err(format!(
                 "not ready: none of the {} app processes takes requests (starting, \
-                 restarting or failing)\n",
+                 restarting, failing, or answering only 502s)\n",
                 self.apps
             ));
         }
