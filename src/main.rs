@@ -113,6 +113,9 @@ fn migrate(args: cli::MigrateArgs) -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
+    for warning in &migration.warnings {
+        errln!("supervisor: warning: {warning}");
+    }
     if args.output == "-" {
         out!("{}", migration.toml);
         return ExitCode::SUCCESS;

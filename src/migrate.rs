@@ -38,6 +38,9 @@ pub struct Gunicorn {
     python: String,
     /// CPUs where the reader ran (to recognise `2 x CPU + 1` computed there).
     cpus: u64,
+    /// Which app servers that Python can import (`uvicorn`, `gunicorn`).
+    #[serde(default)]
+    installed: std::collections::BTreeMap<String, bool>,
 }
 
 /// What `migrate` produced.
@@ -45,6 +48,8 @@ pub struct Gunicorn {
 pub struct Migration {
     /// The configuration file's text.
     pub toml: String,
+    /// What the user should know before starting it (an app server missing), one line each.
+    pub warnings: Vec<String>,
 }
 
 /// Runs the reader with `python` over gunicorn's command line `args` (after its program name).
@@ -320,7 +325,20 @@ pub fn migrate(g: &Gunicorn) -> Result<Migration, String> {
     // What is written must load: a mapping error here is a bug, said as such.
     config_loader::check_text(&toml)
         .map_err(|e| format!("internal error: the configuration written does not load: {e}"))?;
-    Ok(Migration { toml })
+    let server = match kind {
+        Kind::Uvicorn { .. } => "uvicorn",
+        Kind::Gunicorn => "gunicorn",
+    };
+    let mut warnings = Vec::new();
+    if g.installed.get(server) == Some(&false) {
+        warnings.push(format!(
+            "{server} is not installed for {}, which the app processes run with: install it \
+             there (pip install {server}), or run migrate again with --python naming your \
+             app's Python",
+            g.python
+        ));
+    }
+    Ok(Migration { toml, warnings })
 }
 
 fn server(g: &Gunicorn, out: &mut Out) {
@@ -778,6 +796,11 @@ mod tests {
             unknown_options: Vec::new(),
             python: "/srv/app/.venv/bin/python".into(),
             cpus: 2,
+            installed: [
+                ("uvicorn".to_string(), true),
+                ("gunicorn".to_string(), false),
+            ]
+            .into(),
         }
     }
 
@@ -886,6 +909,20 @@ mod tests {
             toml.contains("gunicorn made_up_setting = 3 (gunicorn_config.py): no equivalent"),
             "{toml}"
         );
+    }
+
+    #[test]
+    fn a_missing_app_server_is_a_warning() {
+        let uvicorn = gunicorn(
+            serde_json::json!({"worker_class": "uvicorn.workers.UvicornWorker"}),
+            &[],
+            Some("main:app"),
+        );
+        assert!(migrate(&uvicorn).unwrap().warnings.is_empty());
+        let sync = gunicorn(serde_json::json!({}), &[], Some("app:wsgi"));
+        let warnings = migrate(&sync).unwrap().warnings;
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].starts_with("gunicorn is not installed for /srv/app/.venv/bin/python"));
     }
 
     #[test]

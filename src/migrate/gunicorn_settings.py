@@ -4,8 +4,9 @@
 # gunicorn, so it works where gunicorn is not installed. Input: argv[1:] is the gunicorn command
 # line (without the program name). Output, on stdout: {"settings": {name: value},
 # "source": {name: where}, "hooks": [names], "app": "module:app" or null, "python": path,
-# "cpus": n, "config_file": path or null}. An error: one line on stderr, exit status 2.
+# "cpus": n, "config_file": path or null, "installed": {"uvicorn": bool, "gunicorn": bool}}. An error: one line on stderr, exit status 2.
 import argparse
+import importlib.util
 import json
 import os
 import runpy
@@ -154,6 +155,8 @@ def main():
         "settings": settings, "source": source, "hooks": sorted(hooks), "app": app,
         "unknown_options": unknown + unknown_env, "python": sys.executable,
         "cpus": os.cpu_count() or 1, "config_file": path,
+        "installed": {name: importlib.util.find_spec(name) is not None
+                      for name in ("uvicorn", "gunicorn")},
     }))
 
 

@@ -167,6 +167,30 @@ fn migrate_says_what_is_wrong_and_never_overwrites_unasked() {
     let (code, out, err) = migrate(&["-o", "-", "-c", "gunicorn_config.py", "main:app"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("[app]"), "{out}");
+    // Read with a Python that lacks the app server (the system's, without uvicorn): said.
+    let has_uvicorn = std::process::Command::new("python3")
+        .args(["-c", "import uvicorn"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    let args = [
+        "migrate",
+        "--python",
+        "python3",
+        "-o",
+        "-",
+        "-c",
+        "gunicorn_config.py",
+        "main:app",
+    ];
+    let (code, _, err) = run(dir.path(), &args, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.contains("warning: uvicorn is not installed for "),
+        !has_uvicorn,
+        "{err}"
+    );
     // A gunicorn configuration given to start: a pointer to migrate, not a TOML parse error.
     let (code, _, err) = run(dir.path(), &["check", "-c", "gunicorn_config.py"], &[]);
     assert_eq!(code, 2, "{err}");
