@@ -423,6 +423,11 @@ const RULES: &[Rule] = &[
         check: |_| Ok(()),
     },
     Rule {
+        key: "app.pack_window",
+        allowed: "a duration 0s..=1s, like \"0s\" (off) or \"500us\"",
+        check: |c| within(c.app.pack_window, Duration::ZERO..=Duration::from_secs(1)),
+    },
+    Rule {
         key: "app.buffer_requests",
         allowed: "true or false",
         check: |_| Ok(()),
@@ -1419,7 +1424,7 @@ mod tests {
     #[test]
     fn known_keys_come_from_the_config_type() {
         let known = known_pairs();
-        assert_eq!(known.len(), 74);
+        assert_eq!(known.len(), 75);
         for (section, key) in [
             ("server", "workers"),
             ("server", "unix_mode"),

@@ -116,6 +116,7 @@ const BOUNDS: &[(&str, &str, &str, &str)] = &[
     ("limits.max_active_instances", "1", "10000000", "10000001"),
     ("app.ready_timeout", "\"1ns\"", "\"3650d\"", "\"3650d 1s\""),
     ("app.concurrency", "0", "4294967295", "4294967296"),
+    ("app.pack_window", "\"0s\"", "\"1s\"", "\"1s 1ns\""),
     (
         "app.upgrade_idle_timeout",
         "\"1ns\"",

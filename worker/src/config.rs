@@ -568,6 +568,10 @@ pub struct AppConfig {
     /// Requests in flight to one app process (0: only `worker.max_concurrent` bounds them);
     /// more wait in the worker, in order, within `worker.request_timeout`.
     pub concurrency: u32,
+    /// Prefer an app process that took or ended a request this recently, even while busy
+    /// (fewer wake-ups, less CPU), over an idle one; zero: never (no head-of-line blocking).
+    #[serde(with = "humantime_serde")]
+    pub pack_window: Duration,
     /// Read each request body whole (up to `worker.max_body_bytes`) before passing it on.
     pub buffer_requests: bool,
     /// Kill and restart the app process when one of its requests passes
@@ -589,6 +593,7 @@ impl Default for AppConfig {
             cwd: String::new(),
             ready_timeout: Duration::from_secs(30),
             concurrency: 0,
+            pack_window: Duration::ZERO,
             buffer_requests: false,
             kill_on_timeout: false,
             upgrades: vec!["websocket".to_string()],

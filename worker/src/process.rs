@@ -382,6 +382,7 @@ async fn start_app(
             app.concurrency,
             worker.admission.slot_index(),
             dir.to_path_buf(),
+            app.pack_window,
         );
         // Ready once an app process is: until then its connections would only wait, while
         // those of a master it takes over from (an upgrade) are served at once.

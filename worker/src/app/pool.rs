@@ -14,8 +14,21 @@
 //! at once; one freed in another worker is seen within [`RETRY`]. The wait is part of the
 //! request's `worker.request_timeout`.
 //!
+//! `app.pack_window` (off by default) trades some of that guarantee for CPU: an app process that
+//! took or ended a request less than the window ago, and has fewer than [`PACK_DEPTH`] in
+//! flight, is preferred even while busy, so that it reads the next request in the same wake-up
+//! instead of another process waking for it (see [`Pick`]). A request that turns out to be slow
+//! then holds up those packed behind it in that window; past it, the process is passed over as
+//! today. Measured (bench/side_by_side.py, 3 uvicorn processes, `GET /` at 5,000 req/s, medians
+//! of 4 rounds): 1 ms cut the app processes' CPU per request from 78 to 68 µs and the whole
+//! tree's from 122 to 116 µs (nginx + gunicorn: 95). In the 5% blocking mix at 100 req/s the
+//! fast requests that waited over 50 ms were 0.46% with it and 0.50-0.71% without (two runs
+//! each, where all three processes are blocked at once about 1.4% of the time): at that rate the
+//! cost is below the noise; it grows with the rate and the window.
+//!
 //! Owns choosing and counting; the `proxy` module owns the connection to the chosen process.
 
+use std::cmp::Reverse;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -29,6 +42,10 @@ use crate::shm::scoreboard::{monotonic_us, AppLoad, Kind, Scoreboard, Slot, APP_
 /// slots without telling this one.
 const RETRY: Duration = Duration::from_millis(1);
 
+/// With `app.pack_window`, the most requests a busy app process is given in flight before it is
+/// passed over for an idle one (fewer if `app.concurrency` is lower).
+pub(crate) const PACK_DEPTH: u32 = 8;
+
 /// The HTTP worker's view of the app processes.
 pub(crate) struct AppPool {
     /// Requests in flight to one app process; 0: no limit.
@@ -39,6 +56,8 @@ pub(crate) struct AppPool {
     runtime_dir: PathBuf,
     /// Where the next scan starts, so that equally loaded app processes share the work.
     next: AtomicUsize,
+    /// `app.pack_window` in µs; 0: never send to a busy app process while another is free.
+    pack_us: u64,
     /// This worker's requests waiting for an app process.
     waiting: AtomicU32,
     /// A slot was given back in this worker: the head of the queue looks again.
@@ -78,12 +97,18 @@ pub(crate) enum NoApp {
 }
 
 impl AppPool {
-    pub(crate) fn new(concurrency: u32, own: usize, runtime_dir: PathBuf) -> AppPool {
+    pub(crate) fn new(
+        concurrency: u32,
+        own: usize,
+        runtime_dir: PathBuf,
+        pack_window: Duration,
+    ) -> AppPool {
         AppPool {
             concurrency,
             own,
             runtime_dir,
             next: AtomicUsize::new(0),
+            pack_us: u64::try_from(pack_window.as_micros()).unwrap_or(u64::MAX),
             waiting: AtomicU32::new(0),
             freed: Notify::new(),
             turn: tokio::sync::Mutex::new(()),
@@ -138,11 +163,15 @@ impl AppPool {
         })
     }
 
-    /// Takes a slot in the least busy open app process with room, if there is one.
+    /// Takes a slot in the least busy open app process with room, if there is one (with
+    /// `app.pack_window`, see [`Pick`]).
     fn try_take(&'static self, board: &'static Scoreboard) -> Option<AppLease> {
         let used = records_used(board);
         if used == 0 {
             return None;
+        }
+        if self.pack_us > 0 {
+            return self.try_take_packed(board, used);
         }
         // A few tries: another worker may take the chosen slot between the look and the take.
         for _ in 0..4 {
@@ -181,6 +210,75 @@ impl AppPool {
             }
         }
         None
+    }
+
+    /// `try_take` with `app.pack_window`: the best app process by [`Pick`].
+    fn try_take_packed(&'static self, board: &'static Scoreboard, used: usize) -> Option<AppLease> {
+        let depth = match self.concurrency {
+            0 => PACK_DEPTH,
+            c => c.min(PACK_DEPTH),
+        };
+        for _ in 0..4 {
+            let now = monotonic_us();
+            let mut best: Option<(usize, u32, Pick)> = None;
+            for r in 0..used {
+                let slot = board.slot(r);
+                let load = slot.app_load();
+                if slot.kind() != Kind::App || load.pid == 0 || !load.open {
+                    continue;
+                }
+                if self.concurrency > 0 && load.inflight >= self.concurrency {
+                    continue;
+                }
+                let moved = slot.app_moved_us.load(Ordering::Relaxed);
+                let pick = Pick::of(load.inflight, moved, now, self.pack_us, depth);
+                if best.is_none_or(|(_, _, b)| pick < b) {
+                    best = Some((r, load.pid, pick));
+                }
+            }
+            let (record, pid, pick) = best?;
+            let slot = board.slot(record);
+            if slot.app_take(pid, self.concurrency) {
+                slot.app_sent.fetch_add(1, Ordering::Relaxed);
+                if matches!(pick, Pick::Idle(_)) {
+                    slot.app_moved_us.store(now, Ordering::Relaxed);
+                }
+                return Some(AppLease {
+                    board,
+                    pool: self,
+                    record,
+                    host_pid: pid,
+                });
+            }
+        }
+        None
+    }
+}
+
+/// With `app.pack_window`: how good an app process with room is for the next request, best
+/// first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Pick {
+    /// Busy, but it took or ended a request within the window: it is running, and reads the
+    /// next request as soon as it is done with these (one wake-up for all). The most recently
+    /// moved first.
+    Moving(Reverse<u64>),
+    /// Nothing in flight; the most recently moved first (warm, and the others stay asleep).
+    Idle(Reverse<u64>),
+    /// Busy and still for longer than the window (maybe stuck), or at `PACK_DEPTH`: the fewest
+    /// in flight first, as without packing.
+    Busy(u32),
+}
+
+impl Pick {
+    fn of(inflight: u32, moved_us: u64, now_us: u64, window_us: u64, depth: u32) -> Pick {
+        if inflight == 0 {
+            Pick::Idle(Reverse(moved_us))
+        } else if inflight < depth && now_us.saturating_sub(moved_us) < window_us {
+            Pick::Moving(Reverse(moved_us))
+        } else {
+            Pick::Busy(inflight)
+        }
     }
 }
 
@@ -289,7 +387,11 @@ impl AppLease {
 
 impl Drop for AppLease {
     fn drop(&mut self) {
-        self.board.slot(self.record).app_give_back(self.host_pid);
+        let slot = self.board.slot(self.record);
+        slot.app_give_back(self.host_pid);
+        if self.pool.pack_us > 0 {
+            slot.app_moved_us.store(monotonic_us(), Ordering::Relaxed);
+        }
         self.pool.freed.notify_one();
     }
 }

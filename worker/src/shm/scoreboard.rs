@@ -159,6 +159,10 @@ pub struct Slot {
     /// App host records: requests sent to the app process (the count `max_requests` recycles
     /// by); written by HTTP workers.
     pub app_sent: AtomicU64,
+    /// App host records: when the app process last showed it is moving (µs of
+    /// CLOCK_MONOTONIC): it was given a request while it had none, or one of its requests
+    /// ended. See `pool::AppPool::try_take`.
+    pub app_moved_us: AtomicU64,
     /// HTTP worker records: when the request at the head of this worker's queue for an app
     /// process began to wait (µs of CLOCK_MONOTONIC); 0 when none waits. The oldest head
     /// host-wide goes first.
@@ -626,6 +630,7 @@ impl Slot {
             app_port,
             app_failing,
             app_sent,
+            app_moved_us,
             app_wait_since_us,
             redis_degraded_ms,
             redis_degraded_since_ms,
@@ -665,6 +670,7 @@ impl Slot {
             rate_limited,
             client_gone,
             app_sent,
+            app_moved_us,
             app_wait_since_us,
             redis_degraded_ms,
             redis_degraded_since_ms,
@@ -795,6 +801,7 @@ mod tests {
             app_port,
             app_failing,
             app_sent,
+            app_moved_us,
             app_wait_since_us,
             redis_degraded_ms,
             redis_degraded_since_ms,
@@ -834,6 +841,7 @@ mod tests {
             + size_of_val(app_port)
             + size_of_val(app_failing)
             + size_of_val(app_sent)
+            + size_of_val(app_moved_us)
             + size_of_val(app_wait_since_us)
             + size_of_val(redis_degraded_ms)
             + size_of_val(redis_degraded_since_ms)

@@ -25,10 +25,16 @@ fn board() -> &'static Scoreboard {
 }
 
 fn pool(concurrency: u32, own: usize) -> &'static AppPool {
+    packing(concurrency, own, Duration::ZERO)
+}
+
+/// A pool with `app.pack_window = window`.
+fn packing(concurrency: u32, own: usize, window: Duration) -> &'static AppPool {
     Box::leak(Box::new(AppPool::new(
         concurrency,
         own,
         "/nonexistent".into(),
+        window,
     )))
 }
 
@@ -160,4 +166,63 @@ fn a_slot_given_back_after_its_app_host_was_replaced_changes_nothing() {
     assert!(!slot.app_take(201, 0));
     slot.app_give_back(201);
     assert_eq!(slot.app_load().inflight, 0);
+}
+
+/// `app.pack_window`: a busy app process active within the window takes the next requests, up
+/// to `PACK_DEPTH` in flight; without it, each request goes to an idle one. The window is an
+/// hour here, so that no clock decides the test; the pool caps a configured one at a second.
+#[tokio::test]
+async fn with_a_pack_window_a_busy_active_app_takes_the_next_requests_up_to_the_depth() {
+    use crate::app::pool::PACK_DEPTH;
+    let board = board();
+    let strict = pool(0, 0);
+    let a = strict.acquire(board).await.unwrap();
+    let b = strict.acquire(board).await.unwrap();
+    assert_ne!(
+        socket_of(&a),
+        socket_of(&b),
+        "off: an idle app process each"
+    );
+    drop((a, b));
+
+    let board = self::board();
+    let packed = packing(0, 0, Duration::from_secs(3600));
+    let mut leases = Vec::new();
+    for _ in 0..PACK_DEPTH {
+        leases.push(packed.acquire(board).await.unwrap());
+    }
+    let first = socket_of(&leases[0]);
+    assert!(
+        leases.iter().all(|l| socket_of(l) == first),
+        "all {PACK_DEPTH} packed into {first}"
+    );
+    // At the depth, the next goes to an idle app process.
+    let next = packed.acquire(board).await.unwrap();
+    assert_ne!(socket_of(&next), first);
+    // With app.concurrency lower than the depth, that is the bound.
+    let board = self::board();
+    let two = packing(2, 0, Duration::from_secs(3600));
+    let (x, y, z) = (
+        two.acquire(board).await.unwrap(),
+        two.acquire(board).await.unwrap(),
+        two.acquire(board).await.unwrap(),
+    );
+    assert_eq!(socket_of(&x), socket_of(&y));
+    assert_ne!(socket_of(&x), socket_of(&z));
+}
+
+/// A busy app process that has been still for longer than the window (a blocked one) is passed
+/// over for an idle one, as without packing.
+#[tokio::test]
+async fn with_a_pack_window_a_busy_app_still_for_longer_is_passed_over() {
+    let board = board();
+    let packed = packing(0, 0, Duration::from_micros(1));
+    let blocked = packed.acquire(board).await.unwrap();
+    // Its last activity, long past (µs of CLOCK_MONOTONIC).
+    let record = (2..5)
+        .find(|&r| inflight(board, r) == 1)
+        .expect("the record that took it");
+    board.slot(record).app_moved_us.store(1, Ordering::Relaxed);
+    let next = packed.acquire(board).await.unwrap();
+    assert_ne!(socket_of(&next), socket_of(&blocked));
 }
