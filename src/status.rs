@@ -114,6 +114,8 @@ pub struct WorkerStatus {
     pub timeouts: u64,
     /// Requests waiting in the worker's queue (`limits.queue`) now.
     pub queued: u32,
+    /// Health checks (`limits.health_paths`) in flight past the limits now.
+    pub health_inflight: u32,
     /// Requests refused because the queue was full.
     pub queue_full: u64,
     /// Requests refused after `limits.queue_timeout` in the queue.
@@ -294,6 +296,7 @@ fn read_one(record: usize, s: &Slot, now: u64) -> WorkerStatus {
         rejected_local: s.rejected_local.load(Ordering::Relaxed),
         timeouts: s.timeouts.load(Ordering::Relaxed),
         queued: s.queued.load(Ordering::Relaxed),
+        health_inflight: s.health_inflight.load(Ordering::Relaxed),
         queue_full: s.queue_full.load(Ordering::Relaxed),
         queue_timeouts: s.queue_timeouts.load(Ordering::Relaxed),
         redis: RedisState::from_u32(s.redis_state.load(Ordering::Relaxed))

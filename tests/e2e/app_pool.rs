@@ -842,7 +842,7 @@ fn the_app_slot_and_the_permits_come_back_exactly_when_the_app_is_done() {
     assert_eq!(r.status, 200, "{}", r.text());
     idle("the half-closed client answered");
 
-    never_reading_client(&s);
+    never_reading_client(&s, "/download?mb=64", (1, 1));
     idle("the app sent the rest of the never-read response");
     trickling_client(&s);
     idle("the trickled request refused");
@@ -871,15 +871,15 @@ fn back_to_idle(s: &Server, what: &str) {
     assert_eq!(s.get("/").status, 200, "after: {what}");
 }
 
-/// A client that never reads a large response: the app cannot finish sending it, so both stay
-/// held until the worker cuts the client below min_response_rate and reads the rest.
-fn never_reading_client(s: &Server) {
+/// A client that never reads a large response (`target`): the app cannot finish sending it,
+/// so what it holds (`held`, as `held_by` says) stays held until the worker cuts the client
+/// below min_response_rate and reads the rest.
+fn never_reading_client(s: &Server, target: &str, held: (u64, u64)) {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(s.addr).unwrap();
-    c.write_all(b"GET /download?mb=64 HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
+    write!(c, "GET {target} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
     eventually(WAIT, "the download held", || {
-        (held_by(s) == (1, 1)).then_some(())
+        (held_by(s) == held).then_some(())
     });
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     // Reads nothing until cut: the worker resets the connection.
@@ -950,4 +950,94 @@ fn without_preboot_no_replacement_waits_beside_an_app_process_before_its_limit()
         (answered.iter().any(|&p| p != first)).then_some(())
     });
     assert!(s.log.text().contains("reason=max_requests"));
+}
+
+/// Health checks in flight past the limits (`limits.health_paths`), summed over the workers.
+fn health_held(s: &Server) -> u64 {
+    s.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["health_inflight"].as_u64().unwrap())
+        .sum()
+}
+
+/// Health checks skip the caps but not the app: their place among the 8 a worker lets past the
+/// limits, and their app slot, come back exactly when the app is done, however the client or
+/// the app behaves (a client that resets, half-closes or never reads; an app that answers late,
+/// crashes or closes its connection). With `app.pack_window` on, so that the packed choice of
+/// an app process gives its slot back as the strict one does. No host permit is ever taken.
+#[test]
+fn a_health_checks_place_and_app_slot_come_back_exactly_when_the_app_is_done() {
+    let s = start_pool(
+        1,
+        1,
+        &[
+            "--set",
+            "app.concurrency=1",
+            "--set",
+            "app.pack_window=1ms",
+            "--set",
+            r#"limits.health_paths=["/block", "/download", "/boom"]"#,
+            "--set",
+            "worker.request_timeout=1h",
+            "--set",
+            "worker.min_rate_grace=1s",
+            "--set",
+            "worker.min_response_rate=1MiB/s",
+        ],
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // (host permits, app slot) and the health place.
+    let held = |s: &Server| (held_by(s), health_held(s));
+    let idle = |what: &str| {
+        eventually(WAIT, what, || (held(&s) == ((0, 0), 0)).then_some(()));
+        assert_eq!(s.get("/").status, 200, "after: {what}");
+    };
+
+    // Answers late, to a client that resets meanwhile: held until the app answers.
+    let file = dir.path().join("reset");
+    let c = send_block(&s, &file);
+    assert_eq!(held(&s), ((0, 1), 1));
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    eventually(WAIT, "the reset connection gone", || {
+        (s.status()["workers"][0]["connections"] == 0).then_some(())
+    });
+    assert_eq!(held(&s), ((0, 1), 1), "released while the app still works");
+    std::fs::write(&file, "").unwrap();
+    idle("the app answered the reset client's probe");
+
+    // A client that half-closes after its probe: held while the app works, answered, back.
+    let file = dir.path().join("half");
+    let c = send_block(&s, &file);
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(held(&s), ((0, 1), 1));
+    std::fs::write(&file, "").unwrap();
+    let r = crate::util::read_response(&mut std::io::BufReader::new(&c)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    idle("the half-closed client answered");
+
+    // A client that never reads: held until it is cut and the app has sent the rest.
+    never_reading_client(&s, "/download?mb=64", (0, 1));
+    assert_eq!(health_held(&s), 1, "still held while the app sends");
+    idle("the app sent the rest of the never-read response");
+
+    // The app crashes under the probe: back at once (502).
+    let app = serving_apps(&s, 1)[&1];
+    let file = dir.path().join("crash");
+    let c = send_block(&s, &file);
+    assert_eq!(held(&s), ((0, 1), 1));
+    kill(Pid::from_raw(app as i32), Signal::SIGKILL).unwrap();
+    let r = crate::util::read_response(&mut std::io::BufReader::new(&c)).unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    serving_apps(&s, 1);
+    idle("the app crashed under the probe");
+
+    // The app closes its connection after its answer.
+    assert_eq!(s.get("/boom").status, 500);
+    idle("the app closed its connection after its answer");
 }

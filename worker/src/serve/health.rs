@@ -14,10 +14,9 @@ use hyper::{Method, Request};
 /// Health checks one worker serves at a time, past the limits.
 pub(crate) const MAX_IN_FLIGHT: u32 = 8;
 
-/// The health paths and the health checks in flight in this worker.
+/// The health paths.
 pub(crate) struct HealthPaths {
     paths: Box<[String]>,
-    in_flight: AtomicU32,
 }
 
 /// What a request is to the limits.
@@ -44,25 +43,23 @@ impl HealthPaths {
     pub(crate) fn new(paths: &[String]) -> HealthPaths {
         HealthPaths {
             paths: paths.into(),
-            in_flight: AtomicU32::new(0),
         }
     }
 
-    /// Whether `req` is a health check, and if so its permit (or `Over`).
-    pub(crate) fn check<B>(&'static self, req: &Request<B>) -> Exempt {
+    /// Whether `req` is a health check, and if so its permit (or `Over`), counted in
+    /// `in_flight`: the worker's record (`Slot::health_inflight`, shown by `status --json`).
+    pub(crate) fn check<B>(&self, req: &Request<B>, in_flight: &'static AtomicU32) -> Exempt {
         if self.paths.is_empty()
             || !matches!(*req.method(), Method::GET | Method::HEAD)
             || !self.paths.iter().any(|p| p == req.uri().path())
         {
             return Exempt::No;
         }
-        let taken = self
-            .in_flight
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < MAX_IN_FLIGHT).then_some(n + 1)
-            });
+        let taken = in_flight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < MAX_IN_FLIGHT).then_some(n + 1)
+        });
         match taken {
-            Ok(_) => Exempt::Yes(HealthPermit(&self.in_flight)),
+            Ok(_) => Exempt::Yes(HealthPermit(in_flight)),
             Err(_) => Exempt::Over,
         }
     }
@@ -82,29 +79,34 @@ mod tests {
 
     #[test]
     fn probes_are_get_and_head_of_the_paths_exactly_and_at_most_eight_at_once() {
-        let health: &'static HealthPaths =
-            Box::leak(Box::new(HealthPaths::new(&["/healthz".to_string()])));
-        let exempt = |m: Method, t: &str| matches!(health.check(&request(m, t)), Exempt::Yes(_));
+        let health = HealthPaths::new(&["/healthz".to_string()]);
+        let count: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(0)));
+        let exempt =
+            |m: Method, t: &str| matches!(health.check(&request(m, t), count), Exempt::Yes(_));
         assert!(exempt(Method::GET, "/healthz"));
         assert!(exempt(Method::HEAD, "/healthz?verbose=1"));
         assert!(!exempt(Method::POST, "/healthz"));
         assert!(!exempt(Method::GET, "/healthz/deep"));
         assert!(!exempt(Method::GET, "/"));
         let held: Vec<_> = (0..MAX_IN_FLIGHT)
-            .map(|_| match health.check(&request(Method::GET, "/healthz")) {
-                Exempt::Yes(permit) => permit,
-                _ => panic!("a place among the first eight"),
-            })
+            .map(
+                |_| match health.check(&request(Method::GET, "/healthz"), count) {
+                    Exempt::Yes(permit) => permit,
+                    _ => panic!("a place among the first eight"),
+                },
+            )
             .collect();
         assert!(matches!(
-            health.check(&request(Method::GET, "/healthz")),
+            health.check(&request(Method::GET, "/healthz"), count),
             Exempt::Over
         ));
+        assert_eq!(count.load(Ordering::Relaxed), MAX_IN_FLIGHT);
         drop(held);
+        assert_eq!(count.load(Ordering::Relaxed), 0);
         assert!(exempt(Method::GET, "/healthz"), "places come back");
-        let none: &'static HealthPaths = Box::leak(Box::new(HealthPaths::new(&[])));
+        let none = HealthPaths::new(&[]);
         assert!(matches!(
-            none.check(&request(Method::GET, "/healthz")),
+            none.check(&request(Method::GET, "/healthz"), count),
             Exempt::No
         ));
     }

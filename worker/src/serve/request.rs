@@ -102,7 +102,7 @@ pub(crate) fn handle(
         return Handled::now(finish(res.response(), guard));
     }
     // A load balancer's health check: past every limit below (see `health`).
-    match worker.health.check(&req) {
+    match worker.health.check(&req, &worker.slot().health_inflight) {
         Exempt::No => {}
         Exempt::Yes(permit) => {
             guard._health = Some(permit);

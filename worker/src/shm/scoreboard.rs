@@ -109,6 +109,8 @@ pub struct Slot {
     pub timeouts: AtomicU64,
     /// Requests waiting in this worker's queue (`limits.queue`) right now.
     pub queued: AtomicU32,
+    /// Health checks (`limits.health_paths`) in flight past the limits right now.
+    pub health_inflight: AtomicU32,
     /// Requests answered 503 because the queue was full.
     pub queue_full: AtomicU64,
     /// Requests answered 503 after waiting `limits.queue_timeout` in the queue.
@@ -609,6 +611,7 @@ impl Slot {
             rejected_local,
             timeouts,
             queued,
+            health_inflight,
             queue_full,
             queue_timeouts,
             redis_state,
@@ -643,6 +646,7 @@ impl Slot {
             inflight,
             connections,
             queued,
+            health_inflight,
             redis_state,
             recycle_reason,
             app_pid,
@@ -780,6 +784,7 @@ mod tests {
             rejected_local,
             timeouts,
             queued,
+            health_inflight,
             queue_full,
             queue_timeouts,
             redis_state,
@@ -820,6 +825,7 @@ mod tests {
             + size_of_val(rejected_local)
             + size_of_val(timeouts)
             + size_of_val(queued)
+            + size_of_val(health_inflight)
             + size_of_val(queue_full)
             + size_of_val(queue_timeouts)
             + size_of_val(redis_state)
